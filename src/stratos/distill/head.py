@@ -1,0 +1,118 @@
+"""A model's output head, detached from the model: hidden states in, exact logits out.
+
+The teacher sends its last hidden states (d numbers per token) instead of logits (V per
+token, V ~ 100 d). The student side keeps this frozen copy of the teacher's head and
+recomputes the teacher's logits exactly, chunk by chunk, when the loss needs them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+
+class OutputHead(nn.Module):
+    """``logits = softcap(scale * (h @ W.T + b))``: lm_head (or tied embeddings), bias, and the
+    final logit scaling / soft-capping some architectures apply (Cohere, Granite, Gemma 2/3)."""
+
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        *,
+        scale: float = 1.0,
+        softcap: float | None = None,
+    ):
+        super().__init__()
+        # Parameters, not buffers, so the student's live head trains through this module.
+        self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight, requires_grad=False)
+        self.bias = bias if bias is None or isinstance(bias, nn.Parameter) else nn.Parameter(bias, requires_grad=False)
+        self.scale = float(scale)
+        self.softcap = None if softcap is None else float(softcap)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def hidden_size(self) -> int:
+        return self.weight.shape[1]
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits in fp32 (the matmul itself runs in whatever precision autocast chooses)."""
+        if not torch.is_autocast_enabled(hidden.device.type):
+            hidden = hidden.to(self.weight.dtype)  # e.g. bf16 cached hidden states into an fp32 head
+        logits = F.linear(hidden, self.weight, self.bias).float()
+        if self.scale != 1.0:
+            logits = logits * self.scale
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+    @classmethod
+    def from_model(cls, model: Any, *, frozen_copy: bool = True) -> "OutputHead":
+        """The head of a Hugging Face causal LM.
+
+        ``frozen_copy=True`` (teacher) copies the weights so the model itself can be freed;
+        ``False`` (student) shares the live parameters so gradients flow into the model.
+        """
+        lm_head = model.get_output_embeddings()
+        if lm_head is None:
+            raise ValueError(f"{type(model).__name__} has no output embeddings; is it a causal LM?")
+        cfg = model.config
+        cfg = getattr(cfg, "text_config", None) or cfg
+        scale = 1.0
+        if getattr(cfg, "logit_scale", None):  # Cohere multiplies
+            scale *= float(cfg.logit_scale)
+        if getattr(cfg, "logits_scaling", None):  # Granite divides
+            scale /= float(cfg.logits_scaling)
+        softcap = getattr(cfg, "final_logit_softcapping", None)  # Gemma 2/3
+        weight, bias = lm_head.weight, getattr(lm_head, "bias", None)
+        if frozen_copy:
+            weight = weight.detach().clone()
+            bias = None if bias is None else bias.detach().clone()
+        return cls(weight, bias, scale=scale, softcap=softcap)
+
+    def save(self, path: str | Path) -> None:
+        tensors = {"weight": self.weight.detach().contiguous()}
+        if self.bias is not None:
+            tensors["bias"] = self.bias.detach().contiguous()
+        meta = {"scale": repr(self.scale), "softcap": "" if self.softcap is None else repr(self.softcap)}
+        save_file(tensors, str(path), metadata=meta)
+
+    @classmethod
+    def load(cls, path: str | Path, *, dtype: torch.dtype = torch.float32) -> "OutputHead":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+        t = load_file(str(path))
+        return cls(
+            t["weight"].to(dtype),
+            t["bias"].to(dtype) if "bias" in t else None,
+            scale=float(meta.get("scale", "1.0")),
+            softcap=float(meta["softcap"]) if meta.get("softcap") else None,
+        )
+
+
+def backbone(model: Any) -> nn.Module:
+    """The decoder stack of a causal LM (what produces the last, normalised hidden states).
+
+    Calling it instead of the full model avoids the full [B, T, V] logits tensor.
+    """
+    if hasattr(model, "get_base_model"):  # peft wrapper
+        model = model.get_base_model()
+    inner = getattr(model, getattr(model, "base_model_prefix", "model"), None)
+    if inner is None or inner is model:
+        raise ValueError(f"cannot find the decoder stack of {type(model).__name__}")
+    return inner
+
+
+def last_hidden(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    out = backbone(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    return out.last_hidden_state
