@@ -1,0 +1,27 @@
+"""Tasks: what a student learns and how its answers are checked.
+
+Importing this package registers the built-in tasks: ``arithmetic``, ``jsonl`` and ``mahjong``
+(with sub-tasks ``mahjong:waits``, ``mahjong:shanten``, ``mahjong:complete``, ``mahjong:discard``,
+``mahjong:score``). Add your own with ``@register_task("name")``.
+"""
+
+from stratos.tasks.base import (
+    TASKS,
+    Example,
+    Score,
+    Split,
+    Task,
+    corpus,
+    get_task,
+    grade,
+    messages,
+    register_task,
+    split_of,
+    to_records,
+)
+from stratos.tasks import arithmetic as _arithmetic  # noqa: F401  (registers the task)
+
+__all__ = [
+    "TASKS", "Example", "Score", "Split", "Task", "corpus", "get_task", "grade", "messages", "register_task",
+    "split_of", "to_records",
+]

@@ -1,0 +1,80 @@
+"""Tasks: registry, arithmetic, jsonl (generic tasks). Mahjong lives in test_tasks_mahjong.py."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from stratos.tasks import Example, corpus, get_task, grade, register_task, to_records
+
+
+def test_registry_has_builtins_and_reports_unknown():
+    task = get_task("arithmetic", digits=2, ops="+-")
+    assert task.name == "arithmetic"
+    with pytest.raises(KeyError, match="unknown task 'nope'"):
+        get_task("nope")
+    with pytest.raises(ValueError, match="arithmetic.*digitz"):
+        get_task("arithmetic", digitz=3)
+
+
+def test_user_task_registers_and_is_found():
+    @register_task("echo-test")
+    def make(sub=None, word="hi"):
+        t = get_task("arithmetic")
+        t.name = f"echo-test:{word}"
+        return t
+
+    assert get_task("echo-test", word="yo").name == "echo-test:yo"
+
+
+def test_arithmetic_splits_are_seeded_and_disjoint():
+    task = get_task("arithmetic", digits=2, ops="+-*")
+    train = task.examples("train", 300, seed=1)
+    ev = task.examples("eval", 100, seed=1)
+    assert [e.question for e in train] == [e.question for e in task.examples("train", 300, seed=1)]
+    assert [e.question for e in train] != [e.question for e in task.examples("train", 300, seed=2)]
+    # Disjoint across seeds too: the partition of the question space does not depend on the seed.
+    other_train = task.examples("train", 300, seed=7)
+    assert not {e.question for e in ev} & ({e.question for e in train} | {e.question for e in other_train})
+    assert len({e.question for e in train}) == 300
+    for e in train + ev:
+        a, b, op = e.meta["a"], e.meta["b"], e.meta["op"]
+        assert e.answer == {"+": a + b, "-": a - b, "*": a * b}[op]
+
+
+def test_arithmetic_too_small_space_is_an_error():
+    with pytest.raises(ValueError, match="only about"):
+        get_task("arithmetic", digits=1).examples("eval", 50)
+
+
+@pytest.mark.parametrize("rationale", [False, True])
+def test_arithmetic_round_trip_and_records(rationale):
+    task = get_task("arithmetic", ops="+-")
+    exs = task.examples("train", 50)
+    for ex in exs:
+        answer, score = grade(task, ex, task.target(ex, rationale=rationale))
+        assert answer == ex.answer and score.correct and score.credit == 1.0
+    recs = to_records(task, exs, rationale=rationale)
+    assert set(recs[0]) == {"prompt", "response", "answer", "type", "id"}
+    json.dumps(recs)  # the engine writes them as JSONL
+    assert recs[0]["response"].endswith(f"Answer: {exs[0].answer}")
+    assert "Answer: <number>" in recs[0]["prompt"]
+
+
+def test_arithmetic_parser_tolerance():
+    task = get_task("arithmetic")
+    ex = Example(id="x", question="What is 600 + 634?", answer=1234)
+    assert grade(task, ex, "Let me see: 600 + 634. The answer is: 1,234.")[1].correct
+    assert grade(task, ex, "answer = 1234")[1].correct
+    assert grade(task, ex, "600 + 634 = 1234")[1].correct  # no marker: the last number
+    assert grade(task, ex, "")[0] is None and not grade(task, ex, "")[1].correct
+    assert not grade(task, ex, "Answer: 1235")[1].correct
+    assert grade(task, Example("y", "q", -5), "Answer: -5")[1].correct
+
+
+def test_generic_corpus_has_rules_and_worked_examples():
+    task = get_task("arithmetic")
+    recs = corpus(task, 3)
+    assert len(recs) == 4 and all(set(r) == {"text"} for r in recs)
+    assert "column" in recs[0]["text"] and "Answer:" in recs[1]["text"]
