@@ -1,0 +1,171 @@
+"""Accuracy and speed of a model on a task: the one evaluator every stage uses.
+
+``evaluate`` runs batched greedy generation over a task's examples, parses and scores each
+output, and reports accuracy with a Wilson 95% interval, a per-type breakdown, mean latency per
+example and generated tokens per second; it can write every prediction to JSONL.
+
+Generation goes through a ``generate_fn`` seam: by default the local model and
+``stratos.models.generate``; an OpenAI-compatible endpoint (or anything else that turns prompts
+into ``Generation`` objects) is passed as ``generate_fn`` with ``model=None``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from stratos.io import write_jsonl
+from stratos.models.generate import Generation, Prompt, generate
+from stratos.tasks.base import Example, Task, grade, messages
+
+# (prompts, max_new_tokens=, batch_size=) -> one Generation per prompt
+GenerateFn = Callable[..., Sequence[Generation]]
+
+
+def wilson_interval(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """Wilson score interval for k successes in n trials (95% by default); sane at 0 and n, unlike Wald."""
+    if n == 0:
+        return 0.0, 1.0
+    p = k / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+@dataclass
+class EvalResult:
+    n: int
+    accuracy: float
+    ci_low: float
+    ci_high: float
+    mean_credit: float
+    per_type: dict[str, dict[str, float]] = field(default_factory=dict)  # type -> {n, accuracy, ci_low, ci_high}
+    mean_latency_s: float = 0.0  # wall time per example (batched: total time / n)
+    tokens_per_s: float = 0.0  # generated tokens per second of wall time
+    total_s: float = 0.0
+    generated_tokens: int = 0
+    unparsed: int = 0  # outputs with no answer in them at all
+    truncated: int = 0  # outputs cut by max_new_tokens
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def local_generate_fn(model: Any, tokenizer: Any, *, progress: bool = False) -> GenerateFn:
+    """The default seam: greedy batched generation with a local transformers model."""
+
+    def fn(prompts: Sequence[Prompt], *, max_new_tokens: int, batch_size: int) -> list[Generation]:
+        outs = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                        temperature=0.0, progress=progress)
+        return [o[0] for o in outs]
+
+    return fn
+
+
+def evaluate(
+    model: Any,
+    tokenizer: Any,
+    task: Task,
+    examples: Sequence[Example],
+    *,
+    batch_size: int = 16,
+    max_new_tokens: int = 64,
+    rules: bool = False,
+    predictions_path: str | Path | None = None,
+    generate_fn: GenerateFn | None = None,
+    progress: bool = False,
+) -> EvalResult:
+    """Score ``model`` on ``examples`` of ``task``; see the module doc. ``rules`` puts the task's rules in the prompt."""
+    if not examples:
+        raise ValueError("evaluate: no examples")
+    if generate_fn is None:
+        if model is None or tokenizer is None:
+            raise ValueError("evaluate: pass a model and tokenizer, or a generate_fn")
+        generate_fn = local_generate_fn(model, tokenizer, progress=progress)
+    prompts = [messages(task, ex, rules=rules) for ex in examples]
+    t0 = time.perf_counter()
+    gens = list(generate_fn(prompts, max_new_tokens=max_new_tokens, batch_size=batch_size))
+    total = time.perf_counter() - t0
+    if len(gens) != len(examples):
+        raise RuntimeError(f"evaluate: generate_fn returned {len(gens)} outputs for {len(examples)} prompts")
+
+    rows, by_type = [], defaultdict(list)
+    credit = 0.0
+    unparsed = truncated = 0
+    for ex, prompt, gen in zip(examples, prompts, gens):
+        answer, score = grade(task, ex, gen.text)
+        by_type[ex.type].append(score.correct)
+        credit += score.credit
+        unparsed += answer is None
+        truncated += gen.finish_reason == "length"
+        rows.append({
+            "id": ex.id, "type": ex.type, "prompt": prompt[-1]["content"], "output": gen.text,
+            "parsed": answer, "answer": ex.answer, "correct": score.correct, "credit": score.credit,
+            "num_tokens": gen.num_tokens, "finish_reason": gen.finish_reason,
+        })
+    n = len(examples)
+    k = sum(r["correct"] for r in rows)
+    low, high = wilson_interval(k, n)
+    per_type = {}
+    for typ, oks in sorted(by_type.items()):
+        lo, hi = wilson_interval(sum(oks), len(oks))
+        per_type[typ] = {"n": len(oks), "accuracy": sum(oks) / len(oks), "ci_low": lo, "ci_high": hi}
+    tokens = sum(g.num_tokens for g in gens)
+    if predictions_path is not None:
+        write_jsonl(predictions_path, rows)
+    return EvalResult(
+        n=n, accuracy=k / n, ci_low=low, ci_high=high, mean_credit=credit / n, per_type=per_type,
+        mean_latency_s=total / n, tokens_per_s=tokens / total if total > 0 else 0.0, total_s=total,
+        generated_tokens=tokens, unparsed=unparsed, truncated=truncated,
+    )
+
+
+def evaluate_model(
+    name_or_path: str,
+    task_name: str,
+    n: int = 200,
+    *,
+    task_options: dict[str, Any] | None = None,
+    split: str = "eval",
+    seed: int = 0,
+    rules: bool = False,
+    batch_size: int = 16,
+    max_new_tokens: int = 64,
+    predictions_path: str | Path | None = None,
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
+    progress: bool = False,
+) -> EvalResult:
+    """Load any model ``stratos.models.load`` takes and evaluate it on ``n`` examples of a registered task."""
+    from stratos.models import load
+    from stratos.tasks import get_task
+
+    task = get_task(task_name, **(task_options or {}))
+    examples = task.examples(split, n, seed=seed)
+    model, tok = load(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code)
+    return evaluate(model, tok, task, examples, batch_size=batch_size, max_new_tokens=max_new_tokens, rules=rules,
+                    predictions_path=predictions_path, progress=progress)
+
+
+def result_table(result: EvalResult, title: str = "evaluation") -> Any:
+    """A rich table of a result: overall row then one row per question type."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col in ("type", "n", "accuracy", "95% CI"):
+        table.add_column(col, justify="right" if col != "type" else "left")
+    for typ, r in result.per_type.items():
+        table.add_row(typ, str(r["n"]), f"{r['accuracy']:.3f}", f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}]")
+    table.add_row("[bold]all[/bold]", str(result.n), f"[bold]{result.accuracy:.3f}[/bold]",
+                  f"[{result.ci_low:.3f}, {result.ci_high:.3f}]")
+    table.caption = (
+        f"mean credit {result.mean_credit:.3f} | {result.mean_latency_s * 1000:.1f} ms/example | "
+        f"{result.tokens_per_s:.1f} tok/s | {result.unparsed} unparsed, {result.truncated} truncated"
+    )
+    return table

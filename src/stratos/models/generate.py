@@ -1,0 +1,146 @@
+"""One batched generation helper for every caller: the evaluator, the hf teacher, synthesis.
+
+Prompts are user-message strings or message lists, rendered with the tokenizer's chat template
+(``chat=True``) or used as raw text. They are sorted by length so each batch pads little, run
+left-padded through ``model.generate`` (KV cache), and returned in the caller's order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+from stratos.progress import progress_bar
+
+Prompt = str | list[dict[str, str]]
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass
+class Generation:
+    text: str
+    num_tokens: int  # generated tokens, including the EOS that ended the text if any
+    finish_reason: FinishReason  # 'stop' (EOS or a stop string) or 'length' (max_new_tokens reached)
+
+
+def render(tokenizer: Any, prompt: Prompt, *, chat: bool = True) -> str:
+    """The text a prompt becomes: through the chat template (with the assistant turn opened) or as is."""
+    if chat:
+        msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        return tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    if not isinstance(prompt, str):
+        return "\n".join(m["content"] for m in prompt) + "\n"
+    return prompt
+
+
+def _cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
+    cuts = [i for i in (text.find(s) for s in stop) if i >= 0]
+    return (text[: min(cuts)], True) if cuts else (text, False)
+
+
+@torch.inference_mode()
+def generate(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[Prompt],
+    *,
+    max_new_tokens: int = 256,
+    batch_size: int = 16,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    n: int = 1,
+    seed: int = 0,
+    stop: Sequence[str] | None = None,
+    chat: bool = True,
+    progress: bool = False,
+) -> list[list[Generation]]:
+    """Generate ``n`` completions per prompt; ``out[i]`` holds prompt i's completions.
+
+    ``temperature=0`` is greedy decoding (then ``n`` copies would be identical, so use n=1).
+    ``stop`` strings end a completion early; the stop string itself is not part of the text.
+    """
+    from transformers import GenerationConfig
+
+    if not prompts:
+        return []
+    texts = [render(tokenizer, p, chat=chat) for p in prompts]
+    # The templates add BOS themselves where the model wants one; adding special tokens again would double it.
+    add_special = not chat
+    encoded = [tokenizer(t, add_special_tokens=add_special)["input_ids"] for t in texts]
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]), reverse=True)
+
+    eos_ids = _eos_ids(model, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+    sample = temperature > 0
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=sample,
+        temperature=temperature if sample else None,
+        top_p=top_p if sample else None,
+        top_k=None,
+        num_return_sequences=n,
+        pad_token_id=pad_id,
+        eos_token_id=eos_ids,
+        stop_strings=list(stop) if stop else None,
+    )
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    results: list[list[Generation]] = [[] for _ in prompts]
+    torch.manual_seed(seed)
+    try:
+        with progress_bar("generating", len(prompts), enabled=progress) as bar:
+            for start in range(0, len(order), batch_size):
+                idx = order[start : start + batch_size]
+                ids, mask = _left_pad([encoded[i] for i in idx], pad_id)
+                out = model.generate(
+                    input_ids=ids.to(device),
+                    attention_mask=mask.to(device),
+                    generation_config=config,
+                    tokenizer=tokenizer if stop else None,  # needed by stop_strings
+                )
+                new = out[:, ids.shape[1] :].tolist()
+                for row, tokens in enumerate(new):
+                    results[idx[row // n]].append(_finish(tokens, tokenizer, eos_ids, pad_id, stop or ()))
+                bar.advance(len(idx))
+    finally:
+        model.train(was_training)
+    return results
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
+    ids = model.generation_config.eos_token_id if getattr(model, "generation_config", None) else None
+    ids = [ids] if isinstance(ids, int) else list(ids or [])
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.insert(0, tokenizer.eos_token_id)
+    if not ids:
+        raise ValueError("neither the model nor the tokenizer defines an EOS token; generation could not stop")
+    return ids
+
+
+def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    # Left padding keeps every row's last prompt token at the same position, where generation starts.
+    length = max(len(r) for r in rows)
+    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, length - len(r) :] = torch.tensor(r, dtype=torch.long)
+        mask[i, length - len(r) :] = 1
+    return ids, mask
+
+
+def _finish(tokens: list[int], tokenizer: Any, eos_ids: list[int], pad_id: int, stop: Sequence[str]) -> Generation:
+    """Trim a generated row at its first EOS and decode it."""
+    # Rows that ended on a stop string while others went on are filled with padding.
+    while stop and tokens and tokens[-1] == pad_id:
+        tokens = tokens[:-1]
+    end = next((i for i, t in enumerate(tokens) if t in eos_ids), None)
+    body = tokens if end is None else tokens[:end]
+    text = tokenizer.decode(body, skip_special_tokens=True)
+    text, stopped = _cut_at_stop(text, stop)
+    if end is not None:
+        return Generation(text, end + 1, "stop")
+    return Generation(text, len(tokens), "stop" if stopped else "length")

@@ -1,0 +1,102 @@
+"""The generation helper and the evaluator, on tiny real models (and a perfect/oracle generate_fn)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from stratos.evaluate import EvalResult, evaluate, wilson_interval
+from stratos.models.generate import Generation, generate
+from stratos.tasks import get_task
+
+
+@pytest.fixture(scope="module")
+def noisy_model(tiny_tokenizer):
+    from stratos.models.tiny import tiny_llama
+
+    # A large init makes a random model's greedy choices depend on every prompt token, which is
+    # what catches padding mistakes (a near-uniform model gives the same output whatever the input).
+    return tiny_llama(tiny_tokenizer, initializer_range=0.3)
+
+
+def test_batched_generation_matches_one_by_one(noisy_model, tiny_tokenizer):
+    prompts = ["1+1=", "a much longer prompt: 12+34=", [{"role": "user", "content": "99+1="}], "7+8="]
+    batched = generate(noisy_model, tiny_tokenizer, prompts, max_new_tokens=6, batch_size=3)
+    single = [generate(noisy_model, tiny_tokenizer, [p], max_new_tokens=6)[0] for p in prompts]
+    assert [b[0].text for b in batched] == [s[0].text for s in single]
+    assert all(len(b) == 1 and b[0].num_tokens <= 6 for b in batched)
+    assert {b[0].finish_reason for b in batched} <= {"stop", "length"}
+
+
+def test_sampling_n_and_seed(noisy_model, tiny_tokenizer):
+    out = generate(noisy_model, tiny_tokenizer, ["1+1=", "2+2="], max_new_tokens=5, temperature=1.0, n=3, seed=4)
+    again = generate(noisy_model, tiny_tokenizer, ["1+1=", "2+2="], max_new_tokens=5, temperature=1.0, n=3, seed=4)
+    assert [len(o) for o in out] == [3, 3]
+    assert [[g.text for g in o] for o in out] == [[g.text for g in o] for o in again]
+    assert len({g.text for g in out[0]}) > 1  # samples differ
+
+
+def test_stop_strings_end_generation(noisy_model, tiny_tokenizer):
+    free = generate(noisy_model, tiny_tokenizer, ["12+34="], max_new_tokens=12)[0][0]
+    assert len(free.text) > 2
+    stop = free.text[2]
+    cut = generate(noisy_model, tiny_tokenizer, ["12+34="], max_new_tokens=12, stop=[stop])[0][0]
+    assert stop not in cut.text and free.text.startswith(cut.text)
+    assert cut.finish_reason == "stop"
+
+
+def test_wilson_interval():
+    lo, hi = wilson_interval(0, 10)
+    assert lo == 0.0 and 0.25 < hi < 0.35
+    lo, hi = wilson_interval(50, 100)
+    assert lo == pytest.approx(0.4038, abs=1e-3) and hi == pytest.approx(0.5962, abs=1e-3)
+    assert wilson_interval(10, 10)[1] == pytest.approx(1.0) and wilson_interval(10, 10)[0] > 0.69
+
+
+def test_evaluate_with_a_perfect_and_a_wrong_endpoint(tmp_path):
+    """The generate_fn seam (an API endpoint later): answers from the task's own targets score 1."""
+    task = get_task("arithmetic", ops="+-")
+    exs = task.examples("eval", 40)
+    by_prompt = {task.prompt(e): task.target(e) for e in exs}
+
+    def perfect(prompts, *, max_new_tokens, batch_size):
+        return [Generation(by_prompt[p[-1]["content"]], 4, "stop") for p in prompts]
+
+    res = evaluate(None, None, task, exs, generate_fn=perfect, predictions_path=tmp_path / "p.jsonl")
+    assert isinstance(res, EvalResult) and res.n == 40 and res.accuracy == 1.0 and res.mean_credit == 1.0
+    assert set(res.per_type) == {"+", "-"} and sum(v["n"] for v in res.per_type.values()) == 40
+    rows = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
+    assert len(rows) == 40 and all(r["correct"] and r["parsed"] == r["answer"] for r in rows)
+    json.dumps(res.to_dict())
+
+    def silent(prompts, *, max_new_tokens, batch_size):
+        return [Generation("", max_new_tokens, "length") for _ in prompts]
+
+    res = evaluate(None, None, task, exs, generate_fn=silent)
+    assert res.accuracy == 0.0 and res.unparsed == 40 and res.truncated == 40 and res.ci_high < 0.1
+
+
+def test_evaluate_local_model_and_cli(noisy_model, tiny_tokenizer, tmp_path):
+    task = get_task("arithmetic", digits=2)
+    exs = task.examples("eval", 12)
+    res = evaluate(noisy_model, tiny_tokenizer, task, exs, batch_size=5, max_new_tokens=4,
+                   predictions_path=tmp_path / "preds.jsonl")
+    assert res.n == 12 and 0 <= res.accuracy <= 1 and res.ci_low <= res.accuracy <= res.ci_high
+    assert res.generated_tokens > 0 and res.tokens_per_s > 0 and res.mean_latency_s > 0
+    assert len((tmp_path / "preds.jsonl").read_text().splitlines()) == 12
+
+    # The CLI loads a model folder like any other.
+    folder = tmp_path / "model"
+    noisy_model.save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    from stratos.cli import app
+
+    r = CliRunner().invoke(app, ["eval", "--model", str(folder), "--task", "arithmetic", "-O", "digits=2", "--n", "6",
+                                 "--max-new-tokens", "3", "--out", str(tmp_path / "cli.jsonl"),
+                                 "--json", str(tmp_path / "m.json")])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "m.json").read_text())["n"] == 6
+    r = CliRunner().invoke(app, ["eval", "--model", str(folder), "--task", "nope"])
+    assert r.exit_code == 2 and "unknown task" in r.output
