@@ -49,6 +49,63 @@ def validate(spec: Path = typer.Argument(..., help="Pipeline spec (YAML).")) -> 
     )
 
 
+@app.command("eval")
+def eval_cmd(
+    spec: Optional[Path] = typer.Argument(None, help="Pipeline spec; its task and eval sections give the defaults."),
+    model: str = typer.Option(..., "--model", "-m", help="Model: hub id, folder, .gguf or alias."),
+    task: Optional[str] = typer.Option(None, "--task", help="Task, e.g. mahjong:waits, arithmetic (default: the spec's)."),
+    n: Optional[int] = typer.Option(None, "--n", help="Eval examples (default: spec eval.n or task.eval_size, else 200)."),
+    option: list[str] = typer.Option([], "--option", "-O", help="Task option KEY=VALUE (YAML value), repeatable."),
+    rules: bool = typer.Option(False, "--rules", help="Put the task's rules in the prompt (knowledge injection)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Prompts per generation batch."),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="Generation limit per answer."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the eval split."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write every prediction to this JSONL file."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the summary metrics to this JSON file."),
+) -> None:
+    """Evaluate a model on a task: accuracy with a 95% CI, per-type breakdown, latency and tokens/s."""
+    import yaml
+
+    from stratos.evaluate import evaluate, result_table
+    from stratos.io import DataError, write_json
+    from stratos.models import load
+    from stratos.spec import EvalSpec, TaskSpec
+    from stratos.tasks import get_task
+
+    task_spec, eval_spec = None, EvalSpec()
+    if spec is not None:
+        s = _spec_or_fail(spec)
+        task_spec, eval_spec = s.task, s.eval
+    if task:
+        task_spec = TaskSpec(name=task, options=task_spec.options if task_spec and task_spec.name == task else {})
+    if task_spec is None:
+        fail("no task: pass --task or a spec")
+    options = dict(task_spec.options)
+    for item in option:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            fail(f"--option {item!r}: expected KEY=VALUE")
+        options[key] = yaml.safe_load(value)
+    if task_spec.name.partition(":")[0] == "jsonl":
+        options.setdefault("path", task_spec.path)
+        options.setdefault("scorer", task_spec.scorer)
+    count = n or eval_spec.n or (task_spec.eval_size if spec is not None else 200)
+    try:
+        t = get_task(task_spec.name, **options)
+        examples = t.examples("eval", count, seed=task_spec.seed if seed is None else seed)
+        m, tok = load(model)
+        result = evaluate(m, tok, t, examples, batch_size=batch_size or eval_spec.batch_size,
+                          max_new_tokens=max_new_tokens or eval_spec.max_new_tokens, rules=rules,
+                          predictions_path=out, progress=True)
+    except (KeyError, DataError, FileNotFoundError, ValueError) as e:
+        fail(str(e).strip('"'))
+    Console().print(result_table(result, title=f"{model} on {task_spec.name}{' (rules in prompt)' if rules else ''}"))
+    if json_out:
+        write_json(json_out, {"model": model, "task": task_spec.name, "rules": rules, **result.to_dict()})
+    if out:
+        console.print(f"predictions written to {out}", highlight=False)
+
+
 def main() -> None:
     try:
         app()
