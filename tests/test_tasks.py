@@ -78,3 +78,68 @@ def test_generic_corpus_has_rules_and_worked_examples():
     recs = corpus(task, 3)
     assert len(recs) == 4 and all(set(r) == {"text"} for r in recs)
     assert "column" in recs[0]["text"] and "Answer:" in recs[1]["text"]
+
+
+# --------------------------------------------------------------------------- jsonl
+
+
+def _write(path, lines):
+    path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
+    return path
+
+
+def test_jsonl_reports_malformed_line_by_number(tmp_path):
+    from stratos.io import DataError
+
+    bad = _write(tmp_path / "d.jsonl", [{"prompt": "a", "answer": "b"}, "", '{"prompt": "x", "answer": ', {"prompt": "c"}])
+    with pytest.raises(DataError, match=r"d\.jsonl:3: invalid JSON"):
+        get_task("jsonl", path=bad)
+    bad = _write(tmp_path / "e.jsonl", [{"prompt": "a", "answer": "b"}, {"prompt": "c"}])
+    with pytest.raises(DataError, match=r"e\.jsonl:2: missing key 'answer'"):
+        get_task("jsonl", path=bad)
+    with pytest.raises(DataError, match="cannot read"):
+        get_task("jsonl", path=tmp_path / "missing.jsonl")
+    with pytest.raises(ValueError, match="unknown jsonl scorer"):
+        get_task("jsonl", path=_write(tmp_path / "f.jsonl", [{"prompt": "a", "answer": "b"}]), scorer="fuzzy")
+
+
+def test_jsonl_splits_and_duplicates_are_counted(tmp_path):
+    rows = [{"prompt": f"q{i}", "answer": str(i), "type": "even" if i % 2 == 0 else "odd"} for i in range(200)]
+    task = get_task("jsonl", path=_write(tmp_path / "d.jsonl", rows + rows[:3]))
+    assert task.duplicates == 3
+    train, ev = task.examples("train"), task.examples("eval")
+    assert len(train) + len(ev) == 200 and not {e.question for e in train} & {e.question for e in ev}
+    assert [e.id for e in task.examples("train", 10, seed=3)] == [e.id for e in task.examples("train", 10, seed=3)]
+    assert {e.type for e in train} == {"even", "odd"}
+
+
+def score_len(pred, answer):  # a user scorer: partial credit by length
+    return min(len(pred), len(answer)) / max(len(pred), len(answer), 1)
+
+
+@pytest.mark.parametrize(
+    "scorer,answer,output,correct",
+    [
+        ("exact", "Paris", "Answer: Paris", True),
+        ("exact", "Paris", "paris", False),
+        ("normalized", "The Eiffel Tower", "Answer: eiffel tower.", True),
+        ("regex", r"\d{3}-\d{4}", "Answer: 555-1234", True),
+        ("regex", r"\d{3}-\d{4}", "555-12345", False),
+        ("numeric", 3.14159, "Answer: 3.14159", True),
+        ("numeric", "1,000", "It is 1000.0", True),
+        ("numeric", 2, "Answer: two", False),
+        ("tests.test_tasks:score_len", "abcd", "Answer: abcd", True),
+    ],
+)
+def test_jsonl_scorers(tmp_path, scorer, answer, output, correct):
+    task = get_task("jsonl", path=_write(tmp_path / "d.jsonl", [{"prompt": "q", "answer": answer}]), scorer=scorer)
+    ex = task._rows[0]
+    assert grade(task, ex, output)[1].correct is correct
+    assert not grade(task, ex, "")[1].correct
+
+
+def test_jsonl_user_scorer_partial_credit(tmp_path):
+    task = get_task("jsonl", path=_write(tmp_path / "d.jsonl", [{"prompt": "q", "answer": "abcd"}]),
+                    scorer="tests.test_tasks:score_len")
+    score = grade(task, task._rows[0], "ab")[1]
+    assert not score.correct and score.credit == 0.5

@@ -19,7 +19,8 @@ from stratos.tasks.base import (
     split_of,
     to_records,
 )
-from stratos.tasks import arithmetic as _arithmetic  # noqa: F401  (registers the task)
+from stratos.tasks import arithmetic as _arithmetic  # noqa: F401  (registers the tasks)
+from stratos.tasks import jsonl as _jsonl  # noqa: F401
 
 __all__ = [
     "TASKS", "Example", "Score", "Split", "Task", "corpus", "get_task", "grade", "messages", "register_task",
