@@ -28,7 +28,7 @@ console = Console(stderr=True)
 
 def fail(lines: list[str] | str, code: int = 2) -> None:
     for line in [lines] if isinstance(lines, str) else lines:
-        console.print(f"[red]error:[/red] {line}", highlight=False, markup=True)
+        console.print(f"[red]error:[/red] {line}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -45,6 +45,106 @@ def validate(spec: Path = typer.Argument(..., help="Pipeline spec (YAML).")) -> 
     s = _spec_or_fail(spec)
     console.print(
         f"[green]ok[/green] {spec}: task {s.task.name}, {len(s.teachers)} teacher(s), {len(s.students)} student(s)",
+        highlight=False,
+    )
+
+
+def _overrides(**values) -> dict:
+    """CLI options left unset fall back to the spec's defaults: the spec stays the one place for them."""
+    return {k: v for k, v in values.items() if v is not None}
+
+
+@app.command()
+def distill(
+    spec: Optional[Path] = typer.Argument(None, help="Pipeline spec; its first teacher/student and distill section are used."),
+    teacher: Optional[str] = typer.Option(None, "--teacher", "-t", help="Teacher: hub id, folder, .gguf or alias."),
+    student: Optional[str] = typer.Option(None, "--student", "-s", help="Student: hub id, folder, .gguf or alias."),
+    data: Optional[Path] = typer.Option(None, "--data", "-d", help="Training JSONL: prompt/response, messages, or text records."),
+    out: Path = typer.Option(Path("runs/distill"), "--out", "-o", help="Output folder: checkpoints, metrics, model/."),
+    loss: Optional[str] = typer.Option(None, help="Divergence: fkl, rkl, jsd, skl, srkl, tvd, akl, ce."),
+    signal: Optional[str] = typer.Option(None, help="Teacher signal: cached (default) or online."),
+    temperature: Optional[float] = typer.Option(None, help="Softmax temperature of the KD term."),
+    kd_ratio: Optional[float] = typer.Option(None, help="Weight of KD vs CE (1 = pure KD)."),
+    max_steps: Optional[int] = typer.Option(None, help="Optimizer steps (overrides --epochs)."),
+    epochs: Optional[float] = typer.Option(None, help="Passes over the data."),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate."),
+    batch_size: Optional[int] = typer.Option(None, help="Examples per micro-batch."),
+    grad_accum: Optional[int] = typer.Option(None, help="Micro-batches per optimizer step."),
+    max_length: Optional[int] = typer.Option(None, help="Max tokens per example."),
+    save_steps: Optional[int] = typer.Option(None, help="Checkpoint every N steps."),
+    lora_r: Optional[int] = typer.Option(None, help="Train LoRA adapters of this rank instead of all weights."),
+    bf16: Optional[bool] = typer.Option(None, "--bf16/--no-bf16", help="bf16 autocast (default: where supported)."),
+    seed: Optional[int] = typer.Option(None, help="Random seed."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in --out."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Discard checkpoints already in --out."),
+) -> None:
+    """Distil a teacher into a student on prompt/response data (off-policy KD on the teacher's hidden states)."""
+    import shutil
+
+    from stratos.spec import DistillSpec, LoraSpec, StudentSpec, TeacherSpec
+
+    base = DistillSpec()
+    t_spec = s_spec = None
+    if spec is not None:
+        s = _spec_or_fail(spec)
+        base, t_spec, s_spec = s.distill, s.teachers[0], s.students[0]
+    if teacher:
+        t_spec = TeacherSpec(model=teacher)
+    if student:
+        s_spec = StudentSpec(model=student)
+    if s_spec is None:
+        fail("no student: pass --student or a spec")
+    if data is None:
+        fail("no training data: pass --data FILE.jsonl")
+    try:
+        cfg = DistillSpec.model_validate(
+            {
+                **base.model_dump(),
+                **_overrides(
+                    loss=loss, teacher_signal=signal, temperature=temperature, kd_ratio=kd_ratio, max_steps=max_steps,
+                    num_train_epochs=epochs, learning_rate=lr, per_device_train_batch_size=batch_size,
+                    gradient_accumulation_steps=grad_accum, max_length=max_length, save_steps=save_steps, bf16=bf16,
+                    seed=seed,
+                ),
+                **({"lora": LoraSpec(r=lora_r, alpha=2 * lora_r).model_dump()} if lora_r else {}),
+            }
+        )
+    except Exception as e:  # pydantic.ValidationError
+        from pydantic import ValidationError
+
+        from stratos.spec import format_validation_error
+
+        fail(format_validation_error(e) if isinstance(e, ValidationError) else str(e))
+    from stratos.distill.trainer import checkpoints
+
+    if checkpoints(out / "checkpoints") and not resume:
+        if not overwrite:
+            fail(f"{out} already has checkpoints: pass --resume to continue that run or --overwrite to start over")
+        shutil.rmtree(out / "checkpoints")
+    from stratos.distill import distill as run_distill
+    from stratos.distill.losses import get_loss
+    from stratos.io import DataError
+    from stratos.models import load
+
+    needs_teacher = get_loss(cfg.loss).needs_teacher and cfg.kd_ratio > 0
+    if needs_teacher and t_spec is None:
+        fail(f"loss {cfg.loss!r} needs a teacher: pass --teacher or a spec (or use --loss ce)")
+    from stratos.distill import load_records
+
+    try:
+        records = load_records(data)  # bad data fails before minutes of model loading
+        model, tok = load(s_spec.model, dtype=s_spec.dtype, trust_remote_code=s_spec.trust_remote_code,
+                          config_overrides=s_spec.config_overrides, init=s_spec.init)
+        t_model = t_tok = None
+        if needs_teacher:
+            t_model, t_tok = load(t_spec.model, dtype=t_spec.dtype, trust_remote_code=t_spec.trust_remote_code)
+        result = run_distill(model, tok, records, cfg, out, teacher=t_model, teacher_tokenizer=t_tok, resume=resume)
+    except (DataError, FileNotFoundError, ValueError) as e:
+        fail(str(e))
+    m = result.final_metrics
+    console.print(
+        f"[green]done[/green] {result.steps} steps, loss {m.get('loss', float('nan')):.4f}, "
+        f"{result.tokens_per_second:.0f} tok/s; student saved to {result.model_dir}",
         highlight=False,
     )
 
@@ -107,6 +207,9 @@ def eval_cmd(
 
 
 def main() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own progress bars say what is happening
     try:
         app()
     except KeyboardInterrupt:

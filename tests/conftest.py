@@ -1,0 +1,38 @@
+"""Shared fixtures: tiny tokenizers and models built offline, and the real SmolLM2 when asked."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch a model hub
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def addition_records(n: int, seed: int = 0, digits: int = 2) -> list[dict]:
+    rng = random.Random(seed)
+    hi = 10**digits - 1
+    out = []
+    for _ in range(n):
+        a, b = rng.randint(0, hi), rng.randint(0, hi)
+        out.append({"prompt": f"{a}+{b}=", "response": f"{a + b}", "answer": a + b})
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    from stratos.models.tiny import build_tokenizer
+
+    return build_tokenizer([r["prompt"] + r["response"] for r in addition_records(500)], vocab_size=320)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real SmolLM2-135M-Instruct through the alias (downloaded and converted on first use)."""
+    from stratos.models import load
+
+    return load("smollm2-135m-instruct")

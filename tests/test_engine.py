@@ -1,0 +1,134 @@
+"""The KD engine's parts: exact teacher logits from hidden states, chunking, the cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from stratos.distill import HiddenStateCache, Objective, OnlineTeacher, OutputHead, encode, kd_terms
+from stratos.distill.data import collate
+from stratos.distill.head import last_hidden
+from stratos.models.tiny import tiny_llama
+from tests.conftest import addition_records
+
+
+def _rel_err(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def _batch(tok, n=6):
+    examples, _ = encode(addition_records(n, seed=3), tok, max_length=64)
+    return examples, collate(examples, list(range(len(examples))), tok.pad_token_id)
+
+
+def _arch_models(tok):
+    """Causal LMs whose heads differ: tied, untied, soft-capped (Gemma 2), scaled (Cohere)."""
+    from transformers import CohereConfig, CohereForCausalLM, Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    v = len(tok)
+    yield "llama-tied", tiny_llama(tok, hidden_size=32, num_hidden_layers=1)
+    yield "llama-untied", tiny_llama(tok, hidden_size=32, num_hidden_layers=1, tie_word_embeddings=False)
+    yield "gemma2-softcap", Gemma2ForCausalLM(Gemma2Config(
+        vocab_size=v, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, final_logit_softcapping=5.0, pad_token_id=tok.pad_token_id))
+    yield "cohere-scale", CohereForCausalLM(CohereConfig(
+        vocab_size=v, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, logit_scale=0.25, pad_token_id=tok.pad_token_id))
+
+
+def test_recomputed_teacher_logits_equal_the_models_own(tiny_tokenizer):
+    _, batch = _batch(tiny_tokenizer)
+    seen = set()
+    for name, model in _arch_models(tiny_tokenizer):
+        model.eval()
+        with torch.no_grad():
+            full = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.float()
+            want = full[:, :-1][batch.target_mask]
+            got = OnlineTeacher(model).head(OnlineTeacher(model).hidden(batch))
+        assert got.shape == want.shape
+        assert _rel_err(got, want) <= 1e-4, name
+        seen.add(name)
+    assert len(seen) == 4
+
+
+def test_head_scaling_is_applied_not_ignored(tiny_tokenizer):
+    models = dict(_arch_models(tiny_tokenizer))
+    head = OutputHead.from_model(models["gemma2-softcap"])
+    assert head.softcap == 5.0
+    h = torch.randn(4, 32) * 50
+    assert head(h).abs().max() <= 5.0 + 1e-5  # soft-capped logits never exceed the cap
+    assert OutputHead.from_model(models["cohere-scale"]).scale == 0.25
+
+
+def test_head_save_load_roundtrip(tmp_path, tiny_tokenizer):
+    models = dict(_arch_models(tiny_tokenizer))
+    head = OutputHead.from_model(models["gemma2-softcap"])
+    head.save(tmp_path / "h.safetensors")
+    back = OutputHead.load(tmp_path / "h.safetensors")
+    h = torch.randn(3, 32)
+    assert torch.equal(head(h), back(h))
+
+
+@pytest.mark.parametrize("loss", ["fkl", "jsd", "akl"])
+def test_chunked_equals_unchunked_loss_and_gradients(tiny_tokenizer, loss):
+    _, batch = _batch(tiny_tokenizer, n=8)
+    teacher = tiny_llama(tiny_tokenizer, hidden_size=48, num_hidden_layers=1, seed=1)
+    signal = OnlineTeacher(teacher)
+    t_hidden = signal.hidden(batch)
+    results = []
+    for chunk in (5, 10_000):
+        student = tiny_llama(tiny_tokenizer, hidden_size=32, num_hidden_layers=1, seed=2)
+        s_head = OutputHead.from_model(student, frozen_copy=False)
+        obj = Objective(loss=loss, temperature=2.0, kd_ratio=0.7, chunk_size=chunk)
+        h = last_hidden(student, batch.input_ids, batch.attention_mask)[:, :-1][batch.target_mask]
+        assert h.shape[0] > 2 * 5  # really several chunks
+        terms = kd_terms(h, t_hidden, batch.targets, s_head, signal.head, obj)
+        terms["loss"].backward()
+        results.append((terms, {n: p.grad.clone() for n, p in student.named_parameters()}))
+    (a, ga), (b, gb) = results
+    for k in ("loss", "kd", "ce", "agree"):
+        assert torch.allclose(a[k], b[k], rtol=1e-5), k
+    for n in ga:
+        assert torch.allclose(ga[n], gb[n], rtol=1e-4, atol=1e-7), n
+
+
+def test_vocab_padding_differences_are_handled(tiny_tokenizer):
+    """A teacher whose embedding matrix is padded past the tokenizer still distils into a student."""
+    _, batch = _batch(tiny_tokenizer)
+    teacher = tiny_llama(tiny_tokenizer, hidden_size=32, num_hidden_layers=1, seed=1)
+    teacher.resize_token_embeddings(len(tiny_tokenizer) + 37)
+    student = tiny_llama(tiny_tokenizer, hidden_size=32, num_hidden_layers=1, seed=2)
+    sig = OnlineTeacher(teacher)
+    h = last_hidden(student, batch.input_ids, batch.attention_mask)[:, :-1][batch.target_mask]
+    terms = kd_terms(h, sig.hidden(batch), batch.targets, OutputHead.from_model(student), sig.head, Objective())
+    assert torch.isfinite(terms["loss"]) and terms["kd"] > 0
+
+
+def test_cache_matches_online_and_is_reused_and_resumable(tmp_path, tiny_tokenizer):
+    examples, _ = encode(addition_records(40, seed=5), tiny_tokenizer, max_length=64)
+    teacher = tiny_llama(tiny_tokenizer, hidden_size=48, num_hidden_layers=1, seed=1)
+    HiddenStateCache.SHARD_EXAMPLES, old = 16, HiddenStateCache.SHARD_EXAMPLES
+    try:
+        cache = HiddenStateCache.build(teacher, examples, tmp_path, "k", pad_id=tiny_tokenizer.pad_token_id,
+                                       dtype="float32", batch_size=5, progress=False)
+        online = OnlineTeacher(teacher)
+        idx = [37, 2, 17, 16]  # across shards, out of order
+        batch = collate([examples[i] for i in idx], idx, tiny_tokenizer.pad_token_id)
+        assert torch.allclose(cache.hidden(batch), online.hidden(batch), atol=1e-5)
+        assert len(list(cache.path.glob("shard-*.safetensors"))) == 3
+        # A crash after the first shard: the rebuild keeps it and writes only what is missing.
+        (cache.path / "meta.json").unlink()
+        (cache.path / "shard-00002.safetensors").unlink()
+        first = (cache.path / "shard-00000.safetensors").stat().st_mtime_ns
+        rebuilt = HiddenStateCache.build(teacher, examples, tmp_path, "k", pad_id=tiny_tokenizer.pad_token_id,
+                                         dtype="float32", progress=False)
+        assert (rebuilt.path / "shard-00000.safetensors").stat().st_mtime_ns == first
+        assert torch.allclose(rebuilt.hidden(batch), online.hidden(batch), atol=1e-5)
+        # bf16 storage halves the bytes and stays close.
+        bf = HiddenStateCache.build(teacher, examples, tmp_path, "kb", pad_id=tiny_tokenizer.pad_token_id,
+                                    dtype="bfloat16", progress=False)
+        assert bf.bytes_on_disk < 0.6 * cache.bytes_on_disk
+        assert torch.allclose(bf.hidden(batch), online.hidden(batch), rtol=2e-2, atol=2e-2)
+    finally:
+        HiddenStateCache.SHARD_EXAMPLES = old
