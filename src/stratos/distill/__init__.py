@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from stratos.distill.data import Encoded, EncodeStats, collate, data_fingerprint, encode, load_records
-from stratos.distill.head import OutputHead, backbone, last_hidden
+from stratos.distill.head import OutputHead, last_hidden
 from stratos.distill.kd import Objective, kd_terms
 from stratos.distill.losses import LOSSES, get_loss, register_loss
 from stratos.distill.signal import HiddenStateCache, OnlineTeacher, TeacherSignal, model_fingerprint

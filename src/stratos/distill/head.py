@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from stratos.models.arch import backbone
+
 
 class OutputHead(nn.Module):
     """``logits = softcap(scale * (h @ W.T + b))``: lm_head (or tied embeddings), bias, and the
@@ -98,19 +100,6 @@ class OutputHead(nn.Module):
             scale=float(meta.get("scale", "1.0")),
             softcap=float(meta["softcap"]) if meta.get("softcap") else None,
         )
-
-
-def backbone(model: Any) -> nn.Module:
-    """The decoder stack of a causal LM (what produces the last, normalised hidden states).
-
-    Calling it instead of the full model avoids the full [B, T, V] logits tensor.
-    """
-    if hasattr(model, "get_base_model"):  # peft wrapper
-        model = model.get_base_model()
-    inner = getattr(model, getattr(model, "base_model_prefix", "model"), None)
-    if inner is None or inner is model:
-        raise ValueError(f"cannot find the decoder stack of {type(model).__name__}")
-    return inner
 
 
 def last_hidden(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -76,19 +76,28 @@ def load(
 
     location, _ = resolve(name)
     torch_dtype = torch.float32 if dtype == "auto" else _DTYPES[dtype]
-    if config_overrides or init == "random":
+    overrides = dict(config_overrides or {})
+    if init == "random":
         config = AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code)
-        for key, value in (config_overrides or {}).items():
+        for key, value in overrides.items():
             if not hasattr(config, key):
                 raise ValueError(f"config_overrides: {type(config).__name__} has no field {key!r}")
             setattr(config, key, value)
-        if init == "pretrained":
-            raise ValueError("config_overrides change the architecture; set init: random to build a new model")
         model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, trust_remote_code=trust_remote_code)
     else:
+        depth = overrides.pop("num_hidden_layers", None)
+        if overrides:
+            raise ValueError(
+                f"config_overrides {sorted(overrides)} change the architecture of a pretrained model; "
+                "set init: random to build a new model (only num_hidden_layers can shrink a pretrained one)"
+            )
         model = AutoModelForCausalLM.from_pretrained(
             location, dtype=torch_dtype, use_safetensors=True, trust_remote_code=trust_remote_code
         )
+        if depth is not None:  # a shallower student initialised from evenly spaced pretrained layers
+            from stratos.models.arch import evenly_spaced, keep_layers
+
+            keep_layers(model, evenly_spaced(model.config.num_hidden_layers, int(depth)))
     model.to(device)
     if not with_tokenizer:
         return model

@@ -17,6 +17,7 @@ from stratos.tasks.base import (
     messages,
     register_task,
     split_of,
+    task_from_spec,
     to_records,
 )
 from stratos.tasks import arithmetic as _arithmetic  # noqa: F401  (registers the tasks)
@@ -24,5 +25,5 @@ from stratos.tasks import jsonl as _jsonl  # noqa: F401
 
 __all__ = [
     "TASKS", "Example", "Score", "Split", "Task", "corpus", "get_task", "grade", "messages", "register_task",
-    "split_of", "to_records",
+    "split_of", "task_from_spec", "to_records",
 ]

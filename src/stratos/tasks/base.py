@@ -166,3 +166,12 @@ def get_task(name: str, **options: Any) -> Task:
         # A misspelt option (spec task.options) arrives as an unexpected keyword: name the task.
         raise ValueError(f"task {name!r}: bad options: {e}") from None
     return factory(sub or None, **options)
+
+
+def task_from_spec(ts: Any) -> Task:
+    """The task a spec's ``task`` section describes (file-backed tasks get its path and scorer)."""
+    options = dict(ts.options)
+    if ts.name.partition(":")[0] == "jsonl":
+        options.setdefault("path", ts.path)
+        options.setdefault("scorer", ts.scorer)
+    return get_task(ts.name, **options)

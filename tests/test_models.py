@@ -1,0 +1,112 @@
+"""Model loading: folders, aliases, GGUF, config overrides, tokenizer care, and the real SmolLM2."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from stratos.models import load, prepare_tokenizer, resolve
+from stratos.models.arch import evenly_spaced, keep_layers
+from stratos.models.tiny import save_model, tiny_llama
+
+
+def test_folder_roundtrip_and_tokenizer_care(tmp_path, tiny_tokenizer):
+    path = save_model(tiny_llama(tiny_tokenizer, num_hidden_layers=3), tiny_tokenizer, tmp_path / "m")
+    model, tok = load(path)
+    assert tok.pad_token is not None and tok.eos_token == "<|im_end|>" and tok.padding_side == "right"
+    assert "<|im_start|>assistant" in tok.apply_chat_template([{"role": "user", "content": "hi"}],
+                                                              add_generation_prompt=True, tokenize=False)
+    assert model.config.pad_token_id == tok.pad_token_id
+
+
+def test_shallower_pretrained_student_keeps_evenly_spaced_layers(tmp_path, tiny_tokenizer):
+    full = tiny_llama(tiny_tokenizer, num_hidden_layers=5, seed=3)
+    path = save_model(full, tiny_tokenizer, tmp_path / "m")
+    small, _ = load(path, config_overrides={"num_hidden_layers": 3})
+    assert small.config.num_hidden_layers == 3 and evenly_spaced(5, 3) == [0, 2, 4]
+    assert torch.equal(small.model.layers[1].mlp.up_proj.weight, full.model.layers[2].mlp.up_proj.weight)
+    # It saves and reloads as an ordinary model, and generates with a KV cache (layer indices renumbered).
+    save_model(small, _, tmp_path / "small")
+    again, tok = load(tmp_path / "small")
+    ids = tok("12+3=", return_tensors="pt").input_ids
+    out = again.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)
+    ref = small.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert torch.equal(out, ref)
+    with pytest.raises(ValueError, match="init: random"):
+        load(path, config_overrides={"hidden_size": 32})
+
+
+def test_keeping_every_layer_changes_nothing(tiny_tokenizer):
+    model = tiny_llama(tiny_tokenizer, num_hidden_layers=3).eval()
+    ids = torch.tensor([[5, 6, 7, 8]])
+    before = model(ids).logits
+    keep_layers(model, [0, 1, 2])
+    assert torch.equal(model(ids).logits, before)
+
+
+def test_random_init_from_overrides(tmp_path, tiny_tokenizer):
+    path = save_model(tiny_llama(tiny_tokenizer), tiny_tokenizer, tmp_path / "m")
+    model, _ = load(path, config_overrides={"hidden_size": 32, "num_hidden_layers": 1}, init="random")
+    assert model.config.hidden_size == 32 and len(model.model.layers) == 1
+    with pytest.raises(ValueError, match="no field"):
+        load(path, config_overrides={"hiden_size": 32}, init="random")
+
+
+def test_missing_paths_are_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="GGUF file not found"):
+        resolve(tmp_path / "nope.gguf")
+    with pytest.raises(FileNotFoundError, match="not found"):
+        resolve("./no/such/model")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        resolve(tmp_path / "empty")
+    assert resolve("HuggingFaceTB/SmolLM2-135M-Instruct") == ("HuggingFaceTB/SmolLM2-135M-Instruct", None)
+
+
+def test_prepare_tokenizer_fills_pad_and_template(tiny_tokenizer):
+    import copy
+
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.pad_token = None
+    tok.chat_template = None
+    prepare_tokenizer(tok, padding_side="left")
+    assert tok.pad_token == tok.eos_token and tok.chat_template and tok.padding_side == "left"
+
+
+@pytest.mark.slow
+def test_smollm2_alias_cache_and_kd_steps(tmp_path, smollm2):
+    """The real SmolLM2-135M-Instruct: loaded via the alias from its converted safetensors cache,
+    its hidden states cached on a few examples, a few KD steps into a small student with its tokenizer."""
+    from stratos.distill import HiddenStateCache, distill
+    from stratos.models import cache_dir
+    from stratos.spec import DistillSpec
+
+    teacher, tok = smollm2
+    assert teacher.config.vocab_size == 49152 and len(tok) == 49152
+    folder = cache_dir() / "models" / "smollm2-135m-instruct"
+    assert (folder / "model.safetensors").is_file() and not list(folder.glob("*.gguf"))
+    # The teacher really is the instruct model: it answers a question through its chat template.
+    ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                  add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    out = teacher.generate(**ids, max_new_tokens=12, do_sample=False)
+    assert "Paris" in tok.decode(out[0, ids["input_ids"].shape[1]:])
+
+    student, _ = load("smollm2-135m-instruct", init="random", config_overrides={
+        "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "head_dim": 16})
+    records = [{"prompt": f"What is {a} + {b}?", "response": f"{a} + {b} = {a + b}"} for a, b in
+               [(2, 3), (10, 7), (41, 1), (6, 6), (12, 30), (9, 9), (3, 14), (25, 25)]]
+    cfg = DistillSpec(loss="fkl", max_steps=4, per_device_train_batch_size=4, learning_rate=3e-3, report_to=[],
+                      logging_steps=1, bf16=False)
+    res = distill(student, tok, records, cfg, tmp_path / "kd", teacher=teacher, cache_root=tmp_path / "cache",
+                  progress=False)
+    assert res.signal["hidden_size"] == 576 and res.signal["bytes_per_token"] == 576 * 2
+    assert res.signal["vocab_size"] == 49152
+    # Hidden states are ~85x smaller than the logits they stand for.
+    assert 49152 * 4 / res.signal["bytes_per_token"] > 80
+    cache = HiddenStateCache(res.signal["path"])
+    assert cache.meta["examples"] == 8
+    import json
+
+    rows = [json.loads(x) for x in (tmp_path / "kd" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and rows[-1]["kd"] < rows[0]["kd"]
