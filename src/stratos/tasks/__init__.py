@@ -22,6 +22,7 @@ from stratos.tasks.base import (
 )
 from stratos.tasks import arithmetic as _arithmetic  # noqa: F401  (registers the tasks)
 from stratos.tasks import jsonl as _jsonl  # noqa: F401
+from stratos.tasks import mahjong as _mahjong  # noqa: F401
 
 __all__ = [
     "TASKS", "Example", "Score", "Split", "Task", "corpus", "get_task", "grade", "messages", "register_task",
