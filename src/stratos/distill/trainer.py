@@ -354,7 +354,7 @@ def train(
                 window = dict.fromkeys(window, 0.0)
                 window["tokens"] = 0
                 bar.update(status=f"loss {last['loss']:.4f}  {last['tokens_per_s']:.0f} tok/s")
-            if done % cfg.save_steps == 0 or done == sched_data.total_steps:
+            if done % cfg.save_steps == 0 or done == end:  # also when stop_after ends this call early
                 save_checkpoint(ckpt_dir, done, student, opt, sched, cfg.save_total_limit)
             bar.advance(1)
     metrics.close()

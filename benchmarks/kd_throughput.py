@@ -1,0 +1,209 @@
+"""KD throughput and memory: the Stratos engine against TRL doing the same off-policy work.
+
+The same teacher (SmolLM2-135M-Instruct), the same student (its 8 evenly spaced layers, ~half
+the parameters), the same data, batch size and sequence length, forward KL over the full
+vocabulary on the response tokens, bf16 autocast where the CPU supports it for both. TRL runs
+its GKD trainer with ``lmbda=0`` (always the dataset's responses: off-policy) and ``beta=0``
+(forward KL) -- the same objective our engine computes.
+
+Each engine runs in its own subprocess, back to back, so peak memory (max RSS) is its own.
+Our engine is measured in both teacher-signal modes:
+  online  the teacher runs its forward pass inside the loop, as TRL's does;
+  cached  the teacher's hidden states were written to disk beforehand (time reported apart):
+          what every epoch after the first, and every later run or student, pays.
+
+    python benchmarks/kd_throughput.py                 # defaults: 24 steps of batch 8
+    python benchmarks/kd_throughput.py --steps 40 --batch-size 8 --seq-len 128
+
+Prints one table; docs/benchmarks.md records a run of it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+TEACHER = "smollm2-135m-instruct"
+STUDENT_LAYERS = 8
+
+
+def make_records(n: int, seq_len: int, seed: int = 0) -> list[dict]:
+    """Prompt/response pairs long enough to fill ``seq_len`` tokens after the chat template."""
+    import random
+
+    rng = random.Random(seed)
+    words = "the tile hand wait pair meld discard ready winning suit honor dragon wind number sequence".split()
+    out = []
+    for _ in range(n):
+        prompt = "Explain: " + " ".join(rng.choice(words) for _ in range(seq_len // 4))
+        response = " ".join(rng.choice(words) for _ in range(seq_len // 2))
+        out.append({"prompt": prompt, "response": response})
+    return out
+
+
+def load_pair():
+    from stratos.models import load
+
+    teacher, tok = load(TEACHER)
+    student, _ = load(TEACHER, config_overrides={"num_hidden_layers": STUDENT_LAYERS})
+    return teacher, student, tok
+
+
+def run_stratos(args: argparse.Namespace, mode: str, workdir: Path) -> dict:
+    import torch
+
+    from stratos.distill import distill
+    from stratos.distill.data import encode
+    from stratos.spec import DistillSpec
+
+    teacher, student, tok = load_pair()
+    records = make_records(args.batch_size * (args.steps + args.warmup), args.seq_len)
+    cfg = DistillSpec(
+        loss="fkl", teacher_signal=mode, max_steps=args.warmup + args.steps, per_device_train_batch_size=args.batch_size,
+        max_length=args.seq_len, learning_rate=1e-5, warmup_ratio=0.0, lr_scheduler_type="constant",
+        save_steps=10_000, logging_steps=1, report_to=[], chunk_size=args.chunk_size, bf16=args.bf16,
+    )
+    cache_seconds = 0.0
+    if mode == "cached":  # build the cache first and time it apart; training then needs no teacher
+        t0 = time.perf_counter()
+        from stratos.distill import _teacher_signal
+
+        examples, _ = encode(records, tok, cfg.max_length)
+        signal, _ = _teacher_signal(teacher, examples, cfg, tok.pad_token_id, workdir / "cache", progress=False)
+        cache_seconds = time.perf_counter() - t0
+        del teacher
+        import gc
+
+        gc.collect()
+        teacher = None
+    else:
+        signal = None
+    # Warm-up steps (allocator, first-call overheads) are run and excluded from the timing.
+    distill(student, tok, records, cfg, workdir / "run", teacher=teacher, signal=signal, cache_root=workdir / "cache",
+            progress=False, stop_after=args.warmup)
+    t0 = time.perf_counter()
+    res = distill(student, tok, records, cfg, workdir / "run", teacher=teacher, signal=signal,
+                  cache_root=workdir / "cache", progress=False)
+    seconds = time.perf_counter() - t0
+    tokens = _tokens(records[args.batch_size * args.warmup :], tok, args.seq_len)
+    return {"seconds": seconds, "tokens": tokens, "cache_seconds": cache_seconds, "steps": res.steps - args.warmup,
+            "threads": torch.get_num_threads()}
+
+
+def run_trl(args: argparse.Namespace, workdir: Path) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+    teacher, student, tok = load_pair()
+    records = make_records(args.batch_size * (args.steps + args.warmup), args.seq_len)
+    ds = Dataset.from_list([{"messages": [{"role": "user", "content": r["prompt"]},
+                                          {"role": "assistant", "content": r["response"]}]} for r in records])
+    times: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, *a, **k):
+            times.append(time.perf_counter())
+
+    cfg = GKDConfig(
+        output_dir=str(workdir / "trl"), lmbda=0.0, beta=0.0, seq_kd=False, temperature=1.0,
+        per_device_train_batch_size=args.batch_size, max_steps=args.warmup + args.steps, max_length=args.seq_len,
+        learning_rate=1e-5, lr_scheduler_type="constant", warmup_steps=0, logging_steps=1, save_strategy="no",
+        report_to=[], bf16=bool(args.bf16), gradient_checkpointing=False, use_cpu=True, dataloader_num_workers=0,
+        seed=0, disable_tqdm=True,
+    )
+    trainer = GKDTrainer(model=student, teacher_model=teacher, args=cfg, train_dataset=ds, processing_class=tok,
+                         callbacks=[Clock()])
+    t_start = time.perf_counter()
+    trainer.train()
+    start = times[args.warmup - 1] if args.warmup else t_start
+    seconds = times[-1] - start
+    tokens = _tokens(records[args.batch_size * args.warmup :], tok, args.seq_len)
+    return {"seconds": seconds, "tokens": tokens, "cache_seconds": 0.0, "steps": len(times) - args.warmup,
+            "threads": torch.get_num_threads()}
+
+
+def _tokens(records: list[dict], tok, seq_len: int) -> int:
+    """Non-padding tokens the student processes (prompt + response, truncated like both engines do)."""
+    from stratos.distill.data import encode
+
+    examples, _ = encode(records, tok, seq_len)
+    return sum(len(e.input_ids) for e in examples)
+
+
+def child(args: argparse.Namespace) -> None:
+    with tempfile.TemporaryDirectory(prefix="kd-bench-") as tmp:
+        if args.engine == "trl":
+            out = run_trl(args, Path(tmp))
+        else:
+            out = run_stratos(args, args.engine.split("-")[1], Path(tmp))
+    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print("RESULT " + json.dumps(out), flush=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=24, help="timed optimizer steps per engine")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--chunk-size", type=int, default=256)
+    p.add_argument("--bf16", type=int, default=1, help="1: bf16 autocast for both engines, 0: fp32")
+    p.add_argument("--engines", default="trl,stratos-online,stratos-cached")
+    p.add_argument("--engine", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.engine:
+        return child(args)
+
+    from stratos.models import load
+
+    load(TEACHER, with_tokenizer=False)  # download/convert once, outside the timings
+    results = {}
+    for engine in args.engines.split(","):
+        cmd = [sys.executable, __file__, "--engine", engine] + [
+            f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("engine", "engines")
+        ]
+        print(f"running {engine} ...", file=sys.stderr, flush=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+        line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+        if proc.returncode != 0 or line is None:
+            print(proc.stderr[-3000:], file=sys.stderr)
+            raise SystemExit(f"{engine} failed")
+        results[engine] = json.loads(line[len("RESULT "):])
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from stratos.models import load_tokenizer
+
+    d, v = 576, len(load_tokenizer(TEACHER))
+    base = results.get("trl")
+    table = Table(title=f"Off-policy KD, teacher SmolLM2-135M -> {STUDENT_LAYERS}-layer student, batch "
+                        f"{args.batch_size} x {args.seq_len} tokens, {args.steps} timed steps, bf16={bool(args.bf16)}")
+    for col in ("engine", "tokens/s", "vs TRL", "peak RSS (MB)", "vs TRL", "teacher signal", "cache build (s)"):
+        table.add_column(col, justify="right" if col != "engine" else "left")
+    for engine, r in results.items():
+        tps = r["tokens"] / r["seconds"]
+        sig = {"trl": f"logits, {v * 4:,} B/token", "stratos-online": f"hidden, {d * 4:,} B/token (in memory)",
+               "stratos-cached": f"hidden, {d * 2:,} B/token (bf16 on disk)"}[engine]
+        table.add_row(
+            engine, f"{tps:,.0f}", f"{tps / (base['tokens'] / base['seconds']):.2f}x" if base else "-",
+            f"{r['peak_rss_mb']:,.0f}", f"{r['peak_rss_mb'] / base['peak_rss_mb']:.2f}x" if base else "-", sig,
+            f"{r['cache_seconds']:.1f}" if r["cache_seconds"] else "-",
+        )
+    Console().print(table)
+    print(f"teacher signal per token: full logits {v * 4:,} B (fp32) vs hidden states {d * 2:,} B (bf16): "
+          f"{v * 4 / (d * 2):.0f}x smaller")
+    print(json.dumps({"args": vars(args), "results": results}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""The spec: valid files load; every problem in a bad one is one clear line with its field path."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from stratos.spec import SpecError, load_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+
+GOOD = """\
+name: demo
+task:
+  name: arithmetic
+  train_size: 100
+teachers:
+  - model: smollm2-135m-instruct
+students:
+  - model: smollm2-135m-instruct
+    config_overrides: {num_hidden_layers: 4}
+distill:
+  loss: jsd
+  loss_kwargs: {beta: 0.3}
+  lora: {r: 8}
+"""
+
+BAD = """\
+name: demo
+task:
+  name: arithmetic
+  train_size: -5
+teachers:
+  - model: smollm2-135m-instruct
+    backend: openai
+students:
+  - model: x
+    colour: blue
+distill:
+  loss: nope
+  learning_rate: fast
+  kd_ratio: 1.5
+"""
+
+
+def run_cli(*args):
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    return subprocess.run([sys.executable, "-m", "stratos.cli", *args], capture_output=True, text=True, env=env)
+
+
+def test_good_spec_loads_with_defaults(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text(GOOD)
+    spec = load_spec(path)
+    assert spec.distill.loss == "jsd" and spec.distill.lora.r == 8 and spec.distill.lora.alpha == 32
+    assert spec.distill.teacher_signal == "cached"  # a default, from the one place defaults live
+    assert spec.task.eval_size == 200
+    res = run_cli("validate", str(path))
+    assert res.returncode == 0, res.stderr
+
+
+def test_every_problem_is_one_line_naming_field_and_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(BAD)
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    problems = info.value.problems
+    expected = {
+        "line 4: task.train_size": "greater than 0",
+        "line 6: teachers[0]": "base_url",
+        "line 10: students[0].colour": "unknown key",
+        "line 12: distill.loss": "unknown loss 'nope'",
+        "line 13: distill.learning_rate": "valid number",
+        "line 14: distill.kd_ratio": "less than or equal to 1",
+    }
+    assert len(problems) == len(expected), problems
+    for prefix, reason in expected.items():
+        assert any(p.startswith(prefix) and reason in p for p in problems), (prefix, problems)
+
+    res = run_cli("validate", str(path))
+    assert res.returncode == 2
+    assert "Traceback" not in res.stderr
+    lines = [x for x in res.stderr.splitlines() if x.strip()]
+    assert len(lines) == len(expected)
+    assert all(str(path) in x for x in lines)
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("task: [unclosed", "invalid YAML"),
+    ("- just\n- a list\n", "must be a mapping"),
+    ("name: x\n", "task: required field is missing"),
+])
+def test_unusable_files(tmp_path, text, needle):
+    path = tmp_path / "s.yaml"
+    path.write_text(text)
+    res = run_cli("validate", str(path))
+    assert res.returncode == 2 and needle in res.stderr and "Traceback" not in res.stderr
+
+
+def test_missing_file_is_a_clear_error(tmp_path):
+    res = run_cli("validate", str(tmp_path / "nope.yaml"))
+    assert res.returncode == 2 and "cannot read file" in res.stderr
+
+
+def test_examples_in_the_repo_are_valid():
+    for path in sorted((ROOT / "examples").glob("*.yaml")):
+        load_spec(path)
+
+
+def test_relative_task_path_is_relative_to_the_spec(tmp_path):
+    (tmp_path / "sub").mkdir()
+    path = tmp_path / "sub" / "s.yaml"
+    path.write_text("task: {name: jsonl, path: data.jsonl}\nteachers: [{model: a}]\nstudents: [{model: b}]\n")
+    assert load_spec(path).task.path == tmp_path / "sub" / "data.jsonl"
