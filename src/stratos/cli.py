@@ -317,6 +317,116 @@ def deploy(
                   highlight=False)
 
 
+@app.command()
+def plan(
+    spec: Path = typer.Argument(..., help="Pipeline spec (YAML): task, constraints, teachers, students, plan section."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default runs/<spec name>/plan)."),
+    objective: Optional[str] = typer.Option(None, help="balanced, accuracy-first or cost-first (default: the spec's)."),
+    pilot: Optional[bool] = typer.Option(None, "--pilot/--no-pilot", help="Short real pilot distillations for student accuracy."),
+    limit: int = typer.Option(15, help="Pareto rows to print."),
+) -> None:
+    """Probe the teachers, model every stage's cost on every server, and pick a Pareto-optimal plan (writes plan.json)."""
+    from pydantic import ValidationError
+
+    from stratos.io import DataError
+    from stratos.plan import NoFeasiblePlan, make_plan
+    from stratos.plan.catalog import CatalogError
+    from stratos.plan.render import pareto_table, stages_table
+    from stratos.spec import format_validation_error
+
+    s = _spec_or_fail(spec)
+    try:
+        if objective is not None:
+            s.plan.objective = objective
+        if pilot is not None:
+            s.plan.pilot = pilot
+    except ValidationError as e:
+        fail(format_validation_error(e))
+    out = out or Path("runs") / s.name / "plan"
+    try:
+        result, _ = make_plan(s, out, progress=True)
+    except NoFeasiblePlan as e:
+        fail(str(e).splitlines(), code=1)
+    except (CatalogError, DataError, KeyError, FileNotFoundError, ValueError) as e:
+        fail(str(e).strip('"'))
+    view = Console()
+    view.print(pareto_table(result, limit=limit))
+    view.print(stages_table(result))
+    view.print(f"[bold]strategy:[/bold] {result.strategy.kind} (loss {result.strategy.loss}, kd_ratio "
+               f"{result.strategy.kd_ratio:g}, on-policy {result.strategy.on_policy}, {result.strategy.data_size} examples "
+               f"x {result.strategy.epochs:g} epochs)", highlight=False)
+    for line in result.reasons:
+        view.print(f"  - {line}", highlight=False)
+    console.print(f"[green]wrote[/green] {out / 'plan.json'}, {out / 'plan.png'}, {out / 'candidates.csv'}", highlight=False)
+
+
+@app.command()
+def servers(
+    spec: Optional[Path] = typer.Argument(None, help="Pipeline spec: its plan.catalog, catalog_mode and local price apply."),
+    catalog: Optional[Path] = typer.Option(None, "--catalog", help="Your catalog CSV (added to the shipped one)."),
+    replace: bool = typer.Option(False, "--replace", help="Use only --catalog rows (plus the local machine)."),
+    provider: Optional[str] = typer.Option(None, help="Only this provider (aws, gcp, azure, lambda, runpod, coreweave, local)."),
+    gpu: Optional[str] = typer.Option(None, help="Only GPUs whose model contains this, e.g. H100."),
+    min_memory: Optional[float] = typer.Option(None, help="At least this much GPU memory in all, GB."),
+    max_price: Optional[float] = typer.Option(None, help="At most this on-demand $/hour."),
+    sort: str = typer.Option("price", help="Sort by: price, name, memory, tflops."),
+    csv_out: Optional[Path] = typer.Option(None, "--csv", help="Write the listed rows as a catalog CSV (a start for your own)."),
+    sources: bool = typer.Option(False, "--sources", help="Show each row's interconnect and source."),
+) -> None:
+    """List the server catalog (datasheet figures and list prices, approximate) as a table, filtered."""
+    from stratos.plan.calibration import load_calibration
+    from stratos.plan.catalog import CatalogError, filter_servers, load_catalog, write_catalog
+    from stratos.plan.render import servers_table
+
+    mode, price = ("replace" if replace else "add"), 0.0
+    if spec is not None:
+        s = _spec_or_fail(spec)
+        catalog = catalog or s.plan.catalog
+        mode = "replace" if replace else s.plan.catalog_mode
+        price = s.plan.local_price_per_hour
+    keys = {"price": lambda r: r.on_demand_usd_hr, "name": lambda r: r.name,
+            "memory": lambda r: -r.gpu_memory_gb * r.gpu_count, "tflops": lambda r: -r.bf16_tflops * r.gpu_count}
+    if sort not in keys:
+        fail(f"--sort {sort!r}: use one of {', '.join(keys)}")
+    try:
+        rows = load_catalog(catalog, mode=mode, local_price=price, calibration=load_calibration())
+    except CatalogError as e:
+        fail(str(e))
+    rows = sorted(filter_servers(rows, provider=provider, gpu=gpu, min_memory_gb=min_memory, max_price=max_price),
+                  key=keys[sort])
+    if not rows:
+        fail("no server matches the filters", code=1)
+    Console(width=max(100, Console().width)).print(servers_table(rows, sources=sources))  # never cut numbers
+    if csv_out:
+        write_catalog(csv_out, rows)
+        console.print(f"[green]wrote[/green] {csv_out}", highlight=False)
+
+
+@app.command()
+def profile(
+    quick: bool = typer.Option(False, "--quick", help="One model size and shorter timings (~5 s instead of ~20 s)."),
+) -> None:
+    """Measure this machine (matmul FLOP/s, memory bandwidth, train/forward/decode steps) and calibrate the cost model."""
+    from rich.table import Table
+
+    from stratos.plan.calibration import calibration_path, run_profile
+
+    r = run_profile(quick=quick, progress=True)
+    e = r["efficiency"]
+    view = Console()
+    view.print(f"{r['machine']}, {r['threads']} threads, {r['dtype']}: peak {r['peak_flops'] / 1e9:,.1f} GFLOP/s, "
+               f"bandwidth {r['bandwidth'] / 1e9:,.1f} GB/s; efficiency train {e['train']:.2f}, forward "
+               f"{e['forward']:.2f}, decode {e['decode']:.2f}, n_half {e['n_half']:,.0f} params", highlight=False)
+    table = Table(title="cost model before this calibration: predicted vs measured")
+    for col in ("stage", "params", "predicted s", "measured s", "error"):
+        table.add_column(col, justify="left" if col == "stage" else "right")
+    for c in r["checks"]:
+        table.add_row(c["stage"], f"{c['params'] / 1e6:.1f}M", f"{c['predicted_s']:.4f}", f"{c['measured_s']:.4f}",
+                      f"{c['error']:+.0%}")
+    view.print(table)
+    console.print(f"[green]wrote[/green] {calibration_path()}", highlight=False)
+
+
 @app.command("bench-serve")
 def bench_serve_cmd(
     url: str = typer.Argument(..., help="Server root or its /v1, e.g. http://127.0.0.1:8000."),

@@ -362,4 +362,6 @@ def load_spec(path: str | Path) -> Spec:
     # Relative data paths are relative to the spec file, as a user reading the YAML expects.
     if spec.task.path is not None and not spec.task.path.is_absolute():
         spec.task.path = (path.parent / spec.task.path).resolve()
+    if spec.plan.catalog is not None and not spec.plan.catalog.is_absolute():
+        spec.plan.catalog = (path.parent / spec.plan.catalog).resolve()
     return spec

@@ -1,0 +1,270 @@
+"""Calibrating the cost model by measurement.
+
+``profile`` times a few short real runs on the local machine (a big matmul, a memory copy, a few
+training steps, forward passes and KV-cache decoding of a small Llama) and derives the peak
+FLOP/s, the bandwidth and the efficiency factors the cost model uses for the ``local`` offering.
+It stores them in ``<cache>/plan/calibration.json``.
+
+Every run can also ``record_stage`` the predicted and the measured time of a stage; the records
+(``<cache>/plan/measurements.jsonl``) make the model's error visible, and ``corrections`` turns them
+into per-stage factors (median measured/predicted) that later plans apply.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import statistics
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from stratos.plan.costmodel import CPU_DEFAULT, GPU_DEFAULT, Efficiency, ModelShape
+
+CORRECTION_WINDOW = 20  # most recent records per (server, stage) used for a correction
+
+
+def plan_cache() -> Path:
+    from stratos.models import cache_dir
+
+    return cache_dir() / "plan"
+
+
+def calibration_path() -> Path:
+    return plan_cache() / "calibration.json"
+
+
+def measurements_path() -> Path:
+    return plan_cache() / "measurements.jsonl"
+
+
+def load_calibration(path: str | Path | None = None) -> dict[str, Any]:
+    """The stored calibration, or {} when ``stratos profile`` has not been run (or the file is unreadable)."""
+    p = Path(path) if path else calibration_path()
+    try:
+        return json.loads(p.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def local_efficiency(cal: dict[str, Any], has_gpu: bool = False) -> Efficiency:
+    if "efficiency" in cal:
+        e = cal["efficiency"]
+        return Efficiency(train=e["train"], forward=e["forward"], decode=e["decode"], n_half=e["n_half"],
+                          source=f"calibrated by stratos profile on {cal.get('measured_at', '?')[:10]}")
+    return GPU_DEFAULT if has_gpu else CPU_DEFAULT
+
+
+# --------------------------------------------------------------------------- measurement records
+
+
+def record_stage(stage: str, server: str, predicted_s: float, measured_s: float, *,
+                 run_dir: str | Path | None = None, note: str = "") -> dict[str, Any]:
+    """Append one predicted-vs-measured record to the cache (and to ``run_dir/plan-measurements.jsonl``)."""
+    rec = {
+        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "stage": stage, "server": server,
+        "predicted_s": predicted_s, "measured_s": measured_s,
+        "ratio": measured_s / predicted_s if predicted_s > 0 else None, "note": note,
+    }
+    paths = [measurements_path()] + ([Path(run_dir) / "plan-measurements.jsonl"] if run_dir else [])
+    for p in paths:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        with open(p, "a", encoding="utf-8") as fh:  # append-only log: one line per record
+            fh.write(json.dumps(rec) + "\n")
+    return rec
+
+
+def read_measurements(path: str | Path | None = None) -> list[dict[str, Any]]:
+    p = Path(path) if path else measurements_path()
+    out = []
+    try:
+        lines = p.read_text().splitlines()
+    except OSError:
+        return []
+    for line in lines:
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue  # a torn line from a crash; the rest is still good
+    return out
+
+
+def corrections(server: str, records: list[dict[str, Any]] | None = None) -> dict[str, float]:
+    """Per stage: the median measured/predicted ratio of the latest records on ``server``."""
+    by_stage: dict[str, list[float]] = {}
+    for r in records if records is not None else read_measurements():
+        if r.get("server") == server and r.get("ratio"):
+            by_stage.setdefault(r["stage"], []).append(float(r["ratio"]))
+    return {stage: statistics.median(v[-CORRECTION_WINDOW:]) for stage, v in by_stage.items()}
+
+
+# --------------------------------------------------------------------------- profiling
+
+
+def _timed(fn, min_seconds: float, min_reps: int = 2) -> float:
+    """Seconds per call of ``fn``: one warm-up call, then repeats until ``min_seconds`` have passed."""
+    fn()
+    reps, t0 = 0, time.perf_counter()
+    while reps < min_reps or time.perf_counter() - t0 < min_seconds:
+        fn()
+        reps += 1
+    return (time.perf_counter() - t0) / reps
+
+
+def _small_llama(hidden: int, layers: int, vocab: int = 2048):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=max(1, hidden // 64),
+                      num_key_value_heads=max(1, hidden // 128), intermediate_size=4 * hidden, max_position_embeddings=1024,
+                      tie_word_embeddings=True)
+    return LlamaForCausalLM(cfg)
+
+
+def _shape(model, dtype_bytes: float) -> ModelShape:
+    c = model.config
+    return ModelShape(name="profile", params=float(sum(p.numel() for p in model.parameters())), hidden=c.hidden_size,
+                      layers=c.num_hidden_layers, vocab=c.vocab_size,
+                      kv_dim=c.num_key_value_heads * (c.hidden_size // c.num_attention_heads), bytes_per_param=dtype_bytes)
+
+
+def _measure_model(model, *, bf16: bool, batch: int, seq: int, decode_steps: int, seconds: float) -> dict[str, float]:
+    """Seconds per training step, per forward pass and per decoding step of one small model."""
+    import torch
+
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def autocast():
+        return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+    def train_step():
+        with autocast():
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def forward():
+        with torch.no_grad(), autocast():
+            model(input_ids=ids)
+
+    prompt = ids[:1, :16]
+
+    def decode():
+        # Greedy decoding with the KV cache, batch 1: the regime of serving latency.
+        with torch.no_grad(), autocast():
+            out = model(input_ids=prompt, use_cache=True)
+            past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            for _ in range(decode_steps):
+                out = model(input_ids=tok, past_key_values=past, use_cache=True)
+                past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+
+    model.train()
+    t_train = _timed(train_step, seconds)
+    model.eval()
+    t_fwd = _timed(forward, seconds / 2)
+    t_dec = _timed(decode, seconds / 2) / (decode_steps + 1)
+    return {"train_step_s": t_train, "forward_s": t_fwd, "decode_step_s": t_dec, "tokens": batch * seq}
+
+
+def _fit_n_half(points: list[tuple[float, float]], default: float) -> float:
+    """Fit eff(N) = e * N / (N + h) through two (N, eff) points; the default when they don't allow it."""
+    if len(points) < 2:
+        return default
+    (n1, f1), (n2, f2) = points[0], points[-1]
+    # f1 (n1 + h) / n1 = f2 (n2 + h) / n2  ->  h = (f2 - f1) / (f1 / n1 - f2 / n2)
+    denom = f1 / n1 - f2 / n2
+    if denom <= 0:
+        return default
+    h = (f2 - f1) / denom
+    return float(min(max(h, 0.0), 1e10))
+
+
+def run_profile(*, quick: bool = False, progress: bool = True, out: str | Path | None = None) -> dict[str, Any]:
+    """Measure this machine and store the calibration. Returns it, with a ``checks`` list of
+    predicted (with the previous calibration or defaults) vs measured times per stage."""
+    import torch
+
+    from stratos.distill.trainer import bf16_supported
+    from stratos.io import write_json
+    from stratos.plan.catalog import local_server
+    from stratos.plan.costmodel import decode_step_seconds, forward_seconds, train_seconds
+    from stratos.progress import progress_bar
+
+    seconds = 0.3 if quick else 1.0
+    device = torch.device("cpu")
+    bf16 = bf16_supported(device)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    previous = load_calibration(out)
+    prev_server = local_server(0.0, previous)
+    prev_eff = local_efficiency(previous)
+    sizes = [(256, 4)] if quick else [(128, 2), (384, 6)]
+    steps = 2 + len(sizes)
+    results: dict[str, Any] = {}
+    with progress_bar("profiling", steps, enabled=progress) as bar:
+        # Peak: the faster of fp32 and bf16 matmul (bf16 autocast leaves some ops in fp32, and CPUs
+        # without bf16 units run bf16 slower than fp32).
+        n, peak = 1024, 0.0
+        for dt in {torch.float32, dtype}:
+            a, b = torch.randn(n, n, dtype=dt), torch.randn(n, n, dtype=dt)
+            peak = max(peak, 2 * n**3 / _timed(lambda: a @ b, seconds / 2))
+        bar.advance()
+        x = torch.empty(32 * 2**20, dtype=torch.float32)  # 128 MiB: well beyond any cache
+        y = torch.empty_like(x)
+        bandwidth = 2 * x.numel() * 4 / _timed(lambda: y.copy_(x), seconds)
+        del x, y
+        bar.advance()
+        models = []
+        for hidden, layers in sizes:
+            model = _small_llama(hidden, layers)
+            m = _measure_model(model, bf16=bf16, batch=4, seq=128, decode_steps=16, seconds=seconds)
+            models.append((_shape(model, 2.0 if bf16 else 4.0), m))
+            del model
+            bar.advance()
+    cal_server = local_server(0.0, {"peak_flops": peak, "bandwidth": bandwidth})
+    train_pts, fwd_pts, dec_pts, checks = [], [], [], []
+    for shape, m in models:
+        tok = m["tokens"]
+        train_pts.append((shape.params, 6 * shape.params * tok / m["train_step_s"] / peak))
+        fwd_pts.append((shape.params, 2 * shape.params * tok / m["forward_s"] / peak))
+        moved = shape.params * shape.bytes_per_param + 80 * shape.kv_bytes_per_token(shape.bytes_per_param)
+        dec_pts.append((shape, moved, m["decode_step_s"]))
+        # What the model predicted for these measurements before this calibration.
+        for stage, predicted, measured in (
+            ("train", train_seconds(shape, tok, prev_server, prev_eff), m["train_step_s"]),
+            ("forward", forward_seconds(shape, tok, prev_server, prev_eff), m["forward_s"]),
+            ("decode", decode_step_seconds(shape, 1, 80, prev_server, prev_eff), m["decode_step_s"]),
+        ):
+            checks.append({"stage": stage, "params": shape.params, "predicted_s": predicted, "measured_s": measured,
+                           "error": predicted / measured - 1})
+    n_half = _fit_n_half(train_pts, CPU_DEFAULT.n_half)
+
+    def eff_max(points):
+        # Undo the small-model penalty at each measured size; average over sizes.
+        return statistics.mean(min(1.0, f * (p + n_half) / p) for p, f in points)
+
+    # Decoding moves the weights, the KV cache and the fixed overhead (n_half parameters' worth of bytes).
+    decode_eff = statistics.mean(min(1.0, (moved + n_half * sh.bytes_per_param) / bandwidth / t)
+                                 for sh, moved, t in dec_pts)
+    results = {
+        "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+        "threads": torch.get_num_threads(),
+        "dtype": str(dtype).removeprefix("torch."),
+        "peak_flops": peak,
+        "bandwidth": bandwidth,
+        "memory_gb": cal_server.gpu_memory_gb,
+        "efficiency": {"train": eff_max(train_pts), "forward": eff_max(fwd_pts), "decode": decode_eff, "n_half": n_half},
+        "models": [{"params": s.params, **m} for s, m in models],
+        "checks": checks,
+    }
+    path = Path(out) if out else calibration_path()
+    write_json(path, results)
+    for c in checks:
+        record_stage(f"profile-{c['stage']}", "local", c["predicted_s"], c["measured_s"], note=f"{c['params']:.0f} params")
+    return results

@@ -1,0 +1,63 @@
+"""Teacher-student matching: which kind of distillation a pair allows, and how far apart they are."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from stratos.plan.costmodel import ModelShape
+
+# An API teacher of unknown size is assumed this large (a frontier-class model) for the capacity ratio.
+ASSUMED_API_PARAMS = 1e11
+
+
+@dataclass
+class Match:
+    teacher: str
+    student: str
+    mode: str  # 'logit' (white-box, shared vocabulary), 'topk' (API log-probs), 'text' (outputs only)
+    capacity_ratio: float
+    reasons: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def match(teacher: ModelShape, student: ModelShape) -> Match:
+    """Decide the signal a teacher can give a student, and explain it."""
+    reasons = []
+    t_params = teacher.params or ASSUMED_API_PARAMS
+    if teacher.api:
+        mode = "topk"
+        reasons.append(f"{teacher.name} is an API teacher: only its text and top-k log-probs are available, "
+                       "so the student learns from its outputs and their top-k distributions")
+        if not teacher.params:
+            reasons.append(f"its size is unknown; assumed {ASSUMED_API_PARAMS / 1e9:.0f}B parameters "
+                           "(set plan.api_prices.<teacher>.params_b)")
+    elif teacher.tokenizer and teacher.tokenizer == student.tokenizer:
+        mode = "logit"
+        reasons.append(f"{teacher.name} and {student.name} share a tokenizer: white-box logit KD over the "
+                       "full vocabulary is possible (teacher hidden states, exact logits recomputed)")
+    else:
+        mode = "text"
+        reasons.append(f"{teacher.name} and {student.name} use different tokenizers: token-level logits don't "
+                       "line up, so the student is trained on the teacher's text (sequence-level KD)")
+    ratio = t_params / max(1.0, student.params)
+    reasons.append(f"capacity ratio {ratio:,.1f}x ({_human(t_params)} / {_human(student.params)} parameters)"
+                   + ("; a gap this large favours mode-seeking losses" if ratio >= 10 else ""))
+    return Match(teacher.name, student.name, mode, ratio, reasons)
+
+
+def _human(n: float) -> str:
+    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= div:
+            return f"{n / div:.3g}{unit}"
+    return f"{n:.0f}"
+
+
+def capacity_retention(ratio: float) -> float:
+    """Prior share of a teacher's task accuracy a student keeps, falling with log of the size gap:
+    1x -> 1.0, 10x -> 0.9, 100x -> 0.8, 1000x -> 0.7 (floored at 0.4). A prior, not a law: pilots
+    replace it when ``plan.pilot`` is on."""
+    return max(0.4, min(1.0, 1.0 - 0.1 * math.log10(max(1.0, ratio))))

@@ -1,0 +1,111 @@
+"""Short pilot distillations: measure a student's learning curve for a few hundred steps and
+extrapolate it to the planned length of training."""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+PILOT_POINTS = 3  # evaluations along the pilot (a curve needs more than one)
+PILOT_BATCH = 8
+
+
+@dataclass
+class PilotResult:
+    steps: list[int]
+    accuracy: list[float]
+    planned_steps: int
+    predicted: float
+    seconds: float
+    tokens_per_s: float
+    train_tokens: int
+    loss: str
+    kd_ratio: float
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def reason(self) -> str:
+        pts = ", ".join(f"{a:.0%}@{s}" for s, a in zip(self.steps, self.accuracy))
+        return (f"pilot: {self.loss} (kd_ratio {self.kd_ratio:g}) measured {pts} steps; log-linear extrapolation to "
+                f"{self.planned_steps} steps = {self.predicted:.0%}")
+
+
+def extrapolate(steps: list[int], accuracy: list[float], target_steps: int) -> float:
+    """Fit accuracy = a + b ln(step) by least squares and read it at ``target_steps``.
+
+    Learning curves of this length are close to linear in log-steps; the result is clamped to
+    [last measured, 1] so a noisy dip never predicts forgetting and no fit predicts over 100%."""
+    xs = [math.log(max(1, s)) for s in steps]
+    mx, my = sum(xs) / len(xs), sum(accuracy) / len(accuracy)
+    var = sum((x - mx) ** 2 for x in xs)
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, accuracy)) / var if var > 0 else 0.0
+    a = my - b * mx
+    pred = a + b * math.log(max(1, target_steps))
+    return min(1.0, max(accuracy[-1], pred))
+
+
+def run_pilot(
+    student_spec: Any,
+    task: Any,
+    strategy: Any,
+    *,
+    steps: int,
+    eval_examples: list[Any],
+    teacher: tuple[Any, Any] | None = None,
+    learning_rate: float = 5e-4,
+    max_length: int = 512,
+    max_new_tokens: int = 64,
+    seed: int = 0,
+    work_dir: str | Path | None = None,
+    student: tuple[Any, Any] | None = None,
+) -> PilotResult:
+    """Train ``student_spec`` for ``steps`` steps on the task's checked data (with the strategy's loss
+    when ``teacher`` = (model, tokenizer) is given and shares the vocabulary, else SFT), evaluating
+    ``PILOT_POINTS`` times, and extrapolate to the strategy's planned steps."""
+    from stratos.distill import distill
+    from stratos.evaluate import evaluate
+    from stratos.spec import DistillSpec
+    from stratos.tasks import to_records
+
+    if student is None:
+        from stratos.models import load
+
+        student = load(student_spec.model, dtype=student_spec.dtype, trust_remote_code=student_spec.trust_remote_code,
+                       config_overrides=student_spec.config_overrides, init=student_spec.init)
+    model, tok = student
+    n_train = min(strategy.data_size, steps * PILOT_BATCH)
+    records = to_records(task, task.examples("train", n_train, seed=seed), rules=strategy.rules_in_prompt)
+    use_kd = teacher is not None and strategy.kd_ratio > 0 and strategy.loss != "ce"
+    seg = max(1, steps // PILOT_POINTS)
+    cfg = DistillSpec(
+        loss=strategy.loss if use_kd else "ce", kd_ratio=strategy.kd_ratio if use_kd else 0.0, max_steps=seg * PILOT_POINTS,
+        save_steps=seg, logging_steps=seg, per_device_train_batch_size=PILOT_BATCH, learning_rate=learning_rate,
+        max_length=max_length, report_to=[], teacher_signal="online", seed=seed, lr_scheduler_type="constant",
+        warmup_ratio=0.0,
+    )
+    notes = [] if use_kd else ["SFT on oracle-checked answers (no white-box teacher signal for this pair)"]
+    done, accs, seconds = [], [], 0.0
+    with tempfile.TemporaryDirectory(prefix="stratos-pilot-", dir=work_dir) as tmp:
+        for k in range(PILOT_POINTS):
+            t0 = time.perf_counter()
+            res = distill(model, tok, records, cfg, tmp, teacher=teacher[0] if use_kd else None,
+                          teacher_tokenizer=teacher[1] if use_kd else None, resume=True, progress=False, stop_after=seg)
+            seconds += time.perf_counter() - t0
+            r = evaluate(model, tok, task, eval_examples, batch_size=16, max_new_tokens=max_new_tokens,
+                         rules=strategy.rules_in_prompt)
+            done.append(res.steps)
+            accs.append(r.accuracy)
+    # Tokens through the model (prompt and response), what the cost model's 6N-per-token counts.
+    sample = records[:50]
+    mean_len = sum(len(tok(r["prompt"] + r["response"])["input_ids"]) + 8 for r in sample) / len(sample)
+    tokens = int(done[-1] * PILOT_BATCH * mean_len)
+    planned = max(1, math.ceil(strategy.data_size * strategy.epochs / PILOT_BATCH))
+    pred = extrapolate(done, accs, planned)
+    return PilotResult(done, accs, planned, pred, seconds, tokens / seconds if seconds else 0.0, tokens, cfg.loss,
+                       cfg.kd_ratio, notes)

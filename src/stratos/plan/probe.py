@@ -1,0 +1,158 @@
+"""Measuring what the planner cannot know from a datasheet: how good each teacher is on the task,
+how fast it answers, and how long the task's prompts and answers are.
+
+``probe_teacher`` is the one function that runs models; everything downstream (strategy, accuracy
+priors, Pareto selection) takes its ``TeacherProbe`` numbers, so it can be tested with given ones.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import statistics
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from typing import Any
+
+
+@dataclass
+class TeacherProbe:
+    teacher: str
+    n: int
+    accuracy: float  # zero-shot
+    accuracy_rules: float | None  # with the task's rules in the prompt (None: not probed)
+    latency_s: float  # per example (local: batched wall time / n; API: mean request latency)
+    tokens_per_s: float = 0.0
+    seconds: float = 0.0  # wall time of the whole probe
+    source: str = "measured"  # 'measured' or 'given'
+
+    @property
+    def best(self) -> float:
+        return max(self.accuracy, self.accuracy_rules or 0.0)
+
+    @property
+    def rules_help(self) -> float:
+        return (self.accuracy_rules or 0.0) - self.accuracy if self.accuracy_rules is not None else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TeacherProbe":
+        return cls(**d)
+
+
+@dataclass
+class TaskProfile:
+    """How big and how hard a task is, as the strategy and the cost model see it."""
+
+    name: str
+    prompt_tokens: float
+    answer_tokens: float
+    rationale_tokens: float
+    reasoning_steps: float
+    verifier: bool  # answers can be checked automatically
+    oracle: bool  # new questions with known answers can be made (reverse synthesis)
+    train_size: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def has_oracle(task: Any) -> bool:
+    """File-backed tasks (jsonl) hold a fixed set of questions; generated ones can make more."""
+    own = getattr(task, "oracle", None)
+    if isinstance(own, bool):
+        return own
+    return task.name.partition(":")[0] != "jsonl"
+
+
+def _steps(rationale: str) -> int:
+    """Reasoning steps in a worked answer: its non-empty lines or sentences, the answer line excluded."""
+    parts = [p for p in re.split(r"\n+|(?<=[.;])\s+", rationale.strip()) if p.strip()]
+    return max(0, len(parts) - 1)
+
+
+def profile_task(task: Any, *, train_size: int, tokenizer: Any = None, n: int = 20, seed: int = 0) -> TaskProfile:
+    """Measure prompt, answer and rationale lengths on ``n`` train examples (tokens with ``tokenizer``,
+    else characters / 4, the usual English average)."""
+    examples = task.examples("train", n, seed=seed)
+
+    def count(text: str) -> float:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"]) if tokenizer is not None else len(text) / 4
+
+    prompts = [count(task.prompt(ex)) for ex in examples]
+    answers = [count(task.target(ex)) for ex in examples]
+    rationales = [task.target(ex, rationale=True) for ex in examples]
+    return TaskProfile(
+        name=task.name,
+        prompt_tokens=statistics.mean(prompts),
+        answer_tokens=statistics.mean(answers),
+        rationale_tokens=statistics.mean(count(r) for r in rationales),
+        reasoning_steps=statistics.mean(_steps(r) for r in rationales),
+        verifier=callable(getattr(task, "score", None)),
+        oracle=has_oracle(task),
+        train_size=train_size,
+    )
+
+
+def openai_generate_fn(model: str, base_url: str, api_key_env: str | None, *, concurrency: int = 8,
+                       latencies: list[float] | None = None):
+    """A ``generate_fn`` for the evaluator that asks an OpenAI-compatible endpoint, recording each
+    request's latency in ``latencies``."""
+    from openai import OpenAI
+
+    from stratos.models.generate import Generation
+
+    key = os.environ.get(api_key_env, "") if api_key_env else os.environ.get("OPENAI_API_KEY", "none")
+    client = OpenAI(base_url=base_url, api_key=key or "none")
+
+    def one(prompt: Any, max_new_tokens: int) -> Generation:
+        msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        t0 = time.perf_counter()
+        r = client.chat.completions.create(model=model, messages=msgs, max_tokens=max_new_tokens, temperature=0.0)
+        if latencies is not None:
+            latencies.append(time.perf_counter() - t0)
+        choice = r.choices[0]
+        used = r.usage.completion_tokens if r.usage else len((choice.message.content or "").split())
+        return Generation(choice.message.content or "", used, "length" if choice.finish_reason == "length" else "stop")
+
+    def fn(prompts: Sequence[Any], *, max_new_tokens: int, batch_size: int) -> list[Any]:
+        with ThreadPoolExecutor(max_workers=concurrency) as pool:
+            return list(pool.map(lambda p: one(p, max_new_tokens), prompts))
+
+    return fn
+
+
+def probe_teacher(teacher: Any, task: Any, examples: Sequence[Any], *, rules: bool = True, batch_size: int = 16,
+                  max_new_tokens: int = 64, model_and_tokenizer: tuple[Any, Any] | None = None,
+                  progress: bool = False) -> TeacherProbe:
+    """Probe one teacher (a ``TeacherSpec``) on ``examples``: zero-shot, then with the rules in the prompt.
+
+    Local teachers are loaded (or passed in as ``model_and_tokenizer``) and run through the
+    evaluator; API teachers are asked through their endpoint."""
+    from stratos.evaluate import evaluate
+
+    t0 = time.perf_counter()
+    latencies: list[float] = []
+    if teacher.backend == "openai":
+        fn = openai_generate_fn(teacher.model, teacher.base_url, teacher.api_key_env, latencies=latencies)
+        model = tok = None
+    else:
+        fn = None
+        if model_and_tokenizer is None:
+            from stratos.models import load
+
+            model_and_tokenizer = load(teacher.model, dtype=teacher.dtype, trust_remote_code=teacher.trust_remote_code)
+        model, tok = model_and_tokenizer
+    kw = dict(batch_size=batch_size, max_new_tokens=max_new_tokens, generate_fn=fn, progress=progress)
+    zero = evaluate(model, tok, task, examples, rules=False, **kw)
+    with_rules = evaluate(model, tok, task, examples, rules=True, **kw) if rules else None
+    latency = statistics.mean(latencies) if latencies else zero.mean_latency_s
+    return TeacherProbe(
+        teacher=teacher.label, n=zero.n, accuracy=zero.accuracy,
+        accuracy_rules=with_rules.accuracy if with_rules else None,
+        latency_s=latency, tokens_per_s=zero.tokens_per_s, seconds=time.perf_counter() - t0,
+    )

@@ -1,0 +1,216 @@
+"""``make_plan``: the plan stage end to end. Reads the spec, measures what must be measured (teacher
+probes, optionally pilots), builds the plan with the pure planner, writes ``plan.json``,
+``plan.png``, ``probes.json`` and ``candidates.csv`` into the output folder."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+from stratos.plan.calibration import corrections, load_calibration, local_efficiency, record_stage
+from stratos.plan.catalog import LOCAL, filter_servers, load_catalog
+from stratos.plan.costmodel import ApiPricing, generate_seconds
+from stratos.plan.planner import Plan, PlanInputs, build_plan
+from stratos.plan.probe import TeacherProbe, probe_teacher, profile_task
+from stratos.plan.shapes import model_shape
+
+
+def task_from_spec(task_spec: Any) -> Any:
+    from stratos.tasks import get_task
+
+    options = dict(task_spec.options)
+    if task_spec.name.partition(":")[0] == "jsonl":
+        options.setdefault("path", task_spec.path)
+        options.setdefault("scorer", task_spec.scorer)
+    return get_task(task_spec.name, **options)
+
+
+def _probe_key(spec: Any, t: Any, max_new_tokens: int) -> str:
+    from stratos.io import sha256_text
+
+    return sha256_text(t.model_dump(), spec.task.model_dump(mode="json"), spec.plan.probe_size, spec.plan.probe_rules,
+                       max_new_tokens)[:16]
+
+
+def _api_params(spec: Any, label: str, model: str) -> Any:
+    return spec.plan.api_prices.get(label) or spec.plan.api_prices.get(model)
+
+
+def weights_of(plan_spec: Any) -> dict[str, float]:
+    from stratos.spec import OBJECTIVE_PRESETS
+
+    chosen = plan_spec.weights if plan_spec.weights is not None else OBJECTIVE_PRESETS[plan_spec.objective]
+    return chosen.model_dump()
+
+
+def make_plan(
+    spec: Any,
+    out_dir: str | Path,
+    *,
+    probes: dict[str, TeacherProbe] | None = None,
+    loaded: dict[str, tuple[Any, Any]] | None = None,
+    progress: bool = True,
+    calibration: dict[str, Any] | None = None,
+) -> tuple[Plan, list[Any]]:
+    """Plan a run for ``spec`` (a ``stratos.spec.Spec``) into ``out_dir``.
+
+    ``probes`` gives teacher probe results by teacher name instead of measuring them; ``loaded``
+    gives already loaded (model, tokenizer) pairs by model name. Probes measured here are cached in
+    ``out_dir/probes.json`` and reused when the teacher, task and probe settings are unchanged.
+    """
+    import torch
+
+    from stratos.io import write_json
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ps = spec.plan
+    loaded = loaded or {}
+    task = task_from_spec(spec.task)
+    teachers = [model_shape(t, api_params_b=getattr(_api_params(spec, t.label, t.model), "params_b", None))
+                for t in spec.teachers]
+    students = [model_shape(s) for s in spec.students]
+    if len({t.name for t in teachers}) < len(teachers) or len({s.name for s in students}) < len(students):
+        raise ValueError("teachers (and students) need distinct names: set name: on the duplicates")
+
+    tokenizer = loaded.get(spec.students[0].model, (None, None))[1]
+    if tokenizer is None and spec.students[0].model:
+        try:
+            from stratos.models import load_tokenizer
+
+            tokenizer = load_tokenizer(spec.students[0].model, trust_remote_code=spec.students[0].trust_remote_code)
+        except (OSError, ValueError):
+            tokenizer = None
+    profile = profile_task(task, train_size=spec.task.train_size, tokenizer=tokenizer, seed=spec.task.seed)
+
+    cal = load_calibration() if calibration is None else calibration
+    servers = load_catalog(ps.catalog, mode=ps.catalog_mode, local_price=ps.local_price_per_hour, calibration=cal)
+    if ps.servers:
+        servers = filter_servers(servers, only=ps.servers)
+        if not servers:
+            raise ValueError(f"plan.servers {ps.servers}: no offering matches (see `stratos servers`)")
+    local = next((s for s in servers if s.is_local), None)
+
+    # ----------------------------------------------------------------- teacher probes (measured)
+    max_new = ps.probe_max_new_tokens or spec.eval.max_new_tokens
+    cache_file = out / "probes.json"
+    cached = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
+    probes = dict(probes or {})
+    examples = None
+    for t_spec, t_shape in zip(spec.teachers, teachers):
+        if t_shape.name in probes:
+            continue
+        key = _probe_key(spec, t_spec, max_new)
+        if key in cached:
+            probes[t_shape.name] = TeacherProbe.from_dict(cached[key])
+            continue
+        if examples is None:
+            examples = task.examples("eval", ps.probe_size, seed=spec.task.seed + 1)
+        probe = probe_teacher(t_spec, task, examples, rules=ps.probe_rules, batch_size=spec.eval.batch_size,
+                              max_new_tokens=max_new, model_and_tokenizer=loaded.get(t_spec.model), progress=progress)
+        probes[t_shape.name] = probe
+        cached[key] = probe.to_dict()
+        write_json(cache_file, cached)
+        if not t_shape.api and local is not None:
+            # The probe is a real generation run: record the model's prediction of it, so its error shows.
+            runs = 2 if ps.probe_rules else 1
+            predicted = runs * generate_seconds(t_shape, probe.n, profile.prompt_tokens, profile.answer_tokens, local,
+                                                local_efficiency(cal, torch.cuda.is_available()),
+                                                batch=spec.eval.batch_size)
+            record_stage("generation", LOCAL, predicted, probe.seconds, run_dir=out, note=f"probe of {t_shape.name}")
+
+    # ----------------------------------------------------------------- pilots (optional, measured)
+    pilots: dict[tuple[int, int], tuple[float, str, str]] = {}
+    inputs = _inputs(spec, teachers, students, probes, profile, servers, cal)
+    if ps.pilot:
+        pilots = _run_pilots(spec, task, inputs, loaded, out, local, cal)
+        inputs.student_accuracy = pilots
+
+    plan, cands = build_plan(inputs)
+    plan.to_json(out / "plan.json")
+    from stratos.plan.render import plot
+
+    chosen = next(c for c in cands if c.on_front and (c.teacher, c.student, c.training_server, c.serving_server)
+                  == (plan.teacher["name"], plan.student["name"], plan.training_server.name, plan.serving_server.name))
+    plot(cands, chosen, out / "plan.png")
+    _write_candidates(out / "candidates.csv", cands)
+    return plan, cands
+
+
+def _inputs(spec, teachers, students, probes, profile, servers, cal) -> PlanInputs:
+    import torch
+
+    ps, c = spec.plan, spec.constraints
+    eff = {s.name: local_efficiency(cal, torch.cuda.is_available()) for s in servers if s.is_local}
+    api = {}
+    for t_spec, t in zip(spec.teachers, teachers):
+        price = _api_params(spec, t_spec.label, t_spec.model)
+        if t.api:
+            api[t.name] = ApiPricing(price.input_usd_per_mtok, price.output_usd_per_mtok) if price else ApiPricing()
+    recovery = 0.0
+    if spec.compress.enabled and spec.compress.recovery_steps:
+        recovery = spec.compress.recovery_steps * spec.distill.per_device_train_batch_size * spec.distill.max_length
+    return PlanInputs(
+        teachers=teachers, students=students, probes=probes, task=profile, servers=servers, efficiency=eff,
+        min_accuracy=c.min_accuracy, max_latency_ms=c.max_latency_ms, budget_usd=c.budget_usd,
+        weights=weights_of(ps), objective=ps.objective if ps.weights is None else "custom",
+        competent_accuracy=ps.competent_accuracy, spot=ps.spot, serve_hours=ps.serve_trial_hours, api_pricing=api,
+        corrections={s.name: corrections(s.name) for s in servers}, recovery_tokens=recovery,
+        max_length=spec.distill.max_length, batch=spec.distill.per_device_train_batch_size,
+        teacher_models=[t.model for t in spec.teachers], student_models=[s.model for s in spec.students],
+        spec_name=spec.name,
+    )
+
+
+def _run_pilots(spec, task, inputs: PlanInputs, loaded, out: Path, local, cal) -> dict:
+    """One pilot per (teacher, student) pair on the local machine; teachers only load for logit KD."""
+    import torch
+
+    from stratos.models import load
+    from stratos.plan.costmodel import train_seconds
+    from stratos.plan.pilot import run_pilot
+    from stratos.plan.planner import decide_pairs
+
+    ps = spec.plan
+    eval_ex = task.examples("eval", min(ps.probe_size, 100), seed=spec.task.seed + 2)
+    results = {}
+    for pd in decide_pairs(inputs):
+        t_spec, s_spec = spec.teachers[pd.teacher_index], spec.students[pd.student_index]
+        teacher = None
+        if pd.match.mode == "logit" and pd.strategy.kd_ratio > 0:
+            teacher = loaded.get(t_spec.model) or load(t_spec.model, dtype=t_spec.dtype,
+                                                       trust_remote_code=t_spec.trust_remote_code)
+        student = None
+        if s_spec.model in loaded and not s_spec.config_overrides and s_spec.init == "pretrained":
+            import copy
+
+            m, tok = loaded[s_spec.model]
+            student = (copy.deepcopy(m), tok)  # the pilot trains in place; keep the caller's model intact
+        r = run_pilot(s_spec, task, pd.strategy, steps=ps.pilot_steps, eval_examples=eval_ex, teacher=teacher,
+                      learning_rate=spec.distill.learning_rate, max_length=spec.distill.max_length,
+                      max_new_tokens=spec.eval.max_new_tokens, seed=spec.task.seed, work_dir=out, student=student)
+        results[(pd.teacher_index, pd.student_index)] = (r.predicted, "pilot", r.reason())
+        if local is not None:
+            predicted = train_seconds(inputs.students[pd.student_index], r.train_tokens, local,
+                                      local_efficiency(cal, torch.cuda.is_available()))
+            record_stage("training", LOCAL, predicted, r.seconds, run_dir=out,
+                         note=f"pilot {pd.student_index}:{inputs.students[pd.student_index].name}")
+    return results
+
+
+def _write_candidates(path: Path, cands: list[Any]) -> None:
+    from stratos.io import atomic_write_text
+
+    buf = io.StringIO()
+    cols = ["teacher", "student", "training_server", "serving_server", "accuracy", "accuracy_method", "latency_ms",
+            "cost_usd", "train_hours", "on_front", "score", "violations"]
+    w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
+    w.writeheader()
+    for c in cands:
+        row = {k: getattr(c, k) for k in cols if k != "violations"}
+        row["violations"] = "; ".join(f"{k}: {v}" for k, v in c.violations.items())
+        w.writerow(row)
+    atomic_write_text(path, buf.getvalue())

@@ -1,0 +1,290 @@
+"""Planner logic on given numbers: Pareto front, constraints, cost model, memory, matching, strategy, catalog."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from stratos.plan import NoFeasiblePlan, Plan, PlanInputs, TaskProfile, TeacherProbe, build_plan, load_catalog
+from stratos.plan.catalog import CatalogError, Server, filter_servers, read_catalog, shipped_catalog, write_catalog
+from stratos.plan.costmodel import (
+    GPU_DEFAULT,
+    ApiPricing,
+    ModelShape,
+    Workload,
+    check_memory,
+    request_latency_s,
+    stage_costs,
+    train_seconds,
+    with_params,
+)
+from stratos.plan.matching import match
+from stratos.plan.pareto import dominates, pareto_front
+from stratos.plan.strategy import choose_strategy, samples_for
+from stratos.spec import OBJECTIVE_PRESETS
+
+# A Llama-3-8B-like teacher and 1B / 135M students (shapes as in their configs).
+T8B = ModelShape("teacher-8b", 8.0e9, 4096, 32, 128256, 1024, "tok-llama3")
+S1B = ModelShape("student-1b", 1.24e9, 2048, 16, 128256, 512, "tok-llama3")
+S135 = ModelShape("student-135m", 1.35e8, 576, 30, 49152, 192, "tok-smol")
+T70B = ModelShape("teacher-70b", 70.6e9, 8192, 80, 128256, 1024, "tok-llama3")
+API = ModelShape("api-teacher", 0.0, api=True)
+TASK = TaskProfile("mahjong:waits", prompt_tokens=120, answer_tokens=12, rationale_tokens=80, reasoning_steps=4,
+                   verifier=True, oracle=True, train_size=1000)
+
+
+def server(name="gpu", gpu="H100-SXM", count=1, mem=80.0, tflops=989.0, bw=3.35, price=3.0) -> Server:
+    return Server(name, "test", "here", gpu, count, mem, tflops, bw, "-", price, None, "test", "2025-01")
+
+
+def probe(name, acc, rules=None, latency=0.5):
+    return TeacherProbe(name, 50, acc, rules, latency, seconds=10.0, source="given")
+
+
+def inputs(**kw) -> PlanInputs:
+    base = dict(teachers=[T8B], students=[S1B, S135], probes={"teacher-8b": probe("teacher-8b", 0.8, 0.85)}, task=TASK,
+                servers=[server("big", price=4.0), server("small", gpu="L4", mem=24, tflops=121, bw=0.3, price=0.8)],
+                efficiency={})
+    base.update(kw)
+    return PlanInputs(**base)
+
+
+# --------------------------------------------------------------------------- Pareto front
+
+
+def brute_force_front(points):
+    return [i for i, p in enumerate(points) if not any(dominates(q, p) for j, q in enumerate(points) if j != i)]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 4).flatmap(
+    lambda d: st.lists(st.tuples(*[st.integers(0, 6)] * d), min_size=0, max_size=40)))
+def test_pareto_front_equals_brute_force(points):
+    # Small integer ranges force ties and duplicate points, where front algorithms usually slip.
+    assert pareto_front(points) == brute_force_front(points)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.tuples(st.floats(0, 1e3), st.floats(0, 1e3), st.floats(-1, 0)), min_size=1, max_size=60))
+def test_pareto_front_on_real_valued_points(points):
+    front = pareto_front(points)
+    assert front == brute_force_front(points)
+    assert front  # a non-empty set always has a non-dominated point
+
+
+# --------------------------------------------------------------------------- cost model
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.floats(1e6, 1e11), st.floats(1.01, 10), st.floats(1e3, 1e9), st.floats(1.01, 10))
+def test_cost_model_monotone_in_size_and_tokens(params, grow, tokens, more):
+    h100 = server()
+    m = with_params(S1B, params)
+    assert train_seconds(with_params(m, params * grow), tokens, h100, GPU_DEFAULT) > train_seconds(m, tokens, h100, GPU_DEFAULT)
+    assert train_seconds(m, tokens * more, h100, GPU_DEFAULT) > train_seconds(m, tokens, h100, GPU_DEFAULT)
+    big = with_params(m, params * grow)
+    assert request_latency_s(big, 100, 10, h100, GPU_DEFAULT) > request_latency_s(m, 100, 10, h100, GPU_DEFAULT)
+
+
+def work(**kw) -> Workload:
+    base = dict(prompt_tokens=120, answer_tokens=12, train_examples=2000, epochs=2, teacher_sequences=4000, signal="logit")
+    base.update(kw)
+    return Workload(**base)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.floats(0.01, 100), st.floats(1.01, 5))
+def test_cost_monotone_in_price(price, factor):
+    def total(p):
+        return sum(s.usd for s in stage_costs(T8B, S1B, work(), server(price=p), server(price=p), GPU_DEFAULT, GPU_DEFAULT))
+
+    assert total(price * factor) > total(price)
+
+
+def test_api_teacher_cost_is_tokens_times_price():
+    w = work(teacher_sequences=1000, signal="topk")
+    free = stage_costs(API, S1B, w, server(price=0), server(price=0), GPU_DEFAULT, GPU_DEFAULT, api=ApiPricing(0, 0, 1.0))
+    paid = stage_costs(API, S1B, w, server(price=0), server(price=0), GPU_DEFAULT, GPU_DEFAULT, api=ApiPricing(1.0, 4.0, 1.0))
+    gen = {s.stage: s for s in paid}["generation"]
+    assert gen.usd == pytest.approx(1000 * (120 * 1.0 + 12 * 4.0) / 1e6)
+    assert {s.stage: s for s in free}["generation"].usd == 0
+    assert gen.seconds == pytest.approx(1000 * 1.0 / 8)  # measured latency, 8 requests in flight
+
+
+def test_memory_refuses_a_teacher_that_cannot_fit():
+    l4 = server("l4", gpu="L4", mem=24, tflops=121, bw=0.3)
+    verdict = check_memory(T70B, S135, work(), l4, l4, needs_teacher_weights=True)
+    assert not verdict.ok and "teacher teacher-70b needs" in verdict.reason and "l4 has 24 GB" in verdict.reason
+    # The same teacher fits on eight 80 GB GPUs, sharded over at least two of them.
+    eight = server("8x", count=8)
+    ok = check_memory(T70B, S135, work(), eight, eight, needs_teacher_weights=True)
+    assert ok.ok and 2 <= ok.teacher_gpus <= 8
+    # Text-only plans with an oracle don't need the teacher's weights on the training server at all.
+    assert check_memory(T70B, S135, work(), l4, l4, needs_teacher_weights=False).ok
+
+
+def test_plan_never_trains_where_the_teacher_does_not_fit():
+    p = inputs(teachers=[T70B], probes={"teacher-70b": probe("teacher-70b", 0.9)},
+               servers=[server("8x", count=8, price=30.0), server("l4", gpu="L4", mem=24, tflops=121, bw=0.3, price=0.8)])
+    plan, cands = build_plan(p)
+    assert plan.training_server.name == "8x"
+    assert all("memory" in c.violations for c in cands if c.training_server == "l4")
+
+
+# --------------------------------------------------------------------------- constraints
+
+
+def test_feasible_candidates_meet_every_constraint():
+    p = inputs(min_accuracy=0.6, max_latency_ms=100, budget_usd=5.0)
+    plan, cands = build_plan(p)
+    for c in cands:
+        ok = c.accuracy >= 0.6 and c.latency_ms <= 100 and c.cost_usd <= 5.0 and "memory" not in c.violations
+        assert c.feasible == ok
+    assert plan.predicted["accuracy"] >= 0.6 and plan.predicted["cost_usd"] <= 5.0
+    assert all(r["violations"] == {} for r in plan.pareto)
+
+
+def test_binding_constraint_is_named_when_nothing_is_left():
+    with pytest.raises(NoFeasiblePlan) as err:
+        build_plan(inputs(budget_usd=0.01))
+    assert err.value.binding == ["budget_usd"]
+    msg = str(err.value)
+    assert "binding: budget_usd" in msg and "budget_usd $0.01: cheapest $" in msg
+
+    with pytest.raises(NoFeasiblePlan) as err:
+        build_plan(inputs(min_accuracy=0.99))
+    assert err.value.binding == ["min_accuracy"]
+    assert "best predicted" in str(err.value)
+
+    # Two constraints each fatal on their own: neither relaxed alone leaves a plan.
+    with pytest.raises(NoFeasiblePlan) as err:
+        build_plan(inputs(min_accuracy=0.99, budget_usd=0.01))
+    assert err.value.binding == [] and "no single constraint" in str(err.value)
+
+
+def test_objective_presets_move_the_choice():
+    picks = {}
+    for name, w in OBJECTIVE_PRESETS.items():
+        # No serving trial in the cost, so the bigger student's longer training shows in it.
+        plan, _ = build_plan(inputs(weights=w.model_dump(), objective=name, serve_hours=0.0))
+        picks[name] = plan.predicted
+    assert picks["accuracy-first"]["accuracy"] >= picks["cost-first"]["accuracy"]
+    assert picks["cost-first"]["cost_usd"] <= picks["accuracy-first"]["cost_usd"]
+    assert picks["accuracy-first"]["accuracy"] > picks["cost-first"]["accuracy"]  # 1B vs 135M student
+
+
+def test_chosen_plan_is_on_the_front_and_roundtrips(tmp_path):
+    plan, cands = build_plan(inputs())
+    chosen = plan.pareto[0]
+    assert chosen["on_front"]
+    front = [c for c in cands if c.on_front]
+    assert len(front) == plan.counts["front"] == len(plan.pareto)
+    plan.to_json(tmp_path / "plan.json")
+    back = Plan.from_json(tmp_path / "plan.json")
+    assert back == plan
+    data = json.loads((tmp_path / "plan.json").read_text())
+    for key in ("teacher", "student", "training_server", "serving_server", "strategy", "predicted", "pareto", "reasons"):
+        assert data[key]
+    assert data["strategy"]["kind"] in ("alignment", "injection")
+    assert {"loss", "kd_ratio", "on_policy", "rules_in_prompt", "reverse_synthesis", "data_size", "epochs"} <= set(data["strategy"])
+    assert {s["stage"] for s in data["stages"]} >= {"probe", "generation", "signal", "training", "serving"}
+    with pytest.raises(ValueError, match="not a Stratos plan"):
+        Plan.from_json('{"version": 1}')
+
+
+def test_deploy_reads_the_serving_server_from_plan_json(tmp_path):
+    from stratos.serve import read_plan_target
+
+    plan, _ = build_plan(inputs(servers=[server("h100", price=3.0)]))
+    plan.to_json(tmp_path / "plan.json")
+    target = read_plan_target(tmp_path / "plan.json")
+    assert target["count"] == 1 and "H100" in target["accelerator"]
+
+
+# --------------------------------------------------------------------------- matching and strategy
+
+
+def test_matching_modes():
+    assert match(T8B, S1B).mode == "logit"
+    assert match(T8B, S135).mode == "text"
+    m = match(API, S135)
+    assert m.mode == "topk" and m.capacity_ratio > 100 and any("unknown" in r for r in m.reasons)
+
+
+def test_incompetent_teacher_gets_injection_competent_gets_alignment():
+    m = match(T8B, S1B)
+    weak = choose_strategy(probe("teacher-8b", 0.02, 0.04), TASK, m)
+    assert weak.kind == "injection"
+    assert weak.rules_in_prompt and weak.knowledge_injection and weak.reverse_synthesis > 0 and not weak.teacher_generates
+    assert any("not competent" in r for r in weak.reasons)
+    strong = choose_strategy(probe("teacher-8b", 0.92, 0.93), TASK, m)
+    assert strong.kind == "alignment"
+    assert strong.teacher_generates and strong.reverse_synthesis == 0 and strong.kd_ratio > 0.5
+    assert not strong.rules_in_prompt  # rules gave only +1%
+    # Rules that help the teacher a lot go into its prompts.
+    assert choose_strategy(probe("teacher-8b", 0.55, 0.8), TASK, m).rules_in_prompt
+
+
+def test_strategy_settings_follow_the_pair_and_task():
+    # Large capacity gap -> mode-seeking reverse KL; text-only pairs -> plain CE on teacher text.
+    assert choose_strategy(probe("t", 0.9), TASK, match(T70B, S135.__class__(**{**S135.to_dict(), "tokenizer": "tok-llama3"}))).loss == "rkl"
+    assert choose_strategy(probe("t", 0.9), TASK, match(T8B, S1B)).loss == "fkl"
+    text = choose_strategy(probe("t", 0.9), TASK, match(T8B, S135))
+    assert text.loss == "ce" and text.kd_ratio == 0.0
+    # No oracle (a fixed JSONL file): no reverse synthesis, data capped by the file.
+    fixed = TaskProfile("jsonl", 50, 5, 5, 0, True, False, 300)
+    s = choose_strategy(probe("t", 0.1), fixed, match(T8B, S1B))
+    assert s.kind == "injection" and s.reverse_synthesis == 0 and s.teacher_generates and s.data_size == 300
+    # On-policy only for white-box pairs on long, multi-step answers.
+    long_task = TaskProfile("proofs", 100, 200, 300, 8, True, True, 1000)
+    assert choose_strategy(probe("t", 0.9), long_task, match(T8B, S1B)).on_policy
+    assert not choose_strategy(probe("t", 0.9), long_task, match(T8B, S135)).on_policy
+
+
+def test_samples_per_prompt_cover_95_percent():
+    for acc in (0.05, 0.2, 0.5, 0.7, 0.9):
+        k = samples_for(acc)
+        assert 1 - (1 - acc) ** k >= 0.95 or k == 8
+        assert k == 1 or 1 - (1 - acc) ** (k - 1) < 0.95
+
+
+# --------------------------------------------------------------------------- catalog
+
+
+def test_shipped_catalog_rows_have_source_and_date():
+    rows = shipped_catalog()
+    assert len(rows) >= 20 and len({r.provider for r in rows}) >= 5
+    for r in rows:
+        assert r.source and r.date and r.on_demand_usd_hr > 0 and r.bf16_tflops > 0
+    h100 = next(r for r in rows if r.gpu == "H100-SXM")
+    assert (h100.bf16_tflops, h100.mem_bw_tbs, h100.gpu_memory_gb) == (989, 3.35, 80)
+
+
+def test_user_catalog_adds_or_replaces_and_local_is_always_there(tmp_path):
+    own = [server("my-box", price=1.5), server("aws-g6.xlarge", gpu="L4", mem=24, tflops=121, bw=0.3, price=0.5)]
+    write_catalog(tmp_path / "mine.csv", own)
+    added = load_catalog(tmp_path / "mine.csv", local_price=0.25)
+    names = [s.name for s in added]
+    assert names[0] == "local" and added[0].on_demand_usd_hr == 0.25
+    assert "my-box" in names and len(names) == len(shipped_catalog()) + 2
+    assert next(s for s in added if s.name == "aws-g6.xlarge").on_demand_usd_hr == 0.5  # the user's row wins
+    replaced = load_catalog(tmp_path / "mine.csv", mode="replace")
+    assert [s.name for s in replaced] == ["local", "my-box", "aws-g6.xlarge"]
+    assert [s.name for s in filter_servers(added, gpu="l4", max_price=0.6)] == ["aws-g6.xlarge"]
+
+
+def test_bad_catalog_names_file_line_and_column(tmp_path):
+    write_catalog(tmp_path / "c.csv", [server("a"), server("b")])
+    lines = (tmp_path / "c.csv").read_text().splitlines()
+    lines[2] = lines[2].replace(",989.0,", ",fast,")
+    (tmp_path / "c.csv").write_text("\n".join(lines) + "\n")
+    with pytest.raises(CatalogError, match=r"c\.csv:3: column 'bf16_tflops': 'fast' is not a number"):
+        read_catalog(tmp_path / "c.csv")
+    (tmp_path / "d.csv").write_text("name,provider,gpu,gpu_count,gpu_memory_gb,bf16_tflops,mem_bw_tbs,on_demand_usd_hr,colour\n"
+                                   "x,p,g,1,1,1,1,1,red\n")
+    with pytest.raises(CatalogError, match=r"d\.csv:2: unknown column\(s\) colour"):
+        read_catalog(tmp_path / "d.csv")
