@@ -143,3 +143,14 @@ def test_jsonl_user_scorer_partial_credit(tmp_path):
                     scorer="tests.test_tasks:score_len")
     score = grade(task, task._rows[0], "ab")[1]
     assert not score.correct and score.credit == 0.5
+
+
+def test_task_from_spec_passes_path_scorer_and_options(tmp_path):
+    from stratos.spec import TaskSpec
+    from stratos.tasks import task_from_spec
+
+    path = _write(tmp_path / "d.jsonl", [{"prompt": f"q{i}", "answer": i} for i in range(30)])
+    task = task_from_spec(TaskSpec(name="jsonl", path=path, scorer="numeric", options={"eval_fraction": 0.5}))
+    ex = task.examples("eval")[0]
+    assert task.eval_fraction == 0.5 and grade(task, ex, f"Answer: {ex.answer}.0")[1].correct
+    assert task_from_spec(TaskSpec(name="arithmetic", options={"digits": 2})).digits == 2

@@ -176,7 +176,7 @@ def eval_cmd(
     from stratos.io import DataError, write_json
     from stratos.models import load
     from stratos.spec import EvalSpec, TaskSpec
-    from stratos.tasks import get_task
+    from stratos.tasks import task_from_spec
 
     task_spec, eval_spec = None, EvalSpec()
     if spec is not None:
@@ -192,12 +192,9 @@ def eval_cmd(
         if not eq or not key:
             fail(f"--option {item!r}: expected KEY=VALUE")
         options[key] = yaml.safe_load(value)
-    if task_spec.name.partition(":")[0] == "jsonl":
-        options.setdefault("path", task_spec.path)
-        options.setdefault("scorer", task_spec.scorer)
     count = n or eval_spec.n or (task_spec.eval_size if spec is not None else 200)
     try:
-        t = get_task(task_spec.name, **options)
+        t = task_from_spec(task_spec.model_copy(update={"options": options}))
         examples = t.examples("eval", count, seed=task_spec.seed if seed is None else seed)
         m, tok = load(model)
         result = evaluate(m, tok, t, examples, batch_size=batch_size or eval_spec.batch_size,

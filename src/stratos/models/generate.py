@@ -86,13 +86,14 @@ def generate(
         eos_token_id=eos_ids,
         stop_strings=list(stop) if stop else None,
     )
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     results: list[list[Generation]] = [[] for _ in prompts]
-    torch.manual_seed(seed)
-    try:
-        with progress_bar("generating", len(prompts), enabled=progress) as bar:
+    was_training = model.training
+    model.eval()
+    # A private RNG state: sampling is reproducible from `seed` and the caller's RNG is left alone.
+    with torch.random.fork_rng(devices=[]), progress_bar("generating", len(prompts), enabled=progress) as bar:
+        torch.manual_seed(seed)
+        try:
             for start in range(0, len(order), batch_size):
                 idx = order[start : start + batch_size]
                 ids, mask = _left_pad([encoded[i] for i in idx], pad_id)
@@ -106,8 +107,8 @@ def generate(
                 for row, tokens in enumerate(new):
                     results[idx[row // n]].append(_finish(tokens, tokenizer, eos_ids, pad_id, stop or ()))
                 bar.advance(len(idx))
-    finally:
-        model.train(was_training)
+        finally:
+            model.train(was_training)
     return results
 
 

@@ -168,10 +168,12 @@ def get_task(name: str, **options: Any) -> Task:
     return factory(sub or None, **options)
 
 
-def task_from_spec(ts: Any) -> Task:
-    """The task a spec's ``task`` section describes (file-backed tasks get its path and scorer)."""
-    options = dict(ts.options)
-    if ts.name.partition(":")[0] == "jsonl":
-        options.setdefault("path", ts.path)
-        options.setdefault("scorer", ts.scorer)
-    return get_task(ts.name, **options)
+def task_from_spec(task_spec: Any, **overrides: Any) -> Task:
+    """The task a spec's ``task:`` section describes (``TaskSpec``): its name and options, plus
+    ``path`` and ``scorer`` for the file-backed ``jsonl`` task."""
+    options = {**task_spec.options, **overrides}
+    if task_spec.name.partition(":")[0] == "jsonl":
+        options.setdefault("path", task_spec.path)
+        options.setdefault("scorer", task_spec.scorer)
+    return get_task(task_spec.name, **options)
+
