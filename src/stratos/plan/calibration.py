@@ -185,9 +185,13 @@ def _fit_n_half(points: list[tuple[float, float]], default: float) -> float:
     return float(min(max(h, 0.0), 1e10))
 
 
-def run_profile(*, quick: bool = False, progress: bool = True, out: str | Path | None = None) -> dict[str, Any]:
+def run_profile(*, quick: bool = False, progress: bool = True, out: str | Path | None = None,
+                sizes: list[tuple[int, int]] | None = None, seconds: float | None = None) -> dict[str, Any]:
     """Measure this machine and store the calibration. Returns it, with a ``checks`` list of
-    predicted (with the previous calibration or defaults) vs measured times per stage."""
+    predicted (with the previous calibration or defaults) vs measured times per stage.
+
+    ``sizes`` are (hidden, layers) of the Llamas timed (default: one in quick mode, two otherwise,
+    so the small-model overhead can be fitted); ``seconds`` is the minimum time per measurement."""
     import torch
 
     from stratos.distill.trainer import bf16_supported
@@ -196,14 +200,14 @@ def run_profile(*, quick: bool = False, progress: bool = True, out: str | Path |
     from stratos.plan.costmodel import decode_step_seconds, forward_seconds, train_seconds
     from stratos.progress import progress_bar
 
-    seconds = 0.3 if quick else 1.0
+    seconds = seconds or (0.3 if quick else 1.0)
     device = torch.device("cpu")
     bf16 = bf16_supported(device)
     dtype = torch.bfloat16 if bf16 else torch.float32
     previous = load_calibration(out)
     prev_server = local_server(0.0, previous)
     prev_eff = local_efficiency(previous)
-    sizes = [(256, 4)] if quick else [(128, 2), (384, 6)]
+    sizes = sizes or ([(256, 4)] if quick else [(128, 2), (384, 6)])
     steps = 2 + len(sizes)
     results: dict[str, Any] = {}
     with progress_bar("profiling", steps, enabled=progress) as bar:

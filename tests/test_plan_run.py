@@ -1,0 +1,165 @@
+"""The planner for real: teacher probes through the evaluator, pilot distillations, calibration,
+plan.json and plan.png, and the plan / servers / profile commands. Tiny models, arithmetic task."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from stratos.plan import Plan, make_plan, probe_teacher
+from stratos.plan.calibration import corrections, load_calibration, read_measurements, run_profile
+from stratos.plan.catalog import local_server, shipped_catalog, write_catalog
+from stratos.plan.matching import match
+from stratos.plan.shapes import model_shape
+from stratos.plan.strategy import choose_strategy
+from stratos.spec import StudentSpec, TeacherSpec, load_spec
+from stratos.tasks import get_task
+
+
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path, monkeypatch):
+    # Calibration and measurement records go to the user's cache: keep the tests' out of it.
+    monkeypatch.setenv("STRATOS_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory, tiny_tokenizer):
+    """A teacher and a smaller student sharing one tokenizer, saved as ordinary HF folders."""
+    from stratos.models.tiny import save_model, tiny_llama
+
+    root = tmp_path_factory.mktemp("plan-models")
+    teacher = save_model(tiny_llama(tiny_tokenizer, hidden_size=64, num_hidden_layers=2), tiny_tokenizer, root / "teacher")
+    student = save_model(tiny_llama(tiny_tokenizer, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                    num_key_value_heads=1, seed=1), tiny_tokenizer, root / "student")
+    return str(teacher), str(student)
+
+
+def test_model_shape_reads_configs_without_weights(tiny_models):
+    import torch
+
+    from stratos.models import load
+
+    t_path, s_path = tiny_models
+    t, s = model_shape(TeacherSpec(model=t_path)), model_shape(StudentSpec(model=s_path))
+    model = load(t_path, with_tokenizer=False)
+    assert t.params == sum(p.numel() for p in model.parameters())
+    assert (t.hidden, t.layers, t.kv_dim) == (64, 2, 2 * 16)
+    assert t.tokenizer == s.tokenizer and match(t, s).mode == "logit"
+    assert model_shape(TeacherSpec(model="gpt-x", backend="openai", base_url="http://127.0.0.1:1/v1"),
+                       api_params_b=70).params == 70e9
+    del torch
+
+
+def test_real_probe_of_an_incompetent_teacher_gives_injection(tiny_models):
+    t_path, s_path = tiny_models
+    task = get_task("arithmetic", digits=2)
+    examples = task.examples("eval", 10, seed=1)
+    probe = probe_teacher(TeacherSpec(model=t_path), task, examples, batch_size=10, max_new_tokens=6)
+    assert probe.n == 10 and probe.source == "measured"
+    assert probe.accuracy_rules is not None and probe.latency_s > 0 and probe.seconds > 0
+    assert probe.best <= 0.2  # an untrained model does not add numbers
+    t, s = model_shape(TeacherSpec(model=t_path)), model_shape(StudentSpec(model=s_path))
+    from stratos.plan.probe import profile_task
+
+    strategy = choose_strategy(probe, profile_task(task, train_size=200), match(t, s))
+    assert strategy.kind == "injection" and strategy.reverse_synthesis > 0
+
+
+def write_spec(path, t_path, s_path, **plan_extra):
+    write_catalog(path.parent / "mine.csv", [replace(shipped_catalog()[0], name="my-h100", on_demand_usd_hr=1.0)])
+    spec = {
+        "name": "tiny-plan",
+        "task": {"name": "arithmetic", "options": {"digits": 2}, "train_size": 200, "eval_size": 20},
+        "teachers": [{"name": "tiny-teacher", "model": t_path}],
+        "students": [{"name": "tiny-student", "model": s_path}],
+        "eval": {"max_new_tokens": 6, "batch_size": 8},
+        "distill": {"max_length": 256, "per_device_train_batch_size": 8},
+        "plan": {"probe_size": 8, "catalog": "mine.csv", "servers": ["local", "lambda-1x-a10", "my-h100"],
+                 **plan_extra},
+    }
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_make_plan_with_pilot_writes_everything(tiny_models, tmp_path):
+    t_path, s_path = tiny_models
+    spec = load_spec(write_spec(tmp_path / "spec.yaml", t_path, s_path, pilot=True, pilot_steps=6))
+    assert spec.plan.catalog == (tmp_path / "mine.csv").resolve()  # relative to the spec file
+    out = tmp_path / "plan"
+    plan, cands = make_plan(spec, out, progress=False, calibration={})
+    assert plan.predicted["accuracy_method"] == "pilot" and "pilot:" in plan.predicted["accuracy_reason"]
+    assert plan.strategy.kind == "injection"
+    assert {c.training_server for c in cands} == {"local", "lambda-1x-a10", "my-h100"}  # filter + own catalog
+    assert Plan.from_json(out / "plan.json") == plan
+    assert (out / "plan.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "candidates.csv").read_text().count("\n") == len(cands) + 1
+    # Predicted vs measured: the probe (generation) and the pilot (training) on this machine.
+    recs = read_measurements(out / "plan-measurements.jsonl")
+    assert {r["stage"] for r in recs} == {"generation", "training"}
+    assert all(r["predicted_s"] > 0 and r["measured_s"] > 0 for r in recs)
+    assert set(corrections("local")) == {"generation", "training"}
+    # A second plan reuses the cached probe instead of measuring again.
+    probes = json.loads((out / "probes.json").read_text())
+    spec.plan.pilot = False
+    again, _ = make_plan(spec, out, progress=False, calibration={})
+    assert [p.to_dict() for p in again.probes] == list(probes.values())
+    assert again.predicted["accuracy_method"] == "prior"
+    # Later plans apply the recorded corrections to the local machine's stage times.
+    local_training = [s for s in again.stages if s.stage == "training"]
+    assert local_training
+
+
+def test_plan_command_and_binding_constraint(tiny_models, tmp_path):
+    from stratos.cli import app
+
+    t_path, s_path = tiny_models
+    spec = write_spec(tmp_path / "spec.yaml", t_path, s_path)
+    runner = CliRunner()
+    r = runner.invoke(app, ["plan", str(spec), "--out", str(tmp_path / "p"), "--objective", "cost-first"])
+    assert r.exit_code == 0, r.output
+    assert "Pareto front" in r.output and "injection" in r.output
+    assert json.loads((tmp_path / "p" / "plan.json").read_text())["objective"] == "cost-first"
+    data = yaml.safe_load(spec.read_text())
+    data["constraints"] = {"min_accuracy": 0.99}
+    spec.write_text(yaml.safe_dump(data))
+    r = runner.invoke(app, ["plan", str(spec), "--out", str(tmp_path / "p")])
+    assert r.exit_code == 1
+    assert "binding: min_accuracy" in r.output and "best predicted" in r.output
+
+
+def test_servers_command_filters(tmp_path):
+    from stratos.cli import app
+
+    runner = CliRunner()
+    r = runner.invoke(app, ["servers", "--gpu", "H100", "--csv", str(tmp_path / "h100.csv")])
+    assert r.exit_code == 0, r.output
+    rows = (tmp_path / "h100.csv").read_text().splitlines()[1:]
+    assert rows and all("H100" in row for row in rows)
+    assert runner.invoke(app, ["servers", "--provider", "nowhere"]).exit_code == 1
+
+
+def test_profile_calibrates_the_local_machine():
+    # One small Llama and short timings: the test checks the wiring, `stratos profile` measures properly.
+    cal = run_profile(progress=False, sizes=[(128, 2)], seconds=0.05)
+    assert cal["peak_flops"] > 1e8 and cal["bandwidth"] > 1e8
+    assert all(0 < cal["efficiency"][k] <= 1 for k in ("train", "forward", "decode"))
+    assert load_calibration() == json.loads(json.dumps(cal))
+    assert {c["stage"] for c in cal["checks"]} == {"train", "forward", "decode"}
+    assert {"profile-train", "profile-forward", "profile-decode"} <= set(corrections("local"))
+    local = local_server(0.0, cal)
+    assert local.bf16_tflops == pytest.approx(cal["peak_flops"] / 1e12) and local.source.startswith("stratos profile")
+    # Calibrated on one model, the cost model reproduces that model's measured training step
+    # (unless the measured efficiency had to be capped at 100% of the measured peak).
+    from stratos.plan.calibration import _shape, _small_llama, local_efficiency
+    from stratos.plan.costmodel import train_seconds
+
+    m = cal["models"][0]
+    predicted = train_seconds(_shape(_small_llama(128, 2), 2.0), m["tokens"], local, local_efficiency(cal))
+    if cal["efficiency"]["train"] < 1.0:
+        assert predicted == pytest.approx(m["train_step_s"], rel=1e-6)
+    else:
+        assert predicted <= m["train_step_s"]
