@@ -69,6 +69,32 @@ def test_real_probe_of_an_incompetent_teacher_gives_injection(tiny_models):
     assert strategy.kind == "injection" and strategy.reverse_synthesis > 0
 
 
+def test_api_teacher_is_probed_through_its_endpoint(tiny_models):
+    """The same tiny teacher served behind the OpenAI-compatible API and probed as an API teacher
+    answers exactly as when probed locally (greedy decoding), and its request latency is measured."""
+    from stratos.models.generate import generate
+    from stratos.plan.probe import openai_generate_fn
+    from stratos.serve import running_server
+    from stratos.tasks import messages
+
+    t_path, _ = tiny_models
+    task = get_task("arithmetic", digits=2)
+    examples = task.examples("eval", 6, seed=3)
+    local = probe_teacher(TeacherSpec(model=t_path), task, examples, rules=False, max_new_tokens=6)
+    with running_server(t_path) as server:
+        api = TeacherSpec(name="served", model=server.model, backend="openai", base_url=server.base_url)
+        remote = probe_teacher(api, task, examples, rules=False, max_new_tokens=6)
+        prompts = [messages(task, ex) for ex in examples]
+        served = openai_generate_fn(server.model, server.base_url, None)(prompts, max_new_tokens=6, batch_size=6)
+    from stratos.models import load
+
+    model, tok = load(t_path)
+    direct = generate(model, tok, prompts, max_new_tokens=6)
+    assert [g.text for g in served] == [g[0].text for g in direct]
+    assert remote.n == local.n == 6 and remote.accuracy == local.accuracy
+    assert remote.accuracy_rules is None and remote.latency_s > 0
+
+
 def write_spec(path, t_path, s_path, **plan_extra):
     write_catalog(path.parent / "mine.csv", [replace(shipped_catalog()[0], name="my-h100", on_demand_usd_hr=1.0)])
     spec = {
