@@ -239,6 +239,10 @@ def test_strategy_settings_follow_the_pair_and_task():
     fixed = TaskProfile("jsonl", 50, 5, 5, 0, True, False, 300)
     s = choose_strategy(probe("t", 0.1), fixed, match(T8B, S1B))
     assert s.kind == "injection" and s.reverse_synthesis == 0 and s.teacher_generates and s.data_size == 300
+    # An API teacher gives log-probs only with its own generations: top-k KD for alignment, SFT for injection.
+    assert choose_strategy(probe("t", 0.9), TASK, match(API, S1B)).loss == "rkl"
+    api_weak = choose_strategy(probe("t", 0.1), TASK, match(API, S1B))
+    assert api_weak.kind == "injection" and api_weak.loss == "ce" and api_weak.kd_ratio == 0
     # On-policy only for white-box pairs on long, multi-step answers.
     long_task = TaskProfile("proofs", 100, 200, 300, 8, True, True, 1000)
     assert choose_strategy(probe("t", 0.9), long_task, match(T8B, S1B)).on_policy

@@ -125,6 +125,10 @@ def choose_strategy(probe: TeacherProbe, task: TaskProfile, m: Match, *, compete
     if m.mode == "text":
         loss, kd_ratio = "ce", 0.0
         reasons.append("loss ce: with text-only distillation the teacher's outputs are the targets")
+    elif m.mode == "topk" and not teacher_generates:
+        loss, kd_ratio = "ce", 0.0
+        reasons.append("loss ce: an API teacher returns log-probs only for its own generations, and the training "
+                       "data comes from the oracle")
     elif m.capacity_ratio >= 10:
         loss = "rkl"
         reasons.append(f"loss rkl (reverse KL): at a {m.capacity_ratio:,.0f}x gap the student can't cover every teacher "
