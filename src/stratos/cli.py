@@ -469,6 +469,29 @@ def bench_serve_cmd(
                                            if usd_per_hour is not None else {}))
 
 
+@app.command()
+def run(
+    spec: Path = typer.Argument(..., help="Pipeline spec (YAML)."),
+    run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Run directory (default runs/NAME-TIMESTAMP)."),
+    from_: Optional[str] = typer.Option(None, "--from", help="Start at this stage (rerunning it)."),
+    only: Optional[str] = typer.Option(None, "--only", help="Run just this stage."),
+    until: Optional[str] = typer.Option(None, "--until", help="Stop after this stage."),
+) -> None:
+    """Run the whole pipeline: plan, synth, distill, compress, deploy, eval, report. Rerun to resume."""
+    from stratos.runner import RunError, default_run_dir
+    from stratos.runner import run as run_pipeline
+
+    s = _spec_or_fail(spec)
+    target = run_dir or default_run_dir(s)
+    try:
+        manifest = run_pipeline(s, target, from_=from_, only=only, until=until, spec_text=spec.read_text())
+    except RunError as e:
+        fail(str(e))
+    report = manifest.data["stages"].get("report", {}).get("artifacts", {}).get("report_path")
+    console.print(f"[green]run complete[/green] {target}" + (f"; report: {target / report}" if report else ""),
+                  highlight=False)
+
+
 def main() -> None:
     from transformers.utils import logging as hf_logging
 

@@ -169,3 +169,28 @@ def result_table(result: EvalResult, title: str = "evaluation") -> Any:
         f"{result.tokens_per_s:.1f} tok/s | {result.unparsed} unparsed, {result.truncated} truncated"
     )
     return table
+
+
+def endpoint_generate_fn(base_url: str, model: str, *, api_key: str | None = None, concurrency: int = 8,
+                         timeout: float = 120.0) -> GenerateFn:
+    """The seam for an OpenAI-compatible endpoint: greedy chat completions, ``concurrency`` at a time,
+    through the official ``openai`` client. The evaluator scores them like local generations."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from openai import OpenAI
+
+    client = OpenAI(base_url=base_url.rstrip("/") + "/v1" if not base_url.rstrip("/").endswith("/v1") else base_url,
+                    api_key=api_key or "none", timeout=timeout, max_retries=3)
+
+    def one(prompt: Prompt, max_new_tokens: int) -> Generation:
+        msgs = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+        r = client.chat.completions.create(model=model, messages=msgs, max_tokens=max_new_tokens, temperature=0.0)
+        choice = r.choices[0]
+        tokens = r.usage.completion_tokens if r.usage else 0
+        return Generation(choice.message.content or "", tokens, "length" if choice.finish_reason == "length" else "stop")
+
+    def fn(prompts: Sequence[Prompt], *, max_new_tokens: int, batch_size: int) -> list[Generation]:
+        with ThreadPoolExecutor(max_workers=concurrency) as pool:
+            return list(pool.map(lambda p: one(p, max_new_tokens), prompts))
+
+    return fn

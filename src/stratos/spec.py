@@ -200,6 +200,8 @@ class EvalSpec(_Strict):
     n: int | None = Field(None, gt=0, description="Eval examples (default: the task's eval_size).")
     batch_size: int = Field(16, gt=0)
     max_new_tokens: int = Field(64, gt=0)
+    bench_clients: int = Field(4, gt=0, description="Concurrent clients of the deployed student's load test.")
+    bench_requests: int = Field(32, gt=0, description="Requests of the deployed student's load test.")
 
 
 class ApiPrice(_Strict):

@@ -1,0 +1,395 @@
+"""``stratos run``: the stages in order inside a run directory, recorded in a manifest, resumable.
+
+    plan -> synth -> distill -> compress -> deploy -> eval -> report
+
+Each stage is a plain function ``(ctx) -> artifacts`` that reads what earlier stages wrote
+(through ``ctx.artifact(stage, key)``) and writes into its own folder ``RUN/<stage>/``.
+``manifest.json`` records, per stage, its status, the hash of its inputs (the spec sections
+it reads plus the input hashes of the stages before it), its artifacts, its start and end
+time, and its predicted and measured duration. On a rerun a stage whose inputs hash is
+unchanged and whose status is ``done`` is skipped; a stage interrupted while running is
+resumed (distill from its last checkpoint, synth from its request cache); a stage whose
+inputs changed reruns from scratch, and so does every stage after it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from stratos.io import sha256_text, write_json
+from stratos.spec import Spec
+
+log = logging.getLogger("stratos.run")
+
+STAGE_NAMES = ["plan", "synth", "distill", "compress", "deploy", "eval", "report"]
+
+
+class RunError(Exception):
+    """A stage failed in a way the user can act on; the message says how."""
+
+
+# --------------------------------------------------------------------------- manifest
+
+
+class Manifest:
+    """``manifest.json``: the record of a run, rewritten atomically after every change."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / "manifest.json"
+        self.data: dict[str, Any] = json.loads(self.path.read_text()) if self.path.is_file() else {"stages": {}}
+
+    def stage(self, name: str) -> dict[str, Any]:
+        return self.data["stages"].setdefault(name, {})
+
+    def save(self) -> None:
+        write_json(self.path, self.data)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+# --------------------------------------------------------------------------- context
+
+
+@dataclass
+class Context:
+    spec: Spec
+    run_dir: Path
+    manifest: Manifest
+    stage: str
+    resume: bool  # the stage ran before with the same inputs and did not finish
+    progress: bool = True
+
+    @property
+    def dir(self) -> Path:
+        d = self.run_dir / self.stage
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    def artifact(self, stage: str, key: str) -> Any:
+        """An artifact an earlier stage recorded (paths are returned absolute)."""
+        arts = self.manifest.data["stages"].get(stage, {}).get("artifacts", {})
+        if key not in arts:
+            raise RunError(f"stage {self.stage!r} needs {stage}.{key}, which stage {stage!r} did not produce")
+        value = arts[key]
+        if isinstance(value, str) and key.endswith(("_path", "_dir", "model")):
+            return self.run_dir / value
+        return value
+
+    def rel(self, path: Path) -> str:
+        return str(Path(path).resolve().relative_to(self.run_dir.resolve()))
+
+    def plan(self) -> Any:
+        from stratos.plan.planner import Plan
+
+        return Plan.from_json(self.artifact("plan", "plan_path"))
+
+
+# --------------------------------------------------------------------------- stages
+
+
+def _effective(spec: Spec, plan: Any) -> Spec:
+    """The spec with the plan's choices filled in where the user left a field at its default.
+
+    What the user wrote always wins; what they left open, the plan decides (strategy: loss,
+    kd_ratio, epochs, rules in prompts, reverse synthesis, samples per prompt)."""
+    st = plan.strategy
+    spec = spec.model_copy(deep=True)
+    d, s = spec.distill, spec.synth
+    for field, value in (("loss", st.loss), ("kd_ratio", st.kd_ratio), ("num_train_epochs", st.epochs)):
+        if field not in d.model_fields_set:
+            setattr(d, field, value)
+    for field, value in (
+        ("samples_per_prompt", st.samples_per_prompt),
+        ("reverse_synthesis", st.reverse_synthesis),
+        ("knowledge_injection", st.knowledge_injection),
+    ):
+        if field in type(s).model_fields and field not in s.model_fields_set:
+            setattr(s, field, value)
+    return spec
+
+
+def stage_plan(ctx: Context) -> dict[str, Any]:
+    from stratos.plan.run import make_plan
+
+    plan, _ = make_plan(ctx.spec, ctx.dir, progress=ctx.progress)
+    log.info("plan: teacher %s, student %s, strategy %s", plan.teacher["name"], plan.student["name"], plan.strategy.kind)
+    return {
+        "plan_path": ctx.rel(ctx.dir / "plan.json"),
+        "teacher": plan.teacher,
+        "student": plan.student,
+        "strategy": plan.strategy.kind,
+        "predicted": _predicted_by_stage(plan),
+    }
+
+
+# The cost model prices work items; the runner's stages group them.
+_COST_ITEMS = {"synth": ("generation",), "distill": ("signal", "training"), "compress": ("recovery",)}
+
+
+def _predicted_by_stage(plan: Any) -> dict[str, float]:
+    secs: dict[str, float] = {}
+    for item in plan.stages:
+        for stage, items in _COST_ITEMS.items():
+            if item.stage in items and item.server == plan.training_server.name:
+                secs[stage] = secs.get(stage, 0.0) + item.seconds
+    return {k: round(v, 2) for k, v in secs.items()}
+
+
+def stage_synth(ctx: Context) -> dict[str, Any]:
+    from stratos.synth import run_synth
+
+    spec = _effective(ctx.spec, ctx.plan())
+    res = run_synth(spec, ctx.dir, plan=ctx.plan(), progress=ctx.progress)
+    return {"data_path": ctx.rel(res.data_path), "stats_path": ctx.rel(res.stats_path), "rows": res.rows}
+
+
+def stage_distill(ctx: Context) -> dict[str, Any]:
+    from stratos.distill import distill, load_records
+    from stratos.distill.losses import get_loss
+    from stratos.models import load
+
+    plan = ctx.plan()
+    spec = _effective(ctx.spec, plan)
+    s_spec = spec.students[plan.student["index"]]
+    t_spec = spec.teachers[plan.teacher["index"]]
+    cfg = spec.distill
+    records = load_records(ctx.artifact("synth", "data_path"))
+    student, tok = load(s_spec.model, dtype=s_spec.dtype, trust_remote_code=s_spec.trust_remote_code,
+                        config_overrides=s_spec.config_overrides, init=s_spec.init)
+    teacher = t_tok = None
+    white_box = t_spec.backend == "hf" and plan.match.mode == "logit"
+    if get_loss(cfg.loss).needs_teacher and cfg.kd_ratio > 0:
+        if not white_box:
+            # Logit KD needs the teacher's distribution over the student's vocabulary: without it
+            # (API teacher, other tokenizer) the student learns from the teacher's text alone.
+            log.info("distill: teacher %s is not white-box for this student; training on its text (loss ce)",
+                     t_spec.label)
+            cfg = cfg.model_copy(update={"loss": "ce", "kd_ratio": 0.0})
+        else:
+            teacher, t_tok = load(t_spec.model, dtype=t_spec.dtype, trust_remote_code=t_spec.trust_remote_code)
+    res = distill(student, tok, records, cfg, ctx.dir, teacher=teacher, teacher_tokenizer=t_tok, resume=ctx.resume,
+                  progress=ctx.progress)
+    return {"model": ctx.rel(res.model_dir), "metrics_path": ctx.rel(ctx.dir / "metrics.jsonl"),
+            "steps": res.steps, "tokens_per_second": res.tokens_per_second, "loss": cfg.loss,
+            "signal": res.signal.get("mode", "none")}
+
+
+def stage_compress(ctx: Context) -> dict[str, Any]:
+    model = ctx.artifact("distill", "model")
+    if not ctx.spec.compress.enabled:
+        return {"model": ctx.rel(model), "skipped": True}
+    from stratos.compress import run_compress
+
+    res = run_compress(ctx.spec, model, ctx.dir, progress=ctx.progress)
+    return {"model": ctx.rel(res.model_dir), "report_path": ctx.rel(res.report_path)}
+
+
+def stage_deploy(ctx: Context) -> dict[str, Any]:
+    from stratos.serve import deploy_recipe, read_plan_target
+
+    model = ctx.artifact("compress", "model")
+    target = read_plan_target(ctx.artifact("plan", "plan_path"))
+    recipe = deploy_recipe(str(model), target, port=ctx.spec.serve.port)
+    paths = recipe.write(ctx.dir)
+    return {"model": ctx.rel(model), **{k: ctx.rel(v) for k, v in paths.items()}, "server": target.name}
+
+
+def _model_facts(model: Any, folder: Path | None) -> dict[str, Any]:
+    size = sum(f.stat().st_size for f in folder.glob("*.safetensors")) if folder and folder.is_dir() else None
+    return {"params": sum(p.numel() for p in model.parameters()), "size_mb": round(size / 2**20, 1) if size else None}
+
+
+def stage_eval(ctx: Context) -> dict[str, Any]:
+    """Teacher (zero-shot and with the rules), student, compressed and deployed student on the
+    same held-out questions; the deployed one through its HTTP endpoint, with a load test."""
+    from stratos.evaluate import endpoint_generate_fn, evaluate
+    from stratos.models import load, resolve
+    from stratos.serve import bench_serve, running_server
+    from stratos.tasks import messages, task_from_spec
+
+    spec, plan = ctx.spec, ctx.plan()
+    task = task_from_spec(spec.task)
+    n = spec.eval.n or spec.task.eval_size
+    examples = task.examples("eval", n, seed=spec.task.seed)
+    kw = {"batch_size": spec.eval.batch_size, "max_new_tokens": spec.eval.max_new_tokens, "progress": ctx.progress}
+    rows: list[dict[str, Any]] = []
+
+    def record(role: str, name: str, res: Any, facts: dict[str, Any], **extra: Any) -> None:
+        rows.append({"role": role, "model": name, **res.to_dict(), **facts, **extra})
+        log.info("eval: %-24s accuracy %.3f [%.3f, %.3f]", role, res.accuracy, res.ci_low, res.ci_high)
+
+    t_spec = spec.teachers[plan.teacher["index"]]
+    if t_spec.backend == "hf":
+        teacher, t_tok = load(t_spec.model, dtype=t_spec.dtype, trust_remote_code=t_spec.trust_remote_code)
+        facts = _model_facts(teacher, resolve(t_spec.model)[1])
+        for rules in (False, True):
+            role = "teacher (rules in prompt)" if rules else "teacher (zero-shot)"
+            res = evaluate(teacher, t_tok, task, examples, rules=rules,
+                           predictions_path=ctx.dir / f"predictions-teacher{'-rules' if rules else ''}.jsonl", **kw)
+            record(role, t_spec.label, res, facts)
+        del teacher
+    models = [("student", ctx.artifact("distill", "model"))]
+    if not ctx.manifest.data["stages"].get("compress", {}).get("artifacts", {}).get("skipped"):
+        models.append(("compressed student", ctx.artifact("compress", "model")))
+    for role, folder in models:
+        model, tok = load(folder)
+        res = evaluate(model, tok, task, examples, predictions_path=ctx.dir / f"predictions-{role.replace(' ', '-')}.jsonl",
+                       **kw)
+        facts = _model_facts(model, folder)  # the last one listed is the one deployed
+        record(role, ctx.rel(folder), res, facts)
+        del model
+
+    final = ctx.artifact("deploy", "model")
+    bench = None
+    with running_server(final) as srv:
+        gen = endpoint_generate_fn(srv.base_url, srv.model, api_key=srv.api_key)
+        res = evaluate(None, None, task, examples, generate_fn=gen,
+                       predictions_path=ctx.dir / "predictions-deployed.jsonl", **kw)
+        prompts = [messages(task, ex)[-1]["content"] for ex in examples[:16]]
+        bench = bench_serve(srv.url, clients=spec.eval.bench_clients, requests=spec.eval.bench_requests,
+                            prompts=prompts, max_tokens=spec.eval.max_new_tokens, api_key=srv.api_key)
+    price = plan.serving_server.price(False)
+    record("deployed student", ctx.rel(final), res, facts, latency_ms=bench.latency_ms,
+           requests_per_s=bench.requests_per_s, output_tokens_per_s=bench.output_tokens_per_s)
+    results = {"task": spec.task.name, "n": n, "rows": rows, "bench": bench.to_dict(),
+               "serving_server": plan.serving_server.name, "serving_usd_per_hour": price}
+    write_json(ctx.dir / "results.json", results)
+    return {"results_path": ctx.rel(ctx.dir / "results.json"),
+            "accuracy": {r["role"]: r["accuracy"] for r in rows}}
+
+
+def stage_report(ctx: Context) -> dict[str, Any]:
+    from stratos.report import build_report
+
+    path = build_report(ctx.run_dir)
+    return {"report_path": ctx.rel(path)}
+
+
+STAGES: dict[str, tuple[Callable[[Context], dict[str, Any]], tuple[str, ...]]] = {
+    # stage: (function, the spec sections it reads)
+    "plan": (stage_plan, ("task", "constraints", "teachers", "students", "plan", "eval")),
+    "synth": (stage_synth, ("task", "synth", "distill")),
+    "distill": (stage_distill, ("distill",)),
+    "compress": (stage_compress, ("compress",)),
+    "deploy": (stage_deploy, ("serve",)),
+    "eval": (stage_eval, ("eval",)),
+    "report": (stage_report, ()),
+}
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def inputs_hashes(spec: Spec) -> dict[str, str]:
+    """Each stage's inputs hash chains the hash of the stage before it, so a change to one
+    section reruns that stage and everything after it, and nothing before it."""
+    out, prev = {}, ""
+    dumped = spec.model_dump(mode="json")
+    for name in STAGE_NAMES:
+        _, sections = STAGES[name]
+        prev = sha256_text(name, prev, {k: dumped[k] for k in sections})[:16]
+        out[name] = prev
+    return out
+
+
+def select_stages(from_: str | None, only: str | None, until: str | None) -> list[str]:
+    for flag, value in (("--from", from_), ("--only", only), ("--until", until)):
+        if value is not None and value not in STAGE_NAMES:
+            raise RunError(f"{flag} {value!r}: not a stage; stages are {', '.join(STAGE_NAMES)}")
+    if only:
+        return [only]
+    start = STAGE_NAMES.index(from_) if from_ else 0
+    stop = STAGE_NAMES.index(until) + 1 if until else len(STAGE_NAMES)
+    return STAGE_NAMES[start:stop]
+
+
+def default_run_dir(spec: Spec) -> Path:
+    return Path("runs") / f"{spec.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def run(
+    spec: Spec,
+    run_dir: str | Path,
+    *,
+    from_: str | None = None,
+    only: str | None = None,
+    until: str | None = None,
+    progress: bool = True,
+    spec_text: str | None = None,
+) -> Manifest:
+    """Run the pipeline (or the selected stages) in ``run_dir``; see the module doc."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _log_to(run_dir / "run.log")
+    selected = select_stages(from_, only, until)
+    manifest = Manifest(run_dir)
+    manifest.data.update(name=spec.name, spec=spec.model_dump(mode="json"), updated=_now())
+    if spec_text is not None:
+        (run_dir / "spec.yaml").write_text(spec_text)
+    hashes = inputs_hashes(spec)
+    forced = {from_} if from_ else set()  # --from X reruns X even if it looks done
+    if only:
+        forced = {only}
+    for name in STAGE_NAMES:
+        if name not in selected:
+            continue
+        rec = manifest.stage(name)
+        fn, _ = STAGES[name]
+        same_inputs = rec.get("inputs_hash") == hashes[name]
+        if same_inputs and rec.get("status") == "done" and name not in forced:
+            log.info("%-8s done earlier, inputs unchanged: skipped", name)
+            continue
+        resume = same_inputs and rec.get("status") in ("running", "failed") and name not in forced
+        if not resume and (run_dir / name).exists():
+            shutil.rmtree(run_dir / name)  # inputs changed (or forced): start the stage clean
+        rec.clear()
+        rec.update(status="running", inputs_hash=hashes[name], started=_now())
+        manifest.save()
+        log.info("%-8s %s", name, "resuming" if resume else "running")
+        t0 = time.perf_counter()
+        ctx = Context(spec=spec, run_dir=run_dir, manifest=manifest, stage=name, resume=resume, progress=progress)
+        try:
+            artifacts = fn(ctx)
+        except BaseException as e:
+            rec.update(status="failed" if not isinstance(e, KeyboardInterrupt) else "running", ended=_now(),
+                       error=f"{type(e).__name__}: {e}"[:2000])
+            manifest.save()
+            raise
+        seconds = time.perf_counter() - t0
+        predicted = manifest.data["stages"].get("plan", {}).get("artifacts", {}).get("predicted", {})
+        rec.update(status="done", ended=_now(), seconds=round(seconds, 2), artifacts=artifacts,
+                   predicted_seconds=predicted.get(name))
+        manifest.save()
+        log.info("%-8s done in %.1fs", name, seconds)
+        # A changed stage invalidates what came after it: their hashes chain, so they rerun.
+    manifest.data["updated"] = _now()
+    manifest.save()
+    return manifest
+
+
+def _log_to(path: Path) -> None:
+    """Everything the run logs goes to the console and to ``run.log`` in the run directory."""
+    root = logging.getLogger("stratos")
+    root.setLevel(logging.INFO)
+    for h in list(root.handlers):
+        if getattr(h, "_stratos_run", False):
+            root.removeHandler(h)
+    fh = logging.FileHandler(path)
+    fh.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    fh._stratos_run = True  # type: ignore[attr-defined]
+    root.addHandler(fh)
+    if not any(isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler) for h in root.handlers):
+        from rich.logging import RichHandler
+
+        sh = RichHandler(show_path=False, show_time=False)
+        root.addHandler(sh)
