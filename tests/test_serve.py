@@ -303,3 +303,34 @@ def test_public_bind_without_key_is_refused(model_dir):
                        capture_output=True, text=True, env=env, timeout=60)
     assert p.returncode == 2
     assert "API key" in p.stderr and "STRATOS_API_KEY" in p.stderr
+
+
+# --------------------------------------------------------------------------- lm-eval through the server
+
+
+def test_lm_eval_local_completions_runs_a_task_through_the_server(server, tmp_path):
+    """lm-eval's own `local-completions` model evaluates a small local task against our endpoint."""
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager
+
+    data = tmp_path / "add.jsonl"
+    data.write_text("".join(json.dumps({"question": p, "answer": str(eval(p[:-1]))}) + "\n" for p in PROMPTS))
+    (tmp_path / "stratos_add.yaml").write_text(
+        "task: stratos_add\ndataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {data}\ntest_split: test\noutput_type: generate_until\n"
+        'doc_to_text: "{{question}}"\ndoc_to_target: "{{answer}}"\n'
+        'generation_kwargs:\n  until: ["\\n"]\n  max_gen_toks: 8\n  do_sample: false\n'
+        "metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n"
+    )
+    res = lm_eval.simple_evaluate(
+        model="local-completions",
+        model_args=f"model={server.model},base_url={server.base_url}/completions,tokenizer_backend=None,"
+                   "tokenized_requests=False,num_concurrent=4",
+        tasks=["stratos_add"], task_manager=TaskManager(include_path=str(tmp_path)),
+    )
+    samples = res["samples"]["stratos_add"]
+    assert len(samples) == len(PROMPTS) and "exact_match,none" in res["results"]["stratos_add"]
+    for s in samples:  # lm-eval saw exactly what the server answers for that prompt
+        direct = completion(server, prompt=s["doc"]["question"], max_tokens=8, temperature=0,
+                            stop=["\n"])["choices"][0]["text"]
+        assert s["resps"][0][0] == direct

@@ -48,7 +48,7 @@ def read_plan_target(path: str | Path) -> dict[str, Any]:
     """The serving server chosen by a plan, as DeployTarget fields.
 
     Tolerant by design: it looks for the chosen server under the keys the planner may use
-    (``serving``, ``serve``, ``deploy``, ``server``, ``chosen.serving``...) and reads the usual
+    (``serving_server`` as ``stratos plan`` writes it, ``serving``, ``deploy``, ``server``...) and reads the usual
     field names (``gpu``/``accelerator``, ``gpu_count``/``count``, ``provider``/``cloud``...).
     """
     path = Path(path)
@@ -75,7 +75,11 @@ def read_plan_target(path: str | Path) -> dict[str, Any]:
     region = _first(server, "region")
     if region and out.get("cloud"):
         out["region"] = str(region)
+    # Spot is a planning choice, not a property of the server: look beside the server too.
     spot = _first(server, "spot", "use_spot")
+    for section in (plan, plan.get("workload"), plan.get("inputs")):
+        if spot is None and isinstance(section, dict):
+            spot = _first(section, "spot", "use_spot")
     if isinstance(spot, bool):
         out["spot"] = spot
     return out
@@ -88,7 +92,7 @@ def _first(d: dict[str, Any], *keys: str) -> Any:
 def _find_server(node: Any, depth: int = 0) -> dict[str, Any] | None:
     if not isinstance(node, dict) or depth > 4:
         return None
-    for key in ("serving", "serve", "deploy", "serving_server", "server", "chosen", "selected", "best"):
+    for key in ("serving_server", "serving", "serve", "deploy", "server", "chosen", "selected", "best"):
         sub = node.get(key)
         if isinstance(sub, dict):
             if any(k in sub for k in ("gpu", "accelerator", "gpu_model")):

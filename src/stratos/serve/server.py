@@ -224,7 +224,8 @@ def running_server(
     if api_key:
         child_env["STRATOS_API_KEY"] = api_key
     log_fd, log_name = tempfile.mkstemp(prefix="stratos-serve-", suffix=".log")
-    proc = subprocess.Popen(cmd, stdout=log_fd, stderr=subprocess.STDOUT, env=child_env)
+    proc = subprocess.Popen(cmd, stdout=log_fd, stderr=subprocess.STDOUT, env=child_env,
+                            preexec_fn=_die_with_parent if sys.platform == "linux" else None)
     os.close(log_fd)
     server = RunningServer(f"http://127.0.0.1:{port}", "", api_key, proc, Path(log_name))
     try:
@@ -243,6 +244,15 @@ def running_server(
         yield server
     finally:
         stop_process(proc, shutdown_timeout)
+
+
+def _die_with_parent() -> None:
+    # If the caller is killed before its `finally` runs, the kernel sends the server SIGTERM
+    # instead of leaving it holding a port and a model in memory.
+    import ctypes
+
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def stop_process(proc: subprocess.Popen, timeout: float = 60.0) -> int:
