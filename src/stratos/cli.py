@@ -346,7 +346,7 @@ def plan(
         fail(str(e).splitlines(), code=1)
     except (CatalogError, DataError, KeyError, FileNotFoundError, ValueError) as e:
         fail(str(e).strip('"'))
-    view = Console()
+    view = Console(width=max(120, Console().width))  # numbers are never cut to fit a narrow terminal
     view.print(pareto_table(result, limit=limit))
     view.print(stages_table(result))
     view.print(f"[bold]strategy:[/bold] {result.strategy.kind} (loss {result.strategy.loss}, kd_ratio "

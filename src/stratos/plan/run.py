@@ -116,8 +116,10 @@ def make_plan(
         write_json(cache_file, cached)
         if not t_shape.api and local is not None:
             # The probe is a real generation run: record the model's prediction of it, so its error shows.
+            # Predict what the probe actually did: its prompts and the tokens the teacher really generated.
             runs = 2 if ps.probe_rules else 1
-            predicted = runs * generate_seconds(t_shape, probe.n, profile.prompt_tokens, profile.answer_tokens, local,
+            generated = max(1.0, probe.tokens_per_s * probe.latency_s)
+            predicted = runs * generate_seconds(t_shape, probe.n, profile.prompt_tokens, generated, local,
                                                 local_efficiency(cal, torch.cuda.is_available()),
                                                 batch=spec.eval.batch_size)
             record_stage("generation", LOCAL, predicted, probe.seconds, run_dir=out, note=f"probe of {t_shape.name}")
