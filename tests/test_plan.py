@@ -105,6 +105,15 @@ def test_cost_monotone_in_price(price, factor):
     assert total(price * factor) > total(price)
 
 
+def test_recorded_corrections_scale_stage_times():
+    plain = {s.stage: s.seconds for s in stage_costs(T8B, S1B, work(), server(), server(), GPU_DEFAULT, GPU_DEFAULT)}
+    fixed = {s.stage: s.seconds for s in stage_costs(T8B, S1B, work(), server(), server(), GPU_DEFAULT, GPU_DEFAULT,
+                                                     correction={"training": 2.0, "distill": 3.0, "synth": 0.5})}
+    assert fixed["training"] == pytest.approx(2 * plain["training"])  # its own record wins
+    assert fixed["signal"] == pytest.approx(3 * plain["signal"])  # the runner's 'distill' records
+    assert fixed["generation"] == pytest.approx(0.5 * plain["generation"])
+
+
 def test_api_teacher_cost_is_tokens_times_price():
     w = work(teacher_sequences=1000, signal="topk")
     free = stage_costs(API, S1B, w, server(price=0), server(price=0), GPU_DEFAULT, GPU_DEFAULT, api=ApiPricing(0, 0, 1.0))

@@ -28,6 +28,9 @@ TRAIN_BYTES_PER_PARAM = 16.0
 ACT_BYTES_PER_TOKEN_LAYER_HIDDEN = 34.0
 USABLE_MEMORY = 0.9  # framework, allocator and CUDA context take the rest
 API_CONCURRENCY = 8  # parallel requests assumed to an API teacher
+# The runner's stage holding each cost item: measurements it records under its own stage names
+# correct these items too (an item's own records win).
+RUNNER_STAGE = {"generation": "synth", "signal": "distill", "training": "distill", "recovery": "compress"}
 
 
 @dataclass(frozen=True)
@@ -237,7 +240,7 @@ def stage_costs(
     out: list[StageCost] = []
 
     def add(stage: str, server: Server, seconds: float, usd: float | None = None, note: str = "") -> None:
-        seconds *= corr.get(stage, 1.0)
+        seconds *= corr.get(stage, corr.get(RUNNER_STAGE.get(stage, ""), 1.0))
         out.append(StageCost(stage, server.name, seconds, seconds * server.price(spot) / 3600 if usd is None else usd, note))
 
     seq_tokens = work.prompt_tokens + work.answer_tokens
