@@ -39,8 +39,6 @@ def tiny_models(tmp_path_factory, tiny_tokenizer):
 
 
 def test_model_shape_reads_configs_without_weights(tiny_models):
-    import torch
-
     from stratos.models import load
 
     t_path, s_path = tiny_models
@@ -51,7 +49,6 @@ def test_model_shape_reads_configs_without_weights(tiny_models):
     assert t.tokenizer == s.tokenizer and match(t, s).mode == "logit"
     assert model_shape(TeacherSpec(model="gpt-x", backend="openai", base_url="http://127.0.0.1:1/v1"),
                        api_params_b=70).params == 70e9
-    del torch
 
 
 def test_real_probe_of_an_incompetent_teacher_gives_injection(tiny_models):
