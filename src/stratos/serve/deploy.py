@@ -103,6 +103,15 @@ def _find_server(node: Any, depth: int = 0) -> dict[str, Any] | None:
     return None
 
 
+class _BlockDumper(yaml.SafeDumper):
+    """Writes multi-line strings (setup, run) as `|` blocks, the way SkyPilot's own examples look."""
+
+
+_BlockDumper.add_representer(
+    str, lambda d, s: d.represent_scalar("tag:yaml.org,2002:str", s, style="|" if "\n" in s else None)
+)
+
+
 @dataclass
 class DeployRecipe:
     model: str  # what vLLM loads on the server: the uploaded folder or a hub id
@@ -113,7 +122,7 @@ class DeployRecipe:
 
     @property
     def yaml(self) -> str:
-        return yaml.safe_dump(self.task, sort_keys=False, width=120)
+        return yaml.dump(self.task, Dumper=_BlockDumper, sort_keys=False, width=1000)
 
     def write(self, folder: str | Path) -> tuple[Path, Path]:
         folder = Path(folder)
