@@ -176,7 +176,9 @@ def test_profile_calibrates_the_local_machine():
     local = local_server(0.0, cal)
     assert local.bf16_tflops == pytest.approx(cal["peak_flops"] / 1e12) and local.source.startswith("stratos profile")
     # Calibrated on one model, the cost model reproduces that model's measured training step
-    # (unless the measured efficiency had to be capped at 100% of the measured peak).
+    # When the measured efficiency had to be capped at 100% of the measured peak (a timing faster than the
+    # matmul peak, as happens on a busy or turbo-boosting machine), the model runs at the peak and so
+    # predicts no faster than what was measured.
     from stratos.plan.calibration import _shape, _small_llama, local_efficiency
     from stratos.plan.costmodel import train_seconds
 
@@ -185,4 +187,4 @@ def test_profile_calibrates_the_local_machine():
     if cal["efficiency"]["train"] < 1.0:
         assert predicted == pytest.approx(m["train_step_s"], rel=1e-6)
     else:
-        assert predicted <= m["train_step_s"]
+        assert predicted >= m["train_step_s"]
