@@ -154,10 +154,34 @@ class SynthSpec(_Strict):
 
 
 class CompressSpec(_Strict):
+    """Options of the compress stage: structured pruning, KD recovery, sparsity, quantization, export."""
+
     enabled: bool = False
     prune_ratio: float | None = Field(None, gt=0, lt=1, description="Fraction of parameters to remove.")
+    target_params: int | None = Field(None, gt=0, description="Parameters to keep (instead of prune_ratio).")
+    prune: Literal["depth", "width"] = Field(
+        "width", description="'depth' drops whole layers (block influence); 'width' narrows every layer."
+    )
+    width_axes: list[Literal["mlp", "heads", "hidden"]] = Field(
+        default_factory=lambda: ["mlp", "heads"], description="What 'width' pruning narrows (heads keep GQA groups)."
+    )
+    sparsity: Literal["none", "wanda", "2:4"] = Field(
+        "none", description="Unstructured Wanda or 2:4 sparsity after pruning (on CPU: no speed-up, see docs)."
+    )
+    sparsity_ratio: float = Field(0.5, gt=0, lt=1, description="Fraction of weights zeroed by Wanda.")
+    calibration_samples: int = Field(64, gt=0, description="Training records used to rank layers/channels.")
     quantize: Literal["none", "int8", "int4", "int8-dynamic"] = "none"
-    recovery_steps: int = Field(0, ge=0)
+    recovery_steps: int = Field(0, ge=0, description="KD steps from the unpruned model after pruning.")
+    export: list[Literal["gguf", "onnx", "gptq", "awq"]] = Field(
+        default_factory=list, description="Extra exports; gptq/awq need llm-compressor and are skipped without it."
+    )
+    eval_size: int = Field(50, ge=0, description="Eval examples per step in the compress report (0: no accuracy).")
+
+    @model_validator(mode="after")
+    def _one_target(self) -> "CompressSpec":
+        if self.prune_ratio is not None and self.target_params is not None:
+            raise ValueError("give prune_ratio or target_params, not both")
+        return self
 
 
 class DeployTarget(_Strict):
