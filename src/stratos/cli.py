@@ -209,6 +209,83 @@ def eval_cmd(
         console.print(f"predictions written to {out}", highlight=False)
 
 
+@app.command()
+def compress(
+    spec: Optional[Path] = typer.Argument(None, help="Pipeline spec; its task, distill, eval and compress sections give the defaults."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model folder, hub id or alias (default: the spec's first student)."),
+    out: Path = typer.Option(Path("runs/compress"), "--out", "-o", help="Output folder: one model folder per step, compress_report.json."),
+    task: Optional[str] = typer.Option(None, "--task", help="Task for calibration, recovery and eval data (default: the spec's)."),
+    option: list[str] = typer.Option([], "--option", "-O", help="Task option KEY=VALUE (YAML value), repeatable."),
+    data: Optional[Path] = typer.Option(None, "--data", "-d", help="Training JSONL for calibration and recovery (default: the task's train split)."),
+    teacher: Optional[str] = typer.Option(None, "--teacher", "-t", help="Recover from this model instead of the unpruned one."),
+    prune: Optional[float] = typer.Option(None, "--prune", help="Fraction of parameters to remove."),
+    target_params: Optional[int] = typer.Option(None, "--target-params", help="Parameters to keep (instead of --prune)."),
+    method: Optional[str] = typer.Option(None, "--method", help="Structured pruning: depth or width."),
+    width_axes: Optional[str] = typer.Option(None, "--width-axes", help="Comma list of mlp, heads, hidden."),
+    recovery_steps: Optional[int] = typer.Option(None, "--recovery-steps", help="KD steps from the unpruned model."),
+    sparsity: Optional[str] = typer.Option(None, "--sparsity", help="none, wanda or 2:4."),
+    quantize: Optional[str] = typer.Option(None, "--quantize", "-q", help="none, int8, int4 or int8-dynamic (torchao)."),
+    export: Optional[str] = typer.Option(None, "--export", help="Comma list of gguf, onnx, gptq, awq."),
+    eval_size: Optional[int] = typer.Option(None, "--eval-size", help="Eval examples per step (0: no accuracy)."),
+) -> None:
+    """Prune (depth or width) with KD recovery, sparsify, quantize and export a model; one report row per step."""
+    import yaml
+    from pydantic import ValidationError
+
+    from stratos.io import DataError
+    from stratos.spec import CompressSpec, Spec, StudentSpec, TaskSpec, TeacherSpec, format_validation_error
+
+    s = _spec_or_fail(spec) if spec is not None else None
+    model = model or (s.students[0].model if s else None)
+    if model is None:
+        fail("no model: pass --model or a spec")
+    task_spec = s.task if s else None
+    if task:
+        task_spec = TaskSpec(name=task, options=task_spec.options if task_spec and task_spec.name == task else {})
+    if task_spec is None:
+        fail("no task: pass --task or a spec (calibration, recovery and eval data come from it)")
+    options = dict(task_spec.options)
+    for item in option:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            fail(f"--option {item!r}: expected KEY=VALUE")
+        options[key] = yaml.safe_load(value)
+    base = s.compress if s else CompressSpec()
+    try:
+        cs = CompressSpec.model_validate({
+            **base.model_dump(), "enabled": True,
+            **({"prune_ratio": None} if target_params is not None else {}),
+            **({"target_params": None} if prune is not None else {}),
+            **_overrides(prune_ratio=prune, target_params=target_params, prune=method, recovery_steps=recovery_steps,
+                         sparsity=sparsity, quantize=quantize, eval_size=eval_size,
+                         width_axes=width_axes.split(",") if width_axes else None,
+                         export=export.split(",") if export else None),
+        })
+        full = (s or Spec(task=task_spec, teachers=[TeacherSpec(model=model)], students=[StudentSpec(model=model)]))
+        full = full.model_copy(update={"compress": cs, "task": task_spec.model_copy(update={"options": options})})
+    except ValidationError as e:
+        fail(format_validation_error(e))
+    from stratos.compress import run_compress
+    from stratos.distill import load_records
+    from stratos.models import resolve
+
+    try:
+        records = load_records(data) if data else None
+        folders = [resolve(m)[1] if m else None for m in (model, teacher)]
+        if folders[0] is None or (teacher and folders[1] is None):
+            fail("compress works on local model folders (or aliases, .gguf files): download the hub model first")
+        res = run_compress(full, folders[0], out, records=records, teacher_dir=folders[1], progress=True)
+    except (DataError, FileNotFoundError, ValueError) as e:
+        fail(str(e).strip('"'))
+    from stratos.compress import report_table
+
+    Console().print(report_table(res.rows), highlight=False, soft_wrap=True)
+    for e in res.exports:
+        console.print(f"export {e['format']}: " + (f"[green]ok[/green] {e['path']}" if e["ok"] else f"[yellow]skipped[/yellow] {e['reason']}"),
+                      highlight=False, soft_wrap=True)
+    console.print(f"compressed model: {res.model_dir}; report: {res.report_path}", highlight=False)
+
+
 # --------------------------------------------------------------------------- serving (stratos.serve)
 
 

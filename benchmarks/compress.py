@@ -1,0 +1,97 @@
+"""Compression of a fine-tuned SmolLM2-135M-Instruct: prune to <= 60% of its parameters, recover by
+KD from the unpruned model, quantize int8 weight-only; accuracy, params, size, memory, tokens/s.
+
+    nice -n 10 python benchmarks/compress.py                      # the run docs/compress.md records
+    nice -n 10 python benchmarks/compress.py --methods depth --eval-n 50 --recovery-steps 100
+
+1. fine-tune SmolLM2-135M-Instruct on the task (SFT, ``--ft-steps``; skipped when ``--out``
+   already holds the fine-tuned model);
+2. for each pruning method: ``run_compress`` (prune to ``--keep`` of the parameters, recovery KD
+   from the fine-tuned model for ``--recovery-steps``, torchao int8 weight-only), which measures every
+   step on the same ``--eval-n`` eval questions and times greedy decoding at batch 1;
+3. prints one markdown table per method and writes the reports under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from stratos.compress import report_table, run_compress
+from stratos.distill import distill
+from stratos.models import load
+from stratos.spec import CompressSpec, DistillSpec, EvalSpec, Spec, StudentSpec, TaskSpec, TeacherSpec
+from stratos.tasks import task_from_spec, to_records
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--task", default="arithmetic")
+    ap.add_argument("--digits", type=int, default=2)
+    ap.add_argument("--ft-steps", type=int, default=150, help="SFT steps of the fine-tune before compression")
+    ap.add_argument("--methods", default="depth,width", help="pruning methods to compare")
+    ap.add_argument("--width-axes", default="mlp,heads")
+    ap.add_argument("--keep", type=float, default=0.58, help="fraction of parameters kept")
+    ap.add_argument("--recovery-steps", type=int, default=150)
+    ap.add_argument("--quantize", default="int8")
+    ap.add_argument("--eval-n", type=int, default=100, help="eval questions per step (kept small for the CPU)")
+    ap.add_argument("--calibration", type=int, default=32, help="calibration records for the importance scores")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--out", type=Path, default=Path("runs/bench-compress"))
+    args = ap.parse_args()
+    torch.manual_seed(0)
+
+    task_spec = TaskSpec(name=args.task, options={"digits": args.digits}, train_size=max(args.ft_steps, args.recovery_steps) * args.batch_size,
+                         eval_size=args.eval_n)
+    task = task_from_spec(task_spec)
+    records = to_records(task, task.examples("train", task_spec.train_size, seed=0))
+    dcfg = DistillSpec(loss="ce", kd_ratio=0.0, learning_rate=args.lr, per_device_train_batch_size=args.batch_size,
+                       max_length=128, teacher_signal="online", report_to=[], save_steps=10_000, logging_steps=25)
+
+    ft_dir = args.out / "finetune" / "model"
+    t0 = time.perf_counter()
+    if not (ft_dir / "config.json").exists():
+        model, tok = load(args.model)
+        distill(model, tok, records, dcfg.model_copy(update={"max_steps": args.ft_steps}), args.out / "finetune", resume=False)
+        del model
+    ft_s = time.perf_counter() - t0
+
+    results = {}
+    for method in args.methods.split(","):
+        spec = Spec(
+            task=task_spec,
+            teachers=[TeacherSpec(model=str(ft_dir))],
+            students=[StudentSpec(model=str(ft_dir))],
+            distill=dcfg.model_copy(update={"loss": "fkl", "kd_ratio": 1.0, "learning_rate": 2 * args.lr}),
+            eval=EvalSpec(batch_size=16, max_new_tokens=16),
+            compress=CompressSpec(enabled=True, prune_ratio=1 - args.keep, prune=method,
+                                  width_axes=args.width_axes.split(","), recovery_steps=args.recovery_steps,
+                                  calibration_samples=args.calibration, quantize=args.quantize, eval_size=args.eval_n),
+        )
+        t0 = time.perf_counter()
+        res = run_compress(spec, ft_dir, args.out / method, records=records, progress=False)
+        results[method] = {"rows": res.rows, "seconds": time.perf_counter() - t0}
+
+    print(f"\nmachine: {platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}, "
+          f"torch {torch.__version__}; task {args.task} digits={args.digits}, eval n={args.eval_n}; "
+          f"fine-tune {args.ft_steps} SFT steps ({ft_s:.0f} s)")
+    for method, r in results.items():
+        plan = next((row.get("plan") for row in r["rows"] if row["step"] == "pruned"), {})
+        shape = {k: v for k, v in (plan or {}).items() if k in ("layers", "intermediate_size", "num_attention_heads",
+                                                                "num_key_value_heads", "hidden_size") and v is not None}
+        print(f"\n### {method} pruning to {args.keep:.0%} of the parameters, {args.recovery_steps} recovery KD steps, "
+              f"{args.quantize} ({r['seconds']:.0f} s)  shape: {shape}\n")
+        print(report_table(r["rows"]))
+    (args.out / "summary.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
+                                                       "results": results}, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""What each compression step is worth: parameters, size on disk, peak memory, tokens/s, accuracy.
+
+Every step is measured the same way, from its saved folder: load it with ``stratos.models.load``
+(what the evaluator and the server do), time greedy decoding at batch size 1 on this CPU, and
+score it on the same eval examples.
+
+Peak memory is the growth of the process's peak resident set (Linux ``VmHWM``, reset through
+``/proc/self/clear_refs``) while loading and running that model; None where that is unavailable.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def size_on_disk(folder: str | os.PathLike) -> int:
+    """Bytes of the weight files in a model folder."""
+    return sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))
+
+
+def _status_kb(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_memory() -> int | None:
+    """Reset the peak-RSS counter; returns the current RSS in KiB (None where not on Linux)."""
+    gc.collect()
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return None
+    return _status_kb("VmRSS")
+
+
+def peak_memory_mb(base_kb: int | None) -> float | None:
+    peak = _status_kb("VmHWM")
+    if base_kb is None or peak is None:
+        return None
+    return round((peak - base_kb) / 1024, 1)
+
+
+def params_of(model: Any) -> int:
+    """Parameters counted as numbers, whatever their storage (torchao tensors keep the logical shape)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+@torch.no_grad()
+def decode_speed(model: Any, tokenizer: Any, prompt: str, *, new_tokens: int = 32, repeats: int = 2) -> float:
+    """Greedy tokens/s at batch size 1 with the KV cache, best of ``repeats`` after a warm-up."""
+    from stratos.models.generate import render
+
+    ids = tokenizer(render(tokenizer, [{"role": "user", "content": prompt}], chat=True), return_tensors="pt",
+                    add_special_tokens=False)
+    ids = {k: v.to(next(model.parameters()).device) for k, v in ids.items()}
+    pad = tokenizer.pad_token_id
+    kw = dict(do_sample=False, pad_token_id=pad, min_new_tokens=new_tokens, max_new_tokens=new_tokens)
+    model.generate(**ids, **{**kw, "min_new_tokens": 2, "max_new_tokens": 2})  # warm-up
+    best = 0.0
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = model.generate(**ids, **kw)
+        dt = time.perf_counter() - t0
+        best = max(best, (out.shape[1] - ids["input_ids"].shape[1]) / dt)
+    return best
+
+
+def measure_step(step: str, folder: str | os.PathLike, *, task: Any = None, examples: Sequence[Any] = (),
+                 batch_size: int = 16, max_new_tokens: int = 64, decode_tokens: int = 32,
+                 speed_prompt: str = "Count from one to twenty.", progress: bool = False,
+                 predictions_path: str | os.PathLike | None = None) -> dict[str, Any]:
+    """One report row for the model folder of ``step``."""
+    from stratos.models import load
+
+    base = reset_peak_memory()
+    model, tok = load(folder)
+    model.eval()
+    row: dict[str, Any] = {"step": step, "model_dir": str(folder), "params": params_of(model),
+                           "size_mb": round(size_on_disk(folder) / 2**20, 2)}
+    if examples:
+        speed_prompt = task.prompt(examples[0])
+    row["tokens_per_s"] = round(decode_speed(model, tok, speed_prompt, new_tokens=decode_tokens), 2)
+    row["accuracy"] = row["ci_low"] = row["ci_high"] = None
+    if task is not None and examples:
+        from stratos.evaluate import evaluate
+
+        res = evaluate(model, tok, task, examples, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                       predictions_path=predictions_path, progress=progress)
+        row.update(accuracy=res.accuracy, ci_low=round(res.ci_low, 4), ci_high=round(res.ci_high, 4), eval_n=res.n,
+                   eval_tokens_per_s=round(res.tokens_per_s, 2))
+    row["peak_mem_mb"] = peak_memory_mb(base)
+    del model
+    gc.collect()
+    return row
+
+
+def report_table(rows: Sequence[dict[str, Any]]) -> str:
+    """A markdown table of report rows, with each step's ratio to the first (original) row."""
+    head = "| step | params | % of original | size MB | peak mem MB | tokens/s (bs 1) | speed-up | accuracy [95% CI] |"
+    lines = [head, "|" + "---|" * 8]
+    p0, s0 = rows[0]["params"], rows[0]["tokens_per_s"] or 1.0
+    for r in rows:
+        acc = "n/a" if r.get("accuracy") is None else f"{r['accuracy']:.3f} [{r['ci_low']:.2f}, {r['ci_high']:.2f}] (n={r['eval_n']})"
+        mem = "n/a" if r.get("peak_mem_mb") is None else f"{r['peak_mem_mb']:.0f}"
+        lines.append(f"| {r['step']} | {r['params'] / 1e6:.2f}M | {100 * r['params'] / p0:.0f}% | {r['size_mb']:.1f} | "
+                     f"{mem} | {r['tokens_per_s']:.1f} | {r['tokens_per_s'] / s0:.2f}x | {acc} |")
+    return "\n".join(lines)
