@@ -36,3 +36,18 @@ def smollm2():
     from stratos.models import load
 
     return load("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def tiny_served(tiny_tokenizer, tmp_path_factory):
+    """A tiny random Llama saved as an HF folder and served by `stratos serve` (the real
+    OpenAI-compatible server). Its larger init makes its next-token distributions peaked like a
+    trained LM's (top-20 holds ~80% of the mass). Waves hold one request of n <= 2 rows (no
+    padding), so a seeded request gets the same tokens whatever runs beside it.
+    Yields ``(server, model_dir)``."""
+    from stratos.models.tiny import save_model, tiny_llama
+    from stratos.serve import running_server
+
+    path = save_model(tiny_llama(tiny_tokenizer, initializer_range=0.3), tiny_tokenizer, tmp_path_factory.mktemp("served") / "tiny")
+    with running_server(path, args=["--max-batch-size", "2"]) as server:
+        yield server, path

@@ -155,6 +155,68 @@ def distill(
     )
 
 
+@app.command()
+def synth(
+    spec: Optional[Path] = typer.Argument(None, help="Pipeline spec; its task, first teacher and synth section are used."),
+    teacher: Optional[str] = typer.Option(None, "--teacher", "-t", help="Teacher: hub id, folder, alias, or API model name."),
+    base_url: Optional[str] = typer.Option(None, "--base-url", help="OpenAI-compatible endpoint (makes the teacher an API one)."),
+    api_key_env: Optional[str] = typer.Option(None, "--api-key-env", help="Environment variable holding the API key."),
+    task: Optional[str] = typer.Option(None, "--task", help="Task name, e.g. arithmetic, mahjong:waits."),
+    option: list[str] = typer.Option([], "--option", "-O", help="Task option KEY=VALUE (repeatable)."),
+    n: Optional[int] = typer.Option(None, "--n", "-n", help="Teacher samples per prompt."),
+    prompts: Optional[int] = typer.Option(None, "--prompts", help="Train prompts sent to the teacher (default: the task's train_size)."),
+    temperature: Optional[float] = typer.Option(None, help="Sampling temperature."),
+    max_new_tokens: Optional[int] = typer.Option(None, help="Generation limit per sample."),
+    reverse_synthesis: Optional[int] = typer.Option(None, help="Oracle-answered examples to add."),
+    knowledge_injection: Optional[bool] = typer.Option(None, "--knowledge-injection/--no-knowledge-injection",
+                                                       help="Rules in the teacher's prompt plus the rules corpus."),
+    top_logprobs: Optional[int] = typer.Option(None, help="Store the teacher's top-k log-probs (top-k KD)."),
+    budget: Optional[float] = typer.Option(None, "--budget", help="Most to spend on API requests, in $."),
+    out: Path = typer.Option(Path("runs/synth"), "--out", "-o", help="Output folder: data.jsonl, stats.json, requests/."),
+) -> None:
+    """Make training data: teacher samples kept by the task's verifier, plus oracle and corpus data. Rerun to resume."""
+    import yaml
+
+    from stratos.spec import parse_spec
+
+    if spec is not None:
+        data = _spec_or_fail(spec).model_dump(mode="json", exclude_unset=True)
+    else:
+        if not (teacher and task):
+            fail("pass a spec, or --teacher and --task")
+        data = {"students": [{"model": teacher}]}  # unused by synth; the spec needs one
+    if teacher:
+        t = {"model": teacher}
+        if base_url:
+            t.update(backend="openai", base_url=base_url, api_key_env=api_key_env)
+        data["teachers"] = [t]
+    if task:
+        opts = {}
+        for item in option:
+            key, eq, value = item.partition("=")
+            if not eq:
+                fail(f"--option {item!r}: expected KEY=VALUE")
+            opts[key] = yaml.safe_load(value)
+        data["task"] = {**data.get("task", {}), "name": task, "options": opts}
+    data["synth"] = {**data.get("synth", {}), **_overrides(
+        samples_per_prompt=n, prompts=prompts, temperature=temperature, max_new_tokens=max_new_tokens,
+        reverse_synthesis=reverse_synthesis, knowledge_injection=knowledge_injection, top_logprobs=top_logprobs,
+        budget_usd=budget)}
+    try:
+        s = parse_spec(data, source=str(spec or "command line"))
+    except SpecError as e:
+        fail([f"{e.path}: {p}" for p in e.problems])
+    from stratos.io import DataError
+    from stratos.synth import SynthError, run_synth
+    from stratos.teachers import TeacherError
+
+    try:
+        res = run_synth(s, out)
+    except (SynthError, TeacherError, DataError, KeyError, ValueError) as e:
+        fail(str(e).strip('"'))
+    console.print(f"[green]done[/green] {res.rows} rows in {res.data_path}; statistics in {res.stats_path}", highlight=False)
+
+
 @app.command("eval")
 def eval_cmd(
     spec: Optional[Path] = typer.Argument(None, help="Pipeline spec; its task and eval sections give the defaults."),

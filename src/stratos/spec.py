@@ -58,6 +58,13 @@ class TeacherSpec(_Strict):
     api_key_env: str | None = Field(None, description="Environment variable holding the API key.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     trust_remote_code: bool = Field(False, description="Run code shipped with the model. Off unless you trust it.")
+    max_concurrency: int = Field(8, gt=0, description="API requests in flight at once (backend 'openai').")
+    max_retries: int = Field(6, ge=0, description="Retries of a failed API request (429, 5xx, timeout, bad reply).")
+    timeout_s: float = Field(120.0, gt=0, description="Seconds an API request may take before it is retried.")
+    logprobs_as_token_ids: bool = Field(
+        False, description="Ask for log-prob tokens as 'token_id:N' (vLLM and Stratos servers): exact token ids for top-k KD."
+    )
+    batch_size: int = Field(16, gt=0, description="Prompts generated together (backends 'hf' and 'vllm').")
 
     @model_validator(mode="after")
     def _check_backend(self) -> "TeacherSpec":
@@ -109,8 +116,9 @@ class DistillSpec(_Strict):
     temperature: float = Field(1.0, gt=0)
     scale_by_temperature: bool = Field(True, description="Multiply the KD term by T^2 (Hinton et al.).")
     kd_ratio: float = Field(1.0, ge=0, le=1, description="loss = kd_ratio * KD + (1 - kd_ratio) * CE.")
-    teacher_signal: Literal["online", "cached"] = Field(
-        "cached", description="'cached' stores teacher hidden states on disk once and reuses them."
+    teacher_signal: Literal["online", "cached", "topk"] = Field(
+        "cached", description="'cached' stores teacher hidden states on disk once and reuses them; 'topk' uses the "
+        "top-k log-probs stored in the data (API teachers, synth.top_logprobs)."
     )
     cache_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     chunk_size: int = Field(1024, gt=0, description="Tokens per chunk when computing logits and loss.")
@@ -145,12 +153,22 @@ class DistillSpec(_Strict):
 
 
 class SynthSpec(_Strict):
+    """Options of the synth stage: teacher samples kept by the task's verifier, plus oracle data."""
+
+    prompts: int | None = Field(None, gt=0, description="Train prompts sent to the teacher (default: task.train_size).")
     samples_per_prompt: int = Field(4, gt=0, description="Teacher samples per prompt (best-of-n / rejection sampling).")
     temperature: float = Field(0.8, ge=0)
     top_p: float = Field(0.95, gt=0, le=1)
     max_new_tokens: int = Field(256, gt=0)
+    stop: list[str] = Field(default_factory=list, description="Stop strings of teacher generation.")
     reverse_synthesis: int = Field(0, ge=0, description="Oracle-checked reverse-synthesised examples to add.")
     knowledge_injection: bool = Field(False, description="Add the task's rules corpus and put rules in teacher prompts.")
+    top_logprobs: int = Field(
+        0, ge=0, le=20, description="Store the teacher's top-k log-probs per response token (top-k KD; API teachers)."
+    )
+    budget_usd: float | None = Field(
+        None, ge=0, description="Most this stage may spend on API requests (default: constraints.budget_usd)."
+    )
 
 
 class CompressSpec(_Strict):

@@ -22,6 +22,7 @@ from stratos.distill.head import OutputHead, last_hidden
 from stratos.distill.kd import Objective, kd_terms
 from stratos.distill.losses import LOSSES, get_loss, register_loss
 from stratos.distill.signal import HiddenStateCache, OnlineTeacher, TeacherSignal, model_fingerprint
+from stratos.distill.topk import TopKSignal, with_teacher_tokens
 from stratos.distill.trainer import TrainResult, apply_lora, objective_from, resolve_bf16, train
 from stratos.io import write_json
 from stratos.spec import DistillSpec
@@ -34,6 +35,7 @@ __all__ = [
     "OnlineTeacher",
     "OutputHead",
     "TeacherSignal",
+    "TopKSignal",
     "distill",
     "encode",
     "get_loss",
@@ -123,11 +125,20 @@ def distill(
     if isinstance(records, (str, Path)):
         records = load_records(records)
     check_same_vocab(tokenizer, teacher_tokenizer)
+    obj = objective_from(cfg)
+    topk = cfg.teacher_signal == "topk" and obj.needs_teacher and signal is None
+    if topk:
+        records = with_teacher_tokens(records, tokenizer)
     examples, stats = encode(records, tokenizer, cfg.max_length)
     if not examples:
         raise ValueError(f"no usable training examples: {stats.summary()}")
-    obj = objective_from(cfg)
     signal_info: dict[str, Any] = {}
+    if topk:
+        signal = TopKSignal.from_records(records, tokenizer, cfg.max_length)
+        signal_info = {"mode": "topk", "k": signal.k, **signal.stats}
+        if not signal.stats["with_topk"]:
+            raise ValueError("teacher_signal 'topk' but no record carries aligned top-k log-probs (rec['topk']); "
+                             "make the data with synth.top_logprobs > 0 from a teacher sharing the student's tokenizer")
     if obj.needs_teacher and signal is None:
         if teacher is None:
             raise ValueError(f"loss {cfg.loss!r} (kd_ratio {cfg.kd_ratio}) needs a teacher")

@@ -89,7 +89,9 @@ def encode_record(rec: dict[str, Any], tokenizer: Any, max_length: int, *, chat:
         else:
             prompt_text = "\n".join(m["content"] for m in context) + "\n"
         prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-        response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [eos]
+        # "response_ids": the exact tokens a teacher sampled (top-k KD aligns its signal to them).
+        ids_given = rec.get("response_ids")
+        response_ids = (list(ids_given) if ids_given is not None else tokenizer(response, add_special_tokens=False)["input_ids"]) + [eos]
     ids = prompt_ids + response_ids
     labels = [IGNORE] * len(prompt_ids) + response_ids
     truncated = len(ids) > max_length

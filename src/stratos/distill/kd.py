@@ -17,6 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 from stratos.distill.head import OutputHead
 from stratos.distill.losses import Loss, get_loss
+from stratos.distill.topk import topk_log_probs
 
 
 @dataclass
@@ -53,6 +54,8 @@ def _chunk_terms(
     s_head: OutputHead,
     t_head: OutputHead | None,
     obj: Objective,
+    topk_ids: torch.Tensor | None = None,
+    topk_logp: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Summed [kd, ce, teacher-agreement] of one chunk (a 3-vector, so it checkpoints as one tensor)."""
     s_logits = s_head(s_hidden)
@@ -60,6 +63,12 @@ def _chunk_terms(
     kd = agree = s_logits.new_zeros(())
     if not obj.spec.needs_teacher:  # plain CE, or a user's teacher-free loss
         kd = obj.spec.fn(F.log_softmax(s_logits, dim=-1), None, targets, **obj.loss_kwargs).sum()
+    elif obj.kd_ratio > 0 and topk_ids is not None:  # an API teacher's top-k log-probs (distill/topk.py)
+        s_logp, t_logp = topk_log_probs(s_logits, topk_ids, topk_logp, obj.temperature)
+        kd = obj.spec.fn(s_logp, t_logp, targets, **obj.loss_kwargs).sum()
+        if obj.scale_by_temperature:
+            kd = kd * obj.temperature * obj.temperature
+        agree = (s_logits.argmax(-1) == topk_ids[:, 0]).sum().to(kd.dtype).detach()
     elif obj.kd_ratio > 0:
         if t_hidden is None or t_head is None:
             raise ValueError(f"loss {obj.loss!r} needs a teacher signal")
@@ -83,19 +92,22 @@ def kd_terms(
     s_head: OutputHead,
     t_head: OutputHead | None,
     obj: Objective,
+    topk: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Sums over all target tokens of the KD term, the CE term and the combined loss.
 
     Sums, not means: the caller divides by the number of target tokens of the whole
     optimizer step, so every token weighs the same however the step is split into
-    micro-batches (and, later, processes).
+    micro-batches (and, later, processes). ``topk`` ([N, k] ids, [N, k] log-probs) replaces the
+    teacher's hidden states with an API teacher's top-k targets.
     """
     n = s_hidden.shape[0]
     total = s_hidden.new_zeros(3, dtype=torch.float32)
     grad = torch.is_grad_enabled() and s_hidden.requires_grad
     for start in range(0, n, obj.chunk_size):
         sl = slice(start, start + obj.chunk_size)
-        args = (s_hidden[sl], None if t_hidden is None else t_hidden[sl], targets[sl], s_head, t_head, obj)
+        args = (s_hidden[sl], None if t_hidden is None else t_hidden[sl], targets[sl], s_head, t_head, obj,
+                *((None, None) if topk is None else (topk[0][sl], topk[1][sl])))
         if grad:
             total = total + checkpoint(_chunk_terms, *args, use_reentrant=False)
         else:

@@ -299,7 +299,7 @@ def train(
         raise ValueError(f"loss {cfg.loss!r} with kd_ratio {cfg.kd_ratio} needs a teacher signal")
     bf16 = resolve_bf16(cfg.bf16, device)
     s_head = OutputHead.from_model(student, frozen_copy=False)
-    t_head = signal.head.to(device) if signal is not None and obj.needs_teacher else None
+    t_head = signal.head.to(device) if signal is not None and signal.head is not None and obj.needs_teacher else None
 
     sched_data = Schedule.from_config(len(examples), cfg)
     opt = make_optimizer(student, cfg)
@@ -373,7 +373,10 @@ def _micro_step(
 ) -> dict[str, torch.Tensor]:
     mask = batch.target_mask.to(device)
     t_hidden = signal.hidden(batch).to(device) if t_head is not None and signal is not None else None
+    topk = None
+    if obj.needs_teacher and hasattr(signal, "topk"):  # API teacher: top-k log-probs instead of hidden states
+        topk = tuple(t.to(device) for t in signal.topk(batch))
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
         h = last_hidden(student, batch.input_ids.to(device), batch.attention_mask.to(device))
         s_hidden = h[:, :-1][mask]
-        return kd_terms(s_hidden, t_hidden, batch.targets.to(device), s_head, t_head, obj)
+        return kd_terms(s_hidden, t_hidden, batch.targets.to(device), s_head, t_head, obj, topk=topk)

@@ -1,0 +1,149 @@
+"""The synth stage against the real server: rejection sampling, faults, resume, budget, top-k KD, CLI, RFT."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from stratos.io import read_jsonl
+from stratos.spec import parse_spec
+from stratos.synth import SynthError, run_synth
+from synth_helpers import CoinTask, FaultProxy
+
+
+def coin_spec(teacher: dict, *, train_size: int = 8, budget=None, prices=None, **synth):
+    data = {
+        "task": {"name": "coin", "train_size": train_size, "eval_size": 2},
+        "teachers": [teacher],
+        "students": [{"model": "unused"}],
+        "synth": {"samples_per_prompt": 2, "max_new_tokens": 4, "temperature": 1.0, "top_p": 1.0, **synth},
+    }
+    if budget is not None:
+        data["constraints"] = {"budget_usd": budget}
+    if prices:
+        data["plan"] = {"api_prices": prices}
+    return parse_spec(data)
+
+
+def api(url: str, model: str, **kw) -> dict:
+    return {"model": model, "backend": "openai", "base_url": url, **kw}
+
+
+def test_faults_give_exactly_the_clean_rows_and_a_rerun_sends_nothing(tiny_served, tmp_path):
+    server, _ = tiny_served
+    clean = run_synth(coin_spec(api(server.base_url, server.model)), tmp_path / "clean", progress=False)
+    proxy = FaultProxy(server.url, first=["hang", "429", "malformed", "500"], rate=0.25, seed=7, retry_after="1",
+                       hang_s=8.0)
+    try:
+        spec = coin_spec(api(proxy.url + "/v1", server.model, timeout_s=4.0, max_concurrency=4))
+        faulty = run_synth(spec, tmp_path / "faulty", progress=False)
+        sent = proxy.requests
+        again = run_synth(spec, tmp_path / "faulty", progress=False)
+        assert proxy.requests == sent  # the rerun asked the endpoint nothing
+    finally:
+        proxy.close()
+    rows = read_jsonl(faulty.data_path)
+    assert rows == read_jsonl(clean.data_path) == read_jsonl(again.data_path)
+    assert faulty.rows == len(rows) > 0
+    # Verified, distinct, with provenance; every accepted sample of every prompt is there once.
+    task = CoinTask()
+    assert all(task.score(None, r["response"]).correct and r["source"] == "teacher" for r in rows)
+    assert len({(r["prompt"], r["response"].strip()) for r in rows}) == len(rows)
+    stats = faulty.stats  # (the file now holds the rerun's)
+    assert stats["prompts"] == 8 and set(stats["by_type"]) == {"even", "odd"}
+    assert {"hang", "429", "malformed", "500", "ok"} <= {f for _, f in proxy.log}
+    assert stats["usage"]["retries"] >= 4 and stats["usage"]["requests"] == 8 + stats["usage"]["retries"]
+    by_type = stats["by_type"]
+    assert sum(c["kept"] for c in by_type.values()) + stats["duplicates_dropped"] == sum(c["correct"] for c in by_type.values())
+    assert again.stats["usage"]["requests"] == 0
+    assert again.stats["usage"]["cached"] == 8
+
+
+def test_budget_stops_before_the_request_that_could_cross_it(tiny_served, tmp_path):
+    server, _ = tiny_served
+    # $1000 per million output tokens: a request's worst case is 2 samples x 4 tokens = $0.008.
+    prices = {server.model: {"input_usd_per_mtok": 0.0, "output_usd_per_mtok": 1000.0}}
+    spec = coin_spec(api(server.base_url, server.model, max_concurrency=1), budget=0.02, prices=prices,
+                     reverse_synthesis=1)  # one oracle row, so the stage has data whatever the verifier rejects
+    u = run_synth(spec, tmp_path, progress=False).stats["usage"]
+    worst = 2 * 4 * 1000.0 / 1e6
+    assert u["budget_stopped"]
+    assert u["cost_usd"] <= 0.02 and u["cost_usd"] + worst > 0.02  # stopped only when the next one could cross
+    assert 2 <= u["requests"] < 8
+    assert u["cost_usd"] == pytest.approx(u["completion_tokens"] * 1000.0 / 1e6)
+    # A rerun with the same budget pays nothing more and sends nothing.
+    again = run_synth(spec, tmp_path, progress=False).stats["usage"]
+    assert again["requests"] == 0 and again["cost_usd"] == pytest.approx(u["cost_usd"]) and again["cost_usd_now"] == 0
+
+
+def test_api_budget_needs_a_price(tmp_path):
+    spec = coin_spec(api("http://127.0.0.1:9/v1", "m"), budget=1.0)
+    with pytest.raises(SynthError, match="plan.api_prices.m"):
+        run_synth(spec, tmp_path, progress=False)
+
+
+def test_topk_kd_from_the_server_lowers_divergence(tiny_served, tiny_tokenizer, tmp_path):
+    from stratos.distill import distill, kl_to_teacher
+    from stratos.models import load
+    from stratos.models.tiny import tiny_llama
+    from stratos.spec import DistillSpec
+
+    server, path = tiny_served
+    spec = coin_spec(api(server.base_url, server.model, logprobs_as_token_ids=True), train_size=16,
+                     top_logprobs=20, max_new_tokens=8)
+    res = run_synth(spec, tmp_path / "synth", progress=False)
+    records = read_jsonl(res.data_path)
+    assert all(len(r["topk"]["top"]) == len(r["topk"]["tokens"]) and len(r["topk"]["top"][0]) == 20 for r in records)
+    teacher = load(path, with_tokenizer=False)
+
+    def train(signal: str, loss: str):
+        student = tiny_llama(tiny_tokenizer, seed=1)
+        before = kl_to_teacher(student, teacher, tiny_tokenizer, records)
+        cfg = DistillSpec(loss=loss, teacher_signal=signal, max_steps=30, learning_rate=3e-3, warmup_ratio=0.0,
+                          per_device_train_batch_size=8, report_to=[], bf16=False, save_steps=1000)
+        result = distill(student, tiny_tokenizer, records, cfg, tmp_path / loss, progress=False)
+        return before, kl_to_teacher(student, teacher, tiny_tokenizer, records), result
+
+    before, after, result = train("topk", "fkl")
+    sig = result.signal
+    assert sig["mode"] == "topk" and sig["k"] == 20 and sig["with_topk"] == len(records) and sig["misaligned"] == 0
+    assert sig["topk_positions"] > 0.5 * sig["positions"]
+    assert after < 0.95 * before, (before, after)
+    # SFT on the same samples learns the tokens, not the distribution: it ends further from the teacher.
+    _, after_sft, _ = train("cached", "ce")
+    assert after < after_sft, (after, after_sft)
+
+
+def test_oracle_rows_corpus_and_rules_in_the_teacher_prompt(tiny_served, tmp_path):
+    server, _ = tiny_served
+    spec = coin_spec(api(server.base_url, server.model), train_size=4, reverse_synthesis=3, knowledge_injection=True)
+    res = run_synth(spec, tmp_path, progress=False)
+    rows = read_jsonl(res.data_path)
+    sources = [r["source"] for r in rows]
+    assert sources.count("oracle") == 3 and sources.count("corpus") == 1
+    assert sources == sorted(sources, key=["teacher", "oracle", "corpus"].index)
+    assert res.stats["rules_in_teacher_prompt"] and res.stats["rows"]["total"] == len(rows)
+    # The teacher saw the rules; the student's records hold the plain prompt it will be served with.
+    cached = [json.loads(p.read_text()) for p in (tmp_path / "requests").glob("*/*.json")]
+    assert len(cached) == 4
+    assert all("Rules" not in r["prompt"] for r in rows if r["source"] != "corpus")
+
+
+def test_cli_flags_form_with_a_local_teacher(tiny_served, tmp_path):
+    from typer.testing import CliRunner
+
+    from stratos.cli import app
+
+    _, path = tiny_served
+    out = tmp_path / "o"
+    args = ["synth", "--teacher", str(path), "--task", "arithmetic", "-O", "digits=1", "--n", "2", "--prompts", "4",
+            "--max-new-tokens", "3", "--reverse-synthesis", "5", "--out", str(out)]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["prompts"] == 4 and stats["usage"]["requests"] == 1 and stats["rows"]["oracle"] == 5
+    r = CliRunner().invoke(app, args)  # resumed from the cache: the model is not even loaded
+    assert r.exit_code == 0 and json.loads((out / "stats.json").read_text())["usage"]["cached"] == 4
+    bad = CliRunner().invoke(app, ["synth", "--teacher", str(path), "--task", "arithmetic", "--n", "0"])
+    assert bad.exit_code == 2 and "synth.samples_per_prompt" in bad.output
