@@ -110,3 +110,24 @@ def test_smollm2_alias_cache_and_kd_steps(tmp_path, smollm2):
 
     rows = [json.loads(x) for x in (tmp_path / "kd" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 4 and rows[-1]["kd"] < rows[0]["kd"]
+
+
+def test_a_student_on_a_task_tokenizer_is_small_and_reads_tiles_whole(tmp_path, tiny_tokenizer, monkeypatch):
+    from stratos.models import load_student
+    from stratos.models.tiny import save_model, tiny_llama
+    from stratos.spec import StudentSpec, TaskSpec
+
+    monkeypatch.setenv("STRATOS_CACHE", str(tmp_path / "cache"))
+    base = save_model(tiny_llama(tiny_tokenizer, hidden_size=32, num_hidden_layers=1), tiny_tokenizer, tmp_path / "base")
+    task = TaskSpec(name="mahjong:discard", train_size=64, options={"notation": "spaced"})
+    spec = StudentSpec(model=str(base), init="random", tokenizer="task", tokenizer_vocab_size=320,
+                       config_overrides={"hidden_size": 48})
+    model, tok = load_student(spec, task)
+    assert model.config.vocab_size == len(tok) and model.config.hidden_size == 48
+    assert tok.tokenize("1m 9p 7z") == ["1m", "Ġ", "9p", "Ġ", "7z"]
+    assert model.config.eos_token_id == tok.eos_token_id == tok.convert_tokens_to_ids("<|im_end|>")
+    # The tokenizer is built once: a second student (another process, another stage) gets the same ids.
+    _, again = load_student(spec, task)
+    assert again.get_vocab() == tok.get_vocab()
+    with pytest.raises(ValueError, match="set init: random"):
+        StudentSpec(model=str(base), tokenizer="task")

@@ -124,7 +124,7 @@ def distill(
     from stratos.distill import distill as run_distill
     from stratos.distill.losses import get_loss
     from stratos.io import DataError
-    from stratos.models import load
+    from stratos.models import load, load_student
 
     needs_teacher = get_loss(cfg.loss).needs_teacher and cfg.kd_ratio > 0
     if needs_teacher and t_spec is None:
@@ -139,8 +139,7 @@ def distill(
 
             task = task_from_spec(task_spec)
             records = to_records(task, task.examples("train", task_spec.train_size, seed=task_spec.seed))
-        model, tok = load(s_spec.model, dtype=s_spec.dtype, trust_remote_code=s_spec.trust_remote_code,
-                          config_overrides=s_spec.config_overrides, init=s_spec.init)
+        model, tok = load_student(s_spec, task_spec)
         t_model = t_tok = None
         if needs_teacher:
             t_model, t_tok = load(t_spec.model, dtype=t_spec.dtype, trust_remote_code=t_spec.trust_remote_code)
@@ -615,20 +614,39 @@ def run(
     from_: Optional[str] = typer.Option(None, "--from", help="Start at this stage (rerunning it)."),
     only: Optional[str] = typer.Option(None, "--only", help="Run just this stage."),
     until: Optional[str] = typer.Option(None, "--until", help="Stop after this stage."),
+    new: bool = typer.Option(False, "--new", help="Start a new run directory instead of continuing the latest."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars."),
 ) -> None:
-    """Run the whole pipeline: plan, synth, distill, compress, deploy, eval, report. Rerun to resume."""
+    """Run the whole pipeline: plan, synth, distill, compress, deploy, eval, report.
+
+    Without --run-dir it continues the latest runs/NAME-* directory: rerun the same command after
+    an interruption to resume, or after editing the spec to rerun only the stages it affects."""
     from stratos.runner import RunError, default_run_dir
     from stratos.runner import run as run_pipeline
 
     s = _spec_or_fail(spec)
-    target = run_dir or default_run_dir(s)
+    target = run_dir or default_run_dir(s, new=new)
+    console.print(f"run directory: {target}", highlight=False)
     try:
-        manifest = run_pipeline(s, target, from_=from_, only=only, until=until, spec_text=spec.read_text())
+        manifest = run_pipeline(s, target, from_=from_, only=only, until=until, spec_text=spec.read_text(),
+                                progress=progress)
     except RunError as e:
         fail(str(e))
     report = manifest.data["stages"].get("report", {}).get("artifacts", {}).get("report_path")
     console.print(f"[green]run complete[/green] {target}" + (f"; report: {target / report}" if report else ""),
                   highlight=False)
+
+
+@app.command()
+def report(run_dir: Path = typer.Argument(..., help="A run directory written by `stratos run`.")) -> None:
+    """Rebuild report.html of a run from what its stages wrote."""
+    from stratos.report import build_report
+
+    try:
+        path = build_report(run_dir)
+    except FileNotFoundError as e:
+        fail(str(e))
+    console.print(f"report: {path}", highlight=False)
 
 
 def main() -> None:

@@ -156,7 +156,7 @@ def stage_synth(ctx: Context) -> dict[str, Any]:
 def stage_distill(ctx: Context) -> dict[str, Any]:
     from stratos.distill import distill, load_records
     from stratos.distill.losses import get_loss
-    from stratos.models import load
+    from stratos.models import load, load_student
 
     plan = ctx.plan()
     spec = _effective(ctx.spec, plan)
@@ -164,8 +164,7 @@ def stage_distill(ctx: Context) -> dict[str, Any]:
     t_spec = spec.teachers[plan.teacher["index"]]
     cfg = spec.distill
     records = load_records(ctx.artifact("synth", "data_path"))
-    student, tok = load(s_spec.model, dtype=s_spec.dtype, trust_remote_code=s_spec.trust_remote_code,
-                        config_overrides=s_spec.config_overrides, init=s_spec.init)
+    student, tok = load_student(s_spec, spec.task)
     teacher = t_tok = None
     white_box = t_spec.backend == "hf" and plan.match.mode == "logit"
     if get_loss(cfg.loss).needs_teacher and cfg.kd_ratio > 0:
@@ -189,19 +188,33 @@ def stage_compress(ctx: Context) -> dict[str, Any]:
     if not ctx.spec.compress.enabled:
         return {"model": ctx.rel(model), "skipped": True}
     from stratos.compress import run_compress
+    from stratos.distill import load_records
 
-    res = run_compress(ctx.spec, model, ctx.dir, progress=ctx.progress)
+    records = load_records(ctx.artifact("synth", "data_path"))
+    res = run_compress(ctx.spec, model, ctx.dir, records=records, progress=ctx.progress)
     return {"model": ctx.rel(res.model_dir), "report_path": ctx.rel(res.report_path)}
 
 
 def stage_deploy(ctx: Context) -> dict[str, Any]:
-    from stratos.serve import deploy_recipe, read_plan_target
+    """The launch recipe (SkyPilot task + shell script) for the server the plan chose; what the
+    user set under ``serve.deploy`` wins over the plan."""
+    from stratos.serve import ServeError, deploy_recipe, read_plan_target
+    from stratos.spec import DeployTarget
 
     model = ctx.artifact("compress", "model")
-    target = read_plan_target(ctx.artifact("plan", "plan_path"))
+    user = ctx.spec.serve.deploy
+    try:
+        planned = read_plan_target(ctx.artifact("plan", "plan_path"))
+    except ServeError:  # the plan chose a CPU machine (no accelerator): nothing to take from it
+        planned = {}
+    target = DeployTarget(**{**{k: v for k, v in planned.items() if k not in user.model_fields_set},
+                             **user.model_dump(include=user.model_fields_set)})
     recipe = deploy_recipe(str(model), target, port=ctx.spec.serve.port)
-    paths = recipe.write(ctx.dir)
-    return {"model": ctx.rel(model), **{k: ctx.rel(v) for k, v in paths.items()}, "server": target.name}
+    task_path, sh_path = recipe.write(ctx.dir)
+    for note in recipe.notes:
+        log.info("deploy: %s", note)
+    return {"model": ctx.rel(model), "skypilot_path": ctx.rel(task_path), "script_path": ctx.rel(sh_path),
+            "accelerator": target.accelerator, "cloud": target.cloud, "notes": recipe.notes}
 
 
 def _model_facts(model: Any, folder: Path | None) -> dict[str, Any]:
@@ -313,7 +326,12 @@ def select_stages(from_: str | None, only: str | None, until: str | None) -> lis
     return STAGE_NAMES[start:stop]
 
 
-def default_run_dir(spec: Spec) -> Path:
+def default_run_dir(spec: Spec, new: bool = False) -> Path:
+    """``runs/NAME-TIMESTAMP``: the latest such directory, so that rerunning the same command resumes
+    it (and a changed spec reruns only what changed), or a new one when ``new`` or there is none."""
+    runs = sorted(p for p in Path("runs").glob(f"{spec.name}-*") if (p / "manifest.json").is_file())
+    if runs and not new:
+        return runs[-1]
     return Path("runs") / f"{spec.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
@@ -355,7 +373,10 @@ def run(
         rec.clear()
         rec.update(status="running", inputs_hash=hashes[name], started=_now())
         manifest.save()
-        log.info("%-8s %s", name, "resuming" if resume else "running")
+        predicted = manifest.data["stages"].get("plan", {}).get("artifacts", {}).get("predicted", {})
+        eta = f" (predicted {predicted[name]:.0f} s)" if predicted.get(name) else ""
+        log.info("stage %d/%d %s: %s%s", STAGE_NAMES.index(name) + 1, len(STAGE_NAMES), name,
+                 "resuming from its checkpoint" if resume else "running", eta)
         t0 = time.perf_counter()
         ctx = Context(spec=spec, run_dir=run_dir, manifest=manifest, stage=name, resume=resume, progress=progress)
         try:
@@ -366,7 +387,7 @@ def run(
             manifest.save()
             raise
         seconds = time.perf_counter() - t0
-        predicted = manifest.data["stages"].get("plan", {}).get("artifacts", {}).get("predicted", {})
+        predicted = manifest.data["stages"].get("plan", {}).get("artifacts", {}).get("predicted", {})  # plan may be new
         rec.update(status="done", ended=_now(), seconds=round(seconds, 2), artifacts=artifacts,
                    predicted_seconds=predicted.get(name))
         manifest.save()

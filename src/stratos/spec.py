@@ -90,8 +90,20 @@ class StudentSpec(_Strict):
         description="Config fields to change. With init 'pretrained' only num_hidden_layers (evenly spaced "
         "pretrained layers are kept); with 'random' any field.",
     )
+    tokenizer: Literal["model", "task"] = Field(
+        "model",
+        description="'model': the model's own tokenizer. 'task': a small BPE tokenizer trained on the task's text, "
+        "its domain symbols (e.g. Mahjong tiles) kept whole; needs init 'random'.",
+    )
+    tokenizer_vocab_size: int = Field(512, ge=300, description="BPE vocabulary of a 'task' tokenizer.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     trust_remote_code: bool = False
+
+    @model_validator(mode="after")
+    def _check_tokenizer(self) -> "StudentSpec":
+        if self.tokenizer == "task" and self.init != "random":
+            raise ValueError("tokenizer 'task' builds a new vocabulary: set init: random")
+        return self
 
     @property
     def label(self) -> str:

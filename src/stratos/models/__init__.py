@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -105,3 +106,54 @@ def load(
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tok.pad_token_id
     return model, tok
+
+
+def task_tokenizer(task_spec: Any, vocab_size: int = 512) -> Any:
+    """A byte-level BPE tokenizer trained on the task's own text (its rules and train-split
+    prompts and answers), with the task's domain symbols (``task.domain_tokens()``, e.g. the 34
+    Mahjong tiles) as whole tokens. A from-scratch student on it is small (a few hundred rows of
+    embeddings instead of ~50k) and sees a tile as one symbol instead of a digit and a letter.
+
+    Built once per task definition and vocabulary size, and cached, so every stage and process
+    gets the same ids."""
+    import shutil
+    import tempfile
+
+    from stratos.io import sha256_text
+    from stratos.models.tiny import build_tokenizer
+    from stratos.tasks import task_from_spec, to_records
+
+    dumped = task_spec.model_dump(mode="json", exclude={"train_size", "eval_size"})
+    path = cache_dir() / "tokenizers" / sha256_text("task-tokenizer-v1", dumped, vocab_size)[:16]
+    if not (path / "tokenizer.json").is_file():
+        task = task_from_spec(task_spec)
+        examples = task.examples("train", min(task_spec.train_size, 2000), seed=task_spec.seed)
+        texts = [task.describe()] + [r["prompt"] + "\n" + r["response"] for r in to_records(task, examples)]
+        domain = getattr(task, "domain_tokens", lambda: [])()
+        tok = build_tokenizer(texts, vocab_size, added_tokens=domain)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=path.parent))
+        tok.save_pretrained(tmp)
+        try:
+            tmp.rename(path)
+        except OSError:  # another process built it first: theirs is the same
+            shutil.rmtree(tmp, ignore_errors=True)
+    from transformers import AutoTokenizer
+
+    return prepare_tokenizer(AutoTokenizer.from_pretrained(path))
+
+
+def load_student(spec: Any, task_spec: Any = None, *, device: str | torch.device = "cpu") -> tuple[Any, Any]:
+    """``(model, tokenizer)`` for a ``StudentSpec``: pretrained (possibly shallower), or built from a
+    config, on the model's tokenizer or on one trained on the task (``tokenizer: task``)."""
+    if spec.tokenizer == "task":
+        if task_spec is None:
+            raise ValueError(f"student {spec.label}: tokenizer 'task' needs the task spec")
+        tok = task_tokenizer(task_spec, spec.tokenizer_vocab_size)
+        ids = {"vocab_size": len(tok), "pad_token_id": tok.pad_token_id, "eos_token_id": tok.eos_token_id,
+               "bos_token_id": tok.bos_token_id}
+        model = load(spec.model, dtype=spec.dtype, trust_remote_code=spec.trust_remote_code, device=device,
+                     config_overrides={**spec.config_overrides, **ids}, init="random", with_tokenizer=False)
+        return model, tok
+    return load(spec.model, dtype=spec.dtype, trust_remote_code=spec.trust_remote_code, device=device,
+                config_overrides=spec.config_overrides, init=spec.init)

@@ -17,11 +17,12 @@ _DEFAULT_CORPUS = [
 ]
 
 
-def build_tokenizer(corpus: Iterable[str] = (), vocab_size: int = 512) -> Any:
+def build_tokenizer(corpus: Iterable[str] = (), vocab_size: int = 512, added_tokens: Iterable[str] = ()) -> Any:
     """Train a small byte-level BPE tokenizer on ``corpus`` and wrap it for transformers.
 
     It has ChatML special tokens and template, ``<|im_end|>`` as EOS and ``<pad>`` as pad,
-    so it behaves like the instruct tokenizers users bring.
+    so it behaves like the instruct tokenizers users bring. ``added_tokens`` (a domain's
+    symbols, e.g. Mahjong tiles) are always kept whole.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -44,6 +45,8 @@ def build_tokenizer(corpus: Iterable[str] = (), vocab_size: int = 512) -> Any:
         unk_token="<unk>",
     )
     fast.chat_template = DEFAULT_CHAT_TEMPLATE
+    if added := list(added_tokens):
+        fast.add_tokens(added)
     return prepare_tokenizer(fast)
 
 

@@ -63,6 +63,7 @@ def run_pilot(
     max_new_tokens: int = 64,
     seed: int = 0,
     work_dir: str | Path | None = None,
+    task_spec: Any = None,
     student: tuple[Any, Any] | None = None,
 ) -> PilotResult:
     """Train ``student_spec`` for ``steps`` steps on the task's checked data (with the strategy's loss
@@ -74,10 +75,9 @@ def run_pilot(
     from stratos.tasks import to_records
 
     if student is None:
-        from stratos.models import load
+        from stratos.models import load_student
 
-        student = load(student_spec.model, dtype=student_spec.dtype, trust_remote_code=student_spec.trust_remote_code,
-                       config_overrides=student_spec.config_overrides, init=student_spec.init)
+        student = load_student(student_spec, task_spec)
     model, tok = student
     n_train = min(strategy.data_size, steps * PILOT_BATCH)
     records = to_records(task, task.examples("train", n_train, seed=seed), rules=strategy.rules_in_prompt)

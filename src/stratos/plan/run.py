@@ -193,7 +193,8 @@ def _run_pilots(spec, task, inputs: PlanInputs, loaded, out: Path, local, cal) -
             student = (copy.deepcopy(m), tok)  # the pilot trains in place; keep the caller's model intact
         r = run_pilot(s_spec, task, pd.strategy, steps=ps.pilot_steps, eval_examples=eval_ex, teacher=teacher,
                       learning_rate=spec.distill.learning_rate, max_length=spec.distill.max_length,
-                      max_new_tokens=spec.eval.max_new_tokens, seed=spec.task.seed, work_dir=out, student=student)
+                      max_new_tokens=spec.eval.max_new_tokens, seed=spec.task.seed, work_dir=out, student=student,
+                      task_spec=spec.task)
         results[(pd.teacher_index, pd.student_index)] = (r.predicted, "pilot", r.reason())
         if local is not None:
             predicted = train_seconds(inputs.students[pd.student_index], r.train_tokens, local,

@@ -51,6 +51,10 @@ def model_shape(spec: Any, *, api_params_b: float | None = None) -> ModelShape:
         if not hasattr(config, key):
             raise ValueError(f"{spec.label}: config_overrides: {type(config).__name__} has no field {key!r}")
         setattr(config, key, value)
+    if getattr(spec, "tokenizer", "model") == "task":
+        # Its own vocabulary, trained on the task: about this many rows, and never a teacher's.
+        config.vocab_size = spec.tokenizer_vocab_size
+        return shape_from_config(spec.label, config, None)
     try:
         tok = load_tokenizer(spec.model, trust_remote_code=spec.trust_remote_code)
     except (OSError, ValueError):

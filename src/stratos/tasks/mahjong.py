@@ -314,7 +314,9 @@ class MahjongTask:
     (waits questions: the number of winning tiles; answers are balanced over min..max, the top
     class meaning "max or more"), ``max_shanten`` (shanten questions, balanced over 0..max),
     ``max_best_discards`` (discard questions: at most this many optimal tiles, so guessing
-    scores low), ``balance`` (True), ``eval_fraction`` (share of hands held out, 0.125).
+    scores low), ``balance`` (True), ``eval_fraction`` (share of hands held out, 0.125),
+    ``notation`` ("compact": ``123m11z``; "spaced": ``1m 2m 3m 1z 1z``, each tile with its suit,
+    which small models read far more easily; answers are compact either way).
     """
 
     types: tuple[str, ...] = DEFAULT_MIX
@@ -327,6 +329,7 @@ class MahjongTask:
     max_best_discards: int = 3
     balance: bool = True
     eval_fraction: float = 0.125
+    notation: str = "compact"
     name: str = "mahjong"
 
     def __post_init__(self) -> None:
@@ -336,6 +339,8 @@ class MahjongTask:
             raise ValueError(f"mahjong: unknown question type(s) {bad}; types are {', '.join(TYPES)}")
         if not 1 <= self.min_waits <= self.max_waits <= 13:
             raise ValueError("mahjong: need 1 <= min_waits <= max_waits <= 13")
+        if self.notation not in ("compact", "spaced"):
+            raise ValueError(f"mahjong: notation must be 'compact' or 'spaced', not {self.notation!r}")
         if not 0 <= self.max_shanten <= 6:
             raise ValueError("mahjong: max_shanten must be between 0 and 6")
         kw = {"shapes": dict(self.shapes)} if self.shapes else {}
@@ -487,9 +492,17 @@ class MahjongTask:
 
     # ------------------------------------------------------------------ prompts and targets
 
+    def domain_tokens(self) -> list[str]:
+        """The 34 tile names: a task tokenizer keeps each one a single token."""
+        return [tile_name(t) for t in range(34)]
+
     def prompt(self, ex: Example, *, rules: bool = False) -> str:
         head = "Rules:\n" + self.describe() + "\n\n" if rules else ""
-        return f"{head}{ex.question}\n{_FORMATS[ex.type]}"
+        question = ex.question
+        if self.notation == "spaced" and "hand" in ex.meta:
+            hand = ex.meta["hand"]
+            question = question.replace(hand, " ".join(tile_name(t) for t in parse_tiles(hand)), 1)
+        return f"{head}{question}\n{_FORMATS[ex.type]}"
 
     def target(self, ex: Example, *, rationale: bool = False) -> str:
         final = f"Answer: {self.format_answer(ex.type, ex.answer)}"
@@ -630,10 +643,11 @@ def make_mahjong(
     max_best_discards: int = 3,
     balance: bool = True,
     eval_fraction: float = 0.125,
+    notation: str = "compact",
 ) -> MahjongTask:
     if sub and types:
         raise ValueError("mahjong: give the question type as 'mahjong:<type>' or as options.types, not both")
     chosen = (sub,) if sub else tuple([types] if isinstance(types, str) else types or DEFAULT_MIX)
     return MahjongTask(types=chosen, suits=suits, honors=honors, shapes=shapes, min_waits=min_waits,
                        max_waits=max_waits, max_shanten=max_shanten, max_best_discards=max_best_discards,
-                       balance=balance, eval_fraction=eval_fraction)
+                       balance=balance, eval_fraction=eval_fraction, notation=notation)

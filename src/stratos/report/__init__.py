@@ -1,0 +1,239 @@
+"""``report.html``: one self-contained page (figures embedded) that tells what a run did and what it got.
+
+    build_report("runs/mahjong-20261125-101500")   # also: stratos report RUN_DIR
+
+It reads only what the stages wrote into the run directory (manifest.json, spec.yaml,
+plan/plan.json and plan.png, synth/stats.json, distill/metrics.jsonl, compress/report.json,
+eval/results.json and the eval predictions), so it can be rebuilt at any time, and a run whose
+later stages have not happened yet still gets a report of what there is.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+from stratos.io import atomic_write_text
+from stratos.report import plots
+
+__all__ = ["build_report", "results_table"]
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _read_jsonl(path: Path, limit: int | None = None) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    try:
+        with open(path, encoding="utf-8") as fh:
+            for line in fh:
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except ValueError:
+                        continue  # a line cut by a crash: the report shows the rest
+                if limit and len(rows) >= limit:
+                    break
+    except OSError:
+        pass
+    return rows
+
+
+def _artifact(manifest: dict[str, Any], run_dir: Path, stage: str, key: str) -> Path | None:
+    value = manifest.get("stages", {}).get(stage, {}).get("artifacts", {}).get(key)
+    return run_dir / value if isinstance(value, str) else None
+
+
+def _e(x: Any) -> str:
+    return html.escape(str(x))
+
+
+def _fmt(x: Any, digits: int = 3) -> str:
+    if x is None:
+        return "–"
+    if isinstance(x, float):
+        return f"{x:.{digits}f}"
+    if isinstance(x, int) and abs(x) >= 10_000:
+        return f"{x / 1e6:.1f}M" if abs(x) >= 1e6 else f"{x:,}"
+    return _e(x)
+
+
+def _table(headers: list[str], rows: list[list[Any]], cls: str = "") -> str:
+    head = "".join(f"<th>{_e(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
+    return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+def _img(uri: str | None, alt: str) -> str:
+    return f'<img src="{uri}" alt="{_e(alt)}">' if uri else f'<p class="muted">no data for: {_e(alt)}</p>'
+
+
+def usd_per_mtok(usd_per_hour: float | None, tokens_per_s: float | None) -> float | None:
+    """$ per million generated tokens at a server's hourly price and a measured throughput."""
+    if not usd_per_hour or not tokens_per_s:
+        return None
+    return usd_per_hour / (tokens_per_s * 3600) * 1e6
+
+
+def results_table(results: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
+    """The comparison table of eval/results.json: one row per model, as the report shows it."""
+    price = results.get("serving_usd_per_hour")
+    headers = ["model", "what", "accuracy", "95% CI", "params", "size (MB)", "tokens/s", "latency (ms)", "$ / M tokens"]
+    rows = []
+    for r in results.get("rows", []):
+        tps = r.get("output_tokens_per_s") or r.get("tokens_per_s")
+        latency = r.get("latency_ms", {}).get("p50") if isinstance(r.get("latency_ms"), dict) else None
+        if latency is None and r.get("mean_latency_s"):
+            latency = 1000 * r["mean_latency_s"]
+        rows.append([
+            f"<b>{_e(r['role'])}</b>", _e(r.get("model", "")), f"{r['accuracy']:.3f}",
+            f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}]", _fmt(r.get("params")), _fmt(r.get("size_mb"), 1),
+            _fmt(tps, 1), _fmt(latency, 0), _fmt(usd_per_mtok(price, tps), 2),
+        ])
+    return headers, rows
+
+
+def _headline(results: dict[str, Any]) -> str:
+    rows = {r["role"]: r for r in results.get("rows", [])}
+    teacher = rows.get("teacher (zero-shot)")
+    final = rows.get("deployed student") or rows.get("compressed student") or rows.get("student")
+    if not teacher or not final:
+        return ""
+    gain = final["accuracy"] / teacher["accuracy"] if teacher["accuracy"] > 0 else float("inf")
+    size = (f", at {final['params'] / teacher['params']:.0%} of the teacher's parameters"
+            if final.get("params") and teacher.get("params") else "")
+    times = "∞" if gain == float("inf") else f"{gain:.1f}"
+    return (f'<p class="headline">The {_e(final["role"])} answers <b>{final["accuracy"]:.1%}</b> of '
+            f'{results.get("n", "?")} held-out <code>{_e(results.get("task", ""))}</code> questions correctly, '
+            f'against <b>{teacher["accuracy"]:.1%}</b> for the teacher zero-shot: <b>{times}x</b> and '
+            f'<b>{100 * (final["accuracy"] - teacher["accuracy"]):+.1f} points</b>{size}.</p>')
+
+
+def _examples(eval_dir: Path, k: int = 4) -> str:
+    parts = []
+    for path in sorted(eval_dir.glob("predictions-*.jsonl")):
+        rows = _read_jsonl(path, limit=2000)
+        if not rows:
+            continue
+        right = [r for r in rows if r.get("correct")][:k]
+        wrong = [r for r in rows if not r.get("correct")][:k]
+        table = _table(
+            ["", "question", "output", "parsed", "reference"],
+            [["✓" if r.get("correct") else "✗", f"<pre>{_e(r.get('prompt', ''))[:600]}</pre>",
+              f"<pre>{_e(r.get('output', ''))[:400]}</pre>", _e(r.get("parsed")), _e(r.get("reference"))]
+             for r in right + wrong], cls="examples")
+        name = path.stem.removeprefix("predictions-").replace("-", " ")
+        parts.append(f"<details><summary>{_e(name)}: {len(right)} right and {len(wrong)} wrong of "
+                     f"{len(rows)}</summary>{table}</details>")
+    return "".join(parts) or '<p class="muted">no predictions yet</p>'
+
+
+_CSS = """
+body{font:15px/1.45 system-ui,-apple-system,Segoe UI,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+h1{margin-bottom:.2em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
+table{border-collapse:collapse;margin:.6em 0;font-size:14px}th,td{border:1px solid #ddd;padding:.3em .6em;text-align:left;vertical-align:top}
+th{background:#f5f5f5}.muted{color:#888}.headline{font-size:17px;background:#eef6ff;padding:.8em;border-radius:6px}
+pre{white-space:pre-wrap;margin:0;font-size:12.5px;max-width:520px}img{max-width:100%}
+.ok{color:#1a7f37}.bad{color:#cf222e}code{background:#f3f3f3;padding:0 .2em}
+"""
+
+
+def build_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Write ``report.html`` for a run directory (or ``out``) and return its path."""
+    run_dir = Path(run_dir)
+    manifest = _read_json(run_dir / "manifest.json")
+    if manifest is None:
+        raise FileNotFoundError(f"{run_dir}: no manifest.json; is this a `stratos run` directory?")
+    stages = manifest.get("stages", {})
+    sections: list[str] = []
+
+    # --- results first: what a reader came for
+    results = _read_json(run_dir / "eval" / "results.json") or {}
+    if results:
+        headers, rows = results_table(results)
+        bench = results.get("bench") or {}
+        note = (f"<p class='muted'>Accuracy on the same {results.get('n')} held-out questions for every model. "
+                f"tokens/s: batched greedy generation on this machine; the deployed student's latency and "
+                f"tokens/s come from a load test of its HTTP endpoint ({_e(bench.get('clients', '?'))} concurrent "
+                f"clients, {_e(bench.get('requests', '?'))} requests). $ / M tokens: the chosen serving server "
+                f"({_e(results.get('serving_server'))}, ${_fmt(results.get('serving_usd_per_hour'), 2)}/h) at the "
+                f"throughput measured here.</p>")
+        sections.append("<h2>Results</h2>" + _headline(results) + _table(headers, rows) + note
+                        + _img(plots.accuracy_bars(results.get("rows", [])), "accuracy"))
+    else:
+        sections.append("<h2>Results</h2><p class='muted'>the eval stage has not run yet</p>")
+
+    # --- the plan
+    plan = _read_json(run_dir / "plan" / "plan.json")
+    if plan:
+        png = run_dir / "plan" / "plan.png"
+        reasons = "".join(f"<li>{_e(r)}</li>" for r in plan.get("reasons", []))
+        pred = plan.get("predicted", {})
+        facts = _table(["", ""], [
+            ["teacher", _e(plan["teacher"].get("name"))], ["student", _e(plan["student"].get("name"))],
+            ["strategy", _e(plan["strategy"].get("kind"))], ["match", _e(plan["match"].get("mode"))],
+            ["training server", _e(plan["training_server"].get("name"))],
+            ["serving server", _e(plan["serving_server"].get("name"))],
+            ["predicted accuracy", _fmt(pred.get("accuracy"))], ["predicted cost ($)", _fmt(pred.get("cost_usd"), 2)],
+            ["predicted latency (ms)", _fmt(pred.get("latency_ms"), 0)],
+            ["candidates (total / feasible / on the front)",
+             " / ".join(str(plan.get("counts", {}).get(k, "?")) for k in ("total", "feasible", "front"))],
+        ])
+        sections.append("<h2>Plan</h2>" + facts + f"<h3>Why</h3><ul>{reasons}</ul>"
+                        + (_img(plots.png_uri(png.read_bytes()), "Pareto front") if png.is_file() else ""))
+
+    # --- data
+    stats = _read_json(_artifact(manifest, run_dir, "synth", "stats_path") or run_dir / "synth" / "stats.json")
+    if stats:
+        sections.append("<h2>Training data</h2><pre>" + _e(json.dumps(stats, indent=2))[:6000] + "</pre>")
+
+    # --- training
+    metrics = _read_jsonl(_artifact(manifest, run_dir, "distill", "metrics_path") or run_dir / "distill" / "metrics.jsonl")
+    if metrics:
+        d = stages.get("distill", {}).get("artifacts", {})
+        sections.append("<h2>Training</h2>"
+                        f"<p>{_fmt(d.get('steps'))} steps, loss <code>{_e(d.get('loss'))}</code>, teacher signal "
+                        f"<code>{_e(d.get('signal'))}</code>, {_fmt(d.get('tokens_per_second'), 0)} tokens/s.</p>"
+                        + _img(plots.training_curves(metrics), "training curves"))
+
+    # --- compression
+    comp = _read_json(_artifact(manifest, run_dir, "compress", "report_path") or run_dir / "compress" / "report.json")
+    if comp:
+        steps = comp.get("steps", comp) if isinstance(comp, dict) else comp
+        if isinstance(steps, list) and steps and isinstance(steps[0], dict):
+            keys = list(dict.fromkeys(k for s in steps for k in s))
+            sections.append("<h2>Compression</h2>" + _table(keys, [[_fmt(s.get(k)) for k in keys] for s in steps]))
+
+    # --- stage costs
+    stage_rows, cost_pts = [], []
+    for name, rec in stages.items():
+        pred, meas = rec.get("predicted_seconds"), rec.get("seconds")
+        ratio = f"{meas / pred:.2f}" if pred and meas else "–"
+        status = rec.get("status", "?")
+        cls = "ok" if status == "done" else "bad"
+        stage_rows.append([_e(name), f'<span class="{cls}">{_e(status)}</span>', _fmt(pred, 1), _fmt(meas, 1), ratio,
+                           _e(rec.get("started", "")), _e(rec.get("error", ""))[:300]])
+        cost_pts.append((name, pred, meas))
+    sections.append("<h2>Stages: predicted vs measured</h2>"
+                    + _table(["stage", "status", "predicted (s)", "measured (s)", "measured / predicted", "started",
+                              "error"], stage_rows) + _img(plots.stage_costs(cost_pts), "stage costs"))
+
+    sections.append("<h2>Example predictions</h2>" + _examples(run_dir / "eval"))
+    spec_text = (run_dir / "spec.yaml").read_text() if (run_dir / "spec.yaml").is_file() else json.dumps(
+        manifest.get("spec", {}), indent=2)
+    sections.append(f"<h2>Spec</h2><pre>{_e(spec_text)}</pre>")
+
+    title = f"Stratos run: {manifest.get('name', run_dir.name)}"
+    page = (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{_e(title)}</title>"
+            f"<style>{_CSS}</style></head><body><h1>{_e(title)}</h1>"
+            f"<p class='muted'>{_e(run_dir)} · updated {_e(manifest.get('updated', ''))}</p>"
+            + "".join(sections) + "</body></html>\n")
+    path = Path(out) if out else run_dir / "report.html"
+    atomic_write_text(path, page)
+    return path
