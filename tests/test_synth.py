@@ -147,3 +147,62 @@ def test_cli_flags_form_with_a_local_teacher(tiny_served, tmp_path):
     assert r.exit_code == 0 and json.loads((out / "stats.json").read_text())["usage"]["cached"] == 4
     bad = CliRunner().invoke(app, ["synth", "--teacher", str(path), "--task", "arithmetic", "--n", "0"])
     assert bad.exit_code == 2 and "synth.samples_per_prompt" in bad.output
+
+
+def test_sigkilled_synth_resumes_without_redoing_finished_requests(tiny_served, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    _, path = tiny_served
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump({
+        "task": {"name": "arithmetic", "options": {"digits": 1}, "train_size": 12, "eval_size": 2},
+        "teachers": [{"model": str(path), "batch_size": 1}],
+        "students": [{"model": str(path)}],
+        "synth": {"samples_per_prompt": 2, "max_new_tokens": 8, "reverse_synthesis": 2},
+    }))
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "stratos.cli", "synth", str(spec_path), "--out", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while len(list(out.glob("requests/*/*.json"))) < 3 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = {p: p.stat().st_mtime_ns for p in out.glob("requests/*/*.json")}
+    assert 3 <= len(done) < 12, "kill the run while it works"
+    assert not (out / "data.jsonl").exists()
+
+    from stratos.spec import load_spec
+
+    res = run_synth(load_spec(spec_path), out, progress=False)
+    assert res.stats["usage"]["cached"] == len(done)  # finished requests were not asked again
+    assert all(p.stat().st_mtime_ns == t for p, t in done.items())
+    assert len(list(out.glob("requests/*/*.json"))) == 12 and res.stats["prompts"] == 12
+
+
+def test_rft_rounds_sample_with_the_improved_student(tiny_served, tmp_path):
+    from stratos.synth import rft
+
+    _, path = tiny_served
+    spec = parse_spec({
+        "task": {"name": "arithmetic", "options": {"digits": 1}, "train_size": 6, "eval_size": 2},
+        "teachers": [{"model": str(path)}],
+        "students": [{"model": str(path)}],
+        "synth": {"samples_per_prompt": 2, "max_new_tokens": 6, "reverse_synthesis": 6},
+        "distill": {"max_steps": 3, "per_device_train_batch_size": 4, "report_to": [], "bf16": False,
+                    "learning_rate": 1e-3},
+    })
+    rounds = rft(spec, tmp_path, rounds=2, progress=False)
+    assert [r.round for r in rounds] == [0, 1]
+    assert rounds[0].sampler == str(path) and rounds[1].sampler == "student-round-0"
+    assert rounds[1].rows == rounds[0].rows + rounds[1].new_rows >= rounds[0].rows > 0
+    assert all((r.model_dir / "model.safetensors").is_file() for r in rounds)
+    assert len(read_jsonl(rounds[1].data_path)) == rounds[1].rows
+    # The student sampled round 1 itself: its requests are in round 1's cache.
+    assert len(list((tmp_path / "round-1" / "synth" / "requests").glob("*/*.json"))) == 6
