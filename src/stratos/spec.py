@@ -206,6 +206,7 @@ class CompressSpec(_Strict):
         default_factory=list, description="Extra exports; gptq/awq need llm-compressor and are skipped without it."
     )
     eval_size: int = Field(50, ge=0, description="Eval examples per step in the compress report (0: no accuracy).")
+    speed_tokens: int = Field(32, gt=0, description="Tokens generated at batch size 1 to time each step.")
 
     @model_validator(mode="after")
     def _one_target(self) -> "CompressSpec":

@@ -100,7 +100,7 @@ def run_compress(
         records = _records_from_task(spec)
     task, examples = _eval_set(spec, cs.eval_size)
     ev = {"task": task, "examples": examples, "batch_size": spec.eval.batch_size,
-          "max_new_tokens": spec.eval.max_new_tokens, "progress": progress}
+          "max_new_tokens": spec.eval.max_new_tokens, "decode_tokens": cs.speed_tokens, "progress": progress}
     rows: list[dict[str, Any]] = []
     report_path = out_dir / "compress_report.json"
 
