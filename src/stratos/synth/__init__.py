@@ -28,7 +28,7 @@ from typing import Any
 
 from stratos.io import write_json, write_jsonl
 from stratos.spec import Spec
-from stratos.teachers import Budget, GenParams, Price, Sample, Teacher, TeacherError, make_teacher
+from stratos.teachers import Budget, GenParams, Price, Sample, Teacher, make_teacher
 
 log = logging.getLogger("stratos.synth")
 

@@ -33,7 +33,7 @@ class RftRound:
 def rft(spec: Spec, out_dir: str | Path, *, rounds: int = 2, student: int = 0, progress: bool = True) -> list[RftRound]:
     """Run ``rounds`` of rejection fine-tuning of ``spec.students[student]``; returns one entry per round."""
     from stratos.distill import distill
-    from stratos.io import write_jsonl
+    from stratos.io import read_jsonl, write_jsonl
     from stratos.models import load
     from stratos.spec import TeacherSpec
     from stratos.synth import run_synth
@@ -56,8 +56,6 @@ def rft(spec: Spec, out_dir: str | Path, *, rounds: int = 2, student: int = 0, p
             sampler = HFTeacher(TeacherSpec(model=str(out[-1].model_dir), name=f"student-round-{r - 1}"),
                                 cache_dir=rd / "synth" / "requests", model_and_tokenizer=(model, tok))
         res = run_synth(spec, rd / "synth", progress=progress, teacher=sampler)
-        from stratos.io import read_jsonl
-
         before = len(data)
         for rec in read_jsonl(res.data_path):
             data.setdefault((rec.get("prompt", ""), rec.get("response", rec.get("text", "")).strip()), {**rec, "round": r})
