@@ -206,3 +206,29 @@ def test_rft_rounds_sample_with_the_improved_student(tiny_served, tmp_path):
     assert len(read_jsonl(rounds[1].data_path)) == rounds[1].rows
     # The student sampled round 1 itself: its requests are in round 1's cache.
     assert len(list((tmp_path / "round-1" / "synth" / "requests").glob("*/*.json"))) == 6
+
+
+def test_topk_buckets_are_distributions_and_full_k_is_exact_kd():
+    import torch
+
+    from stratos.distill.losses import forward_kl
+    from stratos.distill.topk import topk_log_probs
+
+    g = torch.Generator().manual_seed(0)
+    s_logits, t_logits = torch.randn(5, 12, generator=g) * 3, torch.randn(5, 12, generator=g) * 3
+    t_logp = t_logits.double().log_softmax(-1).float()
+    top = t_logp.topk(4, dim=-1)
+    ids = top.indices.clone()
+    ids[0, 3] = -1  # a token the student's vocabulary lacks: its mass joins the remainder
+    s, t = topk_log_probs(s_logits, ids, top.values)
+    assert torch.allclose(s.exp().sum(-1), torch.ones(5), atol=1e-5)
+    assert torch.allclose(t.exp().sum(-1), torch.ones(5), atol=1e-5)
+    # Student remainder = its mass outside the (valid) top-k tokens, exactly.
+    q = s_logits.softmax(-1)
+    assert torch.allclose(s[1, -1].exp(), 1 - q[1, ids[1]].sum(), atol=1e-5)
+    assert torch.allclose(s[0, -1].exp(), 1 - q[0, ids[0, :3]].sum(), atol=1e-5)
+    # With k = V - 1 the remainder bucket is the one token left: top-k KD is exactly full-vocabulary KD.
+    full = t_logp.topk(11, dim=-1)
+    s_all, t_all = topk_log_probs(s_logits, full.indices, full.values)
+    exact = forward_kl(s_logits.log_softmax(-1), t_logp)
+    assert torch.allclose(forward_kl(s_all, t_all), exact, atol=1e-4)
