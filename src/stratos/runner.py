@@ -291,7 +291,7 @@ def stage_report(ctx: Context) -> dict[str, Any]:
 STAGES: dict[str, tuple[Callable[[Context], dict[str, Any]], tuple[str, ...]]] = {
     # stage: (function, the spec sections it reads)
     "plan": (stage_plan, ("task", "constraints", "teachers", "students", "plan", "eval")),
-    "synth": (stage_synth, ("task", "synth", "distill")),
+    "synth": (stage_synth, ("synth",)),
     "distill": (stage_distill, ("distill",)),
     "compress": (stage_compress, ("compress",)),
     "deploy": (stage_deploy, ("serve",)),

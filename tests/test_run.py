@@ -1,0 +1,148 @@
+"""`stratos run` end to end on a tiny spec: every stage for real (tiny Llamas, the real server, the
+real `openai` client), a run killed mid-distill and resumed to the same model, and a changed spec
+rerunning only the stages it affects."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from stratos.models.tiny import build_tokenizer, save_model, tiny_llama
+from stratos.report import build_report
+from stratos.runner import STAGE_NAMES, RunError, run, select_stages
+from stratos.spec import load_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_spec(tmp_path_factory):
+    """A spec over two tiny local Llamas sharing a byte-level tokenizer, on 2-digit arithmetic."""
+    base = tmp_path_factory.mktemp("run-models")
+    tok = build_tokenizer(vocab_size=260)
+    teacher = save_model(tiny_llama(tok, hidden_size=64, num_hidden_layers=2, seed=1), tok, base / "teacher")
+    student = save_model(tiny_llama(tok, hidden_size=32, num_hidden_layers=1, seed=2), tok, base / "student")
+    spec = {
+        "name": "tiny",
+        "task": {"name": "arithmetic", "options": {"digits": 2}, "train_size": 48, "eval_size": 12},
+        "constraints": {"budget_usd": 5},
+        "teachers": [{"model": str(teacher), "name": "tiny-teacher"}],
+        "students": [{"model": str(student), "name": "tiny-student"}],
+        "plan": {"servers": ["local"], "probe_size": 6, "probe_rules": False, "probe_max_new_tokens": 8},
+        "synth": {"samples_per_prompt": 1, "max_new_tokens": 8, "prompts": 8, "reverse_synthesis": 48},
+        "distill": {"loss": "fkl", "kd_ratio": 0.5, "max_steps": 24, "save_steps": 4, "per_device_train_batch_size": 8,
+                    "learning_rate": 1e-3, "max_length": 64, "report_to": []},
+        "eval": {"n": 12, "max_new_tokens": 8, "bench_clients": 2, "bench_requests": 4},
+    }
+    path = base / "tiny.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def _cli(spec: Path, run_dir: Path) -> list[str]:
+    return [sys.executable, "-m", "stratos.cli", "run", str(spec), "--run-dir", str(run_dir), "--no-progress"]
+
+
+def _env(tmp_path: Path) -> dict[str, str]:
+    return {**os.environ, "STRATOS_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(ROOT / "src")}
+
+
+def _manifest(run_dir: Path) -> dict:
+    return json.loads((run_dir / "manifest.json").read_text())
+
+
+def test_stage_selection_flags():
+    assert select_stages(None, None, None) == STAGE_NAMES
+    assert select_stages("distill", None, "eval") == ["distill", "compress", "deploy", "eval"]
+    assert select_stages(None, "report", None) == ["report"]
+    with pytest.raises(RunError, match="--from 'train': not a stage"):
+        select_stages("train", None, None)
+
+
+def test_pipeline_killed_mid_distill_resumes_to_the_same_result(tiny_spec, tmp_path, monkeypatch):
+    monkeypatch.setenv("STRATOS_CACHE", str(tmp_path / "cache"))
+    env = _env(tmp_path)
+
+    # The reference: one uninterrupted run.
+    full = tmp_path / "full"
+    manifest = run(load_spec(tiny_spec), full, progress=False, spec_text=tiny_spec.read_text()).data
+    assert all(manifest["stages"][s]["status"] == "done" for s in STAGE_NAMES)
+
+    # The same spec in a subprocess, SIGKILLed once distill has written a checkpoint.
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_cli(tiny_spec, killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpts = killed / "distill" / "checkpoints"
+    deadline = time.time() + 150
+    while time.time() < deadline and not any(p.name >= "step-0000008" for p in ckpts.glob("step-*")):
+        assert proc.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = _manifest(killed)["stages"]
+    assert before["distill"]["status"] == "running" and before["synth"]["status"] == "done"
+    synth_ended = before["synth"]["ended"]
+
+    # The same command again: finished stages are skipped, distill resumes from its checkpoint.
+    done = subprocess.run(_cli(tiny_spec, killed), env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout + done.stderr
+    after = _manifest(killed)["stages"]
+    assert all(after[s]["status"] == "done" for s in STAGE_NAMES)
+    assert after["synth"]["ended"] == synth_ended  # not rerun
+    result = json.loads((killed / "distill" / "result.json").read_text())
+    assert result["resumed_from"] >= 8 and result["steps"] == 24
+    log = (killed / "run.log").read_text()
+    assert "distill: resuming from its checkpoint" in log and "synth" in log
+
+    a = load_file(str(full / manifest["stages"]["distill"]["artifacts"]["model"] / "model.safetensors"))
+    b = load_file(str(killed / after["distill"]["artifacts"]["model"] / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-5), k
+
+    # Every stage's artifacts are there and the report renders what they hold.
+    results = json.loads((killed / "eval" / "results.json").read_text())
+    roles = [r["role"] for r in results["rows"]]
+    assert roles[:2] == ["teacher (zero-shot)", "teacher (rules in prompt)"] and roles[-1] == "deployed student"
+    deployed = results["rows"][-1]
+    assert deployed["n"] == 12 and deployed["latency_ms"]["p50"] > 0
+    assert results["bench"]["requests"] == 4 and not results["bench"]["errors"]
+    html = (killed / "report.html").read_text()
+    for needle in ("Results", "deployed student", "Plan", "Training", "Stages: predicted vs measured",
+                   "Example predictions", "data:image/png;base64,"):
+        assert needle in html, needle
+    assert (killed / "deploy" / "sky-serve.yaml").is_file() and (killed / "deploy" / "serve.sh").is_file()
+
+
+def test_a_changed_spec_reruns_only_the_stages_it_affects(tiny_spec, tmp_path, monkeypatch):
+    monkeypatch.setenv("STRATOS_CACHE", str(tmp_path / "cache"))
+    run_dir = tmp_path / "r"
+    first = run(load_spec(tiny_spec), run_dir, progress=False).data
+    ended = {s: first["stages"][s]["ended"] for s in STAGE_NAMES}
+    time.sleep(1.1)  # timestamps have one-second resolution
+
+    data = yaml.safe_load(tiny_spec.read_text())
+    data["distill"]["learning_rate"] = 2e-3
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(yaml.safe_dump(data))
+    second = run(load_spec(changed), run_dir, progress=False).data
+    rerun = [s for s in STAGE_NAMES if second["stages"][s]["ended"] != ended[s]]
+    assert rerun == ["distill", "compress", "deploy", "eval", "report"]
+
+    # Unchanged: nothing reruns. --only report rebuilds just the report.
+    third = run(load_spec(changed), run_dir, progress=False).data
+    assert all(third["stages"][s]["ended"] == second["stages"][s]["ended"] for s in STAGE_NAMES)
+    time.sleep(1.1)
+    fourth = run(load_spec(changed), run_dir, only="report", progress=False).data
+    assert fourth["stages"]["report"]["ended"] != third["stages"]["report"]["ended"]
+    assert fourth["stages"]["distill"]["ended"] == third["stages"]["distill"]["ended"]
+    assert build_report(run_dir).read_text().count("<h2>") >= 6
