@@ -144,10 +144,11 @@ def run_synth(spec: Spec, out_dir: str | Path, *, plan: Any = None, progress: bo
 
     n_teacher = len(records)
     if cfg.reverse_synthesis:
-        # Another draw than the teacher's prompts (seed + 1); a question both hold stays with the teacher.
-        taken = {ex.question for ex in examples}
+        # Another draw than the teacher's prompts (seed + 1). A question the teacher already solved keeps
+        # only the teacher's answers; one it failed gets the oracle's, so nothing it could not do is lost.
+        solved = {r["prompt"] for r in records}
         oracle = [ex for ex in task.examples("train", cfg.reverse_synthesis, seed=spec.task.seed + 1)
-                  if ex.question not in taken]
+                  if task.prompt(ex) not in solved]
         for rec in to_records(task, oracle):
             key = (rec["prompt"], rec["response"].strip())
             if key not in seen:
