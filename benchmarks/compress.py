@@ -44,8 +44,16 @@ def main() -> None:
     ap.add_argument("--calibration", type=int, default=32, help="calibration records for the importance scores")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--speed-tokens", type=int, default=32, help="tokens generated at batch 1 to time each step")
+    ap.add_argument("--remeasure", action="store_true",
+                    help="only re-time the step folders of an earlier run (keeps its accuracies)")
+    ap.add_argument("--measure-one", help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, default=Path("runs/bench-compress"))
     args = ap.parse_args()
+    if args.measure_one:
+        return measure_one(args.measure_one, args.speed_tokens)
+    if args.remeasure:
+        return remeasure(args)
     torch.manual_seed(0)
 
     task_spec = TaskSpec(name=args.task, options={"digits": args.digits}, train_size=max(args.ft_steps, args.recovery_steps) * args.batch_size,
@@ -73,7 +81,7 @@ def main() -> None:
             eval=EvalSpec(batch_size=16, max_new_tokens=16),
             compress=CompressSpec(enabled=True, prune_ratio=1 - args.keep, prune=method,
                                   width_axes=args.width_axes.split(","), recovery_steps=args.recovery_steps,
-                                  calibration_samples=args.calibration, quantize=args.quantize, eval_size=args.eval_n),
+                                  calibration_samples=args.calibration, speed_tokens=args.speed_tokens, quantize=args.quantize, eval_size=args.eval_n),
         )
         t0 = time.perf_counter()
         res = run_compress(spec, ft_dir, args.out / method, records=records, progress=False)
@@ -91,6 +99,36 @@ def main() -> None:
         print(report_table(r["rows"]))
     (args.out / "summary.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
                                                        "results": results}, indent=2, default=str))
+
+
+def remeasure(args: argparse.Namespace) -> None:
+    """Time every step folder again (wall and CPU tokens/s) and take its peak memory, each step in a
+    fresh process so that no step inherits another's memory; accuracies come from the run's report."""
+    import subprocess
+    import sys
+
+    for method in args.methods.split(","):
+        report = json.loads((args.out / method / "compress_report.json").read_text())
+        rows = []
+        for old in report["rows"]:
+            out = subprocess.run([sys.executable, __file__, "--measure-one", old["model_dir"], "--speed-tokens",
+                                  str(args.speed_tokens)], check=True, capture_output=True, text=True).stdout
+            row = json.loads(out.strip().splitlines()[-1])
+            row.update(step=old["step"], **{k: old.get(k) for k in ("accuracy", "ci_low", "ci_high", "eval_n")})
+            rows.append(row)
+        print(f"\n### {method}: each step re-timed in a fresh process ({args.speed_tokens} tokens at batch 1, "
+              f"torch threads {torch.get_num_threads()})\n")
+        print(report_table(rows))
+
+
+def measure_one(folder: str, speed_tokens: int) -> None:
+    # Import what loading pulls in first, so the peak-memory growth is the model's, not the libraries'.
+    import torchao.quantization  # noqa: F401
+    import transformers.models.llama.modeling_llama  # noqa: F401
+
+    from stratos.compress.measure import measure_step
+
+    print(json.dumps(measure_step("step", folder, decode_tokens=speed_tokens)))
 
 
 if __name__ == "__main__":

@@ -189,7 +189,7 @@ def test_exports_are_checked_or_say_why_not(compressed):
     _, out, res = compressed
     exports = {e["format"]: e for e in res.exports}
     assert exports["onnx"]["ok"] and exports["onnx"]["max_abs_diff_vs_torch"] < 1e-4
-    assert exports["gguf"]["ok"] and exports["gguf"]["same_tokens"]
+    assert exports["gguf"]["ok"] and exports["gguf"]["same_tokens"] and exports["gguf"]["verified"]
     assert exports["gguf"]["max_abs_diff_vs_torch"] < 0.05  # f16 weights
     try:
         import llmcompressor  # noqa: F401
@@ -216,7 +216,7 @@ def test_cli_compress(tiny_tokenizer, tmp_path):
     folder = save_model(tiny_llama(tiny_tokenizer, hidden_size=64, num_hidden_layers=4), tiny_tokenizer, tmp_path / "m")
     out = tmp_path / "out"
     r = CliRunner().invoke(app, ["compress", "--model", str(folder), "--task", "arithmetic", "-O", "digits=2",
-                                 "--prune", "0.3", "--method", "depth", "--quantize", "int8", "--eval-size", "0",
+                                 "--prune", "0.3", "--method", "depth", "--quantize", "int8", "--eval-size", "0", "--speed-tokens", "4",
                                  "--out", str(out)])
     assert r.exit_code == 0, r.output
     rows = json.loads((out / "compress_report.json").read_text())["rows"]

@@ -288,6 +288,7 @@ def compress(
     quantize: Optional[str] = typer.Option(None, "--quantize", "-q", help="none, int8, int4 or int8-dynamic (torchao)."),
     export: Optional[str] = typer.Option(None, "--export", help="Comma list of gguf, onnx, gptq, awq."),
     eval_size: Optional[int] = typer.Option(None, "--eval-size", help="Eval examples per step (0: no accuracy)."),
+    speed_tokens: Optional[int] = typer.Option(None, "--speed-tokens", help="Tokens generated at batch 1 to time each step."),
 ) -> None:
     """Prune (depth or width) with KD recovery, sparsify, quantize and export a model; one report row per step."""
     import yaml
@@ -318,7 +319,7 @@ def compress(
             **({"prune_ratio": None} if target_params is not None else {}),
             **({"target_params": None} if prune is not None else {}),
             **_overrides(prune_ratio=prune, target_params=target_params, prune=method, recovery_steps=recovery_steps,
-                         sparsity=sparsity, quantize=quantize, eval_size=eval_size,
+                         sparsity=sparsity, quantize=quantize, eval_size=eval_size, speed_tokens=speed_tokens,
                          width_axes=width_axes.split(",") if width_axes else None,
                          export=export.split(",") if export else None),
         })

@@ -231,13 +231,14 @@ def _check_gguf(path: Path, model: Any, tok: Any) -> dict[str, Any]:
         back = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
         back_tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     except Exception as e:  # the reader's own limits (an architecture or field it does not map)
-        return {"checked": f"transformers could not read it back: {type(e).__name__}: {e}"}
+        return {"checked": f"transformers could not read it back: {type(e).__name__}: {str(e)[:300]}", "verified": False}
     probe = "What is 12 + 34? Answer: 46"
     ids = tok(probe, return_tensors="pt", add_special_tokens=False)["input_ids"]
     same_tokens = back_tok(probe, add_special_tokens=False)["input_ids"] == ids[0].tolist()
     with torch.no_grad():
         diff = float((back(ids).logits - model(ids).logits).abs().max())
-    return {"checked": "transformers GGUF reader", "same_tokens": same_tokens, "max_abs_diff_vs_torch": diff}
+    return {"checked": "transformers GGUF reader", "same_tokens": same_tokens, "max_abs_diff_vs_torch": diff,
+            "verified": bool(same_tokens and diff < 0.05)}
 
 
 # --------------------------------------------------------------------------- llm-compressor (GPU serving)

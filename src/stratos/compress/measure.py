@@ -58,8 +58,10 @@ def params_of(model: Any) -> int:
 
 
 @torch.no_grad()
-def decode_speed(model: Any, tokenizer: Any, prompt: str, *, new_tokens: int = 32, repeats: int = 2) -> float:
-    """Greedy tokens/s at batch size 1 with the KV cache, best of ``repeats`` after a warm-up."""
+def decode_speed(model: Any, tokenizer: Any, prompt: str, *, new_tokens: int = 32, repeats: int = 2) -> tuple[float, float]:
+    """Greedy tokens/s at batch size 1 with the KV cache, best of ``repeats`` after a warm-up:
+    per wall-clock second, and per CPU second of this process (all its threads). On a shared
+    machine the second is the steadier measure of the work a model needs."""
     from stratos.models.generate import render
 
     ids = tokenizer(render(tokenizer, [{"role": "user", "content": prompt}], chat=True), return_tensors="pt",
@@ -68,13 +70,14 @@ def decode_speed(model: Any, tokenizer: Any, prompt: str, *, new_tokens: int = 3
     pad = tokenizer.pad_token_id
     kw = dict(do_sample=False, pad_token_id=pad, min_new_tokens=new_tokens, max_new_tokens=new_tokens)
     model.generate(**ids, **{**kw, "min_new_tokens": 2, "max_new_tokens": 2})  # warm-up
-    best = 0.0
+    wall = cpu = 0.0
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         out = model.generate(**ids, **kw)
-        dt = time.perf_counter() - t0
-        best = max(best, (out.shape[1] - ids["input_ids"].shape[1]) / dt)
-    return best
+        dt, dc = time.perf_counter() - t0, time.process_time() - c0
+        n = out.shape[1] - ids["input_ids"].shape[1]
+        wall, cpu = max(wall, n / dt), max(cpu, n / max(dc, 1e-9))
+    return wall, cpu
 
 
 def measure_step(step: str, folder: str | os.PathLike, *, task: Any = None, examples: Sequence[Any] = (),
@@ -91,7 +94,8 @@ def measure_step(step: str, folder: str | os.PathLike, *, task: Any = None, exam
                            "size_mb": round(size_on_disk(folder) / 2**20, 2)}
     if examples:
         speed_prompt = task.prompt(examples[0])
-    row["tokens_per_s"] = round(decode_speed(model, tok, speed_prompt, new_tokens=decode_tokens), 2)
+    wall, cpu = decode_speed(model, tok, speed_prompt, new_tokens=decode_tokens)
+    row["tokens_per_s"], row["tokens_per_cpu_s"] = round(wall, 2), round(cpu, 2)
     row["accuracy"] = row["ci_low"] = row["ci_high"] = None
     if task is not None and examples:
         from stratos.evaluate import evaluate
@@ -108,12 +112,16 @@ def measure_step(step: str, folder: str | os.PathLike, *, task: Any = None, exam
 
 def report_table(rows: Sequence[dict[str, Any]]) -> str:
     """A markdown table of report rows, with each step's ratio to the first (original) row."""
-    head = "| step | params | % of original | size MB | peak mem MB | tokens/s (bs 1) | speed-up | accuracy [95% CI] |"
-    lines = [head, "|" + "---|" * 8]
-    p0, s0 = rows[0]["params"], rows[0]["tokens_per_s"] or 1.0
+    head = ("| step | params | % of original | size MB | peak mem MB | tokens/s (bs 1) | tokens/CPU-s | speed-up (CPU) "
+            "| accuracy [95% CI] |")
+    lines = [head, "|" + "---|" * 9]
+    p0 = rows[0]["params"]
+    c0 = rows[0].get("tokens_per_cpu_s") or 1.0
     for r in rows:
         acc = "n/a" if r.get("accuracy") is None else f"{r['accuracy']:.3f} [{r['ci_low']:.2f}, {r['ci_high']:.2f}] (n={r['eval_n']})"
         mem = "n/a" if r.get("peak_mem_mb") is None else f"{r['peak_mem_mb']:.0f}"
+        cpu = r.get("tokens_per_cpu_s")
         lines.append(f"| {r['step']} | {r['params'] / 1e6:.2f}M | {100 * r['params'] / p0:.0f}% | {r['size_mb']:.1f} | "
-                     f"{mem} | {r['tokens_per_s']:.1f} | {r['tokens_per_s'] / s0:.2f}x | {acc} |")
+                     f"{mem} | {r['tokens_per_s']:.1f} | {'n/a' if cpu is None else f'{cpu:.1f}'} | "
+                     f"{'n/a' if cpu is None else f'{cpu / c0:.2f}x'} | {acc} |")
     return "\n".join(lines)

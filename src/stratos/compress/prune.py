@@ -251,9 +251,12 @@ def plan_width(model: Any, imp: Importance, target_params: int, axes: Sequence[s
     if unknown or not axes:
         raise ValueError(f"width_axes must be a non-empty subset of mlp, heads, hidden; got {list(axes)}")
     cfg = model.config
-    dims = None
+    dims, seen = None, set()
     for step in range(100, 0, -1):
         d = _width_dims(cfg, step / 100, axes)
+        if tuple(d.values()) in seen:  # nearby factors round to the same shape
+            continue
+        seen.add(tuple(d.values()))
         cand = smaller_config(cfg, intermediate=d["intermediate"], heads=d["heads"], kv_heads=d["kv_heads"],
                               hidden=d["hidden"])
         if count_params(cand) <= target_params:
