@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -121,6 +122,11 @@ def test_pipeline_killed_mid_distill_resumes_to_the_same_result(tiny_spec, tmp_p
                    "Example predictions", "data:image/png;base64,"):
         assert needle in html, needle
     assert (killed / "deploy" / "sky-serve.yaml").is_file() and (killed / "deploy" / "serve.sh").is_file()
+    if shutil.which("chromium") or shutil.which("chromium-browser"):  # a real browser renders it
+        shot = subprocess.run([sys.executable, str(ROOT / "scripts" / "screenshot_report.py"), str(killed / "report.html")],
+                              capture_output=True, text=True, timeout=120)
+        assert shot.returncode == 0, shot.stdout + shot.stderr
+        assert (killed / "report.png").is_file()
 
 
 def test_a_changed_spec_reruns_only_the_stages_it_affects(tiny_spec, tmp_path, monkeypatch):

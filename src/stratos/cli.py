@@ -7,6 +7,7 @@ as one line each with exit code 2, never as a traceback.
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 from typing import Optional
@@ -654,6 +655,8 @@ def main() -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own progress bars say what is happening
+    # torchao's CPU wheel warns at import about CUDA-only kernels it cannot load: noise on every command.
+    logging.getLogger("torchao").setLevel(logging.ERROR)
     try:
         app()
     except KeyboardInterrupt:

@@ -242,15 +242,24 @@ def stage_eval(ctx: Context) -> dict[str, Any]:
         log.info("eval: %-24s accuracy %.3f [%.3f, %.3f]", role, res.accuracy, res.ci_low, res.ci_high)
 
     t_spec = spec.teachers[plan.teacher["index"]]
-    if t_spec.backend == "hf":
+    teacher = t_tok = gen = None
+    if t_spec.backend == "openai":  # a black box: asked through its endpoint, like the deployed student
+        import os
+
+        key = os.environ.get(t_spec.api_key_env) if t_spec.api_key_env else None
+        gen = endpoint_generate_fn(t_spec.base_url, t_spec.model, api_key=key, concurrency=t_spec.max_concurrency)
+        price = spec.plan.api_prices.get(t_spec.label) or spec.plan.api_prices.get(t_spec.model)
+        facts = {"params": int(price.params_b * 1e9) if price and price.params_b else None, "size_mb": None}
+    else:
         teacher, t_tok = load(t_spec.model, dtype=t_spec.dtype, trust_remote_code=t_spec.trust_remote_code)
         facts = _model_facts(teacher, resolve(t_spec.model)[1])
-        for rules in (False, True):
-            role = "teacher (rules in prompt)" if rules else "teacher (zero-shot)"
-            res = evaluate(teacher, t_tok, task, examples, rules=rules,
-                           predictions_path=ctx.dir / f"predictions-teacher{'-rules' if rules else ''}.jsonl", **kw)
-            record(role, t_spec.label, res, facts)
-        del teacher
+    for rules in (False, True):
+        role = "teacher (rules in prompt)" if rules else "teacher (zero-shot)"
+        subset = examples[: spec.eval.rules_n] if rules and spec.eval.rules_n else examples
+        res = evaluate(teacher, t_tok, task, subset, rules=rules, generate_fn=gen,
+                       predictions_path=ctx.dir / f"predictions-teacher{'-rules' if rules else ''}.jsonl", **kw)
+        record(role, t_spec.label, res, facts)
+    del teacher
     models = [("student", ctx.artifact("distill", "model"))]
     if not ctx.manifest.data["stages"].get("compress", {}).get("artifacts", {}).get("skipped"):
         models.append(("compressed student", ctx.artifact("compress", "model")))

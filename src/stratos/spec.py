@@ -253,6 +253,9 @@ class ServeSpec(_Strict):
 
 class EvalSpec(_Strict):
     n: int | None = Field(None, gt=0, description="Eval examples (default: the task's eval_size).")
+    rules_n: int | None = Field(
+        None, gt=0, description="Examples for the teacher with the rules in its prompt (long prompts; default: n)."
+    )
     batch_size: int = Field(16, gt=0)
     max_new_tokens: int = Field(64, gt=0)
     bench_clients: int = Field(4, gt=0, description="Concurrent clients of the deployed student's load test.")

@@ -76,7 +76,7 @@ def _img(uri: str | None, alt: str) -> str:
 
 def usd_per_mtok(usd_per_hour: float | None, tokens_per_s: float | None) -> float | None:
     """$ per million generated tokens at a server's hourly price and a measured throughput."""
-    if not usd_per_hour or not tokens_per_s:
+    if usd_per_hour is None or not tokens_per_s:
         return None
     return usd_per_hour / (tokens_per_s * 3600) * 1e6
 

@@ -505,7 +505,14 @@ class MahjongTask:
         return f"{head}{question}\n{_FORMATS[ex.type]}"
 
     def target(self, ex: Example, *, rationale: bool = False) -> str:
-        final = f"Answer: {self.format_answer(ex.type, ex.answer)}"
+        answer = self.format_answer(ex.type, ex.answer)
+        if ex.type == "discard":
+            # Any optimal tile is right: name one picked at random (seeded by the hand) rather than
+            # always the first in tile order, so a student learns which tiles are optimal instead
+            # of an arbitrary tie-break on top of it.
+            best = parse_tiles(str(ex.answer))
+            answer = tile_name(random.Random(ex.meta.get("key", ex.question)).choice(best))
+        final = f"Answer: {answer}"
         if not rationale:
             return final
         return f"{self.rationale(ex)}\n{final}"
