@@ -90,7 +90,7 @@ def test_topk_kd_from_the_server_lowers_divergence(tiny_served, tiny_tokenizer, 
     from stratos.spec import DistillSpec
 
     server, path = tiny_served
-    spec = coin_spec(api(server.base_url, server.model, logprobs_as_token_ids=True), train_size=16,
+    spec = coin_spec(api(server.base_url, server.model, logprobs_as_token_ids=True), train_size=10,
                      top_logprobs=20, max_new_tokens=8)
     res = run_synth(spec, tmp_path / "synth", progress=False)
     records = read_jsonl(res.data_path)
