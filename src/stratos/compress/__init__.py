@@ -15,6 +15,7 @@ whether it worked and why not.
 from __future__ import annotations
 
 import logging
+import random
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +53,8 @@ def recovery_config(distill: DistillSpec, steps: int) -> DistillSpec:
 
     if not get_loss(distill.loss).needs_teacher or distill.kd_ratio == 0:
         update.update(loss="fkl", kd_ratio=1.0)
+    if distill.teacher_signal not in ("online", "cached"):  # e.g. top-k log-probs of an API teacher: not this teacher
+        update["teacher_signal"] = "cached"
     return distill.model_copy(update=update)
 
 
@@ -129,7 +132,11 @@ def run_compress(
             teacher, t_tok = (model, tok) if teacher_dir is None else load(t_dir)
             from stratos.distill import distill
 
-            res = distill(small, tok, records, recovery_config(spec.distill, cs.recovery_steps), out_dir / "recovery",
+            rcfg = recovery_config(spec.distill, cs.recovery_steps)
+            # Only what the steps consume: a cached teacher signal would otherwise cover every record.
+            need = cs.recovery_steps * rcfg.per_device_train_batch_size * rcfg.gradient_accumulation_steps
+            used = random.Random(rcfg.seed).sample(list(records), need) if need < len(records) else records
+            res = distill(small, tok, used, rcfg, out_dir / "recovery",
                           teacher=teacher, teacher_tokenizer=t_tok, progress=progress)
             del teacher
             current = res.model_dir
