@@ -174,6 +174,10 @@ class SynthSpec(_Strict):
     max_new_tokens: int = Field(256, gt=0)
     stop: list[str] = Field(default_factory=list, description="Stop strings of teacher generation.")
     reverse_synthesis: int = Field(0, ge=0, description="Oracle-checked reverse-synthesised examples to add.")
+    rationales: bool = Field(
+        False, description="Oracle examples answer with the task's step-by-step rationale before the answer "
+        "(chain-of-thought targets: denser supervision, longer generations)."
+    )
     knowledge_injection: bool = Field(False, description="Add the task's rules corpus and put rules in teacher prompts.")
     top_logprobs: int = Field(
         0, ge=0, le=20, description="Store the teacher's top-k log-probs per response token (top-k KD; API teachers)."

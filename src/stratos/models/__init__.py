@@ -124,11 +124,12 @@ def task_tokenizer(task_spec: Any, vocab_size: int = 512) -> Any:
     from stratos.tasks import task_from_spec, to_records
 
     dumped = task_spec.model_dump(mode="json", exclude={"train_size", "eval_size"})
-    path = cache_dir() / "tokenizers" / sha256_text("task-tokenizer-v1", dumped, vocab_size)[:16]
+    path = cache_dir() / "tokenizers" / sha256_text("task-tokenizer-v2", dumped, vocab_size)[:16]
     if not (path / "tokenizer.json").is_file():
         task = task_from_spec(task_spec)
         examples = task.examples("train", min(task_spec.train_size, 2000), seed=task_spec.seed)
-        texts = [task.describe()] + [r["prompt"] + "\n" + r["response"] for r in to_records(task, examples)]
+        texts = [task.describe()] + [r["prompt"] + "\n" + r["response"]
+                                     for r in to_records(task, examples, rationale=True)]
         domain = getattr(task, "domain_tokens", lambda: [])()
         tok = build_tokenizer(texts, vocab_size, added_tokens=domain)
         path.parent.mkdir(parents=True, exist_ok=True)

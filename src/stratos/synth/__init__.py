@@ -149,7 +149,7 @@ def run_synth(spec: Spec, out_dir: str | Path, *, plan: Any = None, progress: bo
         solved = {r["prompt"] for r in records}
         oracle = [ex for ex in task.examples("train", cfg.reverse_synthesis, seed=spec.task.seed + 1)
                   if task.prompt(ex) not in solved]
-        for rec in to_records(task, oracle):
+        for rec in to_records(task, oracle, rationale=cfg.rationales):
             key = (rec["prompt"], rec["response"].strip())
             if key not in seen:
                 seen.add(key)
