@@ -1,8 +1,10 @@
 """Compression of a fine-tuned SmolLM2-135M-Instruct: prune to <= 60% of its parameters, recover by
 KD from the unpruned model, quantize int8 weight-only; accuracy, params, size, memory, tokens/s.
 
-    nice -n 10 python benchmarks/compress.py                      # the run docs/compress.md records
-    nice -n 10 python benchmarks/compress.py --methods depth --eval-n 50 --recovery-steps 100
+    # the runs docs/compress.md records (small: a shared 2-core CPU), then speed/memory re-measured
+    nice -n 10 python benchmarks/compress.py --ft-steps 16 --recovery-steps 30 --batch-size 4 --methods depth --eval-n 40
+    nice -n 10 python benchmarks/compress.py --methods depth --remeasure
+    nice -n 10 python benchmarks/compress.py                      # larger: 150 SFT + 150 recovery steps, both methods
 
 1. fine-tune SmolLM2-135M-Instruct on the task (SFT, ``--ft-steps``; skipped when ``--out``
    already holds the fine-tuned model);
