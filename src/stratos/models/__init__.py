@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,11 @@ DEFAULT_CHAT_TEMPLATE = (
 )
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# transformers imports torchao (the compress stage's quantizer) on every load when it is installed;
+# torchao then warns about each CUDA kernel library a CPU machine cannot load, and torch about its enums.
+logging.getLogger("torchao").setLevel(logging.ERROR)
+logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
 
 def prepare_tokenizer(tok: Any, padding_side: str = "right") -> Any:
