@@ -88,10 +88,12 @@ def run_stratos(args: argparse.Namespace, mode: str, workdir: Path) -> dict:
     # Warm-up steps (allocator, first-call overheads) are run and excluded from the timing.
     distill(student, tok, records, cfg, workdir / "run", teacher=teacher, signal=signal, cache_root=workdir / "cache",
             progress=False, stop_after=args.warmup)
-    t0 = time.perf_counter()
     res = distill(student, tok, records, cfg, workdir / "run", teacher=teacher, signal=signal,
                   cache_root=workdir / "cache", progress=False)
-    seconds = time.perf_counter() - t0
+    # The training steps alone, as for TRL (whose clock runs from step end to step end): not the
+    # resume from the warm-up checkpoint nor the final checkpoint and model save.
+    rows = [json.loads(x) for x in (workdir / "run" / "metrics.jsonl").read_text().splitlines()]
+    seconds = rows[-1]["elapsed_s"]
     tokens = _tokens(records[args.batch_size * args.warmup :], tok, args.seq_len)
     return {"seconds": seconds, "tokens": tokens, "cache_seconds": cache_seconds, "steps": res.steps - args.warmup,
             "threads": torch.get_num_threads()}

@@ -348,6 +348,7 @@ def train(
                     "lr": lr,
                     "grad_norm": float(grad_norm),
                     "tokens_per_s": tokens_done / elapsed,
+                    "elapsed_s": elapsed,  # wall time since this call started training
                     "epoch": done * sched_data.accumulation / sched_data.batches_per_epoch,
                 }
                 metrics.log(done, last)
