@@ -167,7 +167,8 @@ def stage_distill(ctx: Context) -> dict[str, Any]:
     student, tok = load_student(s_spec, spec.task)
     teacher = t_tok = None
     white_box = t_spec.backend == "hf" and plan.match.mode == "logit"
-    if get_loss(cfg.loss).needs_teacher and cfg.kd_ratio > 0:
+    topk = cfg.teacher_signal == "topk" and any("topk" in r for r in records)
+    if get_loss(cfg.loss).needs_teacher and cfg.kd_ratio > 0 and not topk:  # top-k targets travel in the records
         if not white_box:
             # Logit KD needs the teacher's distribution over the student's vocabulary: without it
             # (API teacher, other tokenizer) the student learns from the teacher's text alone.

@@ -2,9 +2,10 @@
 
 Inputs are the student's and the teacher's last hidden states at the target positions
 only ([N, d_s], [N, d_t]) plus both output heads. Each chunk of tokens recomputes both
-models' logits, the loss and the statistics; under autograd the chunk is checkpointed,
-so only its hidden states are kept and the [chunk, V] logits are rebuilt in backward.
-No [B, T, V] tensor ever exists for either model.
+models' logits, the loss and the statistics; under autograd the chunk's gradient (for the
+student's hidden states and head) is taken right there, so each head runs once per chunk and
+only [chunk, d]-sized gradients are kept for the backward pass. No [B, T, V] tensor ever
+exists for either model.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from stratos.distill.head import OutputHead
 from stratos.distill.losses import Loss, get_loss
@@ -57,7 +57,7 @@ def _chunk_terms(
     topk_ids: torch.Tensor | None = None,
     topk_logp: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Summed [kd, ce, teacher-agreement] of one chunk (a 3-vector, so it checkpoints as one tensor)."""
+    """Summed [kd, ce, teacher-agreement] of one chunk, as one 3-vector."""
     s_logits = s_head(s_hidden)
     ce = F.cross_entropy(s_logits, targets, reduction="sum")
     kd = agree = s_logits.new_zeros(())
@@ -101,17 +101,67 @@ def kd_terms(
     micro-batches (and, later, processes). ``topk`` ([N, k] ids, [N, k] log-probs) replaces the
     teacher's hidden states with an API teacher's top-k targets.
     """
-    n = s_hidden.shape[0]
+    args = (t_hidden, targets, s_head, t_head, obj, *((None, None) if topk is None else topk))
+    if torch.is_grad_enabled() and s_hidden.requires_grad:
+        params = [p for p in s_head.parameters() if p.requires_grad]
+        loss, terms = _ChunkedTerms.apply(s_hidden, *args, *params)
+        kd, ce, agree = terms.unbind()
+        return {"loss": loss, "kd": kd, "ce": ce, "agree": agree}
     total = s_hidden.new_zeros(3, dtype=torch.float32)
-    grad = torch.is_grad_enabled() and s_hidden.requires_grad
-    for start in range(0, n, obj.chunk_size):
-        sl = slice(start, start + obj.chunk_size)
-        args = (s_hidden[sl], None if t_hidden is None else t_hidden[sl], targets[sl], s_head, t_head, obj,
-                *((None, None) if topk is None else (topk[0][sl], topk[1][sl])))
-        if grad:
-            total = total + checkpoint(_chunk_terms, *args, use_reentrant=False)
-        else:
-            total = total + _chunk_terms(*args)
+    for sl in _chunks(s_hidden.shape[0], obj.chunk_size):
+        total = total + _chunk_terms(s_hidden[sl], *_sliced(args, sl))
     kd, ce, agree = total.unbind()
-    loss = obj.kd_ratio * kd + (1.0 - obj.kd_ratio) * ce if obj.spec.needs_teacher else kd
+    loss = _combine(kd, ce, obj)
     return {"loss": loss, "kd": kd.detach(), "ce": ce.detach(), "agree": agree.detach()}
+
+
+def _combine(kd: torch.Tensor, ce: torch.Tensor, obj: Objective) -> torch.Tensor:
+    return obj.kd_ratio * kd + (1.0 - obj.kd_ratio) * ce if obj.spec.needs_teacher else kd
+
+
+def _chunks(n: int, size: int) -> list[slice]:
+    return [slice(start, start + size) for start in range(0, n, size)]
+
+
+def _sliced(args: tuple, sl: slice) -> tuple:
+    """The per-token tensors of ``args`` cut to one chunk; everything else as it is."""
+    return tuple(a[sl] if isinstance(a, torch.Tensor) and i in (0, 1, 5, 6) else a for i, a in enumerate(args))
+
+
+class _ChunkedTerms(torch.autograd.Function):
+    """The loss over all chunks, with each chunk's gradient taken in the forward pass.
+
+    Checkpointing each chunk would run its output heads twice (the student's once for the loss
+    and again for the gradient; the teacher's too). Here each chunk runs once: a local autograd
+    call turns its loss into gradients for the student's hidden states ([chunk, d]) and its
+    head's trainable parameters right away, so no [chunk, V] tensor outlives its chunk and the
+    backward pass only scales what was kept. Any registered loss works unchanged: its gradient
+    comes from autograd, not from a hand-written formula."""
+
+    @staticmethod
+    def forward(ctx, s_hidden, t_hidden, targets, s_head, t_head, obj, topk_ids, topk_logp, *params):
+        args = (t_hidden, targets, s_head, t_head, obj, topk_ids, topk_logp)
+        grad_h = torch.zeros_like(s_hidden)
+        grad_p = [torch.zeros_like(p) for p in params]
+        total = s_hidden.new_zeros(3, dtype=torch.float32)
+        for sl in _chunks(s_hidden.shape[0], obj.chunk_size):
+            h = s_hidden[sl].detach().requires_grad_(True)
+            with torch.enable_grad():
+                terms = _chunk_terms(h, *_sliced(args, sl))
+                loss = _combine(terms[0], terms[1], obj)
+                grads = torch.autograd.grad(loss, [h, *params], allow_unused=True)
+            grad_h[sl] = grads[0]
+            for acc, g in zip(grad_p, grads[1:]):
+                if g is not None:
+                    acc += g
+            total = total + terms.detach()
+        ctx.save_for_backward(grad_h, *grad_p)
+        kd, ce, _ = total.unbind()
+        terms = total.clone()
+        ctx.mark_non_differentiable(terms)
+        return _combine(kd, ce, obj), terms
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_terms):
+        grad_h, *grad_p = ctx.saved_tensors
+        return (grad_h * grad_loss, None, None, None, None, None, None, None, *(g * grad_loss for g in grad_p))
