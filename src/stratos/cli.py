@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 from rich.console import Console
@@ -31,6 +31,26 @@ def fail(lines: list[str] | str, code: int = 2) -> None:
     for line in [lines] if isinstance(lines, str) else lines:
         console.print(f"[red]error:[/red] {line}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
+
+
+def _task_and_options(task_spec: Any, task: str | None, option: list[str], missing: str) -> tuple[Any, dict]:
+    """The spec's task, or the one ``--task`` names (keeping the spec's options when it is the same
+    task), and its options with ``-O KEY=VALUE`` applied (values read as YAML)."""
+    import yaml
+
+    from stratos.spec import TaskSpec
+
+    if task:
+        task_spec = TaskSpec(name=task, options=task_spec.options if task_spec and task_spec.name == task else {})
+    if task_spec is None:
+        fail(missing)
+    options = dict(task_spec.options)
+    for item in option:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            fail(f"--option {item!r}: expected KEY=VALUE")
+        options[key] = yaml.safe_load(value)
+    return task_spec, options
 
 
 def _spec_or_fail(path: Path):
@@ -232,28 +252,18 @@ def eval_cmd(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the summary metrics to this JSON file."),
 ) -> None:
     """Evaluate a model on a task: accuracy with a 95% CI, per-type breakdown, latency and tokens/s."""
-    import yaml
 
     from stratos.evaluate import evaluate, result_table
     from stratos.io import DataError, write_json
     from stratos.models import load
-    from stratos.spec import EvalSpec, TaskSpec
+    from stratos.spec import EvalSpec
     from stratos.tasks import task_from_spec
 
     task_spec, eval_spec = None, EvalSpec()
     if spec is not None:
         s = _spec_or_fail(spec)
         task_spec, eval_spec = s.task, s.eval
-    if task:
-        task_spec = TaskSpec(name=task, options=task_spec.options if task_spec and task_spec.name == task else {})
-    if task_spec is None:
-        fail("no task: pass --task or a spec")
-    options = dict(task_spec.options)
-    for item in option:
-        key, eq, value = item.partition("=")
-        if not eq or not key:
-            fail(f"--option {item!r}: expected KEY=VALUE")
-        options[key] = yaml.safe_load(value)
+    task_spec, options = _task_and_options(task_spec, task, option, "no task: pass --task or a spec")
     count = n or eval_spec.n or (task_spec.eval_size if spec is not None else 200)
     try:
         t = task_from_spec(task_spec.model_copy(update={"options": options}))
@@ -292,27 +302,18 @@ def compress(
     speed_tokens: Optional[int] = typer.Option(None, "--speed-tokens", help="Tokens generated at batch 1 to time each step."),
 ) -> None:
     """Prune (depth or width) with KD recovery, sparsify, quantize and export a model; one report row per step."""
-    import yaml
     from pydantic import ValidationError
 
     from stratos.io import DataError
-    from stratos.spec import CompressSpec, Spec, StudentSpec, TaskSpec, TeacherSpec, format_validation_error
+    from stratos.spec import CompressSpec, Spec, StudentSpec, TeacherSpec, format_validation_error
 
     s = _spec_or_fail(spec) if spec is not None else None
     model = model or (s.students[0].model if s else None)
     if model is None:
         fail("no model: pass --model or a spec")
     task_spec = s.task if s else None
-    if task:
-        task_spec = TaskSpec(name=task, options=task_spec.options if task_spec and task_spec.name == task else {})
-    if task_spec is None:
-        fail("no task: pass --task or a spec (calibration, recovery and eval data come from it)")
-    options = dict(task_spec.options)
-    for item in option:
-        key, eq, value = item.partition("=")
-        if not eq or not key:
-            fail(f"--option {item!r}: expected KEY=VALUE")
-        options[key] = yaml.safe_load(value)
+    task_spec, options = _task_and_options(
+        task_spec, task, option, "no task: pass --task or a spec (calibration, recovery and eval data come from it)")
     base = s.compress if s else CompressSpec()
     try:
         cs = CompressSpec.model_validate({

@@ -124,8 +124,8 @@ def _chunks(n: int, size: int) -> list[slice]:
 
 
 def _sliced(args: tuple, sl: slice) -> tuple:
-    """The per-token tensors of ``args`` cut to one chunk; everything else as it is."""
-    return tuple(a[sl] if isinstance(a, torch.Tensor) and i in (0, 1, 5, 6) else a for i, a in enumerate(args))
+    """``args`` cut to one chunk: every tensor among them is per token ([N, ...]); heads and the objective are not."""
+    return tuple(a[sl] if isinstance(a, torch.Tensor) else a for a in args)
 
 
 class _ChunkedTerms(torch.autograd.Function):

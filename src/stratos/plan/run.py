@@ -16,16 +16,7 @@ from stratos.plan.costmodel import ApiPricing, generate_seconds
 from stratos.plan.planner import Plan, PlanInputs, build_plan
 from stratos.plan.probe import TeacherProbe, probe_teacher, profile_task
 from stratos.plan.shapes import model_shape
-
-
-def task_from_spec(task_spec: Any) -> Any:
-    from stratos.tasks import get_task
-
-    options = dict(task_spec.options)
-    if task_spec.name.partition(":")[0] == "jsonl":
-        options.setdefault("path", task_spec.path)
-        options.setdefault("scorer", task_spec.scorer)
-    return get_task(task_spec.name, **options)
+from stratos.tasks import task_from_spec
 
 
 def _probe_key(spec: Any, t: Any, max_new_tokens: int) -> str:
