@@ -23,7 +23,7 @@ from stratos.plan.costmodel import (
 )
 from stratos.plan.matching import match
 from stratos.plan.pareto import dominates, pareto_front
-from stratos.plan.strategy import choose_strategy, samples_for
+from stratos.plan.strategy import SpecValues, apply_spec, choose_strategy, samples_for
 from stratos.spec import OBJECTIVE_PRESETS
 
 # A Llama-3-8B-like teacher and 1B / 135M students (shapes as in their configs).
@@ -262,6 +262,123 @@ def test_samples_per_prompt_cover_95_percent():
         k = samples_for(acc)
         assert 1 - (1 - acc) ** k >= 0.95 or k == 8
         assert k == 1 or 1 - (1 - acc) ** (k - 1) < 0.95
+
+
+# --------------------------------------------------------------------------- the spec's own values
+
+
+def stage_seconds(plan) -> dict[str, float]:
+    return {s.stage: s.seconds for s in plan.stages}
+
+
+def one_pair(**kw) -> PlanInputs:
+    """One teacher, one student, one server: the same candidate with and without the spec's values."""
+    return inputs(students=[S1B], servers=[server("big", price=4.0)], **kw)
+
+
+def test_spec_values_resize_the_workload_and_cut_the_predictions():
+    # A fixed question file (no oracle), 480 train questions, a weak teacher: the plan would send all 480
+    # to the teacher with many samples each. The spec says 32 prompts x 2 samples, the 480 reference
+    # answers as reverse synthesis, 2 epochs (as in examples/my-data.yaml).
+    fixed = TaskProfile("jsonl", 60, 6, 6, 0, True, False, 480)
+    weak = {"teacher-8b": probe("teacher-8b", 0.05)}
+    own, _ = build_plan(one_pair(task=fixed, probes=weak))
+    assert own.strategy.teacher_generates and own.strategy.prompts == 480
+    assert own.workload.teacher_sequences == 480 * own.strategy.samples_per_prompt > 64
+    values = SpecValues(prompts=32, samples_per_prompt=2, reverse_synthesis=480, epochs=2.0)
+    plan, _ = build_plan(one_pair(task=fixed, probes=weak, spec_values=values))
+    st, w = plan.strategy, plan.workload
+    assert (st.prompts, st.samples_per_prompt, st.reverse_synthesis, st.epochs) == (32, 2, 480, 2.0)
+    assert w.teacher_sequences == 32 * 2
+    assert w.train_examples == st.data_size == 480  # both draws come from the file's 480 questions
+    assert w.epochs == 2.0 < own.workload.epochs
+    mine, theirs = stage_seconds(plan), stage_seconds(own)
+    assert mine["generation"] < theirs["generation"] / 10
+    assert mine["training"] < theirs["training"]
+    assert plan.predicted["train_hours"] < own.predicted["train_hours"]
+    said = next(r for r in plan.reasons if r.startswith("from the spec"))
+    assert "synth.prompts 32 (plan: 480)" in said and "distill.num_train_epochs 2" in said
+    assert "= 480 examples x 2 epochs" in said
+
+    # A generated task (oracle): the plan's reverse synthesis and epochs give way to the spec's.
+    own, _ = build_plan(one_pair(probes=weak))
+    assert own.strategy.kind == "injection" and not own.strategy.teacher_generates
+    values = SpecValues(reverse_synthesis=own.strategy.reverse_synthesis // 4, epochs=1.0)
+    plan, _ = build_plan(one_pair(probes=weak, spec_values=values))
+    assert plan.workload.train_examples == own.strategy.reverse_synthesis // 4 and plan.workload.epochs == 1.0
+    assert plan.workload.teacher_sequences == 0
+    assert stage_seconds(plan)["training"] < stage_seconds(own)["training"] / 4
+
+    # Prompts written for a plan that had no teacher generations: now the teacher generates, and the
+    # oracle data stays.
+    plan, _ = build_plan(one_pair(probes=weak, spec_values=SpecValues(prompts=100, samples_per_prompt=3)))
+    assert plan.strategy.teacher_generates and plan.workload.teacher_sequences == 300
+    assert plan.workload.train_examples == 100 + own.strategy.reverse_synthesis
+    assert stage_seconds(plan)["generation"] > 0 == stage_seconds(own)["generation"]
+
+
+def test_a_spec_that_writes_nothing_leaves_the_plan_as_it_was():
+    from stratos.spec import parse_spec
+
+    spec = parse_spec({"task": {"name": "arithmetic"}, "teachers": [{"model": "t"}], "students": [{"model": "s"}],
+                       "distill": {"learning_rate": 1e-3}, "synth": {"temperature": 0.5}})
+    values = SpecValues.from_spec(spec)
+    assert values.written() == []
+    for acc in (0.05, 0.9):
+        s = choose_strategy(probe("teacher-8b", acc), TASK, match(T8B, S1B))
+        assert apply_spec(s, values, TASK) == s
+    plain, _ = build_plan(one_pair())
+    again, _ = build_plan(one_pair(spec_values=values))
+    assert (again.strategy, again.workload, again.stages) == (plain.strategy, plain.workload, plain.stages)
+
+
+def test_spec_values_are_read_from_the_spec_and_reapplied_from_the_plans_own():
+    from stratos.spec import parse_spec
+
+    spec = parse_spec({"task": {"name": "arithmetic", "train_size": 300}, "teachers": [{"model": "t"}],
+                       "students": [{"model": "s"}], "synth": {"prompts": 40, "reverse_synthesis": 200},
+                       "distill": {"loss": "ce", "max_steps": 50, "per_device_train_batch_size": 4,
+                                   "gradient_accumulation_steps": 2}})
+    v = SpecValues.from_spec(spec)
+    assert (v.prompts, v.reverse_synthesis, v.loss, v.loss_needs_teacher, v.max_steps, v.train_batch) == \
+        (40, 200, "ce", False, 50, 8)
+    assert v.samples_per_prompt is None and v.epochs is None and v.kd_ratio is None  # defaults, not written
+    strong = choose_strategy(probe("teacher-8b", 0.9), TASK, match(T8B, S1B))
+    s = apply_spec(strong, v, TASK)
+    assert s.loss == "ce" and s.kd_ratio == strong.kd_ratio and s.data_size == 40 + 200
+    assert s.epochs == pytest.approx(50 * 8 / 240)  # max_steps x batch over the examples
+    assert apply_spec(s, v, TASK) == s  # applying twice changes nothing
+    assert apply_spec(s, SpecValues(), TASK) == strong  # values taken out of the spec: the plan's own again
+    # loss ce needs no teacher: a white-box pair's plan then prices no teacher signal.
+    plan, _ = build_plan(one_pair(spec_values=v))
+    assert plan.workload.signal == "text" and stage_seconds(plan)["signal"] == 0
+    assert stage_seconds(build_plan(one_pair())[0])["signal"] > 0
+
+
+def test_runner_runs_what_the_plan_predicted(tmp_path):
+    from stratos.runner import _effective, _strategy
+    from stratos.spec import parse_spec
+
+    def spec(**sections):
+        return parse_spec({"task": {"name": "arithmetic", "train_size": 1000}, "teachers": [{"model": "t"}],
+                           "students": [{"model": "s"}], **sections})
+
+    weak = {"teacher-8b": probe("teacher-8b", 0.05)}
+    written = spec(synth={"reverse_synthesis": 700}, distill={"num_train_epochs": 1.5, "kd_ratio": 0.2})
+    plan, _ = build_plan(one_pair(probes=weak, spec_values=SpecValues.from_spec(written)))
+    plan.to_json(tmp_path / "plan.json")
+    plan = Plan.from_json(tmp_path / "plan.json")  # as the runner reads it
+    eff = _effective(written, plan)
+    assert (eff.synth.reverse_synthesis, eff.distill.num_train_epochs, eff.distill.kd_ratio) == (700, 1.5, 0.2)
+    assert eff.distill.loss == plan.strategy.loss and eff.synth.knowledge_injection == plan.strategy.knowledge_injection
+    assert _strategy(written, plan) == plan.strategy
+    # The spec changed after planning (the plan stage does not rerun for synth/distill): the runner
+    # follows the spec now, and takes the plan's own values where it no longer writes any.
+    plain = spec()
+    own = choose_strategy(weak["teacher-8b"], TASK, match(T8B, S1B))
+    eff = _effective(plain, plan)
+    assert (eff.synth.reverse_synthesis, eff.distill.num_train_epochs, eff.distill.kd_ratio) == \
+        (own.reverse_synthesis, own.epochs, own.kd_ratio)
 
 
 # --------------------------------------------------------------------------- catalog

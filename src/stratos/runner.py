@@ -97,23 +97,31 @@ class Context:
 # --------------------------------------------------------------------------- stages
 
 
-def _effective(spec: Spec, plan: Any) -> Spec:
-    """The spec with the plan's choices filled in where the user left a field at its default.
+def _strategy(spec: Spec, plan: Any) -> Any:
+    """The plan's strategy with the spec's synth / distill values applied (``stratos.plan.strategy.apply_spec``,
+    the rule the planner predicted with). Applied again here because the plan stage does not rerun when
+    only those sections change."""
+    from stratos.plan.strategy import SpecValues, apply_spec
 
-    What the user wrote always wins; what they left open, the plan decides (strategy: loss,
-    kd_ratio, epochs, rules in prompts, reverse synthesis, samples per prompt)."""
-    st = plan.strategy
+    return apply_spec(plan.strategy, SpecValues.from_spec(spec), plan.task)
+
+
+def _effective(spec: Spec, plan: Any) -> Spec:
+    """The spec with the strategy's settings filled in: loss, kd_ratio, epochs, reverse synthesis,
+    samples per prompt, knowledge injection. What the user wrote always wins: ``_strategy`` already
+    holds their values, so the strategy is written out as it stands."""
+    st = _strategy(spec, plan)
     spec = spec.model_copy(deep=True)
     d, s = spec.distill, spec.synth
     for field, value in (("loss", st.loss), ("kd_ratio", st.kd_ratio), ("num_train_epochs", st.epochs)):
-        if field not in d.model_fields_set:
-            setattr(d, field, value)
+        if getattr(d, field) != value and not (field == "num_train_epochs" and d.max_steps is not None):
+            setattr(d, field, value)  # (with max_steps the steps are given; st.epochs is only what they amount to)
     for field, value in (
         ("samples_per_prompt", st.samples_per_prompt),
         ("reverse_synthesis", st.reverse_synthesis),
         ("knowledge_injection", st.knowledge_injection),
     ):
-        if field in type(s).model_fields and field not in s.model_fields_set:
+        if getattr(s, field) != value:
             setattr(s, field, value)
     return spec
 
@@ -148,8 +156,10 @@ def _predicted_by_stage(plan: Any) -> dict[str, float]:
 def stage_synth(ctx: Context) -> dict[str, Any]:
     from stratos.synth import run_synth
 
-    spec = _effective(ctx.spec, ctx.plan())
-    res = run_synth(spec, ctx.dir, plan=ctx.plan(), progress=ctx.progress)
+    plan = ctx.plan()
+    spec = _effective(ctx.spec, plan)
+    plan.strategy = _strategy(ctx.spec, plan)  # whether the teacher generates, with the spec's values
+    res = run_synth(spec, ctx.dir, plan=plan, progress=ctx.progress)
     return {"data_path": ctx.rel(res.data_path), "stats_path": ctx.rel(res.stats_path), "rows": res.rows}
 
 

@@ -29,7 +29,7 @@ from stratos.plan.costmodel import (
 from stratos.plan.matching import Match, match
 from stratos.plan.pareto import deployment_scores, pareto_front
 from stratos.plan.probe import TaskProfile, TeacherProbe
-from stratos.plan.strategy import Strategy, choose_strategy, prior_student_accuracy
+from stratos.plan.strategy import SpecValues, Strategy, apply_spec, choose_strategy, prior_student_accuracy
 
 PLAN_VERSION = 1
 CONSTRAINTS = ("memory", "min_accuracy", "max_latency_ms", "budget_usd")
@@ -182,6 +182,7 @@ class PlanInputs:
     teacher_models: list[str] = field(default_factory=list)
     student_models: list[str] = field(default_factory=list)
     spec_name: str = "stratos-run"
+    spec_values: SpecValues = field(default_factory=SpecValues)  # what the user wrote in synth / distill: it wins
 
 
 def _eff(inputs: PlanInputs, server: Server) -> Efficiency:
@@ -191,15 +192,19 @@ def _eff(inputs: PlanInputs, server: Server) -> Efficiency:
 
 
 def workload_for(strategy: Strategy, m: Match, task: TaskProfile, inputs: PlanInputs) -> Workload:
-    answer = task.rationale_tokens if strategy.kind == "injection" and task.reasoning_steps else task.answer_tokens
+    """The work ``strategy`` (with the spec's values already applied) implies, sized as the runner runs it."""
+    v = inputs.spec_values
+    rationales = v.rationales if v.rationales is not None else strategy.kind == "injection"
+    answer = task.rationale_tokens if rationales and task.reasoning_steps else task.answer_tokens
     corpus = 2000.0 * 20 if strategy.knowledge_injection else 0.0  # the rules corpus, ~2k tokens, seen 20 times
+    needs_teacher = v.loss_needs_teacher if v.loss_needs_teacher is not None else strategy.loss != "ce"
     return Workload(
         prompt_tokens=task.prompt_tokens,
         answer_tokens=max(1.0, answer),
         train_examples=strategy.data_size,
         epochs=strategy.epochs,
-        teacher_sequences=strategy.data_size * strategy.samples_per_prompt if strategy.teacher_generates else 0,
-        signal=m.mode if m.mode != "logit" or strategy.kd_ratio > 0 else "text",
+        teacher_sequences=strategy.teacher_prompts * strategy.samples_per_prompt,
+        signal=m.mode if m.mode != "logit" or (strategy.kd_ratio > 0 and needs_teacher) else "text",
         extra_sft_tokens=corpus,
         recovery_tokens=inputs.recovery_tokens,
         serve_hours=inputs.serve_hours,
@@ -214,7 +219,8 @@ def decide_pairs(inputs: PlanInputs) -> list[PairDecision]:
         probe = inputs.probes[t.name]
         for si, s in enumerate(inputs.students):
             m = match(t, s)
-            strat = choose_strategy(probe, inputs.task, m, competent_accuracy=inputs.competent_accuracy)
+            strat = apply_spec(choose_strategy(probe, inputs.task, m, competent_accuracy=inputs.competent_accuracy),
+                               inputs.spec_values, inputs.task)
             if (ti, si) in inputs.student_accuracy:
                 acc, method, why = inputs.student_accuracy[(ti, si)]
             else:

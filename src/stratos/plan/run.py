@@ -16,6 +16,7 @@ from stratos.plan.costmodel import ApiPricing, generate_seconds
 from stratos.plan.planner import Plan, PlanInputs, build_plan
 from stratos.plan.probe import TeacherProbe, probe_teacher, profile_task
 from stratos.plan.shapes import model_shape
+from stratos.plan.strategy import SpecValues
 from stratos.tasks import task_from_spec
 
 
@@ -154,7 +155,7 @@ def _inputs(spec, teachers, students, probes, profile, servers, cal) -> PlanInpu
         corrections={s.name: corrections(s.name) for s in servers}, recovery_tokens=recovery,
         max_length=spec.distill.max_length, batch=spec.distill.per_device_train_batch_size,
         teacher_models=[t.model for t in spec.teachers], student_models=[s.model for s in spec.students],
-        spec_name=spec.name,
+        spec_name=spec.name, spec_values=SpecValues.from_spec(spec),
     )
 
 

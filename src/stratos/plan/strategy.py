@@ -5,12 +5,16 @@ the task's verifier, plus logit KD where the pair allows it. *Injection* (it doe
 reverse-synthesised data, the rules in the prompts and a rules corpus, SFT first, then KD weighted
 by how far the teacher can be trusted. The decision uses the teacher probe and the task's
 complexity; every choice comes with a sentence saying why.
+
+What the user wrote in the spec's ``synth`` and ``distill`` sections wins over these choices:
+``apply_spec`` puts those values into the strategy and re-sizes the data the way the synth stage
+will. The planner predicts with its result and the runner runs it, so the two agree.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from stratos.plan.matching import Match, capacity_retention
@@ -35,9 +39,18 @@ class Strategy:
     reverse_synthesis: int  # oracle-checked examples to synthesise
     samples_per_prompt: int  # teacher samples per prompt for rejection sampling
     teacher_generates: bool
-    data_size: int
+    data_size: int  # training examples: one verified answer per teacher prompt + reverse-synthesised ones
     epochs: float
     reasons: list[str] = field(default_factory=list)
+    prompts: int = 0  # train prompts sent to the teacher (0 when it does not generate)
+    # The plan's own values of the fields the spec overrode (``apply_spec``), restored before it applies again.
+    planned: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def teacher_prompts(self) -> int:
+        if not self.teacher_generates:
+            return 0
+        return self.prompts or self.data_size - self.reverse_synthesis  # plans written before ``prompts`` existed
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -54,6 +67,11 @@ def samples_for(accuracy: float, target: float = 0.95, cap: int = 8) -> int:
     if accuracy <= 0:
         return cap
     return max(1, min(cap, math.ceil(math.log(1 - target) / math.log(1 - accuracy))))
+
+
+def epochs_for(data: int, kind: str) -> float:
+    """3 epochs under 3,000 examples, else 2; one more for injection."""
+    return (3.0 if data < 3000 else 2.0) + (1.0 if kind == "injection" else 0.0)
 
 
 def choose_strategy(probe: TeacherProbe, task: TaskProfile, m: Match, *, competent_accuracy: float = 0.5) -> Strategy:
@@ -140,16 +158,153 @@ def choose_strategy(probe: TeacherProbe, task: TaskProfile, m: Match, *, compete
     if m.mode == "topk" and loss != "ce":
         reasons.append("the KD term uses the API's top-k log-probs, renormalised over those k tokens")
 
-    if not task.oracle and task.train_size:
-        data = min(data, task.train_size)
-        reasons.append(f"data size capped at the task's {task.train_size} train examples (no oracle to make more)")
-    epochs = 3.0 if data < 3000 else 2.0
-    if kind == "injection":
-        epochs += 1
-    reasons.append(f"{data} examples x {epochs:g} epochs: sized by answer length"
-                   + (", doubled and one more epoch for injection" if kind == "injection" else ""))
+    # The synth stage sends the teacher task.train_size prompts unless synth.prompts says otherwise, and
+    # keeps about one verified answer per prompt: that, not a size of our own, is the teacher's data.
+    prompts = (task.train_size or data) if teacher_generates else 0
+    if teacher_generates:
+        data = prompts + rev
+    epochs = epochs_for(data, kind)
+    if teacher_generates:
+        reasons.append(f"{data} examples x {epochs:g} epochs: about one verified answer for each of the task's "
+                       f"{prompts} train prompts (synth.prompts defaults to task.train_size)"
+                       + ("; one more epoch for injection" if kind == "injection" else ""))
+    else:
+        reasons.append(f"{data} examples x {epochs:g} epochs: sized by answer length"
+                       + (", doubled and one more epoch for injection" if kind == "injection" else ""))
     return Strategy(kind, loss, kd_ratio, on_policy, rules, injection, rev, samples, teacher_generates, data, epochs,
-                    reasons)
+                    reasons, prompts=prompts)
+
+
+@dataclass(frozen=True)
+class SpecValues:
+    """The values the user wrote in the spec's ``synth`` and ``distill`` sections (None: not written,
+    the plan decides). ``SpecValues.from_spec(spec)`` reads them from a ``stratos.spec.Spec``."""
+
+    prompts: int | None = None  # synth.prompts
+    samples_per_prompt: int | None = None
+    reverse_synthesis: int | None = None
+    knowledge_injection: bool | None = None
+    rationales: bool | None = None  # synth.rationales: oracle answers with their worked rationale
+    epochs: float | None = None  # distill.num_train_epochs
+    max_steps: int | None = None  # distill.max_steps (wins over epochs)
+    loss: str | None = None
+    kd_ratio: float | None = None
+    loss_needs_teacher: bool | None = None  # of the written loss (ce does not)
+    train_batch: int = 8  # per_device_train_batch_size x gradient_accumulation_steps, to turn max_steps into epochs
+
+    @classmethod
+    def from_spec(cls, spec: Any) -> "SpecValues":
+        s, d = spec.synth, spec.distill
+
+        def given(section: Any, name: str) -> Any:
+            return getattr(section, name) if name in section.model_fields_set else None
+
+        prompts = given(s, "prompts")
+        if prompts is None and "prompts" in s.model_fields_set:
+            prompts = spec.task.train_size  # `prompts: null` written out: the synth stage's default, teacher or not
+        loss = given(d, "loss")
+        needs = None
+        if loss is not None:
+            from stratos.distill.losses import get_loss
+
+            needs = get_loss(loss).needs_teacher
+        return cls(prompts=prompts, samples_per_prompt=given(s, "samples_per_prompt"),
+                   reverse_synthesis=given(s, "reverse_synthesis"), knowledge_injection=given(s, "knowledge_injection"),
+                   rationales=given(s, "rationales"), epochs=given(d, "num_train_epochs"),
+                   max_steps=given(d, "max_steps"), loss=loss, kd_ratio=given(d, "kd_ratio"), loss_needs_teacher=needs,
+                   train_batch=d.per_device_train_batch_size * d.gradient_accumulation_steps)
+
+    def written(self) -> list[tuple[str, str, Any]]:
+        """(field, spec name, value) of each value the user wrote."""
+        return [(f, name, getattr(self, f)) for f, name in _SPEC_NAMES.items() if getattr(self, f) is not None]
+
+
+# SpecValues field -> its name in the spec, and the Strategy attribute holding the plan's own value.
+_SPEC_NAMES = {"prompts": "synth.prompts", "samples_per_prompt": "synth.samples_per_prompt",
+               "reverse_synthesis": "synth.reverse_synthesis", "knowledge_injection": "synth.knowledge_injection",
+               "epochs": "distill.num_train_epochs", "max_steps": "distill.max_steps", "loss": "distill.loss",
+               "kd_ratio": "distill.kd_ratio"}
+_PLAN_VALUE = {"prompts": "teacher_prompts", "samples_per_prompt": "samples_per_prompt",
+               "reverse_synthesis": "reverse_synthesis", "knowledge_injection": "knowledge_injection",
+               "epochs": "epochs", "loss": "loss", "kd_ratio": "kd_ratio"}
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def apply_spec(strategy: Strategy, values: SpecValues, task: TaskProfile) -> Strategy:
+    """The strategy with the user's spec values in place of the plan's: the one rule "what the user
+    wrote wins", used by the planner (for its predictions) and by the runner (for what it runs).
+
+    The data is re-sized the way the synth stage sizes it: ``prompts`` train prompts to the teacher
+    (``samples_per_prompt`` samples each, about one verified answer kept per prompt) plus
+    ``reverse_synthesis`` oracle examples; without an oracle both are capped by the task's
+    ``train_size``. Epochs not written follow the plan's rule for the new size; ``max_steps`` turns
+    into the epochs it amounts to. Applying again (a rerun with another spec) starts from the
+    plan's own values, so a value removed from the spec goes back to the plan's."""
+    if strategy.planned:
+        strategy = replace(strategy, **strategy.planned, planned={})
+    written = values.written()
+    if not written:
+        return strategy
+    new: dict[str, Any] = {}
+    for name in ("loss", "kd_ratio", "samples_per_prompt", "knowledge_injection"):
+        if getattr(values, name) is not None:
+            new[name] = getattr(values, name)
+    if values.knowledge_injection:
+        new["rules_in_prompt"] = True  # the synth stage puts the rules in the teacher's prompts then
+    rev = strategy.reverse_synthesis if values.reverse_synthesis is None else values.reverse_synthesis
+    generates = strategy.teacher_generates or values.prompts is not None
+    prompts = values.prompts if values.prompts is not None else strategy.teacher_prompts
+    if not generates:
+        prompts = 0
+    elif prompts <= 0:
+        prompts = task.train_size  # the synth stage's default
+    capped = ""
+    if not task.oracle and task.train_size:  # a fixed set of questions: neither draw can exceed it
+        if max(prompts, rev) > task.train_size:
+            capped = f" (capped at the task's {task.train_size} train examples: no oracle to make more)"
+        prompts, rev = min(prompts, task.train_size), min(rev, task.train_size)
+        # Both draw from the same questions and the synth stage keeps one source per question: the rows
+        # are the questions in either draw, P + R - P*R/N expected for two independent draws.
+        data = round(prompts + rev - prompts * rev / task.train_size)
+    else:
+        data = prompts + rev
+    epochs = strategy.epochs if values.epochs is None else float(values.epochs)
+    if values.epochs is None and data != strategy.data_size:
+        epochs = epochs_for(data, strategy.kind)  # the plan's rule, for the size that will run
+    if values.max_steps is not None:
+        epochs = values.max_steps * values.train_batch / max(1, data)
+    new.update(reverse_synthesis=rev, teacher_generates=generates, prompts=prompts, data_size=data, epochs=epochs)
+    changed = {k: v for k, v in new.items() if getattr(strategy, k) != v}
+    if not changed:
+        return strategy
+
+    parts = []
+    for f, spec_name, value in written:
+        plan_value = getattr(strategy, _PLAN_VALUE[f]) if f in _PLAN_VALUE else None
+        note = f" (plan: {_fmt(plan_value)})" if plan_value is not None and plan_value != value else ""
+        if f == "prompts" and plan_value == 0:
+            note = " (plan: no teacher generations)"
+        if f == "max_steps":
+            note = f" (= {epochs:.3g} epochs)"
+        parts.append(f"{spec_name} {_fmt(value)}{note}")
+    sizes = []
+    if generates:
+        sizes.append(f"{prompts} teacher prompt(s) x {new.get('samples_per_prompt', strategy.samples_per_prompt)} "
+                     "sample(s)")
+    if rev:
+        sizes.append(f"{rev} reverse-synthesised")
+    reasons = list(strategy.reasons) + [
+        "from the spec (what the user wrote wins over the plan): " + ", ".join(parts) + "; the data is "
+        + (" + ".join(sizes) or "none") + f" = {data} examples x {epochs:g} epochs{capped}, and the predictions "
+        "are for that"
+        + ("" if data else "; with no teacher prompts and no reverse synthesis only the rules corpus is left to "
+           "train on")
+    ]
+    planned = {k: getattr(strategy, k) for k in changed} | {"reasons": strategy.reasons}
+    return replace(strategy, **changed, reasons=reasons, planned=planned)
 
 
 def prior_student_accuracy(probe: TeacherProbe, task: TaskProfile, m: Match, s: Strategy,
