@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from stratos.distill.head import OutputHead
-from stratos.distill.losses import Loss, get_loss
+from stratos.distill.losses import LOSSES, Loss, cross_entropy, forward_kl, get_loss
 from stratos.distill.topk import topk_log_probs
 
 
@@ -47,18 +47,24 @@ def _common_vocab(s_logits: torch.Tensor, t_logits: torch.Tensor) -> tuple[torch
     return s_logits[..., :v], t_logits[..., :v]
 
 
+def _teacher_logits(t_hidden: torch.Tensor | None, t_head: OutputHead | None, obj: Objective) -> torch.Tensor:
+    if t_hidden is None or t_head is None:
+        raise ValueError(f"loss {obj.loss!r} needs a teacher signal")
+    with torch.no_grad():
+        return t_head(t_hidden)
+
+
 def _chunk_terms(
-    s_hidden: torch.Tensor,
+    s_logits: torch.Tensor,
     t_hidden: torch.Tensor | None,
     targets: torch.Tensor,
-    s_head: OutputHead,
     t_head: OutputHead | None,
     obj: Objective,
     topk_ids: torch.Tensor | None = None,
     topk_logp: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Summed [kd, ce, teacher-agreement] of one chunk, as one 3-vector."""
-    s_logits = s_head(s_hidden)
+    """Summed [kd, ce, teacher-agreement] of one chunk's student logits, as one 3-vector
+    (differentiable in ``s_logits`` through whichever registered loss the objective names)."""
     ce = F.cross_entropy(s_logits, targets, reduction="sum")
     kd = agree = s_logits.new_zeros(())
     if not obj.spec.needs_teacher:  # plain CE, or a user's teacher-free loss
@@ -70,10 +76,7 @@ def _chunk_terms(
             kd = kd * obj.temperature * obj.temperature
         agree = (s_logits.argmax(-1) == topk_ids[:, 0]).sum().to(kd.dtype).detach()
     elif obj.kd_ratio > 0:
-        if t_hidden is None or t_head is None:
-            raise ValueError(f"loss {obj.loss!r} needs a teacher signal")
-        with torch.no_grad():
-            t_logits = t_head(t_hidden)
+        t_logits = _teacher_logits(t_hidden, t_head, obj)
         s_l, t_l = _common_vocab(s_logits, t_logits)
         temp = obj.temperature
         s_logp = F.log_softmax(s_l / temp, dim=-1)
@@ -83,6 +86,57 @@ def _chunk_terms(
             kd = kd * temp * temp
         agree = (s_l.argmax(-1) == t_l.argmax(-1)).sum().to(kd.dtype).detach()
     return torch.stack([kd, ce, agree])
+
+
+# Losses whose gradient in the student's logits has a closed form, used instead of autograd.
+_CLOSED_FORM = {"fkl": forward_kl, "ce": cross_entropy}
+
+
+def _closed_form(
+    s_logits: torch.Tensor,
+    t_hidden: torch.Tensor | None,
+    targets: torch.Tensor,
+    t_head: OutputHead | None,
+    obj: Objective,
+    topk_ids: torch.Tensor | None = None,
+    topk_logp: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(terms, d loss / d s_logits)`` of one chunk without an autograd graph over [chunk, V], for
+    the common objectives: forward KL and/or CE over a full-vocabulary teacher. ``None`` for any
+    other (the caller falls back to autograd). The formulas (q the student, p the teacher, both at
+    temperature T; y the target):
+
+        d CE / d z          = softmax(z) - onehot(y)
+        d T^2 KL(p||q) / d z = T (q - p)          (T^2 scaling on; (q - p) / T without it)
+
+    Only the built-in ``fkl``/``ce`` qualify: a user who re-registers either name gets autograd."""
+    name = obj.loss
+    if topk_ids is not None or LOSSES.get(name) is None or LOSSES[name].fn is not _CLOSED_FORM.get(name) or obj.loss_kwargs:
+        return None
+    kd_on = name == "fkl" and obj.kd_ratio > 0
+    ce_w = 1.0 if name == "ce" else 1.0 - obj.kd_ratio  # a pure-CE objective's loss is its CE
+    z = s_logits.detach().float()
+    logp = F.log_softmax(z, dim=-1)
+    ce = -logp.gather(-1, targets.unsqueeze(-1)).sum()
+    grad = torch.zeros_like(z)
+    if ce_w > 0:
+        grad = torch.exp(logp).mul_(ce_w)
+        grad.scatter_add_(-1, targets.unsqueeze(-1), torch.full_like(targets, -ce_w, dtype=grad.dtype).unsqueeze(-1))
+    kd = agree = z.new_zeros(())
+    if name == "ce":
+        kd = ce
+    elif kd_on:
+        t_l = _teacher_logits(t_hidden, t_head, obj).float()
+        s_l, t_l = _common_vocab(z, t_l)
+        temp = obj.temperature
+        s_logp = logp[:, : s_l.shape[-1]] if temp == 1.0 and s_l.shape[-1] == z.shape[-1] else F.log_softmax(s_l / temp, dim=-1)
+        t_logp = F.log_softmax(t_l / temp, dim=-1)
+        p = torch.exp(t_logp)
+        scale = temp * temp if obj.scale_by_temperature else 1.0
+        kd = (p * (t_logp - s_logp)).sum() * scale
+        grad[:, : s_l.shape[-1]] += (torch.exp(s_logp) - p).mul_(obj.kd_ratio * scale / temp)
+        agree = (s_l.argmax(-1) == t_l.argmax(-1)).sum().to(kd.dtype)
+    return torch.stack([kd, ce, agree]), grad.to(s_logits.dtype)
 
 
 def kd_terms(
@@ -101,15 +155,15 @@ def kd_terms(
     micro-batches (and, later, processes). ``topk`` ([N, k] ids, [N, k] log-probs) replaces the
     teacher's hidden states with an API teacher's top-k targets.
     """
-    args = (t_hidden, targets, s_head, t_head, obj, *((None, None) if topk is None else topk))
+    args = (t_hidden, targets, t_head, obj, *((None, None) if topk is None else topk))
     if torch.is_grad_enabled() and s_hidden.requires_grad:
         params = [p for p in s_head.parameters() if p.requires_grad]
-        loss, terms = _ChunkedTerms.apply(s_hidden, *args, *params)
+        loss, terms = _ChunkedTerms.apply(s_hidden, s_head, *args, *params)
         kd, ce, agree = terms.unbind()
         return {"loss": loss, "kd": kd, "ce": ce, "agree": agree}
     total = s_hidden.new_zeros(3, dtype=torch.float32)
     for sl in _chunks(s_hidden.shape[0], obj.chunk_size):
-        total = total + _chunk_terms(s_hidden[sl], *_sliced(args, sl))
+        total = total + _chunk_terms(s_head(s_hidden[sl]), *_sliced(args, sl))
     kd, ce, agree = total.unbind()
     loss = _combine(kd, ce, obj)
     return {"loss": loss, "kd": kd.detach(), "ce": ce.detach(), "agree": agree.detach()}
@@ -136,20 +190,27 @@ class _ChunkedTerms(torch.autograd.Function):
     call turns its loss into gradients for the student's hidden states ([chunk, d]) and its
     head's trainable parameters right away, so no [chunk, V] tensor outlives its chunk and the
     backward pass only scales what was kept. Any registered loss works unchanged: its gradient
-    comes from autograd, not from a hand-written formula."""
+    comes from autograd. The built-in forward KL and CE skip that graph: their gradient in the
+    logits has a closed form (``_closed_form``), so only the head's own backward remains."""
 
     @staticmethod
-    def forward(ctx, s_hidden, t_hidden, targets, s_head, t_head, obj, topk_ids, topk_logp, *params):
-        args = (t_hidden, targets, s_head, t_head, obj, topk_ids, topk_logp)
+    def forward(ctx, s_hidden, s_head, t_hidden, targets, t_head, obj, topk_ids, topk_logp, *params):
+        args = (t_hidden, targets, t_head, obj, topk_ids, topk_logp)
         grad_h = torch.zeros_like(s_hidden)
         grad_p = [torch.zeros_like(p) for p in params]
         total = s_hidden.new_zeros(3, dtype=torch.float32)
         for sl in _chunks(s_hidden.shape[0], obj.chunk_size):
             h = s_hidden[sl].detach().requires_grad_(True)
+            chunk_args = _sliced(args, sl)
             with torch.enable_grad():
-                terms = _chunk_terms(h, *_sliced(args, sl))
-                loss = _combine(terms[0], terms[1], obj)
-                grads = torch.autograd.grad(loss, [h, *params], allow_unused=True)
+                s_logits = s_head(h)
+                fast = _closed_form(s_logits, *chunk_args)
+                if fast is None:
+                    terms = _chunk_terms(s_logits, *chunk_args)
+                    grads = torch.autograd.grad(_combine(terms[0], terms[1], obj), [h, *params], allow_unused=True)
+                else:
+                    terms, grad_logits = fast
+                    grads = torch.autograd.grad(s_logits, [h, *params], grad_outputs=grad_logits, allow_unused=True)
             grad_h[sl] = grads[0]
             for acc, g in zip(grad_p, grads[1:]):
                 if g is not None:
