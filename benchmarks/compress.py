@@ -37,15 +37,19 @@ def main() -> None:
     ap.add_argument("--task", default="arithmetic")
     ap.add_argument("--digits", type=int, default=2)
     ap.add_argument("--ft-steps", type=int, default=150, help="SFT steps of the fine-tune before compression")
+    ap.add_argument("--train-max", type=int, default=4000, help="at most this many distinct training questions (reused across epochs)")
     ap.add_argument("--methods", default="depth,width", help="pruning methods to compare")
     ap.add_argument("--width-axes", default="mlp,heads")
     ap.add_argument("--keep", type=float, default=0.58, help="fraction of parameters kept")
     ap.add_argument("--recovery-steps", type=int, default=150)
     ap.add_argument("--quantize", default="int8")
+    ap.add_argument("--extra-quantize", default="bf16",
+                    help="also quantize the recovered model with these (comma-separated) and measure them")
     ap.add_argument("--eval-n", type=int, default=100, help="eval questions per step (kept small for the CPU)")
     ap.add_argument("--calibration", type=int, default=32, help="calibration records for the importance scores")
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--lr", type=float, default=1e-4, help="learning rate of the fine-tune")
+    ap.add_argument("--recovery-lr", type=float, default=3e-4, help="learning rate of the recovery KD")
     ap.add_argument("--speed-tokens", type=int, default=32, help="tokens generated at batch 1 to time each step")
     ap.add_argument("--remeasure", action="store_true",
                     help="only re-time the step folders of an earlier run (keeps its accuracies)")
@@ -58,7 +62,7 @@ def main() -> None:
         return remeasure(args)
     torch.manual_seed(0)
 
-    task_spec = TaskSpec(name=args.task, options={"digits": args.digits}, train_size=max(args.ft_steps, args.recovery_steps) * args.batch_size,
+    task_spec = TaskSpec(name=args.task, options={"digits": args.digits}, train_size=min(max(args.ft_steps, args.recovery_steps) * args.batch_size, args.train_max),
                          eval_size=args.eval_n)
     task = task_from_spec(task_spec)
     records = to_records(task, task.examples("train", task_spec.train_size, seed=0))
@@ -79,15 +83,20 @@ def main() -> None:
             task=task_spec,
             teachers=[TeacherSpec(model=str(ft_dir))],
             students=[StudentSpec(model=str(ft_dir))],
-            distill=dcfg.model_copy(update={"loss": "fkl", "kd_ratio": 1.0, "learning_rate": 2 * args.lr}),
+            distill=dcfg.model_copy(update={"loss": "fkl", "kd_ratio": 1.0, "learning_rate": args.recovery_lr}),
             eval=EvalSpec(batch_size=16, max_new_tokens=16),
             compress=CompressSpec(enabled=True, prune_ratio=1 - args.keep, prune=method,
                                   width_axes=args.width_axes.split(","), recovery_steps=args.recovery_steps,
                                   calibration_samples=args.calibration, speed_tokens=args.speed_tokens, quantize=args.quantize, eval_size=args.eval_n),
         )
         t0 = time.perf_counter()
-        res = run_compress(spec, ft_dir, args.out / method, records=records, progress=False)
-        results[method] = {"rows": res.rows, "seconds": time.perf_counter() - t0}
+        report = args.out / method / "compress_report.json"
+        if report.exists() and "model_dir" in json.loads(report.read_text()):  # a finished earlier run: reuse it
+            rows = json.loads(report.read_text())["rows"]
+        else:
+            rows = run_compress(spec, ft_dir, args.out / method, records=records, progress=False).rows
+        rows = rows + extra_quantized(args, spec, rows, args.out / method)
+        results[method] = {"rows": rows, "seconds": time.perf_counter() - t0}
 
     print(f"\nmachine: {platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}, "
           f"torch {torch.__version__}; task {args.task} digits={args.digits}, eval n={args.eval_n}; "
@@ -103,6 +112,30 @@ def main() -> None:
                                                        "results": results}, indent=2, default=str))
 
 
+def extra_quantized(args: argparse.Namespace, spec: Spec, rows: list[dict], out: Path) -> list[dict]:
+    """The recovered model quantized with each of ``--extra-quantize`` as well, measured like the
+    stage's own steps (same eval questions); kept in ``extra_rows.json`` next to the report."""
+    from stratos.compress import quantize_folder
+    from stratos.compress.measure import measure_step
+
+    path = out / "extra_rows.json"
+    done = {r["step"]: r for r in json.loads(path.read_text())} if path.exists() else {}
+    source = next(r["model_dir"] for r in reversed(rows) if r["step"] in ("recovered", "pruned", "original"))
+    task = task_from_spec(spec.task)
+    examples = task.examples("eval", spec.compress.eval_size, seed=spec.task.seed)
+    extra = []
+    for method in filter(None, args.extra_quantize.split(",")):
+        name = f"quantized ({method})"
+        if name not in done:
+            folder = quantize_folder(source, out / f"quantized-{method}", method)
+            done[name] = {**measure_step(name, folder, task=task, examples=examples, batch_size=spec.eval.batch_size,
+                                         max_new_tokens=spec.eval.max_new_tokens, decode_tokens=args.speed_tokens),
+                          "quantize": method}
+            path.write_text(json.dumps(list(done.values()), indent=2))
+        extra.append(done[name])
+    return extra
+
+
 def remeasure(args: argparse.Namespace) -> None:
     """Time every step folder again (wall and CPU tokens/s) and take its peak memory, each step in a
     fresh process so that no step inherits another's memory; accuracies come from the run's report."""
@@ -111,8 +144,10 @@ def remeasure(args: argparse.Namespace) -> None:
 
     for method in args.methods.split(","):
         report = json.loads((args.out / method / "compress_report.json").read_text())
+        extra_path = args.out / method / "extra_rows.json"
+        extra = json.loads(extra_path.read_text()) if extra_path.exists() else []
         rows = []
-        for old in report["rows"]:
+        for old in report["rows"] + extra:
             out = subprocess.run([sys.executable, __file__, "--measure-one", old["model_dir"], "--speed-tokens",
                                   str(args.speed_tokens)], check=True, capture_output=True, text=True).stdout
             row = json.loads(out.strip().splitlines()[-1])

@@ -48,11 +48,11 @@ def make_records(n: int, seq_len: int, seed: int = 0) -> list[dict]:
     return out
 
 
-def load_pair():
+def load_pair(student_layers: int = STUDENT_LAYERS):
     from stratos.models import load
 
     teacher, tok = load(TEACHER)
-    student, _ = load(TEACHER, config_overrides={"num_hidden_layers": STUDENT_LAYERS})
+    student, _ = load(TEACHER, config_overrides={"num_hidden_layers": student_layers})
     return teacher, student, tok
 
 
@@ -63,7 +63,7 @@ def run_stratos(args: argparse.Namespace, mode: str, workdir: Path) -> dict:
     from stratos.distill.data import encode
     from stratos.spec import DistillSpec
 
-    teacher, student, tok = load_pair()
+    teacher, student, tok = load_pair(args.student_layers)
     records = make_records(args.batch_size * (args.steps + args.warmup), args.seq_len)
     cfg = DistillSpec(
         loss="fkl", teacher_signal=mode, max_steps=args.warmup + args.steps, per_device_train_batch_size=args.batch_size,
@@ -105,7 +105,7 @@ def run_trl(args: argparse.Namespace, workdir: Path) -> dict:
     from transformers import TrainerCallback
     from trl.experimental.gkd import GKDConfig, GKDTrainer
 
-    teacher, student, tok = load_pair()
+    teacher, student, tok = load_pair(args.student_layers)
     records = make_records(args.batch_size * (args.steps + args.warmup), args.seq_len)
     ds = Dataset.from_list([{"messages": [{"role": "user", "content": r["prompt"]},
                                           {"role": "assistant", "content": r["response"]}]} for r in records])
@@ -158,6 +158,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--chunk-size", type=int, default=256)
+    p.add_argument("--student-layers", type=int, default=STUDENT_LAYERS, help="the student: this many of the teacher's 30 layers")
     p.add_argument("--bf16", type=int, default=1, help="1: bf16 autocast for both engines, 0: fp32")
     p.add_argument("--engines", default="trl,stratos-online,stratos-cached")
     p.add_argument("--engine", help=argparse.SUPPRESS)
@@ -188,7 +189,7 @@ def main() -> None:
 
     d, v = 576, len(load_tokenizer(TEACHER))
     base = results.get("trl")
-    table = Table(title=f"Off-policy KD, teacher SmolLM2-135M -> {STUDENT_LAYERS}-layer student, batch "
+    table = Table(title=f"Off-policy KD, teacher SmolLM2-135M -> {args.student_layers}-layer student, batch "
                         f"{args.batch_size} x {args.seq_len} tokens, {args.steps} timed steps, bf16={bool(args.bf16)}")
     for col in ("engine", "tokens/s", "vs TRL", "peak RSS (MB)", "vs TRL", "teacher signal", "cache build (s)"):
         table.add_column(col, justify="right" if col != "engine" else "left")

@@ -296,7 +296,7 @@ def compress(
     width_axes: Optional[str] = typer.Option(None, "--width-axes", help="Comma list of mlp, heads, hidden."),
     recovery_steps: Optional[int] = typer.Option(None, "--recovery-steps", help="KD steps from the unpruned model."),
     sparsity: Optional[str] = typer.Option(None, "--sparsity", help="none, wanda or 2:4."),
-    quantize: Optional[str] = typer.Option(None, "--quantize", "-q", help="none, int8, int4 or int8-dynamic (torchao)."),
+    quantize: Optional[str] = typer.Option(None, "--quantize", "-q", help="none, bf16, int8, int4 or int8-dynamic (torchao)."),
     export: Optional[str] = typer.Option(None, "--export", help="Comma list of gguf, onnx, gptq, awq."),
     eval_size: Optional[int] = typer.Option(None, "--eval-size", help="Eval examples per step (0: no accuracy)."),
     speed_tokens: Optional[int] = typer.Option(None, "--speed-tokens", help="Tokens generated at batch 1 to time each step."),

@@ -204,7 +204,7 @@ class CompressSpec(_Strict):
     )
     sparsity_ratio: float = Field(0.5, gt=0, lt=1, description="Fraction of weights zeroed by Wanda.")
     calibration_samples: int = Field(64, gt=0, description="Training records used to rank layers/channels.")
-    quantize: Literal["none", "int8", "int4", "int8-dynamic"] = "none"
+    quantize: Literal["none", "bf16", "int8", "int4", "int8-dynamic"] = "none"
     recovery_steps: int = Field(0, ge=0, description="KD steps from the unpruned model after pruning.")
     export: list[Literal["gguf", "onnx", "gptq", "awq"]] = Field(
         default_factory=list, description="Extra exports; gptq/awq need llm-compressor and are skipped without it."

@@ -61,6 +61,17 @@ def load_tokenizer(name: str | os.PathLike, *, trust_remote_code: bool = False, 
     return prepare_tokenizer(tok, padding_side)
 
 
+def _auto_dtype(location: str, trust_remote_code: bool) -> torch.dtype:
+    """float32 (what training wants), except for a folder the compress stage cast to half
+    precision for deployment: its config.json says ``"stratos": {"dtype": "bfloat16"}``."""
+    if not (Path(location) / "config.json").is_file():
+        return torch.float32
+    import json
+
+    wanted = (json.loads((Path(location) / "config.json").read_text()).get("stratos") or {}).get("dtype")
+    return _DTYPES.get(wanted, torch.float32)
+
+
 def load(
     name: str | os.PathLike,
     *,
@@ -73,7 +84,8 @@ def load(
 ) -> Any:
     """Load a causal LM (and its tokenizer) from a hub id, a local folder, a .gguf file or an alias.
 
-    Weights are read from safetensors only. ``config_overrides`` or ``init='random'`` build a
+    Weights are read from safetensors only. ``dtype="auto"`` is float32, except for a folder the
+    compress stage saved in bf16 for deployment (it stays bf16). ``config_overrides`` or ``init='random'`` build a
     fresh model from the (modified) config instead of loading weights: the usual way to get a
     small student that shares a teacher's tokenizer.
 
@@ -82,7 +94,7 @@ def load(
     from transformers import AutoConfig, AutoModelForCausalLM
 
     location, _ = resolve(name)
-    torch_dtype = torch.float32 if dtype == "auto" else _DTYPES[dtype]
+    torch_dtype = _auto_dtype(location, trust_remote_code) if dtype == "auto" else _DTYPES[dtype]
     overrides = dict(config_overrides or {})
     if init == "random":
         config = AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code)
