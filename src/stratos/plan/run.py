@@ -68,12 +68,15 @@ def make_plan(
     if len({t.name for t in teachers}) < len(teachers) or len({s.name for s in students}) < len(students):
         raise ValueError("teachers (and students) need distinct names: set name: on the duplicates")
 
-    tokenizer = loaded.get(spec.students[0].model, (None, None))[1]
-    if tokenizer is None and spec.students[0].model:
+    # Token counts in the student's own vocabulary: it trains (and its data is sized) on those.
+    first = spec.students[0]
+    tokenizer = None if first.tokenizer == "task" else loaded.get(first.model, (None, None))[1]
+    if tokenizer is None and first.model:
         try:
-            from stratos.models import load_tokenizer
+            from stratos.models import load_tokenizer, task_tokenizer
 
-            tokenizer = load_tokenizer(spec.students[0].model, trust_remote_code=spec.students[0].trust_remote_code)
+            tokenizer = (task_tokenizer(spec.task, first.tokenizer_vocab_size) if first.tokenizer == "task"
+                         else load_tokenizer(first.model, trust_remote_code=first.trust_remote_code))
         except (OSError, ValueError):
             tokenizer = None
     profile = profile_task(task, train_size=spec.task.train_size, tokenizer=tokenizer, seed=spec.task.seed)
