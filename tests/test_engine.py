@@ -93,17 +93,18 @@ def test_chunked_equals_unchunked_loss_and_gradients(tiny_tokenizer, loss):
         assert torch.allclose(ga[n], gb[n], rtol=1e-4, atol=1e-7), n
 
 
-@pytest.mark.parametrize(("loss", "kd_ratio", "temperature", "scale"),
-                         [("fkl", 1.0, 1.0, True), ("fkl", 0.6, 2.0, True), ("fkl", 0.6, 2.0, False), ("ce", 0.0, 1.0, True)])
-def test_closed_form_gradient_equals_autograd(monkeypatch, loss, kd_ratio, temperature, scale):
+@pytest.mark.parametrize(("loss", "kd_ratio", "temperature", "scale", "pad"),
+                         [("fkl", 1.0, 1.0, True, 0), ("fkl", 1.0, 1.0, True, 12), ("fkl", 0.6, 2.0, True, 12),
+                          ("fkl", 0.6, 2.0, False, 0), ("ce", 0.0, 1.0, True, 12)])
+def test_closed_form_gradient_equals_autograd(monkeypatch, loss, kd_ratio, temperature, scale, pad):
     """The built-in fkl/ce take a hand-derived gradient in the logits; the same loss registered as a
-    user function goes through autograd. Loss, terms and gradients must agree (student vocab padded
-    past the teacher's, several chunks)."""
+    user function goes through autograd. Loss, terms and gradients must agree (with and without the
+    student's vocabulary padded past the teacher's; several chunks)."""
     from stratos.distill import losses
 
     torch.manual_seed(0)
     n, d, vocab = 300, 24, 500
-    weight = torch.randn(vocab + 12, d) * 0.3
+    weight = torch.randn(vocab + pad, d) * 0.3
     t_head = OutputHead(torch.randn(vocab, d) * 0.3)
     h0, t_hidden, targets = torch.randn(n, d), torch.randn(n, d), torch.randint(0, vocab, (n,))
     obj = Objective(loss=loss, kd_ratio=kd_ratio, temperature=temperature, scale_by_temperature=scale, chunk_size=128)

@@ -113,29 +113,33 @@ def _closed_form(
     name = obj.loss
     if topk_ids is not None or LOSSES.get(name) is None or LOSSES[name].fn is not _CLOSED_FORM.get(name) or obj.loss_kwargs:
         return None
-    kd_on = name == "fkl" and obj.kd_ratio > 0
     ce_w = 1.0 if name == "ce" else 1.0 - obj.kd_ratio  # a pure-CE objective's loss is its CE
     z = s_logits.detach().float()
     logp = F.log_softmax(z, dim=-1)
     ce = -logp.gather(-1, targets.unsqueeze(-1)).sum()
-    grad = torch.zeros_like(z)
+    grad = None
     if ce_w > 0:
         grad = torch.exp(logp).mul_(ce_w)
         grad.scatter_add_(-1, targets.unsqueeze(-1), torch.full_like(targets, -ce_w, dtype=grad.dtype).unsqueeze(-1))
     kd = agree = z.new_zeros(())
     if name == "ce":
         kd = ce
-    elif kd_on:
+    elif obj.kd_ratio > 0:
         t_l = _teacher_logits(t_hidden, t_head, obj).float()
         s_l, t_l = _common_vocab(z, t_l)
-        temp = obj.temperature
-        s_logp = logp[:, : s_l.shape[-1]] if temp == 1.0 and s_l.shape[-1] == z.shape[-1] else F.log_softmax(s_l / temp, dim=-1)
+        v, temp = s_l.shape[-1], obj.temperature
+        s_logp = logp if temp == 1.0 and v == z.shape[-1] else F.log_softmax(s_l / temp, dim=-1)
         t_logp = F.log_softmax(t_l / temp, dim=-1)
         p = torch.exp(t_logp)
         scale = temp * temp if obj.scale_by_temperature else 1.0
-        kd = (p * (t_logp - s_logp)).sum() * scale
-        grad[:, : s_l.shape[-1]] += (torch.exp(s_logp) - p).mul_(obj.kd_ratio * scale / temp)
+        kd = torch.sub(t_logp, s_logp).mul_(p).sum() * scale
         agree = (s_l.argmax(-1) == t_l.argmax(-1)).sum().to(kd.dtype)
+        g_kd = torch.exp(s_logp).sub_(p).mul_(obj.kd_ratio * scale / temp)
+        if grad is None and v == z.shape[-1]:
+            grad = g_kd
+        else:
+            grad = torch.zeros_like(z) if grad is None else grad
+            grad[:, :v] += g_kd
     return torch.stack([kd, ce, agree]), grad.to(s_logits.dtype)
 
 
