@@ -229,4 +229,5 @@ class _ChunkedTerms(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_terms):
         grad_h, *grad_p = ctx.saved_tensors
-        return (grad_h * grad_loss, None, None, None, None, None, None, None, *(g * grad_loss for g in grad_p))
+        # In place: these tensors exist only for this backward, and a head-sized copy is ~100 MB.
+        return (grad_h.mul_(grad_loss), None, None, None, None, None, None, None, *(g.mul_(grad_loss) for g in grad_p))

@@ -84,7 +84,11 @@ def make_optimizer(model: torch.nn.Module, cfg: DistillSpec) -> torch.optim.Opti
             # Norm gains and biases are not decayed (the usual practice).
             (decay if p.ndim >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2))
+    kwargs = {"lr": cfg.learning_rate, "betas": (cfg.adam_beta1, cfg.adam_beta2)}
+    try:  # one fused kernel per step on CPU and CUDA (what HF Trainer also defaults to)
+        return torch.optim.AdamW(groups, fused=True, **kwargs)
+    except (RuntimeError, ValueError):  # a device or dtype without the fused kernel
+        return torch.optim.AdamW(groups, **kwargs)
 
 
 def apply_lora(model: Any, cfg: DistillSpec) -> Any:
