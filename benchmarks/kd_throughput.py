@@ -9,8 +9,9 @@ its GKD trainer with ``lmbda=0`` (always the dataset's responses: off-policy) an
 Each engine runs in its own subprocess, back to back, so peak memory (max RSS) is its own.
 Our engine is measured in both teacher-signal modes:
   online  the teacher runs its forward pass inside the loop, as TRL's does;
-  cached  the teacher's hidden states were written to disk beforehand (time reported apart):
-          what every epoch after the first, and every later run or student, pays.
+  cached  the teacher's hidden states were written to disk beforehand, by another process (its
+          time and peak memory are reported apart), and the training process never loads the
+          teacher: what every epoch after the first, and every later run or student, pays.
 
     python benchmarks/kd_throughput.py                 # defaults: 24 steps of batch 8
     python benchmarks/kd_throughput.py --steps 40 --batch-size 8 --seq-len 128
@@ -56,34 +57,49 @@ def load_pair(student_layers: int = STUDENT_LAYERS):
     return teacher, student, tok
 
 
-def run_stratos(args: argparse.Namespace, mode: str, workdir: Path) -> dict:
-    import torch
-
-    from stratos.distill import distill
+def build_cache(args: argparse.Namespace, workdir: Path) -> dict:
+    """Cached mode, step one (its own process): run the teacher once over the data into the cache,
+    and save the student's initial weights, so that training (step two) never loads the teacher."""
+    from stratos.distill import _teacher_signal, save_student
     from stratos.distill.data import encode
-    from stratos.spec import DistillSpec
 
     teacher, student, tok = load_pair(args.student_layers)
     records = make_records(args.batch_size * (args.steps + args.warmup), args.seq_len)
-    cfg = DistillSpec(
+    cfg = _cfg(args, "cached")
+    t0 = time.perf_counter()
+    examples, _ = encode(records, tok, cfg.max_length)
+    signal, _ = _teacher_signal(teacher, examples, cfg, tok.pad_token_id, workdir / "cache", progress=False)
+    seconds = time.perf_counter() - t0
+    save_student(student, tok, workdir / "student-init")
+    (workdir / "cache-path").write_text(str(signal.path))
+    return {"cache_seconds": seconds}
+
+
+def _cfg(args: argparse.Namespace, mode: str):
+    from stratos.spec import DistillSpec
+
+    return DistillSpec(
         loss="fkl", teacher_signal=mode, max_steps=args.warmup + args.steps, per_device_train_batch_size=args.batch_size,
         max_length=args.seq_len, learning_rate=1e-5, warmup_ratio=0.0, lr_scheduler_type="constant",
         save_steps=10_000, logging_steps=1, report_to=[], chunk_size=args.chunk_size, bf16=args.bf16,
     )
-    cache_seconds = 0.0
-    if mode == "cached":  # build the cache first and time it apart; training then needs no teacher
-        t0 = time.perf_counter()
-        from stratos.distill import _teacher_signal
 
-        examples, _ = encode(records, tok, cfg.max_length)
-        signal, _ = _teacher_signal(teacher, examples, cfg, tok.pad_token_id, workdir / "cache", progress=False)
-        cache_seconds = time.perf_counter() - t0
-        del teacher
-        import gc
 
-        gc.collect()
-        teacher = None
+def run_stratos(args: argparse.Namespace, mode: str, workdir: Path) -> dict:
+    import torch
+
+    from stratos.distill import distill
+    from stratos.distill.signal import HiddenStateCache
+
+    records = make_records(args.batch_size * (args.steps + args.warmup), args.seq_len)
+    cfg = _cfg(args, mode)
+    if mode == "cached":  # the cache was built by build_cache in another process: no teacher here
+        from stratos.models import load
+
+        student, tok = load(workdir / "student-init")
+        teacher, signal = None, HiddenStateCache(Path((workdir / "cache-path").read_text()))
     else:
+        teacher, student, tok = load_pair(args.student_layers)
         signal = None
     # Warm-up steps (allocator, first-call overheads) are run and excluded from the timing.
     distill(student, tok, records, cfg, workdir / "run", teacher=teacher, signal=signal, cache_root=workdir / "cache",
@@ -95,7 +111,7 @@ def run_stratos(args: argparse.Namespace, mode: str, workdir: Path) -> dict:
     rows = [json.loads(x) for x in (workdir / "run" / "metrics.jsonl").read_text().splitlines()]
     seconds = rows[-1]["elapsed_s"]
     tokens = _tokens(records[args.batch_size * args.warmup :], tok, args.seq_len)
-    return {"seconds": seconds, "tokens": tokens, "cache_seconds": cache_seconds, "steps": res.steps - args.warmup,
+    return {"seconds": seconds, "tokens": tokens, "cache_seconds": 0.0, "steps": res.steps - args.warmup,
             "threads": torch.get_num_threads()}
 
 
@@ -142,13 +158,28 @@ def _tokens(records: list[dict], tok, seq_len: int) -> int:
 
 
 def child(args: argparse.Namespace) -> None:
-    with tempfile.TemporaryDirectory(prefix="kd-bench-") as tmp:
-        if args.engine == "trl":
-            out = run_trl(args, Path(tmp))
-        else:
-            out = run_stratos(args, args.engine.split("-")[1], Path(tmp))
+    workdir = Path(args.workdir)
+    if args.engine == "trl":
+        out = run_trl(args, workdir)
+    elif args.engine == "cache-build":
+        out = build_cache(args, workdir)
+    else:
+        out = run_stratos(args, args.engine.split("-")[1], workdir)
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("RESULT " + json.dumps(out), flush=True)
+
+
+def run_child(engine: str, args: argparse.Namespace, workdir: Path) -> dict:
+    cmd = [sys.executable, __file__, "--engine", engine, "--workdir", str(workdir)] + [
+        f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("engine", "engines", "workdir")
+    ]
+    print(f"running {engine} ...", file=sys.stderr, flush=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if proc.returncode != 0 or line is None:
+        print(proc.stderr[-3000:], file=sys.stderr)
+        raise SystemExit(f"{engine} failed")
+    return json.loads(line[len("RESULT "):])
 
 
 def main() -> None:
@@ -162,6 +193,7 @@ def main() -> None:
     p.add_argument("--bf16", type=int, default=1, help="1: bf16 autocast for both engines, 0: fp32")
     p.add_argument("--engines", default="trl,stratos-online,stratos-cached")
     p.add_argument("--engine", help=argparse.SUPPRESS)
+    p.add_argument("--workdir", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.engine:
         return child(args)
@@ -171,16 +203,12 @@ def main() -> None:
     load(TEACHER, with_tokenizer=False)  # download/convert once, outside the timings
     results = {}
     for engine in args.engines.split(","):
-        cmd = [sys.executable, __file__, "--engine", engine] + [
-            f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("engine", "engines")
-        ]
-        print(f"running {engine} ...", file=sys.stderr, flush=True)
-        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
-        line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
-        if proc.returncode != 0 or line is None:
-            print(proc.stderr[-3000:], file=sys.stderr)
-            raise SystemExit(f"{engine} failed")
-        results[engine] = json.loads(line[len("RESULT "):])
+        with tempfile.TemporaryDirectory(prefix="kd-bench-") as tmp:
+            build = run_child("cache-build", args, Path(tmp)) if engine == "stratos-cached" else None
+            results[engine] = run_child(engine, args, Path(tmp))
+            if build:
+                results[engine]["cache_seconds"] = build["cache_seconds"]
+                results[engine]["cache_build_peak_rss_mb"] = build["peak_rss_mb"]
 
     from rich.console import Console
     from rich.table import Table
@@ -191,7 +219,7 @@ def main() -> None:
     base = results.get("trl")
     table = Table(title=f"Off-policy KD, teacher SmolLM2-135M -> {args.student_layers}-layer student, batch "
                         f"{args.batch_size} x {args.seq_len} tokens, {args.steps} timed steps, bf16={bool(args.bf16)}")
-    for col in ("engine", "tokens/s", "vs TRL", "peak RSS (MB)", "vs TRL", "teacher signal", "cache build (s)"):
+    for col in ("engine", "tokens/s", "vs TRL", "peak RSS (MB)", "vs TRL", "teacher signal", "cache build (s, peak MB)"):
         table.add_column(col, justify="right" if col != "engine" else "left")
     for engine, r in results.items():
         tps = r["tokens"] / r["seconds"]
@@ -200,9 +228,9 @@ def main() -> None:
         table.add_row(
             engine, f"{tps:,.0f}", f"{tps / (base['tokens'] / base['seconds']):.2f}x" if base else "-",
             f"{r['peak_rss_mb']:,.0f}", f"{r['peak_rss_mb'] / base['peak_rss_mb']:.2f}x" if base else "-", sig,
-            f"{r['cache_seconds']:.1f}" if r["cache_seconds"] else "-",
+            f"{r['cache_seconds']:.1f}, {r['cache_build_peak_rss_mb']:,.0f}" if r["cache_seconds"] else "-",
         )
-    Console().print(table)
+    Console(width=160).print(table)
     print(f"teacher signal per token: full logits {v * 4:,} B (fp32) vs hidden states {d * 2:,} B (bf16): "
           f"{v * 4 / (d * 2):.0f}x smaller")
     print(json.dumps({"args": vars(args), "results": results}))
