@@ -33,10 +33,13 @@ def api(url: str, model: str, **kw) -> dict:
 def test_faults_give_exactly_the_clean_rows_and_a_rerun_sends_nothing(tiny_served, tmp_path):
     server, _ = tiny_served
     clean = run_synth(coin_spec(api(server.base_url, server.model)), tmp_path / "clean", progress=False)
+    # The client's timeout must be well above an honest answer's time even on a loaded machine: the proxy
+    # keeps forwarding a request the client gave up on, so a too-tight timeout snowballs into a queue of
+    # abandoned requests and every retry times out too.
     proxy = FaultProxy(server.url, first=["hang", "429", "malformed", "500"], rate=0.25, seed=7, retry_after="1",
-                       hang_s=8.0)
+                       hang_s=12.0)
     try:
-        spec = coin_spec(api(proxy.url + "/v1", server.model, timeout_s=4.0, max_concurrency=4))
+        spec = coin_spec(api(proxy.url + "/v1", server.model, timeout_s=7.0, max_concurrency=4))
         faulty = run_synth(spec, tmp_path / "faulty", progress=False)
         sent = proxy.requests
         again = run_synth(spec, tmp_path / "faulty", progress=False)
