@@ -188,3 +188,21 @@ def test_profile_calibrates_the_local_machine():
         assert predicted == pytest.approx(m["train_step_s"], rel=1e-6)
     else:
         assert predicted >= m["train_step_s"]
+
+
+def test_a_plan_on_an_uncalibrated_machine_measures_it_first(tiny_models, tmp_path, monkeypatch):
+    """No stored calibration: make_plan runs a quick profile, stores it, and plans with the measured
+    factors instead of the CPU guesses; the next plan reuses the stored one."""
+    from stratos.plan.calibration import calibration_path
+
+    monkeypatch.setenv("STRATOS_CACHE", str(tmp_path / "cache"))
+    t_path, s_path = tiny_models
+    spec = load_spec(write_spec(tmp_path / "spec.yaml", t_path, s_path, servers=["local"]))
+    assert load_calibration() == {}
+    plan, _ = make_plan(spec, tmp_path / "plan", progress=False)
+    cal = load_calibration()
+    assert cal["peak_flops"] > 0 and cal["efficiency"]["train"] > 0
+    assert plan.efficiency["local"]["source"].startswith("calibrated by stratos profile")
+    stamp = calibration_path().stat().st_mtime_ns
+    make_plan(spec, tmp_path / "plan", progress=False)
+    assert calibration_path().stat().st_mtime_ns == stamp  # measured once, not at every plan

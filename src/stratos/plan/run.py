@@ -5,6 +5,7 @@ probes, optionally pilots), builds the plan with the pure planner, writes ``plan
 from __future__ import annotations
 
 import csv
+import logging
 import io
 import json
 from pathlib import Path
@@ -18,6 +19,8 @@ from stratos.plan.probe import TeacherProbe, probe_teacher, profile_task
 from stratos.plan.shapes import model_shape
 from stratos.plan.strategy import SpecValues
 from stratos.tasks import task_from_spec
+
+log = logging.getLogger(__name__)
 
 
 def _probe_key(spec: Any, t: Any, max_new_tokens: int) -> str:
@@ -52,6 +55,8 @@ def make_plan(
     ``probes`` gives teacher probe results by teacher name instead of measuring them; ``loaded``
     gives already loaded (model, tokenizer) pairs by model name. Probes measured here are cached in
     ``out_dir/probes.json`` and reused when the teacher, task and probe settings are unchanged.
+    ``calibration`` overrides the stored machine calibration; when none is stored (and none is
+    given), a quick ``stratos profile`` runs first and stores one.
     """
     import torch
 
@@ -82,6 +87,14 @@ def make_plan(
     profile = profile_task(task, train_size=spec.task.train_size, tokenizer=tokenizer, seed=spec.task.seed)
 
     cal = load_calibration() if calibration is None else calibration
+    if calibration is None and not cal:
+        # Measure instead of assuming: the default CPU factors are a guess that can be several times
+        # off for a small student; a quick profile takes seconds and is stored for every later plan.
+        from stratos.plan.calibration import calibration_path, run_profile
+
+        log.info("plan: this machine has no calibration yet; measuring it (stratos profile --quick)")
+        cal = run_profile(quick=True, progress=progress)
+        log.info("plan: calibration stored in %s", calibration_path())
     servers = load_catalog(ps.catalog, mode=ps.catalog_mode, local_price=ps.local_price_per_hour, calibration=cal)
     if ps.servers:
         servers = filter_servers(servers, only=ps.servers)
