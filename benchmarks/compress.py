@@ -1,10 +1,9 @@
 """Compression of a fine-tuned SmolLM2-135M-Instruct: prune to <= 60% of its parameters, recover by
-KD from the unpruned model, quantize int8 weight-only; accuracy, params, size, memory, tokens/s.
+KD from the unpruned model, quantize (int8 weight-only, and bf16); accuracy, params, size, memory, tokens/s.
 
-    # the runs docs/compress.md records (small: a shared 2-core CPU), then speed/memory re-measured
-    nice -n 10 python benchmarks/compress.py --ft-steps 16 --recovery-steps 30 --batch-size 4 --methods depth --eval-n 40
-    nice -n 10 python benchmarks/compress.py --methods depth --remeasure
-    nice -n 10 python benchmarks/compress.py                      # larger: 150 SFT + 150 recovery steps, both methods
+    # the run docs/compress.md records (~1 h on 2 CPU cores), then speed/memory re-measured in fresh processes
+    python benchmarks/compress.py --ft-steps 200 --batch-size 16 --recovery-steps 400 --eval-n 200 --methods depth,width --out runs/bc3
+    python benchmarks/compress.py --methods depth,width --remeasure --out runs/bc3
 
 1. fine-tune SmolLM2-135M-Instruct on the task (SFT, ``--ft-steps``; skipped when ``--out``
    already holds the fine-tuned model);
