@@ -114,14 +114,13 @@ def main() -> None:
 def extra_quantized(args: argparse.Namespace, spec: Spec, rows: list[dict], out: Path) -> list[dict]:
     """The recovered model quantized with each of ``--extra-quantize`` as well, measured like the
     stage's own steps (same eval questions); kept in ``extra_rows.json`` next to the report."""
-    from stratos.compress import quantize_folder
+    from stratos.compress import _eval_set, quantize_folder
     from stratos.compress.measure import measure_step
 
     path = out / "extra_rows.json"
     done = {r["step"]: r for r in json.loads(path.read_text())} if path.exists() else {}
     source = next(r["model_dir"] for r in reversed(rows) if r["step"] in ("recovered", "pruned", "original"))
-    task = task_from_spec(spec.task)
-    examples = task.examples("eval", spec.compress.eval_size, seed=spec.task.seed)
+    task, examples = _eval_set(spec, spec.compress.eval_size)  # the questions run_compress scored its steps on
     extra = []
     for method in filter(None, args.extra_quantize.split(",")):
         name = f"quantized ({method})"

@@ -19,7 +19,7 @@ import logging
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -157,8 +157,8 @@ def stage_synth(ctx: Context) -> dict[str, Any]:
     from stratos.synth import run_synth
 
     plan = ctx.plan()
+    plan = replace(plan, strategy=_strategy(ctx.spec, plan))  # whether the teacher generates, with the spec's values
     spec = _effective(ctx.spec, plan)
-    plan.strategy = _strategy(ctx.spec, plan)  # whether the teacher generates, with the spec's values
     res = run_synth(spec, ctx.dir, plan=plan, progress=ctx.progress)
     return {"data_path": ctx.rel(res.data_path), "stats_path": ctx.rel(res.stats_path), "rows": res.rows}
 

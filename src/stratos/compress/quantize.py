@@ -73,7 +73,7 @@ def quantize_folder(src: str | os.PathLike, dst: str | os.PathLike, method: str)
     if method == "bf16":
         return _cast_folder(Path(src), Path(dst), "bfloat16")
     if method not in QUANT_METHODS:
-        raise ValueError(f"unknown quantization {method!r}; registered: bf16, {', '.join(sorted(QUANT_METHODS))}")
+        raise ValueError(f"unknown quantization {method!r}; known: {', '.join(['bf16', *sorted(QUANT_METHODS)])}")
     try:
         import torchao  # noqa: F401
     except ImportError:

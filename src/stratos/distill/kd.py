@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from stratos.distill.head import OutputHead
-from stratos.distill.losses import LOSSES, Loss, cross_entropy, forward_kl, get_loss
+from stratos.distill.losses import Loss, cross_entropy, forward_kl, get_loss
 from stratos.distill.topk import topk_log_probs
 
 
@@ -111,7 +111,8 @@ def _closed_form(
 
     Only the built-in ``fkl``/``ce`` qualify: a user who re-registers either name gets autograd."""
     name = obj.loss
-    if topk_ids is not None or LOSSES.get(name) is None or LOSSES[name].fn is not _CLOSED_FORM.get(name) or obj.loss_kwargs:
+    builtin = _CLOSED_FORM.get(name)
+    if builtin is None or obj.spec.fn is not builtin or topk_ids is not None or obj.loss_kwargs:
         return None
     ce_w = 1.0 if name == "ce" else 1.0 - obj.kd_ratio  # a pure-CE objective's loss is its CE
     z = s_logits.detach().float()

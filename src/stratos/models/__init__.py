@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -61,14 +62,13 @@ def load_tokenizer(name: str | os.PathLike, *, trust_remote_code: bool = False, 
     return prepare_tokenizer(tok, padding_side)
 
 
-def _auto_dtype(location: str, trust_remote_code: bool) -> torch.dtype:
+def _auto_dtype(location: str) -> torch.dtype:
     """float32 (what training wants), except for a folder the compress stage cast to half
     precision for deployment: its config.json says ``"stratos": {"dtype": "bfloat16"}``."""
-    if not (Path(location) / "config.json").is_file():
+    config = Path(location) / "config.json"
+    if not config.is_file():
         return torch.float32
-    import json
-
-    wanted = (json.loads((Path(location) / "config.json").read_text()).get("stratos") or {}).get("dtype")
+    wanted = (json.loads(config.read_text()).get("stratos") or {}).get("dtype")
     return _DTYPES.get(wanted, torch.float32)
 
 
@@ -94,7 +94,7 @@ def load(
     from transformers import AutoConfig, AutoModelForCausalLM
 
     location, _ = resolve(name)
-    torch_dtype = _auto_dtype(location, trust_remote_code) if dtype == "auto" else _DTYPES[dtype]
+    torch_dtype = _auto_dtype(location) if dtype == "auto" else _DTYPES[dtype]
     overrides = dict(config_overrides or {})
     if init == "random":
         config = AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code)

@@ -5,9 +5,9 @@ probes, optionally pilots), builds the plan with the pure planner, writes ``plan
 from __future__ import annotations
 
 import csv
-import logging
 import io
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
