@@ -57,7 +57,7 @@ def _spec_or_fail(path: Path):
     try:
         return load_spec(path)
     except SpecError as e:
-        fail([f"{e.path}: {p}" for p in e.problems])
+        fail(e.lines())
 
 
 @app.command()
@@ -652,17 +652,34 @@ def report(run_dir: Path = typer.Argument(..., help="A run directory written by 
     console.print(f"report: {path}", highlight=False)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    """The ``stratos`` entry point. Every error a user can fix (a ``UserError``: bad spec, bad data,
+    missing model, diverged run) is printed here, one line per problem, with exit code 2: the one
+    place that turns them into messages, so no command can leak a traceback for bad input."""
     from transformers.utils import logging as hf_logging
+
+    from stratos.errors import UserError
 
     hf_logging.disable_progress_bar()  # our own progress bars say what is happening
     # torchao's CPU wheel warns at import about CUDA-only kernels it cannot load: noise on every command.
     logging.getLogger("torchao").setLevel(logging.ERROR)
     try:
-        app()
+        app(args=argv, prog_name="stratos")
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/yellow]")
         sys.exit(130)
+    except UserError as e:
+        for line in e.lines():
+            console.print(f"[red]error:[/red] {line}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except UnicodeDecodeError as e:  # a file that is not text, read where no caller named it
+        console.print(f"[red]error:[/red] not UTF-8 text: {e.reason} at byte {e.start}", highlight=False)
+        sys.exit(2)
+    except OSError as e:
+        if e.filename is None:
+            raise
+        console.print(f"[red]error:[/red] {e.filename}: {e.strerror or e}", highlight=False, soft_wrap=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from stratos.errors import UserError
 from stratos.io import sha256_text, write_json
 from stratos.spec import Spec
 
@@ -32,7 +33,7 @@ log = logging.getLogger("stratos.run")
 STAGE_NAMES = ["plan", "synth", "distill", "compress", "deploy", "eval", "report"]
 
 
-class RunError(Exception):
+class RunError(UserError):
     """A stage failed in a way the user can act on; the message says how."""
 
 

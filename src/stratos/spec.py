@@ -14,6 +14,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from stratos.errors import UserError
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
@@ -340,13 +342,16 @@ class Spec(_Strict):
 # --------------------------------------------------------------------------- loading
 
 
-class SpecError(Exception):
+class SpecError(UserError):
     """A spec that cannot be used. ``problems`` holds one human-readable line per problem."""
 
     def __init__(self, path: str | Path, problems: list[str]):
         self.path = str(path)
         self.problems = problems
         super().__init__("\n".join(f"{self.path}: {p}" for p in problems))
+
+    def lines(self) -> list[str]:
+        return [f"{self.path}: {p}" for p in self.problems]
 
 
 def _field_path(loc: tuple[Any, ...]) -> str:

@@ -20,6 +20,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from stratos.io import cache_dir
+
 
 @dataclass(frozen=True)
 class Alias:
@@ -37,14 +39,6 @@ ALIASES: dict[str, Alias] = {
         description="SmolLM2-135M-Instruct (Llama, 49,152-token vocab), de-quantised from Q4_1",
     ),
 }
-
-
-def cache_dir() -> Path:
-    """Root of Stratos' cache: $STRATOS_CACHE, else $XDG_CACHE_HOME/stratos, else ~/.cache/stratos."""
-    root = os.environ.get("STRATOS_CACHE")
-    if root:
-        return Path(root)
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "stratos"
 
 
 @contextlib.contextmanager

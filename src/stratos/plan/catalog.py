@@ -16,6 +16,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from stratos.errors import UserError
+
 COLUMNS = (
     "name", "provider", "region", "gpu", "gpu_count", "gpu_memory_gb", "bf16_tflops", "mem_bw_tbs",
     "interconnect", "on_demand_usd_hr", "spot_usd_hr", "source", "date", "notes",
@@ -23,7 +25,7 @@ COLUMNS = (
 LOCAL = "local"
 
 
-class CatalogError(ValueError):
+class CatalogError(UserError, ValueError):
     """A bad catalog file; the message names the file and line."""
 
 

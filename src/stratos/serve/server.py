@@ -25,12 +25,13 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from stratos.errors import UserError
 from stratos.spec import ServeSpec
 
 log = logging.getLogger("stratos.serve")
 
 
-class ServeError(Exception):
+class ServeError(UserError):
     """A server that cannot start as asked; the message says what to change."""
 
 

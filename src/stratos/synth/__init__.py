@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from stratos.errors import UserError
 from stratos.io import write_json, write_jsonl
 from stratos.spec import Spec
 from stratos.teachers import Budget, GenParams, Price, Sample, Teacher, make_teacher
@@ -35,7 +36,7 @@ log = logging.getLogger("stratos.synth")
 __all__ = ["SynthError", "SynthResult", "budget_of", "price_of", "rft", "run_synth", "teacher_of"]
 
 
-class SynthError(Exception):
+class SynthError(UserError):
     """The stage cannot make data as configured; the message says what to change."""
 
 

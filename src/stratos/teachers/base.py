@@ -17,12 +17,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from stratos.errors import UserError
 from stratos.io import atomic_write_text, sha256_text
 
 Prompt = str | list[dict[str, str]]
 
 
-class TeacherError(Exception):
+class TeacherError(UserError):
     """A teacher that cannot answer (bad endpoint, auth, unsupported option); retrying will not help."""
 
 
