@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from stratos.errors import ModelError
 from stratos.models import load, prepare_tokenizer, resolve
 from stratos.models.arch import evenly_spaced, keep_layers
 from stratos.models.tiny import save_model, tiny_llama
@@ -32,7 +33,7 @@ def test_shallower_pretrained_student_keeps_evenly_spaced_layers(tmp_path, tiny_
     out = again.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)
     ref = small.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)
     assert torch.equal(out, ref)
-    with pytest.raises(ValueError, match="init: random"):
+    with pytest.raises(ModelError, match="init: random"):
         load(path, config_overrides={"hidden_size": 32})
 
 
@@ -48,18 +49,26 @@ def test_random_init_from_overrides(tmp_path, tiny_tokenizer):
     path = save_model(tiny_llama(tiny_tokenizer), tiny_tokenizer, tmp_path / "m")
     model, _ = load(path, config_overrides={"hidden_size": 32, "num_hidden_layers": 1}, init="random")
     assert model.config.hidden_size == 32 and len(model.model.layers) == 1
-    with pytest.raises(ValueError, match="no field"):
+    with pytest.raises(ModelError, match="no field"):
         load(path, config_overrides={"hiden_size": 32}, init="random")
 
 
-def test_missing_paths_are_clear_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="GGUF file not found"):
+def test_missing_paths_are_clear_errors(tmp_path, tiny_tokenizer):
+    with pytest.raises(ModelError, match="no such GGUF file"):
         resolve(tmp_path / "nope.gguf")
-    with pytest.raises(FileNotFoundError, match="not found"):
+    with pytest.raises(ModelError, match="no such model folder"):
         resolve("./no/such/model")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="no config.json"):
+    with pytest.raises(ModelError, match="no config.json"):
         resolve(tmp_path / "empty")
+    path = save_model(tiny_llama(tiny_tokenizer), tiny_tokenizer, tmp_path / "m")
+    (path / "model.safetensors").rename(path / "weights.bin")
+    with pytest.raises(ModelError, match="no \\*.safetensors weights"):
+        load(path)
+    assert load(path, init="random", with_tokenizer=False).config.hidden_size == 64  # a config is enough for it
+    (path / "config.json").write_text('{"model_type": "llama",\n "hidden_size": 64,,}')
+    with pytest.raises(ModelError, match=r"m/config.json:2: invalid JSON"):
+        resolve(path)
     assert resolve("HuggingFaceTB/SmolLM2-135M-Instruct") == ("HuggingFaceTB/SmolLM2-135M-Instruct", None)
 
 

@@ -152,3 +152,80 @@ def test_a_changed_spec_reruns_only_the_stages_it_affects(tiny_spec, tmp_path, m
     assert fourth["stages"]["report"]["ended"] != third["stages"]["report"]["ended"]
     assert fourth["stages"]["distill"]["ended"] == third["stages"]["distill"]["ended"]
     assert build_report(run_dir).read_text().count("<h2>") >= 6
+
+
+def _write_spec(path: Path, **extra) -> Path:
+    data = {"name": "fp", "task": {"name": "jsonl", "path": "data.jsonl", "scorer": "myscorer:score"},
+            "teachers": [{"model": "teacher"}], "students": [{"model": "smollm2-135m-instruct"}],
+            "plan": {"catalog": "servers.csv"}, **extra}
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_stage_hashes_cover_the_contents_of_the_files_a_spec_names(tmp_path, monkeypatch):
+    """An edited data file, scorer module, catalog or local model reruns the run from the plan on;
+    an eval-only setting reruns only eval and the report; nothing else changes any hash."""
+    from stratos.plan.catalog import shipped_catalog, write_catalog
+    from stratos.runner import inputs_hashes
+
+    tok = build_tokenizer(vocab_size=260)
+    save_model(tiny_llama(tok, hidden_size=32, num_hidden_layers=1), tok, tmp_path / "teacher")
+    (tmp_path / "data.jsonl").write_text("".join(f'{{"prompt": "{i}+1=", "answer": "{i + 1}"}}\n' for i in range(20)))
+    (tmp_path / "myscorer.py").write_text("def score(pred, ans):\n    return pred.strip() == str(ans)\n")
+    write_catalog(tmp_path / "servers.csv", shipped_catalog()[:3])
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("STRATOS_CACHE", str(tmp_path / "cache"))
+    spec_path = _write_spec(tmp_path / "s.yaml")
+    base = inputs_hashes(load_spec(spec_path))
+    assert inputs_hashes(load_spec(spec_path)) == base  # deterministic
+
+    def changed_stages() -> list[str]:
+        now = inputs_hashes(load_spec(spec_path))
+        return [s for s in STAGE_NAMES if now[s] != base[s]]
+
+    edits = [
+        (tmp_path / "data.jsonl", lambda p: p.write_text(p.read_text().replace('"1+1="', '"1 + 1 ="'))),
+        (tmp_path / "myscorer.py", lambda p: p.write_text(p.read_text().replace("strip()", "strip().lower()"))),
+        (tmp_path / "servers.csv", lambda p: p.write_text(p.read_text() + p.read_text().splitlines()[1].replace(
+            p.read_text().splitlines()[1].split(",")[0], "my-box", 1) + "\n")),
+        (tmp_path / "teacher" / "config.json", lambda p: p.write_text(p.read_text().replace('"rms_norm_eps": 1e-06',
+                                                                                           '"rms_norm_eps": 1e-05'))),
+    ]
+    for path, edit in edits:
+        original = path.read_bytes()
+        edit(path)
+        assert path.read_bytes() != original, path
+        assert changed_stages() == STAGE_NAMES, path
+        path.write_bytes(original)
+        assert changed_stages() == [], path
+
+    _write_spec(spec_path, eval={"n": 7, "bench_requests": 3})
+    assert changed_stages() == ["eval", "report"]
+    _write_spec(spec_path, eval={"max_new_tokens": 7})  # the plan's probes generate with it
+    assert changed_stages() == STAGE_NAMES
+
+
+def test_a_run_continues_only_its_own_directory(tmp_path, monkeypatch):
+    from stratos.runner import default_run_dir
+    from stratos.spec import Spec
+
+    monkeypatch.chdir(tmp_path)
+
+    def spec(name: str) -> Spec:
+        return Spec.model_validate({"name": name, "task": {"name": "arithmetic"}, "teachers": [{"model": "t"}],
+                                    "students": [{"model": "s"}]})
+
+    for name in ("mahjong-demo-20261126-101010", "mahjong-20261125-090909", "mahjong-x", "mahjong-20261127-1"):
+        (tmp_path / "runs" / name).mkdir(parents=True)
+        (tmp_path / "runs" / name / "manifest.json").write_text('{"stages": {}}')
+    assert default_run_dir(spec("mahjong")) == Path("runs/mahjong-20261125-090909")
+    assert default_run_dir(spec("mahjong-demo")) == Path("runs/mahjong-demo-20261126-101010")
+    fresh = default_run_dir(spec("other"))
+    assert fresh.parent == Path("runs") and fresh.name.startswith("other-") and not fresh.exists()
+
+    # A directory that holds another spec's run is refused, before anything is written to it.
+    (tmp_path / "runs" / "mahjong-20261125-090909" / "manifest.json").write_text('{"name": "mahjong", "stages": {}}')
+    before = sorted(p.name for p in (tmp_path / "runs" / "mahjong-20261125-090909").iterdir())
+    with pytest.raises(RunError, match="holds the run of spec 'mahjong', not 'mahjong-demo'"):
+        run(spec("mahjong-demo"), tmp_path / "runs" / "mahjong-20261125-090909", progress=False)
+    assert sorted(p.name for p in (tmp_path / "runs" / "mahjong-20261125-090909").iterdir()) == before

@@ -115,4 +115,69 @@ def test_relative_task_path_is_relative_to_the_spec(tmp_path):
     (tmp_path / "sub").mkdir()
     path = tmp_path / "sub" / "s.yaml"
     path.write_text("task: {name: jsonl, path: data.jsonl}\nteachers: [{model: a}]\nstudents: [{model: b}]\n")
+    (tmp_path / "sub" / "data.jsonl").write_text('{"prompt": "2+2=", "answer": "4"}\n')
     assert load_spec(path).task.path == tmp_path / "sub" / "data.jsonl"
+
+
+def test_relative_model_paths_are_relative_to_the_spec(tmp_path, monkeypatch):
+    from stratos.models.tiny import build_tokenizer, save_model, tiny_llama
+
+    tok = build_tokenizer(["1+1=2"], vocab_size=300)
+    save_model(tiny_llama(tok), tok, tmp_path / "sub" / "models" / "tiny")
+    path = tmp_path / "sub" / "s.yaml"
+    path.write_text("task: {name: arithmetic}\nteachers: [{model: models/tiny}]\n"
+                    "students: [{model: HuggingFaceTB/SmolLM2-135M-Instruct}, {model: smollm2-135m-instruct}]\n")
+    monkeypatch.chdir(tmp_path)  # elsewhere: the path must not depend on the working directory
+    spec = load_spec(path)
+    assert spec.teachers[0].model == str(tmp_path / "sub" / "models" / "tiny")
+    assert spec.teachers[0].label == "models/tiny"  # reports show what the user wrote
+    assert spec.students[0].model == "HuggingFaceTB/SmolLM2-135M-Instruct"  # nothing on disk: a hub id
+    assert spec.students[1].model == "smollm2-135m-instruct"  # an alias
+
+
+def test_yaml_is_composed_once_however_many_errors(tmp_path, monkeypatch):
+    """`validate` on a large spec with thousands of errors stays one pass over the file: every
+    error's line comes from one composed document, not a re-parse per error."""
+    import yaml
+
+    calls = []
+    real = yaml.compose
+    monkeypatch.setattr(yaml, "compose", lambda *a, **k: calls.append(1) or real(*a, **k))
+    bad = "".join(f"  - model: m\n    typo{i}: 1\n" for i in range(2000))
+    path = tmp_path / "big.yaml"
+    path.write_text(f"task: {{name: arithmetic}}\nteachers: [{{model: t}}]\nstudents:\n{bad}")
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    assert len(info.value.problems) == 2000
+    assert info.value.problems[-1].startswith(f"line {3 + 2 * 2000}: students[1999].typo1999: unknown key")
+    assert len(calls) == 1
+
+
+@pytest.mark.parametrize("name", ["*", "../../x", "/abs", "a/b", "mahjong-*", "..", ".hidden", "x" * 65, "a b"])
+def test_run_names_are_one_safe_path_component(tmp_path, name):
+    import yaml
+
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump({"name": name, "task": {"name": "arithmetic"}, "teachers": [{"model": "t"}],
+                                    "students": [{"model": "s"}]}))
+    with pytest.raises(SpecError, match="name: .* is not a run name"):
+        load_spec(path)
+
+
+def test_strict_types_and_finite_numbers(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text("task: {name: arithmetic, train_size: true, options: {digits: .nan}}\n"
+                    "teachers: [{model: t, trust_remote_code: 'yes'}]\n"
+                    "students: [{model: s, config_overrides: {rope_theta: .inf}}]\n"
+                    "distill: {learning_rate: .inf, loss_kwargs: {beta: .nan}}\n")
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    got = "\n".join(info.value.problems)
+    for needle in ("line 1: task.train_size: Input should be a valid integer",
+                   "line 1: task.options: digits must be a finite number",
+                   "line 2: teachers[0].trust_remote_code: Input should be a valid boolean",
+                   "line 3: students[0].config_overrides: rope_theta must be a finite number",
+                   "line 4: distill.learning_rate: Input should be a finite number",
+                   "line 4: distill.loss_kwargs.beta: Input should be a finite number"):
+        assert needle in got, got
+    assert len(info.value.problems) == 6

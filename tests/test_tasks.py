@@ -6,13 +6,13 @@ import json
 
 import pytest
 
-from stratos.tasks import Example, corpus, get_task, grade, register_task, to_records
+from stratos.tasks import Example, TaskError, corpus, get_task, grade, register_task, to_records
 
 
 def test_registry_has_builtins_and_reports_unknown():
     task = get_task("arithmetic", digits=2, ops="+-")
     assert task.name == "arithmetic"
-    with pytest.raises(KeyError, match="unknown task 'nope'"):
+    with pytest.raises(TaskError, match="unknown task 'nope'"):
         get_task("nope")
     with pytest.raises(ValueError, match="arithmetic.*digitz"):
         get_task("arithmetic", digitz=3)

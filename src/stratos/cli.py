@@ -102,7 +102,7 @@ def distill(
     """Distil a teacher into a student on prompt/response data (off-policy KD on the teacher's hidden states)."""
     import shutil
 
-    from stratos.spec import DistillSpec, LoraSpec, StudentSpec, TeacherSpec
+    from stratos.spec import DistillSpec, StudentSpec, TeacherSpec
 
     base = DistillSpec()
     t_spec = s_spec = task_spec = None
@@ -127,7 +127,8 @@ def distill(
                     gradient_accumulation_steps=grad_accum, max_length=max_length, save_steps=save_steps, bf16=bf16,
                     seed=seed,
                 ),
-                **({"lora": LoraSpec(r=lora_r, alpha=2 * lora_r).model_dump()} if lora_r else {}),
+                # alpha = 2r; a bad r is reported once, on r, not again on the alpha made from it.
+                **({"lora": {"r": lora_r, "alpha": 2 * max(1, lora_r)}} if lora_r is not None else {}),
             }
         )
     except Exception as e:  # pydantic.ValidationError
@@ -135,13 +136,13 @@ def distill(
 
         from stratos.spec import format_validation_error
 
-        fail(format_validation_error(e) if isinstance(e, ValidationError) else str(e))
+        # Field paths as in a spec (distill.learning_rate), the section the options override.
+        fail([f"distill.{line}" for line in format_validation_error(e)] if isinstance(e, ValidationError) else str(e))
     from stratos.distill.trainer import checkpoints
 
-    if checkpoints(out / "checkpoints") and not resume:
-        if not overwrite:
-            fail(f"{out} already has checkpoints: pass --resume to continue that run or --overwrite to start over")
-        shutil.rmtree(out / "checkpoints")
+    discard = bool(checkpoints(out / "checkpoints")) and not resume
+    if discard and not overwrite:
+        fail(f"{out} already has checkpoints: pass --resume to continue that run or --overwrite to start over")
     from stratos.distill import distill as run_distill
     from stratos.distill.losses import get_loss
     from stratos.io import DataError
@@ -164,6 +165,8 @@ def distill(
         t_model = t_tok = None
         if needs_teacher:
             t_model, t_tok = load(t_spec.model, dtype=t_spec.dtype, trust_remote_code=t_spec.trust_remote_code)
+        if discard:  # --overwrite: only now that the data and models have loaded, so a bad file discards nothing
+            shutil.rmtree(out / "checkpoints")
         result = run_distill(model, tok, records, cfg, out, teacher=t_model, teacher_tokenizer=t_tok, resume=resume)
     except (DataError, FileNotFoundError, KeyError, ValueError) as e:
         fail(str(e).strip('"'))
@@ -197,14 +200,14 @@ def synth(
     """Make training data: teacher samples kept by the task's verifier, plus oracle and corpus data. Rerun to resume."""
     import yaml
 
-    from stratos.spec import parse_spec
+    from stratos.spec import checked, parse_spec
 
     if spec is not None:
         data = _spec_or_fail(spec).model_dump(mode="json", exclude_unset=True)
     else:
         if not (teacher and task):
             fail("pass a spec, or --teacher and --task")
-        data = {"students": [{"model": teacher}]}  # unused by synth; the spec needs one
+        data = {"students": [{"model": "smollm2-135m-instruct"}]}  # unused by synth (never loaded); the spec needs one
     if teacher:
         t = {"model": teacher}
         if base_url:
@@ -222,10 +225,7 @@ def synth(
         samples_per_prompt=n, prompts=prompts, temperature=temperature, max_new_tokens=max_new_tokens,
         reverse_synthesis=reverse_synthesis, knowledge_injection=knowledge_injection, top_logprobs=top_logprobs,
         budget_usd=budget)}
-    try:
-        s = parse_spec(data, source=str(spec or "command line"))
-    except SpecError as e:
-        fail([f"{e.path}: {p}" for p in e.problems])
+    s = checked(parse_spec(data, source=str(spec or "command line")), source=str(spec or "command line"))
     from stratos.io import DataError
     from stratos.synth import SynthError, run_synth
     from stratos.teachers import TeacherError

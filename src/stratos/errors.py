@@ -17,8 +17,9 @@ class UserError(Exception):
         return [line for line in str(self).splitlines() if line.strip()] or [type(self).__name__]
 
 
-class ModelError(UserError, FileNotFoundError):
-    """A model that cannot be found or read: the message names the folder or file."""
+class ModelError(UserError):
+    """A model that cannot be found, read or built as asked: the message names the folder or file,
+    or the config field."""
 
 
 class TrainingError(UserError):

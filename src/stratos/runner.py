@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -45,7 +46,14 @@ class Manifest:
 
     def __init__(self, run_dir: Path):
         self.path = run_dir / "manifest.json"
-        self.data: dict[str, Any] = json.loads(self.path.read_text()) if self.path.is_file() else {"stages": {}}
+        self.data: dict[str, Any] = {"stages": {}}
+        if self.path.is_file():
+            try:
+                self.data = json.loads(self.path.read_text(encoding="utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise RunError(f"{self.path}: not a Stratos manifest ({e}); pass another --run-dir or --new") from None
+            if not isinstance(self.data, dict) or not isinstance(self.data.get("stages"), dict):
+                raise RunError(f"{self.path}: not a Stratos manifest (no stages); pass another --run-dir or --new")
 
     def stage(self, name: str) -> dict[str, Any]:
         return self.data["stages"].setdefault(name, {})
@@ -310,8 +318,10 @@ def stage_report(ctx: Context) -> dict[str, Any]:
 
 
 STAGES: dict[str, tuple[Callable[[Context], dict[str, Any]], tuple[str, ...]]] = {
-    # stage: (function, the spec sections it reads)
-    "plan": (stage_plan, ("task", "constraints", "teachers", "students", "plan", "eval")),
+    # stage: (function, the spec sections (or single fields) it reads)
+    # The plan's probes generate with eval.max_new_tokens; eval's other settings (how many questions,
+    # the load test) change only the eval stage, so editing them never reruns training.
+    "plan": (stage_plan, ("task", "constraints", "teachers", "students", "plan", "eval.max_new_tokens")),
     "synth": (stage_synth, ("synth",)),
     "distill": (stage_distill, ("distill",)),
     "compress": (stage_compress, ("compress",)),
@@ -324,14 +334,49 @@ STAGES: dict[str, tuple[Callable[[Context], dict[str, Any]], tuple[str, ...]]] =
 # --------------------------------------------------------------------------- the run
 
 
+def input_files(spec: Spec) -> dict[str, str]:
+    """The content fingerprints of the files a spec names: the task's data file and scorer module,
+    the server catalog, local teacher and student models. The plan reads them all, so an edited
+    data file or a retrained local model reruns the run from the plan on, as an edited spec does."""
+    import importlib.util
+
+    from stratos.io import fingerprint
+
+    paths: dict[str, Path] = {}
+    if spec.task.path is not None:
+        paths["task.path"] = spec.task.path
+    module = spec.task.scorer.partition(":")[0] if ":" in spec.task.scorer else None
+    if module:
+        try:
+            found = importlib.util.find_spec(module)
+        except (ImportError, ValueError):
+            found = None
+        if found is not None and found.origin and Path(found.origin).is_file():
+            paths["task.scorer"] = Path(found.origin)
+    if spec.plan.catalog is not None:
+        paths["plan.catalog"] = spec.plan.catalog
+    for group in ("teachers", "students"):
+        for i, m in enumerate(getattr(spec, group)):
+            if Path(m.model).is_absolute():  # load_spec made every local model path absolute
+                paths[f"{group}[{i}].model"] = Path(m.model)
+    return {k: fingerprint(p) if p.exists() else "missing" for k, p in paths.items()}
+
+
+def _section(dumped: dict[str, Any], key: str) -> Any:
+    section, _, field = key.partition(".")
+    return dumped[section][field] if field else dumped[section]
+
+
 def inputs_hashes(spec: Spec) -> dict[str, str]:
     """Each stage's inputs hash chains the hash of the stage before it, so a change to one
-    section reruns that stage and everything after it, and nothing before it."""
+    section reruns that stage and everything after it, and nothing before it. The first stage's
+    hash also covers the contents of the files the spec names (``input_files``)."""
     out, prev = {}, ""
     dumped = spec.model_dump(mode="json")
+    files = input_files(spec)
     for name in STAGE_NAMES:
         _, sections = STAGES[name]
-        prev = sha256_text(name, prev, {k: dumped[k] for k in sections})[:16]
+        prev = sha256_text(name, prev, {k: _section(dumped, k) for k in sections}, files if name == "plan" else {})[:16]
         out[name] = prev
     return out
 
@@ -348,12 +393,17 @@ def select_stages(from_: str | None, only: str | None, until: str | None) -> lis
 
 
 def default_run_dir(spec: Spec, new: bool = False) -> Path:
-    """``runs/NAME-TIMESTAMP``: the latest such directory, so that rerunning the same command resumes
-    it (and a changed spec reruns only what changed), or a new one when ``new`` or there is none."""
-    runs = sorted(p for p in Path("runs").glob(f"{spec.name}-*") if (p / "manifest.json").is_file())
+    """``runs/NAME-YYYYmmdd-HHMMSS``: the latest directory of exactly this name, so that rerunning the
+    same command resumes it (and a changed spec reruns only what changed), or a new one when ``new``
+    or there is none. Only ``NAME-`` followed by a timestamp matches: the run of ``mahjong`` never
+    continues the run of ``mahjong-demo``."""
+    pattern = re.compile(rf"^{re.escape(spec.name)}-\d{{8}}-\d{{6}}$")
+    root = Path("runs")
+    runs = sorted(p for p in root.iterdir() if pattern.match(p.name) and (p / "manifest.json").is_file()) \
+        if root.is_dir() else []
     if runs and not new:
         return runs[-1]
-    return Path("runs") / f"{spec.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    return root / f"{spec.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
 def run(
@@ -368,14 +418,18 @@ def run(
 ) -> Manifest:
     """Run the pipeline (or the selected stages) in ``run_dir``; see the module doc."""
     run_dir = Path(run_dir)
+    selected = select_stages(from_, only, until)
+    hashes = inputs_hashes(spec)
+    manifest = Manifest(run_dir)
+    owner = manifest.data.get("name")
+    if owner is not None and owner != spec.name:
+        raise RunError(f"{run_dir} holds the run of spec {owner!r}, not {spec.name!r}: pass another --run-dir "
+                       "(or leave it out for runs/NAME-TIMESTAMP)")
     run_dir.mkdir(parents=True, exist_ok=True)
     _log_to(run_dir / "run.log")
-    selected = select_stages(from_, only, until)
-    manifest = Manifest(run_dir)
     manifest.data.update(name=spec.name, spec=spec.model_dump(mode="json"), updated=_now())
     if spec_text is not None:
         (run_dir / "spec.yaml").write_text(spec_text)
-    hashes = inputs_hashes(spec)
     forced = {from_} if from_ else set()  # --from X reruns X even if it looks done
     if only:
         forced = {only}

@@ -8,6 +8,9 @@ is an error naming the field, not a silently ignored setting.
 
 from __future__ import annotations
 
+import json
+import math
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,7 +21,28 @@ from stratos.errors import UserError
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    # strict: no coercion (``trust_remote_code: "yes"`` or ``train_size: true`` are errors, not True
+    # and 1); allow_inf_nan off: ``learning_rate: .inf`` is an error, not NaN weights later.
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, protected_namespaces=(), strict=True, allow_inf_nan=False
+    )
+
+
+def _finite_values(value: Any, where: str = "") -> Any:
+    """Free-form values (task options, config overrides) hold no inf or NaN anywhere."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{where or 'value'} must be a finite number, got {value}")
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _finite_values(v, f"{where}.{k}" if where else str(k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _finite_values(v, f"{where}[{i}]")
+    return value
+
+
+# A run directory is runs/NAME-YYYYmmdd-HHMMSS: a name is one safe path component, never a pattern.
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 # --------------------------------------------------------------------------- task
@@ -28,12 +52,14 @@ class TaskSpec(_Strict):
     """What the student must learn to do, and how answers are checked."""
 
     name: str = Field(description="Registered task, optionally with a sub-task: 'mahjong:waits', 'arithmetic', 'jsonl'.")
-    path: Path | None = Field(None, description="Data file for file-backed tasks (jsonl).")
+    path: Path | None = Field(None, strict=False, description="Data file for file-backed tasks (jsonl).")
     scorer: str = Field("exact", description="jsonl scorer: exact, normalized, regex, numeric, or 'module:function'.")
     train_size: int = Field(1000, gt=0, description="Examples in the train split.")
     eval_size: int = Field(200, gt=0, description="Examples in the held-out eval split.")
     seed: int = Field(0, description="Seed of the split; the same seed gives the same data.")
     options: dict[str, Any] = Field(default_factory=dict, description="Task-specific options.")
+
+    _finite = field_validator("options")(classmethod(lambda cls, v: _finite_values(v)))
 
 
 # --------------------------------------------------------------------------- constraints
@@ -100,6 +126,8 @@ class StudentSpec(_Strict):
     tokenizer_vocab_size: int = Field(512, ge=300, description="BPE vocabulary of a 'task' tokenizer.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     trust_remote_code: bool = False
+
+    _finite = field_validator("config_overrides")(classmethod(lambda cls, v: _finite_values(v)))
 
     @model_validator(mode="after")
     def _check_tokenizer(self) -> "StudentSpec":
@@ -306,7 +334,7 @@ class PlanSpec(_Strict):
     competent_accuracy: float = Field(
         0.5, ge=0, le=1, description="Probe accuracy at which a teacher counts as competent (alignment, not injection)."
     )
-    catalog: Path | None = Field(None, description="Your own server catalog (CSV, same columns as `stratos servers --csv`).")
+    catalog: Path | None = Field(None, strict=False, description="Your own server catalog (CSV, same columns as `stratos servers --csv`).")
     catalog_mode: Literal["add", "replace"] = Field("add", description="Add your rows to the shipped catalog, or use only yours.")
     servers: list[str] | None = Field(None, description="Only these offerings (names, providers or GPU models); 'local' is the local machine.")
     local_price_per_hour: float = Field(0.0, ge=0, description="What an hour of the local machine costs you, in $.")
@@ -325,7 +353,8 @@ class PlanSpec(_Strict):
 class Spec(_Strict):
     """A whole pipeline: task, constraints, candidate models and stage options."""
 
-    name: str = "stratos-run"
+    name: str = Field("stratos-run", description="Names the run directory runs/NAME-YYYYmmdd-HHMMSS: letters, "
+                      "digits, '.', '_' and '-', at most 64, starting with a letter or digit.")
     seed: int = 0
     task: TaskSpec
     constraints: Constraints = Field(default_factory=Constraints)
@@ -337,6 +366,14 @@ class Spec(_Strict):
     compress: CompressSpec = Field(default_factory=CompressSpec)
     serve: ServeSpec = Field(default_factory=ServeSpec)
     eval: EvalSpec = Field(default_factory=EvalSpec)
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        if not NAME_RE.match(v):
+            raise ValueError(f"{v!r} is not a run name: use letters, digits, '.', '_' and '-' (at most 64, "
+                             "starting with a letter or digit); it names the folder runs/NAME-TIMESTAMP")
+        return v
 
 
 # --------------------------------------------------------------------------- loading
@@ -364,13 +401,9 @@ def _field_path(loc: tuple[Any, ...]) -> str:
     return out or "(top level)"
 
 
-def _line_of(text: str, loc: tuple[Any, ...]) -> int | None:
-    """Best-effort line number of a field path in the YAML text, using PyYAML's node marks."""
-    try:
-        node = yaml.compose(text)
-    except yaml.YAMLError:
-        return None
-    line = None
+def _line_of(root: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
+    """Line number of a field path in the composed YAML document (PyYAML's node marks)."""
+    node, line = root, None
     for part in loc:
         if node is None:
             break
@@ -389,7 +422,21 @@ def _line_of(text: str, loc: tuple[Any, ...]) -> int | None:
     return line
 
 
-def format_validation_error(err: ValidationError, text: str = "") -> list[str]:
+def _where(root: yaml.Node | None, loc: tuple[Any, ...]) -> str:
+    line = _line_of(root, loc)
+    return f"{'line ' + str(line) + ': ' if line else ''}{_field_path(loc)}"
+
+
+def _compose(text: str) -> yaml.Node | None:
+    try:
+        return yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return None
+
+
+def format_validation_error(err: ValidationError, text: str | yaml.Node | None = "") -> list[str]:
+    """One line per problem: ``line N: field.path: reason`` (the line when the YAML text is given)."""
+    root = _compose(text) if isinstance(text, str) and text else text if isinstance(text, yaml.Node) else None
     lines = []
     for e in err.errors():
         loc = tuple(p for p in e["loc"] if p not in ("function-after", "function-before"))
@@ -399,38 +446,213 @@ def format_validation_error(err: ValidationError, text: str = "") -> list[str]:
         elif e["type"] == "missing":
             msg = "required field is missing"
         msg = msg.removeprefix("Value error, ")
-        where = _field_path(loc)
-        line = _line_of(text, loc) if text else None
-        lines.append(f"{'line ' + str(line) + ': ' if line else ''}{where}: {msg}")
+        lines.append(f"{_where(root, loc)}: {msg}")
     return lines
 
 
-def parse_spec(data: dict[str, Any], *, source: str = "<spec>", text: str = "") -> Spec:
+def parse_spec(data: dict[str, Any], *, source: str = "<spec>", text: str | yaml.Node | None = "") -> Spec:
     try:
         return Spec.model_validate(data)
     except ValidationError as err:
         raise SpecError(source, format_validation_error(err, text)) from None
 
 
-def load_spec(path: str | Path) -> Spec:
-    """Read and validate a YAML spec. Raises SpecError with one line per problem."""
-    path = Path(path)
+# --------------------------------------------------------------------------- reading the YAML safely
+
+# Values a spec may expand to once its aliases are followed. A real spec has a few hundred; a
+# "billion laughs" file of under 1 kB expands to billions and would exhaust memory in a later stage.
+MAX_YAML_VALUES = 100_000
+
+
+def _read_text(path: Path) -> str:
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
+    except IsADirectoryError:
+        raise SpecError(path, ["cannot read file: it is a folder"]) from None
     except OSError as e:
         raise SpecError(path, [f"cannot read file: {e.strerror}"]) from None
+    if b"\0" in raw:
+        raise SpecError(path, ["not a YAML text file (it holds NUL bytes: a binary file?)"])
     try:
-        data = yaml.safe_load(text)
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise SpecError(path, [f"line {line}: not UTF-8 text (byte {e.start}); save the file as UTF-8"]) from None
+
+
+def _structure_problems(root: yaml.Node) -> list[str]:
+    """Duplicate keys (YAML keeps the last silently), and aliases that expand past MAX_YAML_VALUES
+    or refer to themselves. Counted on the composed node graph, where an alias is a shared node,
+    so the count costs one pass over the distinct nodes whatever the expansion."""
+    problems: list[str] = []
+    sizes: dict[int, int] = {}
+    active: set[int] = set()
+
+    def size(node: yaml.Node) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in active:
+            raise RecursionError(node.start_mark.line + 1)
+        active.add(key)
+        total = 1
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for k, v in node.value:
+                if isinstance(k, yaml.ScalarNode) and k.value != "<<":
+                    if k.value in seen:
+                        problems.append(f"line {k.start_mark.line + 1}: key {k.value!r} appears again "
+                                        f"(first on line {seen[k.value]}); YAML would keep only the last")
+                    seen.setdefault(k.value, k.start_mark.line + 1)
+                total += size(k) + size(v)
+        elif isinstance(node, yaml.SequenceNode):
+            total += sum(size(v) for v in node.value)
+        active.discard(key)
+        sizes[key] = min(total, MAX_YAML_VALUES + 1)
+        return sizes[key]
+
+    try:
+        if size(root) > MAX_YAML_VALUES:
+            return [f"its aliases (&anchor / *alias) expand to more than {MAX_YAML_VALUES:,} values; "
+                    "a spec needs a few hundred (is it an alias bomb?)"]
+    except RecursionError as e:
+        line = e.args[0] if e.args and isinstance(e.args[0], int) else None
+        return [f"{'line ' + str(line) + ': ' if line else ''}an alias refers to the value that contains it"]
+    return problems
+
+
+def _read_yaml(path: Path) -> tuple[Any, yaml.Node | None]:
+    text = _read_text(path)
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}: " if mark else ""
-        raise SpecError(path, [f"{where}invalid YAML: {getattr(e, 'problem', e)}"]) from None
+        raise SpecError(path, [f"{where}invalid YAML: {getattr(e, 'problem', None) or e}"]) from None
+    if root is None:
+        raise SpecError(path, ["the file is empty; a spec is a mapping of keys to values"])
+    problems = _structure_problems(root)
+    if problems:
+        raise SpecError(path, problems)
+    try:
+        return yaml.safe_load(text), root
+    except yaml.YAMLError as e:  # e.g. a tag the safe loader does not build (!!python/object)
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark else ""
+        raise SpecError(path, [f"{where}invalid YAML: {getattr(e, 'problem', None) or e}"]) from None
+
+
+# --------------------------------------------------------------------------- what can be checked without a model
+
+
+def _local_path(name: str, base: Path) -> tuple[Path | None, bool]:
+    """``(path, path_like)``: where a model name points on disk, relative to the spec's folder, if
+    something is there; and whether the name can only be a path (so a missing one is an error
+    rather than a hub id)."""
+    from stratos.models.hub import ALIASES
+
+    if name in ALIASES:
+        return None, False
+    p = Path(name).expanduser()
+    p = p if p.is_absolute() else base / p
+    path_like = name.startswith((".", "/", "~")) or name.endswith(".gguf") or name.count("/") > 1 or "\\" in name
+    return (p.resolve() if p.exists() else None), path_like
+
+
+def check_spec(spec: Spec) -> list[tuple[tuple[Any, ...], str]]:
+    """Everything about a parsed spec that can be checked without loading a model: the task and
+    its options, scorer and data file, local model paths, the catalog file. ``(field path, reason)``
+    per problem."""
+    from stratos.io import DataError
+    from stratos.models.hub import model_problems
+    from stratos.tasks import TASKS, TaskError, task_from_spec
+
+    out: list[tuple[tuple[Any, ...], str]] = []
+    task = spec.task
+    base = task.name.partition(":")[0]
+    if base not in TASKS:
+        out.append((("task", "name"), f"unknown task {base!r}; registered: {', '.join(sorted(TASKS))}"))
+    elif base == "jsonl" and task.path is None:
+        out.append((("task", "path"), "task 'jsonl' needs a path to your JSONL file"))
+    elif task.path is not None and not task.path.is_file():
+        out.append((("task", "path"), f"no such file: {task.path}"))
+    else:
+        try:
+            task_from_spec(task)
+        except DataError as e:
+            out.append((("task", "path"), str(e)))
+        except TaskError as e:
+            msg = str(e)
+            field = "scorer" if "scorer" in msg else "options" if task.options and "unknown task" not in msg else "name"
+            out.append((("task", field), msg))
+    for group in ("teachers", "students"):
+        for i, m in enumerate(getattr(spec, group)):
+            if getattr(m, "backend", "hf") == "openai":
+                continue  # an API model name, not a path
+            local = Path(m.model)
+            if not local.is_absolute():
+                continue  # an alias or a hub id (resolve_paths made every local path absolute)
+            weights = getattr(m, "init", "pretrained") != "random"
+            why = model_problems(local, weights=weights) if local.exists() else f"no such model folder or file: {local}"
+            if why:
+                out.append(((group, i, "model"), why))
+    if spec.plan.catalog is not None:
+        from stratos.plan.catalog import CatalogError, load_catalog
+
+        if not spec.plan.catalog.is_file():
+            out.append((("plan", "catalog"), f"no such file: {spec.plan.catalog}"))
+        else:
+            try:
+                load_catalog(spec.plan.catalog, mode=spec.plan.catalog_mode)
+            except CatalogError as e:
+                out.append((("plan", "catalog"), str(e)))
+    return out
+
+
+def resolve_paths(spec: Spec, base: Path) -> Spec:
+    """Relative paths in a spec are relative to its folder, as a user reading the YAML expects: the
+    task's data file, the catalog, and local model folders and .gguf files (a name with nothing
+    behind it on disk stays a hub id or alias). A model's label stays what the user wrote."""
+    if spec.task.path is not None and not spec.task.path.is_absolute():
+        spec.task.path = (base / spec.task.path).resolve()
+    if spec.plan.catalog is not None and not spec.plan.catalog.is_absolute():
+        spec.plan.catalog = (base / spec.plan.catalog).resolve()
+    for m in [*spec.teachers, *spec.students]:
+        if getattr(m, "backend", "hf") == "openai":
+            continue
+        local, path_like = _local_path(m.model, base)
+        if local is not None or path_like:
+            if m.name is None:
+                m.name = m.model
+            p = Path(m.model).expanduser()
+            m.model = str(local or (p if p.is_absolute() else base / p).absolute())
+    return spec
+
+
+def checked(spec: Spec, *, base: Path | None = None, source: str = "command line") -> Spec:
+    """A spec built in code (the CLI's options over a spec) held to what ``load_spec`` checks:
+    relative paths resolved against ``base`` (the working directory by default), then ``check_spec``."""
+    spec = resolve_paths(spec, base or Path.cwd())
+    problems = check_spec(spec)
+    if problems:
+        raise SpecError(source, [f"{_field_path(loc)}: {why}" for loc, why in problems])
+    return spec
+
+
+def load_spec(path: str | Path, *, check: bool = True) -> Spec:
+    """Read and validate a YAML spec. Raises SpecError with one line per problem, each naming its
+    line and field path.
+
+    The file must be UTF-8 YAML without duplicate keys or alias bombs; the values must fit the
+    models above (strict types, finite numbers); and, with ``check``, everything that can be checked
+    without loading a model must hold (``check_spec``)."""
+    path = Path(path)
+    data, root = _read_yaml(path)
     if not isinstance(data, dict):
         raise SpecError(path, ["the spec must be a mapping of keys to values"])
-    spec = parse_spec(data, source=str(path), text=text)
-    # Relative data paths are relative to the spec file, as a user reading the YAML expects.
-    if spec.task.path is not None and not spec.task.path.is_absolute():
-        spec.task.path = (path.parent / spec.task.path).resolve()
-    if spec.plan.catalog is not None and not spec.plan.catalog.is_absolute():
-        spec.plan.catalog = (path.parent / spec.plan.catalog).resolve()
+    spec = resolve_paths(parse_spec(data, source=str(path), text=root), path.parent)
+    if check:
+        problems = check_spec(spec)
+        if problems:
+            raise SpecError(path, [f"{_where(root, loc)}: {why}" for loc, why in problems])
     return spec

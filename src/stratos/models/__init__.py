@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from stratos.errors import ModelError
 from stratos.models.hub import ALIASES, cache_dir, resolve
 
 __all__ = ["ALIASES", "cache_dir", "load", "load_tokenizer", "prepare_tokenizer", "resolve", "DEFAULT_CHAT_TEMPLATE"]
@@ -57,8 +58,11 @@ def prepare_tokenizer(tok: Any, padding_side: str = "right") -> Any:
 def load_tokenizer(name: str | os.PathLike, *, trust_remote_code: bool = False, padding_side: str = "right") -> Any:
     from transformers import AutoTokenizer
 
-    location, _ = resolve(name)
-    tok = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
+    location, local = resolve(name, weights=False)
+    try:
+        tok = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:  # no tokenizer files, or ones transformers cannot read
+        raise ModelError(f"{local or name}: cannot load its tokenizer ({str(e).splitlines()[0]})") from None
     return prepare_tokenizer(tok, padding_side)
 
 
@@ -91,22 +95,39 @@ def load(
 
     Returns ``(model, tokenizer)``, or just the model when ``with_tokenizer`` is False.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    location, _ = resolve(name)
+    location, local = resolve(name, weights=init != "random")
     torch_dtype = _auto_dtype(location) if dtype == "auto" else _DTYPES[dtype]
     overrides = dict(config_overrides or {})
+    try:
+        model = _build(location, torch_dtype, trust_remote_code, overrides, init)
+    except OSError as e:
+        if local is not None:
+            raise ModelError(f"{local}: cannot load the model: {e}") from None
+        raise ModelError(f"{name}: not a local folder or file, and the Hugging Face hub could not provide it "
+                         f"({str(e).splitlines()[0]})") from None
+    model.to(device)
+    if not with_tokenizer:
+        return model
+    tok = load_tokenizer(name, trust_remote_code=trust_remote_code)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tok.pad_token_id
+    return model, tok
+
+
+def _build(location: str, torch_dtype: torch.dtype, trust_remote_code: bool, overrides: dict[str, Any], init: str) -> Any:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
     if init == "random":
         config = AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code)
         for key, value in overrides.items():
             if not hasattr(config, key):
-                raise ValueError(f"config_overrides: {type(config).__name__} has no field {key!r}")
+                raise ModelError(f"config_overrides: {type(config).__name__} has no field {key!r}")
             setattr(config, key, value)
         model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, trust_remote_code=trust_remote_code)
     else:
         depth = overrides.pop("num_hidden_layers", None)
         if overrides:
-            raise ValueError(
+            raise ModelError(
                 f"config_overrides {sorted(overrides)} change the architecture of a pretrained model; "
                 "set init: random to build a new model (only num_hidden_layers can shrink a pretrained one)"
             )
@@ -117,13 +138,7 @@ def load(
             from stratos.models.arch import evenly_spaced, keep_layers
 
             keep_layers(model, evenly_spaced(model.config.num_hidden_layers, int(depth)))
-    model.to(device)
-    if not with_tokenizer:
-        return model
-    tok = load_tokenizer(name, trust_remote_code=trust_remote_code)
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = tok.pad_token_id
-    return model, tok
+    return model
 
 
 def task_tokenizer(task_spec: Any, vocab_size: int = 512) -> Any:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -20,6 +21,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from stratos.errors import ModelError
 from stratos.io import cache_dir
 
 
@@ -51,6 +53,25 @@ def _locked(path: Path):
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def model_problems(path: Path, *, weights: bool = True) -> str | None:
+    """Why a local model folder or file cannot be loaded, or None; checked without loading it.
+    ``weights=False`` for a model built from its config alone (``init: random``)."""
+    if path.is_file():
+        return None if path.suffix == ".gguf" else f"{path}: a model is a Hugging Face folder or a .gguf file"
+    config = path / "config.json"
+    if not config.is_file():
+        return f"{path}: not a Hugging Face model folder (no config.json)"
+    try:
+        json.loads(config.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        return f"{config}: not UTF-8 text"
+    except json.JSONDecodeError as e:
+        return f"{config}:{e.lineno}: invalid JSON: {e.msg} (column {e.colno})"
+    if weights and not any(path.glob("*.safetensors")):
+        return f"{path}: no *.safetensors weights (Stratos loads weights from safetensors only)"
+    return None
 
 
 def _is_hf_folder(path: Path) -> bool:
@@ -98,7 +119,7 @@ def _fetch_alias(alias: Alias, out: Path) -> None:
         _convert_gguf(gguf, out)
 
 
-def resolve(name: str | os.PathLike) -> tuple[str, Path | None]:
+def resolve(name: str | os.PathLike, *, weights: bool = True) -> tuple[str, Path | None]:
     """Map a model name to something ``from_pretrained`` takes.
 
     Returns ``(location, local_folder)``: for aliases, GGUF files and folders the
@@ -116,7 +137,7 @@ def resolve(name: str | os.PathLike) -> tuple[str, Path | None]:
     path = Path(text).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
-            raise FileNotFoundError(f"GGUF file not found: {path}")
+            raise ModelError(f"{path}: no such GGUF file")
         st = path.stat()
         key = hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
         out = cache_dir() / "models" / f"gguf-{path.stem}-{key}"
@@ -126,9 +147,10 @@ def resolve(name: str | os.PathLike) -> tuple[str, Path | None]:
                     _convert_gguf(path.resolve(), out)
         return str(out), out
     if path.exists():
-        if not _is_hf_folder(path):
-            raise FileNotFoundError(f"{path} is not a Hugging Face model folder (no config.json)")
+        why = model_problems(path, weights=weights)
+        if why:
+            raise ModelError(why)
         return str(path), path
-    if text.startswith((".", "/", "~")) or text.count("/") > 1:
-        raise FileNotFoundError(f"model path not found: {text}")
+    if text.startswith((".", "/", "~")) or text.count("/") > 1 or "\\" in text:
+        raise ModelError(f"{text}: no such model folder or file")  # a path, never a hub id to try for minutes
     return text, None  # a hub id: transformers resolves (and caches) it

@@ -40,16 +40,17 @@ def model_shape(spec: Any, *, api_params_b: float | None = None) -> ModelShape:
         return ModelShape(name=spec.label, params=(api_params_b or 0) * 1e9, api=True)
     from transformers import AutoConfig
 
+    from stratos.errors import ModelError
     from stratos.models import load_tokenizer, resolve
 
-    location, _ = resolve(spec.model)
+    location, _ = resolve(spec.model, weights=getattr(spec, "init", "pretrained") != "random")
     try:
         config = AutoConfig.from_pretrained(location, trust_remote_code=spec.trust_remote_code)
-    except OSError as e:
-        raise FileNotFoundError(f"{spec.label}: cannot read the model config of {spec.model!r}: {e}") from None
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{spec.label}: cannot read the model config of {spec.model!r}: {str(e).splitlines()[0]}") from None
     for key, value in getattr(spec, "config_overrides", {}).items():
         if not hasattr(config, key):
-            raise ValueError(f"{spec.label}: config_overrides: {type(config).__name__} has no field {key!r}")
+            raise ModelError(f"{spec.label}: config_overrides: {type(config).__name__} has no field {key!r}")
         setattr(config, key, value)
     if getattr(spec, "tokenizer", "model") == "task":
         # Its own vocabulary, trained on the task: about this many rows, and never a teacher's.

@@ -11,6 +11,7 @@ from stratos.tasks.base import (
     Score,
     Split,
     Task,
+    TaskError,
     corpus,
     get_task,
     grade,
@@ -25,6 +26,6 @@ from stratos.tasks import jsonl as _jsonl  # noqa: F401
 from stratos.tasks import mahjong as _mahjong  # noqa: F401
 
 __all__ = [
-    "TASKS", "Example", "Score", "Split", "Task", "corpus", "get_task", "grade", "messages", "register_task",
+    "TASKS", "Example", "Score", "Split", "Task", "TaskError", "corpus", "get_task", "grade", "messages", "register_task",
     "split_of", "task_from_spec", "to_records",
 ]

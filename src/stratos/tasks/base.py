@@ -15,6 +15,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
+from stratos.errors import UserError
+
 Split = Literal["train", "eval"]
 SPLITS: tuple[str, ...] = ("train", "eval")
 
@@ -154,18 +156,30 @@ def register_task(name: str) -> Callable[[Callable[..., Task]], Callable[..., Ta
     return deco
 
 
+class TaskError(UserError, ValueError):
+    """A task that cannot be built as asked: unknown name, unknown option or a bad option value."""
+
+
 def get_task(name: str, **options: Any) -> Task:
-    """Build a task from 'name' or 'name:subtask' (e.g. 'mahjong:waits'); options are the factory's kwargs."""
+    """Build a task from 'name' or 'name:subtask' (e.g. 'mahjong:waits'); options are the factory's kwargs.
+
+    Raises TaskError for an unknown task or a bad option (and DataError, naming file and line,
+    for a bad data file of a file-backed task)."""
     base, _, sub = name.partition(":")
     if base not in TASKS:
-        raise KeyError(f"unknown task {base!r}; registered: {', '.join(sorted(TASKS))}")
+        raise TaskError(f"unknown task {base!r}; registered: {', '.join(sorted(TASKS))}")
     factory = TASKS[base]
     try:
         inspect.signature(factory).bind(sub or None, **options)
     except TypeError as e:
         # A misspelt option (spec task.options) arrives as an unexpected keyword: name the task.
-        raise ValueError(f"task {name!r}: bad options: {e}") from None
-    return factory(sub or None, **options)
+        raise TaskError(f"task {name!r}: bad options: {e}") from None
+    try:
+        return factory(sub or None, **options)
+    except UserError:
+        raise
+    except (ValueError, TypeError, KeyError) as e:  # a factory's own check of an option's value
+        raise TaskError(f"task {name!r}: {str(e).strip(chr(39))}") from None
 
 
 def task_from_spec(task_spec: Any, **overrides: Any) -> Task:
