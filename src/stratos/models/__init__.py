@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from stratos.errors import ModelError
-from stratos.models.hub import ALIASES, cache_dir, resolve
+from stratos.models.hub import ALIASES, cache_dir, check_hub, resolve
 
 __all__ = ["ALIASES", "cache_dir", "load", "load_tokenizer", "prepare_tokenizer", "resolve", "DEFAULT_CHAT_TEMPLATE"]
 
@@ -96,6 +96,8 @@ def load(
     Returns ``(model, tokenizer)``, or just the model when ``with_tokenizer`` is False.
     """
     location, local = resolve(name, weights=init != "random")
+    if local is None:
+        check_hub(location)
     torch_dtype = _auto_dtype(location) if dtype == "auto" else _DTYPES[dtype]
     overrides = dict(config_overrides or {})
     try:

@@ -153,4 +153,22 @@ def resolve(name: str | os.PathLike, *, weights: bool = True) -> tuple[str, Path
         return str(path), path
     if text.startswith((".", "/", "~")) or text.count("/") > 1 or "\\" in text:
         raise ModelError(f"{text}: no such model folder or file")  # a path, never a hub id to try for minutes
-    return text, None  # a hub id: transformers resolves (and caches) it
+    return text, None  # a hub id: transformers resolves (and caches) it (see check_hub)
+
+
+def check_hub(repo_id: str) -> None:
+    """A hub id that is neither cached nor reachable fails now, in one request, instead of after a
+    minute of transformers' retries."""
+    from huggingface_hub import constants, model_info, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):  # cached: no network needed
+        return
+    if constants.HF_HUB_OFFLINE:
+        raise ModelError(f"{repo_id}: no such local folder or file, and not in the Hugging Face cache "
+                         "(HF_HUB_OFFLINE is set)")
+    try:
+        model_info(repo_id, timeout=10)
+    except Exception as e:  # noqa: BLE001 - any failure here means the hub cannot provide it
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ModelError(f"{repo_id}: no such local folder or file, and the Hugging Face hub cannot provide it "
+                         f"({first})") from None
