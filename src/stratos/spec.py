@@ -8,7 +8,6 @@ is an error naming the field, not a silently ignored setting.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path

@@ -11,9 +11,9 @@ from typing import Any
 import torch
 
 from stratos.errors import ModelError
-from stratos.models.hub import ALIASES, cache_dir, check_hub, resolve
+from stratos.models.hub import ALIASES, cache_dir, check_hub, model_identity, resolve
 
-__all__ = ["ALIASES", "cache_dir", "load", "load_tokenizer", "prepare_tokenizer", "resolve", "DEFAULT_CHAT_TEMPLATE"]
+__all__ = ["ALIASES", "cache_dir", "model_identity", "load", "load_tokenizer", "prepare_tokenizer", "resolve", "DEFAULT_CHAT_TEMPLATE"]
 
 # ChatML, used only when a tokenizer ships without a chat template of its own.
 DEFAULT_CHAT_TEMPLATE = (
@@ -158,8 +158,11 @@ def task_tokenizer(task_spec: Any, vocab_size: int = 512) -> Any:
     from stratos.models.tiny import build_tokenizer
     from stratos.tasks import task_from_spec, to_records
 
+    from stratos.io import fingerprint
+
     dumped = task_spec.model_dump(mode="json", exclude={"train_size", "eval_size"})
-    path = cache_dir() / "tokenizers" / sha256_text("task-tokenizer-v2", dumped, vocab_size)[:16]
+    data = fingerprint(task_spec.path) if task_spec.path is not None and Path(task_spec.path).is_file() else None
+    path = cache_dir() / "tokenizers" / sha256_text("task-tokenizer-v2", dumped, data, vocab_size)[:16]
     if not (path / "tokenizer.json").is_file():
         task = task_from_spec(task_spec)
         examples = task.examples("train", min(task_spec.train_size, 2000), seed=task_spec.seed)

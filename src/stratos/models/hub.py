@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
 import shutil
@@ -22,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stratos.errors import ModelError
-from stratos.io import cache_dir
+from stratos.io import cache_dir, fingerprint
 
 
 @dataclass(frozen=True)
@@ -138,9 +137,7 @@ def resolve(name: str | os.PathLike, *, weights: bool = True) -> tuple[str, Path
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ModelError(f"{path}: no such GGUF file")
-        st = path.stat()
-        key = hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
-        out = cache_dir() / "models" / f"gguf-{path.stem}-{key}"
+        out = cache_dir() / "models" / f"gguf-{path.stem}-{fingerprint(path)[:16]}"  # by content, not by name
         if not _is_hf_folder(out):
             with _locked(cache_dir() / "locks" / f"{out.name}.lock"):
                 if not _is_hf_folder(out):
@@ -154,6 +151,18 @@ def resolve(name: str | os.PathLike, *, weights: bool = True) -> tuple[str, Path
     if text.startswith((".", "/", "~")) or text.count("/") > 1 or "\\" in text:
         raise ModelError(f"{text}: no such model folder or file")  # a path, never a hub id to try for minutes
     return text, None  # a hub id: transformers resolves (and caches) it (see check_hub)
+
+
+def model_identity(name: str | os.PathLike) -> str:
+    """What a result made with this model is keyed by: the content fingerprint of a local folder or
+    .gguf file (so a model retrained in place is never mistaken for the old one), the alias's
+    package and file for an alias, the id itself for a hub id."""
+    text = str(name)
+    if text in ALIASES:
+        alias = ALIASES[text]
+        return f"alias:{alias.package}:{alias.member}"
+    path = Path(text).expanduser()
+    return f"sha256:{fingerprint(path)}" if path.exists() else f"hub:{text}"
 
 
 def check_hub(repo_id: str) -> None:

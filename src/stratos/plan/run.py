@@ -26,8 +26,13 @@ log = logging.getLogger(__name__)
 def _probe_key(spec: Any, t: Any, max_new_tokens: int) -> str:
     from stratos.io import sha256_text
 
-    return sha256_text(t.model_dump(), spec.task.model_dump(mode="json"), spec.plan.probe_size, spec.plan.probe_rules,
-                       max_new_tokens)[:16]
+    from stratos.io import fingerprint
+    from stratos.models import model_identity
+
+    weights = model_identity(t.model) if t.backend != "openai" else None
+    data = fingerprint(spec.task.path) if spec.task.path is not None and spec.task.path.is_file() else None
+    return sha256_text(t.model_dump(), weights, spec.task.model_dump(mode="json"), data, spec.plan.probe_size,
+                       spec.plan.probe_rules, max_new_tokens)[:16]
 
 
 def _api_params(spec: Any, label: str, model: str) -> Any:

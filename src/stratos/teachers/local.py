@@ -37,14 +37,17 @@ class _LocalTeacher:
         self.label = spec.label
         self.cache = RequestCache(cache_dir)
         self.usage = Usage()
+        from stratos.models import model_identity
+
+        self._identity = model_identity(spec.model)  # a teacher retrained in place never answers from the cache
 
     def close(self) -> None:
         pass
 
     def key(self, prompt: Prompt, params: GenParams) -> str:
         msgs = messages_of(prompt)
-        return RequestCache.key({"backend": self.backend, "model": self.spec.model, "dtype": self.spec.dtype,
-                                 "messages": msgs, **{**vars(params), "stop": list(params.stop)}})
+        return RequestCache.key({"backend": self.backend, "model": self.spec.model, "weights": self._identity,
+                                 "dtype": self.spec.dtype, "messages": msgs, **{**vars(params), "stop": list(params.stop)}})
 
     def _generate_batch(self, prompts: list[list[dict[str, str]]], params: GenParams, seed: int) -> list[list[Sample]]:
         raise NotImplementedError
