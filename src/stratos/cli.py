@@ -14,10 +14,32 @@ from typing import Any, Optional
 
 import typer
 from rich.console import Console
+from typer.core import TyperGroup
 
 from stratos.spec import SpecError, load_spec
 
+class _Commands(TyperGroup):
+    """The command group, and the one place that turns every error a user can fix (a ``UserError``:
+    bad spec, bad data, missing model, diverged run) into one ``error:`` line per problem and exit
+    code 2: no command can leak a traceback for bad input, however it is invoked."""
+
+    def invoke(self, ctx: Any) -> Any:
+        from stratos.errors import UserError
+
+        try:
+            return super().invoke(ctx)
+        except UserError as e:
+            fail(e.lines())
+        except UnicodeDecodeError as e:  # a file that is not text, read where no caller named it
+            fail(f"not UTF-8 text: {e.reason} at byte {e.start}")
+        except OSError as e:
+            if e.filename is None:
+                raise
+            fail(f"{e.filename}: {e.strerror or e}")
+
+
 app = typer.Typer(
+    cls=_Commands,
     name="stratos",
     help="Distil large language models into small, fast, task-specific ones: from one YAML spec to a served model.",
     no_args_is_help=True,
@@ -653,12 +675,8 @@ def report(run_dir: Path = typer.Argument(..., help="A run directory written by 
 
 
 def main(argv: list[str] | None = None) -> None:
-    """The ``stratos`` entry point. Every error a user can fix (a ``UserError``: bad spec, bad data,
-    missing model, diverged run) is printed here, one line per problem, with exit code 2: the one
-    place that turns them into messages, so no command can leak a traceback for bad input."""
+    """The ``stratos`` entry point (``argv`` for running it in-process, e.g. in tests)."""
     from transformers.utils import logging as hf_logging
-
-    from stratos.errors import UserError
 
     hf_logging.disable_progress_bar()  # our own progress bars say what is happening
     # torchao's CPU wheel warns at import about CUDA-only kernels it cannot load: noise on every command.
@@ -668,18 +686,6 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/yellow]")
         sys.exit(130)
-    except UserError as e:
-        for line in e.lines():
-            console.print(f"[red]error:[/red] {line}", highlight=False, soft_wrap=True)
-        sys.exit(2)
-    except UnicodeDecodeError as e:  # a file that is not text, read where no caller named it
-        console.print(f"[red]error:[/red] not UTF-8 text: {e.reason} at byte {e.start}", highlight=False)
-        sys.exit(2)
-    except OSError as e:
-        if e.filename is None:
-            raise
-        console.print(f"[red]error:[/red] {e.filename}: {e.strerror or e}", highlight=False, soft_wrap=True)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -19,8 +19,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stratos.io import write_jsonl
-from stratos.models.generate import Generation, Prompt, generate
+from stratos.io import DataError, write_jsonl
+from stratos.models.generate import Generation, Prompt, generate, render
 from stratos.tasks.base import Example, Task, grade, messages
 
 # (prompts, max_new_tokens=, batch_size=) -> one Generation per prompt
@@ -68,6 +68,40 @@ def local_generate_fn(model: Any, tokenizer: Any, *, progress: bool = False) -> 
     return fn
 
 
+def example_location(task: Task, ex: Example) -> str:
+    """Where an example came from: ``path:line`` for a file-backed task, else its id."""
+    line, path = ex.meta.get("line"), getattr(task, "path", None)
+    return f"{path}:{line}" if line is not None and path is not None else f"example {ex.id!r}"
+
+
+def check_context(model: Any, tokenizer: Any, task: Task, examples: Sequence[Example], prompts: Sequence[Prompt],
+                  max_new_tokens: int) -> None:
+    """Raise DataError when a rendered prompt plus ``max_new_tokens`` does not fit the model's context
+    (``config.max_position_embeddings``): past it a model with learned positions fails outright and a
+    rotary one degrades, after the whole batch was allocated. Measured as ``generate`` renders them."""
+    cfg = getattr(model, "config", None)
+    context = getattr(cfg, "max_position_embeddings", None) or getattr(getattr(cfg, "text_config", None),
+                                                                       "max_position_embeddings", None)
+    if not isinstance(context, int) or context <= 0:
+        return  # the model states no limit
+    over = []
+    for ex, prompt in zip(examples, prompts):
+        n = len(tokenizer(render(tokenizer, prompt), add_special_tokens=False)["input_ids"])
+        if n + max_new_tokens > context:
+            over.append((ex, n))
+    if not over:
+        return
+    # The longest prompt sets the limit, so the max_new_tokens suggested fits every example.
+    ex, n = max(over, key=lambda o: o[1])
+    more = f" ({len(over) - 1} more example{'s' * (len(over) > 2)} too long)" if len(over) > 1 else ""
+    if n >= context:
+        what = f"the prompt is {n} tokens, leaving no room in the model's context of {context} tokens; shorten it"
+    else:  # it fits, but not with the answer's room: say both ways out
+        what = (f"the prompt is {n} tokens and max_new_tokens {max_new_tokens}: {n + max_new_tokens}, past the "
+                f"model's context of {context} tokens; lower max_new_tokens to {context - n} or shorten the prompt")
+    raise DataError(f"{example_location(task, ex)}: {what}{more}")
+
+
 def evaluate(
     model: Any,
     tokenizer: Any,
@@ -89,6 +123,8 @@ def evaluate(
             raise ValueError("evaluate: pass a model and tokenizer, or a generate_fn")
         generate_fn = local_generate_fn(model, tokenizer, progress=progress)
     prompts = [messages(task, ex, rules=rules) for ex in examples]
+    if model is not None and tokenizer is not None:
+        check_context(model, tokenizer, task, examples, prompts, max_new_tokens)
     t0 = time.perf_counter()
     gens = list(generate_fn(prompts, max_new_tokens=max_new_tokens, batch_size=batch_size))
     total = time.perf_counter() - t0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -19,24 +20,79 @@ class DataError(UserError, ValueError):
     """Bad input data; the message names the file and line."""
 
 
+class _NonFinite(ValueError):
+    """A number JSON cannot hold (NaN, Infinity, 1e999) met while parsing one line."""
+
+
+def _reject_constant(name: str) -> float:
+    # Python's json reads NaN/Infinity/-Infinity although JSON has no such values; one in a
+    # data file is a bug upstream that would otherwise surface as a NaN loss or a wrong score.
+    raise _NonFinite(name)
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999 parses to inf
+        raise _NonFinite(text)
+    return value
+
+
+def _parse_line(path: Path, lineno: int, raw: bytes) -> dict[str, Any] | None:
+    """One JSONL line -> its object, None for a blank line; anything else raises DataError naming the line."""
+    try:
+        # utf-8-sig on the first line: an editor's byte-order mark is not a reason to refuse a file.
+        line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}:{lineno}: not UTF-8 text ({e.reason} at byte {e.start + 1} of the line)") from None
+    if (nul := raw.find(b"\0")) >= 0:  # valid UTF-8 yet never in a text file: the file is binary
+        raise DataError(f"{path}:{lineno}: not UTF-8 text (a NUL byte at byte {nul + 1} of the line: a binary file?)")
+    if not line.strip():
+        return None
+    try:
+        # Without its line break, so an error at the end of the line gets that line's column.
+        rec = json.loads(line.rstrip("\r\n"), parse_constant=_reject_constant, parse_float=_finite_float)
+    except _NonFinite as e:
+        raise DataError(f"{path}:{lineno}: non-finite number {e} (JSON has no NaN or Infinity)") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
+    except RecursionError:
+        raise DataError(f"{path}:{lineno}: invalid JSON: nested too deeply") from None
+    except ValueError as e:  # e.g. an integer past Python's 4300-digit limit
+        raise DataError(f"{path}:{lineno}: invalid JSON: {e}") from None
+    if not isinstance(rec, dict):
+        raise DataError(f"{path}:{lineno}: expected a JSON object, got {json_kind(rec)}")
+    return rec
+
+
+def json_kind(value: Any) -> str:
+    """A JSON value's kind in words ("an array", "null"), for messages about data."""
+    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "a number", float: "a number"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
 def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Yield ``(line_number, record)`` for each non-blank line; a bad line raises DataError naming it."""
+    """Yield ``(line_number, record)`` for each non-blank line; a bad line raises DataError naming it.
+
+    The file is read as bytes and decoded line by line, so text that is not UTF-8 is reported at
+    its line rather than as a decoding error with no file named."""
     path = Path(path)
     try:
-        fh = open(path, encoding="utf-8")
+        fh = open(path, "rb")
     except OSError as e:
-        raise DataError(f"{path}: cannot read file: {e.strerror}") from None
+        raise DataError(f"{path}: cannot read file: {e.strerror or e}") from None
     with fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
+        lineno = 0
+        while True:
             try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
-            if not isinstance(rec, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
-            yield lineno, rec
+                raw = fh.readline()
+            except OSError as e:  # a read that fails midway (an I/O error, a vanished mount)
+                raise DataError(f"{path}:{lineno + 1}: cannot read file: {e.strerror or e}") from None
+            if not raw:
+                return
+            lineno += 1
+            rec = _parse_line(path, lineno, raw)
+            if rec is not None:
+                yield lineno, rec
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from stratos.io import DataError, iter_jsonl
+from stratos.io import DataError, iter_jsonl, json_kind
 
 IGNORE = -100
 
@@ -49,16 +49,108 @@ class EncodeStats:
         )
 
 
-def load_records(path: str | Path) -> list[dict[str, Any]]:
-    """Read training records from JSONL, checking each has a usable shape (errors name file:line)."""
-    out = []
+class Records(list):
+    """Training records that remember where each one came from (``where[i]`` = ``"path:line"``), so a
+    problem found later, at tokenisation, still names the line to fix."""
+
+    def __init__(self, records: Iterable[dict[str, Any]] = (), where: Iterable[str] = ()):
+        super().__init__(records)
+        self.where = list(where)
+
+
+def record_location(records: Any, i: int) -> str:
+    """Where record ``i`` came from: its ``path:line``, or ``record N`` (from 1) for records built in code."""
+    where = getattr(records, "where", None)
+    return where[i] if where and i < len(where) else f"record {i + 1}"
+
+
+def _messages_problem(msgs: Any) -> str | None:
+    if not isinstance(msgs, list):
+        return f"'messages' must be a list of {{role, content}} objects, got {json_kind(msgs)}"
+    if not msgs:
+        return "'messages' is empty; it needs the prompt and then an assistant message (the response)"
+    for j, m in enumerate(msgs):
+        if not isinstance(m, dict):
+            return f"'messages[{j}]' must be an object with 'role' and 'content', got {json_kind(m)}"
+        for key in ("role", "content"):
+            if key not in m:
+                return f"'messages[{j}]' has no '{key}'"
+            if not isinstance(m[key], str):
+                return f"'messages[{j}].{key}' must be a string, got {json_kind(m[key])}"
+    if msgs[-1]["role"] != "assistant":
+        return f"'messages' must end with an assistant message (the response); the last is {msgs[-1]['role']!r}"
+    if len(msgs) == 1:
+        return "'messages' has only the assistant message; the messages before it (the prompt) are missing"
+    return None
+
+
+def _token_problem(tok: Any) -> bool:
+    """Whether a top-k token is unreadable: not a string, or a malformed ``token_id:N`` / ``bytes:HEX``."""
+    if not isinstance(tok, str):
+        return True
+    if tok.startswith("token_id:"):
+        return not tok[9:].isdigit()
+    if tok.startswith("bytes:"):
+        return len(tok[6:]) % 2 != 0 or any(c not in "0123456789abcdefABCDEF" for c in tok[6:])
+    return False
+
+
+def _topk_problem(sig: Any) -> str | None:
+    # The shape `stratos synth` writes with top_logprobs: {"tokens": [t, ...], "top": [[[t, logprob], ...], ...]}.
+    shape = "'topk' must be {\"tokens\": [...], \"top\": [[[token, logprob], ...], ...]} as stratos synth writes it"
+    if not isinstance(sig, dict) or not isinstance(sig.get("tokens"), list) or not isinstance(sig.get("top"), list):
+        return shape
+    if len(sig["top"]) != len(sig["tokens"]):
+        return f"'topk' has {len(sig['tokens'])} tokens but {len(sig['top'])} positions in 'top'"
+    for j, tok in enumerate(sig["tokens"]):
+        if _token_problem(tok):
+            return f"'topk.tokens[{j}]' is not a token string: {tok!r}"
+    for p, pos in enumerate(sig["top"]):
+        if not isinstance(pos, list):
+            return shape
+        for pair in pos:
+            if (not isinstance(pair, list) or len(pair) != 2 or _token_problem(pair[0])
+                    or isinstance(pair[1], bool) or not isinstance(pair[1], (int, float))):
+                return f"'topk.top[{p}]' must hold [token, logprob] pairs, found {pair!r}"
+    return None
+
+
+def record_problem(rec: dict[str, Any]) -> str | None:
+    """What is wrong with a record's shape, in one line, or None. It follows the order
+    ``encode_record`` reads a record in: 'messages', else 'prompt' and 'response', else 'text'."""
+    for key in ("prompt", "response", "text"):
+        if key in rec and not isinstance(rec[key], str):
+            return f"'{key}' must be a string, got {json_kind(rec[key])}"
+    if "messages" in rec:
+        if problem := _messages_problem(rec["messages"]):
+            return problem
+    elif "prompt" in rec:
+        if "response" not in rec:
+            return "a record with 'prompt' needs 'response' too"
+    elif "text" not in rec:
+        return (f"a record needs 'prompt' and 'response', 'messages', or 'text' "
+                f"(found keys: {', '.join(sorted(rec)) or 'none'})")
+    ids = rec.get("response_ids")
+    if ids is not None:
+        if not isinstance(ids, list):
+            return f"'response_ids' must be a list of token ids, got {json_kind(ids)}"
+        for j, t in enumerate(ids):
+            if isinstance(t, bool) or not isinstance(t, int) or t < 0:
+                return f"'response_ids[{j}]' must be a token id (an integer >= 0), got {t!r}"
+    if rec.get("topk"):
+        return _topk_problem(rec["topk"])
+    return None
+
+
+def load_records(path: str | Path) -> Records:
+    """Read training records from JSONL, checking every record's shape now (errors name file:line),
+    so bad data fails before models load rather than mid-training."""
+    out = Records()
     for lineno, rec in iter_jsonl(path):
-        if not ({"prompt", "response"} <= rec.keys() or "messages" in rec or "text" in rec):
-            raise DataError(
-                f"{path}:{lineno}: a record needs 'prompt' and 'response', 'messages', or 'text' "
-                f"(found keys: {', '.join(sorted(rec)) or 'none'})"
-            )
+        if problem := record_problem(rec):
+            raise DataError(f"{path}:{lineno}: {problem}")
         out.append(rec)
+        out.where.append(f"{path}:{lineno}")
     if not out:
         raise DataError(f"{path}: no records")
     return out
@@ -67,14 +159,13 @@ def load_records(path: str | Path) -> list[dict[str, Any]]:
 def _split_messages(rec: dict[str, Any]) -> tuple[list[dict[str, str]], str]:
     if "messages" in rec:
         msgs = rec["messages"]
-        if not msgs or msgs[-1].get("role") != "assistant":
-            raise ValueError("'messages' must end with an assistant message (the response)")
         return msgs[:-1], msgs[-1]["content"]
     return [{"role": "user", "content": rec["prompt"]}], rec["response"]
 
 
 def encode_record(rec: dict[str, Any], tokenizer: Any, max_length: int, *, chat: bool = True) -> tuple[Encoded, bool]:
-    """Tokenise one record. Returns the example and whether it was truncated."""
+    """Tokenise one record (of a shape ``record_problem`` accepts). Returns the example and whether it
+    was truncated; ``response_ids`` outside the tokenizer's vocabulary raise ValueError."""
     eos = tokenizer.eos_token_id
     if "text" in rec and "prompt" not in rec and "messages" not in rec:
         prompt_ids: list[int] = []
@@ -91,6 +182,12 @@ def encode_record(rec: dict[str, Any], tokenizer: Any, max_length: int, *, chat:
         prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
         # "response_ids": the exact tokens a teacher sampled (top-k KD aligns its signal to them).
         ids_given = rec.get("response_ids")
+        if ids_given is not None:
+            # An id past the vocabulary would index outside the embedding mid-training.
+            vocab = len(tokenizer)
+            if (bad := next((t for t in ids_given if t >= vocab), None)) is not None:
+                raise ValueError(f"'response_ids' holds token id {bad}, outside the tokenizer's vocabulary of "
+                                 f"{vocab} tokens (made with another tokenizer?)")
         response_ids = (list(ids_given) if ids_given is not None else tokenizer(response, add_special_tokens=False)["input_ids"]) + [eos]
     ids = prompt_ids + response_ids
     labels = [IGNORE] * len(prompt_ids) + response_ids
@@ -99,15 +196,22 @@ def encode_record(rec: dict[str, Any], tokenizer: Any, max_length: int, *, chat:
 
 
 def encode(records: Iterable[dict[str, Any]], tokenizer: Any, max_length: int, *, chat: bool = True) -> tuple[list[Encoded], EncodeStats]:
-    """Tokenise records; examples left with no response token are dropped and counted, never silently."""
+    """Tokenise records; examples left with no response token are dropped and counted, never silently.
+    A bad record raises DataError naming its ``path:line`` (records from ``load_records``) or ``record N``."""
+    from jinja2 import TemplateError  # what a chat template raises for messages it refuses
+
     stats = EncodeStats()
     out = []
     for i, rec in enumerate(records):
         stats.records += 1
+        # Records built in code skipped load_records' check; those from a file pass it again cheaply.
+        problem = record_problem(rec) if isinstance(rec, dict) else f"expected a dict, got {type(rec).__name__}"
+        if problem:
+            raise DataError(f"{record_location(records, i)}: {problem}")
         try:
             ex, truncated = encode_record(rec, tokenizer, max_length, chat=chat)
-        except (KeyError, TypeError, ValueError) as e:
-            raise DataError(f"record {i}: {e}") from None
+        except (KeyError, TypeError, ValueError, TemplateError) as e:
+            raise DataError(f"{record_location(records, i)}: {e}") from None
         stats.truncated += truncated
         if ex.num_targets == 0:
             stats.dropped_empty += 1

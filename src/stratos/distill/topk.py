@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from stratos.distill.data import IGNORE, Batch, encode_record
+from stratos.distill.data import IGNORE, Batch, Records, encode_record
 
 FLOOR = -1e4  # stands in for log 0: exp() is exactly 0 and 0 * (FLOOR - x) stays finite
 
@@ -71,7 +71,7 @@ def with_teacher_tokens(records: Sequence[dict[str, Any]], tokenizer: Any) -> li
     the teacher really sampled. Re-tokenising the text could split it differently (a model may
     sample a non-canonical tokenisation) and shift every later position of the signal."""
     table, vocab, eos = vocab_by_bytes(tokenizer), len(tokenizer), tokenizer.eos_token_id
-    out = []
+    out = Records(where=getattr(records, "where", ()))  # keep each record's path:line for encode's errors
     for rec in records:
         sig = rec.get("topk")
         if sig and "response_ids" not in rec:

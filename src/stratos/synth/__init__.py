@@ -69,7 +69,11 @@ def budget_of(spec: Spec) -> float | None:
 def _topk_field(s: Sample) -> dict[str, Any] | None:
     if s.top is None:
         return None
-    return {"tokens": s.tokens, "top": [[[t, round(lp, 5)] for t, lp in pos] for pos in s.top]}
+    from stratos.distill.topk import FLOOR
+
+    # A -inf log-prob (a token the server masked) is stored as FLOOR: JSON has no Infinity, and data
+    # files with one are refused as non-finite.
+    return {"tokens": s.tokens, "top": [[[t, round(max(lp, FLOOR), 5)] for t, lp in pos] for pos in s.top]}
 
 
 def run_synth(spec: Spec, out_dir: str | Path, *, plan: Any = None, progress: bool = True,

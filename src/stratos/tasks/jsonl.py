@@ -69,6 +69,17 @@ def make_scorer(name: str, *, rel_tol: float = 1e-6, abs_tol: float = 1e-9) -> S
     raise ValueError(f"unknown jsonl scorer {name!r}; use exact, normalized, regex, numeric or module:function")
 
 
+def _answer_problem(answer: Any) -> str | None:
+    """Why an answer cannot be scored against (it would mark every output wrong, or right), or None."""
+    if answer is None:
+        return "is null; every example needs an answer"
+    if isinstance(answer, str) and not answer.strip():
+        return "is empty; every example needs an answer"
+    if isinstance(answer, float) and not math.isfinite(answer):
+        return f"is {answer}, not a finite number"
+    return None
+
+
 def _bool_score(ok: bool) -> Score:
     return Score(bool(ok), float(bool(ok)))
 
@@ -106,6 +117,7 @@ class JsonlTask:
 
     def _load(self) -> list[Example]:
         rows, seen = [], set()
+        id_lines: dict[str, int] = {}  # each id given in the file -> the line it is on
         for lineno, rec in iter_jsonl(self.path):
             for key in (self.prompt_key, self.answer_key):
                 if key not in rec:
@@ -113,12 +125,21 @@ class JsonlTask:
             prompt = rec[self.prompt_key]
             if not isinstance(prompt, str) or not prompt.strip():
                 raise DataError(f"{self.path}:{lineno}: {self.prompt_key!r} must be a non-empty string")
+            if problem := _answer_problem(rec[self.answer_key]):
+                raise DataError(f"{self.path}:{lineno}: {self.answer_key!r} {problem}")
             if prompt in seen:
                 self.duplicates += 1
                 continue
             seen.add(prompt)
-            rows.append(Example(id=str(rec.get("id", f"line{lineno}")), question=prompt, answer=rec[self.answer_key],
-                                type=str(rec.get("type", "default")), meta={"line": lineno}))
+            ex_id = rec.get("id")
+            if ex_id is not None:
+                if isinstance(ex_id, bool) or not isinstance(ex_id, (str, int)):
+                    raise DataError(f"{self.path}:{lineno}: 'id' must be a string or an integer, got {ex_id!r}")
+                # Predictions and reports are keyed by id: two examples under one id would be mixed up.
+                if (first := id_lines.setdefault(str(ex_id), lineno)) != lineno:
+                    raise DataError(f"{self.path}:{lineno}: duplicate id {str(ex_id)!r}, already on line {first}")
+            rows.append(Example(id=str(ex_id) if ex_id is not None else f"line{lineno}", question=prompt,
+                                answer=rec[self.answer_key], type=str(rec.get("type", "default")), meta={"line": lineno}))
         if not rows:
             raise DataError(f"{self.path}: no examples")
         if self.duplicates:
