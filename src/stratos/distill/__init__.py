@@ -24,7 +24,7 @@ from stratos.distill.losses import LOSSES, get_loss, register_loss
 from stratos.distill.signal import HiddenStateCache, OnlineTeacher, TeacherSignal, model_fingerprint
 from stratos.distill.topk import TopKSignal, with_teacher_tokens
 from stratos.distill.trainer import TrainResult, apply_lora, objective_from, resolve_bf16, train
-from stratos.io import write_json
+from stratos.io import DataError, write_json
 from stratos.spec import DistillSpec
 
 __all__ = [
@@ -119,9 +119,12 @@ def distill(
 
     ``records`` is a list of training records or a JSONL path (see stratos.distill.data).
     With ``loss: ce`` (or ``kd_ratio: 0``) no teacher is needed: plain SFT.
+
+    ``out_dir`` is created only once the records are encoded and checked (by ``train``), so bad
+    data (a DataError naming the record) leaves nothing behind. A run that diverges, or a resume from a
+    checkpoint of other settings or data, raises TrainingError (see ``train``) and saves no model.
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     if isinstance(records, (str, Path)):
         records = load_records(records)
     check_same_vocab(tokenizer, teacher_tokenizer)
@@ -131,7 +134,7 @@ def distill(
         records = with_teacher_tokens(records, tokenizer)
     examples, stats = encode(records, tokenizer, cfg.max_length)
     if not examples:
-        raise ValueError(f"no usable training examples: {stats.summary()}")
+        raise DataError(f"no usable training examples: {stats.summary()}")
     signal_info: dict[str, Any] = {}
     if topk:
         signal = TopKSignal.from_records(records, tokenizer, cfg.max_length)

@@ -2,9 +2,10 @@
 
 Read it top to bottom: a step gathers its micro-batches, asks the teacher signal for
 hidden states, computes the chunked objective, normalises by the step's target tokens,
-steps the optimizer. The data position is a pure function of the step number, so a
-checkpoint needs only the step, the weights, the optimizer and the RNG to resume with
-no step lost or repeated.
+checks the step is finite, steps the optimizer. The data position is a pure function of
+the step number, so a checkpoint needs only the step, the weights, the optimizer and the
+RNG to resume with no step lost or repeated; it also records the settings and data it was
+made from, so it is never resumed by a run of other settings or data.
 """
 
 from __future__ import annotations
@@ -24,10 +25,11 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from stratos.distill.data import Batch, Encoded, collate
+from stratos.distill.data import Batch, Encoded, collate, data_fingerprint
 from stratos.distill.head import OutputHead, last_hidden
 from stratos.distill.kd import Objective, kd_terms
 from stratos.distill.signal import TeacherSignal
+from stratos.errors import TrainingError
 from stratos.io import write_json
 from stratos.progress import progress_bar
 from stratos.spec import DistillSpec
@@ -146,16 +148,49 @@ class Schedule:
 
 CKPT_RE = re.compile(r"^step-(\d+)$")
 
+# Settings that change only what is written, never the optimisation: a run may resume with others.
+BOOKKEEPING = {"save_steps", "save_total_limit", "logging_steps", "report_to"}
+
 
 def _trainable(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
+def made_from(cfg: DistillSpec, examples: Sequence[Encoded]) -> dict[str, Any]:
+    """What a checkpoint was made from: the settings that shape the optimisation (every DistillSpec
+    field but the BOOKKEEPING ones; max_steps and num_train_epochs count, they shape the LR schedule),
+    as values so that a refusal can name them, and the hash of the tokenised data."""
+    config = json.loads(json.dumps(cfg.model_dump(mode="json", exclude=BOOKKEEPING)))  # as state.json reads back
+    return {"config": config, "data": data_fingerprint(examples)}
+
+
+def check_made_from(path: Path, expected: dict[str, Any]) -> None:
+    """Refuse to resume from checkpoint ``path`` unless it was made from the ``expected`` settings and
+    data: continuing another run's weights, optimizer moments and schedule would silently train a mix
+    of two runs. A checkpoint that does not record what it was made from is refused too."""
+    stored = json.loads((path / "state.json").read_text()).get("made_from")
+    advice = "start over with a new --out, or with --overwrite instead of --resume"
+    if stored is None:
+        raise TrainingError(f"checkpoint {path} does not record the settings and data it was made from "
+                            f"(an older Stratos wrote it), so it cannot be resumed safely: {advice}")
+    then, now = stored.get("config", {}), expected["config"]
+    diffs = [f"distill.{k}: {then.get(k)!r} then, {now.get(k)!r} now" for k in sorted(then.keys() | now.keys())
+             if then.get(k) != now.get(k)]
+    if stored.get("data") != expected["data"]:
+        diffs.append("the training data differs")
+    if diffs:
+        raise TrainingError(f"checkpoint {path} was made from other settings or data ({'; '.join(diffs)}): "
+                            f"resume with the same ones, or {advice}")
+
+
 def save_checkpoint(
-    ckpt_dir: Path, step: int, model: torch.nn.Module, opt: torch.optim.Optimizer, sched: Any, keep: int
+    ckpt_dir: Path, step: int, model: torch.nn.Module, opt: torch.optim.Optimizer, sched: Any, keep: int,
+    origin: dict[str, Any],
 ) -> Path:
     """Write ``step-N`` into a temporary folder and rename it into place: a checkpoint either
-    exists whole or not at all, whatever kills the process."""
+    exists whole or not at all, whatever kills the process. ``state.json`` holds the step, the
+    scheduler and, as ``made_from``, the ``origin`` from :func:`made_from`, which
+    :func:`check_made_from` compares before a resume."""
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     final = ckpt_dir / f"step-{step:07d}"
     tmp = ckpt_dir / f".tmp-step-{step:07d}"
@@ -164,7 +199,7 @@ def save_checkpoint(
     save_file({n: p.detach().contiguous() for n, p in _trainable(model).items()}, str(tmp / "trainable.safetensors"))
     torch.save(opt.state_dict(), tmp / "optimizer.pt")
     save_file({"torch": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
-    write_json(tmp / "state.json", {"step": step, "scheduler": sched.state_dict()})
+    write_json(tmp / "state.json", {"step": step, "scheduler": sched.state_dict(), "made_from": origin})
     for f in tmp.iterdir():  # make the files durable before the rename publishes them
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
@@ -290,12 +325,15 @@ def train(
 ) -> TrainResult:
     """Train ``student`` in place on ``examples`` with the objective in ``cfg``.
 
-    Checkpoints go to ``out_dir/checkpoints``; with ``resume`` the latest one is restored.
-    ``stop_after`` ends the run after that many optimizer steps of this call (for tests
+    Checkpoints go to ``out_dir/checkpoints``; with ``resume`` the latest one is restored, after
+    checking it was made from the same settings and data (else TrainingError, before anything is
+    written). ``stop_after`` ends the run after that many optimizer steps of this call (for tests
     and on-policy rounds); the schedule still spans ``total_steps``.
+
+    A step whose loss or gradient norm is not finite raises TrainingError before the optimizer
+    steps: the weights, the checkpoints and metrics.jsonl keep only the good steps before it.
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     device = device or next(student.parameters()).device
     torch.manual_seed(cfg.seed)
     obj = objective_from(cfg)
@@ -309,10 +347,13 @@ def train(
     opt = make_optimizer(student, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, sched_data.total_steps))
     ckpt_dir = out_dir / "checkpoints"
+    origin = made_from(cfg, examples)
     start = 0
     found = checkpoints(ckpt_dir) if resume else []
     if found:
+        check_made_from(found[-1][1], origin)
         start = load_checkpoint(found[-1][1], student, opt, sched)
+    out_dir.mkdir(parents=True, exist_ok=True)  # only after the checks above: a refused run writes nothing
     metrics = Metrics(out_dir, cfg.report_to, start, cfg.model_dump())
 
     student.train()
@@ -323,18 +364,23 @@ def train(
         bar.advance(start)
         for step in range(start, end):
             batches = [collate([examples[i] for i in idx], idx, pad_id) for idx in sched_data.micro_batches(step)]
-            step_tokens = sum(b.num_targets for b in batches)
+            step_tokens, step_loss = sum(b.num_targets for b in batches), 0.0
             for batch in batches:
                 terms = _micro_step(student, batch, signal, s_head, t_head, obj, device, bf16)
                 (terms["loss"] / step_tokens).backward()
                 for k in ("loss", "kd", "ce", "agree"):
                     window[k] += float(terms[k].detach())
+                step_loss += float(terms["loss"].detach())
             window["tokens"] += step_tokens
-            grad_norm = (
-                torch.nn.utils.clip_grad_norm_([p for p in student.parameters() if p.requires_grad], cfg.max_grad_norm)
-                if cfg.max_grad_norm
-                else torch.tensor(0.0)
-            )
+            # The norm is always computed (an infinite max clips nothing) so that the check below has it.
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(
+                [p for p in student.parameters() if p.requires_grad], cfg.max_grad_norm or math.inf
+            ))
+            if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
+                # Stop before the optimizer spreads NaN into the weights and moments: every
+                # checkpoint and metrics row written so far holds only good steps.
+                metrics.close()
+                raise diverged(step + 1, step_loss, grad_norm, ckpt_dir, cfg)
             lr = sched.get_last_lr()[0]
             opt.step()
             sched.step()
@@ -350,7 +396,7 @@ def train(
                     "ce": window["ce"] / n,
                     "teacher_agreement": window["agree"] / n,
                     "lr": lr,
-                    "grad_norm": float(grad_norm),
+                    "grad_norm": grad_norm,
                     "tokens_per_s": tokens_done / elapsed,
                     "elapsed_s": elapsed,  # wall time since this call started training
                     "epoch": done * sched_data.accumulation / sched_data.batches_per_epoch,
@@ -360,10 +406,24 @@ def train(
                 window["tokens"] = 0
                 bar.update(status=f"loss {last['loss']:.4f}  {last['tokens_per_s']:.0f} tok/s")
             if done % cfg.save_steps == 0 or done == end:  # also when stop_after ends this call early
-                save_checkpoint(ckpt_dir, done, student, opt, sched, cfg.save_total_limit)
+                save_checkpoint(ckpt_dir, done, student, opt, sched, cfg.save_total_limit, origin)
             bar.advance(1)
     metrics.close()
     return TrainResult(steps=end, resumed_from=start, tokens=tokens_done, seconds=time.perf_counter() - t0, last=last)
+
+
+def diverged(step: int, loss: float, grad_norm: float, ckpt_dir: Path, cfg: DistillSpec) -> TrainingError:
+    """The one-line error of a step whose loss or gradient norm is not finite: which, the
+    checkpoint that stays as it was, and what to change."""
+    what = f"loss ({loss})" if not math.isfinite(loss) else f"gradient norm ({grad_norm})"
+    found = checkpoints(ckpt_dir)
+    kept = f"the last good checkpoint {found[-1][1]} is kept" if found else "there is no checkpoint yet"
+    clip = ", set distill.max_grad_norm (e.g. 1.0)" if cfg.max_grad_norm is None else ""
+    return TrainingError(
+        f"training diverged at step {step}: the {what} is not finite; stopped before the optimizer step, "
+        f"{kept} and no model was saved: lower distill.learning_rate (--lr, now {cfg.learning_rate:g}){clip}, "
+        f"or check the data for corrupt or extreme examples"
+    )
 
 
 def _micro_step(
