@@ -23,6 +23,7 @@ from stratos.plan.costmodel import (
 )
 from stratos.plan.matching import match
 from stratos.plan.pareto import dominates, pareto_front
+from stratos.plan.planner import PLAN_VERSION
 from stratos.plan.strategy import SpecValues, apply_spec, choose_strategy, samples_for
 from stratos.spec import OBJECTIVE_PRESETS
 
@@ -200,7 +201,10 @@ def test_chosen_plan_is_on_the_front_and_roundtrips(tmp_path):
     assert data["strategy"]["kind"] in ("alignment", "injection")
     assert {"loss", "kd_ratio", "on_policy", "rules_in_prompt", "reverse_synthesis", "data_size", "epochs"} <= set(data["strategy"])
     assert {s["stage"] for s in data["stages"]} >= {"probe", "generation", "signal", "training", "serving"}
+    assert data["settings"]["phases"] and data["settings"]["signal"] in ("hidden", "topk", "none")
     with pytest.raises(ValueError, match="not a Stratos plan"):
+        Plan.from_json(f'{{"version": {PLAN_VERSION}}}')
+    with pytest.raises(ValueError, match="re-run `stratos plan`"):
         Plan.from_json('{"version": 1}')
 
 
@@ -356,29 +360,37 @@ def test_spec_values_are_read_from_the_spec_and_reapplied_from_the_plans_own():
 
 
 def test_runner_runs_what_the_plan_predicted(tmp_path):
-    from stratos.runner import _effective, _strategy
+    from stratos.runner import _effective, _strategy, settings_of
     from stratos.spec import parse_spec
 
     def spec(**sections):
         return parse_spec({"task": {"name": "arithmetic", "train_size": 1000}, "teachers": [{"model": "t"}],
                            "students": [{"model": "s"}], **sections})
 
+    def epochs(settings):
+        return sum(p.config["num_train_epochs"] for p in settings.phases)
+
     weak = {"teacher-8b": probe("teacher-8b", 0.05)}
     written = spec(synth={"reverse_synthesis": 700}, distill={"num_train_epochs": 1.5, "kd_ratio": 0.2})
-    plan, _ = build_plan(one_pair(probes=weak, spec_values=SpecValues.from_spec(written)))
+    plan, _ = build_plan(one_pair(probes=weak, spec_values=SpecValues.from_spec(written), distill=written.distill))
     plan.to_json(tmp_path / "plan.json")
     plan = Plan.from_json(tmp_path / "plan.json")  # as the runner reads it
     eff = _effective(written, plan)
-    assert (eff.synth.reverse_synthesis, eff.distill.num_train_epochs, eff.distill.kd_ratio) == (700, 1.5, 0.2)
-    assert eff.distill.loss == plan.strategy.loss and eff.synth.knowledge_injection == plan.strategy.knowledge_injection
+    assert eff.synth.reverse_synthesis == 700 and eff.synth.knowledge_injection == plan.strategy.knowledge_injection
     assert _strategy(written, plan) == plan.strategy
+    settings = settings_of(written, plan)
+    assert settings == plan.settings  # what the run trains is what plan.json says
+    # Knowledge injection: SFT first, then KD at the written ratio; the written epochs are the total.
+    assert [p.algorithm for p in settings.phases] == ["sft", "kd"]
+    assert settings.phases[0].config["loss"] == "ce" and settings.phases[1].config["kd_ratio"] == 0.2
+    assert epochs(settings) == pytest.approx(1.5) and settings.needs_teacher_model
     # The spec changed after planning (the plan stage does not rerun for synth/distill): the runner
     # follows the spec now, and takes the plan's own values where it no longer writes any.
     plain = spec()
     own = choose_strategy(weak["teacher-8b"], TASK, match(T8B, S1B))
-    eff = _effective(plain, plan)
-    assert (eff.synth.reverse_synthesis, eff.distill.num_train_epochs, eff.distill.kd_ratio) == \
-        (own.reverse_synthesis, own.epochs, own.kd_ratio)
+    now = settings_of(plain, plan)
+    assert _effective(plain, plan).synth.reverse_synthesis == own.reverse_synthesis
+    assert epochs(now) == pytest.approx(own.epochs) and now.phases[-1].config["kd_ratio"] == own.kd_ratio
 
 
 # --------------------------------------------------------------------------- catalog

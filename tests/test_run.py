@@ -41,7 +41,7 @@ def tiny_spec(tmp_path_factory):
         "students": [{"model": str(student), "name": "tiny-student"}],
         "plan": {"servers": ["local"], "probe_size": 6, "probe_rules": False, "probe_max_new_tokens": 8},
         "synth": {"samples_per_prompt": 1, "max_new_tokens": 8, "prompts": 8, "reverse_synthesis": 48},
-        "distill": {"loss": "fkl", "kd_ratio": 0.5, "max_steps": 24, "save_steps": 4, "per_device_train_batch_size": 8,
+        "distill": {"algorithm": "kd", "loss": "fkl", "kd_ratio": 0.5, "max_steps": 24, "save_steps": 4, "per_device_train_batch_size": 8,
                     "learning_rate": 1e-3, "max_length": 64, "report_to": []},
         "eval": {"n": 12, "max_new_tokens": 8, "bench_clients": 2, "bench_requests": 4},
     }

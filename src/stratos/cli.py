@@ -29,7 +29,7 @@ class _Commands(TyperGroup):
         try:
             return super().invoke(ctx)
         except UserError as e:
-            fail(e.lines())
+            fail(e.lines(), code=e.exit_code)
         except UnicodeDecodeError as e:  # a file that is not text, read where no caller named it
             fail(f"not UTF-8 text: {e.reason} at byte {e.start}")
         except OSError as e:
@@ -104,6 +104,9 @@ def distill(
     student: Optional[str] = typer.Option(None, "--student", "-s", help="Student: hub id, folder, .gguf or alias."),
     data: Optional[Path] = typer.Option(None, "--data", "-d", help="Training JSONL: prompt/response, messages, or text records."),
     out: Path = typer.Option(Path("runs/distill"), "--out", "-o", help="Output folder: checkpoints, metrics, model/."),
+    plan: Optional[Path] = typer.Option(None, "--plan", help="plan.json of `stratos plan` (with a spec): train exactly "
+                                        "the settings `stratos run` would (phases, losses, teacher signal)."),
+    algorithm: Optional[str] = typer.Option(None, help="Training algorithm: sft, kd, or a registered one."),
     loss: Optional[str] = typer.Option(None, help="Divergence: fkl, rkl, jsd, skl, srkl, tvd, akl, ce."),
     signal: Optional[str] = typer.Option(None, help="Teacher signal: cached (default) or online."),
     temperature: Optional[float] = typer.Option(None, help="Softmax temperature of the KD term."),
@@ -121,16 +124,29 @@ def distill(
     resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in --out."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Discard checkpoints already in --out."),
 ) -> None:
-    """Distil a teacher into a student on prompt/response data (off-policy KD on the teacher's hidden states)."""
+    """Distil a teacher into a student on prompt/response data (off-policy KD on the teacher's hidden states).
+
+    The settings (phases, algorithm, loss, what the teacher provides) come from the one rule the
+    pipeline uses, ``stratos.distill.recipe.resolve``; they are printed before training."""
     import shutil
 
     from stratos.spec import DistillSpec, StudentSpec, TeacherSpec
 
     base = DistillSpec()
-    t_spec = s_spec = task_spec = None
+    t_spec = s_spec = task_spec = s = the_plan = None
     if spec is not None:
         s = _spec_or_fail(spec)
         base, t_spec, s_spec, task_spec = s.distill, s.teachers[0], s.students[0], s.task
+    if plan is not None:
+        if s is None:
+            fail("--plan needs the spec it was made from")
+        from stratos.plan.planner import Plan
+
+        try:
+            the_plan = Plan.from_json(plan)
+        except (OSError, ValueError) as e:
+            fail(f"{plan}: {e}")
+        t_spec, s_spec = s.teachers[the_plan.teacher["index"]], s.students[the_plan.student["index"]]
     if teacher:
         t_spec = TeacherSpec(model=teacher)
     if student:
@@ -142,9 +158,9 @@ def distill(
     try:
         cfg = DistillSpec.model_validate(
             {
-                **base.model_dump(),
+                **base.model_dump(exclude_unset=True),  # what the spec wrote stays "written" for the settings
                 **_overrides(
-                    loss=loss, teacher_signal=signal, temperature=temperature, kd_ratio=kd_ratio, max_steps=max_steps,
+                    algorithm=algorithm, loss=loss, teacher_signal=signal, temperature=temperature, kd_ratio=kd_ratio, max_steps=max_steps,
                     num_train_epochs=epochs, learning_rate=lr, per_device_train_batch_size=batch_size,
                     gradient_accumulation_steps=grad_accum, max_length=max_length, save_steps=save_steps, bf16=bf16,
                     seed=seed,
@@ -162,18 +178,14 @@ def distill(
         fail([f"distill.{line}" for line in format_validation_error(e)] if isinstance(e, ValidationError) else str(e))
     from stratos.distill.trainer import checkpoints
 
-    discard = bool(checkpoints(out / "checkpoints")) and not resume
+    # A one-phase run keeps its checkpoints in OUT/checkpoints, a multi-phase one in OUT/phase-N-ALGO/.
+    trained = [d for d in (out / "checkpoints", *sorted(out.glob("phase-*/checkpoints"))) if checkpoints(d)]
+    discard = bool(trained) and not resume
     if discard and not overwrite:
         fail(f"{out} already has checkpoints: pass --resume to continue that run or --overwrite to start over")
-    from stratos.distill import distill as run_distill
-    from stratos.distill.losses import get_loss
+    from stratos.distill import load_records, run_phases
     from stratos.io import DataError
     from stratos.models import load, load_student
-
-    needs_teacher = get_loss(cfg.loss).needs_teacher and cfg.kd_ratio > 0
-    if needs_teacher and t_spec is None:
-        fail(f"loss {cfg.loss!r} needs a teacher: pass --teacher or a spec (or use --loss ce)")
-    from stratos.distill import load_records
 
     try:
         if data is not None:
@@ -183,21 +195,53 @@ def distill(
 
             task = task_from_spec(task_spec)
             records = to_records(task, task.examples("train", task_spec.train_size, seed=task_spec.seed))
+        settings = _distill_settings(cfg, s, the_plan, t_spec, s_spec, records)
+        for line in [f"settings: {settings.summary()}", *settings.reasons]:
+            console.print(f"  {line}", highlight=False, soft_wrap=True)
+        if settings.needs_teacher_model and t_spec is None:
+            fail(f"{settings.phases[-1].label} needs a teacher: pass --teacher or a spec (or use --algorithm sft)")
         model, tok = load_student(s_spec, task_spec)
+        from stratos.distill.evaluation import evaluator_for
+
+        evaluator = evaluator_for(task_spec, tok, settings, max_new_tokens=s.eval.max_new_tokens if s else 64,
+                                  batch_size=s.eval.batch_size if s else 16)
         t_model = t_tok = None
-        if needs_teacher:
+        if settings.needs_teacher_model:
             t_model, t_tok = load(t_spec.model, dtype=t_spec.dtype, trust_remote_code=t_spec.trust_remote_code)
         if discard:  # --overwrite: only now that the data and models have loaded, so a bad file discards nothing
-            shutil.rmtree(out / "checkpoints")
-        result = run_distill(model, tok, records, cfg, out, teacher=t_model, teacher_tokenizer=t_tok, resume=resume)
+            for d in trained:
+                shutil.rmtree(d.parent if d.parent != out else d)
+        result = run_phases(model, tok, records, settings, out, teacher=t_model, teacher_tokenizer=t_tok, resume=resume,
+                            evaluator=evaluator)
     except (DataError, FileNotFoundError, KeyError, ValueError) as e:
         fail(str(e).strip('"'))
     m = result.final_metrics
+    best = (f", best eval accuracy {m['best_eval_accuracy']:.1%} at step {m['best_step']}"
+            if m.get("best_step") is not None and m.get("best_eval_accuracy") is not None else "")
     console.print(
         f"[green]done[/green] {result.steps} steps, loss {m.get('loss', float('nan')):.4f}, "
-        f"{result.tokens_per_second:.0f} tok/s; student saved to {result.model_dir}",
+        f"{result.tokens_per_second:.0f} tok/s{best}; student saved to {result.model_dir}",
         highlight=False,
     )
+
+
+def _distill_settings(cfg: Any, spec: Any, plan: Any, t_spec: Any, s_spec: Any, records: list[dict]) -> Any:
+    """`stratos distill`'s settings, by the pipeline's rule: with a plan, exactly what `stratos run`
+    trains (``runner.settings_of``); without one, the spec's (or the options') distill section alone,
+    the teacher-student match found as the planner finds it (``stratos.plan.matching.match``)."""
+    from stratos.distill.recipe import resolve
+
+    if plan is not None:
+        from stratos.runner import settings_of
+
+        return settings_of(spec.model_copy(update={"distill": cfg}), plan)
+    mode = "logit"
+    if t_spec is not None:
+        from stratos.plan.matching import match
+        from stratos.plan.shapes import model_shape
+
+        mode = match(model_shape(t_spec), model_shape(s_spec)).mode
+    return resolve(cfg, match=mode, topk_data=any("topk" in r for r in records))
 
 
 @app.command()
@@ -512,9 +556,8 @@ def plan(
     view = Console(width=max(120, Console().width))  # numbers are never cut to fit a narrow terminal
     view.print(pareto_table(result, limit=limit))
     view.print(stages_table(result))
-    view.print(f"[bold]strategy:[/bold] {result.strategy.kind} (loss {result.strategy.loss}, kd_ratio "
-               f"{result.strategy.kd_ratio:g}, on-policy {result.strategy.on_policy}, {result.strategy.data_size} examples "
-               f"x {result.strategy.epochs:g} epochs)", highlight=False)
+    view.print(f"[bold]strategy:[/bold] {result.strategy.kind}, {result.strategy.data_size} examples x "
+               f"{result.strategy.epochs:g} epochs; [bold]training:[/bold] {result.settings.summary()}", highlight=False)
     for line in result.reasons:
         view.print(f"  - {line}", highlight=False)
     console.print(f"[green]wrote[/green] {out / 'plan.json'}, {out / 'plan.png'}, {out / 'candidates.csv'}", highlight=False)

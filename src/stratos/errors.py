@@ -12,6 +12,8 @@ from __future__ import annotations
 class UserError(Exception):
     """An error the user can act on; its message has one line per problem."""
 
+    exit_code = 2  # what the CLI exits with
+
     def lines(self) -> list[str]:
         """One line per problem, as the CLI prints them."""
         return [line for line in str(self).splitlines() if line.strip()] or [type(self).__name__]

@@ -115,16 +115,24 @@ def _strategy(spec: Spec, plan: Any) -> Any:
     return apply_spec(plan.strategy, SpecValues.from_spec(spec), plan.task)
 
 
+def settings_of(spec: Spec, plan: Any) -> Any:
+    """The run's training settings (``stratos.distill.recipe.Settings``): what plan.json holds, by the
+    same function from the same inputs; computed again because the plan stage does not rerun when
+    only the distill section changes. ``stratos distill --plan`` calls this too."""
+    from stratos.distill.recipe import resolve
+
+    st = _strategy(spec, plan)
+    return resolve(spec.distill, match=plan.match.mode, strategy=st,
+                   topk_data=spec.synth.top_logprobs > 0 and st.teacher_generates)
+
+
 def _effective(spec: Spec, plan: Any) -> Spec:
-    """The spec with the strategy's settings filled in: loss, kd_ratio, epochs, reverse synthesis,
-    samples per prompt, knowledge injection. What the user wrote always wins: ``_strategy`` already
-    holds their values, so the strategy is written out as it stands."""
+    """The spec with the strategy's data settings filled in: reverse synthesis, samples per prompt,
+    knowledge injection. What the user wrote always wins: ``_strategy`` already holds their values,
+    so the strategy is written out as it stands. (The training settings are ``settings_of``'s.)"""
     st = _strategy(spec, plan)
     spec = spec.model_copy(deep=True)
-    d, s = spec.distill, spec.synth
-    for field, value in (("loss", st.loss), ("kd_ratio", st.kd_ratio), ("num_train_epochs", st.epochs)):
-        if getattr(d, field) != value and not (field == "num_train_epochs" and d.max_steps is not None):
-            setattr(d, field, value)  # (with max_steps the steps are given; st.epochs is only what they amount to)
+    s = spec.synth
     for field, value in (
         ("samples_per_prompt", st.samples_per_prompt),
         ("reverse_synthesis", st.reverse_synthesis),
@@ -173,34 +181,32 @@ def stage_synth(ctx: Context) -> dict[str, Any]:
 
 
 def stage_distill(ctx: Context) -> dict[str, Any]:
-    from stratos.distill import distill, load_records
-    from stratos.distill.losses import get_loss
+    from stratos.distill import load_records, run_phases
     from stratos.models import load, load_student
 
     plan = ctx.plan()
-    spec = _effective(ctx.spec, plan)
+    spec = ctx.spec
+    settings = settings_of(spec, plan)
     s_spec = spec.students[plan.student["index"]]
     t_spec = spec.teachers[plan.teacher["index"]]
-    cfg = spec.distill
     records = load_records(ctx.artifact("synth", "data_path"))
     student, tok = load_student(s_spec, spec.task)
     teacher = t_tok = None
-    white_box = t_spec.backend == "hf" and plan.match.mode == "logit"
-    topk = cfg.teacher_signal == "topk" and any("topk" in r for r in records)
-    if get_loss(cfg.loss).needs_teacher and cfg.kd_ratio > 0 and not topk:  # top-k targets travel in the records
-        if not white_box:
-            # Logit KD needs the teacher's distribution over the student's vocabulary: without it
-            # (API teacher, other tokenizer) the student learns from the teacher's text alone.
-            log.info("distill: teacher %s is not white-box for this student; training on its text (loss ce)",
-                     t_spec.label)
-            cfg = cfg.model_copy(update={"loss": "ce", "kd_ratio": 0.0})
-        else:
-            teacher, t_tok = load(t_spec.model, dtype=t_spec.dtype, trust_remote_code=t_spec.trust_remote_code)
-    res = distill(student, tok, records, cfg, ctx.dir, teacher=teacher, teacher_tokenizer=t_tok, resume=ctx.resume,
-                  progress=ctx.progress)
+    if settings.needs_teacher_model:
+        teacher, t_tok = load(t_spec.model, dtype=t_spec.dtype, trust_remote_code=t_spec.trust_remote_code)
+    for line in settings.reasons:
+        log.info("distill: %s", line)
+    from stratos.distill.evaluation import evaluator_for
+
+    evaluator = evaluator_for(spec.task, tok, settings, max_new_tokens=spec.eval.max_new_tokens,
+                              batch_size=spec.eval.batch_size)
+    res = run_phases(student, tok, records, settings, ctx.dir, teacher=teacher, teacher_tokenizer=t_tok,
+                     resume=ctx.resume, progress=ctx.progress, evaluator=evaluator)
     return {"model": ctx.rel(res.model_dir), "metrics_path": ctx.rel(ctx.dir / "metrics.jsonl"),
-            "steps": res.steps, "tokens_per_second": res.tokens_per_second, "loss": cfg.loss,
-            "signal": res.signal.get("mode", "none")}
+            "steps": res.steps, "tokens_per_second": res.tokens_per_second,
+            "phases": [p.algorithm for p in settings.phases], "loss": settings.phases[-1].config["loss"],
+            "signal": res.signal.get("mode", "none"), "settings": settings.to_dict(),
+            "best_step": res.final_metrics.get("best_step")}
 
 
 def stage_compress(ctx: Context) -> dict[str, Any]:

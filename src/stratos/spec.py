@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 from stratos.errors import UserError
 
@@ -149,9 +149,11 @@ class LoraSpec(_Strict):
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
 
 
-class DistillSpec(_Strict):
-    """Options of the KD engine. Names follow Hugging Face TrainingArguments where one exists."""
+class _TrainingOptions(_Strict):
+    """Options of the training engine. Names follow Hugging Face TrainingArguments where one exists."""
 
+    algorithm: str = Field("kd", description="Registered training algorithm: sft, kd, or your own "
+                           "(stratos.distill.algorithms.register_algorithm).")
     loss: str = Field("fkl", description="Registered divergence: fkl, rkl, jsd, skl, srkl, tvd, akl, ce, or your own.")
     loss_kwargs: dict[str, float] = Field(default_factory=dict, description="Extra loss parameters, e.g. {beta: 0.5}.")
     temperature: float = Field(1.0, gt=0)
@@ -182,15 +184,101 @@ class DistillSpec(_Strict):
     logging_steps: int = Field(10, gt=0)
     report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(default_factory=lambda: ["tensorboard"])
     seed: int = 0
+    eval_steps: int | None = Field(None, gt=0, description="Score eval_samples examples of the task's eval split "
+                                   "(greedy generation, the task's verifier) every N optimizer steps and at the last "
+                                   "step; logged as eval_accuracy in metrics.jsonl. None: no evaluation while training.")
+    eval_samples: int = Field(64, gt=0, description="Eval examples scored at each evaluation while training "
+                              "(the same ones every time: the first of the task's seeded eval split).")
+    load_best_model_at_end: bool = Field(
+        False, description="Keep the checkpoint with the highest eval_accuracy (ties: the earlier) through the "
+        "save_total_limit rotation and end with its weights. Needs eval_steps, and save_steps a multiple of it.")
+
+    @field_validator("load_best_model_at_end")
+    @classmethod
+    def _best_needs_eval(cls, v: bool | None, info: Any) -> bool | None:
+        if not v or not issubclass(cls, DistillSpec):
+            return v  # a phase's options are overrides: checked merged with the distill section (_phases_eval)
+        if "eval_steps" not in info.data or "save_steps" not in info.data:
+            return v  # already reported as invalid
+        problem = _best_model_problem(info.data["eval_steps"], info.data["save_steps"])
+        if problem:
+            raise ValueError(problem)
+        return v
+
+    @model_validator(mode="after")
+    def _phases_eval(self) -> "_TrainingOptions":
+        """Each phase's load_best_model_at_end, eval_steps and save_steps, its own or the distill section's."""
+        for i, phase in enumerate(getattr(self, "phases", None) or []):
+            value = {k: getattr(phase if k in phase.model_fields_set else self, k)
+                     for k in ("load_best_model_at_end", "eval_steps", "save_steps")}
+            problem = value["load_best_model_at_end"] and _best_model_problem(value["eval_steps"], value["save_steps"])
+            if problem:
+                raise ValueError(f"phases[{i}]: {problem}")
+        return self
 
     @field_validator("loss")
     @classmethod
-    def _known_loss(cls, v: str) -> str:
+    def _known_loss(cls, v: str | None) -> str | None:
         from stratos.distill.losses import LOSSES
 
-        if v not in LOSSES:
+        if v is not None and v not in LOSSES:
             raise ValueError(f"unknown loss {v!r}; registered: {', '.join(sorted(LOSSES))}")
         return v
+
+    @field_validator("algorithm")
+    @classmethod
+    def _known_algorithm(cls, v: str | None) -> str | None:
+        from stratos.distill.algorithms import ALGORITHMS
+
+        if v is not None and v not in ALGORITHMS:
+            raise ValueError(f"unknown algorithm {v!r}; registered: {', '.join(sorted(ALGORITHMS))}")
+        return v
+
+
+def _best_model_problem(eval_steps: int | None, save_steps: int) -> str | None:
+    """Why load_best_model_at_end cannot work with these settings (as Hugging Face checks them), or None."""
+    if eval_steps is None:
+        return ("load_best_model_at_end needs eval_steps: the best checkpoint is the one with the highest "
+                "eval accuracy, measured every eval_steps steps")
+    if save_steps % eval_steps:
+        return (f"load_best_model_at_end needs save_steps ({save_steps}) to be a multiple of eval_steps "
+                f"({eval_steps}), so that every checkpoint is evaluated: set save_steps to {eval_steps} or a multiple")
+    return None
+
+
+def _optional(info: Any) -> tuple[Any, Any]:
+    """A field of the training options as an optional override: same type and bounds, default None."""
+    from typing import Annotated, Optional
+
+    kind = Annotated[info.annotation, *info.metadata] if info.metadata else info.annotation
+    return Optional[kind], Field(None, description=info.description)
+
+
+# One phase of a multi-phase run: an algorithm and the training options it changes (the rest come
+# from the distill section). Built from _TrainingOptions, so a phase takes exactly its fields.
+PhaseSpec = create_model(
+    "PhaseSpec",
+    __base__=_TrainingOptions,
+    __doc__="A phase: ``{algorithm: NAME, ...any distill option it changes}``.",
+    **{name: _optional(info) for name, info in _TrainingOptions.model_fields.items() if name != "algorithm"},
+    algorithm=(str, Field(description="The registered algorithm this phase trains with.")),
+)
+
+
+class DistillSpec(_TrainingOptions):
+    """Options of the training engine: one algorithm, or ``phases`` run one after the other."""
+
+    phases: list[PhaseSpec] | None = Field(  # type: ignore[valid-type]
+        None, description="Phases run in sequence in one run directory, each {algorithm, ...options it changes}; "
+        "the student of one phase starts the next. Overrides algorithm.")
+
+    def phase_configs(self) -> list["DistillSpec"]:
+        """The options each phase trains with: this section with the phase's own values on top
+        (one phase, this section itself, without ``phases``)."""
+        if not self.phases:
+            return [self]
+        base = self.model_dump(exclude={"phases"})
+        return [DistillSpec.model_validate({**base, **p.model_dump(exclude_unset=True)}) for p in self.phases]
 
 
 class SynthSpec(_Strict):

@@ -46,16 +46,14 @@ class CompressResult:
 
 
 def recovery_config(distill: DistillSpec, steps: int) -> DistillSpec:
-    """The distill options of recovery: the run's own, for ``steps`` steps, always with a teacher term
-    (recovery *is* distillation from the unpruned model), and full weights rather than LoRA."""
-    update: dict[str, Any] = {"max_steps": steps, "lora": None}
-    from stratos.distill.losses import get_loss
+    """The distill options of recovery: KD from the unpruned model (``stratos.distill.recipe.recovery_config``:
+    the run's divergence when it has one), for ``steps`` steps, with full weights rather than LoRA."""
+    from stratos.distill.recipe import recovery_config as kd_from_unpruned
 
-    if not get_loss(distill.loss).needs_teacher or distill.kd_ratio == 0:
-        update.update(loss="fkl", kd_ratio=1.0)
+    update: dict[str, Any] = {"max_steps": steps, "lora": None, "eval_steps": None, "load_best_model_at_end": False}
     if distill.teacher_signal not in ("online", "cached"):  # e.g. top-k log-probs of an API teacher: not this teacher
         update["teacher_signal"] = "cached"
-    return distill.model_copy(update=update)
+    return kd_from_unpruned(distill).model_copy(update=update)
 
 
 def _records_from_task(spec: Any) -> list[dict[str, Any]]:

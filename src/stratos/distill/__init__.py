@@ -9,6 +9,8 @@ and runs reuse. The student is saved as a Hugging Face folder at ``result.model_
 
 from __future__ import annotations
 
+import json
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -17,17 +19,19 @@ from typing import Any
 
 import torch
 
+from stratos.distill.algorithms import ALGORITHMS, get_algorithm, register_algorithm
 from stratos.distill.data import Encoded, EncodeStats, collate, data_fingerprint, encode, load_records
 from stratos.distill.head import OutputHead, last_hidden
 from stratos.distill.kd import Objective, kd_terms
 from stratos.distill.losses import LOSSES, get_loss, register_loss
 from stratos.distill.signal import HiddenStateCache, OnlineTeacher, TeacherSignal, model_fingerprint
 from stratos.distill.topk import TopKSignal, with_teacher_tokens
-from stratos.distill.trainer import TrainResult, apply_lora, objective_from, resolve_bf16, train
-from stratos.io import DataError, write_json
+from stratos.distill.trainer import TrainResult, apply_lora, objective_from, resolve_bf16, train  # noqa: F401  (public)
+from stratos.io import DataError, read_jsonl, replace_dir, write_json, write_jsonl
 from stratos.spec import DistillSpec
 
 __all__ = [
+    "ALGORITHMS",
     "LOSSES",
     "DistillResult",
     "HiddenStateCache",
@@ -38,11 +42,14 @@ __all__ = [
     "TopKSignal",
     "distill",
     "encode",
+    "get_algorithm",
     "get_loss",
     "kd_terms",
     "kl_to_teacher",
     "load_records",
+    "register_algorithm",
     "register_loss",
+    "run_phases",
     "train",
 ]
 
@@ -114,6 +121,7 @@ def distill(
     resume: bool = True,
     progress: bool = True,
     stop_after: int | None = None,
+    evaluator: Any = None,
 ) -> DistillResult:
     """Distil ``teacher`` (or a ready ``signal``) into ``student`` on ``records``; save the student.
 
@@ -128,8 +136,10 @@ def distill(
     if isinstance(records, (str, Path)):
         records = load_records(records)
     check_same_vocab(tokenizer, teacher_tokenizer)
-    obj = objective_from(cfg)
-    topk = cfg.teacher_signal == "topk" and obj.needs_teacher and signal is None
+    algo = get_algorithm(cfg.algorithm)
+    cfg = algo.configure(cfg)
+    needs_teacher = algo.needs_teacher(cfg)
+    topk = cfg.teacher_signal == "topk" and needs_teacher and signal is None
     if topk:
         records = with_teacher_tokens(records, tokenizer)
     examples, stats = encode(records, tokenizer, cfg.max_length)
@@ -140,9 +150,9 @@ def distill(
         signal = TopKSignal.from_records(records, tokenizer, cfg.max_length)
         signal_info = {"mode": "topk", "k": signal.k, **signal.stats}
         if not signal.stats["with_topk"]:
-            raise ValueError("teacher_signal 'topk' but no record carries aligned top-k log-probs (rec['topk']); "
+            raise DataError("teacher_signal 'topk' but no record carries aligned top-k log-probs (rec['topk']); "
                              "make the data with synth.top_logprobs > 0 from a teacher sharing the student's tokenizer")
-    if obj.needs_teacher and signal is None:
+    if needs_teacher and signal is None:
         if teacher is None:
             raise ValueError(f"loss {cfg.loss!r} (kd_ratio {cfg.kd_ratio}) needs a teacher")
         signal, signal_info = _teacher_signal(
@@ -153,7 +163,7 @@ def distill(
     t0 = time.perf_counter()
     res: TrainResult = train(
         student, examples, cfg, out_dir, pad_id=tokenizer.pad_token_id, signal=signal,
-        resume=resume, progress=progress, stop_after=stop_after,
+        resume=resume, progress=progress, stop_after=stop_after, evaluator=evaluator,
     )
     model_dir = out_dir / "model"
     save_student(student, tokenizer, model_dir)
@@ -168,6 +178,81 @@ def distill(
         signal=signal_info,
     )
     write_json(out_dir / "result.json", result.to_dict())
+    return result
+
+
+def run_phases(
+    student: Any,
+    tokenizer: Any,
+    records: Sequence[dict[str, Any]] | str | Path,
+    settings: Any,
+    out_dir: str | Path,
+    *,
+    teacher: Any = None,
+    teacher_tokenizer: Any = None,
+    resume: bool = True,
+    progress: bool = True,
+    evaluator: Any = None,
+) -> DistillResult:
+    """Train the phases of ``settings`` (``stratos.distill.recipe.Settings``) one after the other.
+
+    One phase trains in ``out_dir`` itself, exactly as ``distill``. Several train in
+    ``out_dir/phase-N-ALGORITHM/``: each starts from the model the phase before it saved (read back
+    from its folder, so a resumed run continues from the same weights as an uninterrupted one), a
+    finished phase is skipped on a rerun, an interrupted one resumes from its checkpoint. The last
+    phase's model is also saved as ``out_dir/model``; ``out_dir/metrics.jsonl`` holds every phase's
+    rows, steps counted across phases, each tagged with its phase."""
+    out_dir = Path(out_dir)
+    phases = settings.phases
+    if isinstance(records, (str, Path)):
+        records = load_records(records)
+
+    def run(phase: Any, model: Any, where: Path) -> DistillResult:
+        return distill(model, tokenizer, records, phase.spec, where, teacher=teacher if phase.needs_teacher else None,
+                       teacher_tokenizer=teacher_tokenizer if phase.needs_teacher else None, resume=resume,
+                       progress=progress, evaluator=evaluator)
+
+    if len(phases) == 1:
+        result = run(phases[0], student, out_dir)
+        write_json(out_dir / "result.json", result.to_dict() | {"settings": settings.to_dict()})
+        return result
+    from stratos.models import load
+
+    results: list[DistillResult] = []
+    model = student
+    for i, phase in enumerate(phases):
+        where = out_dir / f"phase-{i + 1}-{phase.algorithm}"
+        done = where / "result.json"
+        if resume and done.is_file() and (where / "model").is_dir():
+            results.append(DistillResult(**{**json.loads(done.read_text()), "model_dir": where / "model"}))
+        else:
+            results.append(run(phase, model, where))
+        if i + 1 < len(phases):  # the next phase starts from exactly what this one saved
+            model = load(where / "model", with_tokenizer=False)
+    last = results[-1]
+    tmp = out_dir / ".tmp-model"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(last.model_dir, tmp)
+    replace_dir(tmp, out_dir / "model")
+    rows, offset = [], 0
+    for i, (phase, res) in enumerate(zip(phases, results)):
+        path = out_dir / f"phase-{i + 1}-{phase.algorithm}" / "metrics.jsonl"
+        for row in read_jsonl(path) if path.is_file() else []:
+            rows.append({**row, "step": row["step"] + offset, "phase": i + 1, "algorithm": phase.algorithm})
+        offset += res.steps
+    write_jsonl(out_dir / "metrics.jsonl", rows)
+    # Steps in the last phase's metrics count from its start; across phases they follow the others.
+    before_last = offset - last.steps
+    final = {k: (v + before_last if k in ("best_step", "model_step") and isinstance(v, int) else v)
+             for k, v in last.final_metrics.items()}
+    result = DistillResult(
+        model_dir=out_dir / "model", steps=offset, resumed_from=results[-1].resumed_from,
+        tokens_per_second=sum(r.tokens_per_second * r.seconds for r in results) / max(1e-9, sum(r.seconds for r in results)),
+        seconds=sum(r.seconds for r in results), final_metrics=final, data=last.data,
+        signal=next((r.signal for r in results if r.signal), {}),
+    )
+    write_json(out_dir / "result.json", result.to_dict() | {"settings": settings.to_dict(),
+                                                            "phases": [r.to_dict() for r in results]})
     return result
 
 

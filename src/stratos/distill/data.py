@@ -10,7 +10,7 @@ Only response tokens (plus the EOS that ends them) carry loss.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -230,6 +230,13 @@ class Batch:
     attention_mask: torch.Tensor
     labels: torch.Tensor
     indices: list[int]
+    weights: torch.Tensor | None = None  # [num_targets] per-token weights of the loss (None: all 1)
+
+    def with_weights(self, weights: torch.Tensor) -> "Batch":
+        """The batch with per-token loss weights, one per target token in ``target_mask`` order."""
+        if weights.shape != (self.num_targets,):
+            raise ValueError(f"weights must have shape ({self.num_targets},), got {tuple(weights.shape)}")
+        return replace(self, weights=weights)
 
     @property
     def target_mask(self) -> torch.Tensor:

@@ -62,16 +62,18 @@ def _chunk_terms(
     obj: Objective,
     topk_ids: torch.Tensor | None = None,
     topk_logp: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Summed [kd, ce, teacher-agreement] of one chunk's student logits, as one 3-vector
-    (differentiable in ``s_logits`` through whichever registered loss the objective names)."""
-    ce = F.cross_entropy(s_logits, targets, reduction="sum")
+    (differentiable in ``s_logits`` through whichever registered loss the objective names).
+    ``weights`` [chunk] scales each token's kd and ce (agreement stays a plain count)."""
+    ce = _wsum(F.cross_entropy(s_logits, targets, reduction="none"), weights)
     kd = agree = s_logits.new_zeros(())
     if not obj.spec.needs_teacher:  # plain CE, or a user's teacher-free loss
-        kd = obj.spec.fn(F.log_softmax(s_logits, dim=-1), None, targets, **obj.loss_kwargs).sum()
+        kd = _wsum(obj.spec.fn(F.log_softmax(s_logits, dim=-1), None, targets, **obj.loss_kwargs), weights)
     elif obj.kd_ratio > 0 and topk_ids is not None:  # an API teacher's top-k log-probs (distill/topk.py)
         s_logp, t_logp = topk_log_probs(s_logits, topk_ids, topk_logp, obj.temperature)
-        kd = obj.spec.fn(s_logp, t_logp, targets, **obj.loss_kwargs).sum()
+        kd = _wsum(obj.spec.fn(s_logp, t_logp, targets, **obj.loss_kwargs), weights)
         if obj.scale_by_temperature:
             kd = kd * obj.temperature * obj.temperature
         agree = (s_logits.argmax(-1) == topk_ids[:, 0]).sum().to(kd.dtype).detach()
@@ -81,11 +83,15 @@ def _chunk_terms(
         temp = obj.temperature
         s_logp = F.log_softmax(s_l / temp, dim=-1)
         t_logp = F.log_softmax(t_l / temp, dim=-1)
-        kd = obj.spec.fn(s_logp, t_logp, targets, **obj.loss_kwargs).sum()
+        kd = _wsum(obj.spec.fn(s_logp, t_logp, targets, **obj.loss_kwargs), weights)
         if obj.scale_by_temperature:
             kd = kd * temp * temp
         agree = (s_l.argmax(-1) == t_l.argmax(-1)).sum().to(kd.dtype).detach()
     return torch.stack([kd, ce, agree])
+
+
+def _wsum(per_token: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    return per_token.sum() if weights is None else (per_token * weights.to(per_token.dtype)).sum()
 
 
 # Losses whose gradient in the student's logits has a closed form, used instead of autograd.
@@ -100,6 +106,7 @@ def _closed_form(
     obj: Objective,
     topk_ids: torch.Tensor | None = None,
     topk_logp: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """``(terms, d loss / d s_logits)`` of one chunk without an autograd graph over [chunk, V], for
     the common objectives: forward KL and/or CE over a full-vocabulary teacher. ``None`` for any
@@ -109,10 +116,11 @@ def _closed_form(
         d CE / d z          = softmax(z) - onehot(y)
         d T^2 KL(p||q) / d z = T (q - p)          (T^2 scaling on; (q - p) / T without it)
 
-    Only the built-in ``fkl``/``ce`` qualify: a user who re-registers either name gets autograd."""
+    Only the built-in ``fkl``/``ce`` over unweighted tokens qualify: a user who re-registers either
+    name, or a batch with per-token weights, gets autograd."""
     name = obj.loss
     builtin = _CLOSED_FORM.get(name)
-    if builtin is None or obj.spec.fn is not builtin or topk_ids is not None or obj.loss_kwargs:
+    if builtin is None or obj.spec.fn is not builtin or topk_ids is not None or obj.loss_kwargs or weights is not None:
         return None
     ce_w = 1.0 if name == "ce" else 1.0 - obj.kd_ratio  # a pure-CE objective's loss is its CE
     z = s_logits.detach().float()
@@ -152,15 +160,17 @@ def kd_terms(
     t_head: OutputHead | None,
     obj: Objective,
     topk: tuple[torch.Tensor, torch.Tensor] | None = None,
+    weights: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Sums over all target tokens of the KD term, the CE term and the combined loss.
 
     Sums, not means: the caller divides by the number of target tokens of the whole
     optimizer step, so every token weighs the same however the step is split into
     micro-batches (and, later, processes). ``topk`` ([N, k] ids, [N, k] log-probs) replaces the
-    teacher's hidden states with an API teacher's top-k targets.
+    teacher's hidden states with an API teacher's top-k targets. ``weights`` ([N]) scales each
+    token's terms: advantages, masks or curricula, with no special case in the loop.
     """
-    args = (t_hidden, targets, t_head, obj, *((None, None) if topk is None else topk))
+    args = (t_hidden, targets, t_head, obj, *((None, None) if topk is None else topk), weights)
     if torch.is_grad_enabled() and s_hidden.requires_grad:
         params = [p for p in s_head.parameters() if p.requires_grad]
         loss, terms = _ChunkedTerms.apply(s_hidden, s_head, *args, *params)
@@ -199,8 +209,8 @@ class _ChunkedTerms(torch.autograd.Function):
     logits has a closed form (``_closed_form``), so only the head's own backward remains."""
 
     @staticmethod
-    def forward(ctx, s_hidden, s_head, t_hidden, targets, t_head, obj, topk_ids, topk_logp, *params):
-        args = (t_hidden, targets, t_head, obj, topk_ids, topk_logp)
+    def forward(ctx, s_hidden, s_head, t_hidden, targets, t_head, obj, topk_ids, topk_logp, weights, *params):
+        args = (t_hidden, targets, t_head, obj, topk_ids, topk_logp, weights)
         grad_h = torch.zeros_like(s_hidden)
         grad_p = [torch.zeros_like(p) for p in params]
         total = s_hidden.new_zeros(3, dtype=torch.float32)
@@ -231,4 +241,5 @@ class _ChunkedTerms(torch.autograd.Function):
     def backward(ctx, grad_loss, _grad_terms):
         grad_h, *grad_p = ctx.saved_tensors
         # In place: these tensors exist only for this backward, and a head-sized copy is ~100 MB.
-        return (grad_h.mul_(grad_loss), None, None, None, None, None, None, None, *(g.mul_(grad_loss) for g in grad_p))
+        return (grad_h.mul_(grad_loss), None, None, None, None, None, None, None, None,
+                *(g.mul_(grad_loss) for g in grad_p))

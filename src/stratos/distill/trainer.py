@@ -17,7 +17,7 @@ import re
 import shutil
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,9 +25,10 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from stratos.distill.data import Batch, Encoded, collate, data_fingerprint
-from stratos.distill.head import OutputHead, last_hidden
-from stratos.distill.kd import Objective, kd_terms
+from stratos.distill.algorithms import StepContext, get_algorithm
+from stratos.distill.data import Encoded, collate, data_fingerprint
+from stratos.distill.head import OutputHead
+from stratos.distill.kd import Objective
 from stratos.distill.signal import TeacherSignal
 from stratos.errors import TrainingError
 from stratos.io import write_json
@@ -149,7 +150,14 @@ class Schedule:
 CKPT_RE = re.compile(r"^step-(\d+)$")
 
 # Settings that change only what is written, never the optimisation: a run may resume with others.
-BOOKKEEPING = {"save_steps", "save_total_limit", "logging_steps", "report_to"}
+# eval_steps and eval_samples only add measurements: the evaluator scores the model in eval mode under a
+# forked RNG, so every step's weights, moments and RNG are those of a run without it. load_best_model_at_end
+# picks which weights end the run and which checkpoint the rotation spares, never what a checkpoint holds:
+# a run may turn it on when resumed (the scores so far are in state.json; should the best checkpoint have been
+# rotated away before, the best one left is loaded, with a warning). Being bookkeeping, they are also not in
+# the made_from of checkpoints, so those written before these options existed still resume.
+BOOKKEEPING = {"save_steps", "save_total_limit", "logging_steps", "report_to",
+               "eval_steps", "eval_samples", "load_best_model_at_end"}
 
 
 def _trainable(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -185,30 +193,54 @@ def check_made_from(path: Path, expected: dict[str, Any]) -> None:
 
 def save_checkpoint(
     ckpt_dir: Path, step: int, model: torch.nn.Module, opt: torch.optim.Optimizer, sched: Any, keep: int,
-    origin: dict[str, Any],
+    origin: dict[str, Any], *, evals: dict[int, float] | None = None, protect: int | None = None,
 ) -> Path:
     """Write ``step-N`` into a temporary folder and rename it into place: a checkpoint either
     exists whole or not at all, whatever kills the process. ``state.json`` holds the step, the
     scheduler and, as ``made_from``, the ``origin`` from :func:`made_from`, which
-    :func:`check_made_from` compares before a resume."""
+    :func:`check_made_from` compares before a resume; with ``evals`` (the eval_accuracy of every
+    evaluated checkpoint so far, by step) also those and the best of them, so that a resumed run
+    keeps its best. Only the ``keep`` latest checkpoints stay, and checkpoint ``protect`` (the best,
+    with load_best_model_at_end) whatever its age."""
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    final = ckpt_dir / f"step-{step:07d}"
+    final = _ckpt_path(ckpt_dir, step)
     tmp = ckpt_dir / f".tmp-step-{step:07d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     save_file({n: p.detach().contiguous() for n, p in _trainable(model).items()}, str(tmp / "trainable.safetensors"))
     torch.save(opt.state_dict(), tmp / "optimizer.pt")
     save_file({"torch": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
-    write_json(tmp / "state.json", {"step": step, "scheduler": sched.state_dict(), "made_from": origin})
+    state: dict[str, Any] = {"step": step, "scheduler": sched.state_dict(), "made_from": origin}
+    if evals:
+        best = best_of(evals)
+        state["evals"] = {str(s): a for s, a in sorted(evals.items())}
+        state["best"] = {"step": best, "eval_accuracy": evals[best]}
+    write_json(tmp / "state.json", state)
     for f in tmp.iterdir():  # make the files durable before the rename publishes them
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    for old in sorted(checkpoints(ckpt_dir))[:-keep]:
-        shutil.rmtree(old[1], ignore_errors=True)
+    for old_step, old in sorted(checkpoints(ckpt_dir))[:-keep]:
+        if old_step != protect:  # as Hugging Face does: the best checkpoint outlives the rotation
+            shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def best_of(evals: dict[int, float]) -> int:
+    """The step of the highest eval_accuracy; of equal ones, the earliest (the cheaper model to have got)."""
+    return min(evals, key=lambda s: (-evals[s], s))
+
+
+def read_evals(path: Path) -> dict[int, float]:
+    """The eval_accuracy by step that checkpoint ``path`` recorded (empty if none)."""
+    state = json.loads((path / "state.json").read_text())
+    return {int(s): float(a) for s, a in (state.get("evals") or {}).items()}
+
+
+def _ckpt_path(ckpt_dir: Path, step: int) -> Path:
+    return ckpt_dir / f"step-{step:07d}"
 
 
 def checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
@@ -222,7 +254,8 @@ def checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, sched: Any) -> int:
+def load_trainable(path: Path, model: torch.nn.Module) -> None:
+    """Copy checkpoint ``path``'s trainable weights into ``model`` (the rest of it is frozen, so the same)."""
     weights = load_file(str(path / "trainable.safetensors"))
     params = _trainable(model)
     missing = set(params) ^ set(weights)
@@ -231,6 +264,10 @@ def load_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimiz
     with torch.no_grad():
         for n, p in params.items():
             p.copy_(weights[n])
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, sched: Any) -> int:
+    load_trainable(path, model)
     opt.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     state = json.loads((path / "state.json").read_text())
     sched.load_state_dict(state["scheduler"])
@@ -280,7 +317,8 @@ class Metrics:
         self._fh.flush()
         for k, v in values.items():
             if self._tb is not None:
-                self._tb.add_scalar(f"train/{k}", v, step)
+                tag = f"eval/{k.removeprefix('eval_')}" if k.startswith("eval_") else f"train/{k}"
+                self._tb.add_scalar(tag, v, step)
         if self._wandb is not None:
             self._wandb.log(values, step=step)
         if self._mlflow is not None:
@@ -299,15 +337,24 @@ class Metrics:
 
 @dataclass
 class TrainResult:
+    """What ``train`` did. ``last``: the last logged training row, the last evaluation's values and,
+    when the run was evaluated, ``best_step`` and ``best_eval_accuracy`` (and ``model_step``, the step
+    whose weights the model holds, when load_best_model_at_end loaded them)."""
+
     steps: int
     resumed_from: int
     tokens: int
     seconds: float
     last: dict[str, float] = field(default_factory=dict)
+    eval_seconds: float = 0.0  # of ``seconds``, spent evaluating while training
+    best_step: int | None = None  # the evaluated checkpoint with the highest eval_accuracy (ties: the earlier)
+    best_eval_accuracy: float | None = None
+    model_step: int | None = None  # the step whose weights the model holds: best_step with load_best_model_at_end
 
     @property
     def tokens_per_second(self) -> float:
-        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+        train_s = self.seconds - self.eval_seconds
+        return self.tokens / train_s if train_s > 0 else 0.0
 
 
 def train(
@@ -322,6 +369,7 @@ def train(
     progress: bool = True,
     device: torch.device | None = None,
     stop_after: int | None = None,
+    evaluator: Callable[[Any, int], dict[str, float]] | None = None,
 ) -> TrainResult:
     """Train ``student`` in place on ``examples`` with the objective in ``cfg``.
 
@@ -330,18 +378,28 @@ def train(
     written). ``stop_after`` ends the run after that many optimizer steps of this call (for tests
     and on-policy rounds); the schedule still spans ``total_steps``.
 
+    With ``cfg.eval_steps``, ``evaluator(student, step)`` (e.g. ``stratos.distill.evaluation.TaskEvaluator``)
+    runs after the optimizer step at every multiple of it and at the last step; its values (``eval_``
+    keys) join that step's metrics.jsonl row. Among the evaluated checkpoints the best is the highest
+    ``eval_accuracy`` (ties: the earlier); with ``cfg.load_best_model_at_end`` the rotation never deletes
+    it and, once the last step is done, its weights are loaded into ``student``. See :class:`TrainResult`.
+
     A step whose loss or gradient norm is not finite raises TrainingError before the optimizer
     steps: the weights, the checkpoints and metrics.jsonl keep only the good steps before it.
     """
     out_dir = Path(out_dir)
     device = device or next(student.parameters()).device
     torch.manual_seed(cfg.seed)
+    algo = get_algorithm(cfg.algorithm)
+    cfg = algo.configure(cfg)
     obj = objective_from(cfg)
-    if obj.needs_teacher and signal is None:
+    needs_teacher = algo.needs_teacher(cfg)
+    if needs_teacher and signal is None:
         raise ValueError(f"loss {cfg.loss!r} with kd_ratio {cfg.kd_ratio} needs a teacher signal")
     bf16 = resolve_bf16(cfg.bf16, device)
     s_head = OutputHead.from_model(student, frozen_copy=False)
-    t_head = signal.head.to(device) if signal is not None and signal.head is not None and obj.needs_teacher else None
+    t_head = signal.head.to(device) if signal is not None and signal.head is not None and needs_teacher else None
+    ctx = StepContext(student, s_head, t_head, signal if needs_teacher else None, obj, device, bf16)
 
     sched_data = Schedule.from_config(len(examples), cfg)
     opt = make_optimizer(student, cfg)
@@ -349,16 +407,23 @@ def train(
     ckpt_dir = out_dir / "checkpoints"
     origin = made_from(cfg, examples)
     start = 0
+    evals: dict[int, float] = {}  # eval_accuracy of each evaluated checkpoint, by step: the best is chosen from it
     found = checkpoints(ckpt_dir) if resume else []
     if found:
         check_made_from(found[-1][1], origin)
         start = load_checkpoint(found[-1][1], student, opt, sched)
+        evals = read_evals(found[-1][1])
+    evaluating = cfg.eval_steps is not None and evaluator is not None
+    if cfg.eval_steps is not None and evaluator is None:
+        warnings.warn("distill.eval_steps is set but train() got no evaluator: no evaluation while training "
+                      "(stratos.distill.evaluation.evaluator_for makes one)", stacklevel=2)
     out_dir.mkdir(parents=True, exist_ok=True)  # only after the checks above: a refused run writes nothing
     metrics = Metrics(out_dir, cfg.report_to, start, cfg.model_dump())
 
     student.train()
     end = sched_data.total_steps if stop_after is None else min(sched_data.total_steps, start + stop_after)
-    tokens_done, t0, last = 0, time.perf_counter(), {}
+    tokens_done, t0, last, last_eval, eval_s = 0, time.perf_counter(), {}, {}, 0.0
+    loss_status = eval_status = ""
     window = {"loss": 0.0, "kd": 0.0, "ce": 0.0, "agree": 0.0, "tokens": 0}
     with progress_bar("distilling", total=sched_data.total_steps, enabled=progress, status=True) as bar:
         bar.advance(start)
@@ -366,7 +431,7 @@ def train(
             batches = [collate([examples[i] for i in idx], idx, pad_id) for idx in sched_data.micro_batches(step)]
             step_tokens, step_loss = sum(b.num_targets for b in batches), 0.0
             for batch in batches:
-                terms = _micro_step(student, batch, signal, s_head, t_head, obj, device, bf16)
+                terms = algo.terms(ctx, batch)
                 (terms["loss"] / step_tokens).backward()
                 for k in ("loss", "kd", "ce", "agree"):
                     window[k] += float(terms[k].detach())
@@ -387,6 +452,7 @@ def train(
             opt.zero_grad(set_to_none=True)
             tokens_done += step_tokens
             done = step + 1
+            row: dict[str, float] = {}  # this step's metrics row: training values, eval values, or both
             if done % cfg.logging_steps == 0 or done == sched_data.total_steps:
                 n = max(1, window["tokens"])
                 elapsed = time.perf_counter() - t0
@@ -397,19 +463,86 @@ def train(
                     "teacher_agreement": window["agree"] / n,
                     "lr": lr,
                     "grad_norm": grad_norm,
-                    "tokens_per_s": tokens_done / elapsed,
+                    "tokens_per_s": tokens_done / max(1e-9, elapsed - eval_s),  # training time only
                     "elapsed_s": elapsed,  # wall time since this call started training
                     "epoch": done * sched_data.accumulation / sched_data.batches_per_epoch,
                 }
-                metrics.log(done, last)
+                row.update(last)
                 window = dict.fromkeys(window, 0.0)
                 window["tokens"] = 0
-                bar.update(status=f"loss {last['loss']:.4f}  {last['tokens_per_s']:.0f} tok/s")
-            if done % cfg.save_steps == 0 or done == end:  # also when stop_after ends this call early
-                save_checkpoint(ckpt_dir, done, student, opt, sched, cfg.save_total_limit, origin)
+                loss_status = f"loss {last['loss']:.4f}  {last['tokens_per_s']:.0f} tok/s"
+                bar.update(status=loss_status + eval_status)
+            saving = done % cfg.save_steps == 0 or done == end  # also when stop_after ends this call early
+            if evaluating and (done % cfg.eval_steps == 0 or done == sched_data.total_steps):
+                te = time.perf_counter()
+                last_eval = _evaluate(evaluator, student, done, device)
+                eval_s += time.perf_counter() - te
+                row.update(last_eval)
+                acc = last_eval.get("eval_accuracy")
+                if saving and isinstance(acc, (int, float)) and math.isfinite(acc):
+                    evals[done] = float(acc)  # a candidate for the best: its checkpoint is written just below
+                best_note = f", best {evals[best_of(evals)]:.3f} @ {best_of(evals)}" if evals else ""
+                eval_status = f"  eval acc {acc:.3f}{best_note}" if isinstance(acc, (int, float)) else ""
+                bar.update(status=loss_status + eval_status)
+            if row:
+                metrics.log(done, row)  # one row per step, before its checkpoint (a resume keeps rows up to it)
+            if saving:
+                protect = best_of(evals) if cfg.load_best_model_at_end and evals else None
+                save_checkpoint(ckpt_dir, done, student, opt, sched, cfg.save_total_limit, origin,
+                                evals=evals, protect=protect)
             bar.advance(1)
     metrics.close()
-    return TrainResult(steps=end, resumed_from=start, tokens=tokens_done, seconds=time.perf_counter() - t0, last=last)
+    model_step = None
+    if cfg.load_best_model_at_end and end == sched_data.total_steps:  # not when stop_after ends a call early
+        model_step = load_best(ckpt_dir, student, evals, end)
+    best = best_of(evals) if evals else None
+    summary = {**last, **last_eval}
+    if best is not None:
+        summary.update(best_step=best, best_eval_accuracy=evals[best])
+    if model_step is not None:
+        summary["model_step"] = model_step
+    return TrainResult(
+        steps=end, resumed_from=start, tokens=tokens_done, seconds=time.perf_counter() - t0, last=summary,
+        eval_seconds=eval_s, best_step=best, best_eval_accuracy=evals[best] if best is not None else None,
+        model_step=model_step,
+    )
+
+
+def _evaluate(evaluator: Callable[[Any, int], Any], model: torch.nn.Module, step: int,
+              device: torch.device) -> dict[str, float]:
+    """One evaluation while training: no gradients, the RNG forked (the training steps stay those of a
+    run without evaluation), the model back in train mode after; keys prefixed ``eval_`` as HF does."""
+    with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        try:
+            out = evaluator(model, step)
+        finally:
+            model.train()
+    if not isinstance(out, Mapping):
+        raise TypeError(f"the evaluator returned {type(out).__name__}, not a dict of metrics like "
+                        "{'eval_accuracy': 0.5}")
+    return {k if k.startswith("eval_") else f"eval_{k}": v for k, v in out.items()}
+
+
+def load_best(ckpt_dir: Path, model: torch.nn.Module, evals: dict[int, float], last_step: int) -> int:
+    """Load the best evaluated checkpoint's trainable weights into ``model`` and return its step
+    (``last_step``, the weights left as they are, when there is none to load, with a warning)."""
+    if not evals:
+        warnings.warn("load_best_model_at_end: no checkpoint was evaluated; the model is the last step's",
+                      stacklevel=3)
+        return last_step
+    best = best_of(evals)
+    left = {s: a for s, a in evals.items() if (_ckpt_path(ckpt_dir, s) / "trainable.safetensors").is_file()}
+    if not left:
+        warnings.warn(f"load_best_model_at_end: the best checkpoint (step {best}) and every other evaluated one "
+                      f"are gone from {ckpt_dir}; the model is the last step's", stacklevel=3)
+        return last_step
+    pick = best_of(left)
+    if pick != best:
+        warnings.warn(f"load_best_model_at_end: the best checkpoint (step {best}, eval_accuracy {evals[best]:.4f}) "
+                      f"is gone from {ckpt_dir} (was the run started without load_best_model_at_end?); loading the "
+                      f"best one left, step {pick} ({left[pick]:.4f})", stacklevel=3)
+    load_trainable(_ckpt_path(ckpt_dir, pick), model)
+    return pick
 
 
 def diverged(step: int, loss: float, grad_norm: float, ckpt_dir: Path, cfg: DistillSpec) -> TrainingError:
@@ -424,24 +557,3 @@ def diverged(step: int, loss: float, grad_norm: float, ckpt_dir: Path, cfg: Dist
         f"{kept} and no model was saved: lower distill.learning_rate (--lr, now {cfg.learning_rate:g}){clip}, "
         f"or check the data for corrupt or extreme examples"
     )
-
-
-def _micro_step(
-    student: torch.nn.Module,
-    batch: Batch,
-    signal: TeacherSignal | None,
-    s_head: OutputHead,
-    t_head: OutputHead | None,
-    obj: Objective,
-    device: torch.device,
-    bf16: bool,
-) -> dict[str, torch.Tensor]:
-    mask = batch.target_mask.to(device)
-    t_hidden = signal.hidden(batch).to(device) if t_head is not None and signal is not None else None
-    topk = None
-    if obj.needs_teacher and hasattr(signal, "topk"):  # API teacher: top-k log-probs instead of hidden states
-        topk = tuple(t.to(device) for t in signal.topk(batch))
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-        h = last_hidden(student, batch.input_ids.to(device), batch.attention_mask.to(device))
-        s_hidden = h[:, :-1][mask]
-        return kd_terms(s_hidden, t_hidden, batch.targets.to(device), s_head, t_head, obj, topk=topk)

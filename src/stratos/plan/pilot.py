@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 PILOT_POINTS = 3  # evaluations along the pilot (a curve needs more than one)
-PILOT_BATCH = 8
 
 
 @dataclass
@@ -33,7 +32,7 @@ class PilotResult:
     def reason(self) -> str:
         pts = ", ".join(f"{a:.0%}@{s}" for s, a in zip(self.steps, self.accuracy))
         return (f"pilot: {self.loss} (kd_ratio {self.kd_ratio:g}) measured {pts} steps; log-linear extrapolation to "
-                f"{self.planned_steps} steps = {self.predicted:.0%}")
+                f"{self.planned_steps} steps = {self.predicted:.0%}" + "".join(f"; {n}" for n in self.notes))
 
 
 def extrapolate(steps: list[int], accuracy: list[float], target_steps: int) -> float:
@@ -54,24 +53,25 @@ def run_pilot(
     student_spec: Any,
     task: Any,
     strategy: Any,
+    settings: Any,
     *,
     steps: int,
     eval_examples: list[Any],
     teacher: tuple[Any, Any] | None = None,
-    learning_rate: float = 5e-4,
-    max_length: int = 512,
+    rationale: bool = False,
     max_new_tokens: int = 64,
     seed: int = 0,
     work_dir: str | Path | None = None,
     task_spec: Any = None,
     student: tuple[Any, Any] | None = None,
 ) -> PilotResult:
-    """Train ``student_spec`` for ``steps`` steps on the task's checked data (with the strategy's loss
-    when ``teacher`` = (model, tokenizer) is given and shares the vocabulary, else SFT), evaluating
-    ``PILOT_POINTS`` times, and extrapolate to the strategy's planned steps."""
+    """Train ``student_spec`` for ``steps`` steps with the run's own settings (``settings``, from
+    ``stratos.distill.recipe.resolve``: the main phase's algorithm, loss, kd_ratio, learning rate and
+    batch size) on the task's checked data, formatted as the run formats it (rules in the prompt,
+    rationales), evaluating ``PILOT_POINTS`` times, and extrapolate to the run's planned steps.
+    ``teacher`` = (model, tokenizer) when the settings need the teacher's hidden states."""
     from stratos.distill import distill
     from stratos.evaluate import evaluate
-    from stratos.spec import DistillSpec
     from stratos.tasks import to_records
 
     if student is None:
@@ -79,23 +79,33 @@ def run_pilot(
 
         student = load_student(student_spec, task_spec)
     model, tok = student
-    n_train = min(strategy.data_size, steps * PILOT_BATCH)
-    records = to_records(task, task.examples("train", n_train, seed=seed), rules=strategy.rules_in_prompt)
-    use_kd = teacher is not None and strategy.kd_ratio > 0 and strategy.loss != "ce"
+    # The phase that trains longest is the one whose curve predicts the result.
+    main = max(settings.phases, key=lambda p: p.config.get("max_steps") or p.config["num_train_epochs"])
+    real = main.spec
+    batch = real.per_device_train_batch_size * real.gradient_accumulation_steps
+    n_train = min(strategy.data_size, steps * batch)
+    records = to_records(task, task.examples("train", n_train, seed=seed), rules=strategy.rules_in_prompt,
+                         rationale=rationale)
+    use_teacher = main.needs_teacher and main.config.get("teacher_signal") != "topk" and teacher is not None
     seg = max(1, steps // PILOT_POINTS)
-    cfg = DistillSpec(
-        loss=strategy.loss if use_kd else "ce", kd_ratio=strategy.kd_ratio if use_kd else 0.0, max_steps=seg * PILOT_POINTS,
-        save_steps=seg, logging_steps=seg, per_device_train_batch_size=PILOT_BATCH, learning_rate=learning_rate,
-        max_length=max_length, report_to=[], teacher_signal="online", seed=seed, lr_scheduler_type="constant",
-        warmup_ratio=0.0,
-    )
-    notes = [] if use_kd else ["SFT on oracle-checked answers (no white-box teacher signal for this pair)"]
+    cfg = real.model_copy(update={
+        "max_steps": seg * PILOT_POINTS, "save_steps": seg, "logging_steps": seg, "report_to": [], "seed": seed,
+        "teacher_signal": "online", "lr_scheduler_type": "constant", "warmup_ratio": 0.0, "eval_steps": None,
+        "load_best_model_at_end": False,
+    } | ({} if use_teacher else {"algorithm": "sft", "loss": "ce", "kd_ratio": 0.0}))
+    notes = []
+    if not use_teacher and main.needs_teacher:
+        notes.append(f"SFT instead of the run's {main.algorithm} (no white-box teacher signal here)")
+    if len(settings.phases) > 1:
+        notes.append(f"the run has {len(settings.phases)} phases; the pilot trains the longest, {main.algorithm}")
+    notes.append("constant learning rate, no warmup")
     done, accs, seconds = [], [], 0.0
     with tempfile.TemporaryDirectory(prefix="stratos-pilot-", dir=work_dir) as tmp:
         for k in range(PILOT_POINTS):
             t0 = time.perf_counter()
-            res = distill(model, tok, records, cfg, tmp, teacher=teacher[0] if use_kd else None,
-                          teacher_tokenizer=teacher[1] if use_kd else None, resume=True, progress=False, stop_after=seg)
+            res = distill(model, tok, records, cfg, tmp, teacher=teacher[0] if use_teacher else None,
+                          teacher_tokenizer=teacher[1] if use_teacher else None, resume=True, progress=False,
+                          stop_after=seg)
             seconds += time.perf_counter() - t0
             r = evaluate(model, tok, task, eval_examples, batch_size=16, max_new_tokens=max_new_tokens,
                          rules=strategy.rules_in_prompt)
@@ -104,8 +114,8 @@ def run_pilot(
     # Tokens through the model (prompt and response), what the cost model's 6N-per-token counts.
     sample = records[:50]
     mean_len = sum(len(tok(r["prompt"] + r["response"])["input_ids"]) + 8 for r in sample) / len(sample)
-    tokens = int(done[-1] * PILOT_BATCH * mean_len)
-    planned = max(1, math.ceil(strategy.data_size * strategy.epochs / PILOT_BATCH))
+    tokens = int(done[-1] * batch * mean_len)
+    planned = max(1, math.ceil(strategy.data_size * strategy.epochs / batch))
     pred = extrapolate(done, accs, planned)
-    return PilotResult(done, accs, planned, pred, seconds, tokens / seconds if seconds else 0.0, tokens, cfg.loss,
-                       cfg.kd_ratio, notes)
+    return PilotResult(done, accs, planned, pred, seconds, tokens / seconds if seconds else 0.0, tokens,
+                       cfg.loss if use_teacher else "ce", cfg.kd_ratio if use_teacher else 0.0, notes)

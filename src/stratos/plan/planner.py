@@ -15,6 +15,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from stratos.distill.recipe import Settings, resolve
+from stratos.errors import UserError
 from stratos.plan.catalog import Server
 from stratos.plan.costmodel import (
     ApiPricing,
@@ -31,7 +33,7 @@ from stratos.plan.pareto import deployment_scores, pareto_front
 from stratos.plan.probe import TaskProfile, TeacherProbe
 from stratos.plan.strategy import SpecValues, Strategy, apply_spec, choose_strategy, prior_student_accuracy
 
-PLAN_VERSION = 1
+PLAN_VERSION = 2  # 2: the resolved training settings (stratos.distill.recipe.Settings)
 CONSTRAINTS = ("memory", "min_accuracy", "max_latency_ms", "budget_usd")
 
 
@@ -72,6 +74,7 @@ class PairDecision:
     student_index: int
     match: Match
     strategy: Strategy
+    settings: Settings
     workload: Workload
     accuracy: float
     accuracy_method: str
@@ -90,6 +93,7 @@ class Plan:
     training_server: Server
     serving_server: Server
     strategy: Strategy
+    settings: Settings  # what the run trains: phases, algorithms, losses, teacher signal (decided once)
     match: Match
     task: TaskProfile
     workload: Workload
@@ -122,6 +126,7 @@ class Plan:
         d["training_server"] = Server(**d["training_server"])
         d["serving_server"] = Server(**d["serving_server"])
         d["strategy"] = Strategy(**d["strategy"])
+        d["settings"] = Settings.from_dict(d["settings"])
         d["match"] = Match(**d["match"])
         d["task"] = TaskProfile(**d["task"])
         d["workload"] = Workload(**d["workload"])
@@ -144,8 +149,11 @@ class Plan:
             raise ValueError(f"{p or 'plan'}: not a Stratos plan ({e})") from None
 
 
-class NoFeasiblePlan(Exception):
-    """No combination meets every hard constraint. ``binding`` names the constraint(s) to relax."""
+class NoFeasiblePlan(UserError):
+    """No combination meets every hard constraint. ``binding`` names the constraint(s) to relax.
+    Not bad input but an answer: the CLI prints it and exits with code 1."""
+
+    exit_code = 1
 
     def __init__(self, message: str, binding: list[str], candidates: list[Candidate]):
         super().__init__(message)
@@ -183,6 +191,8 @@ class PlanInputs:
     student_models: list[str] = field(default_factory=list)
     spec_name: str = "stratos-run"
     spec_values: SpecValues = field(default_factory=SpecValues)  # what the user wrote in synth / distill: it wins
+    distill: Any = None  # the spec's distill section (DistillSpec), for the resolved settings
+    topk_data: bool = False  # synth.top_logprobs > 0: an API teacher's generations carry top-k log-probs
 
 
 def _eff(inputs: PlanInputs, server: Server) -> Efficiency:
@@ -191,20 +201,33 @@ def _eff(inputs: PlanInputs, server: Server) -> Efficiency:
     return inputs.efficiency.get(server.name) or (CPU_DEFAULT if server.gpu.lower() == "cpu" else GPU_DEFAULT)
 
 
-def workload_for(strategy: Strategy, m: Match, task: TaskProfile, inputs: PlanInputs) -> Workload:
+# The teacher signal of the settings -> the cost model's name for it.
+_SIGNAL_COST = {"hidden": "logit", "topk": "topk", "none": "text"}
+
+
+def settings_for(strategy: Strategy, m: Match, inputs: PlanInputs) -> Settings:
+    """The pair's training settings: ``stratos.distill.recipe.resolve``, the one rule the run follows too."""
+    from stratos.spec import DistillSpec
+
+    return resolve(inputs.distill or DistillSpec(), match=m.mode, strategy=strategy,
+                   topk_data=inputs.topk_data and strategy.teacher_generates)
+
+
+def workload_for(strategy: Strategy, m: Match, task: TaskProfile, inputs: PlanInputs,
+                 settings: Settings | None = None) -> Workload:
     """The work ``strategy`` (with the spec's values already applied) implies, sized as the runner runs it."""
     v = inputs.spec_values
-    rationales = v.rationales if v.rationales is not None else strategy.kind == "injection"
+    settings = settings or settings_for(strategy, m, inputs)
+    rationales = bool(v.rationales)  # the synth stage writes rationales only when synth.rationales says so
     answer = task.rationale_tokens if rationales and task.reasoning_steps else task.answer_tokens
     corpus = 2000.0 * 20 if strategy.knowledge_injection else 0.0  # the rules corpus, ~2k tokens, seen 20 times
-    needs_teacher = v.loss_needs_teacher if v.loss_needs_teacher is not None else strategy.loss != "ce"
     return Workload(
         prompt_tokens=task.prompt_tokens,
         answer_tokens=max(1.0, answer),
         train_examples=strategy.data_size,
         epochs=strategy.epochs,
         teacher_sequences=strategy.teacher_prompts * strategy.samples_per_prompt,
-        signal=m.mode if m.mode != "logit" or (strategy.kd_ratio > 0 and needs_teacher) else "text",
+        signal=_SIGNAL_COST[settings.signal],
         extra_sft_tokens=corpus,
         recovery_tokens=inputs.recovery_tokens,
         serve_hours=inputs.serve_hours,
@@ -221,12 +244,14 @@ def decide_pairs(inputs: PlanInputs) -> list[PairDecision]:
             m = match(t, s)
             strat = apply_spec(choose_strategy(probe, inputs.task, m, competent_accuracy=inputs.competent_accuracy),
                                inputs.spec_values, inputs.task)
+            settings = settings_for(strat, m, inputs)
             if (ti, si) in inputs.student_accuracy:
                 acc, method, why = inputs.student_accuracy[(ti, si)]
             else:
                 acc, why = prior_student_accuracy(probe, inputs.task, m, strat, inputs.student_baseline.get(si, 0.0))
                 method = "prior"
-            out.append(PairDecision(ti, si, m, strat, workload_for(strat, m, inputs.task, inputs), acc, method, why))
+            out.append(PairDecision(ti, si, m, strat, settings, workload_for(strat, m, inputs.task, inputs, settings),
+                                    acc, method, why))
     return out
 
 
@@ -346,7 +371,7 @@ def build_plan(inputs: PlanInputs) -> tuple[Plan, list[Candidate]]:
         f"serve on {serve.name} ({serve.gpu_count}x {serve.gpu}): {best.latency_ms:,.1f} ms per request "
         f"({inputs.task.prompt_tokens:.0f} prompt + {pd.workload.answer_tokens:.0f} answer tokens, batch 1)",
         f"total cost ${best.cost_usd:,.2f} (probe, teacher work, training and {inputs.serve_hours:g} h of serving)",
-    ] + pd.match.reasons + pd.strategy.reasons
+    ] + pd.match.reasons + pd.strategy.reasons + pd.settings.reasons
     eff = {name: _eff(inputs, s).to_dict() for name, s in servers.items() if name in (train.name, serve.name)}
     plan = Plan(
         spec_name=inputs.spec_name,
@@ -359,6 +384,7 @@ def build_plan(inputs: PlanInputs) -> tuple[Plan, list[Candidate]]:
         training_server=train,
         serving_server=serve,
         strategy=pd.strategy,
+        settings=pd.settings,
         match=pd.match,
         task=inputs.task,
         workload=pd.workload,

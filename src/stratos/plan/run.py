@@ -176,7 +176,8 @@ def _inputs(spec, teachers, students, probes, profile, servers, cal) -> PlanInpu
         corrections={s.name: corrections(s.name) for s in servers}, recovery_tokens=recovery,
         max_length=spec.distill.max_length, batch=spec.distill.per_device_train_batch_size,
         teacher_models=[t.model for t in spec.teachers], student_models=[s.model for s in spec.students],
-        spec_name=spec.name, spec_values=SpecValues.from_spec(spec),
+        spec_name=spec.name, spec_values=SpecValues.from_spec(spec), distill=spec.distill,
+        topk_data=spec.synth.top_logprobs > 0,
     )
 
 
@@ -195,7 +196,7 @@ def _run_pilots(spec, task, inputs: PlanInputs, loaded, out: Path, local, cal) -
     for pd in decide_pairs(inputs):
         t_spec, s_spec = spec.teachers[pd.teacher_index], spec.students[pd.student_index]
         teacher = None
-        if pd.match.mode == "logit" and pd.strategy.kd_ratio > 0:
+        if pd.settings.needs_teacher_model:
             teacher = loaded.get(t_spec.model) or load(t_spec.model, dtype=t_spec.dtype,
                                                        trust_remote_code=t_spec.trust_remote_code)
         student = None
@@ -204,10 +205,9 @@ def _run_pilots(spec, task, inputs: PlanInputs, loaded, out: Path, local, cal) -
 
             m, tok = loaded[s_spec.model]
             student = (copy.deepcopy(m), tok)  # the pilot trains in place; keep the caller's model intact
-        r = run_pilot(s_spec, task, pd.strategy, steps=ps.pilot_steps, eval_examples=eval_ex, teacher=teacher,
-                      learning_rate=spec.distill.learning_rate, max_length=spec.distill.max_length,
-                      max_new_tokens=spec.eval.max_new_tokens, seed=spec.task.seed, work_dir=out, student=student,
-                      task_spec=spec.task)
+        r = run_pilot(s_spec, task, pd.strategy, pd.settings, steps=ps.pilot_steps, eval_examples=eval_ex,
+                      teacher=teacher, rationale=spec.synth.rationales, max_new_tokens=spec.eval.max_new_tokens,
+                      seed=spec.task.seed, work_dir=out, student=student, task_spec=spec.task)
         results[(pd.teacher_index, pd.student_index)] = (r.predicted, "pilot", r.reason())
         if local is not None:
             predicted = train_seconds(inputs.students[pd.student_index], r.train_tokens, local,

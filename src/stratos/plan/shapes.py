@@ -58,6 +58,6 @@ def model_shape(spec: Any, *, api_params_b: float | None = None) -> ModelShape:
         return shape_from_config(spec.label, config, None)
     try:
         tok = load_tokenizer(spec.model, trust_remote_code=spec.trust_remote_code)
-    except (OSError, ValueError):
+    except (OSError, ValueError, ModelError):
         tok = None  # unknown tokenizer: the pair falls back to text distillation
     return shape_from_config(spec.label, config, tok)

@@ -104,10 +104,8 @@ def choose_strategy(probe: TeacherProbe, task: TaskProfile, m: Match, *, compete
         reasons.append(f"kd_ratio {kd_ratio}: " + ("the teacher is reliable, so KD dominates with a small CE anchor"
                                                    if kd_ratio > 0.5 else
                                                    "the teacher errs often, so KD is balanced with CE on verified answers"))
+        # A recommendation the settings report (stratos.distill.recipe): the engine trains off-policy for now.
         on_policy = m.mode == "logit" and complex_
-        if on_policy:
-            reasons.append("on-policy KD: long, multi-step answers let a student drift from teacher prefixes; "
-                           "scoring the student's own samples with the teacher corrects that")
         rev = 0
         injection = False
         teacher_generates = True
@@ -128,9 +126,8 @@ def choose_strategy(probe: TeacherProbe, task: TaskProfile, m: Match, *, compete
                            "the verifier accepts them" if task.verifier else
                            "no oracle and no verifier: the given data with the rules in the prompt is all there is")
         samples = samples_for(best) if teacher_generates else 1
+        # The phases (SFT first, then KD at this ratio) are the settings' to decide: stratos.distill.recipe.
         kd_ratio = round(min(0.5, max(0.1, best)), 2) if m.mode != "text" else 0.0
-        reasons.append("SFT on the rules corpus and the checked data first, then KD with kd_ratio "
-                       f"{kd_ratio} (weighted by how often the teacher is right)")
         on_policy = False
         rules = True
         reasons.append("the task's rules go in every prompt (teacher and student data)")

@@ -134,6 +134,25 @@ def _examples(eval_dir: Path, k: int = 4) -> str:
     return "".join(parts) or '<p class="muted">no predictions yet</p>'
 
 
+def _eval_while_training(metrics: list[dict[str, Any]], final: dict[str, Any]) -> str:
+    """A sentence on the evaluations while training (distill.eval_steps): the last, the best checkpoint,
+    and which step's weights the saved model holds (distill.load_best_model_at_end)."""
+    evals = [r for r in metrics if isinstance(r.get("eval_accuracy"), (int, float)) and "step" in r]
+    if not evals:
+        return ""
+    last = evals[-1]
+    n = f" on {_e(last['eval_n'])} held-out examples" if last.get("eval_n") else ""
+    text = (f"Evaluated {len(evals)} times while training{n}: eval accuracy <b>{last['eval_accuracy']:.3f}</b> "
+            f"at the last evaluation (step {_e(last['step'])})")
+    best, acc = final.get("best_step"), final.get("best_eval_accuracy")
+    if isinstance(best, int) and isinstance(acc, (int, float)):
+        text += f"; the best checkpoint is step <b>{best}</b> ({acc:.3f})"
+        if final.get("model_step") == best:
+            text += (". The saved model holds the weights of that step (<code>load_best_model_at_end</code>), "
+                     "not of the last step")
+    return f"<p>{text}.</p>"
+
+
 _CSS = """
 body{font:15px/1.45 system-ui,-apple-system,Segoe UI,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 h1{margin-bottom:.2em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
@@ -178,6 +197,8 @@ def build_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
         facts = _table(["", ""], [
             ["teacher", _e(plan["teacher"].get("name"))], ["student", _e(plan["student"].get("name"))],
             ["strategy", _e(plan["strategy"].get("kind"))], ["match", _e(plan["match"].get("mode"))],
+            ["training", _e(" -> ".join(p["algorithm"] + " (loss " + p["config"]["loss"] + ")"
+                                        for p in plan.get("settings", {}).get("phases", [])))],
             ["training server", _e(plan["training_server"].get("name"))],
             ["serving server", _e(plan["serving_server"].get("name"))],
             ["predicted accuracy", _fmt(pred.get("accuracy"))], ["predicted cost ($)", _fmt(pred.get("cost_usd"), 2)],
@@ -194,13 +215,16 @@ def build_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
         sections.append("<h2>Training data</h2><pre>" + _e(json.dumps(stats, indent=2))[:6000] + "</pre>")
 
     # --- training
-    metrics = _read_jsonl(_artifact(manifest, run_dir, "distill", "metrics_path") or run_dir / "distill" / "metrics.jsonl")
+    metrics_path = _artifact(manifest, run_dir, "distill", "metrics_path") or run_dir / "distill" / "metrics.jsonl"
+    metrics = _read_jsonl(metrics_path)
     if metrics:
         d = stages.get("distill", {}).get("artifacts", {})
+        final = (_read_json(metrics_path.parent / "result.json") or {}).get("final_metrics") or {}
         sections.append("<h2>Training</h2>"
                         f"<p>{_fmt(d.get('steps'))} steps, loss <code>{_e(d.get('loss'))}</code>, teacher signal "
                         f"<code>{_e(d.get('signal'))}</code>, {_fmt(d.get('tokens_per_second'), 0)} tokens/s.</p>"
-                        + _img(plots.training_curves(metrics), "training curves"))
+                        + _eval_while_training(metrics, final)
+                        + _img(plots.training_curves(metrics, final.get("best_step")), "training curves"))
 
     # --- compression
     comp = _read_json(_artifact(manifest, run_dir, "compress", "report_path") or run_dir / "compress" / "report.json")

@@ -1,0 +1,117 @@
+"""Training algorithms: small registered plug-ins over the one training loop.
+
+An algorithm turns one micro-batch into loss terms: sums over the batch's target tokens of
+``loss`` (what is minimised), ``kd``, ``ce`` and ``agree`` (the student's argmax equals the
+teacher's). The trainer (``distill/trainer.py``) owns everything else for every algorithm: the
+data schedule, the step, accumulation and normalisation by the step's target tokens, clipping,
+the optimizer, checkpoints, metrics, evaluation and resume. Add your own::
+
+    from stratos.distill.algorithms import register_algorithm, student_terms
+
+    @register_algorithm("ce_on_long_answers", needs_teacher=lambda cfg: False)
+    def ce_on_long_answers(ctx, batch):
+        # per-token weights: only tokens of answers longer than 8 tokens count
+        long = (batch.labels[:, 1:] != -100).sum(dim=1, keepdim=True) > 8
+        return student_terms(ctx, batch.with_weights(long.expand_as(batch.target_mask)[batch.target_mask].float()))
+
+and name it in the spec (``distill.algorithm: ce_on_long_answers``, or as a phase).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from stratos.distill.data import Batch
+from stratos.distill.head import OutputHead, last_hidden
+from stratos.distill.kd import Objective, kd_terms
+from stratos.distill.losses import get_loss
+
+
+@dataclass
+class StepContext:
+    """What an algorithm may use to turn a batch into loss terms."""
+
+    student: torch.nn.Module
+    s_head: OutputHead
+    t_head: OutputHead | None  # the teacher's output head, when the settings need the teacher
+    signal: Any  # the teacher signal (hidden states, or top-k log-probs), or None
+    objective: Objective
+    device: torch.device
+    bf16: bool
+
+
+Terms = Callable[[StepContext, Batch], dict[str, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    name: str
+    terms: Terms
+    needs_teacher: Callable[[Any], bool]  # (DistillSpec) -> does it need the teacher's signal with these settings
+    configure: Callable[[Any], Any]  # (DistillSpec) -> the settings it trains with (e.g. sft: loss ce)
+    description: str
+
+
+ALGORITHMS: dict[str, Algorithm] = {}
+
+
+def _same(cfg: Any) -> Any:
+    return cfg
+
+
+def register_algorithm(name: str, *, needs_teacher: Callable[[Any], bool],
+                       configure: Callable[[Any], Any] = _same, description: str = "") -> Callable[[Terms], Terms]:
+    def deco(fn: Terms) -> Terms:
+        ALGORITHMS[name] = Algorithm(name, fn, needs_teacher, configure, description or (fn.__doc__ or "").strip())
+        return fn
+
+    return deco
+
+
+def get_algorithm(name: str) -> Algorithm:
+    try:
+        return ALGORITHMS[name]
+    except KeyError:
+        raise KeyError(f"unknown algorithm {name!r}; registered: {', '.join(sorted(ALGORITHMS))}") from None
+
+
+def student_terms(ctx: StepContext, batch: Batch) -> dict[str, torch.Tensor]:
+    """The chunked objective on the student's last hidden states at the batch's target positions,
+    against the teacher's signal when the objective needs it (hidden states, or an API teacher's
+    top-k log-probs), each token weighted by ``batch.weights`` when the batch carries them."""
+    obj, device = ctx.objective, ctx.device
+    mask = batch.target_mask.to(device)
+    t_hidden = ctx.signal.hidden(batch).to(device) if ctx.t_head is not None and ctx.signal is not None else None
+    topk = None
+    if obj.needs_teacher and hasattr(ctx.signal, "topk"):
+        topk = tuple(t.to(device) for t in ctx.signal.topk(batch))
+    weights = batch.weights.to(device) if batch.weights is not None else None
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=ctx.bf16):
+        h = last_hidden(ctx.student, batch.input_ids.to(device), batch.attention_mask.to(device))
+        return kd_terms(h[:, :-1][mask], t_hidden, batch.targets.to(device), ctx.s_head, ctx.t_head, obj, topk=topk,
+                        weights=weights)
+
+
+def _kd_needs_teacher(cfg: Any) -> bool:
+    return get_loss(cfg.loss).needs_teacher and cfg.kd_ratio > 0
+
+
+def _as_sft(cfg: Any) -> Any:
+    return cfg if cfg.loss == "ce" and cfg.kd_ratio == 0 else cfg.model_copy(update={"loss": "ce", "kd_ratio": 0.0})
+
+
+@register_algorithm("sft", needs_teacher=lambda cfg: False, configure=_as_sft)
+def sft(ctx: StepContext, batch: Batch) -> dict[str, torch.Tensor]:
+    """Supervised fine-tuning: cross-entropy on the response tokens; no teacher."""
+    return student_terms(ctx, batch)
+
+
+@register_algorithm("kd", needs_teacher=_kd_needs_teacher)
+def kd(ctx: StepContext, batch: Batch) -> dict[str, torch.Tensor]:
+    """Off-policy KD: kd_ratio x the registered divergence to the teacher (its logits recomputed from
+    its hidden states, or its top-k log-probs) + (1 - kd_ratio) x cross-entropy, on fixed data."""
+    return student_terms(ctx, batch)

@@ -1,0 +1,156 @@
+"""The effective training settings of a run, decided once.
+
+``resolve`` turns the spec's distill section, the plan's strategy (when there is a plan) and the
+teacher-student match into :class:`Settings`: the phases to run (each an algorithm and the full
+options it trains with), what the teacher must provide (its hidden states, top-k log-probs in the
+data, or nothing), and a sentence per decision. The plan writes them into plan.json; the runner,
+``stratos distill``, compress recovery, the pilots and the planner's cost model read them. No other
+module decides "does this run need the teacher" or "which loss": they ask the settings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from stratos.distill.algorithms import get_algorithm
+from stratos.spec import DistillSpec
+
+# Share of an injection run's epochs given to its SFT phase (the rest is the KD phase).
+INJECTION_SFT_SHARE = 0.75
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One phase: an algorithm and the complete options it trains with."""
+
+    algorithm: str
+    config: dict[str, Any]  # DistillSpec as JSON, after the algorithm's own settings (sft: loss ce)
+    needs_teacher: bool
+    reason: str
+
+    @property
+    def spec(self) -> DistillSpec:
+        return DistillSpec.model_validate(self.config)
+
+    @property
+    def label(self) -> str:
+        c = self.config
+        steps = f"{c['max_steps']} steps" if c.get("max_steps") else f"{c['num_train_epochs']:g} epoch(s)"
+        what = f"loss {c['loss']}" + (f", kd_ratio {c['kd_ratio']:g}" if self.needs_teacher else "")
+        return f"{self.algorithm} ({what}, {steps})"
+
+
+@dataclass
+class Settings:
+    """What a run trains: its phases in order, and what the teacher provides."""
+
+    phases: list[Phase]
+    match: str  # 'logit' (shared vocabulary), 'topk' (API log-probs), 'text' (outputs only)
+    signal: str  # the teacher's part in training: 'hidden' (its model, hidden states), 'topk' (in the data), 'none'
+    reasons: list[str] = field(default_factory=list)
+    on_policy: bool = False  # the engine trains off-policy on fixed data (on-policy KD is not built yet)
+
+    @property
+    def needs_teacher_model(self) -> bool:
+        """Whether the distill stage must load the teacher's weights (for its hidden states)."""
+        return self.signal == "hidden"
+
+    def summary(self) -> str:
+        return " -> ".join(p.label for p in self.phases) + f"; teacher signal: {self.signal}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Settings":
+        return cls(**{**d, "phases": [Phase(**p) for p in d["phases"]]})
+
+
+def _base(distill: DistillSpec, strategy: Any) -> DistillSpec:
+    """The distill section with the strategy's loss, kd_ratio and epochs where the spec left them open
+    (the strategy already holds what the user wrote: ``stratos.plan.strategy.apply_spec``)."""
+    if strategy is None:
+        return distill
+    update: dict[str, Any] = {"loss": strategy.loss, "kd_ratio": strategy.kd_ratio}
+    if distill.max_steps is None:  # with max_steps the steps are given; the strategy's epochs only describe them
+        update["num_train_epochs"] = strategy.epochs
+    return distill.model_copy(update=update)
+
+
+def _split(cfg: DistillSpec, share: float) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Length updates for two phases taking ``share`` and ``1 - share`` of ``cfg``'s training."""
+    if cfg.max_steps is not None:
+        first = max(1, round(cfg.max_steps * share))
+        return {"max_steps": first}, {"max_steps": max(1, cfg.max_steps - first)}
+    return {"num_train_epochs": cfg.num_train_epochs * share}, {"num_train_epochs": cfg.num_train_epochs * (1 - share)}
+
+
+def resolve(distill: DistillSpec, *, match: str = "logit", strategy: Any = None, topk_data: bool = False) -> Settings:
+    """The settings a run trains with.
+
+    ``distill`` is the spec's section (what the user wrote wins), ``strategy`` the plan's (None for
+    ``stratos distill`` without a plan), ``match`` the pair's signal ('logit', 'topk', 'text'; see
+    ``stratos.plan.matching``) and ``topk_data`` whether the training data will carry an API teacher's
+    top-k log-probs (``synth.top_logprobs`` with teacher generations)."""
+    base = _base(distill, strategy)
+    written = distill.model_fields_set
+    reasons: list[str] = []
+    if distill.phases:
+        raw = [(c, "phase from the spec (distill.phases)") for c in distill.phase_configs()]
+    elif "algorithm" in written:
+        raw = [(base, "the algorithm the spec names (distill.algorithm)")]
+    elif strategy is not None and strategy.kind == "injection" and get_algorithm("kd").needs_teacher(base):
+        sft, kd = _split(base, INJECTION_SFT_SHARE)
+        raw = [(base.model_copy(update={"algorithm": "sft", **sft}),
+                "knowledge injection: SFT first, on the checked data and the rules corpus, so the student learns "
+                "the domain from the task itself"),
+               (base.model_copy(update={"algorithm": "kd", **kd}),
+                f"then KD with kd_ratio {base.kd_ratio:g} (weighted by how often the teacher is right)")]
+    else:
+        algo = "kd" if get_algorithm("kd").needs_teacher(base) else "sft"
+        why = ("KD: the loss needs the teacher" if algo == "kd" else
+               "SFT: loss ce (or kd_ratio 0) needs no teacher; the student learns the data's answers")
+        raw = [(base.model_copy(update={"algorithm": algo}), why)]
+
+    phases = []
+    for cfg, why in raw:
+        algo = get_algorithm(cfg.algorithm)
+        cfg = algo.configure(cfg)
+        needs = algo.needs_teacher(cfg)
+        if needs and match == "text":
+            cfg = get_algorithm("sft").configure(cfg.model_copy(update={"algorithm": "sft"}))
+            why += ("; SFT instead: teacher and student share no vocabulary and the teacher's weights are not usable "
+                    "for logit KD, so the student learns from its text (loss ce)")
+            needs = False
+        elif needs and match == "topk":
+            if topk_data:
+                cfg = cfg.model_copy(update={"teacher_signal": "topk"})
+            else:
+                cfg = get_algorithm("sft").configure(cfg.model_copy(update={"algorithm": "sft"}))
+                why += ("; SFT instead: an API teacher's only KD signal is the top-k log-probs of its own "
+                        "generations, and the data will carry none (synth.top_logprobs 0, or no teacher generations)")
+                needs = False
+        phases.append(Phase(cfg.algorithm, cfg.model_dump(mode="json"), needs, why))
+    signal = "none" if not any(p.needs_teacher for p in phases) else "topk" if match == "topk" else "hidden"
+    for i, p in enumerate(phases):
+        prefix = f"phase {i + 1} of {len(phases)}: " if len(phases) > 1 else "training: "
+        reasons.append(f"{prefix}{p.label}: {p.reason}")
+    if signal == "hidden":
+        mode = phases[-1].config["teacher_signal"] if phases else "cached"
+        reasons.append(f"teacher signal: its last hidden states ({mode}), exact logits recomputed on the student side")
+    elif signal == "topk":
+        reasons.append("teacher signal: the API's top-k log-probs stored with its generations")
+    if strategy is not None and getattr(strategy, "on_policy", False):
+        reasons.append("off-policy: on-policy KD would suit these long, multi-step answers, but this engine "
+                       "trains on fixed data only")
+    return Settings(phases, match, signal, reasons)
+
+
+def recovery_config(distill: DistillSpec) -> DistillSpec:
+    """The options of compression recovery: KD from the unpruned model (same tokenizer, so logit KD
+    always works), with the spec's divergence when it has one, else forward KL at kd_ratio 1."""
+    cfg = distill.model_copy(update={"algorithm": "kd", "phases": None})
+    if not get_algorithm("kd").needs_teacher(cfg):
+        cfg = cfg.model_copy(update={"loss": "fkl", "kd_ratio": 1.0})
+    return cfg

@@ -1,0 +1,233 @@
+"""Training settings decided once (stratos.distill.recipe): every branch of the rule, the run executing
+exactly plan.json's settings, `stratos distill --plan` resolving the same, and a SIGKILLed two-phase
+run resuming to the weights of an uninterrupted one."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from stratos.distill.algorithms import ALGORITHMS, register_algorithm, student_terms
+from stratos.distill.recipe import Settings, resolve
+from stratos.distill.trainer import BOOKKEEPING
+from stratos.models.tiny import build_tokenizer, save_model, tiny_llama
+from stratos.plan.strategy import Strategy
+from stratos.spec import DistillSpec, SpecError, load_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def strategy(kind: str = "alignment", loss: str = "fkl", kd_ratio: float = 0.5, epochs: float = 3.0,
+             on_policy: bool = False) -> Strategy:
+    return Strategy(kind, loss, kd_ratio, on_policy, False, kind == "injection", 0, 1, True, 100, epochs)
+
+
+def algos(s: Settings) -> list[tuple[str, str, float, bool]]:
+    return [(p.algorithm, p.config["loss"], p.config["kd_ratio"], p.needs_teacher) for p in s.phases]
+
+
+# --------------------------------------------------------------------------- the rule, branch by branch
+
+
+def test_alignment_is_one_kd_phase_on_the_teachers_hidden_states():
+    s = resolve(DistillSpec(), match="logit", strategy=strategy("alignment", "rkl", 0.9, 2.0))
+    assert algos(s) == [("kd", "rkl", 0.9, True)] and s.signal == "hidden" and s.needs_teacher_model
+    assert s.phases[0].config["num_train_epochs"] == 2.0 and not s.on_policy
+
+
+def test_injection_is_sft_first_then_kd_splitting_the_epochs():
+    s = resolve(DistillSpec(), match="logit", strategy=strategy("injection", "fkl", 0.2, 4.0))
+    assert algos(s) == [("sft", "ce", 0.0, False), ("kd", "fkl", 0.2, True)]
+    assert [p.config["num_train_epochs"] for p in s.phases] == [3.0, 1.0]
+    assert s.reasons[0].startswith("phase 1 of 2: sft") and "SFT first" in s.reasons[0]
+    # max_steps written: the steps are split instead
+    s = resolve(DistillSpec(max_steps=40), match="logit", strategy=strategy("injection", "fkl", 0.2))
+    assert [p.config["max_steps"] for p in s.phases] == [30, 10]
+
+
+@pytest.mark.parametrize("match,topk_data,expected,signal", [
+    ("text", False, [("sft", "ce", 0.0, False)], "none"),  # other tokenizers: the teacher's text only
+    ("topk", True, [("kd", "fkl", 0.5, True)], "topk"),  # an API teacher whose data carries top-k
+    ("topk", False, [("sft", "ce", 0.0, False)], "none"),  # an API teacher without them
+])
+def test_a_pair_without_a_usable_signal_trains_on_text(match, topk_data, expected, signal):
+    s = resolve(DistillSpec(), match=match, strategy=strategy(), topk_data=topk_data)
+    assert algos(s) == expected and s.signal == signal
+    if signal == "none":
+        assert "SFT instead" in s.phases[0].reason and not s.needs_teacher_model
+    if signal == "topk":
+        assert s.phases[0].config["teacher_signal"] == "topk" and not s.needs_teacher_model
+
+
+def test_what_the_spec_writes_wins_over_the_plan():
+    phases = DistillSpec.model_validate({"phases": [{"algorithm": "sft", "max_steps": 5},
+                                                    {"algorithm": "kd", "loss": "jsd", "learning_rate": 1e-4}]})
+    s = resolve(phases, match="logit", strategy=strategy("injection"))
+    assert algos(s) == [("sft", "ce", 0.0, False), ("kd", "jsd", 1.0, True)]
+    assert s.phases[0].config["max_steps"] == 5 and s.phases[1].config["learning_rate"] == 1e-4
+    one = resolve(DistillSpec.model_validate({"algorithm": "sft"}), match="logit", strategy=strategy("injection"))
+    assert algos(one) == [("sft", "ce", 0.0, False)]
+    # Without a plan (stratos distill): the section alone.
+    assert algos(resolve(DistillSpec(loss="ce", kd_ratio=0.0))) == [("sft", "ce", 0.0, False)]
+    assert algos(resolve(DistillSpec())) == [("kd", "fkl", 1.0, True)]
+
+
+def test_on_policy_is_said_as_what_the_run_does_not_do():
+    s = resolve(DistillSpec(), match="logit", strategy=strategy(on_policy=True))
+    assert not s.on_policy and any("off-policy" in r for r in s.reasons)
+    assert Settings.from_dict(json.loads(json.dumps(s.to_dict()))) == s
+
+
+def test_bad_algorithm_and_phases_are_spec_errors(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text("task: {name: arithmetic}\nteachers: [{model: t}]\nstudents: [{model: s}]\n"
+                    "distill:\n  algorithm: grpo-ish\n  phases:\n    - {algorithm: sft, learning_rate: -1}\n"
+                    "    - {loss: fkl}\n")
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    got = "\n".join(info.value.problems)
+    assert "line 5: distill.algorithm: unknown algorithm 'grpo-ish'; registered: kd, sft" in got
+    assert "line 7: distill.phases[0].learning_rate: Input should be greater than 0" in got
+    assert "line 8: distill.phases[1].algorithm: required field is missing" in got
+
+
+def test_a_registered_algorithm_runs_through_the_one_loop(tmp_path, tiny_tokenizer):
+    """An algorithm is a plug-in of a few lines; per-token weights need no special case in the loop:
+    weights of 1 train as SFT does, weights of 0 leave the student as it was."""
+    from conftest import addition_records
+
+    from stratos.distill import distill
+
+    scale = {"w": 1.0}
+
+    @register_algorithm("weighted_sft", needs_teacher=lambda cfg: False)
+    def weighted_sft(ctx, batch):
+        return student_terms(ctx, batch.with_weights(torch.full((batch.num_targets,), scale["w"])))
+
+    def train(algorithm: str, w: float, out: str) -> dict[str, torch.Tensor]:
+        scale["w"] = w
+        model = tiny_llama(tiny_tokenizer, seed=3)
+        cfg = DistillSpec(algorithm=algorithm, loss="ce", kd_ratio=0.0, max_steps=3, report_to=[],
+                          per_device_train_batch_size=4, bf16=False)
+        distill(model, tiny_tokenizer, addition_records(16, digits=2), cfg, tmp_path / out, progress=False)
+        return {k: v.clone() for k, v in model.state_dict().items()}
+
+    try:
+        initial = tiny_llama(tiny_tokenizer, seed=3).state_dict()
+        sft, ones, zeros = train("sft", 1.0, "sft"), train("weighted_sft", 1.0, "ones"), train("weighted_sft", 0.0, "zeros")
+        assert any(not torch.equal(sft[k], initial[k]) for k in sft)  # it trained
+        assert all(torch.allclose(sft[k], ones[k], atol=1e-6) for k in sft)
+        assert all(torch.equal(zeros[k], initial[k]) for k in zeros)
+    finally:
+        ALGORITHMS.pop("weighted_sft")
+
+
+# --------------------------------------------------------------------------- the run executes plan.json's settings
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    base = tmp_path_factory.mktemp("settings-models")
+    tok = build_tokenizer(vocab_size=260)
+    teacher = save_model(tiny_llama(tok, hidden_size=48, num_hidden_layers=2, seed=1), tok, base / "teacher")
+    student = save_model(tiny_llama(tok, hidden_size=32, num_hidden_layers=1, seed=2), tok, base / "student")
+    return base, teacher, student
+
+
+def _spec(path: Path, teacher: Path, student: Path, **distill) -> Path:
+    spec = {
+        "name": "settings",
+        "task": {"name": "arithmetic", "options": {"digits": 1}, "train_size": 32, "eval_size": 8},
+        "teachers": [{"model": str(teacher)}], "students": [{"model": str(student)}],
+        "plan": {"servers": ["local"], "probe_size": 4, "probe_rules": False, "probe_max_new_tokens": 4},
+        "synth": {"samples_per_prompt": 1, "max_new_tokens": 4, "prompts": 4, "reverse_synthesis": 32},
+        "distill": {"max_steps": 4, "save_steps": 2, "per_device_train_batch_size": 8, "learning_rate": 1e-3,
+                    "max_length": 160, "report_to": [], **distill},
+    }
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+@pytest.mark.parametrize("competent,phases", [(0.0, ["kd"]), (1.0, ["sft", "kd"])], ids=["alignment", "injection"])
+def test_the_run_trains_exactly_the_plans_settings(models, tmp_path, monkeypatch, competent, phases):
+    from stratos.runner import run
+
+    base, teacher, student = models
+    monkeypatch.setenv("STRATOS_CACHE", str(base / "cache"))  # one machine profile for the module
+    data = yaml.safe_load(_spec(tmp_path / "s.yaml", teacher, student).read_text())
+    data["plan"]["competent_accuracy"] = competent  # 0: any teacher is competent; 1: none is
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(data))
+    spec = load_spec(tmp_path / "s.yaml")
+    run_dir = tmp_path / "run"
+    manifest = run(spec, run_dir, until="distill", progress=False).data
+    plan = json.loads((run_dir / "plan" / "plan.json").read_text())
+    executed = manifest["stages"]["distill"]["artifacts"]
+    assert executed["settings"] == plan["settings"] and executed["phases"] == phases
+    assert all(r in plan["reasons"] for r in plan["settings"]["reasons"])  # the plan says what runs
+    # What each phase trained with, as its checkpoint recorded it, is the plan's config for that phase.
+    dirs = [run_dir / "distill"] if len(phases) == 1 else \
+        [run_dir / "distill" / f"phase-{i + 1}-{a}" for i, a in enumerate(phases)]
+    for d, p in zip(dirs, plan["settings"]["phases"]):
+        ckpt = sorted((d / "checkpoints").glob("step-*"))[-1]
+        made_from = json.loads((ckpt / "state.json").read_text())["made_from"]["config"]
+        assert made_from == {k: v for k, v in p["config"].items() if k not in BOOKKEEPING}
+    assert (run_dir / "distill" / "model" / "model.safetensors").is_file()
+
+    if len(phases) > 1:  # `stratos distill --plan` resolves and trains the same settings
+        from stratos.cli import main
+
+        out = tmp_path / "cli"
+        with pytest.raises(SystemExit) as info:
+            main(["distill", str(tmp_path / "s.yaml"), "--plan", str(run_dir / "plan" / "plan.json"),
+                  "--data", str(run_dir / "synth" / "data.jsonl"), "--out", str(out)])
+        assert info.value.code in (0, None)
+        assert json.loads((out / "result.json").read_text())["settings"] == plan["settings"]
+        a = load_file(str(run_dir / "distill" / "model" / "model.safetensors"))
+        b = load_file(str(out / "model" / "model.safetensors"))
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_killed_two_phase_run_resumes_to_the_same_weights(models, tmp_path):
+    from stratos.cli import main
+
+    base, teacher, student = models
+    spec = _spec(tmp_path / "s.yaml", teacher, student, max_steps=None, save_steps=1, phases=[
+        {"algorithm": "sft", "max_steps": 6}, {"algorithm": "kd", "loss": "rkl", "kd_ratio": 0.5, "max_steps": 16}])
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{a}+{b}=", "response": str(a + b)}) + "\n"
+                            for a in range(10) for b in range(10)))
+    env = {**os.environ, "STRATOS_CACHE": str(base / "cache"), "PYTHONPATH": str(ROOT / "src")}
+
+    # The reference: uninterrupted, in this process.
+    with pytest.raises(SystemExit):
+        main(["distill", str(spec), "--data", str(data), "--out", str(tmp_path / "full")])
+    # The same command in a subprocess, SIGKILLed once phase 2 has checkpoints.
+    killed = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "stratos.cli", "distill", str(spec), "--data", str(data), "--out", str(killed)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not any(p.name >= "step-0000004" for p in killed.glob("phase-2-kd/checkpoints/step-*")):
+        assert proc.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "model").exists() and (killed / "phase-1-sft" / "model").is_dir()
+    again = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True, timeout=180)
+    assert again.returncode == 0, again.stdout + again.stderr
+    result = json.loads((killed / "result.json").read_text())
+    assert [p["steps"] for p in result["phases"]] == [6, 16] and result["phases"][1]["resumed_from"] >= 4
+    a = load_file(str(tmp_path / "full" / "model" / "model.safetensors"))
+    b = load_file(str(killed / "model" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    rows = [json.loads(x) for x in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert {r["phase"] for r in rows} == {1, 2} and rows[-1]["step"] == 22
