@@ -96,7 +96,7 @@ def test_bad_algorithm_and_phases_are_spec_errors(tmp_path):
     with pytest.raises(SpecError) as info:
         load_spec(path)
     got = "\n".join(info.value.problems)
-    assert "line 5: distill.algorithm: unknown algorithm 'grpo-ish'; registered: kd, sft" in got
+    assert "line 5: distill.algorithm: unknown algorithm 'grpo-ish'; registered: kd, rft, sft" in got
     assert "line 7: distill.phases[0].learning_rate: Input should be greater than 0" in got
     assert "line 8: distill.phases[1].algorithm: required field is missing" in got
 
@@ -231,3 +231,42 @@ def test_a_killed_two_phase_run_resumes_to_the_same_weights(models, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     rows = [json.loads(x) for x in (killed / "metrics.jsonl").read_text().splitlines()]
     assert {r["phase"] for r in rows} == {1, 2} and rows[-1]["step"] == 22
+
+
+# --------------------------------------------------------------------------- rft, an algorithm with a batch source
+
+
+def test_rft_samples_checks_and_trains_in_rounds_and_resumes_exactly(tmp_path, tiny_tokenizer):
+    """Rejection fine-tuning through the one loop: the student samples answers, the task's verifier
+    keeps the right ones (the coin task: about half of a random model's), each round trains on them;
+    a run stopped mid-round and resumed reads the round's rows back and ends with the same weights."""
+    from synth_helpers import CoinTask
+
+    from stratos.distill import distill
+    from stratos.tasks import Example, grade, to_records
+
+    task = CoinTask()
+    records = to_records(task, task.examples("train", 12))
+    model = tiny_llama(tiny_tokenizer, seed=4, initializer_range=0.3)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = DistillSpec(algorithm="rft", rft_rounds=2, num_generations=2, max_completion_length=6, max_steps=8,
+                      save_steps=2, learning_rate=1e-3, per_device_train_batch_size=4, report_to=[], bf16=False)
+    full = distill(model, tiny_tokenizer, records, cfg, tmp_path / "full", task=task, progress=False)
+    assert full.steps == 8
+    rows = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    rounds = [r for r in rows if "rft_round" in r]
+    assert [r["step"] for r in rounds] == [1, 5] and all(0 < r["rft_acceptance"] < 1 for r in rounds)
+    kept = [json.loads(x) for x in (tmp_path / "full" / "rft" / "round-0.jsonl").read_text().splitlines()]
+    assert len(kept) == rounds[0]["rft_new_rows"] > 0
+    assert all(grade(task, Example(r["id"], r["prompt"], r["answer"], r["type"]), r["response"])[1].correct
+               for r in kept)  # only what the verifier accepted was kept
+    assert len({(r["prompt"], r["response"].strip()) for r in kept}) == len(kept)
+
+    model.load_state_dict(start)  # the same start, stopped after 6 steps (mid round 1), then resumed
+    distill(model, tiny_tokenizer, records, cfg, tmp_path / "cut", task=task, progress=False, stop_after=6)
+    model.load_state_dict(start)
+    distill(model, tiny_tokenizer, records, cfg, tmp_path / "cut", task=task, progress=False)
+    a = load_file(str(tmp_path / "full" / "model" / "model.safetensors"))
+    b = load_file(str(tmp_path / "cut" / "model" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "cut" / "rft" / "round-1.jsonl").read_text() == (tmp_path / "full" / "rft" / "round-1.jsonl").read_text()

@@ -191,28 +191,6 @@ def test_sigkilled_synth_resumes_without_redoing_finished_requests(tiny_served, 
     assert len(list(out.glob("requests/*/*.json"))) == 12 and res.stats["prompts"] == 12
 
 
-def test_rft_rounds_sample_with_the_improved_student(tiny_served, tmp_path):
-    from stratos.synth import rft
-
-    _, path = tiny_served
-    spec = parse_spec({
-        "task": {"name": "arithmetic", "options": {"digits": 1}, "train_size": 6, "eval_size": 2},
-        "teachers": [{"model": str(path)}],
-        "students": [{"model": str(path)}],
-        "synth": {"samples_per_prompt": 2, "max_new_tokens": 6, "reverse_synthesis": 6},
-        "distill": {"max_steps": 3, "per_device_train_batch_size": 4, "report_to": [], "bf16": False,
-                    "learning_rate": 1e-3},
-    })
-    rounds = rft(spec, tmp_path, rounds=2, progress=False)
-    assert [r.round for r in rounds] == [0, 1]
-    assert rounds[0].sampler == str(path) and rounds[1].sampler == "student-round-0"
-    assert rounds[1].rows == rounds[0].rows + rounds[1].new_rows >= rounds[0].rows > 0
-    assert all((r.model_dir / "model.safetensors").is_file() for r in rounds)
-    assert len(read_jsonl(rounds[1].data_path)) == rounds[1].rows
-    # The student sampled round 1 itself: its requests are in round 1's cache.
-    assert len(list((tmp_path / "round-1" / "synth" / "requests").glob("*/*.json"))) == 6
-
-
 def test_topk_buckets_are_distributions_and_full_k_is_exact_kd():
     import torch
 

@@ -106,7 +106,7 @@ def distill(
     out: Path = typer.Option(Path("runs/distill"), "--out", "-o", help="Output folder: checkpoints, metrics, model/."),
     plan: Optional[Path] = typer.Option(None, "--plan", help="plan.json of `stratos plan` (with a spec): train exactly "
                                         "the settings `stratos run` would (phases, losses, teacher signal)."),
-    algorithm: Optional[str] = typer.Option(None, help="Training algorithm: sft, kd, or a registered one."),
+    algorithm: Optional[str] = typer.Option(None, help="Training algorithm: sft, kd, rft (rejection fine-tuning; needs a spec for its task), or a registered one."),
     loss: Optional[str] = typer.Option(None, help="Divergence: fkl, rkl, jsd, skl, srkl, tvd, akl, ce."),
     signal: Optional[str] = typer.Option(None, help="Teacher signal: cached (default) or online."),
     temperature: Optional[float] = typer.Option(None, help="Softmax temperature of the KD term."),
@@ -211,8 +211,10 @@ def distill(
         if discard:  # --overwrite: only now that the data and models have loaded, so a bad file discards nothing
             for d in trained:
                 shutil.rmtree(d.parent if d.parent != out else d)
+        from stratos.tasks import task_from_spec
+
         result = run_phases(model, tok, records, settings, out, teacher=t_model, teacher_tokenizer=t_tok, resume=resume,
-                            evaluator=evaluator)
+                            evaluator=evaluator, task=task_from_spec(task_spec) if task_spec is not None else None)
     except (DataError, FileNotFoundError, KeyError, ValueError) as e:
         fail(str(e).strip('"'))
     m = result.final_metrics

@@ -200,8 +200,10 @@ def stage_distill(ctx: Context) -> dict[str, Any]:
 
     evaluator = evaluator_for(spec.task, tok, settings, max_new_tokens=spec.eval.max_new_tokens,
                               batch_size=spec.eval.batch_size)
+    from stratos.tasks import task_from_spec
+
     res = run_phases(student, tok, records, settings, ctx.dir, teacher=teacher, teacher_tokenizer=t_tok,
-                     resume=ctx.resume, progress=ctx.progress, evaluator=evaluator)
+                     resume=ctx.resume, progress=ctx.progress, evaluator=evaluator, task=task_from_spec(spec.task))
     return {"model": ctx.rel(res.model_dir), "metrics_path": ctx.rel(ctx.dir / "metrics.jsonl"),
             "steps": res.steps, "tokens_per_second": res.tokens_per_second,
             "phases": [p.algorithm for p in settings.phases], "loss": settings.phases[-1].config["loss"],

@@ -184,6 +184,10 @@ class _TrainingOptions(_Strict):
     logging_steps: int = Field(10, gt=0)
     report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(default_factory=lambda: ["tensorboard"])
     seed: int = 0
+    rft_rounds: int = Field(2, gt=0, description="Algorithm rft: rounds of sampling and training.")
+    num_generations: int = Field(4, gt=0, description="Algorithm rft: answers the student samples per train prompt "
+                                 "each round (at `temperature`).")
+    max_completion_length: int = Field(256, gt=0, description="Algorithm rft: tokens a sampled answer may take.")
     eval_steps: int | None = Field(None, gt=0, description="Score eval_samples examples of the task's eval split "
                                    "(greedy generation, the task's verifier) every N optimizer steps and at the last "
                                    "step; logged as eval_accuracy in metrics.jsonl. None: no evaluation while training.")

@@ -122,6 +122,7 @@ def distill(
     progress: bool = True,
     stop_after: int | None = None,
     evaluator: Any = None,
+    task: Any = None,
 ) -> DistillResult:
     """Distil ``teacher`` (or a ready ``signal``) into ``student`` on ``records``; save the student.
 
@@ -160,10 +161,14 @@ def distill(
         )
     if cfg.lora is not None:
         student = apply_lora(student, cfg)
+    source = None
+    if algo.source is not None:  # e.g. rft's rounds of student samples checked by the task's verifier
+        source = algo.source(records=records, examples=examples, tokenizer=tokenizer, cfg=cfg, out_dir=out_dir,
+                             task=task, pad_id=tokenizer.pad_token_id)
     t0 = time.perf_counter()
     res: TrainResult = train(
         student, examples, cfg, out_dir, pad_id=tokenizer.pad_token_id, signal=signal,
-        resume=resume, progress=progress, stop_after=stop_after, evaluator=evaluator,
+        resume=resume, progress=progress, stop_after=stop_after, evaluator=evaluator, source=source,
     )
     model_dir = out_dir / "model"
     save_student(student, tokenizer, model_dir)
@@ -193,6 +198,7 @@ def run_phases(
     resume: bool = True,
     progress: bool = True,
     evaluator: Any = None,
+    task: Any = None,
 ) -> DistillResult:
     """Train the phases of ``settings`` (``stratos.distill.recipe.Settings``) one after the other.
 
@@ -210,7 +216,7 @@ def run_phases(
     def run(phase: Any, model: Any, where: Path) -> DistillResult:
         return distill(model, tokenizer, records, phase.spec, where, teacher=teacher if phase.needs_teacher else None,
                        teacher_tokenizer=teacher_tokenizer if phase.needs_teacher else None, resume=resume,
-                       progress=progress, evaluator=evaluator)
+                       progress=progress, evaluator=evaluator, task=task)
 
     if len(phases) == 1:
         result = run(phases[0], student, out_dir)

@@ -54,6 +54,9 @@ class Algorithm:
     needs_teacher: Callable[[Any], bool]  # (DistillSpec) -> does it need the teacher's signal with these settings
     configure: Callable[[Any], Any]  # (DistillSpec) -> the settings it trains with (e.g. sft: loss ce)
     description: str
+    # Where its batches come from (stratos.distill.sources), built from keyword arguments records,
+    # examples, tokenizer, cfg, out_dir, task, pad_id; None: the fixed training data.
+    source: Callable[..., Any] | None = None
 
 
 ALGORITHMS: dict[str, Algorithm] = {}
@@ -63,10 +66,11 @@ def _same(cfg: Any) -> Any:
     return cfg
 
 
-def register_algorithm(name: str, *, needs_teacher: Callable[[Any], bool],
-                       configure: Callable[[Any], Any] = _same, description: str = "") -> Callable[[Terms], Terms]:
+def register_algorithm(name: str, *, needs_teacher: Callable[[Any], bool], configure: Callable[[Any], Any] = _same,
+                       source: Callable[..., Any] | None = None, description: str = "") -> Callable[[Terms], Terms]:
     def deco(fn: Terms) -> Terms:
-        ALGORITHMS[name] = Algorithm(name, fn, needs_teacher, configure, description or (fn.__doc__ or "").strip())
+        ALGORITHMS[name] = Algorithm(name, fn, needs_teacher, configure, description or (fn.__doc__ or "").strip(),
+                                     source)
         return fn
 
     return deco
@@ -114,4 +118,18 @@ def sft(ctx: StepContext, batch: Batch) -> dict[str, torch.Tensor]:
 def kd(ctx: StepContext, batch: Batch) -> dict[str, torch.Tensor]:
     """Off-policy KD: kd_ratio x the registered divergence to the teacher (its logits recomputed from
     its hidden states, or its top-k log-probs) + (1 - kd_ratio) x cross-entropy, on fixed data."""
+    return student_terms(ctx, batch)
+
+
+def _rejection_source(**context: Any) -> Any:
+    from stratos.distill.sources import RejectionSource
+
+    return RejectionSource(**context)
+
+
+@register_algorithm("rft", needs_teacher=lambda cfg: False, configure=_as_sft, source=_rejection_source)
+def rft(ctx: StepContext, batch: Batch) -> dict[str, torch.Tensor]:
+    """Rejection fine-tuning: each of rft_rounds rounds, the student samples num_generations answers per
+    train prompt, the task's verifier keeps the correct ones, and the round trains (cross-entropy) on the
+    data plus every answer kept so far."""
     return student_terms(ctx, batch)

@@ -26,8 +26,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from stratos.distill.algorithms import StepContext, get_algorithm
-from stratos.distill.data import Encoded, collate, data_fingerprint
+from stratos.distill.data import Encoded, data_fingerprint
 from stratos.distill.head import OutputHead
+from stratos.distill.sources import FixedSource, Schedule, Source  # noqa: F401  (Schedule: public here too)
 from stratos.distill.kd import Objective
 from stratos.distill.signal import TeacherSignal
 from stratos.errors import TrainingError
@@ -107,41 +108,6 @@ def apply_lora(model: Any, cfg: DistillSpec) -> Any:
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, config)
-
-
-# --------------------------------------------------------------------------- data order
-
-
-@dataclass(frozen=True)
-class Schedule:
-    """Which examples each micro-batch holds: a seeded permutation per epoch."""
-
-    num_examples: int
-    batch_size: int
-    accumulation: int
-    total_steps: int
-    seed: int
-
-    @classmethod
-    def from_config(cls, n: int, cfg: DistillSpec) -> "Schedule":
-        per_epoch = math.ceil(n / cfg.per_device_train_batch_size)
-        steps = cfg.max_steps or max(1, math.ceil(cfg.num_train_epochs * per_epoch / cfg.gradient_accumulation_steps))
-        return cls(n, cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps, steps, cfg.seed)
-
-    @property
-    def batches_per_epoch(self) -> int:
-        return math.ceil(self.num_examples / self.batch_size)
-
-    def _perm(self, epoch: int) -> list[int]:
-        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-        return torch.randperm(self.num_examples, generator=g).tolist()
-
-    def micro_batches(self, step: int) -> list[list[int]]:
-        out = []
-        for m in range(step * self.accumulation, (step + 1) * self.accumulation):
-            epoch, b = divmod(m, self.batches_per_epoch)
-            out.append(self._perm(epoch)[b * self.batch_size : (b + 1) * self.batch_size])
-        return out
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -370,6 +336,7 @@ def train(
     device: torch.device | None = None,
     stop_after: int | None = None,
     evaluator: Callable[[Any, int], dict[str, float]] | None = None,
+    source: Source | None = None,
 ) -> TrainResult:
     """Train ``student`` in place on ``examples`` with the objective in ``cfg``.
 
@@ -401,9 +368,10 @@ def train(
     t_head = signal.head.to(device) if signal is not None and signal.head is not None and needs_teacher else None
     ctx = StepContext(student, s_head, t_head, signal if needs_teacher else None, obj, device, bf16)
 
-    sched_data = Schedule.from_config(len(examples), cfg)
+    source = source or FixedSource(examples, cfg, pad_id)
+    total = source.total_steps
     opt = make_optimizer(student, cfg)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, sched_data.total_steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total))
     ckpt_dir = out_dir / "checkpoints"
     origin = made_from(cfg, examples)
     start = 0
@@ -421,14 +389,15 @@ def train(
     metrics = Metrics(out_dir, cfg.report_to, start, cfg.model_dump())
 
     student.train()
-    end = sched_data.total_steps if stop_after is None else min(sched_data.total_steps, start + stop_after)
+    end = total if stop_after is None else min(total, start + stop_after)
     tokens_done, t0, last, last_eval, eval_s = 0, time.perf_counter(), {}, {}, 0.0
     loss_status = eval_status = ""
     window = {"loss": 0.0, "kd": 0.0, "ce": 0.0, "agree": 0.0, "tokens": 0}
-    with progress_bar("distilling", total=sched_data.total_steps, enabled=progress, status=True) as bar:
+    with progress_bar("distilling", total=total, enabled=progress, status=True) as bar:
         bar.advance(start)
         for step in range(start, end):
-            batches = [collate([examples[i] for i in idx], idx, pad_id) for idx in sched_data.micro_batches(step)]
+            made = source.prepare(step, student)  # e.g. this round's rollouts (rft), at the round's first step
+            batches = source.micro_batches(step)
             step_tokens, step_loss = sum(b.num_targets for b in batches), 0.0
             for batch in batches:
                 terms = algo.terms(ctx, batch)
@@ -452,8 +421,8 @@ def train(
             opt.zero_grad(set_to_none=True)
             tokens_done += step_tokens
             done = step + 1
-            row: dict[str, float] = {}  # this step's metrics row: training values, eval values, or both
-            if done % cfg.logging_steps == 0 or done == sched_data.total_steps:
+            row: dict[str, float] = dict(made or {})  # this step's metrics row: training, source and eval values
+            if done % cfg.logging_steps == 0 or done == total:
                 n = max(1, window["tokens"])
                 elapsed = time.perf_counter() - t0
                 last = {
@@ -465,7 +434,7 @@ def train(
                     "grad_norm": grad_norm,
                     "tokens_per_s": tokens_done / max(1e-9, elapsed - eval_s),  # training time only
                     "elapsed_s": elapsed,  # wall time since this call started training
-                    "epoch": done * sched_data.accumulation / sched_data.batches_per_epoch,
+                    "epoch": source.epoch(done),
                 }
                 row.update(last)
                 window = dict.fromkeys(window, 0.0)
@@ -473,7 +442,7 @@ def train(
                 loss_status = f"loss {last['loss']:.4f}  {last['tokens_per_s']:.0f} tok/s"
                 bar.update(status=loss_status + eval_status)
             saving = done % cfg.save_steps == 0 or done == end  # also when stop_after ends this call early
-            if evaluating and (done % cfg.eval_steps == 0 or done == sched_data.total_steps):
+            if evaluating and (done % cfg.eval_steps == 0 or done == total):
                 te = time.perf_counter()
                 last_eval = _evaluate(evaluator, student, done, device)
                 eval_s += time.perf_counter() - te
@@ -493,7 +462,7 @@ def train(
             bar.advance(1)
     metrics.close()
     model_step = None
-    if cfg.load_best_model_at_end and end == sched_data.total_steps:  # not when stop_after ends a call early
+    if cfg.load_best_model_at_end and end == total:  # not when stop_after ends a call early
         model_step = load_best(ckpt_dir, student, evals, end)
     best = best_of(evals) if evals else None
     summary = {**last, **last_eval}

@@ -33,7 +33,7 @@ from stratos.teachers import Budget, GenParams, Price, Sample, Teacher, make_tea
 
 log = logging.getLogger("stratos.synth")
 
-__all__ = ["SynthError", "SynthResult", "budget_of", "price_of", "rft", "run_synth", "teacher_of"]
+__all__ = ["SynthError", "SynthResult", "budget_of", "price_of", "run_synth", "teacher_of"]
 
 
 class SynthError(UserError):
@@ -80,7 +80,7 @@ def run_synth(spec: Spec, out_dir: str | Path, *, plan: Any = None, progress: bo
               teacher: Teacher | None = None) -> SynthResult:
     """Build the stage's dataset in ``out_dir`` (``data.jsonl``, ``stats.json``, ``requests/``).
 
-    ``teacher`` replaces the spec's teacher (e.g. a student sampling for itself in ``rft``)."""
+    ``teacher`` replaces the spec's teacher (e.g. another model sampling in its place)."""
     from stratos.tasks import corpus, grade, task_from_spec, to_records
 
     t0 = time.perf_counter()
@@ -218,6 +218,3 @@ def print_stats(stats: dict[str, Any]) -> None:
         if u.get("budget_stopped"):
             line += f"\n[yellow]stopped by the budget (${stats['budget_usd']:g}); the data so far is kept[/yellow]"
     console.print(line, highlight=False)
-
-
-from stratos.synth.rft import rft  # noqa: E402  (the recipe builds on run_synth)

@@ -1,0 +1,173 @@
+"""Batch sources: where each optimizer step's micro-batches come from.
+
+A source is a pure function of the step number (plus what it wrote to disk), so a checkpoint needs
+only the step to resume with no step lost or repeated:
+
+- :class:`FixedSource`: fixed training examples, a seeded permutation per epoch (SFT, off-policy KD);
+- :class:`RejectionSource`: rejection fine-tuning; each round the student samples answers for the
+  train prompts, the task's verifier keeps the correct ones, and the round trains on the fixed data
+  plus every answer kept so far.
+
+``prepare(step, model)`` runs before a step: a source that makes data from the model (rollouts) does
+it there, at its boundaries, and returns values to log (or None).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from stratos.distill.data import Batch, Encoded, collate, encode
+from stratos.io import read_jsonl, write_jsonl
+
+
+class Source(Protocol):
+    total_steps: int
+
+    def prepare(self, step: int, model: torch.nn.Module) -> dict[str, float] | None: ...
+
+    def micro_batches(self, step: int) -> list[Batch]: ...
+
+    def epoch(self, steps_done: int) -> float: ...
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Which examples each micro-batch holds: a seeded permutation per epoch."""
+
+    num_examples: int
+    batch_size: int
+    accumulation: int
+    total_steps: int
+    seed: int
+
+    @classmethod
+    def from_config(cls, n: int, cfg: Any) -> "Schedule":
+        per_epoch = math.ceil(n / cfg.per_device_train_batch_size)
+        steps = cfg.max_steps or max(1, math.ceil(cfg.num_train_epochs * per_epoch / cfg.gradient_accumulation_steps))
+        return cls(n, cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps, steps, cfg.seed)
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return math.ceil(self.num_examples / self.batch_size)
+
+    def _perm(self, epoch: int) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        return torch.randperm(self.num_examples, generator=g).tolist()
+
+    def micro_batches(self, step: int) -> list[list[int]]:
+        out = []
+        for m in range(step * self.accumulation, (step + 1) * self.accumulation):
+            epoch, b = divmod(m, self.batches_per_epoch)
+            out.append(self._perm(epoch)[b * self.batch_size : (b + 1) * self.batch_size])
+        return out
+
+
+class FixedSource:
+    """Fixed examples in a seeded order: today's SFT and off-policy KD data."""
+
+    def __init__(self, examples: Sequence[Encoded], cfg: Any, pad_id: int):
+        self.examples, self.pad_id = examples, pad_id
+        self.schedule = Schedule.from_config(len(examples), cfg)
+        self.total_steps = self.schedule.total_steps
+
+    def prepare(self, step: int, model: torch.nn.Module) -> dict[str, float] | None:
+        return None
+
+    def micro_batches(self, step: int) -> list[Batch]:
+        return [collate([self.examples[i] for i in idx], idx, self.pad_id) for idx in self.schedule.micro_batches(step)]
+
+    def epoch(self, steps_done: int) -> float:
+        return steps_done * self.schedule.accumulation / self.schedule.batches_per_epoch
+
+
+class RejectionSource:
+    """Rejection fine-tuning (RFT) as a batch source, for ``rft_rounds`` rounds of equal length.
+
+    At the first step of round r the student samples ``num_generations`` answers (``temperature``,
+    at most ``max_completion_length`` tokens, seeded by (seed, r)) for every training record that
+    carries a checkable ``answer``; the task's verifier keeps the correct ones, new (prompt, answer)
+    pairs only. They are written to ``out_dir/rft/round-r.jsonl`` before the round trains, so a resumed
+    run reads them instead of sampling again. Round r trains on the fixed records plus the rows kept in
+    rounds 0..r, in a seeded order; a round lasts as many steps as ``num_train_epochs`` (or
+    ``max_steps`` / ``rft_rounds``) over the fixed records alone."""
+
+    def __init__(self, records: Sequence[dict[str, Any]], examples: Sequence[Encoded], tokenizer: Any, cfg: Any,
+                 out_dir: Path, task: Any, pad_id: int):
+        from stratos.errors import TrainingError
+
+        if task is None:
+            raise TrainingError("algorithm rft needs the task, to check the student's answers: run it from a spec "
+                                "(stratos run, or stratos distill SPEC)")
+        self.records, self.fixed, self.tokenizer, self.cfg = records, list(examples), tokenizer, cfg
+        self.dir, self.task, self.pad_id = Path(out_dir) / "rft", task, pad_id
+        self.prompts = [r for r in records if "prompt" in r and "answer" in r]  # the verifier needs the reference
+        rounds = cfg.rft_rounds
+        per_round = Schedule.from_config(len(self.fixed), cfg.model_copy(update={"max_steps": None})).total_steps
+        self.steps_per_round = max(1, cfg.max_steps // rounds) if cfg.max_steps else per_round
+        self.total_steps = self.steps_per_round * rounds
+        self._round, self._examples, self._schedule = -1, self.fixed, None
+
+    def _round_path(self, r: int) -> Path:
+        return self.dir / f"round-{r}.jsonl"
+
+    def _sample(self, r: int, model: torch.nn.Module, seen: set[tuple[str, str]]) -> tuple[list[dict], float]:
+        from stratos.models.generate import generate
+        from stratos.tasks import Example, grade
+
+        gens = generate(model, self.tokenizer, [p["prompt"] for p in self.prompts],
+                        max_new_tokens=self.cfg.max_completion_length, n=self.cfg.num_generations,
+                        temperature=self.cfg.temperature, seed=self.cfg.seed * 1_000_003 + r)
+        kept, correct, total = [], 0, 0
+        for rec, outs in zip(self.prompts, gens):
+            ex = Example(id=str(rec.get("id", "")), question=rec["prompt"], answer=rec["answer"],
+                         type=str(rec.get("type", "default")))
+            for g in outs:
+                total += 1
+                if not grade(self.task, ex, g.text)[1].correct:
+                    continue
+                correct += 1
+                key = (rec["prompt"], g.text.strip())
+                if key not in seen:
+                    seen.add(key)
+                    kept.append({"prompt": rec["prompt"], "response": g.text, "answer": rec["answer"],
+                                 "type": ex.type, "id": ex.id, "source": "rft", "round": r})
+        return kept, correct / max(1, total)
+
+    def prepare(self, step: int, model: torch.nn.Module) -> dict[str, float] | None:
+        r = step // self.steps_per_round
+        if r == self._round:
+            return None
+        seen = {(x["prompt"], x["response"].strip()) for x in self.records if "prompt" in x and "response" in x}
+        rows: list[dict] = []
+        for k in range(r):  # rounds before this one were sampled before their checkpoints: read them back
+            rows += read_jsonl(self._round_path(k)) if self._round_path(k).is_file() else []
+        seen |= {(x["prompt"], x["response"].strip()) for x in rows}
+        info = None
+        path = self._round_path(r)
+        if path.is_file():
+            new = read_jsonl(path)
+        else:
+            new, acceptance = self._sample(r, model, seen)
+            write_jsonl(path, new)  # before the round trains: a resume reads it instead of sampling again
+            info = {"rft_round": float(r), "rft_acceptance": acceptance, "rft_new_rows": float(len(new))}
+        extra, _ = encode(rows + new, self.tokenizer, self.cfg.max_length)
+        self._examples = self.fixed + extra
+        self._schedule = Schedule(len(self._examples), self.cfg.per_device_train_batch_size,
+                                  self.cfg.gradient_accumulation_steps, self.steps_per_round, self.cfg.seed + r)
+        self._round = r
+        return info
+
+    def micro_batches(self, step: int) -> list[Batch]:
+        local = step - self._round * self.steps_per_round
+        # Indices past the fixed examples are this round's rows: no teacher signal is cached for them,
+        # which is why rft trains with SFT only.
+        return [collate([self._examples[i] for i in idx], idx, self.pad_id) for idx in self._schedule.micro_batches(local)]
+
+    def epoch(self, steps_done: int) -> float:
+        return steps_done / self.steps_per_round  # in rounds
