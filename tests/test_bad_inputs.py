@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -47,8 +48,15 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return path
 
 
-def test_the_corpus_is_large_enough():
+def test_the_corpus_is_large_enough_and_committed_whole():
     assert len(CASES) >= 60, f"{len(CASES)} cases"
+    # A case file git ignores (e.g. a runs/ folder) is missing from a fresh clone: the case would then
+    # test something else, or start a real run.
+    git = shutil.which("git")
+    if git and (HERE.parent / ".git").exists():
+        ignored = subprocess.run([git, "ls-files", "--others", "--ignored", "--exclude-standard", str(HERE / "bad_inputs")],
+                                 capture_output=True, text=True, cwd=HERE.parent).stdout.split()
+        assert not ignored, f"ignored by git, so missing from a clone: {ignored}"
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda p: p.name)

@@ -139,7 +139,9 @@ def choose_strategy(probe: TeacherProbe, task: TaskProfile, m: Match, *, compete
 
     if m.mode == "text":
         loss, kd_ratio = "ce", 0.0
-        reasons.append("loss ce: with text-only distillation the teacher's outputs are the targets")
+        reasons.append("loss ce: teacher and student share no vocabulary, so there is no logit KD; the student learns "
+                       "the text of its data (" + ("the teacher's verified answers" if teacher_generates else
+                                                   "oracle-checked answers") + ")")
     elif m.mode == "topk" and not teacher_generates:
         loss, kd_ratio = "ce", 0.0
         reasons.append("loss ce: an API teacher returns log-probs only for its own generations, and the training "
