@@ -18,6 +18,7 @@ from typer.core import TyperGroup
 
 from stratos.spec import SpecError, load_spec
 
+
 class _Commands(TyperGroup):
     """The command group, and the one place that turns every error a user can fix (a ``UserError``:
     bad spec, bad data, missing model, diverged run) into one ``error:`` line per problem and exit
@@ -184,16 +185,16 @@ def distill(
     if discard and not overwrite:
         fail(f"{out} already has checkpoints: pass --resume to continue that run or --overwrite to start over")
     from stratos.distill import load_records, run_phases
+    from stratos.distill.evaluation import evaluator_for
     from stratos.io import DataError
     from stratos.models import load, load_student
+    from stratos.tasks import task_from_spec, to_records
 
     try:
+        task = task_from_spec(task_spec) if task_spec is not None else None
         if data is not None:
             records = load_records(data)  # bad data fails before minutes of model loading
         else:  # the reference answers of the spec's task, as prompt/response pairs
-            from stratos.tasks import task_from_spec, to_records
-
-            task = task_from_spec(task_spec)
             records = to_records(task, task.examples("train", task_spec.train_size, seed=task_spec.seed))
         settings = _distill_settings(cfg, s, the_plan, t_spec, s_spec, records)
         for line in [f"settings: {settings.summary()}", *settings.reasons]:
@@ -201,20 +202,16 @@ def distill(
         if settings.needs_teacher_model and t_spec is None:
             fail(f"{settings.phases[-1].label} needs a teacher: pass --teacher or a spec (or use --algorithm sft)")
         model, tok = load_student(s_spec, task_spec)
-        from stratos.distill.evaluation import evaluator_for
-
         evaluator = evaluator_for(task_spec, tok, settings, max_new_tokens=s.eval.max_new_tokens if s else 64,
-                                  batch_size=s.eval.batch_size if s else 16)
+                                  batch_size=s.eval.batch_size if s else 16, task=task)
         t_model = t_tok = None
         if settings.needs_teacher_model:
             t_model, t_tok = load(t_spec.model, dtype=t_spec.dtype, trust_remote_code=t_spec.trust_remote_code)
         if discard:  # --overwrite: only now that the data and models have loaded, so a bad file discards nothing
             for d in trained:
                 shutil.rmtree(d.parent if d.parent != out else d)
-        from stratos.tasks import task_from_spec
-
         result = run_phases(model, tok, records, settings, out, teacher=t_model, teacher_tokenizer=t_tok, resume=resume,
-                            evaluator=evaluator, task=task_from_spec(task_spec) if task_spec is not None else None)
+                            evaluator=evaluator, task=task)
     except (DataError, FileNotFoundError, KeyError, ValueError) as e:
         fail(str(e).strip('"'))
     m = result.final_metrics

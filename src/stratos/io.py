@@ -170,7 +170,8 @@ def _fingerprint_store() -> Path:
     return cache_dir() / "fingerprints.json"
 
 
-def _file_fingerprint(path: Path) -> str:
+def _file_fingerprint(path: Path, hashed: list[str]) -> str:
+    """A file's sha256, from the cache when its stat is unchanged; appends to ``hashed`` when not."""
     global _FINGERPRINTS_LOADED
     if not _FINGERPRINTS_LOADED:
         _FINGERPRINTS_LOADED = True
@@ -187,17 +188,14 @@ def _file_fingerprint(path: Path) -> str:
         return hit[1]
     digest = sha256_file(path)
     _FINGERPRINTS[key] = (stamp, digest)
-    try:
-        write_json(_fingerprint_store(), _FINGERPRINTS)
-    except OSError:
-        pass  # a read-only cache only costs a re-hash next time
+    hashed.append(key)
     return digest
 
 
 def fingerprint(path: str | Path) -> str:
-    """The content hash of a file or a folder: what every reuse of a result (a run's stage, a
-    checkpoint, a teacher-signal cache) is keyed by, so that an edited file is never mistaken for the
-    one a result was made from.
+    """The content hash of a file or a folder: what a result reused from disk (a run's stages, the
+    request and probe caches of local teachers, task tokenizers, GGUF conversions) is keyed by, so
+    that an edited file is never mistaken for the one a result was made from.
 
     A file's hash is its bytes' sha256; a folder's covers each file's relative path and bytes
     (hidden files, such as half-written temporaries, are left out). Hashes are cached by path,
@@ -205,14 +203,21 @@ def fingerprint(path: str | Path) -> str:
     unchanged multi-GB model folder is read once, not on every run. A missing path raises
     FileNotFoundError."""
     path = Path(path)
+    hashed: list[str] = []
     if path.is_file():
-        return _file_fingerprint(path)
-    if not path.is_dir():
+        digest = _file_fingerprint(path, hashed)
+    elif path.is_dir():
+        h = hashlib.sha256()
+        for f in sorted(p for p in path.rglob("*") if p.is_file()):
+            rel = f.relative_to(path)
+            if not any(part.startswith(".") for part in rel.parts):
+                h.update(f"{rel.as_posix()}\0{_file_fingerprint(f, hashed)}\0".encode())
+        digest = h.hexdigest()
+    else:
         raise FileNotFoundError(f"{path}: no such file or folder")
-    h = hashlib.sha256()
-    for f in sorted(p for p in path.rglob("*") if p.is_file()):
-        rel = f.relative_to(path)
-        if any(part.startswith(".") for part in rel.parts):
-            continue
-        h.update(f"{rel.as_posix()}\0{_file_fingerprint(f)}\0".encode())
-    return h.hexdigest()
+    if hashed:  # one write of the store per call, however many files were new
+        try:
+            write_json(_fingerprint_store(), _FINGERPRINTS)
+        except OSError:
+            pass  # a read-only cache only costs a re-hash next time
+    return digest

@@ -182,7 +182,9 @@ def stage_synth(ctx: Context) -> dict[str, Any]:
 
 def stage_distill(ctx: Context) -> dict[str, Any]:
     from stratos.distill import load_records, run_phases
+    from stratos.distill.evaluation import evaluator_for
     from stratos.models import load, load_student
+    from stratos.tasks import task_from_spec
 
     plan = ctx.plan()
     spec = ctx.spec
@@ -196,14 +198,11 @@ def stage_distill(ctx: Context) -> dict[str, Any]:
         teacher, t_tok = load(t_spec.model, dtype=t_spec.dtype, trust_remote_code=t_spec.trust_remote_code)
     for line in settings.reasons:
         log.info("distill: %s", line)
-    from stratos.distill.evaluation import evaluator_for
-
+    task = task_from_spec(spec.task)
     evaluator = evaluator_for(spec.task, tok, settings, max_new_tokens=spec.eval.max_new_tokens,
-                              batch_size=spec.eval.batch_size)
-    from stratos.tasks import task_from_spec
-
+                              batch_size=spec.eval.batch_size, task=task)
     res = run_phases(student, tok, records, settings, ctx.dir, teacher=teacher, teacher_tokenizer=t_tok,
-                     resume=ctx.resume, progress=ctx.progress, evaluator=evaluator, task=task_from_spec(spec.task))
+                     resume=ctx.resume, progress=ctx.progress, evaluator=evaluator, task=task)
     return {"model": ctx.rel(res.model_dir), "metrics_path": ctx.rel(ctx.dir / "metrics.jsonl"),
             "steps": res.steps, "tokens_per_second": res.tokens_per_second,
             "phases": [p.algorithm for p in settings.phases], "loss": settings.phases[-1].config["loss"],

@@ -579,12 +579,15 @@ def _structure_problems(root: yaml.Node) -> list[str]:
     sizes: dict[int, int] = {}
     active: set[int] = set()
 
+    class Cycle(Exception):
+        pass
+
     def size(node: yaml.Node) -> int:
         key = id(node)
         if key in sizes:
             return sizes[key]
         if key in active:
-            raise RecursionError(node.start_mark.line + 1)
+            raise Cycle(node.start_mark.line + 1)
         active.add(key)
         total = 1
         if isinstance(node, yaml.MappingNode):
@@ -606,28 +609,26 @@ def _structure_problems(root: yaml.Node) -> list[str]:
         if size(root) > MAX_YAML_VALUES:
             return [f"its aliases (&anchor / *alias) expand to more than {MAX_YAML_VALUES:,} values; "
                     "a spec needs a few hundred (is it an alias bomb?)"]
-    except RecursionError as e:
-        line = e.args[0] if e.args and isinstance(e.args[0], int) else None
-        return [f"{'line ' + str(line) + ': ' if line else ''}an alias refers to the value that contains it"]
+    except Cycle as e:
+        return [f"line {e.args[0]}: an alias refers to the value that contains it"]
+    except RecursionError:
+        return ["the values are nested too deeply"]
     return problems
 
 
 def _read_yaml(path: Path) -> tuple[Any, yaml.Node | None]:
+    """The spec's values and its composed document (for line numbers): parsed once, checked for
+    duplicate keys and alias bombs before any value is built."""
     text = _read_text(path)
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"line {mark.line + 1}: " if mark else ""
-        raise SpecError(path, [f"{where}invalid YAML: {getattr(e, 'problem', None) or e}"]) from None
-    if root is None:
-        raise SpecError(path, ["the file is empty; a spec is a mapping of keys to values"])
-    problems = _structure_problems(root)
-    if problems:
-        raise SpecError(path, problems)
-    try:
-        return yaml.safe_load(text), root
-    except yaml.YAMLError as e:  # e.g. a tag the safe loader does not build (!!python/object)
+        if root is None:
+            raise SpecError(path, ["the file is empty; a spec is a mapping of keys to values"])
+        problems = _structure_problems(root)
+        if problems:
+            raise SpecError(path, problems)
+        return yaml.SafeLoader("").construct_document(root), root  # the values, from the same parse
+    except yaml.YAMLError as e:  # bad syntax, or a tag the safe loader does not build (!!python/object)
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}: " if mark else ""
         raise SpecError(path, [f"{where}invalid YAML: {getattr(e, 'problem', None) or e}"]) from None
@@ -636,18 +637,19 @@ def _read_yaml(path: Path) -> tuple[Any, yaml.Node | None]:
 # --------------------------------------------------------------------------- what can be checked without a model
 
 
-def _local_path(name: str, base: Path) -> tuple[Path | None, bool]:
-    """``(path, path_like)``: where a model name points on disk, relative to the spec's folder, if
-    something is there; and whether the name can only be a path (so a missing one is an error
-    rather than a hub id)."""
-    from stratos.models.hub import ALIASES
+def _local_model(name: str, base: Path) -> Path | None:
+    """The absolute path a model name means, relative to the spec's folder: where something is on
+    disk, or where it must be for a name that can only be a path (``hub.is_path_like``); None for an
+    alias or a hub id."""
+    from stratos.models.hub import ALIASES, is_path_like
 
     if name in ALIASES:
-        return None, False
+        return None
     p = Path(name).expanduser()
     p = p if p.is_absolute() else base / p
-    path_like = name.startswith((".", "/", "~")) or name.endswith(".gguf") or name.count("/") > 1 or "\\" in name
-    return (p.resolve() if p.exists() else None), path_like
+    if p.exists():
+        return p.resolve()
+    return p.absolute() if is_path_like(name) or name.endswith(".gguf") else None
 
 
 def check_spec(spec: Spec) -> list[tuple[tuple[Any, ...], str]]:
@@ -711,12 +713,11 @@ def resolve_paths(spec: Spec, base: Path) -> Spec:
     for m in [*spec.teachers, *spec.students]:
         if getattr(m, "backend", "hf") == "openai":
             continue
-        local, path_like = _local_path(m.model, base)
-        if local is not None or path_like:
+        local = _local_model(m.model, base)
+        if local is not None:
             if m.name is None:
                 m.name = m.model
-            p = Path(m.model).expanduser()
-            m.model = str(local or (p if p.is_absolute() else base / p).absolute())
+            m.model = str(local)
     return spec
 
 

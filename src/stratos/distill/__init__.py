@@ -26,7 +26,7 @@ from stratos.distill.kd import Objective, kd_terms
 from stratos.distill.losses import LOSSES, get_loss, register_loss
 from stratos.distill.signal import HiddenStateCache, OnlineTeacher, TeacherSignal, model_fingerprint
 from stratos.distill.topk import TopKSignal, with_teacher_tokens
-from stratos.distill.trainer import TrainResult, apply_lora, objective_from, resolve_bf16, train  # noqa: F401  (public)
+from stratos.distill.trainer import TrainResult, apply_lora, resolve_bf16, train
 from stratos.io import DataError, read_jsonl, replace_dir, write_json, write_jsonl
 from stratos.spec import DistillSpec
 

@@ -91,6 +91,7 @@ def evaluator_for(
     *,
     max_new_tokens: int,
     batch_size: int = 16,
+    task: Any = None,
 ) -> TaskEvaluator | None:
     """The evaluator a run's training options ask for, or None when no phase sets ``eval_steps``.
 
@@ -99,7 +100,7 @@ def evaluator_for(
     ``eval_samples`` of the task's eval split for ``task_spec.seed``, the split the eval stage draws
     from; with phases of different ``eval_samples`` the largest is used (one evaluator serves all).
     Without a task (``task_spec`` None) there is nothing to score: None, with a warning if evaluation
-    was asked."""
+    was asked. ``task``: the task ``task_spec`` describes, when the caller has built it already."""
     asking = [c for c in _configs(cfg) if getattr(c, "eval_steps", None) is not None]
     if not asking:
         return None
@@ -107,9 +108,10 @@ def evaluator_for(
         warnings.warn("eval_steps is set but there is no task to evaluate on (a spec's task section): "
                       "no evaluation while training", stacklevel=2)
         return None
-    from stratos.tasks import task_from_spec
+    if task is None:
+        from stratos.tasks import task_from_spec
 
-    task = task_from_spec(task_spec)
+        task = task_from_spec(task_spec)
     n = max(c.eval_samples for c in asking)
     try:
         examples = task.examples("eval", n, seed=task_spec.seed)

@@ -137,7 +137,7 @@ def resolve(distill: DistillSpec, *, match: str = "logit", strategy: Any = None,
         prefix = f"phase {i + 1} of {len(phases)}: " if len(phases) > 1 else "training: "
         reasons.append(f"{prefix}{p.label}: {p.reason}")
     if signal == "hidden":
-        mode = phases[-1].config["teacher_signal"] if phases else "cached"
+        mode = next(p.config["teacher_signal"] for p in phases if p.needs_teacher)
         reasons.append(f"teacher signal: its last hidden states ({mode}), exact logits recomputed on the student side")
     elif signal == "topk":
         reasons.append("teacher signal: the API's top-k log-probs stored with its generations")

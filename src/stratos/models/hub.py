@@ -148,9 +148,15 @@ def resolve(name: str | os.PathLike, *, weights: bool = True) -> tuple[str, Path
         if why:
             raise ModelError(why)
         return str(path), path
-    if text.startswith((".", "/", "~")) or text.count("/") > 1 or "\\" in text:
+    if is_path_like(text):
         raise ModelError(f"{text}: no such model folder or file")  # a path, never a hub id to try for minutes
     return text, None  # a hub id: transformers resolves (and caches) it (see check_hub)
+
+
+def is_path_like(name: str) -> bool:
+    """Whether a model name can only be a path, never a hub id ('org/name'): so a missing one is an
+    error at once rather than a request to the hub."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
 
 
 def model_identity(name: str | os.PathLike) -> str:
