@@ -13,6 +13,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch a model hub
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+def expected_device() -> str:
+    """What ``device: auto`` must give here; STRATOS_EXPECT_DEVICE makes a GPU check demand CUDA
+    (scripts/gpu_check.sh), so a machine whose CUDA went unseen fails instead of passing on the CPU."""
+    want = os.environ.get("STRATOS_EXPECT_DEVICE")
+    if want:
+        return want
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def addition_records(n: int, seed: int = 0, digits: int = 2) -> list[dict]:
     rng = random.Random(seed)
     hi = 10**digits - 1

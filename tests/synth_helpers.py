@@ -1,4 +1,5 @@
-"""Test helpers for teachers and synthesis: a verifier task for random tiny models, a fault-injecting proxy."""
+"""Test helpers for teachers and synthesis: a verifier task for random tiny models, a spec around it, a
+fault-injecting proxy."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from dataclasses import dataclass, field
 
 import httpx
 
+from stratos.spec import parse_spec
 from stratos.tasks import Example, Score, register_task
 
 
@@ -48,6 +50,26 @@ def make_coin(sub=None):
     return CoinTask()
 
 
+def coin_spec(teacher: dict, *, train_size: int = 8, budget=None, prices=None, **synth):
+    """A spec of the coin task with one teacher (a dict, e.g. ``api(...)``) and small synth settings."""
+    data = {
+        "task": {"name": "coin", "train_size": train_size, "eval_size": 2},
+        "teachers": [teacher],
+        "students": [{"model": "unused"}],
+        "synth": {"samples_per_prompt": 2, "max_new_tokens": 4, "temperature": 1.0, "top_p": 1.0, **synth},
+    }
+    if budget is not None:
+        data["constraints"] = {"budget_usd": budget}
+    if prices:
+        data["plan"] = {"api_prices": prices}
+    return parse_spec(data)
+
+
+def api(url: str, model: str, **kw) -> dict:
+    """An API (``openai`` backend) teacher entry of a spec."""
+    return {"model": model, "backend": "openai", "base_url": url, **kw}
+
+
 @dataclass
 class FaultProxy:
     """An HTTP proxy in front of a server that fails on purpose: the first requests get, in order,
@@ -62,6 +84,7 @@ class FaultProxy:
     retry_after: str = "1"
     hang_s: float = 3.0
     log: list[tuple[float, str]] = field(default_factory=list)  # (time, what happened) per request
+    auth: list[str | None] = field(default_factory=list)  # the Authorization header of each request
 
     def __post_init__(self):
         self._rng = random.Random(self.seed)
@@ -85,6 +108,7 @@ class FaultProxy:
 
             def do_POST(self):
                 body = self.rfile.read(int(self.headers.get("content-length", 0)))
+                proxy.auth.append(self.headers.get("authorization"))
                 fault = proxy._next_fault()
                 try:
                     if fault == "429":

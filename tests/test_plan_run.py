@@ -66,13 +66,13 @@ def test_real_probe_of_an_incompetent_teacher_gives_injection(tiny_models):
     assert strategy.kind == "injection" and strategy.reverse_synthesis > 0
 
 
-def test_api_teacher_is_probed_through_its_endpoint(tiny_models):
+def test_api_teacher_is_probed_through_its_endpoint(tiny_models, tmp_path):
     """The same tiny teacher served behind the OpenAI-compatible API and probed as an API teacher
     answers exactly as when probed locally (greedy decoding), and its request latency is measured."""
     from stratos.models.generate import generate
-    from stratos.plan.probe import openai_generate_fn
     from stratos.serve import running_server
     from stratos.tasks import messages
+    from stratos.teachers import generate_fn, make_teacher
 
     t_path, _ = tiny_models
     task = get_task("arithmetic", digits=2)
@@ -80,9 +80,11 @@ def test_api_teacher_is_probed_through_its_endpoint(tiny_models):
     local = probe_teacher(TeacherSpec(model=t_path), task, examples, rules=False, max_new_tokens=6)
     with running_server(t_path) as server:
         api = TeacherSpec(name="served", model=server.model, backend="openai", base_url=server.base_url)
-        remote = probe_teacher(api, task, examples, rules=False, max_new_tokens=6)
+        remote = probe_teacher(api, task, examples, rules=False, max_new_tokens=6, cache_dir=tmp_path / "requests")
         prompts = [messages(task, ex) for ex in examples]
-        served = openai_generate_fn(server.model, server.base_url, None)(prompts, max_new_tokens=6, batch_size=4)
+        client = make_teacher(api, cache_dir=tmp_path / "requests")
+        served = generate_fn(client)(prompts, max_new_tokens=6, batch_size=4)
+        assert client.usage.cached == 4 and client.usage.requests == 0  # the probe's answers, from its cache
     from stratos.models import load
 
     model, tok = load(t_path)
@@ -90,6 +92,7 @@ def test_api_teacher_is_probed_through_its_endpoint(tiny_models):
     assert [g.text for g in served] == [g[0].text for g in direct]
     assert remote.n == local.n == 4 and remote.accuracy == local.accuracy
     assert remote.accuracy_rules is None and remote.latency_s > 0
+    assert remote.latency_s == pytest.approx(sum(g.latency_s for g in served) / 4)  # the mean request latency
 
 
 def write_spec(path, t_path, s_path, **plan_extra):

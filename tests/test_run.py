@@ -22,6 +22,7 @@ from stratos.models.tiny import build_tokenizer, save_model, tiny_llama
 from stratos.report import build_report
 from stratos.runner import STAGE_NAMES, RunError, run, select_stages
 from stratos.spec import load_spec
+from tests.conftest import expected_device
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,6 +79,8 @@ def test_pipeline_killed_mid_distill_resumes_to_the_same_result(tiny_spec, tmp_p
     full = tmp_path / "full"
     manifest = run(load_spec(tiny_spec), full, progress=False, spec_text=tiny_spec.read_text()).data
     assert all(manifest["stages"][s]["status"] == "done" for s in STAGE_NAMES)
+    # device: auto (the spec's default): every stage records where it computed, the same device.
+    assert {manifest["stages"][s]["device"].partition(":")[0] for s in STAGE_NAMES} == {expected_device()}
 
     # The same spec in a subprocess, SIGKILLed once distill has written a checkpoint.
     killed = tmp_path / "killed"

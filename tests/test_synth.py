@@ -7,27 +7,8 @@ import json
 import pytest
 
 from stratos.io import read_jsonl
-from stratos.spec import parse_spec
 from stratos.synth import SynthError, run_synth
-from synth_helpers import CoinTask, FaultProxy
-
-
-def coin_spec(teacher: dict, *, train_size: int = 8, budget=None, prices=None, **synth):
-    data = {
-        "task": {"name": "coin", "train_size": train_size, "eval_size": 2},
-        "teachers": [teacher],
-        "students": [{"model": "unused"}],
-        "synth": {"samples_per_prompt": 2, "max_new_tokens": 4, "temperature": 1.0, "top_p": 1.0, **synth},
-    }
-    if budget is not None:
-        data["constraints"] = {"budget_usd": budget}
-    if prices:
-        data["plan"] = {"api_prices": prices}
-    return parse_spec(data)
-
-
-def api(url: str, model: str, **kw) -> dict:
-    return {"model": model, "backend": "openai", "base_url": url, **kw}
+from synth_helpers import CoinTask, FaultProxy, api, coin_spec
 
 
 def test_faults_give_exactly_the_clean_rows_and_a_rerun_sends_nothing(tiny_served, tmp_path):

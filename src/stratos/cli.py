@@ -51,8 +51,10 @@ console = Console(stderr=True)
 
 
 def fail(lines: list[str] | str, code: int = 2) -> None:
-    for line in [lines] if isinstance(lines, str) else lines:
-        console.print(f"[red]error:[/red] {line}", highlight=False, soft_wrap=True)
+    from rich.markup import escape
+
+    for line in [lines] if isinstance(lines, str) else lines:  # a message's own [brackets] are text, not markup
+        console.print(f"[red]error:[/red] {escape(line)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -93,6 +95,22 @@ def validate(spec: Path = typer.Argument(..., help="Pipeline spec (YAML).")) -> 
     )
 
 
+DEVICE_OPTION = typer.Option(None, "--device", help="Where to compute: auto (CUDA when present, else CPU), cpu, cuda, "
+                             "cuda:N. Default: the spec's device, else auto.")
+
+
+def _device(option: str | None, spec: Any = None) -> str:
+    """The ``device`` setting a command uses: ``--device``, else the spec's (a Spec or its path), else auto.
+    Checked here, so a bad value or a CUDA device this machine lacks fails before any work."""
+    from stratos.runtime import resolve_device
+
+    if option is None and spec is not None:
+        option = (_spec_or_fail(spec) if isinstance(spec, Path) else spec).device
+    setting = option or "auto"
+    resolve_device(setting)
+    return setting
+
+
 def _overrides(**values) -> dict:
     """CLI options left unset fall back to the spec's defaults: the spec stays the one place for them."""
     return {k: v for k, v in values.items() if v is not None}
@@ -124,6 +142,7 @@ def distill(
     seed: Optional[int] = typer.Option(None, help="Random seed."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in --out."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Discard checkpoints already in --out."),
+    device: Optional[str] = DEVICE_OPTION,
 ) -> None:
     """Distil a teacher into a student on prompt/response data (off-policy KD on the teacher's hidden states).
 
@@ -201,12 +220,17 @@ def distill(
             console.print(f"  {line}", highlight=False, soft_wrap=True)
         if settings.needs_teacher_model and t_spec is None:
             fail(f"{settings.phases[-1].label} needs a teacher: pass --teacher or a spec (or use --algorithm sft)")
-        model, tok = load_student(s_spec, task_spec)
+        from stratos.runtime import runtime
+
+        rt = runtime(_device(device, s))
+        console.print(f"  device: {rt.describe()}", highlight=False)
+        model, tok = load_student(s_spec, task_spec, device=rt.device)
         evaluator = evaluator_for(task_spec, tok, settings, max_new_tokens=s.eval.max_new_tokens if s else 64,
                                   batch_size=s.eval.batch_size if s else 16, task=task)
         t_model = t_tok = None
         if settings.needs_teacher_model:
-            t_model, t_tok = load(t_spec.model, dtype=t_spec.dtype, trust_remote_code=t_spec.trust_remote_code)
+            t_model, t_tok = load(t_spec.model, dtype=t_spec.dtype, trust_remote_code=t_spec.trust_remote_code,
+                                  device=rt.device)
         if discard:  # --overwrite: only now that the data and models have loaded, so a bad file discards nothing
             for d in trained:
                 shutil.rmtree(d.parent if d.parent != out else d)
@@ -261,6 +285,7 @@ def synth(
     top_logprobs: Optional[int] = typer.Option(None, help="Store the teacher's top-k log-probs (top-k KD)."),
     budget: Optional[float] = typer.Option(None, "--budget", help="Most to spend on API requests, in $."),
     out: Path = typer.Option(Path("runs/synth"), "--out", "-o", help="Output folder: data.jsonl, stats.json, requests/."),
+    device: Optional[str] = DEVICE_OPTION,
 ) -> None:
     """Make training data: teacher samples kept by the task's verifier, plus oracle and corpus data. Rerun to resume."""
     import yaml
@@ -290,6 +315,8 @@ def synth(
         samples_per_prompt=n, prompts=prompts, temperature=temperature, max_new_tokens=max_new_tokens,
         reverse_synthesis=reverse_synthesis, knowledge_injection=knowledge_injection, top_logprobs=top_logprobs,
         budget_usd=budget)}
+    if device is not None:
+        data["device"] = device
     s = checked(parse_spec(data, source=str(spec or "command line")), source=str(spec or "command line"))
     from stratos.io import DataError
     from stratos.synth import SynthError, run_synth
@@ -315,6 +342,7 @@ def eval_cmd(
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the eval split."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write every prediction to this JSONL file."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the summary metrics to this JSON file."),
+    device: Optional[str] = DEVICE_OPTION,
 ) -> None:
     """Evaluate a model on a task: accuracy with a 95% CI, per-type breakdown, latency and tokens/s."""
 
@@ -324,16 +352,19 @@ def eval_cmd(
     from stratos.spec import EvalSpec
     from stratos.tasks import task_from_spec
 
-    task_spec, eval_spec = None, EvalSpec()
+    from stratos.runtime import resolve_device
+
+    task_spec, eval_spec, s = None, EvalSpec(), None
     if spec is not None:
         s = _spec_or_fail(spec)
         task_spec, eval_spec = s.task, s.eval
+    where = resolve_device(_device(device, s))
     task_spec, options = _task_and_options(task_spec, task, option, "no task: pass --task or a spec")
     count = n or eval_spec.n or (task_spec.eval_size if spec is not None else 200)
     try:
         t = task_from_spec(task_spec.model_copy(update={"options": options}))
         examples = t.examples("eval", count, seed=task_spec.seed if seed is None else seed)
-        m, tok = load(model)
+        m, tok = load(model, device=where)
         result = evaluate(m, tok, t, examples, batch_size=batch_size or eval_spec.batch_size,
                           max_new_tokens=max_new_tokens or eval_spec.max_new_tokens, rules=rules,
                           predictions_path=out, progress=True)
@@ -365,6 +396,7 @@ def compress(
     export: Optional[str] = typer.Option(None, "--export", help="Comma list of gguf, onnx, gptq, awq."),
     eval_size: Optional[int] = typer.Option(None, "--eval-size", help="Eval examples per step (0: no accuracy)."),
     speed_tokens: Optional[int] = typer.Option(None, "--speed-tokens", help="Tokens generated at batch 1 to time each step."),
+    device: Optional[str] = DEVICE_OPTION,
 ) -> None:
     """Prune (depth or width) with KD recovery, sparsify, quantize and export a model; one report row per step."""
     from pydantic import ValidationError
@@ -391,7 +423,8 @@ def compress(
                          export=export.split(",") if export else None),
         })
         full = (s or Spec(task=task_spec, teachers=[TeacherSpec(model=model)], students=[StudentSpec(model=model)]))
-        full = full.model_copy(update={"compress": cs, "task": task_spec.model_copy(update={"options": options})})
+        full = full.model_copy(update={"compress": cs, "task": task_spec.model_copy(update={"options": options}),
+                                       "device": _device(device, full)})
     except ValidationError as e:
         fail(format_validation_error(e))
     from stratos.compress import run_compress
@@ -448,6 +481,7 @@ def serve(
     max_request_bytes: Optional[int] = typer.Option(None, help="Largest request body in bytes."),
     request_timeout: Optional[float] = typer.Option(None, help="Seconds before an unfinished request gets 504."),
     batch_wait_ms: Optional[float] = typer.Option(None, help="How long a wave waits for concurrent requests."),
+    device: Optional[str] = DEVICE_OPTION,
 ) -> None:
     """Serve a model behind an OpenAI-compatible API (/v1/completions, /v1/chat/completions, /v1/models, /health)."""
     from stratos.serve import ServeError
@@ -458,7 +492,7 @@ def serve(
                       max_prompt_tokens=max_prompt_tokens, max_request_bytes=max_request_bytes,
                       request_timeout_s=request_timeout, batch_wait_ms=batch_wait_ms)
     try:
-        run_serve(model, cfg)
+        run_serve(model, cfg, device=_device(device, spec))
     except (ServeError, FileNotFoundError, ValueError, OSError) as e:
         fail(str(e))
 
@@ -527,6 +561,7 @@ def plan(
     objective: Optional[str] = typer.Option(None, help="balanced, accuracy-first or cost-first (default: the spec's)."),
     pilot: Optional[bool] = typer.Option(None, "--pilot/--no-pilot", help="Short real pilot distillations for student accuracy."),
     limit: int = typer.Option(15, help="Pareto rows to print."),
+    device: Optional[str] = DEVICE_OPTION,
 ) -> None:
     """Probe the teachers, model every stage's cost on every server, and pick a Pareto-optimal plan (writes plan.json)."""
     from pydantic import ValidationError
@@ -543,6 +578,7 @@ def plan(
             s.plan.objective = objective
         if pilot is not None:
             s.plan.pilot = pilot
+        s.device = _device(device, s)
     except ValidationError as e:
         fail(format_validation_error(e))
     out = out or Path("runs") / s.name / "plan"
@@ -591,7 +627,11 @@ def servers(
     if sort not in keys:
         fail(f"--sort {sort!r}: use one of {', '.join(keys)}")
     try:
-        rows = load_catalog(catalog, mode=mode, local_price=price, calibration=load_calibration())
+        from stratos.runtime import resolve_device
+
+        where = resolve_device(_device(None, s if spec is not None else None))
+        rows = load_catalog(catalog, mode=mode, local_price=price, calibration=load_calibration(device=where),
+                            device=where)
     except CatalogError as e:
         fail(str(e))
     rows = sorted(filter_servers(rows, provider=provider, gpu=gpu, min_memory_gb=min_memory, max_price=max_price),
@@ -607,13 +647,16 @@ def servers(
 @app.command()
 def profile(
     quick: bool = typer.Option(False, "--quick", help="One model size and shorter timings (~5 s instead of ~20 s)."),
+    device: Optional[str] = DEVICE_OPTION,
 ) -> None:
-    """Measure this machine (matmul FLOP/s, memory bandwidth, train/forward/decode steps) and calibrate the cost model."""
+    """Measure this machine's device (matmul FLOP/s, memory bandwidth, train/forward/decode steps) and calibrate the cost model."""
     from rich.table import Table
 
     from stratos.plan.calibration import calibration_path, run_profile
+    from stratos.runtime import resolve_device
 
-    r = run_profile(quick=quick, progress=True)
+    where = resolve_device(_device(device))
+    r = run_profile(quick=quick, progress=True, device=where)
     e = r["efficiency"]
     view = Console()
     view.print(f"{r['machine']}, {r['threads']} threads, {r['dtype']}: peak {r['peak_flops'] / 1e9:,.1f} GFLOP/s, "
@@ -626,7 +669,7 @@ def profile(
         table.add_row(c["stage"], f"{c['params'] / 1e6:.1f}M", f"{c['predicted_s']:.4f}", f"{c['measured_s']:.4f}",
                       f"{c['error']:+.0%}")
     view.print(table)
-    console.print(f"[green]wrote[/green] {calibration_path()}", highlight=False)
+    console.print(f"[green]wrote[/green] {calibration_path(where)}", highlight=False)
 
 
 @app.command("bench-serve")
@@ -683,22 +726,22 @@ def run(
     until: Optional[str] = typer.Option(None, "--until", help="Stop after this stage."),
     new: bool = typer.Option(False, "--new", help="Start a new run directory instead of continuing the latest."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars."),
+    device: Optional[str] = DEVICE_OPTION,
 ) -> None:
     """Run the whole pipeline: plan, synth, distill, compress, deploy, eval, report.
 
     Without --run-dir it continues the latest runs/NAME-* directory: rerun the same command after
     an interruption to resume, or after editing the spec to rerun only the stages it affects."""
-    from stratos.runner import RunError, default_run_dir
+    from stratos.runner import default_run_dir
     from stratos.runner import run as run_pipeline
 
     s = _spec_or_fail(spec)
+    s.device = _device(device, s)
     target = run_dir or default_run_dir(s, new=new)
     console.print(f"run directory: {target}", highlight=False)
-    try:
-        manifest = run_pipeline(s, target, from_=from_, only=only, until=until, spec_text=spec.read_text(),
-                                progress=progress)
-    except RunError as e:
-        fail(str(e))
+    # A RunError (TrainElsewhere included) is printed by the command group, with its exit code.
+    manifest = run_pipeline(s, target, from_=from_, only=only, until=until, spec_text=spec.read_text(),
+                            progress=progress)
     report = manifest.data["stages"].get("report", {}).get("artifacts", {}).get("report_path")
     console.print(f"[green]run complete[/green] {target}" + (f"; report: {target / report}" if report else ""),
                   highlight=False)

@@ -5,8 +5,11 @@ output, and reports accuracy with a Wilson 95% interval, a per-type breakdown, m
 example and generated tokens per second; it can write every prediction to JSONL.
 
 Generation goes through a ``generate_fn`` seam: by default the local model and
-``stratos.models.generate``; an OpenAI-compatible endpoint (or anything else that turns prompts
-into ``Generation`` objects) is passed as ``generate_fn`` with ``model=None``.
+``stratos.models.generate``; a teacher or an OpenAI-compatible endpoint goes through
+``stratos.teachers.generate_fn(teacher)`` (with ``stratos.teachers.endpoint(...)`` for an arbitrary
+server), passed as ``generate_fn`` with ``model=None``; anything else that turns prompts into
+``Generation`` objects works too. When every generation carries its request's ``latency_s``, the
+speed figures are per request (per stream), not batched wall time.
 """
 
 from __future__ import annotations
@@ -46,9 +49,14 @@ class EvalResult:
     ci_high: float
     mean_credit: float
     per_type: dict[str, dict[str, float]] = field(default_factory=dict)  # type -> {n, accuracy, ci_low, ci_high}
-    mean_latency_s: float = 0.0  # wall time per example (batched: total time / n)
-    tokens_per_s: float = 0.0  # generated tokens per second of wall time
-    total_s: float = 0.0
+    # Per example. When every generation carries its request's latency_s (a teacher or endpoint through
+    # stratos.teachers.generate_fn, answers replayed from its cache included): the mean request latency;
+    # otherwise wall time per example (batched: total time / n).
+    mean_latency_s: float = 0.0
+    # With request latencies: generated tokens / the sum of request latencies (the speed of one stream);
+    # otherwise generated tokens per second of wall time.
+    tokens_per_s: float = 0.0
+    total_s: float = 0.0  # wall time of the generation
     generated_tokens: int = 0
     unparsed: int = 0  # outputs with no answer in them at all
     truncated: int = 0  # outputs cut by max_new_tokens
@@ -155,9 +163,15 @@ def evaluate(
     tokens = sum(g.num_tokens for g in gens)
     if predictions_path is not None:
         write_jsonl(predictions_path, rows)
+    latencies = [getattr(g, "latency_s", None) for g in gens]
+    if all(lat is not None for lat in latencies):  # per request: what one caller of the endpoint sees
+        spent = sum(latencies)
+        mean_latency, tokens_per_s = spent / n, tokens / spent if spent > 0 else 0.0
+    else:
+        mean_latency, tokens_per_s = total / n, tokens / total if total > 0 else 0.0
     return EvalResult(
         n=n, accuracy=k / n, ci_low=low, ci_high=high, mean_credit=credit / n, per_type=per_type,
-        mean_latency_s=total / n, tokens_per_s=tokens / total if total > 0 else 0.0, total_s=total,
+        mean_latency_s=mean_latency, tokens_per_s=tokens_per_s, total_s=total,
         generated_tokens=tokens, unparsed=unparsed, truncated=truncated,
     )
 
@@ -205,28 +219,3 @@ def result_table(result: EvalResult, title: str = "evaluation") -> Any:
         f"{result.tokens_per_s:.1f} tok/s | {result.unparsed} unparsed, {result.truncated} truncated"
     )
     return table
-
-
-def endpoint_generate_fn(base_url: str, model: str, *, api_key: str | None = None, concurrency: int = 8,
-                         timeout: float = 120.0) -> GenerateFn:
-    """The seam for an OpenAI-compatible endpoint: greedy chat completions, ``concurrency`` at a time,
-    through the official ``openai`` client. The evaluator scores them like local generations."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from openai import OpenAI
-
-    client = OpenAI(base_url=base_url.rstrip("/") + "/v1" if not base_url.rstrip("/").endswith("/v1") else base_url,
-                    api_key=api_key or "none", timeout=timeout, max_retries=3)
-
-    def one(prompt: Prompt, max_new_tokens: int) -> Generation:
-        msgs = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
-        r = client.chat.completions.create(model=model, messages=msgs, max_tokens=max_new_tokens, temperature=0.0)
-        choice = r.choices[0]
-        tokens = r.usage.completion_tokens if r.usage else 0
-        return Generation(choice.message.content or "", tokens, "length" if choice.finish_reason == "length" else "stop")
-
-    def fn(prompts: Sequence[Prompt], *, max_new_tokens: int, batch_size: int) -> list[Generation]:
-        with ThreadPoolExecutor(max_workers=concurrency) as pool:
-            return list(pool.map(lambda p: one(p, max_new_tokens), prompts))
-
-    return fn

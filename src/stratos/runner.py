@@ -38,6 +38,17 @@ class RunError(UserError):
     """A stage failed in a way the user can act on; the message says how."""
 
 
+class TrainElsewhere(RunError):
+    """The plan chose another server to train on: the run stops after the plan and writes the recipe
+    that runs it there, instead of training on this machine with predictions made for another."""
+
+    exit_code = 3
+
+
+# The stages that run on the plan's training server (deploy and eval serve on the serving server).
+TRAINING_STAGES = ("synth", "distill", "compress")
+
+
 # --------------------------------------------------------------------------- manifest
 
 
@@ -77,12 +88,23 @@ class Context:
     stage: str
     resume: bool  # the stage ran before with the same inputs and did not finish
     progress: bool = True
+    runtime: Any = None  # stratos.runtime.Runtime: the device every model of the stage goes to
+
+    @property
+    def device(self) -> Any:
+        return self.runtime.device
 
     @property
     def dir(self) -> Path:
         d = self.run_dir / self.stage
         d.mkdir(parents=True, exist_ok=True)
         return d
+
+    @property
+    def requests_dir(self) -> Path:
+        """The run's one teacher request cache (plan probes, synth, eval): a run-level folder, so a
+        stage rerun from scratch keeps it. Keyed by the request, so sharing it is safe."""
+        return self.run_dir / "requests"
 
     def artifact(self, stage: str, key: str) -> Any:
         """An artifact an earlier stage recorded (paths are returned absolute)."""
@@ -122,8 +144,7 @@ def settings_of(spec: Spec, plan: Any) -> Any:
     from stratos.distill.recipe import resolve
 
     st = _strategy(spec, plan)
-    return resolve(spec.distill, match=plan.match.mode, strategy=st,
-                   topk_data=spec.synth.top_logprobs > 0 and st.teacher_generates)
+    return resolve(spec.distill, match=plan.match.mode, strategy=st, topk_data=st.topk_data)
 
 
 def _effective(spec: Spec, plan: Any) -> Spec:
@@ -135,6 +156,7 @@ def _effective(spec: Spec, plan: Any) -> Spec:
     s = spec.synth
     for field, value in (
         ("samples_per_prompt", st.samples_per_prompt),
+        ("top_logprobs", st.top_logprobs),
         ("reverse_synthesis", st.reverse_synthesis),
         ("knowledge_injection", st.knowledge_injection),
     ):
@@ -146,7 +168,7 @@ def _effective(spec: Spec, plan: Any) -> Spec:
 def stage_plan(ctx: Context) -> dict[str, Any]:
     from stratos.plan.run import make_plan
 
-    plan, _ = make_plan(ctx.spec, ctx.dir, progress=ctx.progress)
+    plan, _ = make_plan(ctx.spec, ctx.dir, progress=ctx.progress, requests_dir=ctx.requests_dir, device=ctx.device)
     log.info("plan: teacher %s, student %s, strategy %s", plan.teacher["name"], plan.student["name"], plan.strategy.kind)
     return {
         "plan_path": ctx.rel(ctx.dir / "plan.json"),
@@ -154,6 +176,7 @@ def stage_plan(ctx: Context) -> dict[str, Any]:
         "student": plan.student,
         "strategy": plan.strategy.kind,
         "predicted": _predicted_by_stage(plan),
+        "device": ctx.runtime.name,  # the device the plan priced as this machine (its `local` server)
     }
 
 
@@ -176,7 +199,7 @@ def stage_synth(ctx: Context) -> dict[str, Any]:
     plan = ctx.plan()
     plan = replace(plan, strategy=_strategy(ctx.spec, plan))  # whether the teacher generates, with the spec's values
     spec = _effective(ctx.spec, plan)
-    res = run_synth(spec, ctx.dir, plan=plan, progress=ctx.progress)
+    res = run_synth(spec, ctx.dir, plan=plan, progress=ctx.progress, requests_dir=ctx.requests_dir)
     return {"data_path": ctx.rel(res.data_path), "stats_path": ctx.rel(res.stats_path), "rows": res.rows}
 
 
@@ -192,10 +215,11 @@ def stage_distill(ctx: Context) -> dict[str, Any]:
     s_spec = spec.students[plan.student["index"]]
     t_spec = spec.teachers[plan.teacher["index"]]
     records = load_records(ctx.artifact("synth", "data_path"))
-    student, tok = load_student(s_spec, spec.task)
+    student, tok = load_student(s_spec, spec.task, device=ctx.device)
     teacher = t_tok = None
     if settings.needs_teacher_model:
-        teacher, t_tok = load(t_spec.model, dtype=t_spec.dtype, trust_remote_code=t_spec.trust_remote_code)
+        teacher, t_tok = load(t_spec.model, dtype=t_spec.dtype, trust_remote_code=t_spec.trust_remote_code,
+                              device=ctx.device)
     for line in settings.reasons:
         log.info("distill: %s", line)
     task = task_from_spec(spec.task)
@@ -218,7 +242,7 @@ def stage_compress(ctx: Context) -> dict[str, Any]:
     from stratos.distill import load_records
 
     records = load_records(ctx.artifact("synth", "data_path"))
-    res = run_compress(ctx.spec, model, ctx.dir, records=records, progress=ctx.progress)
+    res = run_compress(ctx.spec, model, ctx.dir, records=records, progress=ctx.progress, device=ctx.device)
     return {"model": ctx.rel(res.model_dir), "report_path": ctx.rel(res.report_path)}
 
 
@@ -252,10 +276,12 @@ def _model_facts(model: Any, folder: Path | None) -> dict[str, Any]:
 def stage_eval(ctx: Context) -> dict[str, Any]:
     """Teacher (zero-shot and with the rules), student, compressed and deployed student on the
     same held-out questions; the deployed one through its HTTP endpoint, with a load test."""
-    from stratos.evaluate import endpoint_generate_fn, evaluate
+    from stratos.evaluate import evaluate
     from stratos.models import load, resolve
     from stratos.serve import bench_serve, running_server
+    from stratos.synth import price_of
     from stratos.tasks import messages, task_from_spec
+    from stratos.teachers import endpoint, generate_fn, make_teacher
 
     spec, plan = ctx.spec, ctx.plan()
     task = task_from_spec(spec.task)
@@ -269,16 +295,15 @@ def stage_eval(ctx: Context) -> dict[str, Any]:
         log.info("eval: %-24s accuracy %.3f [%.3f, %.3f]", role, res.accuracy, res.ci_low, res.ci_high)
 
     t_spec = spec.teachers[plan.teacher["index"]]
-    teacher = t_tok = gen = None
-    if t_spec.backend == "openai":  # a black box: asked through its endpoint, like the deployed student
-        import os
-
-        key = os.environ.get(t_spec.api_key_env) if t_spec.api_key_env else None
-        gen = endpoint_generate_fn(t_spec.base_url, t_spec.model, api_key=key, concurrency=t_spec.max_concurrency)
+    teacher = t_tok = gen = client = None
+    if t_spec.backend == "openai":  # a black box: asked through the run's teacher client and request cache
+        client = make_teacher(t_spec, cache_dir=ctx.requests_dir, price=price_of(spec, t_spec))
+        gen = generate_fn(client, progress=ctx.progress)
         price = spec.plan.api_prices.get(t_spec.label) or spec.plan.api_prices.get(t_spec.model)
         facts = {"params": int(price.params_b * 1e9) if price and price.params_b else None, "size_mb": None}
     else:
-        teacher, t_tok = load(t_spec.model, dtype=t_spec.dtype, trust_remote_code=t_spec.trust_remote_code)
+        teacher, t_tok = load(t_spec.model, dtype=t_spec.dtype, trust_remote_code=t_spec.trust_remote_code,
+                              device=ctx.device)
         facts = _model_facts(teacher, resolve(t_spec.model)[1])
     for rules in (False, True):
         role = "teacher (rules in prompt)" if rules else "teacher (zero-shot)"
@@ -286,12 +311,14 @@ def stage_eval(ctx: Context) -> dict[str, Any]:
         res = evaluate(teacher, t_tok, task, subset, rules=rules, generate_fn=gen,
                        predictions_path=ctx.dir / f"predictions-teacher{'-rules' if rules else ''}.jsonl", **kw)
         record(role, t_spec.label, res, facts)
+    if client is not None:
+        client.close()
     del teacher
     models = [("student", ctx.artifact("distill", "model"))]
     if not ctx.manifest.data["stages"].get("compress", {}).get("artifacts", {}).get("skipped"):
         models.append(("compressed student", ctx.artifact("compress", "model")))
     for role, folder in models:
-        model, tok = load(folder)
+        model, tok = load(folder, device=ctx.device)
         res = evaluate(model, tok, task, examples, predictions_path=ctx.dir / f"predictions-{role.replace(' ', '-')}.jsonl",
                        **kw)
         facts = _model_facts(model, folder)  # the last one listed is the one deployed
@@ -300,9 +327,9 @@ def stage_eval(ctx: Context) -> dict[str, Any]:
 
     final = ctx.artifact("deploy", "model")
     bench = None
-    with running_server(final) as srv:
-        gen = endpoint_generate_fn(srv.base_url, srv.model, api_key=srv.api_key)
-        res = evaluate(None, None, task, examples, generate_fn=gen,
+    with running_server(final, args=["--device", ctx.runtime.name]) as srv:
+        deployed = endpoint(srv.base_url, srv.model, api_key=srv.api_key)  # no cache: this measures the server
+        res = evaluate(None, None, task, examples, generate_fn=generate_fn(deployed, progress=ctx.progress),
                        predictions_path=ctx.dir / "predictions-deployed.jsonl", **kw)
         prompts = [messages(task, ex)[-1]["content"] for ex in examples[:16]]
         bench = bench_serve(srv.url, clients=spec.eval.bench_clients, requests=spec.eval.bench_requests,
@@ -424,8 +451,11 @@ def run(
     spec_text: str | None = None,
 ) -> Manifest:
     """Run the pipeline (or the selected stages) in ``run_dir``; see the module doc."""
+    from stratos.runtime import runtime
+
     run_dir = Path(run_dir)
     selected = select_stages(from_, only, until)
+    rt = runtime(spec.device)  # before any work: a CUDA device this machine lacks fails here
     hashes = inputs_hashes(spec)
     manifest = Manifest(run_dir)
     owner = manifest.data.get("name")
@@ -434,6 +464,7 @@ def run(
                        "(or leave it out for runs/NAME-TIMESTAMP)")
     run_dir.mkdir(parents=True, exist_ok=True)
     _log_to(run_dir / "run.log")
+    log.info("device: %s (device: %s)", rt.describe(), spec.device)
     manifest.data.update(name=spec.name, spec=spec.model_dump(mode="json"), updated=_now())
     if spec_text is not None:
         (run_dir / "spec.yaml").write_text(spec_text)
@@ -449,18 +480,21 @@ def run(
         if same_inputs and rec.get("status") == "done" and name not in forced:
             log.info("%-8s done earlier, inputs unchanged: skipped", name)
             continue
+        if name in TRAINING_STAGES:
+            _train_here_or_stop(spec, run_dir, manifest)
         resume = same_inputs and rec.get("status") in ("running", "failed") and name not in forced
         if not resume and (run_dir / name).exists():
             shutil.rmtree(run_dir / name)  # inputs changed (or forced): start the stage clean
         rec.clear()
-        rec.update(status="running", inputs_hash=hashes[name], started=_now())
+        rec.update(status="running", inputs_hash=hashes[name], started=_now(), device=rt.name)
         manifest.save()
-        predicted = manifest.data["stages"].get("plan", {}).get("artifacts", {}).get("predicted", {})
+        predicted = _predicted(manifest, rt)
         eta = f" (predicted {predicted[name]:.0f} s)" if predicted.get(name) else ""
         log.info("stage %d/%d %s: %s%s", STAGE_NAMES.index(name) + 1, len(STAGE_NAMES), name,
                  "resuming from its checkpoint" if resume else "running", eta)
         t0 = time.perf_counter()
-        ctx = Context(spec=spec, run_dir=run_dir, manifest=manifest, stage=name, resume=resume, progress=progress)
+        ctx = Context(spec=spec, run_dir=run_dir, manifest=manifest, stage=name, resume=resume, progress=progress,
+                      runtime=rt)
         try:
             artifacts = fn(ctx)
         except BaseException as e:
@@ -469,7 +503,7 @@ def run(
             manifest.save()
             raise
         seconds = time.perf_counter() - t0
-        predicted = manifest.data["stages"].get("plan", {}).get("artifacts", {}).get("predicted", {})  # plan may be new
+        predicted = _predicted(manifest, rt)  # the plan may be new
         rec.update(status="done", ended=_now(), seconds=round(seconds, 2), artifacts=artifacts,
                    predicted_seconds=predicted.get(name))
         manifest.save()
@@ -478,6 +512,42 @@ def run(
     manifest.data["updated"] = _now()
     manifest.save()
     return manifest
+
+
+def _predicted(manifest: Manifest, rt: Any) -> dict[str, float]:
+    """The plan's predicted seconds per stage, when this run computes on the device the plan priced
+    (its ``local`` server): a prediction for a GPU is no yardstick for a run on the CPU."""
+    plan = manifest.data["stages"].get("plan", {}).get("artifacts", {})
+    return plan.get("predicted", {}) if plan.get("device", rt.name) == rt.name else {}
+
+
+def _train_here_or_stop(spec: Spec, run_dir: Path, manifest: Manifest) -> None:
+    """Go on when the plan trains on this machine; otherwise write the launch recipe for the server it
+    chose (``RUN/launch/``) and stop with TrainElsewhere."""
+    from dataclasses import asdict
+
+    from stratos.plan.planner import Plan
+    from stratos.serve.deploy import server_target, train_recipe
+    from stratos.spec import DeployTarget
+
+    rel = manifest.data["stages"].get("plan", {}).get("artifacts", {}).get("plan_path")
+    if not rel:
+        return  # no plan (a stage run alone): nothing chose a server
+    plan = Plan.from_json(run_dir / rel)
+    srv = plan.training_server
+    if srv.is_local:
+        return
+    folder = run_dir / "launch"
+    spot = bool(spec.plan.spot)
+    target = DeployTarget(**server_target(asdict(srv), spot), name=f"stratos-{spec.name}".lower()[:60])
+    recipe = train_recipe(spec, target, server=srv.name, price_per_hour=srv.price(spot), folder=folder)
+    task_path, sh_path = recipe.write(folder)
+    what = f"{srv.gpu_count}x {srv.gpu}" if srv.gpu != "cpu" else "a CPU machine"
+    raise TrainElsewhere(
+        f"the plan trains on {srv.name} ({what}, {srv.provider}), not on this machine, so nothing after the plan "
+        f"ran here. Run it there: sky launch {task_path} (or {sh_path} on that server). To train on this machine "
+        "instead, set plan.servers: [local] in the spec: the plan then prices this machine."
+        + "".join(f" Note: {n}." for n in recipe.notes))
 
 
 def _log_to(path: Path) -> None:

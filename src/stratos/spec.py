@@ -41,6 +41,11 @@ def _finite_values(value: Any, where: str = "") -> Any:
 
 
 # A run directory is runs/NAME-YYYYmmdd-HHMMSS: a name is one safe path component, never a pattern.
+# The devices a `device` setting may name (resolved on the machine by stratos.runtime).
+DEVICE_PATTERN = r"^(auto|cpu|cuda(:\d+)?)$"
+DEVICE_DESCRIPTION = ("Where every stage computes: 'auto' (CUDA when this machine has it, else the CPU), 'cpu', "
+                      "'cuda' or 'cuda:N'.")
+
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -447,6 +452,7 @@ class Spec(_Strict):
     name: str = Field("stratos-run", description="Names the run directory runs/NAME-YYYYmmdd-HHMMSS: letters, "
                       "digits, '.', '_' and '-', at most 64, starting with a letter or digit.")
     seed: int = 0
+    device: str = Field("auto", pattern=DEVICE_PATTERN, description=DEVICE_DESCRIPTION)
     task: TaskSpec
     constraints: Constraints = Field(default_factory=Constraints)
     teachers: list[TeacherSpec] = Field(min_length=1)

@@ -85,15 +85,19 @@ def run_compress(
     records: list[dict[str, Any]] | None = None,
     teacher_dir: str | Path | None = None,
     progress: bool = True,
+    device: Any = None,
 ) -> CompressResult:
     """Compress the model folder ``model_dir`` as ``spec.compress`` says (``spec`` is the whole pipeline
     Spec: the task gives calibration/eval data, ``spec.distill`` the recovery options).
 
     ``records``: training records for calibration and recovery (default: the task's train split).
     ``teacher_dir``: distil the pruned model from this model instead of the unpruned one (it must
-    share the tokenizer)."""
+    share the tokenizer). ``device``: where pruning, recovery and the measurements run (default:
+    the spec's ``device`` setting, see ``stratos.runtime``)."""
     from stratos.models import load
+    from stratos.runtime import resolve_device
 
+    device = device if device is not None else resolve_device(spec.device)
     cs: CompressSpec = spec.compress
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -101,7 +105,8 @@ def run_compress(
         records = _records_from_task(spec)
     task, examples = _eval_set(spec, cs.eval_size)
     ev = {"task": task, "examples": examples, "batch_size": spec.eval.batch_size,
-          "max_new_tokens": spec.eval.max_new_tokens, "decode_tokens": cs.speed_tokens, "progress": progress}
+          "max_new_tokens": spec.eval.max_new_tokens, "decode_tokens": cs.speed_tokens, "progress": progress,
+          "device": device}
     rows: list[dict[str, Any]] = []
     report_path = out_dir / "compress_report.json"
 
@@ -117,7 +122,7 @@ def run_compress(
     current = model_dir
     pruning = cs.prune_ratio is not None or cs.target_params is not None
     if pruning or cs.sparsity != "none":
-        model, tok = load(model_dir)
+        model, tok = load(model_dir, device=device)
         batches = calibration_batches(tok, records, cs.calibration_samples, max_length=spec.distill.max_length,
                                       batch_size=spec.distill.per_device_train_batch_size)
     if pruning:
@@ -127,7 +132,7 @@ def run_compress(
         step("pruned", current, plan=plan.summary())
         if cs.recovery_steps:
             t_dir = Path(teacher_dir) if teacher_dir else model_dir
-            teacher, t_tok = (model, tok) if teacher_dir is None else load(t_dir)
+            teacher, t_tok = (model, tok) if teacher_dir is None else load(t_dir, device=device)
             from stratos.distill import distill
 
             rcfg = recovery_config(spec.distill, cs.recovery_steps)
@@ -142,7 +147,7 @@ def run_compress(
                                                  "final_metrics": res.final_metrics})
         model = small
     if cs.sparsity != "none":
-        model, tok = load(current)
+        model, tok = load(current, device=device)
         info = wanda(model, batches, ratio=cs.sparsity_ratio, pattern="2:4" if cs.sparsity == "2:4" else "unstructured")
         current = _save(model, tok, out_dir / "sparse")
         step("sparse", current, sparsity=info)

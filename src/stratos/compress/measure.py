@@ -69,11 +69,16 @@ def decode_speed(model: Any, tokenizer: Any, prompt: str, *, new_tokens: int = 3
     ids = {k: v.to(next(model.parameters()).device) for k, v in ids.items()}
     pad = tokenizer.pad_token_id
     kw = dict(do_sample=False, pad_token_id=pad, min_new_tokens=new_tokens, max_new_tokens=new_tokens)
+    from stratos.runtime import synchronize
+
+    device = next(model.parameters()).device
     model.generate(**ids, **{**kw, "min_new_tokens": 2, "max_new_tokens": 2})  # warm-up
     wall = cpu = 0.0
     for _ in range(repeats):
+        synchronize(device)
         t0, c0 = time.perf_counter(), time.process_time()
         out = model.generate(**ids, **kw)
+        synchronize(device)
         dt, dc = time.perf_counter() - t0, time.process_time() - c0
         n = out.shape[1] - ids["input_ids"].shape[1]
         wall, cpu = max(wall, n / dt), max(cpu, n / max(dc, 1e-9))
@@ -83,14 +88,17 @@ def decode_speed(model: Any, tokenizer: Any, prompt: str, *, new_tokens: int = 3
 def measure_step(step: str, folder: str | os.PathLike, *, task: Any = None, examples: Sequence[Any] = (),
                  batch_size: int = 16, max_new_tokens: int = 64, decode_tokens: int = 32,
                  speed_prompt: str = "Count from one to twenty.", progress: bool = False,
-                 predictions_path: str | os.PathLike | None = None) -> dict[str, Any]:
-    """One report row for the model folder of ``step``."""
+                 predictions_path: str | os.PathLike | None = None, device: Any = "cpu") -> dict[str, Any]:
+    """One report row for the model folder of ``step``, measured on ``device``."""
     from stratos.models import load
 
     base = reset_peak_memory()
-    model, tok = load(folder)
+    gpu = torch.device(device).type == "cuda"
+    if gpu:
+        torch.cuda.reset_peak_memory_stats(device)
+    model, tok = load(folder, device=device)
     model.eval()
-    row: dict[str, Any] = {"step": step, "model_dir": str(folder), "params": params_of(model),
+    row: dict[str, Any] = {"step": step, "model_dir": str(folder), "device": str(device), "params": params_of(model),
                            "size_mb": round(size_on_disk(folder) / 2**20, 2)}
     if examples:
         speed_prompt = task.prompt(examples[0])
@@ -104,7 +112,9 @@ def measure_step(step: str, folder: str | os.PathLike, *, task: Any = None, exam
                        predictions_path=predictions_path, progress=progress)
         row.update(accuracy=res.accuracy, ci_low=round(res.ci_low, 4), ci_high=round(res.ci_high, 4), eval_n=res.n,
                    eval_tokens_per_s=round(res.tokens_per_s, 2))
-    row["peak_mem_mb"] = peak_memory_mb(base)
+    row["peak_mem_mb"] = peak_memory_mb(base)  # this process's resident memory (host RAM)
+    if gpu:
+        row["peak_gpu_mem_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
     del model
     gc.collect()
     return row

@@ -20,13 +20,14 @@ from typing import Any
 import torch
 
 from stratos.distill.algorithms import ALGORITHMS, get_algorithm, register_algorithm
-from stratos.distill.data import Encoded, EncodeStats, collate, data_fingerprint, encode, load_records
+from stratos.distill.data import Encoded, collate, data_fingerprint, encode, load_records
 from stratos.distill.head import OutputHead, last_hidden
 from stratos.distill.kd import Objective, kd_terms
 from stratos.distill.losses import LOSSES, get_loss, register_loss
 from stratos.distill.signal import HiddenStateCache, OnlineTeacher, TeacherSignal, model_fingerprint
 from stratos.distill.topk import TopKSignal, with_teacher_tokens
-from stratos.distill.trainer import TrainResult, apply_lora, resolve_bf16, train
+from stratos.distill.trainer import TrainResult, apply_lora, train
+from stratos.runtime import resolve_bf16
 from stratos.io import DataError, read_jsonl, replace_dir, write_json, write_jsonl
 from stratos.spec import DistillSpec
 

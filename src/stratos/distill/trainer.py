@@ -33,25 +33,12 @@ from stratos.distill.kd import Objective
 from stratos.distill.signal import TeacherSignal
 from stratos.errors import TrainingError
 from stratos.io import write_json
+from stratos.runtime import resolve_bf16
 from stratos.progress import progress_bar
 from stratos.spec import DistillSpec
 
 
 # --------------------------------------------------------------------------- setup helpers
-
-
-def bf16_supported(device: torch.device) -> bool:
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def resolve_bf16(setting: bool | str, device: torch.device) -> bool:
-    return bf16_supported(device) if setting == "auto" else bool(setting)
 
 
 def objective_from(cfg: DistillSpec) -> Objective:

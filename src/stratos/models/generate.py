@@ -8,7 +8,7 @@ left-padded through ``model.generate`` (KV cache), and returned in the caller's 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -24,6 +24,9 @@ class Generation:
     text: str
     num_tokens: int  # generated tokens, including the EOS that ended the text if any
     finish_reason: FinishReason  # 'stop' (EOS or a stop string) or 'length' (max_new_tokens reached)
+    # Seconds the request that produced it took, where one was measured (a teacher's request through
+    # ``stratos.teachers.generate_fn``); None for a batch generated here. A measurement, not part of the output.
+    latency_s: float | None = field(default=None, compare=False)
 
 
 def render(tokenizer: Any, prompt: Prompt, *, chat: bool = True) -> str:

@@ -3,7 +3,9 @@
 ``profile`` times a few short real runs on the local machine (a big matmul, a memory copy, a few
 training steps, forward passes and KV-cache decoding of a small Llama) and derives the peak
 FLOP/s, the bandwidth and the efficiency factors the cost model uses for the ``local`` offering.
-It stores them in ``<cache>/plan/calibration.json``.
+It measures on the device the stages run on (``stratos.runtime``) and stores them in
+``<cache>/plan/calibration.json`` (``calibration-cuda.json`` for a GPU), so a plan for this machine
+predicts for the device its stages will really use.
 
 Every run can also ``record_stage`` the predicted and the measured time of a stage; the records
 (``<cache>/plan/measurements.jsonl``) make the model's error visible, and ``corrections`` turns them
@@ -33,17 +35,20 @@ def plan_cache() -> Path:
     return cache_dir() / "plan"
 
 
-def calibration_path() -> Path:
-    return plan_cache() / "calibration.json"
+def calibration_path(device: Any = "cpu") -> Path:
+    """Where the calibration of a device type (``cpu``, ``cuda``) is stored."""
+    kind = getattr(device, "type", None) or str(device).partition(":")[0]
+    return plan_cache() / ("calibration.json" if kind == "cpu" else f"calibration-{kind}.json")
 
 
 def measurements_path() -> Path:
     return plan_cache() / "measurements.jsonl"
 
 
-def load_calibration(path: str | Path | None = None) -> dict[str, Any]:
-    """The stored calibration, or {} when ``stratos profile`` has not been run (or the file is unreadable)."""
-    p = Path(path) if path else calibration_path()
+def load_calibration(path: str | Path | None = None, *, device: Any = "cpu") -> dict[str, Any]:
+    """The stored calibration of ``device``'s type, or {} when ``stratos profile`` has not measured it
+    (or the file is unreadable)."""
+    p = Path(path) if path else calibration_path(device)
     try:
         return json.loads(p.read_text())
     except (OSError, ValueError):
@@ -104,13 +109,22 @@ def corrections(server: str, records: list[dict[str, Any]] | None = None) -> dic
 # --------------------------------------------------------------------------- profiling
 
 
-def _timed(fn, min_seconds: float, min_reps: int = 2) -> float:
-    """Seconds per call of ``fn``: one warm-up call, then repeats until ``min_seconds`` have passed."""
+def _timed(fn, min_seconds: float, min_reps: int = 2, device: Any = None) -> float:
+    """Seconds per call of ``fn``: one warm-up call, then repeats until ``min_seconds`` have passed
+    (with the device's queue drained before each clock reading: CUDA runs asynchronously)."""
+    from stratos.runtime import synchronize
+
+    def sync() -> None:
+        if device is not None:
+            synchronize(device)
+
     fn()
+    sync()
     reps, t0 = 0, time.perf_counter()
     while reps < min_reps or time.perf_counter() - t0 < min_seconds:
         fn()
         reps += 1
+        sync()
     return (time.perf_counter() - t0) / reps
 
 
@@ -133,14 +147,15 @@ def _shape(model, dtype_bytes: float) -> ModelShape:
 
 
 def _measure_model(model, *, bf16: bool, batch: int, seq: int, decode_steps: int, seconds: float) -> dict[str, float]:
-    """Seconds per training step, per forward pass and per decoding step of one small model."""
+    """Seconds per training step, per forward pass and per decoding step of one small model, on its device."""
     import torch
 
-    ids = torch.randint(0, model.config.vocab_size, (batch, seq))
+    device = next(model.parameters()).device
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq), device=device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def autocast():
-        return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
     def train_step():
         with autocast():
@@ -165,10 +180,10 @@ def _measure_model(model, *, bf16: bool, batch: int, seq: int, decode_steps: int
                 past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
 
     model.train()
-    t_train = _timed(train_step, seconds)
+    t_train = _timed(train_step, seconds, device=device)
     model.eval()
-    t_fwd = _timed(forward, seconds / 2)
-    t_dec = _timed(decode, seconds / 2) / (decode_steps + 1)
+    t_fwd = _timed(forward, seconds / 2, device=device)
+    t_dec = _timed(decode, seconds / 2, device=device) / (decode_steps + 1)
     return {"train_step_s": t_train, "forward_s": t_fwd, "decode_step_s": t_dec, "tokens": batch * seq}
 
 
@@ -186,27 +201,30 @@ def _fit_n_half(points: list[tuple[float, float]], default: float) -> float:
 
 
 def run_profile(*, quick: bool = False, progress: bool = True, out: str | Path | None = None,
-                sizes: list[tuple[int, int]] | None = None, seconds: float | None = None) -> dict[str, Any]:
-    """Measure this machine and store the calibration. Returns it, with a ``checks`` list of
+                sizes: list[tuple[int, int]] | None = None, seconds: float | None = None,
+                device: Any = None) -> dict[str, Any]:
+    """Measure this machine's ``device`` (a torch device; default: the ``auto`` one of
+    ``stratos.runtime``) and store its calibration. Returns it, with a ``checks`` list of
     predicted (with the previous calibration or defaults) vs measured times per stage.
 
     ``sizes`` are (hidden, layers) of the Llamas timed (default: one in quick mode, two otherwise,
     so the small-model overhead can be fitted); ``seconds`` is the minimum time per measurement."""
     import torch
 
-    from stratos.distill.trainer import bf16_supported
     from stratos.io import write_json
     from stratos.plan.catalog import local_server
     from stratos.plan.costmodel import decode_step_seconds, forward_seconds, train_seconds
     from stratos.progress import progress_bar
+    from stratos.runtime import bf16_supported, resolve_device
 
     seconds = seconds or (0.3 if quick else 1.0)
-    device = torch.device("cpu")
+    device = torch.device(device) if device is not None else resolve_device("auto")
+    gpu = device.type == "cuda"
     bf16 = bf16_supported(device)
     dtype = torch.bfloat16 if bf16 else torch.float32
-    previous = load_calibration(out)
-    prev_server = local_server(0.0, previous)
-    prev_eff = local_efficiency(previous)
+    previous = load_calibration(out, device=device)
+    prev_server = local_server(0.0, previous, device=device)
+    prev_eff = local_efficiency(previous, gpu)
     sizes = sizes or ([(256, 4)] if quick else [(128, 2), (384, 6)])
     steps = 2 + len(sizes)
     results: dict[str, Any] = {}
@@ -215,22 +233,22 @@ def run_profile(*, quick: bool = False, progress: bool = True, out: str | Path |
         # without bf16 units run bf16 slower than fp32).
         n, peak = 1024, 0.0
         for dt in {torch.float32, dtype}:
-            a, b = torch.randn(n, n, dtype=dt), torch.randn(n, n, dtype=dt)
-            peak = max(peak, 2 * n**3 / _timed(lambda: a @ b, seconds / 2))
+            a, b = torch.randn(n, n, dtype=dt, device=device), torch.randn(n, n, dtype=dt, device=device)
+            peak = max(peak, 2 * n**3 / _timed(lambda: a @ b, seconds / 2, device=device))
         bar.advance()
-        x = torch.empty(32 * 2**20, dtype=torch.float32)  # 128 MiB: well beyond any cache
+        x = torch.empty(32 * 2**20, dtype=torch.float32, device=device)  # 128 MiB: well beyond any CPU cache
         y = torch.empty_like(x)
-        bandwidth = 2 * x.numel() * 4 / _timed(lambda: y.copy_(x), seconds)
+        bandwidth = 2 * x.numel() * 4 / _timed(lambda: y.copy_(x), seconds, device=device)
         del x, y
         bar.advance()
         models = []
         for hidden, layers in sizes:
-            model = _small_llama(hidden, layers)
+            model = _small_llama(hidden, layers).to(device)
             m = _measure_model(model, bf16=bf16, batch=4, seq=128, decode_steps=16, seconds=seconds)
             models.append((_shape(model, 2.0 if bf16 else 4.0), m))
             del model
             bar.advance()
-    cal_server = local_server(0.0, {"peak_flops": peak, "bandwidth": bandwidth})
+    cal_server = local_server(0.0, {"peak_flops": peak, "bandwidth": bandwidth}, device=device)
     train_pts, fwd_pts, dec_pts, checks = [], [], [], []
     for shape, m in models:
         tok = m["tokens"]
@@ -257,7 +275,9 @@ def run_profile(*, quick: bool = False, progress: bool = True, out: str | Path |
                                  for sh, moved, t in dec_pts)
     results = {
         "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+        "machine": (f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}" if gpu else
+                    f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"),
+        "device": device.type,
         "threads": torch.get_num_threads(),
         "dtype": str(dtype).removeprefix("torch."),
         "peak_flops": peak,
@@ -267,7 +287,7 @@ def run_profile(*, quick: bool = False, progress: bool = True, out: str | Path |
         "models": [{"params": s.params, **m} for s, m in models],
         "checks": checks,
     }
-    path = Path(out) if out else calibration_path()
+    path = Path(out) if out else calibration_path(device)
     write_json(path, results)
     for c in checks:
         record_stage(f"profile-{c['stage']}", "local", c["predicted_s"], c["measured_s"], note=f"{c['params']:.0f} params")

@@ -133,15 +133,21 @@ def shipped_catalog() -> list[Server]:
     return _parse(text.splitlines(), "stratos/data/servers.csv")
 
 
-def local_server(price_per_hour: float = 0.0, calibration: dict[str, Any] | None = None) -> Server:
-    """The machine Stratos runs on. Measured figures come from ``stratos profile``; without them a
-    deliberately modest guess (a few cores) is used and the plan says so."""
+def local_server(price_per_hour: float = 0.0, calibration: dict[str, Any] | None = None, *,
+                 device: Any = None) -> Server:
+    """The machine Stratos runs on, as the device its stages use (``stratos.runtime``; default the
+    ``auto`` one): its GPUs when that is CUDA, else its CPU. Measured figures come from ``stratos
+    profile`` on that device; without them a deliberately modest guess (a few cores) is used and
+    the plan says so."""
     import torch
 
+    from stratos.runtime import resolve_device
+
     cal = calibration or {}
-    if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        gpu, count, mem_gb = props.name, torch.cuda.device_count(), props.total_memory / 1e9
+    device = torch.device(device) if device is not None else resolve_device("auto")
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        gpu, count, mem_gb = props.name, 1, props.total_memory / 1e9  # one process, one device
     else:
         gpu, count, mem_gb = "cpu", 1, _ram_gb()
     measured = "peak_flops" in cal
@@ -169,6 +175,7 @@ def load_catalog(
     mode: str = "add",
     local_price: float = 0.0,
     calibration: dict[str, Any] | None = None,
+    device: Any = None,
 ) -> list[Server]:
     """The offerings a plan chooses from: shipped rows (unless ``mode='replace'``), the user's rows
     (replacing shipped rows of the same name), and the local machine, always."""
@@ -178,7 +185,7 @@ def load_catalog(
         names = {s.name for s in own}
         rows = [s for s in rows if s.name not in names] + own
     rows = [s for s in rows if s.name != LOCAL]
-    return [local_server(local_price, calibration)] + rows
+    return [local_server(local_price, calibration, device=device)] + rows
 
 
 def filter_servers(

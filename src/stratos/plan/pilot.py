@@ -64,12 +64,14 @@ def run_pilot(
     work_dir: str | Path | None = None,
     task_spec: Any = None,
     student: tuple[Any, Any] | None = None,
+    device: Any = "cpu",
 ) -> PilotResult:
     """Train ``student_spec`` for ``steps`` steps with the run's own settings (``settings``, from
     ``stratos.distill.recipe.resolve``: the main phase's algorithm, loss, kd_ratio, learning rate and
     batch size) on the task's checked data, formatted as the run formats it (rules in the prompt,
     rationales), evaluating ``PILOT_POINTS`` times, and extrapolate to the run's planned steps.
-    ``teacher`` = (model, tokenizer) when the settings need the teacher's hidden states."""
+    ``teacher`` = (model, tokenizer) when the settings need the teacher's hidden states. A student built
+    here goes to ``device``; a given one trains where it is."""
     from stratos.distill import distill
     from stratos.evaluate import evaluate
     from stratos.tasks import to_records
@@ -77,7 +79,7 @@ def run_pilot(
     if student is None:
         from stratos.models import load_student
 
-        student = load_student(student_spec, task_spec)
+        student = load_student(student_spec, task_spec, device=device)
     model, tok = student
     # The phase that trains longest is the one whose curve predicts the result.
     main = max(settings.phases, key=lambda p: p.config.get("max_steps") or p.config["num_train_epochs"])

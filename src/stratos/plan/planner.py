@@ -192,7 +192,6 @@ class PlanInputs:
     spec_name: str = "stratos-run"
     spec_values: SpecValues = field(default_factory=SpecValues)  # what the user wrote in synth / distill: it wins
     distill: Any = None  # the spec's distill section (DistillSpec), for the resolved settings
-    topk_data: bool = False  # synth.top_logprobs > 0: an API teacher's generations carry top-k log-probs
 
 
 def _eff(inputs: PlanInputs, server: Server) -> Efficiency:
@@ -210,7 +209,7 @@ def settings_for(strategy: Strategy, m: Match, inputs: PlanInputs) -> Settings:
     from stratos.spec import DistillSpec
 
     return resolve(inputs.distill or DistillSpec(), match=m.mode, strategy=strategy,
-                   topk_data=inputs.topk_data and strategy.teacher_generates)
+                   topk_data=strategy.topk_data)
 
 
 def workload_for(strategy: Strategy, m: Match, task: TaskProfile, inputs: PlanInputs,

@@ -7,13 +7,12 @@ priors, Pareto selection) takes its ``TeacherProbe`` numbers, so it can be teste
 
 from __future__ import annotations
 
-import os
 import re
 import statistics
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 
@@ -23,8 +22,8 @@ class TeacherProbe:
     n: int
     accuracy: float  # zero-shot
     accuracy_rules: float | None  # with the task's rules in the prompt (None: not probed)
-    latency_s: float  # per example (local: batched wall time / n; API: mean request latency)
-    tokens_per_s: float = 0.0
+    latency_s: float  # per example, zero-shot (local: batched wall time / n; API: mean request latency)
+    tokens_per_s: float = 0.0  # local: batched; API: per stream (tokens / request latencies)
     seconds: float = 0.0  # wall time of the whole probe
     source: str = "measured"  # 'measured' or 'given'
 
@@ -98,61 +97,46 @@ def profile_task(task: Any, *, train_size: int, tokenizer: Any = None, n: int = 
     )
 
 
-def openai_generate_fn(model: str, base_url: str, api_key_env: str | None, *, concurrency: int = 8,
-                       latencies: list[float] | None = None):
-    """A ``generate_fn`` for the evaluator that asks an OpenAI-compatible endpoint, recording each
-    request's latency in ``latencies``."""
-    from openai import OpenAI
-
-    from stratos.models.generate import Generation
-
-    key = os.environ.get(api_key_env, "") if api_key_env else os.environ.get("OPENAI_API_KEY", "none")
-    client = OpenAI(base_url=base_url, api_key=key or "none")
-
-    def one(prompt: Any, max_new_tokens: int) -> Generation:
-        msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-        t0 = time.perf_counter()
-        r = client.chat.completions.create(model=model, messages=msgs, max_tokens=max_new_tokens, temperature=0.0)
-        if latencies is not None:
-            latencies.append(time.perf_counter() - t0)
-        choice = r.choices[0]
-        used = r.usage.completion_tokens if r.usage else len((choice.message.content or "").split())
-        return Generation(choice.message.content or "", used, "length" if choice.finish_reason == "length" else "stop")
-
-    def fn(prompts: Sequence[Any], *, max_new_tokens: int, batch_size: int) -> list[Any]:
-        with ThreadPoolExecutor(max_workers=concurrency) as pool:
-            return list(pool.map(lambda p: one(p, max_new_tokens), prompts))
-
-    return fn
-
-
 def probe_teacher(teacher: Any, task: Any, examples: Sequence[Any], *, rules: bool = True, batch_size: int = 16,
                   max_new_tokens: int = 64, model_and_tokenizer: tuple[Any, Any] | None = None,
+                  device: str | None = None, cache_dir: str | Path | None = None, price: Any = None,
                   progress: bool = False) -> TeacherProbe:
-    """Probe one teacher (a ``TeacherSpec``) on ``examples``: zero-shot, then with the rules in the prompt.
+    """Probe one teacher on ``examples``: zero-shot, then with the rules in the prompt.
 
-    Local teachers are loaded (or passed in as ``model_and_tokenizer``) and run through the
-    evaluator; API teachers are asked through their endpoint."""
+    ``teacher`` is a ``TeacherSpec`` or a ``stratos.teachers.Teacher``. A teacher object, and an API
+    teacher's spec (backend ``openai``, built with ``make_teacher`` on the request cache ``cache_dir``
+    at ``price``), is asked through ``stratos.teachers.generate_fn``: the one client synthesis and
+    the eval stage use, with its cache and retries; its latency is the mean request latency. A local
+    teacher's spec is loaded on ``device`` (or passed in as ``model_and_tokenizer``) and run in
+    process through the evaluator, which measures its speed (no cache: the probe times it)."""
     from stratos.evaluate import evaluate
+    from stratos.teachers import generate_fn, make_teacher
 
     t0 = time.perf_counter()
-    latencies: list[float] = []
-    if teacher.backend == "openai":
-        fn = openai_generate_fn(teacher.model, teacher.base_url, teacher.api_key_env, latencies=latencies)
-        model = tok = None
+    client = teacher if callable(getattr(teacher, "generate", None)) else None
+    own = client is None and teacher.backend == "openai"
+    if own:
+        client = make_teacher(teacher, cache_dir=cache_dir, price=price)
+    if client is not None:
+        fn, model, tok = generate_fn(client, progress=progress), None, None
     else:
         fn = None
         if model_and_tokenizer is None:
             from stratos.models import load
 
-            model_and_tokenizer = load(teacher.model, dtype=teacher.dtype, trust_remote_code=teacher.trust_remote_code)
+            where = {} if device is None else {"device": device}
+            model_and_tokenizer = load(teacher.model, dtype=teacher.dtype, trust_remote_code=teacher.trust_remote_code,
+                                       **where)
         model, tok = model_and_tokenizer
     kw = dict(batch_size=batch_size, max_new_tokens=max_new_tokens, generate_fn=fn, progress=progress)
-    zero = evaluate(model, tok, task, examples, rules=False, **kw)
-    with_rules = evaluate(model, tok, task, examples, rules=True, **kw) if rules else None
-    latency = statistics.mean(latencies) if latencies else zero.mean_latency_s
+    try:
+        zero = evaluate(model, tok, task, examples, rules=False, **kw)
+        with_rules = evaluate(model, tok, task, examples, rules=True, **kw) if rules else None
+    finally:
+        if own:
+            client.close()
     return TeacherProbe(
         teacher=teacher.label, n=zero.n, accuracy=zero.accuracy,
         accuracy_rules=with_rules.accuracy if with_rules else None,
-        latency_s=latency, tokens_per_s=zero.tokens_per_s, seconds=time.perf_counter() - t0,
+        latency_s=zero.mean_latency_s, tokens_per_s=zero.tokens_per_s, seconds=time.perf_counter() - t0,
     )

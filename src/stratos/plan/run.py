@@ -18,12 +18,13 @@ from stratos.plan.planner import Plan, PlanInputs, build_plan
 from stratos.plan.probe import TeacherProbe, probe_teacher, profile_task
 from stratos.plan.shapes import model_shape
 from stratos.plan.strategy import SpecValues
+from stratos.synth import price_of
 from stratos.tasks import task_from_spec
 
 log = logging.getLogger(__name__)
 
 
-def _probe_key(spec: Any, t: Any, max_new_tokens: int) -> str:
+def _probe_key(spec: Any, t: Any, max_new_tokens: int, device: Any) -> str:
     from stratos.io import sha256_text
 
     from stratos.io import fingerprint
@@ -31,8 +32,9 @@ def _probe_key(spec: Any, t: Any, max_new_tokens: int) -> str:
 
     weights = model_identity(t.model) if t.backend != "openai" else None
     data = fingerprint(spec.task.path) if spec.task.path is not None and spec.task.path.is_file() else None
+    where = str(device) if t.backend != "openai" else None  # a local probe's speed is the device's
     return sha256_text(t.model_dump(), weights, spec.task.model_dump(mode="json"), data, spec.plan.probe_size,
-                       spec.plan.probe_rules, max_new_tokens)[:16]
+                       spec.plan.probe_rules, max_new_tokens, where)[:16]
 
 
 def _api_params(spec: Any, label: str, model: str) -> Any:
@@ -54,6 +56,8 @@ def make_plan(
     loaded: dict[str, tuple[Any, Any]] | None = None,
     progress: bool = True,
     calibration: dict[str, Any] | None = None,
+    requests_dir: str | Path | None = None,
+    device: Any = None,
 ) -> tuple[Plan, list[Any]]:
     """Plan a run for ``spec`` (a ``stratos.spec.Spec``) into ``out_dir``.
 
@@ -61,11 +65,17 @@ def make_plan(
     gives already loaded (model, tokenizer) pairs by model name. Probes measured here are cached in
     ``out_dir/probes.json`` and reused when the teacher, task and probe settings are unchanged.
     ``calibration`` overrides the stored machine calibration; when none is stored (and none is
-    given), a quick ``stratos profile`` runs first and stores one.
+    given), a quick ``stratos profile`` runs first and stores one. API teachers are probed through
+    their request cache in ``requests_dir`` (default ``out_dir/requests``; the runner passes the run's
+    ``RUN/requests``, which synth and eval share, so a request asked here is never asked again).
+    ``device`` (default: the spec's ``device`` setting) is this machine's ``local`` server: local
+    teachers are probed and pilots trained there, and its calibration is the one priced.
     """
-    import torch
-
     from stratos.io import write_json
+    from stratos.runtime import resolve_device
+
+    device = resolve_device(spec.device if device is None else device) if not hasattr(device, "type") else device
+    gpu = device.type == "cuda"
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -91,16 +101,17 @@ def make_plan(
             tokenizer = None
     profile = profile_task(task, train_size=spec.task.train_size, tokenizer=tokenizer, seed=spec.task.seed)
 
-    cal = load_calibration() if calibration is None else calibration
+    cal = load_calibration(device=device) if calibration is None else calibration
     if calibration is None and not cal:
         # Measure instead of assuming: the default CPU factors are a guess that can be several times
         # off for a small student; a quick profile takes seconds and is stored for every later plan.
         from stratos.plan.calibration import calibration_path, run_profile
 
         log.info("plan: this machine has no calibration yet; measuring it (stratos profile --quick)")
-        cal = run_profile(quick=True, progress=progress)
-        log.info("plan: calibration stored in %s", calibration_path())
-    servers = load_catalog(ps.catalog, mode=ps.catalog_mode, local_price=ps.local_price_per_hour, calibration=cal)
+        cal = run_profile(quick=True, progress=progress, device=device)
+        log.info("plan: calibration stored in %s", calibration_path(device))
+    servers = load_catalog(ps.catalog, mode=ps.catalog_mode, local_price=ps.local_price_per_hour, calibration=cal,
+                           device=device)
     if ps.servers:
         servers = filter_servers(servers, only=ps.servers)
         if not servers:
@@ -116,14 +127,16 @@ def make_plan(
     for t_spec, t_shape in zip(spec.teachers, teachers):
         if t_shape.name in probes:
             continue
-        key = _probe_key(spec, t_spec, max_new)
+        key = _probe_key(spec, t_spec, max_new, device)
         if key in cached:
             probes[t_shape.name] = TeacherProbe.from_dict(cached[key])
             continue
         if examples is None:
             examples = task.examples("eval", ps.probe_size, seed=spec.task.seed + 1)
         probe = probe_teacher(t_spec, task, examples, rules=ps.probe_rules, batch_size=spec.eval.batch_size,
-                              max_new_tokens=max_new, model_and_tokenizer=loaded.get(t_spec.model), progress=progress)
+                              max_new_tokens=max_new, model_and_tokenizer=loaded.get(t_spec.model), device=device,
+                              cache_dir=requests_dir if requests_dir is not None else out / "requests",
+                              price=price_of(spec, t_spec), progress=progress)
         probes[t_shape.name] = probe
         cached[key] = probe.to_dict()
         write_json(cache_file, cached)
@@ -133,15 +146,15 @@ def make_plan(
             runs = 2 if ps.probe_rules else 1
             generated = max(1.0, probe.tokens_per_s * probe.latency_s)
             predicted = runs * generate_seconds(t_shape, probe.n, profile.prompt_tokens, generated, local,
-                                                local_efficiency(cal, torch.cuda.is_available()),
+                                                local_efficiency(cal, gpu),
                                                 batch=spec.eval.batch_size)
             record_stage("generation", LOCAL, predicted, probe.seconds, run_dir=out, note=f"probe of {t_shape.name}")
 
     # ----------------------------------------------------------------- pilots (optional, measured)
     pilots: dict[tuple[int, int], tuple[float, str, str]] = {}
-    inputs = _inputs(spec, teachers, students, probes, profile, servers, cal)
+    inputs = _inputs(spec, teachers, students, probes, profile, servers, cal, gpu)
     if ps.pilot:
-        pilots = _run_pilots(spec, task, inputs, loaded, out, local, cal)
+        pilots = _run_pilots(spec, task, inputs, loaded, out, local, cal, device)
         inputs.student_accuracy = pilots
 
     plan, cands = build_plan(inputs)
@@ -155,11 +168,9 @@ def make_plan(
     return plan, cands
 
 
-def _inputs(spec, teachers, students, probes, profile, servers, cal) -> PlanInputs:
-    import torch
-
+def _inputs(spec, teachers, students, probes, profile, servers, cal, gpu: bool) -> PlanInputs:
     ps, c = spec.plan, spec.constraints
-    eff = {s.name: local_efficiency(cal, torch.cuda.is_available()) for s in servers if s.is_local}
+    eff = {s.name: local_efficiency(cal, gpu) for s in servers if s.is_local}
     api = {}
     for t_spec, t in zip(spec.teachers, teachers):
         price = _api_params(spec, t_spec.label, t_spec.model)
@@ -177,14 +188,11 @@ def _inputs(spec, teachers, students, probes, profile, servers, cal) -> PlanInpu
         max_length=spec.distill.max_length, batch=spec.distill.per_device_train_batch_size,
         teacher_models=[t.model for t in spec.teachers], student_models=[s.model for s in spec.students],
         spec_name=spec.name, spec_values=SpecValues.from_spec(spec), distill=spec.distill,
-        topk_data=spec.synth.top_logprobs > 0,
     )
 
 
-def _run_pilots(spec, task, inputs: PlanInputs, loaded, out: Path, local, cal) -> dict:
-    """One pilot per (teacher, student) pair on the local machine; teachers only load for logit KD."""
-    import torch
-
+def _run_pilots(spec, task, inputs: PlanInputs, loaded, out: Path, local, cal, device) -> dict:
+    """One pilot per (teacher, student) pair on the local machine's device; teachers only load for logit KD."""
     from stratos.models import load
     from stratos.plan.costmodel import train_seconds
     from stratos.plan.pilot import run_pilot
@@ -198,7 +206,7 @@ def _run_pilots(spec, task, inputs: PlanInputs, loaded, out: Path, local, cal) -
         teacher = None
         if pd.settings.needs_teacher_model:
             teacher = loaded.get(t_spec.model) or load(t_spec.model, dtype=t_spec.dtype,
-                                                       trust_remote_code=t_spec.trust_remote_code)
+                                                       trust_remote_code=t_spec.trust_remote_code, device=device)
         student = None
         if s_spec.model in loaded and not s_spec.config_overrides and s_spec.init == "pretrained":
             import copy
@@ -207,11 +215,11 @@ def _run_pilots(spec, task, inputs: PlanInputs, loaded, out: Path, local, cal) -
             student = (copy.deepcopy(m), tok)  # the pilot trains in place; keep the caller's model intact
         r = run_pilot(s_spec, task, pd.strategy, pd.settings, steps=ps.pilot_steps, eval_examples=eval_ex,
                       teacher=teacher, rationale=spec.synth.rationales, max_new_tokens=spec.eval.max_new_tokens,
-                      seed=spec.task.seed, work_dir=out, student=student, task_spec=spec.task)
+                      seed=spec.task.seed, work_dir=out, student=student, task_spec=spec.task, device=device)
         results[(pd.teacher_index, pd.student_index)] = (r.predicted, "pilot", r.reason())
         if local is not None:
             predicted = train_seconds(inputs.students[pd.student_index], r.train_tokens, local,
-                                      local_efficiency(cal, torch.cuda.is_available()))
+                                      local_efficiency(cal, device.type == "cuda"))
             record_stage("training", LOCAL, predicted, r.seconds, run_dir=out,
                          note=f"pilot {pd.student_index}:{inputs.students[pd.student_index].name}")
     return results

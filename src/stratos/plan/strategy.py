@@ -26,6 +26,8 @@ MANY_STEPS = 3
 # Prior accuracy a student can reach on oracle-checked data alone (no competent teacher).
 ORACLE_CEILING = 0.9
 RULES_HELP = 0.05  # probe gain with rules in the prompt that makes them worth their tokens
+# Top-k log-probs asked of an API teacher for top-k KD: the most OpenAI's chat API returns per token.
+TOPK_LOGPROBS = 20
 
 
 @dataclass
@@ -43,6 +45,7 @@ class Strategy:
     epochs: float
     reasons: list[str] = field(default_factory=list)
     prompts: int = 0  # train prompts sent to the teacher (0 when it does not generate)
+    top_logprobs: int = 0  # top-k log-probs synth asks an API teacher for, per generated token (top-k KD)
     # The plan's own values of the fields the spec overrode (``apply_spec``), restored before it applies again.
     planned: dict[str, Any] = field(default_factory=dict)
 
@@ -51,6 +54,11 @@ class Strategy:
         if not self.teacher_generates:
             return 0
         return self.prompts or self.data_size - self.reverse_synthesis  # plans written before ``prompts`` existed
+
+    @property
+    def topk_data(self) -> bool:
+        """Whether the training data will carry an API teacher's top-k log-probs."""
+        return self.top_logprobs > 0 and self.teacher_generates
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -154,8 +162,12 @@ def choose_strategy(probe: TeacherProbe, task: TaskProfile, m: Match, *, compete
         loss = "fkl"
         reasons.append(f"loss fkl (forward KL): at a {m.capacity_ratio:,.1f}x gap the student can match the teacher's "
                        "whole distribution")
+    top_logprobs = 0
     if m.mode == "topk" and loss != "ce":
-        reasons.append("the KD term uses the API's top-k log-probs, renormalised over those k tokens")
+        top_logprobs = TOPK_LOGPROBS
+        reasons.append(f"top-k KD: synth asks the API for the top {top_logprobs} log-probs of every token it "
+                       "generates (the most OpenAI's API returns), and the KD term matches them, renormalised over "
+                       "those tokens plus the rest of the probability mass")
 
     # The synth stage sends the teacher task.train_size prompts unless synth.prompts says otherwise, and
     # keeps about one verified answer per prompt: that, not a size of our own, is the teacher's data.
@@ -171,7 +183,7 @@ def choose_strategy(probe: TeacherProbe, task: TaskProfile, m: Match, *, compete
         reasons.append(f"{data} examples x {epochs:g} epochs: sized by answer length"
                        + (", doubled and one more epoch for injection" if kind == "injection" else ""))
     return Strategy(kind, loss, kd_ratio, on_policy, rules, injection, rev, samples, teacher_generates, data, epochs,
-                    reasons, prompts=prompts)
+                    reasons, prompts=prompts, top_logprobs=top_logprobs)
 
 
 @dataclass(frozen=True)
@@ -184,6 +196,7 @@ class SpecValues:
     reverse_synthesis: int | None = None
     knowledge_injection: bool | None = None
     rationales: bool | None = None  # synth.rationales: oracle answers with their worked rationale
+    top_logprobs: int | None = None  # synth.top_logprobs
     epochs: float | None = None  # distill.num_train_epochs
     max_steps: int | None = None  # distill.max_steps (wins over epochs)
     loss: str | None = None
@@ -209,7 +222,8 @@ class SpecValues:
             needs = get_loss(loss).needs_teacher
         return cls(prompts=prompts, samples_per_prompt=given(s, "samples_per_prompt"),
                    reverse_synthesis=given(s, "reverse_synthesis"), knowledge_injection=given(s, "knowledge_injection"),
-                   rationales=given(s, "rationales"), epochs=given(d, "num_train_epochs"),
+                   rationales=given(s, "rationales"), top_logprobs=given(s, "top_logprobs"),
+                   epochs=given(d, "num_train_epochs"),
                    max_steps=given(d, "max_steps"), loss=loss, kd_ratio=given(d, "kd_ratio"), loss_needs_teacher=needs,
                    train_batch=d.per_device_train_batch_size * d.gradient_accumulation_steps)
 
@@ -221,11 +235,11 @@ class SpecValues:
 # SpecValues field -> its name in the spec, and the Strategy attribute holding the plan's own value.
 _SPEC_NAMES = {"prompts": "synth.prompts", "samples_per_prompt": "synth.samples_per_prompt",
                "reverse_synthesis": "synth.reverse_synthesis", "knowledge_injection": "synth.knowledge_injection",
-               "epochs": "distill.num_train_epochs", "max_steps": "distill.max_steps", "loss": "distill.loss",
+               "top_logprobs": "synth.top_logprobs", "epochs": "distill.num_train_epochs", "max_steps": "distill.max_steps", "loss": "distill.loss",
                "kd_ratio": "distill.kd_ratio"}
 _PLAN_VALUE = {"prompts": "teacher_prompts", "samples_per_prompt": "samples_per_prompt",
                "reverse_synthesis": "reverse_synthesis", "knowledge_injection": "knowledge_injection",
-               "epochs": "epochs", "loss": "loss", "kd_ratio": "kd_ratio"}
+               "top_logprobs": "top_logprobs", "epochs": "epochs", "loss": "loss", "kd_ratio": "kd_ratio"}
 
 
 def _fmt(v: Any) -> str:
@@ -248,9 +262,11 @@ def apply_spec(strategy: Strategy, values: SpecValues, task: TaskProfile) -> Str
     if not written:
         return strategy
     new: dict[str, Any] = {}
-    for name in ("loss", "kd_ratio", "samples_per_prompt", "knowledge_injection"):
+    for name in ("loss", "kd_ratio", "samples_per_prompt", "knowledge_injection", "top_logprobs"):
         if getattr(values, name) is not None:
             new[name] = getattr(values, name)
+    if values.top_logprobs is None and values.loss_needs_teacher is False:
+        new["top_logprobs"] = 0  # the written loss (ce) has no use for the teacher's log-probs
     if values.knowledge_injection:
         new["rules_in_prompt"] = True  # the synth stage puts the rules in the teacher's prompts then
     rev = strategy.reverse_synthesis if values.reverse_synthesis is None else values.reverse_synthesis

@@ -178,7 +178,8 @@ def build_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
         headers, rows = results_table(results)
         bench = results.get("bench") or {}
         note = (f"<p class='muted'>Accuracy on the same {results.get('n')} held-out questions for every model. "
-                f"tokens/s: batched greedy generation on this machine; the deployed student's latency and "
+                f"tokens/s: batched greedy generation on this machine ({_e(stages.get('eval', {}).get('device', '?'))}); "
+                f"the deployed student's latency and "
                 f"tokens/s come from a load test of its HTTP endpoint ({_e(bench.get('clients', '?'))} concurrent "
                 f"clients, {_e(bench.get('requests', '?'))} requests). $ / M tokens: the chosen serving server "
                 f"({_e(results.get('serving_server'))}, ${_fmt(results.get('serving_usd_per_hour'), 2)}/h) at the "
@@ -202,7 +203,7 @@ def build_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
             ["training server", _e(plan["training_server"].get("name"))],
             ["serving server", _e(plan["serving_server"].get("name"))],
             ["predicted accuracy", _fmt(pred.get("accuracy"))], ["predicted cost ($)", _fmt(pred.get("cost_usd"), 2)],
-            ["predicted latency (ms)", _fmt(pred.get("latency_ms"), 0)],
+            [f"predicted latency (ms) on {_e(plan['serving_server'].get('name'))}", _fmt(pred.get("latency_ms"), 0)],
             ["candidates (total / feasible / on the front)",
              " / ".join(str(plan.get("counts", {}).get(k, "?")) for k in ("total", "feasible", "front"))],
         ])
@@ -241,12 +242,15 @@ def build_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
         ratio = f"{meas / pred:.2f}" if pred and meas else "–"
         status = rec.get("status", "?")
         cls = "ok" if status == "done" else "bad"
-        stage_rows.append([_e(name), f'<span class="{cls}">{_e(status)}</span>', _fmt(pred, 1), _fmt(meas, 1), ratio,
-                           _e(rec.get("started", "")), _e(rec.get("error", ""))[:300]])
+        stage_rows.append([_e(name), f'<span class="{cls}">{_e(status)}</span>', _e(rec.get("device", "?")),
+                           _fmt(pred, 1), _fmt(meas, 1), ratio, _e(rec.get("started", "")),
+                           _e(rec.get("error", ""))[:300]])
         cost_pts.append((name, pred, meas))
     sections.append("<h2>Stages: predicted vs measured</h2>"
-                    + _table(["stage", "status", "predicted (s)", "measured (s)", "measured / predicted", "started",
-                              "error"], stage_rows) + _img(plots.stage_costs(cost_pts), "stage costs"))
+                    "<p class='muted'>A stage's prediction is shown only when it ran on the device the plan priced "
+                    "(its training server, this machine).</p>"
+                    + _table(["stage", "status", "device", "predicted (s)", "measured (s)", "measured / predicted",
+                              "started", "error"], stage_rows) + _img(plots.stage_costs(cost_pts), "stage costs"))
 
     sections.append("<h2>Example predictions</h2>" + _examples(run_dir / "eval"))
     spec_text = (run_dir / "spec.yaml").read_text() if (run_dir / "spec.yaml").is_file() else json.dumps(

@@ -62,6 +62,16 @@ def read_plan_target(path: str | Path) -> dict[str, Any]:
     if server is None:
         raise ServeError(f"{path}: no serving server found (looked for 'serving', 'serve', 'deploy', 'server' keys "
                          "holding a gpu/accelerator); pass --accelerator instead")
+    # Spot is a planning choice, not a property of the server: look beside the server too.
+    spot = _first(server, "spot", "use_spot")
+    for section in (plan, plan.get("workload"), plan.get("inputs")):
+        if spot is None and isinstance(section, dict):
+            spot = _first(section, "spot", "use_spot")
+    return server_target(server, spot if isinstance(spot, bool) else None)
+
+
+def server_target(server: dict[str, Any], spot: bool | None = None) -> dict[str, Any]:
+    """DeployTarget fields for a server (a catalog row as a dict, or any dict with the usual names)."""
     out: dict[str, Any] = {}
     gpu = _first(server, "accelerator", "gpu", "gpu_model")
     if gpu:
@@ -75,12 +85,7 @@ def read_plan_target(path: str | Path) -> dict[str, Any]:
     region = _first(server, "region")
     if region and out.get("cloud"):
         out["region"] = str(region)
-    # Spot is a planning choice, not a property of the server: look beside the server too.
-    spot = _first(server, "spot", "use_spot")
-    for section in (plan, plan.get("workload"), plan.get("inputs")):
-        if spot is None and isinstance(section, dict):
-            spot = _first(section, "spot", "use_spot")
-    if isinstance(spot, bool):
+    if spot is not None:
         out["spot"] = spot
     return out
 
@@ -119,6 +124,8 @@ class DeployRecipe:
     task: dict[str, Any]
     shell: str
     notes: list[str] = field(default_factory=list)
+    names: tuple[str, str] = ("sky-serve.yaml", "serve.sh")  # the task's and the script's file names
+    extra: dict[str, str] = field(default_factory=dict)  # more files the task mounts: name -> text
 
     @property
     def yaml(self) -> str:
@@ -127,7 +134,9 @@ class DeployRecipe:
     def write(self, folder: str | Path) -> tuple[Path, Path]:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        task_path, sh_path = folder / "sky-serve.yaml", folder / "serve.sh"
+        task_path, sh_path = folder / self.names[0], folder / self.names[1]
+        for name, text in self.extra.items():
+            (folder / name).write_text(text)
         task_path.write_text(self.yaml)
         sh_path.write_text(self.shell)
         sh_path.chmod(0o755)
@@ -248,3 +257,77 @@ def launch(task_path: str | Path, target: DeployTarget, api_key_env: str = "STRA
                          f"credentials it names.\n{check.stdout[-2000:]}{check.stderr[-2000:]}")
     cmd = [sky_bin, "launch", "--yes", "--cluster", target.name, "--secret", api_key_env, str(task_path)]
     return subprocess.run(cmd).returncode
+
+
+# --------------------------------------------------------------------------- training elsewhere
+
+REMOTE_RUN_DIR = "~/stratos-run"
+
+
+def _checkout() -> Path | None:
+    """The source checkout this Stratos runs from, when it runs from one (then it travels as the workdir)."""
+    import stratos
+
+    root = Path(stratos.__file__).resolve().parents[2]
+    return root if (root / "pyproject.toml").is_file() and (root / "src" / "stratos").is_dir() else None
+
+
+def train_recipe(spec: Any, target: DeployTarget, *, server: str, price_per_hour: float, folder: Path) -> DeployRecipe:
+    """The SkyPilot task and shell script that run the pipeline on the server the plan chose to train on.
+
+    ``spec`` is the loaded Spec (local paths already absolute). The remote spec keeps what the user
+    wrote and pins the plan to that machine (``plan.servers: [local]`` at the chosen server's price),
+    so the plan made there prices the machine it runs on. Local files the spec names (models, the
+    task's data) are uploaded to the same absolute paths. ``folder``: where the recipe is written."""
+    notes: list[str] = []
+    data = spec.model_dump(mode="json", exclude_unset=True)
+    data.setdefault("plan", {}).update(servers=["local"], local_price_per_hour=price_per_hour)
+    data["device"] = "auto"
+    remote_spec = yaml.safe_dump(data, sort_keys=False)
+    files = sorted({str(p) for p in _local_files(spec)})
+    run = (f"mkdir -p {REMOTE_RUN_DIR}\n"
+           f"stratos run {REMOTE_RUN_DIR}/spec.yaml --run-dir {REMOTE_RUN_DIR}/run --no-progress\n")
+    resources: dict[str, Any] = {}
+    if target.accelerator:
+        resources["accelerators"] = f"{target.accelerator}:{target.count}"
+    if target.cloud:
+        resources["infra"] = target.cloud + (f"/{target.region}" if target.region else "")
+    resources["use_spot"] = target.spot
+    resources["disk_size"] = target.disk_size_gb
+    task: dict[str, Any] = {"name": f"{target.name}-train", "resources": resources}
+    checkout = _checkout()
+    if checkout is not None:
+        task["workdir"] = str(checkout)
+        install = "pip install ~/sky_workdir"
+    else:
+        install = "pip install stratos"
+        notes.append("Stratos is not running from a source checkout: the recipe installs `stratos` from the "
+                     "package index; put a wheel of this version there if it is not published")
+    task["file_mounts"] = {f"{REMOTE_RUN_DIR}/spec.yaml": str((Path(folder) / "spec.yaml").resolve()),
+                           **{f: f for f in files}}
+    task["setup"] = f"pip install --upgrade pip\n{install}\n"
+    task["run"] = run
+    if files:
+        notes.append(f"{len(files)} local file(s) the spec names are uploaded to the same paths: {', '.join(files)}")
+    what = f"{target.count}x {target.accelerator}" if target.accelerator else "a CPU machine"
+    shell = (
+        "#!/usr/bin/env bash\n"
+        f"# Run the pipeline on {server} ({what}), the server the plan chose to train on.\n"
+        "# Generated by `stratos run`; the SkyPilot task (sky-train.yaml) does the same in one command.\n"
+        "set -euo pipefail\n"
+        "# 1. Copy spec.yaml (next to this script) and the files it names to the server, then on the server:\n"
+        "python -m venv ~/stratos-venv && . ~/stratos-venv/bin/activate\n"
+        f"pip install --upgrade pip && {install.replace('~/sky_workdir', 'STRATOS_SOURCE')}\n"
+        + run
+    )
+    return DeployRecipe(model="", target=target, task=task, shell=shell, notes=notes,
+                        names=("sky-train.yaml", "train.sh"), extra={"spec.yaml": remote_spec})
+
+
+def _local_files(spec: Any) -> list[Path]:
+    paths = [Path(m.model) for group in (spec.teachers, spec.students) for m in group if Path(m.model).is_absolute()]
+    if spec.task.path is not None:
+        paths.append(Path(spec.task.path))
+    if spec.plan.catalog is not None:
+        paths.append(Path(spec.plan.catalog))
+    return [p for p in paths if p.exists()]

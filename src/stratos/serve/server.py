@@ -117,8 +117,9 @@ def check_exposure(host: str, api_key: str | None, env_name: str = "STRATOS_API_
 # --------------------------------------------------------------------------- serving
 
 
-def serve(model: str, spec: ServeSpec | None = None) -> None:
-    """Serve ``model`` until interrupted. Raises ServeError for settings that cannot work."""
+def serve(model: str, spec: ServeSpec | None = None, *, device: str = "auto") -> None:
+    """Serve ``model`` until interrupted. Raises ServeError for settings that cannot work.
+    ``device``: where the built-in backend computes (a ``stratos.runtime`` setting; vLLM picks its own)."""
     spec = spec or ServeSpec()
     api_key = api_key_for(spec)
     check_exposure(spec.host, api_key, spec.api_key_env)
@@ -135,17 +136,19 @@ def serve(model: str, spec: ServeSpec | None = None) -> None:
             env["VLLM_API_KEY"] = api_key
         print(f"backend vllm ({why}): {' '.join(cmd)}", file=sys.stderr, flush=True)
         os.execvpe(cmd[0], cmd, env)  # vLLM takes over this process, signals included
-    run_builtin(model, spec, name=name, api_key=api_key)
+    run_builtin(model, spec, name=name, api_key=api_key, device=device)
 
 
-def run_builtin(model: str, spec: ServeSpec, *, name: str, api_key: str | None) -> None:
+def run_builtin(model: str, spec: ServeSpec, *, name: str, api_key: str | None, device: str = "auto") -> None:
     import uvicorn
 
     from stratos.models import load
+    from stratos.runtime import runtime
     from stratos.serve.app import ServerLimits, create_app
     from stratos.serve.engine import BatchEngine
 
-    m, tok = load(model, dtype=spec.dtype, trust_remote_code=spec.trust_remote_code)
+    rt = runtime(device)
+    m, tok = load(model, dtype=spec.dtype, trust_remote_code=spec.trust_remote_code, device=rt.device)
     engine = BatchEngine(m, tok, max_batch_size=spec.max_batch_size, max_queue=spec.max_queue,
                          batch_wait_s=spec.batch_wait_ms / 1000).start()
     limits = ServerLimits(max_tokens=spec.max_tokens, max_prompt_tokens=spec.max_prompt_tokens,
@@ -155,8 +158,8 @@ def run_builtin(model: str, spec: ServeSpec, *, name: str, api_key: str | None) 
     config = uvicorn.Config(app, host=spec.host, port=spec.port, log_level="info", lifespan="off",
                             timeout_graceful_shutdown=spec.graceful_shutdown_s, server_header=False)
     server = uvicorn.Server(config)
-    logging.getLogger("uvicorn.error").info("serving %s as %r on http://%s:%d/v1 (builtin backend%s)", model, name, spec.host, spec.port,
-                ", API key required" if api_key else "")
+    logging.getLogger("uvicorn.error").info("serving %s as %r on http://%s:%d/v1 (builtin backend on %s%s)", model, name,
+                                            spec.host, spec.port, rt.describe(), ", API key required" if api_key else "")
     try:
         # On SIGTERM uvicorn stops accepting, waits for open requests (the engine keeps decoding
         # for them), then returns; only then is the engine told to stop.

@@ -10,11 +10,13 @@
 2. **Reverse synthesis.** ``reverse_synthesis: N`` adds N oracle-answered train questions.
 3. **Knowledge injection.** ``knowledge_injection: true`` adds the task's rules corpus as text records.
 
-Every teacher request is cached on disk under ``out_dir/requests``: a rerun, or a run resumed after
-a crash, sends only what is missing. API spend never passes the budget (``synth.budget_usd``, else
-``constraints.budget_usd``): the stage stops before the request that could cross it, keeps what it
-has and says so in the statistics. With ``top_logprobs: k`` each kept record carries the teacher's
-top-k log-probs per response token, the targets of top-k KD (``distill.teacher_signal: topk``).
+Every teacher request is cached on disk under ``requests_dir`` (default ``out_dir/requests``; a run
+uses its run-level ``RUN/requests``, shared with the plan's probes and the eval stage): a rerun, or
+a run resumed after a crash, sends only what is missing. API spend never passes the budget
+(``synth.budget_usd``, else ``constraints.budget_usd``): the stage stops before the request that
+could cross it, keeps what it has and says so in the statistics. With ``top_logprobs: k`` each kept
+record carries the teacher's top-k log-probs per response token, the targets of top-k KD
+(``distill.teacher_signal: topk``).
 """
 
 from __future__ import annotations
@@ -77,10 +79,11 @@ def _topk_field(s: Sample) -> dict[str, Any] | None:
 
 
 def run_synth(spec: Spec, out_dir: str | Path, *, plan: Any = None, progress: bool = True,
-              teacher: Teacher | None = None) -> SynthResult:
-    """Build the stage's dataset in ``out_dir`` (``data.jsonl``, ``stats.json``, ``requests/``).
+              teacher: Teacher | None = None, requests_dir: str | Path | None = None) -> SynthResult:
+    """Build the stage's dataset in ``out_dir`` (``data.jsonl``, ``stats.json``, and the request cache
+    in ``requests_dir``, default ``out_dir/requests``).
 
-    ``teacher`` replaces the spec's teacher (e.g. another model sampling in its place)."""
+    ``teacher`` replaces the spec's teacher (e.g. another model sampling in its place); it keeps its own cache."""
     from stratos.tasks import corpus, grade, task_from_spec, to_records
 
     t0 = time.perf_counter()
@@ -111,7 +114,11 @@ def run_synth(spec: Spec, out_dir: str | Path, *, plan: Any = None, progress: bo
     if examples:
         own = teacher is None
         if own:
-            teacher = make_teacher(t_spec, cache_dir=out_dir / "requests", price=price, budget=Budget(limit))
+            cache = Path(requests_dir) if requests_dir is not None else out_dir / "requests"
+            from stratos.runtime import resolve_device
+
+            teacher = make_teacher(t_spec, cache_dir=cache, price=price, budget=Budget(limit),
+                                   device=resolve_device(spec.device))
         try:
             samples = teacher.generate([task.prompt(ex, rules=rules) for ex in examples], params, progress=progress)
         finally:

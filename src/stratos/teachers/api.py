@@ -5,7 +5,8 @@ request (429, 5xx, timeout, connection error, a reply that is not the JSON it sh
 retried with exponential backoff and full jitter, waiting at least what the server's Retry-After
 asks; a 4xx other than 408/409/429 is the caller's mistake and fails at once. Each finished
 request goes to the disk cache before anything else happens, so a crash loses only requests in
-flight, and a rerun sends only what the cache does not hold.
+flight, and a rerun sends only what the cache does not hold. Each successful request's latency is
+measured and stored with its samples (``Sample.latency_s``), so a replayed answer keeps it.
 """
 
 from __future__ import annotations
@@ -96,7 +97,10 @@ class OpenAITeacher:
     backoff_base_s = 0.5
     backoff_cap_s = 30.0
 
-    def __init__(self, spec: Any, *, cache_dir: Any = None, price: Price | None = None, budget: Budget | None = None):
+    def __init__(self, spec: Any, *, cache_dir: Any = None, price: Price | None = None, budget: Budget | None = None,
+                 api_key: str | None = None):
+        """``api_key``: the key itself (e.g. a deployed student's); without it the key comes from
+        ``spec.api_key_env``."""
         if not spec.base_url:
             raise TeacherError("backend 'openai' needs base_url")
         self.spec = spec
@@ -105,7 +109,7 @@ class OpenAITeacher:
         self.price = price or Price()
         self.budget = budget or Budget(None)
         self.usage = Usage()
-        self._api_key = api_key_from_env(spec.api_key_env)
+        self._api_key = api_key if api_key is not None else api_key_from_env(spec.api_key_env)
         self._rng = random.Random()
 
     def close(self) -> None:
@@ -152,7 +156,8 @@ class OpenAITeacher:
         completion = int(getattr(usage, "completion_tokens", 0) or 0)
         for s in samples:
             assert s is not None
-            s.completion_tokens = len(s.tokens) if s.tokens is not None else 0
+            # Per sample: its log-prob tokens, else (one sample) the request's completion tokens.
+            s.completion_tokens = len(s.tokens) if s.tokens is not None else completion if params.n == 1 else 0
         if usage is None:
             completion = sum(s.completion_tokens for s in samples if s)
         return [s for s in samples if s is not None], prompt_tokens, completion
@@ -164,8 +169,13 @@ class OpenAITeacher:
             self.usage.requests += 1
             wait_hint, last = None, ""
             try:
+                t0 = time.perf_counter()
                 resp = await client.chat.completions.create(**req)
-                return self._parse(resp, params)
+                latency = time.perf_counter() - t0
+                samples, p_tok, c_tok = self._parse(resp, params)
+                for s in samples:
+                    s.latency_s = latency
+                return samples, p_tok, c_tok
             except openai.APIStatusError as e:
                 if e.status_code not in RETRY_STATUS and e.status_code < 500:
                     raise TeacherError(f"teacher {self.label}: HTTP {e.status_code}: {e.message}") from None
@@ -264,5 +274,5 @@ class OpenAITeacher:
 
 
 @register_teacher("openai")
-def make_openai(spec: Any, **kw: Any) -> OpenAITeacher:
-    return OpenAITeacher(spec, **kw)
+def make_openai(spec: Any, *, device: str | None = None, **kw: Any) -> OpenAITeacher:
+    return OpenAITeacher(spec, **kw)  # the model runs behind the endpoint: no device here

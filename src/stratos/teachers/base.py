@@ -2,9 +2,14 @@
 
 A teacher answers ``generate(prompts, params)`` with ``n`` samples per prompt. Each sample is
 text plus, where the backend can give them, the sampled token ids and the top-k log-probs of
-every generated token (the signal for top-k KD from API teachers). Every backend keeps a
-:class:`RequestCache` on disk keyed by the request itself, so a rerun or a run resumed after a
-crash never pays for (or recomputes) a request twice, and a :class:`Usage` with tokens and cost.
+every generated token (the signal for top-k KD from API teachers), and the measured latency of
+the request that produced it. Every backend keeps a :class:`RequestCache` on disk keyed by the
+request itself, so a rerun or a run resumed after a crash never pays for (or recomputes) a request
+twice, and a :class:`Usage` with tokens and cost.
+
+:func:`generate_fn` turns any teacher into the evaluator's seam (greedy, one answer per prompt),
+so the plan's probes and the eval stage ask a teacher through the same client, cache and retries
+as synthesis.
 """
 
 from __future__ import annotations
@@ -49,6 +54,10 @@ class Sample:
     # A token is "token_id:N" when the server gives ids, else "bytes:HEX" (exact) or its text.
     tokens: list[str] | None = None
     top: list[list[tuple[str, float]]] | None = None
+    # Seconds the request that produced this sample took (its successful attempt; None where the backend
+    # does not measure one). Stored in the cache with the answer, so a replayed answer keeps it. A
+    # measurement, not part of the answer: two samples with the same content are equal whatever it is.
+    latency_s: float | None = field(default=None, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -57,7 +66,7 @@ class Sample:
     def from_dict(cls, d: dict[str, Any]) -> "Sample":
         top = d.get("top")
         return cls(d["text"], d.get("finish_reason", "stop"), d.get("completion_tokens", 0), d.get("tokens"),
-                   None if top is None else [[(t, float(lp)) for t, lp in pos] for pos in top])
+                   None if top is None else [[(t, float(lp)) for t, lp in pos] for pos in top], d.get("latency_s"))
 
 
 @dataclass
@@ -176,7 +185,8 @@ TEACHERS: dict[str, TeacherFactory] = {}
 
 
 def register_teacher(backend: str) -> Callable[[TeacherFactory], TeacherFactory]:
-    """Register a backend: ``@register_teacher("mine") def make(spec, *, cache_dir, price, budget) -> Teacher``."""
+    """Register a backend: ``@register_teacher("mine") def make(spec, *, cache_dir, price, budget, device) -> Teacher``
+    (``device``: the torch device string a local model runs on, None for the default; remote backends ignore it)."""
 
     def deco(factory: TeacherFactory) -> TeacherFactory:
         TEACHERS[backend] = factory
@@ -186,11 +196,53 @@ def register_teacher(backend: str) -> Callable[[TeacherFactory], TeacherFactory]
 
 
 def make_teacher(spec: Any, *, cache_dir: str | Path | None = None, price: Price | None = None,
-                 budget: Budget | None = None) -> Teacher:
-    """The teacher a ``TeacherSpec`` describes."""
+                 budget: Budget | None = None, device: str | None = None) -> Teacher:
+    """The teacher a ``TeacherSpec`` describes. ``device`` (a torch device string) is where a local
+    (``hf``) teacher loads its model; API and vLLM teachers ignore it."""
     if spec.backend not in TEACHERS:
         raise TeacherError(f"unknown teacher backend {spec.backend!r}; registered: {', '.join(sorted(TEACHERS))}")
-    return TEACHERS[spec.backend](spec, cache_dir=cache_dir, price=price or Price(), budget=budget or Budget(None))
+    return TEACHERS[spec.backend](spec, cache_dir=cache_dir, price=price or Price(), budget=budget or Budget(None),
+                                  device=device)
+
+
+def generate_fn(teacher: Teacher, *, progress: bool = False) -> Callable[..., list[Any]]:
+    """The evaluator's seam (``stratos.evaluate.GenerateFn``) over a teacher:
+    ``fn(prompts, *, max_new_tokens, batch_size) -> list[Generation]``.
+
+    Greedy (temperature 0, top_p 1, n 1, seed 0) through ``teacher.generate``, so its request cache
+    answers a request asked before (by a probe, by an earlier eval) and its retries and budget apply.
+    ``batch_size`` is not used: the teacher batches (or keeps requests in flight) as its spec says.
+    Each ``Generation`` carries the sample's ``latency_s``; ``finish_reason`` 'length' stays
+    'length', anything else is 'stop'."""
+
+    def fn(prompts: Sequence[Prompt], *, max_new_tokens: int, batch_size: int) -> list[Any]:
+        from stratos.models.generate import Generation
+
+        params = GenParams(n=1, temperature=0.0, top_p=1.0, max_tokens=max_new_tokens, seed=0)
+        out = teacher.generate(list(prompts), params, progress=progress)
+        gens = []
+        for samples in out:
+            if not samples:  # only a budget stops a teacher without an error
+                raise TeacherError(f"teacher {teacher.label} stopped (budget reached) before answering every prompt")
+            s = samples[0]
+            gens.append(Generation(s.text, s.completion_tokens, "length" if s.finish_reason == "length" else "stop",
+                                   latency_s=s.latency_s))
+        return gens
+
+    return fn
+
+
+def endpoint(base_url: str, model: str, *, api_key: str | None = None, concurrency: int = 8, timeout_s: float = 120.0,
+             cache_dir: str | Path | None = None) -> Teacher:
+    """An ``openai``-backend teacher for any OpenAI-compatible endpoint (``base_url`` as OpenAI clients
+    take it, e.g. ``http://host:port/v1``), e.g. a deployed student: ``api_key`` is the key itself
+    (no environment variable is read); ``cache_dir=None`` asks the server every time (to measure it)."""
+    from stratos.spec import TeacherSpec
+    from stratos.teachers.api import OpenAITeacher
+
+    spec = TeacherSpec(model=model, backend="openai", base_url=base_url, max_concurrency=concurrency,
+                       timeout_s=timeout_s)
+    return OpenAITeacher(spec, cache_dir=cache_dir, api_key=api_key)
 
 
 def messages_of(prompt: Prompt) -> list[dict[str, str]]:

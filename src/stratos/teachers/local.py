@@ -96,16 +96,20 @@ class HFTeacher(_LocalTeacher):
 
     backend = "hf"
 
-    def __init__(self, spec: Any, *, model_and_tokenizer: tuple[Any, Any] | None = None, **kw: Any):
+    def __init__(self, spec: Any, *, model_and_tokenizer: tuple[Any, Any] | None = None, device: str | None = None,
+                 **kw: Any):
         super().__init__(spec, **kw)
         self._mt = model_and_tokenizer
+        self.device = device  # where the model loads (a torch device string); None: load's default
 
     @property
     def model_and_tokenizer(self) -> tuple[Any, Any]:
         if self._mt is None:  # loaded on the first uncached prompt only
             from stratos.models import load
 
-            self._mt = load(self.spec.model, dtype=self.spec.dtype, trust_remote_code=self.spec.trust_remote_code)
+            where = {} if self.device is None else {"device": self.device}
+            self._mt = load(self.spec.model, dtype=self.spec.dtype, trust_remote_code=self.spec.trust_remote_code,
+                            **where)
         return self._mt
 
     def _generate_batch(self, prompts: list[list[dict[str, str]]], params: GenParams, seed: int) -> list[list[Sample]]:
@@ -148,10 +152,10 @@ class VLLMTeacher(_LocalTeacher):
 
 
 @register_teacher("hf")
-def make_hf(spec: Any, **kw: Any) -> HFTeacher:
-    return HFTeacher(spec, **kw)
+def make_hf(spec: Any, *, device: str | None = None, **kw: Any) -> HFTeacher:
+    return HFTeacher(spec, device=device, **kw)
 
 
 @register_teacher("vllm")
-def make_vllm(spec: Any, **kw: Any) -> VLLMTeacher:
-    return VLLMTeacher(spec, **kw)
+def make_vllm(spec: Any, *, device: str | None = None, **kw: Any) -> VLLMTeacher:
+    return VLLMTeacher(spec, **kw)  # vLLM places the model itself
