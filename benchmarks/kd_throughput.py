@@ -60,7 +60,8 @@ def load_pair(student_layers: int = STUDENT_LAYERS):
 def build_cache(args: argparse.Namespace, workdir: Path) -> dict:
     """Cached mode, step one (its own process): run the teacher once over the data into the cache,
     and save the student's initial weights, so that training (step two) never loads the teacher."""
-    from stratos.distill import _teacher_signal, save_student
+    from stratos.distill import save_student
+    from stratos.teachers.signal import hidden_state_signal
     from stratos.distill.data import encode
 
     teacher, student, tok = load_pair(args.student_layers)
@@ -68,7 +69,7 @@ def build_cache(args: argparse.Namespace, workdir: Path) -> dict:
     cfg = _cfg(args, "cached")
     t0 = time.perf_counter()
     examples, _ = encode(records, tok, cfg.max_length)
-    signal, _ = _teacher_signal(teacher, examples, cfg, tok.pad_token_id, workdir / "cache", progress=False)
+    signal, _ = hidden_state_signal(teacher, examples, cfg, tok.pad_token_id, workdir / "cache", progress=False)
     seconds = time.perf_counter() - t0
     save_student(student, tok, workdir / "student-init")
     (workdir / "cache-path").write_text(str(signal.path))
@@ -89,7 +90,7 @@ def run_stratos(args: argparse.Namespace, mode: str, workdir: Path) -> dict:
     import torch
 
     from stratos.distill import distill
-    from stratos.distill.signal import HiddenStateCache
+    from stratos.teachers.signal import HiddenStateCache
 
     records = make_records(args.batch_size * (args.steps + args.warmup), args.seq_len)
     cfg = _cfg(args, mode)

@@ -165,7 +165,7 @@ def test_encode_names_the_line_a_chat_template_refuses(tmp_path, tiny_tokenizer)
 
 
 def test_top_k_records_keep_their_lines(tmp_path, tiny_tokenizer):
-    from stratos.distill.topk import with_teacher_tokens
+    from stratos.teachers.topk import with_teacher_tokens
 
     rec = {"prompt": "p", "response": "r", "topk": {"tokens": ["token_id:5"], "top": [[["token_id:5", -0.1]]]}}
     path = _lines(tmp_path / "train.jsonl", GOOD, json.dumps(rec))

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stratos.distill import HiddenStateCache, Objective, OnlineTeacher, OutputHead, encode, kd_terms
+from stratos.distill import Objective, OutputHead, encode, kd_terms
+from stratos.teachers.signal import HiddenStateCache, OnlineTeacher
 from stratos.distill.data import collate
 from stratos.distill.head import last_hidden
 from stratos.models.tiny import tiny_llama

@@ -86,7 +86,8 @@ def test_prepare_tokenizer_fills_pad_and_template(tiny_tokenizer):
 def test_smollm2_alias_cache_and_kd_steps(tmp_path, smollm2):
     """The real SmolLM2-135M-Instruct: loaded via the alias from its converted safetensors cache,
     its hidden states cached on a few examples, a few KD steps into a small student with its tokenizer."""
-    from stratos.distill import HiddenStateCache, distill
+    from stratos.distill import distill
+    from stratos.teachers.signal import HiddenStateCache
     from stratos.models import cache_dir
     from stratos.spec import DistillSpec
 

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from stratos.cli import main
 from stratos.distill import distill
-from stratos.distill.signal import model_fingerprint
+from stratos.teachers.signal import model_fingerprint
 from stratos.errors import TrainingError
 from stratos.io import DataError
 from stratos.models.tiny import save_model, tiny_llama

@@ -2,9 +2,11 @@
 
     result = distill(student, tokenizer, records, DistillSpec(loss="fkl"), "out/", teacher=teacher)
 
-The teacher's last hidden states are either computed in the loop (``teacher_signal:
-online``) or once into a disk cache (``cached``, the default) that later epochs, students
-and runs reuse. The student is saved as a Hugging Face folder at ``result.model_dir``.
+The engine consumes only the signal protocol (``stratos.distill.signal``); the signals themselves
+(the teacher's last hidden states computed in the loop, ``teacher_signal: online``, or once into a
+disk cache, ``cached``, the default, that later epochs, students and runs reuse; an API teacher's
+top-k log-probs) come from ``stratos.teachers``. The student is saved as a Hugging Face folder at
+``result.model_dir``.
 """
 
 from __future__ import annotations
@@ -20,14 +22,12 @@ from typing import Any
 import torch
 
 from stratos.distill.algorithms import ALGORITHMS, get_algorithm, register_algorithm
-from stratos.distill.data import Encoded, collate, data_fingerprint, encode, load_records
+from stratos.distill.data import collate, encode, load_records
 from stratos.distill.head import OutputHead, last_hidden
 from stratos.distill.kd import Objective, kd_terms
 from stratos.distill.losses import LOSSES, get_loss, register_loss
-from stratos.distill.signal import HiddenStateCache, OnlineTeacher, TeacherSignal, model_fingerprint
-from stratos.distill.topk import TopKSignal, with_teacher_tokens
+from stratos.distill.signal import TeacherSignal
 from stratos.distill.trainer import TrainResult, apply_lora, train
-from stratos.runtime import resolve_bf16
 from stratos.io import DataError, read_jsonl, replace_dir, write_json, write_jsonl
 from stratos.spec import DistillSpec
 
@@ -35,12 +35,9 @@ __all__ = [
     "ALGORITHMS",
     "LOSSES",
     "DistillResult",
-    "HiddenStateCache",
     "Objective",
-    "OnlineTeacher",
     "OutputHead",
     "TeacherSignal",
-    "TopKSignal",
     "distill",
     "encode",
     "get_algorithm",
@@ -83,31 +80,6 @@ def check_same_vocab(student_tok: Any, teacher_tok: Any) -> None:
         )
 
 
-def _teacher_signal(
-    teacher: Any,
-    examples: Sequence[Encoded],
-    cfg: DistillSpec,
-    pad_id: int,
-    cache_root: Path | None,
-    progress: bool,
-) -> tuple[TeacherSignal, dict[str, Any]]:
-    device = next(teacher.parameters()).device
-    autocast = torch.bfloat16 if resolve_bf16(cfg.bf16, device) else None
-    if cfg.teacher_signal == "online":
-        return OnlineTeacher(teacher, autocast_dtype=autocast), {"mode": "online"}
-    from stratos.models import cache_dir
-
-    root = cache_root or cache_dir() / "teacher-signal"
-    key = HiddenStateCache.key(model_fingerprint(teacher), data_fingerprint(examples), cfg.cache_dtype)
-    reused = HiddenStateCache.exists(root, key)
-    cache = HiddenStateCache.build(
-        teacher, examples, root, key, pad_id=pad_id, dtype=cfg.cache_dtype,
-        batch_size=cfg.per_device_train_batch_size, autocast_dtype=autocast, progress=progress,
-    )
-    info = {"mode": "cached", "path": str(cache.path), "reused": reused, **cache.meta, "bytes_on_disk": cache.bytes_on_disk}
-    return cache, info
-
-
 def distill(
     student: Any,
     tokenizer: Any,
@@ -143,6 +115,8 @@ def distill(
     needs_teacher = algo.needs_teacher(cfg)
     topk = cfg.teacher_signal == "topk" and needs_teacher and signal is None
     if topk:
+        from stratos.teachers.topk import TopKSignal, with_teacher_tokens
+
         records = with_teacher_tokens(records, tokenizer)
     examples, stats = encode(records, tokenizer, cfg.max_length)
     if not examples:
@@ -157,7 +131,9 @@ def distill(
     if needs_teacher and signal is None:
         if teacher is None:
             raise ValueError(f"loss {cfg.loss!r} (kd_ratio {cfg.kd_ratio}) needs a teacher")
-        signal, signal_info = _teacher_signal(
+        from stratos.teachers.signal import hidden_state_signal
+
+        signal, signal_info = hidden_state_signal(
             teacher, examples, cfg, tokenizer.pad_token_id, Path(cache_root) if cache_root else None, progress
         )
     if cfg.lora is not None:
@@ -287,6 +263,8 @@ def kl_to_teacher(
 ) -> float:
     """Mean per-token divergence (forward KL by default) of the student to the teacher on the
     response tokens of ``records``, at temperature 1."""
+    from stratos.teachers.signal import OnlineTeacher
+
     examples, _ = encode(records, tokenizer, max_length)
     signal = OnlineTeacher(teacher)
     s_head = OutputHead.from_model(student)

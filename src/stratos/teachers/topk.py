@@ -1,0 +1,147 @@
+"""The API teacher's signal: its top-k log-probs per response token, as KD targets.
+
+APIs return at most ~20 log-probs per token, not the distribution. So both distributions are
+compared over k + 1 buckets: the teacher's top-k tokens, plus one bucket for all remaining mass
+(``1 - sum(top-k)`` for the teacher; for the student the exact softmax mass outside those k
+tokens; ``stratos.distill.topk.topk_log_probs``). Any registered divergence then applies
+unchanged, since it only sees two distributions over the same buckets.
+
+The records carry the signal (``rec["topk"]``, written by ``stratos synth`` with
+``top_logprobs: k``): the teacher's sampled tokens and, per token, ``[[token, logprob], ...]``.
+A token is ``token_id:N`` (exact), ``bytes:HEX`` (mapped through the student's byte-level
+vocabulary) or text. Tokens the student's vocabulary lacks fall into the remainder bucket. A
+record whose tokens do not line up with the student's tokenisation of its response, and the
+positions without a signal (OpenAI omits the final EOS), get a one-hot target on the reference
+token: for those tokens KD reduces to cross-entropy.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from stratos.distill.data import IGNORE, Batch, Records, encode_record
+from stratos.distill.topk import FLOOR
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte <-> printable-character table, which byte-level BPE vocabularies are written in."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def vocab_by_bytes(tokenizer: Any) -> dict[bytes, int]:
+    """Each token's raw bytes -> its id, for byte-level BPE and SentencePiece vocabularies."""
+    dec = {c: b for b, c in _bytes_to_unicode().items()}
+    out: dict[bytes, int] = {}
+    for tok, i in sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1]):
+        if all(ch in dec for ch in tok):
+            raw = bytes(dec[ch] for ch in tok)
+        elif m := re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", tok):
+            raw = bytes([int(m.group(1), 16)])
+        else:
+            raw = tok.replace("▁", " ").encode()
+        out.setdefault(raw, i)
+    return out
+
+
+def token_id(token: str, table: dict[bytes, int], vocab_size: int) -> int:
+    """The id of a token as synth stores it, or -1 when the vocabulary lacks it."""
+    if token.startswith("token_id:"):
+        i = int(token[9:])
+        return i if 0 <= i < vocab_size else -1
+    raw = bytes.fromhex(token[6:]) if token.startswith("bytes:") else token.encode()
+    return table.get(raw, -1)
+
+
+def with_teacher_tokens(records: Sequence[dict[str, Any]], tokenizer: Any) -> list[dict[str, Any]]:
+    """Records whose top-k signal maps fully onto the vocabulary get ``response_ids``: the tokens
+    the teacher really sampled. Re-tokenising the text could split it differently (a model may
+    sample a non-canonical tokenisation) and shift every later position of the signal."""
+    table, vocab, eos = vocab_by_bytes(tokenizer), len(tokenizer), tokenizer.eos_token_id
+    out = Records(where=getattr(records, "where", ()))  # keep each record's path:line for encode's errors
+    for rec in records:
+        sig = rec.get("topk")
+        if sig and "response_ids" not in rec:
+            ids = [token_id(t, table, vocab) for t in sig["tokens"]]
+            if ids and ids[-1] == eos:
+                ids = ids[:-1]  # the engine appends EOS itself
+            if ids and min(ids) >= 0:
+                rec = {**rec, "response_ids": ids}
+        out.append(rec)
+    return out
+
+
+@dataclass
+class TopKSignal:
+    """Per example, ``ids`` [targets, k] (-1 = empty slot) and ``logp`` [targets, k] aligned to the
+    example's target positions, in the order the engine's ``Batch.targets`` lists them."""
+
+    ids: list[torch.Tensor]
+    logp: list[torch.Tensor]
+    k: int
+    stats: dict[str, int] = field(default_factory=dict)
+    head: Any = None  # no teacher head: the targets are already distributions
+
+    @classmethod
+    def from_records(cls, records: Sequence[dict[str, Any]], tokenizer: Any, max_length: int) -> "TopKSignal":
+        """Build the targets of the examples ``encode(records, ...)`` keeps, in the same order."""
+        table = vocab_by_bytes(tokenizer)
+        vocab = len(tokenizer)
+        k = max((len(pos) for r in records if r.get("topk") for pos in r["topk"]["top"]), default=1)
+        k = max(k, 1)
+        stats = {"examples": 0, "with_topk": 0, "misaligned": 0, "positions": 0, "topk_positions": 0, "unmapped": 0}
+        all_ids, all_logp = [], []
+        for rec in records:
+            ex, _ = encode_record(rec, tokenizer, max_length)
+            if ex.num_targets == 0:
+                continue  # encode() drops these too
+            stats["examples"] += 1
+            labels = [t for t in ex.labels[1:] if t != IGNORE]
+            ids = torch.full((len(labels), k), -1, dtype=torch.long)
+            logp = torch.full((len(labels), k), FLOOR, dtype=torch.float32)
+            ids[:, 0] = torch.tensor(labels)  # one-hot on the reference token unless the teacher says more
+            logp[:, 0] = 0.0
+            sig = rec.get("topk")
+            if sig:
+                t_ids = [token_id(t, table, vocab) for t in sig["tokens"]]
+                m = min(len(t_ids), len(labels))
+                if t_ids[:m] != labels[:m]:
+                    stats["misaligned"] += 1
+                else:
+                    stats["with_topk"] += 1
+                    for p in range(m):
+                        pairs, seen = [], set()
+                        for tok, lp in sig["top"][p]:
+                            i = token_id(tok, table, vocab)
+                            if i < 0:
+                                stats["unmapped"] += 1
+                            elif i not in seen:
+                                seen.add(i)
+                                pairs.append((i, float(lp)))
+                        if not pairs:
+                            continue
+                        pairs.sort(key=lambda x: -x[1])
+                        ids[p] = -1
+                        logp[p] = FLOOR
+                        ids[p, : len(pairs)] = torch.tensor([i for i, _ in pairs])
+                        logp[p, : len(pairs)] = torch.tensor([lp for _, lp in pairs])
+                        stats["topk_positions"] += 1
+            stats["positions"] += len(labels)
+            all_ids.append(ids)
+            all_logp.append(logp)
+        return cls(all_ids, all_logp, k, stats)
+
+    def topk(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.cat([self.ids[i] for i in batch.indices]), torch.cat([self.logp[i] for i in batch.indices])
