@@ -338,7 +338,8 @@ def stage_eval(ctx: Context) -> dict[str, Any]:
     record("deployed student", ctx.rel(final), res, facts, latency_ms=bench.latency_ms,
            requests_per_s=bench.requests_per_s, output_tokens_per_s=bench.output_tokens_per_s)
     results = {"task": spec.task.name, "n": n, "rows": rows, "bench": bench.to_dict(),
-               "serving_server": plan.serving_server.name, "serving_usd_per_hour": price}
+               "serving_server": plan.serving_server.name, "serving_usd_per_hour": price,
+               "serving_local": plan.serving_server.is_local}
     write_json(ctx.dir / "results.json", results)
     return {"results_path": ctx.rel(ctx.dir / "results.json"),
             "accuracy": {r["role"]: r["accuracy"] for r in rows}}

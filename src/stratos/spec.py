@@ -452,7 +452,7 @@ class Spec(_Strict):
     name: str = Field("stratos-run", description="Names the run directory runs/NAME-YYYYmmdd-HHMMSS: letters, "
                       "digits, '.', '_' and '-', at most 64, starting with a letter or digit.")
     seed: int = 0
-    device: str = Field("auto", pattern=DEVICE_PATTERN, description=DEVICE_DESCRIPTION)
+    device: str = Field("auto", description=DEVICE_DESCRIPTION)
     task: TaskSpec
     constraints: Constraints = Field(default_factory=Constraints)
     teachers: list[TeacherSpec] = Field(min_length=1)
@@ -463,6 +463,13 @@ class Spec(_Strict):
     compress: CompressSpec = Field(default_factory=CompressSpec)
     serve: ServeSpec = Field(default_factory=ServeSpec)
     eval: EvalSpec = Field(default_factory=EvalSpec)
+
+    @field_validator("device")
+    @classmethod
+    def _device_setting(cls, v: str) -> str:
+        if not re.match(DEVICE_PATTERN, v):
+            raise ValueError(f"{v!r} is not a device: use auto (CUDA when present, else the CPU), cpu, cuda or cuda:N")
+        return v
 
     @field_validator("name")
     @classmethod

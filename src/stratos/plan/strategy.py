@@ -162,9 +162,10 @@ def choose_strategy(probe: TeacherProbe, task: TaskProfile, m: Match, *, compete
         loss = "fkl"
         reasons.append(f"loss fkl (forward KL): at a {m.capacity_ratio:,.1f}x gap the student can match the teacher's "
                        "whole distribution")
-    top_logprobs = 0
-    if m.mode == "topk" and loss != "ce":
-        top_logprobs = TOPK_LOGPROBS
+    # An API teacher's generations always come with its top-k log-probs (what the spec writes wins):
+    # the spec may make it generate (synth.prompts) and train KD (distill.loss) where the plan would not.
+    top_logprobs = TOPK_LOGPROBS if m.mode == "topk" else 0
+    if top_logprobs and teacher_generates and loss != "ce":
         reasons.append(f"top-k KD: synth asks the API for the top {top_logprobs} log-probs of every token it "
                        "generates (the most OpenAI's API returns), and the KD term matches them, renormalised over "
                        "those tokens plus the rest of the probability mass")

@@ -83,7 +83,9 @@ def usd_per_mtok(usd_per_hour: float | None, tokens_per_s: float | None) -> floa
 
 def results_table(results: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
     """The comparison table of eval/results.json: one row per model, as the report shows it."""
-    price = results.get("serving_usd_per_hour")
+    # Dollars per token are the serving server's price at the throughput measured here: only a
+    # figure when that server is this machine.
+    price = results.get("serving_usd_per_hour") if results.get("serving_local", True) else None
     headers = ["model", "what", "accuracy", "95% CI", "params", "size (MB)", "tokens/s", "latency (ms)", "$ / M tokens"]
     rows = []
     for r in results.get("rows", []):
@@ -181,9 +183,12 @@ def build_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
                 f"tokens/s: batched greedy generation on this machine ({_e(stages.get('eval', {}).get('device', '?'))}); "
                 f"the deployed student's latency and "
                 f"tokens/s come from a load test of its HTTP endpoint ({_e(bench.get('clients', '?'))} concurrent "
-                f"clients, {_e(bench.get('requests', '?'))} requests). $ / M tokens: the chosen serving server "
-                f"({_e(results.get('serving_server'))}, ${_fmt(results.get('serving_usd_per_hour'), 2)}/h) at the "
-                f"throughput measured here.</p>")
+                f"clients, {_e(bench.get('requests', '?'))} requests). "
+                + (f"$ / M tokens: the chosen serving server ({_e(results.get('serving_server'))}, "
+                   f"${_fmt(results.get('serving_usd_per_hour'), 2)}/h) at the throughput measured here.</p>"
+                   if results.get("serving_local", True) else
+                   f"$ / M tokens: none, since the plan serves on {_e(results.get('serving_server'))}, not on this "
+                   "machine, and these throughputs were measured here.</p>"))
         sections.append("<h2>Results</h2>" + _headline(results) + _table(headers, rows) + note
                         + _img(plots.accuracy_bars(results.get("rows", [])), "accuracy"))
     else:
