@@ -82,10 +82,15 @@ def test_what_the_spec_writes_wins_over_the_plan():
     assert algos(resolve(DistillSpec())) == [("kd", "fkl", 1.0, True)]
 
 
-def test_on_policy_is_said_as_what_the_run_does_not_do():
+def test_an_on_policy_strategy_trains_gkd_with_the_teacher_online():
     s = resolve(DistillSpec(), match="logit", strategy=strategy(on_policy=True))
-    assert not s.on_policy and any("off-policy" in r for r in s.reasons)
+    assert s.on_policy and [p.algorithm for p in s.phases] == ["gkd"]
+    assert s.phases[0].config["teacher_signal"] == "online"  # it scores the student's samples as they are made
+    assert any("on-policy KD (gkd" in r for r in s.reasons)
     assert Settings.from_dict(json.loads(json.dumps(s.to_dict()))) == s
+    # An API teacher cannot score the student's samples: gkd named in the spec becomes SFT, and says why.
+    api = resolve(DistillSpec(algorithm="gkd"), match="topk", strategy=strategy(), topk_data=True)
+    assert [p.algorithm for p in api.phases] == ["sft"] and "cannot" in api.phases[0].reason and not api.on_policy
 
 
 def test_bad_algorithm_and_phases_are_spec_errors(tmp_path):
@@ -96,7 +101,7 @@ def test_bad_algorithm_and_phases_are_spec_errors(tmp_path):
     with pytest.raises(SpecError) as info:
         load_spec(path)
     got = "\n".join(info.value.problems)
-    assert "line 5: distill.algorithm: unknown algorithm 'grpo-ish'; registered: kd, rft, sft" in got
+    assert "line 5: distill.algorithm: unknown algorithm 'grpo-ish'; registered: gkd, kd, rft, sft" in got
     assert "line 7: distill.phases[0].learning_rate: Input should be greater than 0" in got
     assert "line 8: distill.phases[1].algorithm: required field is missing" in got
 

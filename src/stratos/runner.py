@@ -181,7 +181,7 @@ def stage_plan(ctx: Context) -> dict[str, Any]:
 
 
 # The cost model prices work items; the runner's stages group them.
-_COST_ITEMS = {"synth": ("generation",), "distill": ("signal", "training"), "compress": ("recovery",)}
+_COST_ITEMS = {"synth": ("generation",), "distill": ("signal", "rollouts", "training"), "compress": ("recovery",)}
 
 
 def _predicted_by_stage(plan: Any) -> dict[str, float]:

@@ -192,7 +192,11 @@ class _TrainingOptions(_Strict):
     rft_rounds: int = Field(2, gt=0, description="Algorithm rft: rounds of sampling and training.")
     num_generations: int = Field(4, gt=0, description="Algorithm rft: answers the student samples per train prompt "
                                  "each round (at `temperature`).")
-    max_completion_length: int = Field(256, gt=0, description="Algorithm rft: tokens a sampled answer may take.")
+    max_completion_length: int = Field(256, gt=0, description="Algorithms rft and gkd: tokens a sampled answer may "
+                                       "take.")
+    lmbda: float = Field(0.5, ge=0, le=1, description="Algorithm gkd (TRL's name): the share of micro-batches whose "
+                         "responses the student samples itself (at `temperature`), scored by the teacher; the rest "
+                         "train on the data's responses.")
     eval_steps: int | None = Field(None, gt=0, description="Score eval_samples examples of the task's eval split "
                                    "(greedy generation, the task's verifier) every N optimizer steps and at the last "
                                    "step; logged as eval_accuracy in metrics.jsonl. None: no evaluation while training.")

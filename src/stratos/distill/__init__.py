@@ -43,6 +43,7 @@ __all__ = [
     "get_algorithm",
     "get_loss",
     "kd_terms",
+    "kl_on_own_samples",
     "kl_to_teacher",
     "load_records",
     "register_algorithm",
@@ -278,6 +279,48 @@ def kl_to_teacher(
         batch = collate([examples[i] for i in idx], idx, tokenizer.pad_token_id)
         h = last_hidden(student, batch.input_ids.to(device), batch.attention_mask.to(device))[:, :-1][batch.target_mask]
         terms = kd_terms(h, signal.hidden(batch), batch.targets, s_head, signal.head, obj)
+        total += float(terms["kd"])
+        tokens += batch.num_targets
+    student.train(was_training)
+    return total / max(1, tokens)
+
+
+@torch.no_grad()
+def kl_on_own_samples(
+    student: Any,
+    teacher: Any,
+    tokenizer: Any,
+    records: Sequence[dict[str, Any]],
+    *,
+    max_new_tokens: int = 32,
+    temperature: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 16,
+    loss: str = "rkl",
+) -> float:
+    """Mean per-token divergence (reverse KL by default) of the student to the teacher on completions
+    the student samples itself for the prompts of ``records``: the quantity on-policy KD lowers, measured
+    where the student really goes rather than on the data's responses (``kl_to_teacher``)."""
+    from stratos.distill.data import IGNORE, Encoded
+    from stratos.models.generate import _eos_ids, sample_ids
+    from stratos.teachers.signal import OnlineTeacher
+
+    examples, _ = encode(records, tokenizer, 10**6)
+    prompts = [e.input_ids[: next(i for i, t in enumerate(e.labels) if t != IGNORE)] for e in examples]
+    signal, s_head, obj = OnlineTeacher(teacher), OutputHead.from_model(student), Objective(loss=loss)
+    eos, pad = _eos_ids(student, tokenizer), tokenizer.pad_token_id
+    total, tokens = 0.0, 0
+    was_training = student.training
+    student.eval()
+    device = next(student.parameters()).device
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        outs = sample_ids(student, chunk, max_new_tokens=max_new_tokens, temperature=temperature, pad_id=pad,
+                          eos_ids=eos, seed=seed * 1_000_003 + start)
+        batch = collate([Encoded(p + c, [IGNORE] * len(p) + c) for p, c in zip(chunk, outs)],
+                        list(range(len(chunk))), pad)
+        h = last_hidden(student, batch.input_ids.to(device), batch.attention_mask.to(device))[:, :-1][batch.target_mask]
+        terms = kd_terms(h, signal.hidden(batch), batch.targets.to(device), s_head, signal.head, obj)
         total += float(terms["kd"])
         tokens += batch.num_targets
     student.train(was_training)

@@ -57,6 +57,9 @@ class Algorithm:
     # Where its batches come from (stratos.distill.sources), built from keyword arguments records,
     # examples, tokenizer, cfg, out_dir, task, pad_id; None: the fixed training data.
     source: Callable[..., Any] | None = None
+    # The teacher scores sequences the student makes while training: it must run beside the loop (its
+    # hidden states online), never from a cache or an API's log-probs of its own generations.
+    on_policy: bool = False
 
 
 ALGORITHMS: dict[str, Algorithm] = {}
@@ -67,10 +70,11 @@ def _same(cfg: Any) -> Any:
 
 
 def register_algorithm(name: str, *, needs_teacher: Callable[[Any], bool], configure: Callable[[Any], Any] = _same,
-                       source: Callable[..., Any] | None = None, description: str = "") -> Callable[[Terms], Terms]:
+                       source: Callable[..., Any] | None = None, description: str = "",
+                       on_policy: bool = False) -> Callable[[Terms], Terms]:
     def deco(fn: Terms) -> Terms:
         ALGORITHMS[name] = Algorithm(name, fn, needs_teacher, configure, description or (fn.__doc__ or "").strip(),
-                                     source)
+                                     source, on_policy)
         return fn
 
     return deco
@@ -132,4 +136,24 @@ def rft(ctx: StepContext, batch: Batch) -> dict[str, torch.Tensor]:
     """Rejection fine-tuning: each of rft_rounds rounds, the student samples num_generations answers per
     train prompt, the task's verifier keeps the correct ones, and the round trains (cross-entropy) on the
     data plus every answer kept so far."""
+    return student_terms(ctx, batch)
+
+
+def _on_policy_source(**context: Any) -> Any:
+    from stratos.distill.sources import OnPolicySource
+
+    return OnPolicySource(context["examples"], context["tokenizer"], context["cfg"], context["pad_id"])
+
+
+def _online_teacher(cfg: Any) -> Any:
+    return cfg if cfg.teacher_signal == "online" else cfg.model_copy(update={"teacher_signal": "online"})
+
+
+@register_algorithm("gkd", needs_teacher=_kd_needs_teacher, configure=_online_teacher, source=_on_policy_source,
+                    on_policy=True)
+def gkd(ctx: StepContext, batch: Batch) -> dict[str, torch.Tensor]:
+    """On-policy KD (GKD; TRL's GKDTrainer): with probability lmbda a micro-batch holds the student's own
+    samples of its prompts, which the teacher scores (its hidden states, online) with the registered
+    divergence (jsd with loss_kwargs beta is GKD's; rkl is on-policy reverse KL); kd_ratio mixes in CE on
+    the batch's tokens as in kd."""
     return student_terms(ctx, batch)

@@ -49,7 +49,7 @@ class Settings:
     match: str  # 'logit' (shared vocabulary), 'topk' (API log-probs), 'text' (outputs only)
     signal: str  # the teacher's part in training: 'hidden' (its model, hidden states), 'topk' (in the data), 'none'
     reasons: list[str] = field(default_factory=list)
-    on_policy: bool = False  # the engine trains off-policy on fixed data (on-policy KD is not built yet)
+    on_policy: bool = False  # a phase trains on the student's own samples (gkd)
 
     @property
     def needs_teacher_model(self) -> bool:
@@ -111,6 +111,11 @@ def resolve(distill: DistillSpec, *, match: str = "logit", strategy: Any = None,
         algo = "kd" if get_algorithm("kd").needs_teacher(base) else "sft"
         why = ("KD: the loss needs the teacher" if algo == "kd" else
                "SFT: loss ce (or kd_ratio 0) needs no teacher; the student learns the data's answers")
+        if algo == "kd" and strategy is not None and getattr(strategy, "on_policy", False) and match == "logit":
+            algo = "gkd"
+            why = (f"on-policy KD (gkd, lmbda {base.lmbda:g}): the answers are long and multi-step, so the student "
+                   "also learns from its own samples, scored by the teacher, where off-policy KD would only show it "
+                   "the data's answers (GKD, Agarwal et al. 2024)")
         raw = [(base.model_copy(update={"algorithm": algo}), why)]
 
     phases = []
@@ -122,6 +127,12 @@ def resolve(distill: DistillSpec, *, match: str = "logit", strategy: Any = None,
             cfg = get_algorithm("sft").configure(cfg.model_copy(update={"algorithm": "sft"}))
             why += ("; SFT instead: teacher and student share no vocabulary and the teacher's weights are not usable "
                     "for logit KD, so the student learns from its text (loss ce)")
+            needs = False
+        elif needs and match == "topk" and algo.on_policy:
+            # An API's log-probs come with its own generations only; it cannot score the student's samples.
+            cfg = get_algorithm("sft").configure(cfg.model_copy(update={"algorithm": "sft"}))
+            why += (f"; SFT instead: {algo.name} needs the teacher to score the student's own samples, which an API "
+                    "teacher (top-k log-probs of its own generations only) cannot")
             needs = False
         elif needs and match == "topk":
             if topk_data:
@@ -141,10 +152,8 @@ def resolve(distill: DistillSpec, *, match: str = "logit", strategy: Any = None,
         reasons.append(f"teacher signal: its last hidden states ({mode}), exact logits recomputed on the student side")
     elif signal == "topk":
         reasons.append("teacher signal: the API's top-k log-probs stored with its generations")
-    if strategy is not None and getattr(strategy, "on_policy", False):
-        reasons.append("off-policy: on-policy KD would suit these long, multi-step answers, but this engine "
-                       "trains on fixed data only")
-    return Settings(phases, match, signal, reasons)
+    on_policy = any(get_algorithm(p.algorithm).on_policy and p.needs_teacher for p in phases)
+    return Settings(phases, match, signal, reasons, on_policy=on_policy)
 
 
 def recovery_config(distill: DistillSpec) -> DistillSpec:

@@ -6,7 +6,9 @@ only the step to resume with no step lost or repeated:
 - :class:`FixedSource`: fixed training examples, a seeded permutation per epoch (SFT, off-policy KD);
 - :class:`RejectionSource`: rejection fine-tuning; each round the student samples answers for the
   train prompts, the task's verifier keeps the correct ones, and the round trains on the fixed data
-  plus every answer kept so far.
+  plus every answer kept so far;
+- :class:`OnPolicySource`: on-policy KD (gkd); a share of the micro-batches hold the student's own
+  samples for the batch's prompts, sampled at the step they train, seeded by (seed, step).
 
 ``prepare(step, model)`` runs before a step: a source that makes data from the model (rollouts) does
 it there, at its boundaries, and returns values to log (or None).
@@ -171,3 +173,74 @@ class RejectionSource:
 
     def epoch(self, steps_done: int) -> float:
         return steps_done / self.steps_per_round  # in rounds
+
+
+class OnPolicySource:
+    """On-policy distillation data (GKD, Agarwal et al. 2024; TRL's GKDTrainer): the fixed examples in
+    their seeded order, where each micro-batch is, with probability ``lmbda``, replaced by the student's
+    own completions of the same prompts (at ``temperature``, at most ``max_completion_length`` tokens,
+    ending at the student's EOS). The algorithm then scores those tokens against the teacher.
+
+    Which micro-batches go on-policy, and the samples themselves, are seeded by (seed, step, micro-batch),
+    and sampled from the weights that train on them, in ``prepare`` before the step: a run killed and
+    resumed from a checkpoint samples exactly what the uninterrupted run sampled."""
+
+    def __init__(self, examples: Sequence[Encoded], tokenizer: Any, cfg: Any, pad_id: int):
+        from stratos.distill.data import IGNORE
+        from stratos.models.generate import _eos_ids
+
+        self.fixed = FixedSource(examples, cfg, pad_id)
+        self.examples, self.cfg, self.pad_id = examples, cfg, pad_id
+        self.total_steps = self.fixed.total_steps
+        self._ignore = IGNORE
+        self._eos: list[int] | None = None
+        self._tokenizer = tokenizer
+        self._eos_ids = _eos_ids
+        self._step, self._batches = -1, []
+
+    def _prompt(self, e: Encoded) -> list[int]:
+        first = next(i for i, t in enumerate(e.labels) if t != self._ignore)  # the first response token
+        return e.input_ids[:first]
+
+    def on_policy(self, step: int, micro: int) -> bool:
+        g = torch.Generator().manual_seed((self.cfg.seed * 1_000_003 + step) * 101 + micro)
+        return float(torch.rand((), generator=g)) < self.cfg.lmbda
+
+    def prepare(self, step: int, model: torch.nn.Module) -> dict[str, float] | None:
+        import time
+
+        from stratos.models.generate import sample_ids
+
+        if self._eos is None:
+            self._eos = self._eos_ids(model, self._tokenizer)
+        t0, sampled, tokens, ended = time.perf_counter(), 0, 0, 0
+        batches = []
+        for m, idx in enumerate(self.fixed.schedule.micro_batches(step)):
+            rows = [self.examples[i] for i in idx]
+            # Rows with a prompt get the student's completion; a text row (all targets, no prompt) keeps its own.
+            mine = [j for j, e in enumerate(rows) if self._prompt(e)] if self.on_policy(step, m) else []
+            if mine:
+                prompts = [self._prompt(rows[j]) for j in mine]
+                outs = sample_ids(model, prompts, max_new_tokens=self.cfg.max_completion_length,
+                                  temperature=self.cfg.temperature, pad_id=self.pad_id, eos_ids=self._eos,
+                                  seed=(self.cfg.seed * 1_000_003 + step) * 101 + m)
+                rows = list(rows)
+                for j, p, c in zip(mine, prompts, outs):
+                    rows[j] = Encoded(p + c, [self._ignore] * len(p) + c)
+                sampled += len(mine)
+                tokens += sum(len(c) for c in outs)
+                ended += sum(1 for c in outs if c and c[-1] in self._eos)
+            batches.append(collate(rows, idx, self.pad_id))
+        self._step, self._batches = step, batches
+        if not sampled:
+            return {"on_policy_fraction": 0.0}
+        n = sum(len(b.indices) for b in batches)
+        return {"on_policy_fraction": sampled / n, "rollout_tokens": float(tokens),
+                "rollout_ended": ended / sampled, "rollout_s": time.perf_counter() - t0}
+
+    def micro_batches(self, step: int) -> list[Batch]:
+        assert step == self._step, "prepare(step) comes first"
+        return self._batches
+
+    def epoch(self, steps_done: int) -> float:
+        return self.fixed.epoch(steps_done)

@@ -94,7 +94,8 @@ def generate(
     was_training = model.training
     model.eval()
     # A private RNG state: sampling is reproducible from `seed` and the caller's RNG is left alone.
-    with torch.random.fork_rng(devices=[]), progress_bar("generating", len(prompts), enabled=progress) as bar:
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
+            progress_bar("generating", len(prompts), enabled=progress) as bar:
         torch.manual_seed(seed)
         try:
             for start in range(0, len(order), batch_size):
@@ -113,6 +114,36 @@ def generate(
         finally:
             model.train(was_training)
     return results
+
+
+@torch.no_grad()
+def sample_ids(model: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float, seed: int,
+               pad_id: int, eos_ids: Sequence[int]) -> list[list[int]]:
+    """Sample one completion per tokenised prompt, as token ids: batched, left-padded, with the KV
+    cache, from the full distribution at ``temperature`` (no top-k or top-p cut), each ending at (and
+    keeping) its first EOS. Seeded by ``seed`` on a private RNG, so the same call gives the same
+    tokens and the caller's RNG is left alone: the rollouts of on-policy training."""
+    from transformers import GenerationConfig
+
+    if not prompts:
+        return []
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature, top_p=None,
+                              top_k=None, pad_token_id=pad_id, eos_token_id=list(eos_ids))
+    device = next(model.parameters()).device
+    ids, mask = _left_pad([list(p) for p in prompts], pad_id)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config)
+    finally:
+        model.train(was_training)
+    rows = []
+    for tokens in out[:, ids.shape[1]:].tolist():
+        end = next((i for i, t in enumerate(tokens) if t in eos_ids), None)
+        rows.append(tokens if end is None else tokens[: end + 1])
+    return rows
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> list[int]:

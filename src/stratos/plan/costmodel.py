@@ -30,7 +30,8 @@ USABLE_MEMORY = 0.9  # framework, allocator and CUDA context take the rest
 API_CONCURRENCY = 8  # parallel requests assumed to an API teacher
 # The runner's stage holding each cost item: measurements it records under its own stage names
 # correct these items too (an item's own records win).
-RUNNER_STAGE = {"generation": "synth", "signal": "distill", "training": "distill", "recovery": "compress"}
+RUNNER_STAGE = {"generation": "synth", "signal": "distill", "rollouts": "distill", "training": "distill",
+                "recovery": "compress"}
 
 
 @dataclass(frozen=True)
@@ -161,6 +162,9 @@ class Workload:
     teacher_sequences: int  # teacher generations (0 when the data comes from an oracle)
     signal: str  # 'logit' (hidden states), 'topk' (API log-probs, free with generation), 'text' (none)
     extra_sft_tokens: float = 0.0  # knowledge-injection corpus, trained once before KD
+    signal_passes: float = 1.0  # teacher forward passes over the data: 1 when cached, every epoch when online
+    rollout_sequences: float = 0.0  # completions the student samples while training (on-policy KD)
+    rollout_tokens: float = 0.0  # at most this many tokens each (max_completion_length)
     recovery_tokens: float = 0.0  # compression recovery
     serve_hours: float = 1.0
     batch: int = 8
@@ -257,10 +261,16 @@ def stage_costs(
     else:
         add("generation", train, 0.0, note="data from the task's oracle: no teacher generation")
     if work.signal == "logit" and not teacher.api:
-        secs = forward_seconds(teacher, work.train_examples * seq_tokens, train, eff_train)
-        add("signal", train, secs, note="teacher hidden states, computed once and cached")
+        secs = forward_seconds(teacher, work.train_examples * seq_tokens * work.signal_passes, train, eff_train)
+        add("signal", train, secs, note="teacher hidden states, computed once and cached" if work.signal_passes <= 1
+            else f"teacher hidden states, computed in the loop ({work.signal_passes:g} passes over the data)")
     else:
         add("signal", train, 0.0, note="top-k log-probs come with generation" if work.signal == "topk" else "text only")
+    if work.rollout_sequences:
+        secs = generate_seconds(student, round(work.rollout_sequences), work.prompt_tokens, work.rollout_tokens, train,
+                                eff_train, batch=work.batch)
+        add("rollouts", train, secs, note=f"{work.rollout_sequences:,.0f} student samples of at most "
+                                          f"{work.rollout_tokens:g} tokens (on-policy KD): an upper bound")
     tokens = work.train_examples * seq_tokens * work.epochs + work.extra_sft_tokens
     add("training", train, train_seconds(student, tokens, train, eff_train), note=f"{tokens:,.0f} tokens trained")
     if work.recovery_tokens:

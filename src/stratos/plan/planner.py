@@ -15,6 +15,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from stratos.distill.algorithms import get_algorithm
 from stratos.distill.recipe import Settings, resolve
 from stratos.errors import UserError
 from stratos.plan.catalog import Server
@@ -220,6 +221,18 @@ def workload_for(strategy: Strategy, m: Match, task: TaskProfile, inputs: PlanIn
     rationales = bool(v.rationales)  # the synth stage writes rationales only when synth.rationales says so
     answer = task.rationale_tokens if rationales and task.reasoning_steps else task.answer_tokens
     corpus = 2000.0 * 20 if strategy.knowledge_injection else 0.0  # the rules corpus, ~2k tokens, seen 20 times
+    # Each phase's share of the training (its steps or epochs; one unit across phases), for what the
+    # teacher and the student do in it: online teacher passes, student rollouts (on-policy phases).
+    length = [p.config.get("max_steps") or p.config["num_train_epochs"] for p in settings.phases]
+    shares = [x / max(1e-9, sum(length)) for x in length]
+    signal_passes, rollouts, rollout_len = 1.0, 0.0, 0.0
+    if any(p.needs_teacher and p.config["teacher_signal"] == "online" for p in settings.phases):
+        signal_passes = sum(sh * strategy.epochs for sh, p in zip(shares, settings.phases)
+                            if p.needs_teacher and p.config["teacher_signal"] == "online")
+    for sh, p in zip(shares, settings.phases):
+        if p.needs_teacher and get_algorithm(p.algorithm).on_policy:
+            rollouts += sh * strategy.epochs * strategy.data_size * p.config["lmbda"]
+            rollout_len = max(rollout_len, p.config["max_completion_length"])
     return Workload(
         prompt_tokens=task.prompt_tokens,
         answer_tokens=max(1.0, answer),
@@ -228,6 +241,9 @@ def workload_for(strategy: Strategy, m: Match, task: TaskProfile, inputs: PlanIn
         teacher_sequences=strategy.teacher_prompts * strategy.samples_per_prompt,
         signal=_SIGNAL_COST[settings.signal],
         extra_sft_tokens=corpus,
+        signal_passes=signal_passes,
+        rollout_sequences=rollouts,
+        rollout_tokens=rollout_len,
         recovery_tokens=inputs.recovery_tokens,
         serve_hours=inputs.serve_hours,
         batch=inputs.batch,

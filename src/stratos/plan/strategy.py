@@ -112,7 +112,7 @@ def choose_strategy(probe: TeacherProbe, task: TaskProfile, m: Match, *, compete
         reasons.append(f"kd_ratio {kd_ratio}: " + ("the teacher is reliable, so KD dominates with a small CE anchor"
                                                    if kd_ratio > 0.5 else
                                                    "the teacher errs often, so KD is balanced with CE on verified answers"))
-        # A recommendation the settings report (stratos.distill.recipe): the engine trains off-policy for now.
+        # The settings (stratos.distill.recipe) train gkd for it: the student's own samples, scored by the teacher.
         on_policy = m.mode == "logit" and complex_
         rev = 0
         injection = False
