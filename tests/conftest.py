@@ -22,6 +22,23 @@ def expected_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def kill_when(cmd: list[str], env: dict[str, str], ready, timeout: float = 150.0) -> None:
+    """Start ``cmd``, SIGKILL it as soon as ``ready()`` is true (polling), and wait for it to die: a
+    crash at a moment the process did not choose. Fails if it ends first or never gets ready."""
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while not ready():
+        assert proc.poll() is None, "the run ended before it could be killed"
+        assert time.time() < deadline, "the run never reached the point to kill it at"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
 def addition_records(n: int, seed: int = 0, digits: int = 2) -> list[dict]:
     rng = random.Random(seed)
     hi = 10**digits - 1

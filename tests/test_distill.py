@@ -6,10 +6,8 @@ from __future__ import annotations
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +17,7 @@ from safetensors.torch import load_file
 from stratos.distill import distill, kl_to_teacher
 from stratos.models.tiny import build_tokenizer, save_model, tiny_llama
 from stratos.spec import DistillSpec, LoraSpec
+from tests.conftest import kill_when
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -104,15 +103,9 @@ def test_sigkill_and_resume_matches_an_uninterrupted_run(tmp_path, char_tokenize
 
     subprocess.run(_cli(tmp_path / "full", teacher, student, data), check=True, env=env, capture_output=True)
 
-    proc = subprocess.Popen(_cli(tmp_path / "killed", teacher, student, data), env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpts = tmp_path / "killed" / "checkpoints"
-    deadline = time.time() + 120
-    while time.time() < deadline and not any(p.name >= "step-0000015" for p in ckpts.glob("step-*")):
-        assert proc.poll() is None, "the run finished before it could be killed"
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when(_cli(tmp_path / "killed", teacher, student, data), env,
+              lambda: any(p.name >= "step-0000015" for p in ckpts.glob("step-*")))
     assert not (tmp_path / "killed" / "model").exists()
     killed_at = max(int(p.name.split("-")[1]) for p in ckpts.glob("step-*"))
     assert 15 <= killed_at < 60

@@ -429,3 +429,24 @@ def test_bad_catalog_names_file_line_and_column(tmp_path):
                                    "x,p,g,1,1,1,1,1,red\n")
     with pytest.raises(CatalogError, match=r"d\.csv:2: unknown column\(s\) colour"):
         read_catalog(tmp_path / "d.csv")
+
+
+def test_the_plan_prices_rollouts_and_the_teacher_in_the_loop():
+    """gkd: the student's samples (lmbda of the trained sequences) and the teacher's passes every epoch
+    (online) are predicted; grpo: a group of num_generations samples per prompt, all trained."""
+    from stratos.spec import DistillSpec
+
+    kd, _ = build_plan(one_pair(distill=DistillSpec(algorithm="kd", teacher_signal="cached")))
+    gkd, _ = build_plan(one_pair(distill=DistillSpec(algorithm="gkd", lmbda=0.5, max_completion_length=64)))
+    assert gkd.settings.phases[0].algorithm == "gkd" and gkd.settings.on_policy
+    w = gkd.workload
+    assert w.rollout_sequences == pytest.approx(0.5 * w.epochs * w.train_examples) and w.rollout_tokens == 64
+    assert w.signal_passes == pytest.approx(w.epochs) and kd.workload.signal_passes == 1.0
+    mine, theirs = stage_seconds(gkd), stage_seconds(kd)
+    assert mine["rollouts"] > 0 and "rollouts" not in theirs
+    assert mine["signal"] == pytest.approx(theirs["signal"] * w.epochs, rel=1e-6)
+
+    grpo, _ = build_plan(one_pair(distill=DistillSpec(algorithm="grpo", num_generations=4)))
+    g = grpo.workload
+    assert g.rollout_sequences == pytest.approx(4 * g.epochs * g.train_examples) and g.train_sequences == 4.0
+    assert stage_seconds(grpo)["training"] > 3 * stage_seconds(kd)["training"]

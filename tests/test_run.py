@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ from stratos.models.tiny import build_tokenizer, save_model, tiny_llama
 from stratos.report import build_report
 from stratos.runner import STAGE_NAMES, RunError, run, select_stages
 from stratos.spec import load_spec
-from tests.conftest import expected_device
+from tests.conftest import expected_device, kill_when
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -84,14 +83,8 @@ def test_pipeline_killed_mid_distill_resumes_to_the_same_result(tiny_spec, tmp_p
 
     # The same spec in a subprocess, SIGKILLed once distill has written a checkpoint.
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(_cli(tiny_spec, killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpts = killed / "distill" / "checkpoints"
-    deadline = time.time() + 150
-    while time.time() < deadline and not any(p.name >= "step-0000008" for p in ckpts.glob("step-*")):
-        assert proc.poll() is None, "the run ended before it could be killed"
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when(_cli(tiny_spec, killed), env, lambda: any(p.name >= "step-0000008" for p in ckpts.glob("step-*")))
     before = _manifest(killed)["stages"]
     assert before["distill"]["status"] == "running" and before["synth"]["status"] == "done"
     synth_ended = before["synth"]["ended"]

@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -23,6 +21,7 @@ from stratos.distill.trainer import BOOKKEEPING
 from stratos.models.tiny import build_tokenizer, save_model, tiny_llama
 from stratos.plan.strategy import Strategy
 from stratos.spec import DistillSpec, SpecError, load_spec
+from tests.conftest import kill_when
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -101,7 +100,7 @@ def test_bad_algorithm_and_phases_are_spec_errors(tmp_path):
     with pytest.raises(SpecError) as info:
         load_spec(path)
     got = "\n".join(info.value.problems)
-    assert "line 5: distill.algorithm: unknown algorithm 'grpo-ish'; registered: gkd, kd, rft, sft" in got
+    assert "line 5: distill.algorithm: unknown algorithm 'grpo-ish'; registered: gkd, grpo, kd, rft, sft" in got
     assert "line 7: distill.phases[0].learning_rate: Input should be greater than 0" in got
     assert "line 8: distill.phases[1].algorithm: required field is missing" in got
 
@@ -219,13 +218,7 @@ def test_a_killed_two_phase_run_resumes_to_the_same_weights(models, tmp_path):
     # The same command in a subprocess, SIGKILLed once phase 2 has checkpoints.
     killed = tmp_path / "killed"
     cmd = [sys.executable, "-m", "stratos.cli", "distill", str(spec), "--data", str(data), "--out", str(killed)]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and not any(p.name >= "step-0000004" for p in killed.glob("phase-2-kd/checkpoints/step-*")):
-        assert proc.poll() is None, "the run ended before it could be killed"
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when(cmd, env, lambda: any(p.name >= "step-0000004" for p in killed.glob("phase-2-kd/checkpoints/step-*")))
     assert not (killed / "model").exists() and (killed / "phase-1-sft" / "model").is_dir()
     again = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True, timeout=180)
     assert again.returncode == 0, again.stdout + again.stderr

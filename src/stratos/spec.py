@@ -190,10 +190,15 @@ class _TrainingOptions(_Strict):
     report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(default_factory=lambda: ["tensorboard"])
     seed: int = 0
     rft_rounds: int = Field(2, gt=0, description="Algorithm rft: rounds of sampling and training.")
-    num_generations: int = Field(4, gt=0, description="Algorithm rft: answers the student samples per train prompt "
-                                 "each round (at `temperature`).")
-    max_completion_length: int = Field(256, gt=0, description="Algorithms rft and gkd: tokens a sampled answer may "
-                                       "take.")
+    num_generations: int = Field(4, gt=0, description="Algorithms rft and grpo: answers the student samples per train "
+                                 "prompt (rft: each round; grpo: a group per prompt, at `temperature`).")
+    max_completion_length: int = Field(256, gt=0, description="Algorithms rft, gkd and grpo: tokens a sampled answer "
+                                       "may take.")
+    loss_type: Literal["grpo", "dapo", "dr_grpo"] = Field(
+        "grpo", description="Algorithm grpo: how the policy loss is averaged: 'grpo' over each completion's tokens "
+        "then over completions, 'dapo' over all tokens of the step, 'dr_grpo' over completions x max_completion_length.")
+    scale_rewards: bool = Field(True, description="Algorithm grpo: divide each group's advantages by the standard "
+                                "deviation of its rewards.")
     lmbda: float = Field(0.5, ge=0, le=1, description="Algorithm gkd (TRL's name): the share of micro-batches whose "
                          "responses the student samples itself (at `temperature`), scored by the teacher; the rest "
                          "train on the data's responses.")

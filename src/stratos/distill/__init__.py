@@ -264,25 +264,8 @@ def kl_to_teacher(
 ) -> float:
     """Mean per-token divergence (forward KL by default) of the student to the teacher on the
     response tokens of ``records``, at temperature 1."""
-    from stratos.teachers.signal import OnlineTeacher
-
     examples, _ = encode(records, tokenizer, max_length)
-    signal = OnlineTeacher(teacher)
-    s_head = OutputHead.from_model(student)
-    obj = Objective(loss=loss)
-    total, tokens = 0.0, 0
-    was_training = student.training
-    student.eval()
-    device = next(student.parameters()).device
-    for start in range(0, len(examples), batch_size):
-        idx = list(range(start, min(start + batch_size, len(examples))))
-        batch = collate([examples[i] for i in idx], idx, tokenizer.pad_token_id)
-        h = last_hidden(student, batch.input_ids.to(device), batch.attention_mask.to(device))[:, :-1][batch.target_mask]
-        terms = kd_terms(h, signal.hidden(batch), batch.targets, s_head, signal.head, obj)
-        total += float(terms["kd"])
-        tokens += batch.num_targets
-    student.train(was_training)
-    return total / max(1, tokens)
+    return _mean_divergence(student, teacher, examples, tokenizer.pad_token_id, loss, batch_size)
 
 
 @torch.no_grad()
@@ -302,25 +285,35 @@ def kl_on_own_samples(
     the student samples itself for the prompts of ``records``: the quantity on-policy KD lowers, measured
     where the student really goes rather than on the data's responses (``kl_to_teacher``)."""
     from stratos.distill.data import IGNORE, Encoded
+    from stratos.distill.sources import prompt_ids
     from stratos.models.generate import _eos_ids, sample_ids
-    from stratos.teachers.signal import OnlineTeacher
 
-    examples, _ = encode(records, tokenizer, 10**6)
-    prompts = [e.input_ids[: next(i for i, t in enumerate(e.labels) if t != IGNORE)] for e in examples]
-    signal, s_head, obj = OnlineTeacher(teacher), OutputHead.from_model(student), Objective(loss=loss)
+    prompts = [prompt_ids(r, tokenizer) for r in records]
     eos, pad = _eos_ids(student, tokenizer), tokenizer.pad_token_id
-    total, tokens = 0.0, 0
-    was_training = student.training
-    student.eval()
-    device = next(student.parameters()).device
+    examples = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
         outs = sample_ids(student, chunk, max_new_tokens=max_new_tokens, temperature=temperature, pad_id=pad,
                           eos_ids=eos, seed=seed * 1_000_003 + start)
-        batch = collate([Encoded(p + c, [IGNORE] * len(p) + c) for p, c in zip(chunk, outs)],
-                        list(range(len(chunk))), pad)
+        examples += [Encoded(p + c, [IGNORE] * len(p) + c) for p, c in zip(chunk, outs)]
+    return _mean_divergence(student, teacher, examples, pad, loss, batch_size)
+
+
+def _mean_divergence(student: Any, teacher: Any, examples: Sequence[Any], pad_id: int, loss: str,
+                     batch_size: int) -> float:
+    """The registered divergence ``loss`` of the student to the teacher, per target token of ``examples``."""
+    from stratos.teachers.signal import OnlineTeacher
+
+    signal, s_head, obj = OnlineTeacher(teacher), OutputHead.from_model(student), Objective(loss=loss)
+    total, tokens = 0.0, 0
+    was_training = student.training
+    student.eval()
+    device = next(student.parameters()).device
+    for start in range(0, len(examples), batch_size):
+        idx = list(range(start, min(start + batch_size, len(examples))))
+        batch = collate([examples[i] for i in idx], idx, pad_id)
         h = last_hidden(student, batch.input_ids.to(device), batch.attention_mask.to(device))[:, :-1][batch.target_mask]
-        terms = kd_terms(h, signal.hidden(batch), batch.targets.to(device), s_head, signal.head, obj)
+        terms = kd_terms(h, signal.hidden(batch).to(device), batch.targets.to(device), s_head, signal.head, obj)
         total += float(terms["kd"])
         tokens += batch.num_targets
     student.train(was_training)

@@ -60,6 +60,9 @@ class Algorithm:
     # The teacher scores sequences the student makes while training: it must run beside the loop (its
     # hidden states online), never from a cache or an API's log-probs of its own generations.
     on_policy: bool = False
+    # For the cost model: (completions the student samples, sequences trained) per training example and
+    # epoch; None: (0, 1), fixed data only.
+    rollouts: Callable[[Any], tuple[float, float]] | None = None
 
 
 ALGORITHMS: dict[str, Algorithm] = {}
@@ -71,10 +74,11 @@ def _same(cfg: Any) -> Any:
 
 def register_algorithm(name: str, *, needs_teacher: Callable[[Any], bool], configure: Callable[[Any], Any] = _same,
                        source: Callable[..., Any] | None = None, description: str = "",
-                       on_policy: bool = False) -> Callable[[Terms], Terms]:
+                       on_policy: bool = False,
+                       rollouts: Callable[[Any], tuple[float, float]] | None = None) -> Callable[[Terms], Terms]:
     def deco(fn: Terms) -> Terms:
         ALGORITHMS[name] = Algorithm(name, fn, needs_teacher, configure, description or (fn.__doc__ or "").strip(),
-                                     source, on_policy)
+                                     source, on_policy, rollouts)
         return fn
 
     return deco
@@ -150,10 +154,39 @@ def _online_teacher(cfg: Any) -> Any:
 
 
 @register_algorithm("gkd", needs_teacher=_kd_needs_teacher, configure=_online_teacher, source=_on_policy_source,
-                    on_policy=True)
+                    on_policy=True, rollouts=lambda cfg: (cfg.lmbda, 1.0))
 def gkd(ctx: StepContext, batch: Batch) -> dict[str, torch.Tensor]:
     """On-policy KD (GKD; TRL's GKDTrainer): with probability lmbda a micro-batch holds the student's own
     samples of its prompts, which the teacher scores (its hidden states, online) with the registered
     divergence (jsd with loss_kwargs beta is GKD's; rkl is on-policy reverse KL); kd_ratio mixes in CE on
     the batch's tokens as in kd."""
     return student_terms(ctx, batch)
+
+
+def _group_source(**context: Any) -> Any:
+    from stratos.distill.sources import GroupSource
+
+    return GroupSource(context["records"], context["tokenizer"], context["cfg"], context["task"], context["pad_id"])
+
+
+@register_algorithm("grpo", needs_teacher=lambda cfg: False, source=_group_source,
+                    rollouts=lambda cfg: (float(cfg.num_generations), float(cfg.num_generations)))
+def grpo(ctx: StepContext, batch: Batch) -> dict[str, torch.Tensor]:
+    """RL against the task's verifier (GRPO; TRL's GRPOTrainer): groups of num_generations samples per
+    prompt, rewards from the verifier, group-normalised advantages as per-token weights (GroupSource);
+    the policy-gradient loss -advantage x log p(token), averaged as loss_type says. No teacher."""
+    device = ctx.device
+    mask = batch.target_mask.to(device)
+    targets = batch.targets.to(device)
+    weights = batch.weights.to(device)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=ctx.bf16):
+        h = last_hidden(ctx.student, batch.input_ids.to(device), batch.attention_mask.to(device))[:, :-1][mask]
+        size = ctx.objective.chunk_size
+        logp = torch.cat([torch.log_softmax(ctx.s_head(h[i : i + size]), dim=-1)
+                          .gather(-1, targets[i : i + size, None])[:, 0] for i in range(0, len(targets), size)])
+    # With one gradient step per batch of samples the PPO ratio exp(logp - logp_old) is 1: its gradient
+    # is that of logp, which is what -weight x ratio gives.
+    ratio = torch.exp(logp - logp.detach())
+    loss = -(weights * ratio).sum()
+    zero = torch.zeros((), device=device)
+    return {"loss": loss, "kd": zero, "ce": -logp.detach().sum(), "agree": zero}

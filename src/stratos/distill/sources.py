@@ -8,7 +8,9 @@ only the step to resume with no step lost or repeated:
   train prompts, the task's verifier keeps the correct ones, and the round trains on the fixed data
   plus every answer kept so far;
 - :class:`OnPolicySource`: on-policy KD (gkd); a share of the micro-batches hold the student's own
-  samples for the batch's prompts, sampled at the step they train, seeded by (seed, step).
+  samples for the batch's prompts, sampled at the step they train, seeded by (seed, step);
+- :class:`GroupSource`: RL (grpo); groups of the student's samples per prompt, rewarded by the task's
+  verifier, their group-normalised advantages as per-token weights.
 
 ``prepare(step, model)`` runs before a step: a source that makes data from the model (rollouts) does
 it there, at its boundaries, and returns values to log (or None).
@@ -172,7 +174,10 @@ class RejectionSource:
         return [collate([self._examples[i] for i in idx], idx, self.pad_id) for idx in self._schedule.micro_batches(local)]
 
     def epoch(self, steps_done: int) -> float:
-        return steps_done / self.steps_per_round  # in rounds
+        # Passes over the fixed records (a round's kept rows come on top of them): the unit a round's
+        # length is given in, so rft_rounds rounds of num_train_epochs end at rounds x num_train_epochs.
+        per_epoch = math.ceil(len(self.fixed) / self.cfg.per_device_train_batch_size)
+        return steps_done * self.cfg.gradient_accumulation_steps / per_epoch
 
 
 class OnPolicySource:
@@ -244,3 +249,104 @@ class OnPolicySource:
 
     def epoch(self, steps_done: int) -> float:
         return self.fixed.epoch(steps_done)
+
+
+def prompt_ids(record: dict[str, Any], tokenizer: Any) -> list[int]:
+    """A record's prompt as the engine tokenises it (chat template, generation prompt): what the
+    student continues when it samples an answer."""
+    from stratos.distill.data import IGNORE, encode_record
+
+    ex, _ = encode_record({**record, "response": ""}, tokenizer, 10**6)
+    return ex.input_ids[: next(i for i, t in enumerate(ex.labels) if t != IGNORE)]
+
+
+class GroupSource:
+    """GRPO's data (Shao et al. 2024; TRL's GRPOTrainer): each micro-batch takes
+    ``per_device_train_batch_size // num_generations`` train prompts (a seeded order over the records
+    that carry an ``answer``), and the student samples ``num_generations`` completions of each (at
+    ``temperature``, at most ``max_completion_length`` tokens), seeded by (seed, step, micro-batch). The
+    task's verifier scores each completion (its credit: 1/0, or partial); a completion's advantage is its
+    reward minus its group's mean (divided by the group's standard deviation with ``scale_rewards``),
+    and it becomes the per-token weight of that completion's tokens, scaled so that the loop's division
+    by the step's tokens gives ``loss_type``'s average. One gradient step per batch of samples: the PPO
+    ratio is 1, so there is nothing to clip."""
+
+    def __init__(self, records: Sequence[dict[str, Any]], tokenizer: Any, cfg: Any, task: Any, pad_id: int):
+        from stratos.errors import TrainingError
+
+        if task is None:
+            raise TrainingError("algorithm grpo needs the task, whose verifier gives the rewards: run it from a "
+                                "spec (stratos run, or stratos distill SPEC)")
+        self.prompts = [r for r in records if "prompt" in r and "answer" in r]
+        if not self.prompts:
+            raise TrainingError("algorithm grpo needs records with a prompt and an answer to reward completions")
+        if cfg.num_generations < 2:
+            raise TrainingError("algorithm grpo needs num_generations >= 2: advantages compare a prompt's samples")
+        self.tokenizer, self.cfg, self.task, self.pad_id = tokenizer, cfg, task, pad_id
+        self.per_micro = max(1, cfg.per_device_train_batch_size // cfg.num_generations)
+        self.schedule = Schedule.from_config(len(self.prompts), cfg.model_copy(
+            update={"per_device_train_batch_size": self.per_micro}))
+        self.total_steps = self.schedule.total_steps
+        self._ids = [prompt_ids(r, tokenizer) for r in self.prompts]
+        self._step, self._batches = -1, []
+
+    def prepare(self, step: int, model: torch.nn.Module) -> dict[str, float] | None:
+        import time
+
+        from stratos.distill.data import IGNORE
+        from stratos.models.generate import _eos_ids, sample_ids
+        from stratos.tasks import Example, grade
+
+        t0, cfg, g = time.perf_counter(), self.cfg, self.cfg.num_generations
+        eos = _eos_ids(model, self.tokenizer)
+        micro: list[tuple[list[int], list[list[int]], list[float]]] = []
+        rewards_all, flat = [], 0
+        for m, idx in enumerate(self.schedule.micro_batches(step)):
+            rows = [i for i in idx for _ in range(g)]
+            outs = sample_ids(model, [self._ids[i] for i in rows], max_new_tokens=cfg.max_completion_length,
+                              temperature=cfg.temperature, pad_id=self.pad_id, eos_ids=eos,
+                              seed=(cfg.seed * 1_000_003 + step) * 101 + m)
+            rewards = []
+            for i, out in zip(rows, outs):
+                rec = self.prompts[i]
+                ex = Example(id=str(rec.get("id", i)), question=rec["prompt"], answer=rec["answer"],
+                             type=str(rec.get("type", "default")))
+                rewards.append(float(grade(self.task, ex, self.tokenizer.decode(out, skip_special_tokens=True))[1].credit))
+            micro.append((rows, outs, rewards))
+            rewards_all += rewards
+            flat += len(rows)
+        # Advantages per group, then the weights that make the loop's per-token average the loss_type's.
+        n_tokens = sum(len(o) for _, outs, _ in micro for o in outs)
+        batches, zero_std = [], 0
+        for m, (rows, outs, rewards) in enumerate(micro):
+            r = torch.tensor(rewards).view(-1, g)
+            adv = r - r.mean(dim=1, keepdim=True)
+            std = r.std(dim=1, keepdim=True)
+            zero_std += int((std == 0).sum())
+            if cfg.scale_rewards:
+                adv = adv / (std + 1e-4)
+            adv = adv.flatten().tolist()
+            examples, weights = [], []
+            for i, out, a in zip(rows, outs, adv):
+                p = self._ids[i]
+                examples.append(Encoded(p + out, [IGNORE] * len(p) + out))
+                if cfg.loss_type == "grpo":
+                    scale = n_tokens / (flat * len(out))
+                elif cfg.loss_type == "dr_grpo":
+                    scale = n_tokens / (flat * cfg.max_completion_length)
+                else:  # dapo: every token of the step counts once
+                    scale = 1.0
+                weights += [a * scale] * len(out)
+            batches.append(collate(examples, rows, self.pad_id).with_weights(torch.tensor(weights)))
+        self._step, self._batches = step, batches
+        rt = torch.tensor(rewards_all)
+        return {"reward": float(rt.mean()), "reward_std": float(rt.std()) if len(rt) > 1 else 0.0,
+                "groups_without_signal": zero_std / max(1, flat // g), "rollout_tokens": float(n_tokens),
+                "rollout_s": time.perf_counter() - t0}
+
+    def micro_batches(self, step: int) -> list[Batch]:
+        assert step == self._step, "prepare(step) comes first"
+        return self._batches
+
+    def epoch(self, steps_done: int) -> float:
+        return steps_done * self.schedule.accumulation / self.schedule.batches_per_epoch  # passes over the prompts

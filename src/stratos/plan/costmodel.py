@@ -165,6 +165,7 @@ class Workload:
     signal_passes: float = 1.0  # teacher forward passes over the data: 1 when cached, every epoch when online
     rollout_sequences: float = 0.0  # completions the student samples while training (on-policy KD)
     rollout_tokens: float = 0.0  # at most this many tokens each (max_completion_length)
+    train_sequences: float = 1.0  # sequences trained per example and epoch (grpo: a group of samples each)
     recovery_tokens: float = 0.0  # compression recovery
     serve_hours: float = 1.0
     batch: int = 8
@@ -271,7 +272,7 @@ def stage_costs(
                                 eff_train, batch=work.batch)
         add("rollouts", train, secs, note=f"{work.rollout_sequences:,.0f} student samples of at most "
                                           f"{work.rollout_tokens:g} tokens (on-policy KD): an upper bound")
-    tokens = work.train_examples * seq_tokens * work.epochs + work.extra_sft_tokens
+    tokens = work.train_examples * seq_tokens * work.epochs * work.train_sequences + work.extra_sft_tokens
     add("training", train, train_seconds(student, tokens, train, eff_train), note=f"{tokens:,.0f} tokens trained")
     if work.recovery_tokens:
         add("recovery", train, train_seconds(student, work.recovery_tokens, train, eff_train), note="compression recovery")

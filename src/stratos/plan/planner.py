@@ -229,9 +229,13 @@ def workload_for(strategy: Strategy, m: Match, task: TaskProfile, inputs: PlanIn
     if any(p.needs_teacher and p.config["teacher_signal"] == "online" for p in settings.phases):
         signal_passes = sum(sh * strategy.epochs for sh, p in zip(shares, settings.phases)
                             if p.needs_teacher and p.config["teacher_signal"] == "online")
+    trained = 0.0  # sequences trained per example and epoch, over the phases (grpo trains a group per prompt)
     for sh, p in zip(shares, settings.phases):
-        if p.needs_teacher and get_algorithm(p.algorithm).on_policy:
-            rollouts += sh * strategy.epochs * strategy.data_size * p.config["lmbda"]
+        algo = get_algorithm(p.algorithm)
+        sampled, seqs = algo.rollouts(p.spec) if algo.rollouts else (0.0, 1.0)
+        trained += sh * seqs
+        if sampled:
+            rollouts += sh * strategy.epochs * strategy.data_size * sampled
             rollout_len = max(rollout_len, p.config["max_completion_length"])
     return Workload(
         prompt_tokens=task.prompt_tokens,
@@ -242,6 +246,7 @@ def workload_for(strategy: Strategy, m: Match, task: TaskProfile, inputs: PlanIn
         signal=_SIGNAL_COST[settings.signal],
         extra_sft_tokens=corpus,
         signal_passes=signal_passes,
+        train_sequences=trained,
         rollout_sequences=rollouts,
         rollout_tokens=rollout_len,
         recovery_tokens=inputs.recovery_tokens,
