@@ -26,7 +26,7 @@ from typing import Any, Protocol
 
 import torch
 
-from stratos.distill.data import Batch, Encoded, collate, encode
+from stratos.distill.data import IGNORE, Batch, Encoded, collate, encode
 from stratos.io import read_jsonl, write_jsonl
 
 
@@ -191,20 +191,14 @@ class OnPolicySource:
     resumed from a checkpoint samples exactly what the uninterrupted run sampled."""
 
     def __init__(self, examples: Sequence[Encoded], tokenizer: Any, cfg: Any, pad_id: int):
-        from stratos.distill.data import IGNORE
-        from stratos.models.generate import _eos_ids
-
         self.fixed = FixedSource(examples, cfg, pad_id)
-        self.examples, self.cfg, self.pad_id = examples, cfg, pad_id
+        self.examples, self.tokenizer, self.cfg, self.pad_id = examples, tokenizer, cfg, pad_id
         self.total_steps = self.fixed.total_steps
-        self._ignore = IGNORE
-        self._eos: list[int] | None = None
-        self._tokenizer = tokenizer
-        self._eos_ids = _eos_ids
         self._step, self._batches = -1, []
 
-    def _prompt(self, e: Encoded) -> list[int]:
-        first = next(i for i, t in enumerate(e.labels) if t != self._ignore)  # the first response token
+    @staticmethod
+    def _prompt(e: Encoded) -> list[int]:
+        first = next(i for i, t in enumerate(e.labels) if t != IGNORE)  # the first response token
         return e.input_ids[:first]
 
     def on_policy(self, step: int, micro: int) -> bool:
@@ -214,10 +208,9 @@ class OnPolicySource:
     def prepare(self, step: int, model: torch.nn.Module) -> dict[str, float] | None:
         import time
 
-        from stratos.models.generate import sample_ids
+        from stratos.models.generate import _eos_ids, sample_ids
 
-        if self._eos is None:
-            self._eos = self._eos_ids(model, self._tokenizer)
+        eos = _eos_ids(model, self.tokenizer)
         t0, sampled, tokens, ended = time.perf_counter(), 0, 0, 0
         batches = []
         for m, idx in enumerate(self.fixed.schedule.micro_batches(step)):
@@ -227,14 +220,14 @@ class OnPolicySource:
             if mine:
                 prompts = [self._prompt(rows[j]) for j in mine]
                 outs = sample_ids(model, prompts, max_new_tokens=self.cfg.max_completion_length,
-                                  temperature=self.cfg.temperature, pad_id=self.pad_id, eos_ids=self._eos,
+                                  temperature=self.cfg.temperature, pad_id=self.pad_id, eos_ids=eos,
                                   seed=(self.cfg.seed * 1_000_003 + step) * 101 + m)
                 rows = list(rows)
                 for j, p, c in zip(mine, prompts, outs):
-                    rows[j] = Encoded(p + c, [self._ignore] * len(p) + c)
+                    rows[j] = Encoded(p + c, [IGNORE] * len(p) + c)
                 sampled += len(mine)
                 tokens += sum(len(c) for c in outs)
-                ended += sum(1 for c in outs if c and c[-1] in self._eos)
+                ended += sum(1 for c in outs if c and c[-1] in eos)
             batches.append(collate(rows, idx, self.pad_id))
         self._step, self._batches = step, batches
         if not sampled:
@@ -254,7 +247,7 @@ class OnPolicySource:
 def prompt_ids(record: dict[str, Any], tokenizer: Any) -> list[int]:
     """A record's prompt as the engine tokenises it (chat template, generation prompt): what the
     student continues when it samples an answer."""
-    from stratos.distill.data import IGNORE, encode_record
+    from stratos.distill.data import encode_record
 
     ex, _ = encode_record({**record, "response": ""}, tokenizer, 10**6)
     return ex.input_ids[: next(i for i, t in enumerate(ex.labels) if t != IGNORE)]
@@ -293,7 +286,6 @@ class GroupSource:
     def prepare(self, step: int, model: torch.nn.Module) -> dict[str, float] | None:
         import time
 
-        from stratos.distill.data import IGNORE
         from stratos.models.generate import _eos_ids, sample_ids
         from stratos.tasks import Example, grade
 
