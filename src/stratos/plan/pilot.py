@@ -98,6 +98,8 @@ def run_pilot(
     notes = []
     if not use_teacher and main.needs_teacher:
         notes.append(f"SFT instead of the run's {main.algorithm} (no white-box teacher signal here)")
+    elif not use_teacher and main.algorithm != "sft":
+        notes.append(f"SFT instead of the run's {main.algorithm}: the pilot trains on the fixed data only")
     if len(settings.phases) > 1:
         notes.append(f"the run has {len(settings.phases)} phases; the pilot trains the longest, {main.algorithm}")
     notes.append("constant learning rate, no warmup")
