@@ -207,3 +207,32 @@ def json_of(path):
     import json
 
     return json.loads(path.read_text())
+
+
+def test_opd_learns_from_the_teacher_and_the_verifier_on_the_same_samples(tiny_tokenizer, tmp_path):
+    """opd: grpo's groups and reward, plus the reverse KL to the teacher on the same samples (the
+    teacher scores them online). Both terms train: the divergence on the student's own samples falls
+    below grpo's at the same steps and seed; without a usable teacher a plan trains grpo instead."""
+    from stratos.distill import kl_on_own_samples
+    from stratos.distill.recipe import resolve
+    from stratos.tasks import to_records
+
+    task = EvenDigitTask()
+    records = to_records(task, task.examples("train", 32))
+    teacher = tiny_llama(tiny_tokenizer, hidden_size=48, num_hidden_layers=2, seed=1, initializer_range=0.3)
+    kl = {}
+    for algo in ("grpo", "opd"):
+        student = tiny_llama(tiny_tokenizer, hidden_size=32, num_hidden_layers=1, seed=5)
+        cfg = DistillSpec(algorithm=algo, loss="rkl", kd_ratio=1.0, num_generations=4, max_completion_length=4,
+                          max_steps=12, per_device_train_batch_size=16, learning_rate=3e-3, save_steps=100,
+                          logging_steps=1, report_to=[], bf16=False, warmup_ratio=0.0)
+        res = distill(student, tiny_tokenizer, records, cfg, tmp_path / algo, teacher=teacher if algo == "opd" else None,
+                      task=task, progress=False)
+        rows = [eval_json(line) for line in (tmp_path / algo / "metrics.jsonl").read_text().splitlines()]
+        assert all("reward" in r for r in rows)
+        if algo == "opd":
+            assert res.signal["mode"] == "online" and all(r["kd"] > 0 for r in rows)
+        kl[algo] = kl_on_own_samples(student, teacher, tiny_tokenizer, records[:16], max_new_tokens=4, seed=3)
+    assert kl["opd"] < kl["grpo"], kl
+    fallback = resolve(DistillSpec(algorithm="opd", loss="rkl"), match="text")
+    assert [p.algorithm for p in fallback.phases] == ["grpo"] and "grpo instead" in fallback.phases[0].reason

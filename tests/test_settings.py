@@ -100,7 +100,7 @@ def test_bad_algorithm_and_phases_are_spec_errors(tmp_path):
     with pytest.raises(SpecError) as info:
         load_spec(path)
     got = "\n".join(info.value.problems)
-    assert "line 5: distill.algorithm: unknown algorithm 'grpo-ish'; registered: gkd, grpo, kd, rft, sft" in got
+    assert "line 5: distill.algorithm: unknown algorithm 'grpo-ish'; registered: gkd, grpo, kd, opd, rft, sft" in got
     assert "line 7: distill.phases[0].learning_rate: Input should be greater than 0" in got
     assert "line 8: distill.phases[1].algorithm: required field is missing" in got
 

@@ -125,7 +125,7 @@ def distill(
     out: Path = typer.Option(Path("runs/distill"), "--out", "-o", help="Output folder: checkpoints, metrics, model/."),
     plan: Optional[Path] = typer.Option(None, "--plan", help="plan.json of `stratos plan` (with a spec): train exactly "
                                         "the settings `stratos run` would (phases, losses, teacher signal)."),
-    algorithm: Optional[str] = typer.Option(None, help="Training algorithm: sft, kd, gkd (on-policy KD), grpo (RL; needs a spec for its task), rft (rejection fine-tuning; needs a spec), or a registered one."),
+    algorithm: Optional[str] = typer.Option(None, help="Training algorithm: sft, kd, gkd (on-policy KD), grpo (RL; needs a spec for its task), opd (both), rft (rejection fine-tuning; needs a spec), or a registered one."),
     loss: Optional[str] = typer.Option(None, help="Divergence: fkl, rkl, jsd, skl, srkl, tvd, akl, ce."),
     signal: Optional[str] = typer.Option(None, help="Teacher signal: cached (default) or online."),
     temperature: Optional[float] = typer.Option(None, help="Softmax temperature of the KD term."),

@@ -63,6 +63,7 @@ class Algorithm:
     # For the cost model: (completions the student samples, sequences trained) per training example and
     # epoch; None: (0, 1), fixed data only.
     rollouts: Callable[[Any], tuple[float, float]] | None = None
+    fallback: str = "sft"  # what it trains as when the pair gives no usable teacher signal
 
 
 ALGORITHMS: dict[str, Algorithm] = {}
@@ -75,10 +76,11 @@ def _same(cfg: Any) -> Any:
 def register_algorithm(name: str, *, needs_teacher: Callable[[Any], bool], configure: Callable[[Any], Any] = _same,
                        source: Callable[..., Any] | None = None, description: str = "",
                        on_policy: bool = False,
-                       rollouts: Callable[[Any], tuple[float, float]] | None = None) -> Callable[[Terms], Terms]:
+                       rollouts: Callable[[Any], tuple[float, float]] | None = None,
+                       fallback: str = "sft") -> Callable[[Terms], Terms]:
     def deco(fn: Terms) -> Terms:
         ALGORITHMS[name] = Algorithm(name, fn, needs_teacher, configure, description or (fn.__doc__ or "").strip(),
-                                     source, on_policy, rollouts)
+                                     source, on_policy, rollouts, fallback)
         return fn
 
     return deco
@@ -169,6 +171,17 @@ def _group_source(**context: Any) -> Any:
     return GroupSource(context["records"], context["tokenizer"], context["cfg"], context["task"], context["pad_id"])
 
 
+def _policy_loss(ctx: StepContext, h: torch.Tensor, targets: torch.Tensor,
+                 weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The policy-gradient loss ``-sum(weight x ratio)`` over the target tokens (the weights are the
+    advantages, already scaled for loss_type), and each token's log-probability. With one gradient step
+    per batch of samples the PPO ratio exp(logp - logp_old) is 1: its gradient is that of logp."""
+    size = ctx.objective.chunk_size
+    logp = torch.cat([torch.log_softmax(ctx.s_head(h[i : i + size]), dim=-1).gather(-1, targets[i : i + size, None])[:, 0]
+                      for i in range(0, len(targets), size)])
+    return -(weights * torch.exp(logp - logp.detach())).sum(), logp
+
+
 @register_algorithm("grpo", needs_teacher=lambda cfg: False, source=_group_source,
                     rollouts=lambda cfg: (float(cfg.num_generations), float(cfg.num_generations)))
 def grpo(ctx: StepContext, batch: Batch) -> dict[str, torch.Tensor]:
@@ -178,15 +191,32 @@ def grpo(ctx: StepContext, batch: Batch) -> dict[str, torch.Tensor]:
     device = ctx.device
     mask = batch.target_mask.to(device)
     targets = batch.targets.to(device)
-    weights = batch.weights.to(device)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=ctx.bf16):
         h = last_hidden(ctx.student, batch.input_ids.to(device), batch.attention_mask.to(device))[:, :-1][mask]
-        size = ctx.objective.chunk_size
-        logp = torch.cat([torch.log_softmax(ctx.s_head(h[i : i + size]), dim=-1)
-                          .gather(-1, targets[i : i + size, None])[:, 0] for i in range(0, len(targets), size)])
-    # With one gradient step per batch of samples the PPO ratio exp(logp - logp_old) is 1: its gradient
-    # is that of logp, which is what -weight x ratio gives.
-    ratio = torch.exp(logp - logp.detach())
-    loss = -(weights * ratio).sum()
+        loss, logp = _policy_loss(ctx, h, targets, batch.weights.to(device))
     zero = torch.zeros((), device=device)
     return {"loss": loss, "kd": zero, "ce": -logp.detach().sum(), "agree": zero}
+
+
+@register_algorithm("opd", needs_teacher=_kd_needs_teacher, configure=_online_teacher, source=_group_source,
+                    on_policy=True, rollouts=lambda cfg: (float(cfg.num_generations), float(cfg.num_generations)),
+                    fallback="grpo")
+def opd(ctx: StepContext, batch: Batch) -> dict[str, torch.Tensor]:
+    """On-policy distillation with a verifier: grpo's groups and reward term, plus kd_ratio x the
+    registered divergence to the teacher (rkl: per-token reverse KL) on the same samples, so a teacher
+    and an oracle teach in one run. The teacher scores the samples online."""
+    from dataclasses import replace
+
+    if ctx.t_head is None:  # kd_ratio 0, or a loss without the teacher: the reward term alone
+        return grpo(ctx, batch)
+    device = ctx.device
+    mask = batch.target_mask.to(device)
+    targets = batch.targets.to(device)
+    t_hidden = ctx.signal.hidden(batch).to(device)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=ctx.bf16):
+        h = last_hidden(ctx.student, batch.input_ids.to(device), batch.attention_mask.to(device))[:, :-1][mask]
+        pg, logp = _policy_loss(ctx, h, targets, batch.weights.to(device))
+        # The divergence alone (kd_ratio 1 inside), weighed against the reward term by the run's kd_ratio.
+        kd = kd_terms(h, t_hidden, targets, ctx.s_head, ctx.t_head, replace(ctx.objective, kd_ratio=1.0))
+    return {"loss": pg + ctx.objective.kd_ratio * kd["loss"], "kd": kd["kd"], "ce": -logp.detach().sum(),
+            "agree": kd["agree"]}

@@ -123,16 +123,20 @@ def resolve(distill: DistillSpec, *, match: str = "logit", strategy: Any = None,
         algo = get_algorithm(cfg.algorithm)
         cfg = algo.configure(cfg)
         needs = algo.needs_teacher(cfg)
+        # Without a usable teacher signal an algorithm trains as its fallback (SFT, or grpo for opd).
+        fallback = get_algorithm(algo.fallback)
+        instead = "SFT" if algo.fallback == "sft" else algo.fallback
         if needs and match == "text":
-            cfg = get_algorithm("sft").configure(cfg.model_copy(update={"algorithm": "sft"}))
-            why += ("; SFT instead: teacher and student share no vocabulary and the teacher's weights are not usable "
-                    "for logit KD, so the student learns from its text (loss ce)")
+            cfg = fallback.configure(cfg.model_copy(update={"algorithm": algo.fallback}))
+            why += (f"; {instead} instead: teacher and student share no vocabulary and the teacher's weights are not "
+                    "usable for logit KD" + (", so the student learns from its text (loss ce)"
+                                            if algo.fallback == "sft" else ""))
             needs = False
         elif needs and match == "topk" and algo.on_policy:
             # An API's log-probs come with its own generations only; it cannot score the student's samples.
-            cfg = get_algorithm("sft").configure(cfg.model_copy(update={"algorithm": "sft"}))
-            why += (f"; SFT instead: {algo.name} needs the teacher to score the student's own samples, which an API "
-                    "teacher (top-k log-probs of its own generations only) cannot")
+            cfg = fallback.configure(cfg.model_copy(update={"algorithm": algo.fallback}))
+            why += (f"; {instead} instead: {algo.name} needs the teacher to score the student's own samples, which an "
+                    "API teacher (top-k log-probs of its own generations only) cannot")
             needs = False
         elif needs and match == "topk":
             if topk_data:
