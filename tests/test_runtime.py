@@ -13,7 +13,7 @@ import yaml
 
 from stratos.cli import app
 from stratos.models.tiny import build_tokenizer, save_model, tiny_llama
-from stratos.runtime import DeviceError, bf16_supported, resolve_device, runtime
+from stratos.runtime import DeviceError, bf16_supported, resolve_bf16, resolve_device, runtime
 from tests.conftest import expected_device
 
 
@@ -27,8 +27,8 @@ def test_auto_is_cuda_when_present_else_cpu_and_cuda_is_never_a_silent_fallback(
     with pytest.raises(DeviceError, match=r"device 'gpu': expected 'auto'"):
         resolve_device("gpu")
     # bf16: auto is native support only (CPUs without AVX512-BF16/AMX emulate it, slower than fp32).
-    assert runtime("cpu").bf16("auto") == bf16_supported(torch.device("cpu"))
-    assert runtime("cpu").bf16(False) is False
+    assert resolve_bf16("auto", runtime("cpu").device) == bf16_supported(torch.device("cpu"))
+    assert resolve_bf16(False, runtime("cpu").device) is False
 
 
 def _models(root: Path) -> tuple[Path, Path]:

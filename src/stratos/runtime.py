@@ -4,7 +4,7 @@ Every stage asks this module; none picks a device itself.
 
     rt = runtime("auto")          # CUDA when one is visible, else the CPU
     model.to(rt.device)
-    with rt.autocast(bf16=rt.bf16("auto")): ...
+    bf16 = resolve_bf16("auto", rt.device)   # autocast only where the device computes bf16 natively
 
 ``device`` settings: ``auto`` (the default), ``cpu``, ``cuda`` (the current CUDA device) or ``cuda:N``.
 A CUDA setting on a machine without one is an error, never a silent fallback to the CPU.
@@ -97,12 +97,6 @@ class Runtime:
         if self.device.type == "cuda":
             return f"{self.device} ({torch.cuda.get_device_name(self.device)})"
         return f"cpu ({torch.get_num_threads()} threads)"
-
-    def bf16(self, setting: bool | str = "auto") -> bool:
-        return resolve_bf16(setting, self.device)
-
-    def autocast(self, enabled: bool) -> torch.autocast:
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
 def runtime(device: str = "auto") -> Runtime:

@@ -113,7 +113,7 @@ def resolve(distill: DistillSpec, *, match: str = "logit", strategy: Any = None,
                "SFT: loss ce (or kd_ratio 0) needs no teacher; the student learns the data's answers")
         if algo == "kd" and strategy is not None and getattr(strategy, "on_policy", False) and match == "logit":
             algo = "gkd"
-            why = (f"on-policy KD (gkd, lmbda {base.lmbda:g}): the answers are long and multi-step, so the student "
+            why = (f"on-policy KD (gkd, lmbda {base.lmbda:g}): the answers are long or take many steps, so the student "
                    "also learns from its own samples, scored by the teacher, where off-policy KD would only show it "
                    "the data's answers (GKD, Agarwal et al. 2024)")
         raw = [(base.model_copy(update={"algorithm": algo}), why)]

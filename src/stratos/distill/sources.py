@@ -122,15 +122,14 @@ class RejectionSource:
 
     def _sample(self, r: int, model: torch.nn.Module, seen: set[tuple[str, str]]) -> tuple[list[dict], float]:
         from stratos.models.generate import generate
-        from stratos.tasks import Example, grade
+        from stratos.tasks import grade
 
         gens = generate(model, self.tokenizer, [p["prompt"] for p in self.prompts],
                         max_new_tokens=self.cfg.max_completion_length, n=self.cfg.num_generations,
                         temperature=self.cfg.temperature, seed=self.cfg.seed * 1_000_003 + r)
         kept, correct, total = [], 0, 0
         for rec, outs in zip(self.prompts, gens):
-            ex = Example(id=str(rec.get("id", "")), question=rec["prompt"], answer=rec["answer"],
-                         type=str(rec.get("type", "default")))
+            ex = record_example(rec)
             for g in outs:
                 total += 1
                 if not grade(self.task, ex, g.text)[1].correct:
@@ -244,6 +243,14 @@ class OnPolicySource:
         return self.fixed.epoch(steps_done)
 
 
+def record_example(record: dict[str, Any], default_id: str = "") -> Any:
+    """A training record with a checkable ``answer`` as the task's Example, for its verifier."""
+    from stratos.tasks import Example
+
+    return Example(id=str(record.get("id", default_id)), question=record["prompt"], answer=record["answer"],
+                   type=str(record.get("type", "default")))
+
+
 def prompt_ids(record: dict[str, Any], tokenizer: Any) -> list[int]:
     """A record's prompt as the engine tokenises it (chat template, generation prompt): what the
     student continues when it samples an answer."""
@@ -287,7 +294,7 @@ class GroupSource:
         import time
 
         from stratos.models.generate import _eos_ids, sample_ids
-        from stratos.tasks import Example, grade
+        from stratos.tasks import grade
 
         t0, cfg, g = time.perf_counter(), self.cfg, self.cfg.num_generations
         eos = _eos_ids(model, self.tokenizer)
@@ -300,9 +307,7 @@ class GroupSource:
                               seed=(cfg.seed * 1_000_003 + step) * 101 + m)
             rewards = []
             for i, out in zip(rows, outs):
-                rec = self.prompts[i]
-                ex = Example(id=str(rec.get("id", i)), question=rec["prompt"], answer=rec["answer"],
-                             type=str(rec.get("type", "default")))
+                ex = record_example(self.prompts[i], default_id=str(i))
                 rewards.append(float(grade(self.task, ex, self.tokenizer.decode(out, skip_special_tokens=True))[1].credit))
             micro.append((rows, outs, rewards))
             rewards_all += rewards

@@ -74,7 +74,8 @@ def make_plan(
     from stratos.io import write_json
     from stratos.runtime import resolve_device
 
-    device = resolve_device(spec.device if device is None else device) if not hasattr(device, "type") else device
+    if device is None or isinstance(device, str):
+        device = resolve_device(spec.device if device is None else device)
     gpu = device.type == "cuda"
 
     out = Path(out_dir)
