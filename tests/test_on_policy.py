@@ -164,8 +164,12 @@ def test_grpo_raises_accuracy_above_its_sft_start(tiny_tokenizer, tmp_path):
 
 
 def test_a_grpo_run_killed_with_sigkill_resumes_to_the_same_weights(tiny_tokenizer, tmp_path):
-    """`stratos distill` with grpo in a subprocess, SIGKILLed once it has checkpoints, then resumed:
-    the rollouts are seeded by (seed, step), so it ends with the uninterrupted run's weights."""
+    """`stratos distill` with grpo in a subprocess, SIGKILLed once it has checkpoints, then resumed
+    from a checkpoint inside a block of num_iterations=2 updates on one batch of rollouts (with a KL to
+    the reference, beta): the rollouts are seeded by (seed, step) and the block's are read back with
+    their log-probabilities, so it ends with the uninterrupted run's weights."""
+    import shutil
+
     import os
     import subprocess
     import sys
@@ -185,7 +189,8 @@ def test_a_grpo_run_killed_with_sigkill_resumes_to_the_same_weights(tiny_tokeniz
         "name": "grpo", "task": {"name": "arithmetic", "options": {"digits": 1}, "train_size": 32, "eval_size": 4},
         "teachers": [{"model": str(model)}], "students": [{"model": str(model)}],
         "distill": {"algorithm": "grpo", "num_generations": 4, "max_completion_length": 4, "max_steps": 10,
-                    "save_steps": 1, "per_device_train_batch_size": 8, "learning_rate": 1e-3, "report_to": []},
+                    "num_iterations": 2, "beta": 0.05, "save_steps": 1, "per_device_train_batch_size": 8,
+                    "learning_rate": 1e-3, "report_to": []},
     }))
     with pytest.raises(SystemExit):
         main(["distill", str(spec), "--out", str(tmp_path / "full")])
@@ -195,9 +200,14 @@ def test_a_grpo_run_killed_with_sigkill_resumes_to_the_same_weights(tiny_tokeniz
     cmd = [sys.executable, "-m", "stratos.cli", "distill", str(spec), "--out", str(killed)]
     kill_when(cmd, env, lambda: any(p.name >= "step-0000004" for p in killed.glob("checkpoints/step-*")))
     assert not (killed / "model").exists()
+    # Resume from inside a block (an odd step): its rollouts were drawn by weights no checkpoint keeps.
+    ckpts = sorted(killed.glob("checkpoints/step-*"))
+    if int(ckpts[-1].name.split("-")[1]) % 2 == 0:
+        shutil.rmtree(ckpts[-1])
     again = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True, timeout=180)
     assert again.returncode == 0, again.stdout + again.stderr
-    assert json_of(killed / "result.json")["resumed_from"] >= 4
+    resumed = json_of(killed / "result.json")["resumed_from"]
+    assert resumed >= 3 and resumed % 2 == 1
     a = load_file(str(tmp_path / "full" / "model" / "model.safetensors"))
     b = load_file(str(killed / "model" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -236,3 +246,90 @@ def test_opd_learns_from_the_teacher_and_the_verifier_on_the_same_samples(tiny_t
     assert kl["opd"] < kl["grpo"], kl
     fallback = resolve(DistillSpec(algorithm="opd", loss="rkl"), match="text")
     assert [p.algorithm for p in fallback.phases] == ["grpo"] and "grpo instead" in fallback.phases[0].reason
+
+
+def test_grpo_options_clip_the_ratio_keep_a_reference_and_sum_user_rewards(tiny_tokenizer, tmp_path):
+    """num_iterations reuses a batch of rollouts, its ratio to the sampling policy clipped at epsilon
+    (1 on a block's first update, so nothing clipped there); beta keeps the KL to the student as the
+    run started (0 at the first step, then growing); reward_funcs adds a user's function, as TRL
+    calls it, to the verifier's credit, weighted."""
+    from stratos.tasks import to_records
+
+    (tmp_path / "my_rewards.py").write_text(
+        "def short(prompts, completions, answer, **columns):\n"
+        "    assert len(prompts) == len(completions) == len(answer) == len(columns['type'])\n"
+        "    return [1.0 - min(len(c), 4) / 4 for c in completions]\n")
+    task = EvenDigitTask()
+    student = tiny_llama(tiny_tokenizer, hidden_size=32, num_hidden_layers=1, seed=5)
+    fn = f"{tmp_path / 'my_rewards.py'}:short"
+    cfg = DistillSpec(algorithm="grpo", num_generations=4, max_completion_length=3, max_steps=6, num_iterations=3,
+                      epsilon=0.05, beta=0.1, reward_funcs=["verifier", fn], reward_weights=[1.0, 0.5],
+                      per_device_train_batch_size=16, learning_rate=2e-2, save_steps=100, logging_steps=1,
+                      report_to=[], bf16=False, warmup_ratio=0.0, lr_scheduler_type="constant")
+    distill(student, tiny_tokenizer, to_records(task, task.examples("train", 16)), cfg, tmp_path / "run", task=task,
+            progress=False)
+    rows = [eval_json(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    first, later = rows[0::3], [r for i, r in enumerate(rows) if i % 3]
+    assert all("reward" in r for r in first) and not any("reward" in r for r in later)  # one rollout per block
+    for r in first:
+        assert abs(r["reward"] - (r["reward/verifier"] + 0.5 * r[f"reward/{fn}"])) < 1e-6
+        assert r["clipped"] == 0.0  # the policy that sampled is the one training: ratio 1
+    assert any(r["clipped"] > 0 for r in later)  # later updates move the ratio past 1 +- epsilon
+    assert rows[0]["kl_ref"] < 1e-6 < rows[-1]["kl_ref"]
+    assert len(list((tmp_path / "run" / "grpo").glob("rollouts-*.safetensors"))) == 2
+
+
+def test_bad_reward_functions_are_named(tiny_tokenizer, tmp_path):
+    import pytest
+    from pydantic import ValidationError
+
+    from stratos.errors import TrainingError
+    from stratos.tasks import to_records
+
+    with pytest.raises(ValidationError, match=r"reward_funcs\[1\] 'nocolon'"):
+        DistillSpec(algorithm="grpo", reward_funcs=["verifier", "nocolon"])
+    with pytest.raises(ValidationError, match="reward_weights has 1 value"):
+        DistillSpec(algorithm="grpo", reward_funcs=["verifier", "a:b"], reward_weights=[1.0])
+    task = EvenDigitTask()
+    student = tiny_llama(tiny_tokenizer, hidden_size=32, num_hidden_layers=1, seed=5)
+    records = to_records(task, task.examples("train", 8))
+    for name, message in [("no_such_module_x:f", "cannot load 'no_such_module_x:f': ModuleNotFoundError"),
+                          (f"{tmp_path / 'missing.py'}:f", "cannot load .*missing.py:f': FileNotFoundError")]:
+        with pytest.raises(TrainingError, match=message):
+            distill(student, tiny_tokenizer, records, DistillSpec(algorithm="grpo", reward_funcs=[name], max_steps=1),
+                    tmp_path / "bad", task=task, progress=False)
+    (tmp_path / "r.py").write_text("def wrong(prompts, completions, **kw):\n    return [1.0]\n")
+    with pytest.raises(TrainingError, match="returned 1 values for 16 completions"):
+        distill(student, tiny_tokenizer, records,
+                DistillSpec(algorithm="grpo", reward_funcs=[f"{tmp_path / 'r.py'}:wrong"], max_steps=1,
+                            per_device_train_batch_size=16, max_completion_length=2, report_to=[]),
+                tmp_path / "bad2", task=task, progress=False)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_seq_kd_trains_on_the_teachers_own_samples(tiny_tokenizer):
+    """gkd with seq_kd: the micro-batches that are not on-policy (all of them at lmbda 0) hold the
+    teacher's samples of their prompts, seeded like the student's."""
+    import pytest
+
+    from stratos.distill.data import encode
+    from stratos.distill.sources import OnPolicySource
+    from stratos.errors import TrainingError
+    from stratos.models.generate import _eos_ids
+
+    teacher, student = _models(tiny_tokenizer)
+    examples, _ = encode(addition_records(8, seed=3), tiny_tokenizer, 64)
+    cfg = _cfg(lmbda=0.0, seq_kd=True, per_device_train_batch_size=4)
+    with pytest.raises(TrainingError, match="seq_kd needs the teacher model"):
+        OnPolicySource(examples, tiny_tokenizer, cfg, tiny_tokenizer.pad_token_id)
+    source = OnPolicySource(examples, tiny_tokenizer, cfg, tiny_tokenizer.pad_token_id, teacher=teacher)
+    info = source.prepare(0, student)
+    assert info["teacher_sampled_fraction"] == 1.0 and info["on_policy_fraction"] == 0.0
+    batch = source.micro_batches(0)[0]
+    prompts = [OnPolicySource._prompt(examples[i]) for i in batch.indices]
+    expected = sample_ids(teacher, prompts, max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature,
+                          seed=(cfg.seed * 1_000_003 + 0) * 101 + 0, pad_id=tiny_tokenizer.pad_token_id,
+                          eos_ids=_eos_ids(teacher, tiny_tokenizer))
+    for row, p, c in zip(batch.input_ids.tolist(), prompts, expected):
+        assert row[: len(p) + len(c)] == p + c
+    assert any(c != examples[i].input_ids[len(p):] for i, p, c in zip(batch.indices, prompts, expected))

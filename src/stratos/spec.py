@@ -190,7 +190,7 @@ class _TrainingOptions(_Strict):
     report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(default_factory=lambda: ["tensorboard"])
     seed: int = 0
     rft_rounds: int = Field(2, gt=0, description="Algorithm rft: rounds of sampling and training.")
-    num_generations: int = Field(4, gt=0, description="Algorithms rft and grpo: answers the student samples per train "
+    num_generations: int = Field(4, gt=0, description="Algorithms rft, grpo and opd: answers the student samples per train "
                                  "prompt (rft: each round; grpo: a group per prompt, at `temperature`).")
     max_completion_length: int = Field(256, gt=0, description="Algorithms rft, gkd and grpo: tokens a sampled answer "
                                        "may take.")
@@ -199,9 +199,24 @@ class _TrainingOptions(_Strict):
         "then over completions, 'dapo' over all tokens of the step, 'dr_grpo' over completions x max_completion_length.")
     scale_rewards: bool = Field(True, description="Algorithm grpo: divide each group's advantages by the standard "
                                 "deviation of its rewards.")
+    beta: float = Field(0.0, ge=0, description="Algorithms grpo and opd (GRPOConfig's beta): the weight of the "
+                        "per-token KL to the reference (the student as the phase starts); 0 keeps no reference. "
+                        "(GKD's beta, the jsd interpolation, is loss_kwargs.beta.)")
+    epsilon: float = Field(0.2, gt=0, lt=1, description="Algorithms grpo and opd: the PPO ratio is clipped to "
+                           "[1 - epsilon, 1 + epsilon]; it matters from the second of num_iterations updates.")
+    num_iterations: int = Field(1, gt=0, description="Algorithms grpo and opd (GRPOConfig's name): optimizer steps on "
+                                "each batch of rollouts, the ratio to the policy that sampled them clipped by epsilon.")
+    reward_funcs: list[str] = Field(
+        default_factory=lambda: ["verifier"], min_length=1, description="Algorithms grpo and opd: the rewards, summed "
+        "(weighted by reward_weights): 'verifier' (the task's verifier, its credit: 1/0 or partial) or "
+        "'module:function' / 'path/to/file.py:function' called as TRL calls a reward function: "
+        "fn(prompts=[...], completions=[...], **columns) -> list of floats, the records' other fields as columns.")
+    reward_weights: list[float] | None = Field(None, description="Weights of reward_funcs, in order (None: all 1).")
     lmbda: float = Field(0.5, ge=0, le=1, description="Algorithm gkd (TRL's name): the share of micro-batches whose "
                          "responses the student samples itself (at `temperature`), scored by the teacher; the rest "
-                         "train on the data's responses.")
+                         "train on the data's responses (or the teacher's samples, with seq_kd).")
+    seq_kd: bool = Field(False, description="Algorithm gkd (TRL's name): the micro-batches that are not on-policy hold "
+                         "the teacher's own samples of their prompts (sequence-level KD) instead of the data's responses.")
     eval_steps: int | None = Field(None, gt=0, description="Score eval_samples examples of the task's eval split "
                                    "(greedy generation, the task's verifier) every N optimizer steps and at the last "
                                    "step; logged as eval_accuracy in metrics.jsonl. None: no evaluation while training.")
@@ -232,6 +247,22 @@ class _TrainingOptions(_Strict):
             problem = value["load_best_model_at_end"] and _best_model_problem(value["eval_steps"], value["save_steps"])
             if problem:
                 raise ValueError(f"phases[{i}]: {problem}")
+        return self
+
+    @field_validator("reward_funcs")
+    @classmethod
+    def _reward_names(cls, v: list[str] | None) -> list[str] | None:
+        for i, name in enumerate(v or []):
+            if name != "verifier" and name.count(":") != 1:
+                raise ValueError(f"reward_funcs[{i}] {name!r}: use 'verifier' or 'module:function' "
+                                 "(or 'path/to/file.py:function')")
+        return v
+
+    @model_validator(mode="after")
+    def _reward_weights_match(self) -> "_TrainingOptions":
+        funcs, weights = self.reward_funcs, self.reward_weights
+        if funcs is not None and weights is not None and len(weights) != len(funcs):
+            raise ValueError(f"reward_weights has {len(weights)} value(s) for {len(funcs)} reward_funcs: give one each")
         return self
 
     @field_validator("loss")

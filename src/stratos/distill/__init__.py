@@ -142,7 +142,7 @@ def distill(
     source = None
     if algo.source is not None:  # e.g. rft's rounds of student samples checked by the task's verifier
         source = algo.source(records=records, examples=examples, tokenizer=tokenizer, cfg=cfg, out_dir=out_dir,
-                             task=task, pad_id=tokenizer.pad_token_id)
+                             task=task, pad_id=tokenizer.pad_token_id, student=student, teacher=teacher)
     t0 = time.perf_counter()
     res: TrainResult = train(
         student, examples, cfg, out_dir, pad_id=tokenizer.pad_token_id, signal=signal,

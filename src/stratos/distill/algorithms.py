@@ -2,7 +2,7 @@
 
 An algorithm turns one micro-batch into loss terms: sums over the batch's target tokens of
 ``loss`` (what is minimised), ``kd``, ``ce`` and ``agree`` (the student's argmax equals the
-teacher's). The trainer (``distill/trainer.py``) owns everything else for every algorithm: the
+teacher's), and any sums of its own (grpo: ``kl_ref``, ``clipped``), logged per target token. The trainer (``distill/trainer.py``) owns everything else for every algorithm: the
 data schedule, the step, accumulation and normalisation by the step's target tokens, clipping,
 the optimizer, checkpoints, metrics, evaluation and resume. Add your own::
 
@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from stratos.distill.data import Batch
-from stratos.distill.head import OutputHead, last_hidden
+from stratos.distill.head import OutputHead, last_hidden, token_logps
 from stratos.distill.kd import Objective, kd_terms
 from stratos.distill.losses import get_loss
 
@@ -42,6 +42,7 @@ class StepContext:
     objective: Objective
     device: torch.device
     bf16: bool
+    cfg: Any = None  # the settings it trains with (DistillSpec, after its configure): e.g. grpo's epsilon, beta
 
 
 Terms = Callable[[StepContext, Batch], dict[str, torch.Tensor]]
@@ -55,7 +56,8 @@ class Algorithm:
     configure: Callable[[Any], Any]  # (DistillSpec) -> the settings it trains with (e.g. sft: loss ce)
     description: str
     # Where its batches come from (stratos.distill.sources), built from keyword arguments records,
-    # examples, tokenizer, cfg, out_dir, task, pad_id; None: the fixed training data.
+    # examples, tokenizer, cfg, out_dir, task, pad_id, student (as the run starts, before a resume loads its
+    # checkpoint), teacher (the model, or None); None: the fixed training data.
     source: Callable[..., Any] | None = None
     # The teacher scores sequences the student makes while training: it must run beside the loop (its
     # hidden states online), never from a cache or an API's log-probs of its own generations.
@@ -134,7 +136,8 @@ def kd(ctx: StepContext, batch: Batch) -> dict[str, torch.Tensor]:
 def _rejection_source(**context: Any) -> Any:
     from stratos.distill.sources import RejectionSource
 
-    return RejectionSource(**context)
+    return RejectionSource(**{k: context[k] for k in ("records", "examples", "tokenizer", "cfg", "out_dir", "task",
+                                                      "pad_id")})
 
 
 @register_algorithm("rft", needs_teacher=lambda cfg: False, configure=_as_sft, source=_rejection_source)
@@ -148,7 +151,8 @@ def rft(ctx: StepContext, batch: Batch) -> dict[str, torch.Tensor]:
 def _on_policy_source(**context: Any) -> Any:
     from stratos.distill.sources import OnPolicySource
 
-    return OnPolicySource(context["examples"], context["tokenizer"], context["cfg"], context["pad_id"])
+    return OnPolicySource(context["examples"], context["tokenizer"], context["cfg"], context["pad_id"],
+                          teacher=context["teacher"])
 
 
 def _online_teacher(cfg: Any) -> Any:
@@ -168,55 +172,77 @@ def gkd(ctx: StepContext, batch: Batch) -> dict[str, torch.Tensor]:
 def _group_source(**context: Any) -> Any:
     from stratos.distill.sources import GroupSource
 
-    return GroupSource(context["records"], context["tokenizer"], context["cfg"], context["task"], context["pad_id"])
+    return GroupSource(context["records"], context["tokenizer"], context["cfg"], context["task"], context["pad_id"],
+                       out_dir=context["out_dir"], student=context["student"])
 
 
-def _policy_loss(ctx: StepContext, h: torch.Tensor, targets: torch.Tensor,
-                 weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The policy-gradient loss ``-sum(weight x ratio)`` over the target tokens (the weights are the
-    advantages, already scaled for loss_type), and each token's log-probability. With one gradient step
-    per batch of samples the PPO ratio exp(logp - logp_old) is 1: its gradient is that of logp."""
-    size = ctx.objective.chunk_size
-    logp = torch.cat([torch.log_softmax(ctx.s_head(h[i : i + size]), dim=-1).gather(-1, targets[i : i + size, None])[:, 0]
-                      for i in range(0, len(targets), size)])
-    return -(weights * torch.exp(logp - logp.detach())).sum(), logp
+def _policy_terms(ctx: StepContext, h: torch.Tensor, batch: Batch) -> dict[str, torch.Tensor]:
+    """GRPO's per-token loss, summed with the batch's per-token weights (the scales of loss_type):
+    ``-min(ratio x A, clip(ratio, 1 - epsilon, 1 + epsilon) x A) + beta x KL(policy || reference)``, where
+    A is the token's advantage, ratio = exp(logp - logp_old) against the policy that sampled it (with one
+    update per batch of rollouts that policy is the current one: the ratio is 1 and the gradient that of
+    logp), and the KL is the k3 estimator exp(ref - logp) - (ref - logp) - 1 (Schulman; TRL's).
+    Also returns ``logp`` and the sums ``kl_ref`` and ``clipped`` (tokens whose ratio was clipped)."""
+    device, cfg = ctx.device, ctx.cfg
+    targets = batch.targets.to(device)
+    values = {k: v.to(device) for k, v in batch.values.items()}
+    logp = token_logps(ctx.s_head, h, targets, ctx.objective.chunk_size)
+    old = values.get("old_logp", logp.detach())
+    adv = values["advantage"]
+    ratio = torch.exp(logp - old)
+    clipped_ratio = torch.clamp(ratio, 1 - cfg.epsilon, 1 + cfg.epsilon)
+    per_token = -torch.min(ratio * adv, clipped_ratio * adv)
+    zero = torch.zeros((), device=device)
+    kl = zero
+    if "ref_logp" in values:
+        d = values["ref_logp"] - logp
+        per_kl = torch.exp(d) - d - 1
+        per_token = per_token + cfg.beta * per_kl
+        kl = per_kl.detach().sum()
+    clipped = ((ratio * adv) > (clipped_ratio * adv)).float().sum().detach()
+    return {"loss": (per_token * batch.weights.to(device)).sum(), "logp": logp, "kl_ref": kl, "clipped": clipped}
 
 
-@register_algorithm("grpo", needs_teacher=lambda cfg: False, source=_group_source,
-                    rollouts=lambda cfg: (float(cfg.num_generations), float(cfg.num_generations)))
-def grpo(ctx: StepContext, batch: Batch) -> dict[str, torch.Tensor]:
-    """RL against the task's verifier (GRPO; TRL's GRPOTrainer): groups of num_generations samples per
-    prompt, rewards from the verifier, group-normalised advantages as per-token weights (GroupSource);
-    the policy-gradient loss -advantage x log p(token), averaged as loss_type says. No teacher."""
+def _rl_terms(ctx: StepContext, batch: Batch, *, teacher: bool) -> dict[str, torch.Tensor]:
+    """grpo's terms, and opd's: the same plus kd_ratio x the divergence to the teacher on the samples."""
+    from dataclasses import replace
+
     device = ctx.device
     mask = batch.target_mask.to(device)
-    targets = batch.targets.to(device)
+    t_hidden = ctx.signal.hidden(batch).to(device) if teacher else None
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=ctx.bf16):
         h = last_hidden(ctx.student, batch.input_ids.to(device), batch.attention_mask.to(device))[:, :-1][mask]
-        loss, logp = _policy_loss(ctx, h, targets, batch.weights.to(device))
-    zero = torch.zeros((), device=device)
-    return {"loss": loss, "kd": zero, "ce": -logp.detach().sum(), "agree": zero}
+        pg = _policy_terms(ctx, h, batch)
+        zero = torch.zeros((), device=device)
+        kd = {"loss": zero, "kd": zero, "agree": zero}
+        if teacher:  # the divergence alone (kd_ratio 1 inside), weighed against the reward term by the run's kd_ratio
+            kd = kd_terms(h, t_hidden, batch.targets.to(device), ctx.s_head, ctx.t_head,
+                          replace(ctx.objective, kd_ratio=1.0))
+    return {"loss": pg["loss"] + ctx.objective.kd_ratio * kd["loss"], "kd": kd["kd"], "ce": -pg["logp"].detach().sum(),
+            "agree": kd["agree"], "kl_ref": pg["kl_ref"], "clipped": pg["clipped"]}
+
+
+def _rl_rollouts(cfg: Any) -> tuple[float, float]:
+    # A group of num_generations samples per prompt, trained num_iterations times; the sampling policy's
+    # log-probabilities (num_iterations > 1) and the reference's (beta > 0) are a forward pass each, about
+    # a third of a training step's forward and backward.
+    extra_forwards = (cfg.num_iterations > 1) + (cfg.beta > 0)
+    return float(cfg.num_generations), cfg.num_generations * (cfg.num_iterations + extra_forwards / 3)
+
+
+@register_algorithm("grpo", needs_teacher=lambda cfg: False, source=_group_source, rollouts=_rl_rollouts)
+def grpo(ctx: StepContext, batch: Batch) -> dict[str, torch.Tensor]:
+    """RL against the task's verifier or the user's reward functions (GRPO; TRL's GRPOTrainer): groups of
+    num_generations samples per prompt, group-normalised advantages (GroupSource), the clipped
+    policy-gradient loss (epsilon, num_iterations) with an optional KL to the reference (beta), averaged as
+    loss_type says. No teacher."""
+    return _rl_terms(ctx, batch, teacher=False)
 
 
 @register_algorithm("opd", needs_teacher=_kd_needs_teacher, configure=_online_teacher, source=_group_source,
-                    on_policy=True, rollouts=lambda cfg: (float(cfg.num_generations), float(cfg.num_generations)),
-                    fallback="grpo")
+                    on_policy=True, rollouts=_rl_rollouts, fallback="grpo")
 def opd(ctx: StepContext, batch: Batch) -> dict[str, torch.Tensor]:
     """On-policy distillation with a verifier: grpo's groups and reward term, plus kd_ratio x the
     registered divergence to the teacher (rkl: per-token reverse KL) on the same samples, so a teacher
     and an oracle teach in one run. The teacher scores the samples online."""
-    from dataclasses import replace
-
-    if ctx.t_head is None:  # kd_ratio 0, or a loss without the teacher: the reward term alone
-        return grpo(ctx, batch)
-    device = ctx.device
-    mask = batch.target_mask.to(device)
-    targets = batch.targets.to(device)
-    t_hidden = ctx.signal.hidden(batch).to(device)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=ctx.bf16):
-        h = last_hidden(ctx.student, batch.input_ids.to(device), batch.attention_mask.to(device))[:, :-1][mask]
-        pg, logp = _policy_loss(ctx, h, targets, batch.weights.to(device))
-        # The divergence alone (kd_ratio 1 inside), weighed against the reward term by the run's kd_ratio.
-        kd = kd_terms(h, t_hidden, targets, ctx.s_head, ctx.t_head, replace(ctx.objective, kd_ratio=1.0))
-    return {"loss": pg + ctx.objective.kd_ratio * kd["loss"], "kd": kd["kd"], "ce": -logp.detach().sum(),
-            "agree": kd["agree"]}
+    return _rl_terms(ctx, batch, teacher=ctx.t_head is not None)  # kd_ratio 0, or a loss without it: grpo's terms

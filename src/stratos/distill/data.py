@@ -231,12 +231,23 @@ class Batch:
     labels: torch.Tensor
     indices: list[int]
     weights: torch.Tensor | None = None  # [num_targets] per-token weights of the loss (None: all 1)
+    # Other per-token values an algorithm reads, each [num_targets] (grpo: advantage, old_logp, ref_logp).
+    values: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def with_weights(self, weights: torch.Tensor) -> "Batch":
         """The batch with per-token loss weights, one per target token in ``target_mask`` order."""
-        if weights.shape != (self.num_targets,):
-            raise ValueError(f"weights must have shape ({self.num_targets},), got {tuple(weights.shape)}")
+        self._check_per_token("weights", weights)
         return replace(self, weights=weights)
+
+    def with_values(self, **values: torch.Tensor) -> "Batch":
+        """The batch with more per-token values (one per target token, ``target_mask`` order)."""
+        for name, v in values.items():
+            self._check_per_token(name, v)
+        return replace(self, values={**self.values, **values})
+
+    def _check_per_token(self, name: str, v: torch.Tensor) -> None:
+        if v.shape != (self.num_targets,):
+            raise ValueError(f"{name} must have shape ({self.num_targets},), got {tuple(v.shape)}")
 
     @property
     def target_mask(self) -> torch.Tensor:

@@ -120,3 +120,29 @@ class OutputHead(nn.Module):
 def last_hidden(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     out = backbone(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     return out.last_hidden_state
+
+
+def token_logps(head: OutputHead, hidden: torch.Tensor, targets: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """``log p(target)`` at each row of ``hidden`` [N, d], chunk by chunk, so the [N, V] log-softmax
+    is never held at once (what policy-gradient losses need of the vocabulary)."""
+    return torch.cat([torch.log_softmax(head(hidden[i : i + chunk_size]), dim=-1)
+                      .gather(-1, targets[i : i + chunk_size, None])[:, 0]
+                      for i in range(0, len(targets), chunk_size)])
+
+
+@torch.no_grad()
+def batch_token_logps(model: Any, batch: Any, *, chunk_size: int, bf16: bool) -> torch.Tensor:
+    """``log p(target)`` under ``model`` for every target token of ``batch`` (``target_mask`` order),
+    without gradients and in the precision training uses: the sampling policy's and the reference's
+    log-probabilities of RL's rollouts."""
+    device = next(model.parameters()).device
+    mask = batch.target_mask.to(device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            h = last_hidden(model, batch.input_ids.to(device), batch.attention_mask.to(device))[:, :-1][mask]
+            head = OutputHead.from_model(model, frozen_copy=False)
+            return token_logps(head, h, batch.targets.to(device), chunk_size).float()
+    finally:
+        model.train(was_training)

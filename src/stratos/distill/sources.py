@@ -9,8 +9,8 @@ only the step to resume with no step lost or repeated:
   plus every answer kept so far;
 - :class:`OnPolicySource`: on-policy KD (gkd); a share of the micro-batches hold the student's own
   samples for the batch's prompts, sampled at the step they train, seeded by (seed, step);
-- :class:`GroupSource`: RL (grpo); groups of the student's samples per prompt, rewarded by the task's
-  verifier, their group-normalised advantages as per-token weights.
+- :class:`GroupSource`: RL (grpo, opd); groups of the student's samples per prompt, rewarded by the
+  task's verifier or the user's reward functions, their group-normalised advantages per token.
 
 ``prepare(step, model)`` runs before a step: a source that makes data from the model (rollouts) does
 it there, at its boundaries, and returns values to log (or None).
@@ -185,13 +185,21 @@ class OnPolicySource:
     own completions of the same prompts (at ``temperature``, at most ``max_completion_length`` tokens,
     ending at the student's EOS). The algorithm then scores those tokens against the teacher.
 
+    With ``seq_kd`` the other micro-batches hold the teacher's samples of their prompts (sequence-level KD,
+    Kim & Rush 2016; TRL's ``seq_kd``) instead of the data's responses.
+
     Which micro-batches go on-policy, and the samples themselves, are seeded by (seed, step, micro-batch),
     and sampled from the weights that train on them, in ``prepare`` before the step: a run killed and
     resumed from a checkpoint samples exactly what the uninterrupted run sampled."""
 
-    def __init__(self, examples: Sequence[Encoded], tokenizer: Any, cfg: Any, pad_id: int):
+    def __init__(self, examples: Sequence[Encoded], tokenizer: Any, cfg: Any, pad_id: int, teacher: Any = None):
+        from stratos.errors import TrainingError
+
+        if cfg.seq_kd and teacher is None:
+            raise TrainingError("seq_kd needs the teacher model, to sample its own answers (not a cache or an API)")
         self.fixed = FixedSource(examples, cfg, pad_id)
         self.examples, self.tokenizer, self.cfg, self.pad_id = examples, tokenizer, cfg, pad_id
+        self.teacher = teacher if cfg.seq_kd else None
         self.total_steps = self.fixed.total_steps
         self._step, self._batches = -1, []
 
@@ -210,30 +218,40 @@ class OnPolicySource:
         from stratos.models.generate import _eos_ids, sample_ids
 
         eos = _eos_ids(model, self.tokenizer)
-        t0, sampled, tokens, ended = time.perf_counter(), 0, 0, 0
+        t0, sampled, tokens, ended, teacher_rows = time.perf_counter(), 0, 0, 0, 0
         batches = []
         for m, idx in enumerate(self.fixed.schedule.micro_batches(step)):
             rows = [self.examples[i] for i in idx]
-            # Rows with a prompt get the student's completion; a text row (all targets, no prompt) keeps its own.
-            mine = [j for j, e in enumerate(rows) if self._prompt(e)] if self.on_policy(step, m) else []
+            on_policy = self.on_policy(step, m)
+            sampler = model if on_policy else self.teacher  # the student's samples, or the teacher's (seq_kd)
+            # Rows with a prompt get a sampled completion; a text row (all targets, no prompt) keeps its own.
+            mine = [j for j, e in enumerate(rows) if self._prompt(e)] if sampler is not None else []
             if mine:
                 prompts = [self._prompt(rows[j]) for j in mine]
-                outs = sample_ids(model, prompts, max_new_tokens=self.cfg.max_completion_length,
-                                  temperature=self.cfg.temperature, pad_id=self.pad_id, eos_ids=eos,
+                outs = sample_ids(sampler, prompts, max_new_tokens=self.cfg.max_completion_length,
+                                  temperature=self.cfg.temperature, pad_id=self.pad_id,
+                                  eos_ids=eos if on_policy else _eos_ids(sampler, self.tokenizer),
                                   seed=(self.cfg.seed * 1_000_003 + step) * 101 + m)
                 rows = list(rows)
                 for j, p, c in zip(mine, prompts, outs):
                     rows[j] = Encoded(p + c, [IGNORE] * len(p) + c)
-                sampled += len(mine)
-                tokens += sum(len(c) for c in outs)
-                ended += sum(1 for c in outs if c and c[-1] in eos)
+                if on_policy:
+                    sampled += len(mine)
+                    tokens += sum(len(c) for c in outs)
+                    ended += sum(1 for c in outs if c and c[-1] in eos)
+                else:
+                    teacher_rows += len(mine)
             batches.append(collate(rows, idx, self.pad_id))
         self._step, self._batches = step, batches
-        if not sampled:
-            return {"on_policy_fraction": 0.0}
         n = sum(len(b.indices) for b in batches)
-        return {"on_policy_fraction": sampled / n, "rollout_tokens": float(tokens),
-                "rollout_ended": ended / sampled, "rollout_s": time.perf_counter() - t0}
+        info = {"on_policy_fraction": sampled / n}
+        if self.teacher is not None:
+            info["teacher_sampled_fraction"] = teacher_rows / n
+        if sampled:
+            info.update(rollout_tokens=float(tokens), rollout_ended=ended / sampled)
+        if sampled or teacher_rows:
+            info["rollout_s"] = time.perf_counter() - t0
+        return info
 
     def micro_batches(self, step: int) -> list[Batch]:
         assert step == self._step, "prepare(step) comes first"
@@ -263,87 +281,178 @@ def prompt_ids(record: dict[str, Any], tokenizer: Any) -> list[int]:
 class GroupSource:
     """GRPO's data (Shao et al. 2024; TRL's GRPOTrainer): each micro-batch takes
     ``per_device_train_batch_size // num_generations`` train prompts (a seeded order over the records
-    that carry an ``answer``), and the student samples ``num_generations`` completions of each (at
-    ``temperature``, at most ``max_completion_length`` tokens), seeded by (seed, step, micro-batch). The
-    task's verifier scores each completion (its credit: 1/0, or partial); a completion's advantage is its
-    reward minus its group's mean (divided by the group's standard deviation with ``scale_rewards``),
-    and it becomes the per-token weight of that completion's tokens, scaled so that the loop's division
-    by the step's tokens gives ``loss_type``'s average. One gradient step per batch of samples: the PPO
-    ratio is 1, so there is nothing to clip."""
+    with a prompt, and an ``answer`` when the verifier rewards), and the student samples
+    ``num_generations`` completions of each (at ``temperature``, at most ``max_completion_length``
+    tokens), seeded by (seed, step, micro-batch). The rewards (``stratos.distill.rewards``: the task's
+    verifier, or the user's functions) score each completion; its advantage is its reward minus its
+    group's mean (divided by the group's standard deviation with ``scale_rewards``).
 
-    def __init__(self, records: Sequence[dict[str, Any]], tokenizer: Any, cfg: Any, task: Any, pad_id: int):
+    Each batch carries, per target token: ``values['advantage']``; ``weights``, the scale that makes the
+    loop's division by the step's tokens give ``loss_type``'s average; with ``num_iterations`` > 1 the
+    sampling policy's log-probabilities ``values['old_logp']`` (the PPO ratio's denominator; with one
+    update per batch the ratio is 1 and the loss takes the current ones, detached); with ``beta`` > 0
+    the reference's ``values['ref_logp']`` (the reference is the student as this phase starts: a frozen
+    copy, so beta costs a second student in memory).
+
+    A batch of rollouts trains ``num_iterations`` consecutive optimizer steps. With more than one, it is
+    written to ``out_dir/grpo/rollouts-STEP.safetensors`` before it trains, so a run resumed from a
+    checkpoint inside the block reads the samples (and their old log-probabilities) the killed run drew
+    from weights the checkpoint no longer holds."""
+
+    def __init__(self, records: Sequence[dict[str, Any]], tokenizer: Any, cfg: Any, task: Any, pad_id: int,
+                 out_dir: Path | None = None, student: torch.nn.Module | None = None):
+        import copy
+
+        from stratos.distill.rewards import Rewards
         from stratos.errors import TrainingError
 
-        if task is None:
-            raise TrainingError("algorithm grpo needs the task, whose verifier gives the rewards: run it from a "
-                                "spec (stratos run, or stratos distill SPEC)")
-        self.prompts = [r for r in records if "prompt" in r and "answer" in r]
+        self.rewards = Rewards.from_config(cfg, task)
+        needs_answer = "verifier" in cfg.reward_funcs
+        self.prompts = [r for r in records if "prompt" in r and ("answer" in r or not needs_answer)]
         if not self.prompts:
-            raise TrainingError("algorithm grpo needs records with a prompt and an answer to reward completions")
+            raise TrainingError(f"algorithm {cfg.algorithm} needs records with a prompt"
+                                + (" and an answer, for the verifier to reward completions" if needs_answer else ""))
         if cfg.num_generations < 2:
-            raise TrainingError("algorithm grpo needs num_generations >= 2: advantages compare a prompt's samples")
-        self.tokenizer, self.cfg, self.task, self.pad_id = tokenizer, cfg, task, pad_id
+            raise TrainingError(f"algorithm {cfg.algorithm} needs num_generations >= 2: advantages compare a "
+                                "prompt's samples")
+        self.tokenizer, self.cfg, self.pad_id = tokenizer, cfg, pad_id
+        self.iterations = cfg.num_iterations
         self.per_micro = max(1, cfg.per_device_train_batch_size // cfg.num_generations)
+        blocks = math.ceil(cfg.max_steps / self.iterations) if cfg.max_steps else None
         self.schedule = Schedule.from_config(len(self.prompts), cfg.model_copy(
-            update={"per_device_train_batch_size": self.per_micro}))
-        self.total_steps = self.schedule.total_steps
+            update={"per_device_train_batch_size": self.per_micro, "max_steps": blocks}))
+        self.total_steps = cfg.max_steps or self.schedule.total_steps * self.iterations
+        self.dir = Path(out_dir) / "grpo" if out_dir is not None else None
+        if self.iterations > 1 and self.dir is None:
+            raise TrainingError("num_iterations > 1 needs an output directory for its rollouts")
+        self.reference = None
+        if cfg.beta > 0:
+            if student is None:
+                raise TrainingError("beta > 0 needs the student as the phase starts, as the KL reference")
+            self.reference = copy.deepcopy(student).eval().requires_grad_(False)
         self._ids = [prompt_ids(r, tokenizer) for r in self.prompts]
-        self._step, self._batches = -1, []
+        self._block, self._batches = -1, []
+
+    def _path(self, block: int) -> Path:
+        return self.dir / f"rollouts-{block:06d}.safetensors"
 
     def prepare(self, step: int, model: torch.nn.Module) -> dict[str, float] | None:
+        block = step - step % self.iterations  # the step whose policy sampled this step's rollouts
+        if block == self._block:
+            return None
+        if self.iterations > 1 and self._path(block).is_file():
+            self._batches, self._block = _load_batches(self._path(block)), block
+            return None
+        if block != step:
+            from stratos.errors import TrainingError
+
+            raise TrainingError(f"the rollouts of step {block} are missing ({self._path(block)}): step {step} trains "
+                                "on them; resume from a checkpoint at the start of a num_iterations block")
+        info = self._roll_out(block, model)
+        if self.iterations > 1:
+            _save_batches(self._path(block), self._batches)  # before it trains: a resume reads it
+        return info
+
+    def _roll_out(self, block: int, model: torch.nn.Module) -> dict[str, float]:
         import time
 
+        from stratos.distill.head import batch_token_logps
         from stratos.models.generate import _eos_ids, sample_ids
-        from stratos.tasks import grade
+        from stratos.runtime import resolve_bf16
 
         t0, cfg, g = time.perf_counter(), self.cfg, self.cfg.num_generations
         eos = _eos_ids(model, self.tokenizer)
         micro: list[tuple[list[int], list[list[int]], list[float]]] = []
-        rewards_all, flat = [], 0
-        for m, idx in enumerate(self.schedule.micro_batches(step)):
+        rewards_all: list[float] = []
+        parts: dict[str, list[float]] = {}
+        for m, idx in enumerate(self.schedule.micro_batches(block // self.iterations)):
             rows = [i for i in idx for _ in range(g)]
             outs = sample_ids(model, [self._ids[i] for i in rows], max_new_tokens=cfg.max_completion_length,
                               temperature=cfg.temperature, pad_id=self.pad_id, eos_ids=eos,
-                              seed=(cfg.seed * 1_000_003 + step) * 101 + m)
-            rewards = []
-            for i, out in zip(rows, outs):
-                ex = record_example(self.prompts[i], default_id=str(i))
-                rewards.append(float(grade(self.task, ex, self.tokenizer.decode(out, skip_special_tokens=True))[1].credit))
+                              seed=(cfg.seed * 1_000_003 + block) * 101 + m)
+            texts = [self.tokenizer.decode(o, skip_special_tokens=True) for o in outs]
+            rewards, means = self.rewards([self.prompts[i] for i in rows], texts)
+            for k, v in means.items():
+                parts.setdefault(k, []).append(v)
             micro.append((rows, outs, rewards))
             rewards_all += rewards
-            flat += len(rows)
-        # Advantages per group, then the weights that make the loop's per-token average the loss_type's.
+        flat = len(rewards_all)
         n_tokens = sum(len(o) for _, outs, _ in micro for o in outs)
+        rollout_s = time.perf_counter() - t0
+        device = next(model.parameters()).device
+        bf16 = resolve_bf16(cfg.bf16, device)
         batches, zero_std = [], 0
-        for m, (rows, outs, rewards) in enumerate(micro):
+        for rows, outs, rewards in micro:
             r = torch.tensor(rewards).view(-1, g)
             adv = r - r.mean(dim=1, keepdim=True)
             std = r.std(dim=1, keepdim=True)
             zero_std += int((std == 0).sum())
             if cfg.scale_rewards:
                 adv = adv / (std + 1e-4)
-            adv = adv.flatten().tolist()
-            examples, weights = [], []
-            for i, out, a in zip(rows, outs, adv):
+            examples, scales, advantages = [], [], []
+            for i, out, a in zip(rows, outs, adv.flatten().tolist()):
                 p = self._ids[i]
                 examples.append(Encoded(p + out, [IGNORE] * len(p) + out))
-                if cfg.loss_type == "grpo":
+                # The loop divides the step's summed loss by its tokens; these make that loss_type's average.
+                if cfg.loss_type == "grpo":  # each completion's mean, then the mean over completions
                     scale = n_tokens / (flat * len(out))
-                elif cfg.loss_type == "dr_grpo":
+                elif cfg.loss_type == "dr_grpo":  # over completions x max_completion_length
                     scale = n_tokens / (flat * cfg.max_completion_length)
                 else:  # dapo: every token of the step counts once
                     scale = 1.0
-                weights += [a * scale] * len(out)
-            batches.append(collate(examples, rows, self.pad_id).with_weights(torch.tensor(weights)))
-        self._step, self._batches = step, batches
+                scales += [scale] * len(out)
+                advantages += [a] * len(out)
+            batch = collate(examples, rows, self.pad_id).with_weights(torch.tensor(scales))
+            values = {"advantage": torch.tensor(advantages)}
+            if self.iterations > 1:
+                values["old_logp"] = batch_token_logps(model, batch, chunk_size=cfg.chunk_size, bf16=bf16).cpu()
+            if self.reference is not None:
+                ref = self.reference.to(device)
+                values["ref_logp"] = batch_token_logps(ref, batch, chunk_size=cfg.chunk_size, bf16=bf16).cpu()
+            batches.append(batch.with_values(**values))
+        self._block, self._batches = block, batches
         rt = torch.tensor(rewards_all)
         return {"reward": float(rt.mean()), "reward_std": float(rt.std()) if len(rt) > 1 else 0.0,
+                **{k: sum(v) / len(v) for k, v in parts.items()},
                 "groups_without_signal": zero_std / max(1, flat // g), "rollout_tokens": float(n_tokens),
-                "rollout_s": time.perf_counter() - t0}
+                "rollout_s": rollout_s}
 
     def micro_batches(self, step: int) -> list[Batch]:
-        assert step == self._step, "prepare(step) comes first"
+        assert step - step % self.iterations == self._block, "prepare(step) comes first"
         return self._batches
 
     def epoch(self, steps_done: int) -> float:
-        return steps_done * self.schedule.accumulation / self.schedule.batches_per_epoch  # passes over the prompts
+        # Passes over the prompts: a block of num_iterations steps trains one schedule step's prompts.
+        return steps_done / self.iterations * self.schedule.accumulation / self.schedule.batches_per_epoch
+
+
+def _save_batches(path: Path, batches: list[Batch]) -> None:
+    """Batches (their tensors, weights and per-token values) to one safetensors file, atomically."""
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    for m, b in enumerate(batches):
+        tensors.update({f"{m}.input_ids": b.input_ids, f"{m}.attention_mask": b.attention_mask,
+                        f"{m}.labels": b.labels, f"{m}.indices": torch.tensor(b.indices, dtype=torch.long)})
+        if b.weights is not None:
+            tensors[f"{m}.weights"] = b.weights
+        tensors.update({f"{m}.values.{k}": v for k, v in b.values.items()})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"batches": str(len(batches))})
+    tmp.replace(path)
+
+
+def _load_batches(path: Path) -> list[Batch]:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), framework="pt") as fh:
+        n = int((fh.metadata() or {})["batches"])
+    t = load_file(str(path))
+    out = []
+    for m in range(n):
+        values = {k.split(".", 2)[2]: v for k, v in t.items() if k.startswith(f"{m}.values.")}
+        out.append(Batch(t[f"{m}.input_ids"], t[f"{m}.attention_mask"], t[f"{m}.labels"], t[f"{m}.indices"].tolist(),
+                         t.get(f"{m}.weights"), values))
+    return out

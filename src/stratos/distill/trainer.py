@@ -101,6 +101,9 @@ def apply_lora(model: Any, cfg: DistillSpec) -> Any:
 
 
 CKPT_RE = re.compile(r"^step-(\d+)$")
+# Sums every step window keeps (every algorithm returns the first four); others an algorithm returns are
+# logged per target token under their own names.
+BASE_TERMS = ("loss", "kd", "ce", "agree", "tokens")
 
 # Settings that change only what is written, never the optimisation: a run may resume with others.
 # eval_steps and eval_samples only add measurements: the evaluator scores the model in eval mode under a
@@ -353,7 +356,7 @@ def train(
     bf16 = resolve_bf16(cfg.bf16, device)
     s_head = OutputHead.from_model(student, frozen_copy=False)
     t_head = signal.head.to(device) if signal is not None and signal.head is not None and needs_teacher else None
-    ctx = StepContext(student, s_head, t_head, signal if needs_teacher else None, obj, device, bf16)
+    ctx = StepContext(student, s_head, t_head, signal if needs_teacher else None, obj, device, bf16, cfg)
 
     source = source or FixedSource(examples, cfg, pad_id)
     total = source.total_steps
@@ -379,7 +382,7 @@ def train(
     end = total if stop_after is None else min(total, start + stop_after)
     tokens_done, t0, last, last_eval, eval_s = 0, time.perf_counter(), {}, {}, 0.0
     loss_status = eval_status = ""
-    window = {"loss": 0.0, "kd": 0.0, "ce": 0.0, "agree": 0.0, "tokens": 0}
+    window = dict.fromkeys(BASE_TERMS, 0.0)
     with progress_bar("distilling", total=total, enabled=progress, status=True) as bar:
         bar.advance(start)
         for step in range(start, end):
@@ -389,8 +392,8 @@ def train(
             for batch in batches:
                 terms = algo.terms(ctx, batch)
                 (terms["loss"] / step_tokens).backward()
-                for k in ("loss", "kd", "ce", "agree"):
-                    window[k] += float(terms[k].detach())
+                for k, v in terms.items():  # loss, kd, ce, agree, and any sums of the algorithm's own
+                    window[k] = window.get(k, 0.0) + float(v.detach())
                 step_loss += float(terms["loss"].detach())
             window["tokens"] += step_tokens
             # The norm is always computed (an infinite max clips nothing) so that the check below has it.
@@ -422,10 +425,10 @@ def train(
                     "tokens_per_s": tokens_done / max(1e-9, elapsed - eval_s),  # training time only
                     "elapsed_s": elapsed,  # wall time since this call started training
                     "epoch": source.epoch(done),
+                    **{k: v / n for k, v in window.items() if k not in BASE_TERMS},  # e.g. grpo's kl_ref
                 }
                 row.update(last)
                 window = dict.fromkeys(window, 0.0)
-                window["tokens"] = 0
                 loss_status = f"loss {last['loss']:.4f}  {last['tokens_per_s']:.0f} tok/s"
                 bar.update(status=loss_status + eval_status)
             saving = done % cfg.save_steps == 0 or done == end  # also when stop_after ends this call early
