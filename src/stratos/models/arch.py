@@ -20,6 +20,22 @@ def backbone(model: Any) -> nn.Module:
     return inner
 
 
+def cache_arg(model: Any, cache: Any) -> dict[str, Any]:
+    """The keyword a causal LM's forward takes its KV cache by: ``cache`` in current transformers
+    (which deprecates ``past_key_values`` and drops it in 5.40), ``past_key_values`` before."""
+    import inspect
+
+    forward = type(model).forward
+    known = getattr(forward, "_stratos_cache_kw", None)
+    if known is None:
+        known = "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+        try:
+            forward._stratos_cache_kw = known
+        except AttributeError:  # a forward that takes no attributes: look it up each time
+            pass
+    return {known: cache}
+
+
 def evenly_spaced(total: int, keep: int) -> list[int]:
     """``keep`` layer indices spread over ``total``, always including the first and the last."""
     if not 1 <= keep <= total:

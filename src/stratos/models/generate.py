@@ -116,34 +116,67 @@ def generate(
     return results
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def sample_ids(model: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float, seed: int,
-               pad_id: int, eos_ids: Sequence[int]) -> list[list[int]]:
-    """Sample one completion per tokenised prompt, as token ids: batched, left-padded, with the KV
-    cache, from the full distribution at ``temperature`` (no top-k or top-p cut), each ending at (and
-    keeping) its first EOS. Seeded by ``seed`` on a private RNG, so the same call gives the same
-    tokens and the caller's RNG is left alone: the rollouts of on-policy training."""
-    from transformers import GenerationConfig
+               pad_id: int, eos_ids: Sequence[int], ignore_eos: bool = False) -> list[list[int]]:
+    """Sample one completion per tokenised prompt, as token ids: the rollouts of on-policy training.
+
+    One batched decode loop of our own with the KV cache (``transformers.DynamicCache``): a prefill that
+    keeps only the last position's logits, then one forward per token for the rows still running (a
+    row that ends leaves the batch and the cache), sampled from the full distribution at
+    ``temperature`` (no top-k or top-p cut) by inverse CDF, one uniform number per row, where
+    ``torch.multinomial`` would draw one per vocabulary entry. Each completion ends at (and keeps) its
+    first EOS, or runs to ``max_new_tokens`` with ``ignore_eos`` (benchmarks). Seeded by ``seed`` on a
+    private generator: the same call gives the same tokens, and the caller's RNG is left alone.
+    ``benchmarks/rollouts.py`` measures it against ``model.generate`` and a static cache."""
+    from transformers import DynamicCache
+
+    from stratos.models.arch import cache_arg
 
     if not prompts:
         return []
-    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature, top_p=None,
-                              top_k=None, pad_token_id=pad_id, eos_token_id=list(eos_ids))
     device = next(model.parameters()).device
     ids, mask = _left_pad([list(p) for p in prompts], pad_id)
+    ids, mask = ids.to(device), mask.to(device)
+    gen = torch.Generator().manual_seed(seed)  # on the CPU: the same numbers wherever the model runs
+    eos = torch.tensor(list(eos_ids) if not ignore_eos else [], dtype=torch.long, device=device)
+    rows = list(range(len(prompts)))  # the caller's index of each row still running
+    out: list[list[int]] = [[] for _ in prompts]
     was_training = model.training
     model.eval()
     try:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(seed)
-            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config)
+        cache = DynamicCache()
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                       logits_to_keep=1, **cache_arg(model, cache)).logits[:, -1]
+        positions = positions[:, -1:]
+        for t in range(max_new_tokens):
+            nxt = _sample_rows(logits, temperature, gen)
+            tokens = nxt.tolist()
+            for r, tok in zip(rows, tokens):
+                out[r].append(tok)
+            ended = torch.isin(nxt, eos)
+            if t == max_new_tokens - 1 or bool(ended.all()):
+                break
+            if bool(ended.any()):  # finished rows leave the batch and the cache
+                keep = (~ended).nonzero()[:, 0]
+                cache.batch_select_indices(keep)
+                rows = [rows[i] for i in keep.tolist()]
+                nxt, mask, positions = nxt[keep], mask[keep], positions[keep]
+            mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1)
+            positions = positions + 1
+            logits = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=positions, use_cache=True,
+                           **cache_arg(model, cache)).logits[:, -1]
     finally:
         model.train(was_training)
-    rows = []
-    for tokens in out[:, ids.shape[1]:].tolist():
-        end = next((i for i, t in enumerate(tokens) if t in eos_ids), None)
-        rows.append(tokens if end is None else tokens[: end + 1])
-    return rows
+    return out
+
+
+def _sample_rows(logits: torch.Tensor, temperature: float, gen: torch.Generator) -> torch.Tensor:
+    """One token per row from softmax(logits / temperature), by inverse CDF (float64 cumulative sums)."""
+    cdf = torch.softmax(logits.double() / temperature, dim=-1).cumsum(dim=-1)
+    u = torch.rand(len(logits), 1, generator=gen, dtype=torch.float64).to(logits.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u)[:, 0].clamp(max=logits.shape[-1] - 1)
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> list[int]:

@@ -172,12 +172,15 @@ def _measure_model(model, *, bf16: bool, batch: int, seq: int, decode_steps: int
 
     def decode():
         # Greedy decoding with the KV cache, batch 1: the regime of serving latency.
+        from transformers import DynamicCache
+
+        from stratos.models.arch import cache_arg
+
         with torch.no_grad(), autocast():
-            out = model(input_ids=prompt, use_cache=True)
-            past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            cache = DynamicCache()  # filled in place by every forward
+            tok = model(input_ids=prompt, use_cache=True, **cache_arg(model, cache)).logits[:, -1:].argmax(-1)
             for _ in range(decode_steps):
-                out = model(input_ids=tok, past_key_values=past, use_cache=True)
-                past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+                tok = model(input_ids=tok, use_cache=True, **cache_arg(model, cache)).logits[:, -1:].argmax(-1)
 
     model.train()
     t_train = _timed(train_step, seconds, device=device)

@@ -26,6 +26,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from transformers import DynamicCache
+
+from stratos.models.arch import cache_arg
 
 log = logging.getLogger("stratos.serve")
 
@@ -233,8 +236,9 @@ class BatchEngine:
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         # logits_to_keep=1: a prefill never materialises batch x prompt x vocab logits.
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
-        cache = out.past_key_values
+        cache = DynamicCache()  # filled in place by every forward below
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
+                         **cache_arg(self.model, cache))
         logits = out.logits[:, -1, :].float()
         positions = positions[:, -1:]
         while True:
@@ -250,10 +254,9 @@ class BatchEngine:
             mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1)
             positions = positions + 1
             out = self.model(
-                input_ids=next_ids[:, None], attention_mask=mask, position_ids=positions,
-                past_key_values=cache, use_cache=True,
+                input_ids=next_ids[:, None], attention_mask=mask, position_ids=positions, use_cache=True,
+                **cache_arg(self.model, cache),
             )
-            cache = out.past_key_values
             logits = out.logits[:, -1, :].float()
 
     def _step(self, rows: list[_Row], logits: torch.Tensor) -> torch.Tensor:
