@@ -324,13 +324,13 @@ def test_seq_kd_trains_on_the_teachers_own_samples(tiny_tokenizer):
     with pytest.raises(TrainingError, match="seq_kd needs the teacher model"):
         OnPolicySource(examples, tiny_tokenizer, cfg, tiny_tokenizer.pad_token_id)
     source = OnPolicySource(examples, tiny_tokenizer, cfg, tiny_tokenizer.pad_token_id, teacher=teacher)
-    info = source.prepare(0, student)
+    info = source.prepare(1, student)
     assert info["teacher_sampled_fraction"] == 1.0 and info["on_policy_fraction"] == 0.0
-    batch = source.micro_batches(0)[0]
+    batch = source.micro_batches(1)[0]
     prompts = [OnPolicySource._prompt(examples[i]) for i in batch.indices]
     expected = sample_ids(teacher, prompts, max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature,
-                          seed=(cfg.seed * 1_000_003 + 0) * 101 + 0, pad_id=tiny_tokenizer.pad_token_id,
-                          eos_ids=_eos_ids(teacher, tiny_tokenizer))
+                          seed=(cfg.seed * 1_000_003 + 1) * 2,  # step 1's teacher samples
+                          pad_id=tiny_tokenizer.pad_token_id, eos_ids=_eos_ids(teacher, tiny_tokenizer))
     for row, p, c in zip(batch.input_ids.tolist(), prompts, expected):
         assert row[: len(p) + len(c)] == p + c
     assert any(c != examples[i].input_ids[len(p):] for i, p, c in zip(batch.indices, prompts, expected))

@@ -188,8 +188,8 @@ class OnPolicySource:
     With ``seq_kd`` the other micro-batches hold the teacher's samples of their prompts (sequence-level KD,
     Kim & Rush 2016; TRL's ``seq_kd``) instead of the data's responses.
 
-    Which micro-batches go on-policy, and the samples themselves, are seeded by (seed, step, micro-batch),
-    and sampled from the weights that train on them, in ``prepare`` before the step: a run killed and
+    Which micro-batches go on-policy is seeded by (seed, step, micro-batch), the samples by (seed, step),
+    all of a step's in one batched generation per sampler, and sampled from the weights that train on them, in ``prepare`` before the step: a run killed and
     resumed from a checkpoint samples exactly what the uninterrupted run sampled."""
 
     def __init__(self, examples: Sequence[Encoded], tokenizer: Any, cfg: Any, pad_id: int, teacher: Any = None):
@@ -217,32 +217,33 @@ class OnPolicySource:
 
         from stratos.models.generate import _eos_ids, sample_ids
 
-        eos = _eos_ids(model, self.tokenizer)
-        t0, sampled, tokens, ended, teacher_rows = time.perf_counter(), 0, 0, 0, 0
-        batches = []
-        for m, idx in enumerate(self.fixed.schedule.micro_batches(step)):
-            rows = [self.examples[i] for i in idx]
+        t0 = time.perf_counter()
+        micro = [[self.examples[i] for i in idx] for idx in self.fixed.schedule.micro_batches(step)]
+        # Every row with a prompt in an on-policy micro-batch gets the student's completion, in the others
+        # the teacher's (seq_kd); a text row (all targets, no prompt) keeps its own. One batched generation
+        # per sampler for the whole step: the decode loop is faster on more rows at once.
+        wanted: dict[bool, list[tuple[int, int]]] = {True: [], False: []}  # on-policy? -> (micro-batch, row)
+        for m, rows in enumerate(micro):
             on_policy = self.on_policy(step, m)
-            sampler = model if on_policy else self.teacher  # the student's samples, or the teacher's (seq_kd)
-            # Rows with a prompt get a sampled completion; a text row (all targets, no prompt) keeps its own.
-            mine = [j for j, e in enumerate(rows) if self._prompt(e)] if sampler is not None else []
-            if mine:
-                prompts = [self._prompt(rows[j]) for j in mine]
-                outs = sample_ids(sampler, prompts, max_new_tokens=self.cfg.max_completion_length,
-                                  temperature=self.cfg.temperature, pad_id=self.pad_id,
-                                  eos_ids=eos if on_policy else _eos_ids(sampler, self.tokenizer),
-                                  seed=(self.cfg.seed * 1_000_003 + step) * 101 + m)
-                rows = list(rows)
-                for j, p, c in zip(mine, prompts, outs):
-                    rows[j] = Encoded(p + c, [IGNORE] * len(p) + c)
-                if on_policy:
-                    sampled += len(mine)
-                    tokens += sum(len(c) for c in outs)
-                    ended += sum(1 for c in outs if c and c[-1] in eos)
-                else:
-                    teacher_rows += len(mine)
-            batches.append(collate(rows, idx, self.pad_id))
+            if on_policy or self.teacher is not None:
+                wanted[on_policy] += [(m, j) for j, e in enumerate(rows) if self._prompt(e)]
+        stats = {}
+        for on_policy, where in wanted.items():
+            if not where:
+                continue
+            sampler = model if on_policy else self.teacher
+            eos = _eos_ids(sampler, self.tokenizer)
+            prompts = [self._prompt(micro[m][j]) for m, j in where]
+            outs = sample_ids(sampler, prompts, max_new_tokens=self.cfg.max_completion_length,
+                              temperature=self.cfg.temperature, pad_id=self.pad_id, eos_ids=eos,
+                              seed=(self.cfg.seed * 1_000_003 + step) * 2 + on_policy)
+            for (m, j), p, c in zip(where, prompts, outs):
+                micro[m][j] = Encoded(p + c, [IGNORE] * len(p) + c)
+            stats[on_policy] = (len(outs), sum(len(c) for c in outs), sum(1 for c in outs if c and c[-1] in eos))
+        batches = [collate(rows, idx, self.pad_id) for rows, idx in zip(micro, self.fixed.schedule.micro_batches(step))]
         self._step, self._batches = step, batches
+        sampled, tokens, ended = stats.get(True, (0, 0, 0))
+        teacher_rows = stats.get(False, (0, 0, 0))[0]
         n = sum(len(b.indices) for b in batches)
         info = {"on_policy_fraction": sampled / n}
         if self.teacher is not None:
@@ -283,7 +284,7 @@ class GroupSource:
     ``per_device_train_batch_size // num_generations`` train prompts (a seeded order over the records
     with a prompt, and an ``answer`` when the verifier rewards), and the student samples
     ``num_generations`` completions of each (at ``temperature``, at most ``max_completion_length``
-    tokens), seeded by (seed, step, micro-batch). The rewards (``stratos.distill.rewards``: the task's
+    tokens), all of a step's in one batched generation seeded by (seed, step). The rewards (``stratos.distill.rewards``: the task's
     verifier, or the user's functions) score each completion; its advantage is its reward minus its
     group's mean (divided by the group's standard deviation with ``scale_rewards``).
 
@@ -363,19 +364,18 @@ class GroupSource:
         t0, cfg, g = time.perf_counter(), self.cfg, self.cfg.num_generations
         eos = _eos_ids(model, self.tokenizer)
         micro: list[tuple[list[int], list[list[int]], list[float]]] = []
-        rewards_all: list[float] = []
-        parts: dict[str, list[float]] = {}
-        for m, idx in enumerate(self.schedule.micro_batches(block // self.iterations)):
-            rows = [i for i in idx for _ in range(g)]
-            outs = sample_ids(model, [self._ids[i] for i in rows], max_new_tokens=cfg.max_completion_length,
+        # The whole step's groups in one batched generation (the decode loop is faster on more rows at once).
+        per_micro = [[i for i in idx for _ in range(g)] for idx in self.schedule.micro_batches(block // self.iterations)]
+        flat_rows = [i for rows in per_micro for i in rows]
+        outs_all = sample_ids(model, [self._ids[i] for i in flat_rows], max_new_tokens=cfg.max_completion_length,
                               temperature=cfg.temperature, pad_id=self.pad_id, eos_ids=eos,
-                              seed=(cfg.seed * 1_000_003 + block) * 101 + m)
-            texts = [self.tokenizer.decode(o, skip_special_tokens=True) for o in outs]
-            rewards, means = self.rewards([self.prompts[i] for i in rows], texts)
-            for k, v in means.items():
-                parts.setdefault(k, []).append(v)
-            micro.append((rows, outs, rewards))
-            rewards_all += rewards
+                              seed=cfg.seed * 1_000_003 + block)
+        texts = [self.tokenizer.decode(o, skip_special_tokens=True) for o in outs_all]
+        rewards_all, parts = self.rewards([self.prompts[i] for i in flat_rows], texts)
+        start = 0
+        for rows in per_micro:
+            micro.append((rows, outs_all[start : start + len(rows)], rewards_all[start : start + len(rows)]))
+            start += len(rows)
         flat = len(rewards_all)
         n_tokens = sum(len(o) for _, outs, _ in micro for o in outs)
         rollout_s = time.perf_counter() - t0
@@ -413,7 +413,7 @@ class GroupSource:
         self._block, self._batches = block, batches
         rt = torch.tensor(rewards_all)
         return {"reward": float(rt.mean()), "reward_std": float(rt.std()) if len(rt) > 1 else 0.0,
-                **{k: sum(v) / len(v) for k, v in parts.items()},
+                **parts,
                 "groups_without_signal": zero_std / max(1, flat // g), "rollout_tokens": float(n_tokens),
                 "rollout_s": rollout_s}
 

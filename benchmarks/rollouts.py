@@ -1,0 +1,84 @@
+"""Rollout decoding: Stratos' sampler (``stratos.models.generate.sample_ids``) against transformers'
+``model.generate``, with its default dynamic KV cache and with a static one.
+
+The same model (SmolLM2-135M-Instruct's 8 evenly spaced layers, the student of the KD benchmarks),
+the same random prompts, temperature 1 over the full vocabulary, and exactly ``--new-tokens`` tokens
+per row on every side (EOS ignored: ``ignore_eos`` for ours, ``min_new_tokens`` for transformers), so
+the work is equal. Back to back in one process, each side ``--repeats`` times; the table gives the
+median of its runs. Sampled tokens differ between sides (different samplers), not their number.
+
+    python benchmarks/rollouts.py                       # batch 16 and 64, 64 new tokens
+    python benchmarks/rollouts.py --batch 16 --new-tokens 128
+
+docs/benchmarks.md records a run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=int, nargs="+", default=[16, 64])
+    ap.add_argument("--prompt-tokens", type=int, default=60)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from transformers import GenerationConfig
+
+    from stratos.models import load
+    from stratos.models.generate import sample_ids
+
+    model, tok = load("smollm2-135m-instruct", config_overrides={"num_hidden_layers": args.layers})
+    model.eval()
+    pad, n = tok.pad_token_id if tok.pad_token_id is not None else 0, args.new_tokens
+    eos = [tok.eos_token_id]
+
+    def hf(ids: torch.Tensor, static: bool) -> int:
+        cfg = GenerationConfig(max_new_tokens=n, min_new_tokens=n, do_sample=True, temperature=1.0, top_k=None,
+                               top_p=None, pad_token_id=pad, eos_token_id=eos,
+                               cache_implementation="static" if static else None)
+        torch.manual_seed(0)
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=cfg)
+        return out.shape[0] * (out.shape[1] - ids.shape[1])
+
+    def ours(ids: torch.Tensor) -> int:
+        out = sample_ids(model, ids.tolist(), max_new_tokens=n, temperature=1.0, seed=0, pad_id=pad, eos_ids=eos,
+                         ignore_eos=True)
+        return sum(len(o) for o in out)
+
+    print(f"{args.layers}-layer SmolLM2 student, {args.prompt_tokens}-token prompts, {n} new tokens per row, "
+          f"temperature 1, EOS ignored, {torch.get_num_threads()} threads, median of {args.repeats} runs")
+    print()
+    print("| batch | decoder | tokens/s | vs transformers generate |")
+    print("|---|---|---|---|")
+    for batch in args.batch:
+        ids = torch.randint(100, tok.vocab_size - 100, (batch, args.prompt_tokens),
+                            generator=torch.Generator().manual_seed(batch))
+        sides = {"transformers generate (dynamic cache)": lambda: hf(ids, False),
+                 "transformers generate (static cache)": lambda: hf(ids, True),
+                 "stratos sample_ids": lambda: ours(ids)}
+        rates: dict[str, list[float]] = {k: [] for k in sides}
+        for _ in range(args.repeats):  # interleaved, so drift in the machine hits every side alike
+            for name, fn in sides.items():
+                t0 = time.perf_counter()
+                tokens = fn()
+                assert tokens == batch * n, (name, tokens)
+                rates[name].append(tokens / (time.perf_counter() - t0))
+        base = statistics.median(rates["transformers generate (dynamic cache)"])
+        for name, r in rates.items():
+            m = statistics.median(r)
+            print(f"| {batch} | {name} | {m:,.0f} | {m / base:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
