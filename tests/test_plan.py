@@ -450,3 +450,46 @@ def test_the_plan_prices_rollouts_and_the_teacher_in_the_loop():
     g = grpo.workload
     assert g.rollout_sequences == pytest.approx(4 * g.epochs * g.train_examples) and g.train_sequences == 4.0
     assert stage_seconds(grpo)["training"] > 3 * stage_seconds(kd)["training"]
+
+
+def test_the_plan_adds_rl_when_the_student_answers_sometimes_and_misses_the_target():
+    """A final RL phase against the verifier where it pays: the student's predicted accuracy misses
+    min_accuracy and is in the band where most groups of samples get differing rewards. opd for a
+    white-box pair with a competent teacher, grpo otherwise; priced as rollouts; never over the spec."""
+    from stratos.plan.strategy import mixed_group_share
+    from stratos.spec import DistillSpec
+
+    simple = TaskProfile("sums", 40, 4, 4, 1, True, True, 1000)  # short answers: off-policy KD before RL
+
+    def plan_with(acc, min_accuracy, **kw):
+        p, _ = build_plan(one_pair(student_accuracy={(0, 0): (acc, "pilot", "given")}, min_accuracy=min_accuracy,
+                                   **{"task": simple, **kw}))
+        return p
+
+    rl = plan_with(0.4, 0.6)
+    algos = [ph.algorithm for ph in rl.settings.phases]
+    assert algos[-1] == "opd" and len(algos) == 2  # alignment: kd, then opd (the teacher is competent, white-box)
+    assert "answer 40% correctly, short of min_accuracy 60%" in rl.settings.phases[-1].reason
+    assert f"{mixed_group_share(0.4, 4):.0%} of its groups of 4 samples" in rl.settings.phases[-1].reason
+    assert rl.settings.phases[-1].config["num_train_epochs"] == pytest.approx(0.2 * rl.strategy.epochs)
+    assert stage_seconds(rl)["rollouts"] > 0
+    pass_at_4 = 1 - 0.6**4
+    assert rl.predicted["accuracy"] == pytest.approx(0.4 + 0.5 * (pass_at_4 - 0.4))  # the prior with RL
+
+    met = plan_with(0.4, 0.3)  # the prediction meets the target: no RL spent
+    assert [ph.algorithm for ph in met.settings.phases] == ["kd"] and "rollouts" not in stage_seconds(met)
+    from stratos.plan.planner import decide_pairs
+
+    tied = decide_pairs(one_pair(student_accuracy={(0, 0): (0.01, "pilot", "given")}, min_accuracy=0.6, task=simple))
+    assert [ph.algorithm for ph in tied[0].settings.phases] == ["kd"]  # its groups would all tie: no RL
+    assert [ph.algorithm for ph in plan_with(0.4, None).settings.phases] == ["kd"]  # no target
+    no_verifier = TaskProfile("free-text", 60, 6, 6, 0, False, False, 500)
+    free = decide_pairs(one_pair(student_accuracy={(0, 0): (0.4, "pilot", "given")}, min_accuracy=0.6,
+                                 task=no_verifier))
+    assert [ph.algorithm for ph in free[0].settings.phases] == ["kd"]  # nothing to reward with
+    weak = plan_with(0.4, 0.6, probes={"teacher-8b": probe("teacher-8b", 0.05)})  # injection: sft, kd, grpo
+    assert [ph.algorithm for ph in weak.settings.phases] == ["sft", "kd", "grpo"]
+    written = decide_pairs(one_pair(student_accuracy={(0, 0): (0.4, "pilot", "given")}, min_accuracy=0.6,
+                                    task=simple, distill=DistillSpec(algorithm="kd")))
+    assert [ph.algorithm for ph in written[0].settings.phases] == ["kd"]  # what the spec names wins
+    assert written[0].accuracy == 0.4 and not written[0].strategy.rl  # and no RL gain is predicted for it

@@ -18,6 +18,8 @@ from stratos.spec import DistillSpec
 
 # Share of an injection run's epochs given to its SFT phase (the rest is the KD phase).
 INJECTION_SFT_SHARE = 0.75
+# The share of the training a final RL phase takes when the plan adds one (Strategy.rl).
+RL_SHARE = 0.2
 
 
 @dataclass(frozen=True)
@@ -117,6 +119,15 @@ def resolve(distill: DistillSpec, *, match: str = "logit", strategy: Any = None,
                    "also learns from its own samples, scored by the teacher, where off-policy KD would only show it "
                    "the data's answers (GKD, Agarwal et al. 2024)")
         raw = [(base.model_copy(update={"algorithm": algo}), why)]
+    if not distill.phases and "algorithm" not in written and getattr(strategy, "rl", ""):
+        # The plan's RL phase comes last and takes RL_SHARE of the training: the student first learns to
+        # answer (SFT or KD), then the verifier's reward sharpens what it answers. opd where the teacher
+        # is worth matching (alignment, white-box), so teacher and verifier teach in one phase.
+        rl = "opd" if strategy.kind == "alignment" and match == "logit" else "grpo"
+        raw = [(c.model_copy(update=_split(c, 1 - RL_SHARE)[0]), why) for c, why in raw]
+        raw.append((base.model_copy(update={"algorithm": rl, **_split(base, RL_SHARE)[0]}),
+                    f"{strategy.rl}; {rl}" + (" (the teacher's reverse KL on the same samples too)" if rl == "opd" else "")
+                    + f" for {RL_SHARE:.0%} of the training"))
 
     phases = []
     for cfg, why in raw:

@@ -32,7 +32,14 @@ from stratos.plan.costmodel import (
 from stratos.plan.matching import Match, match
 from stratos.plan.pareto import deployment_scores, pareto_front
 from stratos.plan.probe import TaskProfile, TeacherProbe
-from stratos.plan.strategy import SpecValues, Strategy, apply_spec, choose_strategy, prior_student_accuracy
+from stratos.plan.strategy import (
+    SpecValues,
+    Strategy,
+    apply_spec,
+    choose_strategy,
+    plan_rl,
+    prior_student_accuracy,
+)
 
 PLAN_VERSION = 2  # 2: the resolved training settings (stratos.distill.recipe.Settings)
 CONSTRAINTS = ("memory", "min_accuracy", "max_latency_ms", "budget_usd")
@@ -257,6 +264,10 @@ def workload_for(strategy: Strategy, m: Match, task: TaskProfile, inputs: PlanIn
 
 
 def decide_pairs(inputs: PlanInputs) -> list[PairDecision]:
+    from stratos.spec import DistillSpec
+
+    distill = inputs.distill or DistillSpec()
+    written_algorithm = bool(distill.phases) or "algorithm" in distill.model_fields_set
     out = []
     for ti, t in enumerate(inputs.teachers):
         probe = inputs.probes[t.name]
@@ -264,12 +275,15 @@ def decide_pairs(inputs: PlanInputs) -> list[PairDecision]:
             m = match(t, s)
             strat = apply_spec(choose_strategy(probe, inputs.task, m, competent_accuracy=inputs.competent_accuracy),
                                inputs.spec_values, inputs.task)
-            settings = settings_for(strat, m, inputs)
             if (ti, si) in inputs.student_accuracy:
                 acc, method, why = inputs.student_accuracy[(ti, si)]
             else:
                 acc, why = prior_student_accuracy(probe, inputs.task, m, strat, inputs.student_baseline.get(si, 0.0))
                 method = "prior"
+            if not written_algorithm:  # what the spec names is what runs: no RL phase of the plan's own
+                strat, acc, gain = plan_rl(strat, inputs.task, acc, inputs.min_accuracy, distill.num_generations)
+                why += gain
+            settings = settings_for(strat, m, inputs)
             out.append(PairDecision(ti, si, m, strat, settings, workload_for(strat, m, inputs.task, inputs, settings),
                                     acc, method, why))
     return out

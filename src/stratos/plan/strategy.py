@@ -28,6 +28,10 @@ ORACLE_CEILING = 0.9
 RULES_HELP = 0.05  # probe gain with rules in the prompt that makes them worth their tokens
 # Top-k log-probs asked of an API teacher for top-k KD: the most OpenAI's chat API returns per token.
 TOPK_LOGPROBS = 20
+# A final RL phase pays when at least this share of the student's sample groups would get differing rewards.
+RL_MIN_MIXED_GROUPS = 0.5
+# Prior share of the gap between the student's pass@1 and pass@G that an RL phase closes.
+RL_GAIN = 0.5
 
 
 @dataclass
@@ -46,6 +50,7 @@ class Strategy:
     reasons: list[str] = field(default_factory=list)
     prompts: int = 0  # train prompts sent to the teacher (0 when it does not generate)
     top_logprobs: int = 0  # top-k log-probs synth asks an API teacher for, per generated token (top-k KD)
+    rl: str = ""  # why a final RL phase against the verifier pays (``plan_rl``); empty: no RL phase
     # The plan's own values of the fields the spec overrode (``apply_spec``), restored before it applies again.
     planned: dict[str, Any] = field(default_factory=dict)
 
@@ -185,6 +190,39 @@ def choose_strategy(probe: TeacherProbe, task: TaskProfile, m: Match, *, compete
                        + (", doubled and one more epoch for injection" if kind == "injection" else ""))
     return Strategy(kind, loss, kd_ratio, on_policy, rules, injection, rev, samples, teacher_generates, data, epochs,
                     reasons, prompts=prompts, top_logprobs=top_logprobs)
+
+
+def mixed_group_share(accuracy: float, group: int) -> float:
+    """The share of groups of ``group`` samples, each correct with probability ``accuracy``, whose
+    rewards differ: only those give RL (grpo's group-normalised advantages) a gradient."""
+    p = min(max(accuracy, 0.0), 1.0)
+    return 1.0 - p**group - (1.0 - p) ** group
+
+
+def plan_rl(s: Strategy, task: TaskProfile, accuracy: float, min_accuracy: float | None,
+            num_generations: int) -> tuple[Strategy, float, str]:
+    """A final RL phase against the task's verifier, where it pays: the task has a verifier, the student
+    is predicted to answer sometimes (at least half its groups of ``num_generations`` samples would
+    have differing rewards, so a gradient) and its predicted accuracy misses ``min_accuracy`` (RL costs
+    a generation per sample; where the prediction already meets the target, it is not spent).
+
+    Returns the strategy, the accuracy predicted with the RL phase, and why (empty without RL). The
+    prediction is a prior: RL sharpens what the student already samples, so its pass@1 is bounded by its
+    pass@k (Yue et al. 2025); we predict it closes RL_GAIN of the gap between pass@1 and pass@G
+    (G = num_generations, samples taken as independent)."""
+    if not task.verifier or min_accuracy is None or accuracy >= min_accuracy:
+        return replace(s, rl=""), accuracy, ""
+    share = mixed_group_share(accuracy, num_generations)
+    if share < RL_MIN_MIXED_GROUPS:
+        return replace(s, rl=""), accuracy, ""
+    pass_at_g = 1.0 - (1.0 - accuracy) ** num_generations
+    after = accuracy + RL_GAIN * (pass_at_g - accuracy)
+    why = (f"RL against the verifier: the student is predicted to answer {accuracy:.0%} correctly, short of "
+           f"min_accuracy {min_accuracy:.0%}, and at that rate {share:.0%} of its groups of {num_generations} "
+           "samples get differing rewards, so the verifier can teach it directly")
+    gain = (f"; with RL: {accuracy:.0%} + {RL_GAIN:g} x (pass@{num_generations} {pass_at_g:.0%} - {accuracy:.0%}) "
+            f"= {after:.0%} (prior: RL sharpens what the student already samples)")
+    return replace(s, rl=why), after, gain
 
 
 @dataclass(frozen=True)
