@@ -9,6 +9,7 @@ median of its runs. Sampled tokens differ between sides (different samplers), no
 
     python benchmarks/rollouts.py                       # batch 16 and 64, 64 new tokens
     python benchmarks/rollouts.py --batch 16 --new-tokens 128
+    python benchmarks/rollouts.py --batch 16 --repeats 1 --profile    # where generate's time goes
 
 docs/benchmarks.md records a run.
 """
@@ -30,6 +31,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--profile", action="store_true", help="also print where transformers' generate spends its "
+                    "time (torch.profiler, the first batch size): the share of each op")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -55,6 +58,20 @@ def main() -> None:
         out = sample_ids(model, ids.tolist(), max_new_tokens=n, temperature=1.0, seed=0, pad_id=pad, eos_ids=eos,
                          ignore_eos=True)
         return sum(len(o) for o in out)
+
+    if args.profile:
+        from torch.profiler import profile
+
+        ids = torch.randint(100, tok.vocab_size - 100, (args.batch[0], args.prompt_tokens),
+                            generator=torch.Generator().manual_seed(0))
+        with profile() as prof:
+            hf(ids, False)
+        events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+        total = sum(e.self_cpu_time_total for e in events)
+        print(f"transformers generate, batch {args.batch[0]}: share of self CPU time by op")
+        for e in events[:8]:
+            print(f"  {e.key:40s} {e.self_cpu_time_total / total:6.1%}")
+        print()
 
     print(f"{args.layers}-layer SmolLM2 student, {args.prompt_tokens}-token prompts, {n} new tokens per row, "
           f"temperature 1, EOS ignored, {torch.get_num_threads()} threads, median of {args.repeats} runs")

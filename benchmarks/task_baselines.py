@@ -81,7 +81,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "baselines.json").write_text(json.dumps({"model": args.model, **vars(args), "out": str(args.out),
                                                          "rows": rows}, indent=2, default=str))
-    print(f"\n| type | setting | n | accuracy | 95% CI | mean credit | unparsed |")
+    print("\n| type | setting | n | accuracy | 95% CI | mean credit | unparsed |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['type']} | {r['setting']} | {r['n']} | {r['accuracy']:.3f} | [{r['ci_low']:.3f}, {r['ci_high']:.3f}] "

@@ -96,9 +96,10 @@ def test_chunked_equals_unchunked_loss_and_gradients(tiny_tokenizer, loss):
 
 @pytest.mark.parametrize(("loss", "kd_ratio", "temperature", "scale", "pad"),
                          [("fkl", 1.0, 1.0, True, 0), ("fkl", 1.0, 1.0, True, 12), ("fkl", 0.6, 2.0, True, 12),
-                          ("fkl", 0.6, 2.0, False, 0), ("ce", 0.0, 1.0, True, 12)])
+                          ("fkl", 0.6, 2.0, False, 0), ("ce", 0.0, 1.0, True, 12), ("rkl", 1.0, 1.0, True, 0),
+                          ("rkl", 0.6, 2.0, True, 12), ("rkl", 0.6, 2.0, False, 0)])
 def test_closed_form_gradient_equals_autograd(monkeypatch, loss, kd_ratio, temperature, scale, pad):
-    """The built-in fkl/ce take a hand-derived gradient in the logits; the same loss registered as a
+    """The built-in fkl/rkl/ce take a hand-derived gradient in the logits; the same loss registered as a
     user function goes through autograd. Loss, terms and gradients must agree (with and without the
     student's vocabulary padded past the teacher's; several chunks)."""
     from stratos.distill import losses

@@ -334,3 +334,34 @@ def test_seq_kd_trains_on_the_teachers_own_samples(tiny_tokenizer):
     for row, p, c in zip(batch.input_ids.tolist(), prompts, expected):
         assert row[: len(p) + len(c)] == p + c
     assert any(c != examples[i].input_ids[len(p):] for i, p, c in zip(batch.indices, prompts, expected))
+
+
+def test_rl_takes_prompt_only_records_and_the_verifier_sees_their_meta(tiny_tokenizer, tmp_path):
+    """RL's data is prompts (with what the verifier needs): grpo trains on records without a response,
+    where SFT refuses them by line; a task record's meta reaches the verifier (Mahjong's partial credit
+    for a discard one step worse needs the shanten after each discard)."""
+    import pytest
+
+    from stratos.distill.sources import record_example
+    from stratos.io import DataError, write_jsonl
+    from stratos.tasks import grade, to_records
+    from stratos.tasks.mahjong import MahjongTask
+
+    task = EvenDigitTask()
+    path = tmp_path / "prompts.jsonl"
+    write_jsonl(path, [{"prompt": r["prompt"], "answer": r["answer"]} for r in to_records(task, task.examples("train", 8))])
+    student = tiny_llama(tiny_tokenizer, hidden_size=32, num_hidden_layers=1, seed=5)
+    res = distill(student, tiny_tokenizer, path, DistillSpec(algorithm="grpo", max_steps=1, per_device_train_batch_size=8,
+                                                             max_completion_length=2, report_to=[]),
+                  tmp_path / "rl", task=task, progress=False)
+    assert res.steps == 1
+    with pytest.raises(DataError, match=r"prompts.jsonl:1: .*prompt-only records are for RL"):
+        distill(student, tiny_tokenizer, path, DistillSpec(algorithm="sft", max_steps=1), tmp_path / "sft", progress=False)
+
+    mj = MahjongTask(types=("discard",))
+    ex = mj.examples("train", 1)[0]
+    rec = to_records(mj, [ex])[0]
+    after = ex.meta["shanten_after"]
+    near = next(t for t, s in after.items() if s == min(after.values()) + 1)  # a discard one step worse
+    assert grade(mj, record_example(rec), f"Answer: {near}")[1].credit == 0.5
+    assert grade(mj, record_example({k: v for k, v in rec.items() if k != "meta"}), f"Answer: {near}")[1].credit == 0.0

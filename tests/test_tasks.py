@@ -56,7 +56,8 @@ def test_arithmetic_round_trip_and_records(rationale):
         answer, score = grade(task, ex, task.target(ex, rationale=rationale))
         assert answer == ex.answer and score.correct and score.credit == 1.0
     recs = to_records(task, exs, rationale=rationale)
-    assert set(recs[0]) == {"prompt", "response", "answer", "type", "id"}
+    assert set(recs[0]) == {"prompt", "response", "answer", "type", "id"} | ({"meta"} if exs[0].meta else set())
+    assert recs[0].get("meta", {}) == exs[0].meta  # what the verifier needs besides the answer, for RL
     json.dumps(recs)  # the engine writes them as JSONL
     assert recs[0]["response"].endswith(f"Answer: {exs[0].answer}")
     assert "Answer: <number>" in recs[0]["prompt"]

@@ -121,7 +121,8 @@ def distill(
     spec: Optional[Path] = typer.Argument(None, help="Pipeline spec; its first teacher/student and distill section are used."),
     teacher: Optional[str] = typer.Option(None, "--teacher", "-t", help="Teacher: hub id, folder, .gguf or alias."),
     student: Optional[str] = typer.Option(None, "--student", "-s", help="Student: hub id, folder, .gguf or alias."),
-    data: Optional[Path] = typer.Option(None, "--data", "-d", help="Training JSONL: prompt/response, messages, or text records."),
+    data: Optional[Path] = typer.Option(None, "--data", "-d", help="Training JSONL: prompt/response, messages, or text records "
+                                        "(default with a spec: its task's train split, with rationales when synth.rationales)."),
     out: Path = typer.Option(Path("runs/distill"), "--out", "-o", help="Output folder: checkpoints, metrics, model/."),
     plan: Optional[Path] = typer.Option(None, "--plan", help="plan.json of `stratos plan` (with a spec): train exactly "
                                         "the settings `stratos run` would (phases, losses, teacher signal)."),
@@ -212,9 +213,14 @@ def distill(
     try:
         task = task_from_spec(task_spec) if task_spec is not None else None
         if data is not None:
-            records = load_records(data)  # bad data fails before minutes of model loading
-        else:  # the reference answers of the spec's task, as prompt/response pairs
-            records = to_records(task, task.examples("train", task_spec.train_size, seed=task_spec.seed))
+            # Bad data fails before minutes of model loading; prompt-only records are RL's data (grpo, opd).
+            from stratos.distill.algorithms import get_algorithm
+
+            rl_only = all(get_algorithm(c.algorithm).rewarded for c in (cfg.phase_configs() if cfg.phases else [cfg]))
+            records = load_records(data, need_response=not rl_only)
+        else:  # the reference answers of the spec's task, as prompt/response pairs (with synth.rationales: worked)
+            records = to_records(task, task.examples("train", task_spec.train_size, seed=task_spec.seed),
+                                 rationale=bool(s and s.synth.rationales))
         settings = _distill_settings(cfg, s, the_plan, t_spec, s_spec, records)
         for line in [f"settings: {settings.summary()}", *settings.reasons]:
             console.print(f"  {line}", highlight=False, soft_wrap=True)

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from stratos.distill.algorithms import ALGORITHMS, get_algorithm, register_algorithm
-from stratos.distill.data import collate, encode, load_records
+from stratos.distill.data import Records, collate, encode, load_records
 from stratos.distill.head import OutputHead, last_hidden
 from stratos.distill.kd import Objective, kd_terms
 from stratos.distill.losses import LOSSES, get_loss, register_loss
@@ -70,6 +70,16 @@ class DistillResult:
         return d
 
 
+def _with_empty_responses(records: Sequence[dict[str, Any]]) -> Sequence[dict[str, Any]]:
+    """Prompt-only records (RL's data) with an empty response, so they encode like any other; the
+    records keep where they came from."""
+    if all("response" in r or "prompt" not in r for r in records):
+        return records
+    out = Records((r if "response" in r or "prompt" not in r else {**r, "response": ""} for r in records),
+                  getattr(records, "where", ()))
+    return out
+
+
 def check_same_vocab(student_tok: Any, teacher_tok: Any) -> None:
     """White-box KD compares distributions token by token: both sides must use one tokenizer."""
     if teacher_tok is None:
@@ -108,10 +118,12 @@ def distill(
     checkpoint of other settings or data, raises TrainingError (see ``train``) and saves no model.
     """
     out_dir = Path(out_dir)
-    if isinstance(records, (str, Path)):
-        records = load_records(records)
-    check_same_vocab(tokenizer, teacher_tokenizer)
     algo = get_algorithm(cfg.algorithm)
+    if isinstance(records, (str, Path)):
+        records = load_records(records, need_response=not algo.rewarded)
+    if algo.rewarded:  # RL samples the responses: a prompt alone is a record (its prompt tokens are what count)
+        records = _with_empty_responses(records)
+    check_same_vocab(tokenizer, teacher_tokenizer)
     cfg = algo.configure(cfg)
     needs_teacher = algo.needs_teacher(cfg)
     topk = cfg.teacher_signal == "topk" and needs_teacher and signal is None
@@ -189,7 +201,8 @@ def run_phases(
     out_dir = Path(out_dir)
     phases = settings.phases
     if isinstance(records, (str, Path)):
-        records = load_records(records)
+        records = load_records(records, need_response=not all(get_algorithm(p.algorithm).rewarded
+                                                              for p in settings.phases))
 
     def run(phase: Any, model: Any, where: Path) -> DistillResult:
         return distill(model, tokenizer, records, phase.spec, where, teacher=teacher if phase.needs_teacher else None,

@@ -66,6 +66,7 @@ class Algorithm:
     # epoch; None: (0, 1), fixed data only.
     rollouts: Callable[[Any], tuple[float, float]] | None = None
     fallback: str = "sft"  # what it trains as when the pair gives no usable teacher signal
+    rewarded: bool = False  # it trains on rewards (reward_funcs), not only on a loss against data or teacher
 
 
 ALGORITHMS: dict[str, Algorithm] = {}
@@ -79,10 +80,10 @@ def register_algorithm(name: str, *, needs_teacher: Callable[[Any], bool], confi
                        source: Callable[..., Any] | None = None, description: str = "",
                        on_policy: bool = False,
                        rollouts: Callable[[Any], tuple[float, float]] | None = None,
-                       fallback: str = "sft") -> Callable[[Terms], Terms]:
+                       fallback: str = "sft", rewarded: bool = False) -> Callable[[Terms], Terms]:
     def deco(fn: Terms) -> Terms:
         ALGORITHMS[name] = Algorithm(name, fn, needs_teacher, configure, description or (fn.__doc__ or "").strip(),
-                                     source, on_policy, rollouts, fallback)
+                                     source, on_policy, rollouts, fallback, rewarded)
         return fn
 
     return deco
@@ -230,7 +231,8 @@ def _rl_rollouts(cfg: Any) -> tuple[float, float]:
     return float(cfg.num_generations), cfg.num_generations * (cfg.num_iterations + extra_forwards / 3)
 
 
-@register_algorithm("grpo", needs_teacher=lambda cfg: False, source=_group_source, rollouts=_rl_rollouts)
+@register_algorithm("grpo", needs_teacher=lambda cfg: False, source=_group_source, rollouts=_rl_rollouts,
+                    rewarded=True)
 def grpo(ctx: StepContext, batch: Batch) -> dict[str, torch.Tensor]:
     """RL against the task's verifier or the user's reward functions (GRPO; TRL's GRPOTrainer): groups of
     num_generations samples per prompt, group-normalised advantages (GroupSource), the clipped
@@ -240,7 +242,7 @@ def grpo(ctx: StepContext, batch: Batch) -> dict[str, torch.Tensor]:
 
 
 @register_algorithm("opd", needs_teacher=_kd_needs_teacher, configure=_online_teacher, source=_group_source,
-                    on_policy=True, rollouts=_rl_rollouts, fallback="grpo")
+                    on_policy=True, rollouts=_rl_rollouts, fallback="grpo", rewarded=True)
 def opd(ctx: StepContext, batch: Batch) -> dict[str, torch.Tensor]:
     """On-policy distillation with a verifier: grpo's groups and reward term, plus kd_ratio x the
     registered divergence to the teacher (rkl: per-token reverse KL) on the same samples, so a teacher

@@ -115,9 +115,10 @@ def _topk_problem(sig: Any) -> str | None:
     return None
 
 
-def record_problem(rec: dict[str, Any]) -> str | None:
+def record_problem(rec: dict[str, Any], *, need_response: bool = True) -> str | None:
     """What is wrong with a record's shape, in one line, or None. It follows the order
-    ``encode_record`` reads a record in: 'messages', else 'prompt' and 'response', else 'text'."""
+    ``encode_record`` reads a record in: 'messages', else 'prompt' and 'response', else 'text'.
+    ``need_response=False``: a prompt alone is a record too (RL samples its responses: grpo, opd)."""
     for key in ("prompt", "response", "text"):
         if key in rec and not isinstance(rec[key], str):
             return f"'{key}' must be a string, got {json_kind(rec[key])}"
@@ -125,8 +126,9 @@ def record_problem(rec: dict[str, Any]) -> str | None:
         if problem := _messages_problem(rec["messages"]):
             return problem
     elif "prompt" in rec:
-        if "response" not in rec:
-            return "a record with 'prompt' needs 'response' too"
+        if "response" not in rec and need_response:
+            return ("a record with 'prompt' needs 'response' too (prompt-only records are for RL: "
+                    "algorithm grpo or opd)")
     elif "text" not in rec:
         return (f"a record needs 'prompt' and 'response', 'messages', or 'text' "
                 f"(found keys: {', '.join(sorted(rec)) or 'none'})")
@@ -142,12 +144,13 @@ def record_problem(rec: dict[str, Any]) -> str | None:
     return None
 
 
-def load_records(path: str | Path) -> Records:
+def load_records(path: str | Path, *, need_response: bool = True) -> Records:
     """Read training records from JSONL, checking every record's shape now (errors name file:line),
-    so bad data fails before models load rather than mid-training."""
+    so bad data fails before models load rather than mid-training. ``need_response=False`` accepts
+    prompt-only records (RL)."""
     out = Records()
     for lineno, rec in iter_jsonl(path):
-        if problem := record_problem(rec):
+        if problem := record_problem(rec, need_response=need_response):
             raise DataError(f"{path}:{lineno}: {problem}")
         out.append(rec)
         out.where.append(f"{path}:{lineno}")

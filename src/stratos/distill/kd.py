@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from stratos.distill.head import OutputHead
-from stratos.distill.losses import Loss, cross_entropy, forward_kl, get_loss
+from stratos.distill.losses import Loss, cross_entropy, forward_kl, get_loss, reverse_kl
 from stratos.distill.topk import topk_log_probs
 
 
@@ -95,7 +95,7 @@ def _wsum(per_token: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor
 
 
 # Losses whose gradient in the student's logits has a closed form, used instead of autograd.
-_CLOSED_FORM = {"fkl": forward_kl, "ce": cross_entropy}
+_CLOSED_FORM = {"fkl": forward_kl, "rkl": reverse_kl, "ce": cross_entropy}
 
 
 def _closed_form(
@@ -113,11 +113,12 @@ def _closed_form(
     other (the caller falls back to autograd). The formulas (q the student, p the teacher, both at
     temperature T; y the target):
 
-        d CE / d z          = softmax(z) - onehot(y)
-        d T^2 KL(p||q) / d z = T (q - p)          (T^2 scaling on; (q - p) / T without it)
+        d CE / d z           = softmax(z) - onehot(y)
+        d T^2 KL(p||q) / d z = T (q - p)                      (T^2 scaling on; (q - p) / T without it)
+        d T^2 KL(q||p) / d z = T q (log q - log p - KL(q||p))  (the token's reverse KL; / T without T^2)
 
-    Only the built-in ``fkl``/``ce`` over unweighted tokens qualify: a user who re-registers either
-    name, or a batch with per-token weights, gets autograd."""
+    Only the built-in ``fkl``/``rkl``/``ce`` over unweighted tokens qualify: a user who re-registers
+    one of these names, or a batch with per-token weights, gets autograd."""
     name = obj.loss
     builtin = _CLOSED_FORM.get(name)
     if builtin is None or obj.spec.fn is not builtin or topk_ids is not None or obj.loss_kwargs or weights is not None:
@@ -139,11 +140,18 @@ def _closed_form(
         v, temp = s_l.shape[-1], obj.temperature
         s_logp = logp if temp == 1.0 and v == z.shape[-1] else F.log_softmax(s_l / temp, dim=-1)
         t_logp = F.log_softmax(t_l / temp, dim=-1)
-        p = torch.exp(t_logp)
         scale = temp * temp if obj.scale_by_temperature else 1.0
-        kd = torch.sub(t_logp, s_logp).mul_(p).sum() * scale
+        if name == "fkl":
+            p = torch.exp(t_logp)
+            kd = torch.sub(t_logp, s_logp).mul_(p).sum() * scale
+            g_kd = torch.exp(s_logp).sub_(p).mul_(obj.kd_ratio * scale / temp)
+        else:  # rkl
+            q = torch.exp(s_logp)
+            diff = torch.sub(s_logp, t_logp)
+            per_token = (q * diff).sum(-1, keepdim=True)
+            kd = per_token.sum() * scale
+            g_kd = diff.sub_(per_token).mul_(q).mul_(obj.kd_ratio * scale / temp)
         agree = (s_l.argmax(-1) == t_l.argmax(-1)).sum().to(kd.dtype)
-        g_kd = torch.exp(s_logp).sub_(p).mul_(obj.kd_ratio * scale / temp)
         if grad is None and v == z.shape[-1]:
             grad = g_kd
         else:

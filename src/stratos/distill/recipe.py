@@ -39,8 +39,12 @@ class Phase:
     def label(self) -> str:
         c = self.config
         steps = f"{c['max_steps']} steps" if c.get("max_steps") else f"{c['num_train_epochs']:g} epoch(s)"
-        what = f"loss {c['loss']}" + (f", kd_ratio {c['kd_ratio']:g}" if self.needs_teacher else "")
-        return f"{self.algorithm} ({what}, {steps})"
+        what = []
+        if get_algorithm(self.algorithm).rewarded:  # e.g. grpo: its loss is the reward's, not `loss`
+            what.append("reward " + " + ".join(c.get("reward_funcs") or ["verifier"]))
+        if self.needs_teacher or not what:
+            what.append(f"loss {c['loss']}" + (f", kd_ratio {c['kd_ratio']:g}" if self.needs_teacher else ""))
+        return f"{self.algorithm} ({', '.join(what)}, {steps})"
 
 
 @dataclass

@@ -267,7 +267,7 @@ def record_example(record: dict[str, Any], default_id: str = "") -> Any:
     from stratos.tasks import Example
 
     return Example(id=str(record.get("id", default_id)), question=record["prompt"], answer=record["answer"],
-                   type=str(record.get("type", "default")))
+                   type=str(record.get("type", "default")), meta=dict(record.get("meta") or {}))
 
 
 def prompt_ids(record: dict[str, Any], tokenizer: Any) -> list[int]:

@@ -143,7 +143,8 @@ def run_synth(spec: Spec, out_dir: str | Path, *, plan: Any = None, progress: bo
                 seen.add(key)
                 c["kept"] += 1
                 rec = {"prompt": prompt, "response": s.text, "answer": ex.answer, "type": ex.type, "id": ex.id,
-                       "source": "teacher", "teacher": teacher.label, "sample": j, "score": score.credit}
+                       "source": "teacher", "teacher": teacher.label, "sample": j, "score": score.credit,
+                       **({"meta": ex.meta} if ex.meta else {})}
                 if (topk := _topk_field(s)) is not None:
                     rec["topk"] = topk
                 records.append(rec)

@@ -79,8 +79,10 @@ def messages(task: Task, ex: Example, *, rules: bool = False, system: str | None
 def to_records(task: Task, examples: Iterable[Example], *, rules: bool = False, rationale: bool = False) -> list[dict[str, Any]]:
     """Training records in the KD engine's JSONL format.
 
-    ``{"prompt", "response", "answer", "type", "id"}``: the engine renders ``prompt`` as a user
-    message through the chat template and trains on ``response`` + EOS.
+    ``{"prompt", "response", "answer", "type", "id"}``, and ``meta`` when the example has any (what the
+    verifier may need besides the answer, e.g. Mahjong's shanten after each discard, for partial credit
+    on a student's own samples in RL): the engine renders ``prompt`` as a user message through the chat
+    template and trains on ``response`` + EOS.
     """
     return [
         {
@@ -89,6 +91,7 @@ def to_records(task: Task, examples: Iterable[Example], *, rules: bool = False, 
             "answer": ex.answer,
             "type": ex.type,
             "id": ex.id,
+            **({"meta": ex.meta} if ex.meta else {}),
         }
         for ex in examples
     ]

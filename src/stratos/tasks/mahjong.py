@@ -612,9 +612,10 @@ class MahjongTask:
             name = tile_name(tiles.pop())
             if name in parse_tiles_names(ex.answer):
                 return Score(True, 1.0)
-            left = ex.meta["shanten_after"].get(name)
-            best = min(ex.meta["shanten_after"].values())
-            return Score(False, 0.5 if left == best + 1 else 0.0)
+            after = ex.meta.get("shanten_after")  # absent from a record without meta: no partial credit
+            if not after:
+                return Score(False, 0.0)
+            return Score(False, 0.5 if after.get(name) == min(after.values()) + 1 else 0.0)
         han_ok, fu_ok = answer.get("han") == ex.answer["han"], answer.get("fu") == ex.answer["fu"]
         return Score(han_ok and fu_ok, 0.5 * han_ok + 0.5 * fu_ok)
 
