@@ -214,10 +214,10 @@ def distill(
         task = task_from_spec(task_spec) if task_spec is not None else None
         if data is not None:
             # Bad data fails before minutes of model loading; prompt-only records are RL's data (grpo, opd).
-            from stratos.distill.algorithms import get_algorithm
+            from stratos.distill.algorithms import responses_needed
 
-            rl_only = all(get_algorithm(c.algorithm).rewarded for c in (cfg.phase_configs() if cfg.phases else [cfg]))
-            records = load_records(data, need_response=not rl_only)
+            phases = cfg.phase_configs() if cfg.phases else [cfg]
+            records = load_records(data, need_response=responses_needed(c.algorithm for c in phases))
         else:  # the reference answers of the spec's task, as prompt/response pairs (with synth.rationales: worked)
             records = to_records(task, task.examples("train", task_spec.train_size, seed=task_spec.seed),
                                  rationale=bool(s and s.synth.rationales))

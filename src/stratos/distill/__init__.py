@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from stratos.distill.algorithms import ALGORITHMS, get_algorithm, register_algorithm
+from stratos.distill.algorithms import ALGORITHMS, get_algorithm, register_algorithm, responses_needed
 from stratos.distill.data import Records, collate, encode, load_records
 from stratos.distill.head import OutputHead, last_hidden
 from stratos.distill.kd import Objective, kd_terms
@@ -75,9 +75,8 @@ def _with_empty_responses(records: Sequence[dict[str, Any]]) -> Sequence[dict[st
     records keep where they came from."""
     if all("response" in r or "prompt" not in r for r in records):
         return records
-    out = Records((r if "response" in r or "prompt" not in r else {**r, "response": ""} for r in records),
-                  getattr(records, "where", ()))
-    return out
+    return Records((r if "response" in r or "prompt" not in r else {**r, "response": ""} for r in records),
+                   getattr(records, "where", ()))
 
 
 def check_same_vocab(student_tok: Any, teacher_tok: Any) -> None:
@@ -120,7 +119,7 @@ def distill(
     out_dir = Path(out_dir)
     algo = get_algorithm(cfg.algorithm)
     if isinstance(records, (str, Path)):
-        records = load_records(records, need_response=not algo.rewarded)
+        records = load_records(records, need_response=responses_needed([cfg.algorithm]))
     if algo.rewarded:  # RL samples the responses: a prompt alone is a record (its prompt tokens are what count)
         records = _with_empty_responses(records)
     check_same_vocab(tokenizer, teacher_tokenizer)
@@ -201,8 +200,7 @@ def run_phases(
     out_dir = Path(out_dir)
     phases = settings.phases
     if isinstance(records, (str, Path)):
-        records = load_records(records, need_response=not all(get_algorithm(p.algorithm).rewarded
-                                                              for p in settings.phases))
+        records = load_records(records, need_response=responses_needed(p.algorithm for p in settings.phases))
 
     def run(phase: Any, model: Any, where: Path) -> DistillResult:
         return distill(model, tokenizer, records, phase.spec, where, teacher=teacher if phase.needs_teacher else None,

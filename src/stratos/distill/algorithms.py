@@ -2,9 +2,10 @@
 
 An algorithm turns one micro-batch into loss terms: sums over the batch's target tokens of
 ``loss`` (what is minimised), ``kd``, ``ce`` and ``agree`` (the student's argmax equals the
-teacher's), and any sums of its own (grpo: ``kl_ref``, ``clipped``), logged per target token. The trainer (``distill/trainer.py``) owns everything else for every algorithm: the
-data schedule, the step, accumulation and normalisation by the step's target tokens, clipping,
-the optimizer, checkpoints, metrics, evaluation and resume. Add your own::
+teacher's), and any sums of its own (grpo: ``kl_ref``, ``clipped``), logged per target token. The
+trainer (``distill/trainer.py``) owns everything else for every algorithm: the data schedule, the
+step, accumulation and normalisation by the step's target tokens, clipping, the optimizer,
+checkpoints, metrics, evaluation and resume. Add your own::
 
     from stratos.distill.algorithms import register_algorithm, student_terms
 
@@ -94,6 +95,12 @@ def get_algorithm(name: str) -> Algorithm:
         return ALGORITHMS[name]
     except KeyError:
         raise KeyError(f"unknown algorithm {name!r}; registered: {', '.join(sorted(ALGORITHMS))}") from None
+
+
+def responses_needed(algorithms: Any) -> bool:
+    """Whether training records need a ``response``: unless every algorithm named is rewarded (RL samples
+    its own responses, so a prompt alone is a record)."""
+    return not all(get_algorithm(a).rewarded for a in algorithms)
 
 
 def student_terms(ctx: StepContext, batch: Batch) -> dict[str, torch.Tensor]:

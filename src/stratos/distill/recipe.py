@@ -84,6 +84,12 @@ def _base(distill: DistillSpec, strategy: Any) -> DistillSpec:
     return distill.model_copy(update=update)
 
 
+def names_algorithm(distill: DistillSpec) -> bool:
+    """Whether the spec's distill section names what trains (``algorithm`` or ``phases``): then that runs,
+    and the plan adds no phase of its own (an RL phase)."""
+    return bool(distill.phases) or "algorithm" in distill.model_fields_set
+
+
 def _split(cfg: DistillSpec, share: float) -> tuple[dict[str, Any], dict[str, Any]]:
     """Length updates for two phases taking ``share`` and ``1 - share`` of ``cfg``'s training."""
     if cfg.max_steps is not None:
@@ -123,7 +129,7 @@ def resolve(distill: DistillSpec, *, match: str = "logit", strategy: Any = None,
                    "also learns from its own samples, scored by the teacher, where off-policy KD would only show it "
                    "the data's answers (GKD, Agarwal et al. 2024)")
         raw = [(base.model_copy(update={"algorithm": algo}), why)]
-    if not distill.phases and "algorithm" not in written and getattr(strategy, "rl", ""):
+    if not names_algorithm(distill) and getattr(strategy, "rl", ""):
         # The plan's RL phase comes last and takes RL_SHARE of the training: the student first learns to
         # answer (SFT or KD), then the verifier's reward sharpens what it answers. opd where the teacher
         # is worth matching (alignment, white-box), so teacher and verifier teach in one phase.

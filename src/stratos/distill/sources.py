@@ -189,8 +189,9 @@ class OnPolicySource:
     Kim & Rush 2016; TRL's ``seq_kd``) instead of the data's responses.
 
     Which micro-batches go on-policy is seeded by (seed, step, micro-batch), the samples by (seed, step),
-    all of a step's in one batched generation per sampler, and sampled from the weights that train on them, in ``prepare`` before the step: a run killed and
-    resumed from a checkpoint samples exactly what the uninterrupted run sampled."""
+    all of a step's in one batched generation per sampler, drawn from the weights that train on them,
+    in ``prepare`` before the step: a run killed and resumed from a checkpoint samples exactly what the
+    uninterrupted run sampled."""
 
     def __init__(self, examples: Sequence[Encoded], tokenizer: Any, cfg: Any, pad_id: int, teacher: Any = None):
         from stratos.errors import TrainingError
@@ -218,7 +219,8 @@ class OnPolicySource:
         from stratos.models.generate import _eos_ids, sample_ids
 
         t0 = time.perf_counter()
-        micro = [[self.examples[i] for i in idx] for idx in self.fixed.schedule.micro_batches(step)]
+        indices = self.fixed.schedule.micro_batches(step)
+        micro = [[self.examples[i] for i in idx] for idx in indices]
         # Every row with a prompt in an on-policy micro-batch gets the student's completion, in the others
         # the teacher's (seq_kd); a text row (all targets, no prompt) keeps its own. One batched generation
         # per sampler for the whole step: the decode loop is faster on more rows at once.
@@ -240,7 +242,7 @@ class OnPolicySource:
             for (m, j), p, c in zip(where, prompts, outs):
                 micro[m][j] = Encoded(p + c, [IGNORE] * len(p) + c)
             stats[on_policy] = (len(outs), sum(len(c) for c in outs), sum(1 for c in outs if c and c[-1] in eos))
-        batches = [collate(rows, idx, self.pad_id) for rows, idx in zip(micro, self.fixed.schedule.micro_batches(step))]
+        batches = [collate(rows, idx, self.pad_id) for rows, idx in zip(micro, indices)]
         self._step, self._batches = step, batches
         sampled, tokens, ended = stats.get(True, (0, 0, 0))
         teacher_rows = stats.get(False, (0, 0, 0))[0]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Any
 
 from torch import nn
@@ -23,17 +25,12 @@ def backbone(model: Any) -> nn.Module:
 def cache_arg(model: Any, cache: Any) -> dict[str, Any]:
     """The keyword a causal LM's forward takes its KV cache by: ``cache`` in current transformers
     (which deprecates ``past_key_values`` and drops it in 5.40), ``past_key_values`` before."""
-    import inspect
+    return {_cache_keyword(type(model)): cache}
 
-    forward = type(model).forward
-    known = getattr(forward, "_stratos_cache_kw", None)
-    if known is None:
-        known = "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
-        try:
-            forward._stratos_cache_kw = known
-        except AttributeError:  # a forward that takes no attributes: look it up each time
-            pass
-    return {known: cache}
+
+@functools.lru_cache(maxsize=None)
+def _cache_keyword(model_class: type) -> str:
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
 def evenly_spaced(total: int, keep: int) -> list[int]:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from stratos.distill.algorithms import get_algorithm
-from stratos.distill.recipe import Settings, resolve
+from stratos.distill.recipe import Settings, names_algorithm, resolve
 from stratos.errors import UserError
 from stratos.plan.catalog import Server
 from stratos.plan.costmodel import (
@@ -267,7 +267,6 @@ def decide_pairs(inputs: PlanInputs) -> list[PairDecision]:
     from stratos.spec import DistillSpec
 
     distill = inputs.distill or DistillSpec()
-    written_algorithm = bool(distill.phases) or "algorithm" in distill.model_fields_set
     out = []
     for ti, t in enumerate(inputs.teachers):
         probe = inputs.probes[t.name]
@@ -280,7 +279,7 @@ def decide_pairs(inputs: PlanInputs) -> list[PairDecision]:
             else:
                 acc, why = prior_student_accuracy(probe, inputs.task, m, strat, inputs.student_baseline.get(si, 0.0))
                 method = "prior"
-            if not written_algorithm:  # what the spec names is what runs: no RL phase of the plan's own
+            if not names_algorithm(distill):  # what the spec names is what runs: no RL phase of the plan's own
                 strat, acc, gain = plan_rl(strat, inputs.task, acc, inputs.min_accuracy, distill.num_generations)
                 why += gain
             settings = settings_for(strat, m, inputs)
