@@ -169,6 +169,16 @@ class _TrainingOptions(_Strict):
         "top-k log-probs stored in the data (API teachers, synth.top_logprobs)."
     )
     cache_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    teacher_workers: int = Field(0, ge=0, description="Teacher worker processes (stratos.teachers.pool) that compute "
+                                 "the online teacher signal, and the cache's, apart from training; each batch is split "
+                                 "across them by token count. 0: the teacher runs in the training process.")
+    teacher_threads: int | None = Field(None, gt=0, description="Torch threads of each CPU teacher worker, taken from "
+                                        "the training process's (default: half of them, split among the workers).")
+    teacher_devices: list[str] | None = Field(None, description="Device of each teacher worker, e.g. [cuda:1, cuda:2] "
+                                              "(default: the teacher's device, shared with the training).")
+    teacher_in_flight: int = Field(2, ge=0, description="With teacher_workers: micro-batches of later steps sent to "
+                                   "the workers before they train, so the teacher's forward overlaps the student's "
+                                   "step (fixed data only; on-policy rollouts exist once their step samples them).")
     chunk_size: int = Field(1024, gt=0, description="Tokens per chunk when computing logits and loss.")
     learning_rate: float = Field(5e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)

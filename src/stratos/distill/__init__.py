@@ -140,7 +140,8 @@ def distill(
         if not signal.stats["with_topk"]:
             raise DataError("teacher_signal 'topk' but no record carries aligned top-k log-probs (rec['topk']); "
                              "make the data with synth.top_logprobs > 0 from a teacher sharing the student's tokenizer")
-    if needs_teacher and signal is None:
+    made_signal = needs_teacher and signal is None
+    if made_signal:
         if teacher is None:
             raise ValueError(f"loss {cfg.loss!r} (kd_ratio {cfg.kd_ratio}) needs a teacher")
         from stratos.teachers.signal import hidden_state_signal
@@ -155,10 +156,16 @@ def distill(
         source = algo.source(records=records, examples=examples, tokenizer=tokenizer, cfg=cfg, out_dir=out_dir,
                              task=task, pad_id=tokenizer.pad_token_id, student=student, teacher=teacher)
     t0 = time.perf_counter()
-    res: TrainResult = train(
-        student, examples, cfg, out_dir, pad_id=tokenizer.pad_token_id, signal=signal,
-        resume=resume, progress=progress, stop_after=stop_after, evaluator=evaluator, source=source,
-    )
+    try:
+        res: TrainResult = train(
+            student, examples, cfg, out_dir, pad_id=tokenizer.pad_token_id, signal=signal,
+            resume=resume, progress=progress, stop_after=stop_after, evaluator=evaluator, source=source,
+        )
+    finally:
+        if made_signal and hasattr(signal, "close"):
+            signal.close()  # teacher workers: stopped with the training, however it ends
+    if getattr(signal, "restarts", 0):
+        signal_info["worker_restarts"] = signal.restarts
     model_dir = out_dir / "model"
     save_student(student, tokenizer, model_dir)
     result = DistillResult(

@@ -75,6 +75,8 @@ class Schedule:
 class FixedSource:
     """Fixed examples in a seeded order: today's SFT and off-policy KD data."""
 
+    known_ahead = True  # a later step's micro-batches are known now: they can go to the teacher early
+
     def __init__(self, examples: Sequence[Encoded], cfg: Any, pad_id: int):
         self.examples, self.pad_id = examples, pad_id
         self.schedule = Schedule.from_config(len(examples), cfg)

@@ -313,6 +313,38 @@ class TrainResult:
         return self.tokens / train_s if train_s > 0 else 0.0
 
 
+class InFlight:
+    """Micro-batches sent to a teacher service (a signal with ``submit``, e.g. a TeacherPool) before
+    they train: each step's all at once when the step begins, and up to ``depth`` more of later steps
+    where the source knows them ahead (``known_ahead``: fixed data), so that the teacher's forward
+    passes for the next batches run while the student trains on this one. What is computed does not
+    change, only when: a run with it trains to the same weights as one without."""
+
+    def __init__(self, source: Source, signal: Any, depth: int):
+        self.source, self.submit = source, getattr(signal, "submit", None)
+        self.depth = depth if getattr(source, "known_ahead", False) else 0
+        self.held: dict[int, list[Any]] = {}  # later steps' micro-batches, already sent
+
+    def batches(self, step: int, total: int) -> list[Any]:
+        if step in self.held:  # sent earlier
+            batches = self.held.pop(step)
+        else:
+            batches = self.source.micro_batches(step)
+            for b in batches if self.submit is not None else ():
+                self.submit(b)
+        if self.submit is None:
+            return batches
+        ahead, later = 0, step + 1
+        while later < total and ahead < self.depth:
+            if later not in self.held:
+                self.held[later] = self.source.micro_batches(later)
+                for b in self.held[later]:
+                    self.submit(b)
+            ahead += len(self.held[later])
+            later += 1
+        return batches
+
+
 def train(
     student: torch.nn.Module,
     examples: Sequence[Encoded],
@@ -360,6 +392,7 @@ def train(
 
     source = source or FixedSource(examples, cfg, pad_id)
     total = source.total_steps
+    flight = InFlight(source, ctx.signal, cfg.teacher_in_flight)
     opt = make_optimizer(student, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total))
     ckpt_dir = out_dir / "checkpoints"
@@ -387,7 +420,7 @@ def train(
         bar.advance(start)
         for step in range(start, end):
             made = source.prepare(step, student)  # e.g. this round's rollouts (rft), at the round's first step
-            batches = source.micro_batches(step)
+            batches = flight.batches(step, total)  # with teacher workers: sent to them, and later steps' too
             step_tokens, step_loss = sum(b.num_targets for b in batches), 0.0
             for batch in batches:
                 terms = algo.terms(ctx, batch)

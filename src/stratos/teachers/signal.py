@@ -50,6 +50,17 @@ def model_fingerprint(model: Any) -> str:
     return h.hexdigest()
 
 
+@torch.no_grad()
+def hidden_at_targets(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, target_mask: torch.Tensor,
+                      autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The teacher's last hidden states (after the final norm) at the target positions, [targets, d]
+    float32, row by row: what every white-box signal returns, wherever the teacher runs."""
+    device = next(model.parameters()).device
+    with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+        h = last_hidden(model, input_ids.to(device), attention_mask.to(device))
+    return h[:, :-1][target_mask.to(device)].float()
+
+
 class OnlineTeacher:
     """The teacher runs its forward pass inside the training loop (no disk, more compute)."""
 
@@ -58,12 +69,9 @@ class OnlineTeacher:
         self.head = OutputHead.from_model(model)
         self.autocast_dtype = autocast_dtype
 
-    @torch.no_grad()
     def hidden(self, batch: Batch) -> torch.Tensor:
-        device = next(self.model.parameters()).device
-        with torch.autocast(device.type, dtype=self.autocast_dtype or torch.bfloat16, enabled=self.autocast_dtype is not None):
-            h = last_hidden(self.model, batch.input_ids.to(device), batch.attention_mask.to(device))
-        return h[:, :-1][batch.target_mask.to(device)].float()
+        return hidden_at_targets(self.model, batch.input_ids, batch.attention_mask, batch.target_mask,
+                                 self.autocast_dtype)
 
 
 class HiddenStateCache:
@@ -105,13 +113,16 @@ class HiddenStateCache:
         batch_size: int = 8,
         autocast_dtype: torch.dtype | None = None,
         progress: bool = True,
+        signal: Any = None,
     ) -> "HiddenStateCache":
-        """Run the teacher once over ``examples`` and store its hidden states; resumes a partial build."""
+        """Run the teacher once over ``examples`` and store its hidden states; resumes a partial build.
+        ``signal`` (e.g. a TeacherPool) computes them instead of ``teacher`` in this process; a shard's
+        batches are all sent to it at once, so its workers run side by side."""
         path = Path(root) / key
         if (path / "meta.json").is_file():
             return cls(path)
         path.mkdir(parents=True, exist_ok=True)
-        online = OnlineTeacher(teacher, autocast_dtype=autocast_dtype)
+        online = signal or OnlineTeacher(teacher, autocast_dtype=autocast_dtype)
         online.head.save(path / "head.safetensors")
         n = len(examples)
         shards = range(0, n, cls.SHARD_EXAMPLES)
@@ -124,9 +135,12 @@ class HiddenStateCache:
                     bar.advance(stop - start)
                     continue
                 rows, offsets = [], [0]
-                for b in range(start, stop, batch_size):
-                    idx = list(range(b, min(b + batch_size, stop)))
-                    batch = collate([examples[i] for i in idx], idx, pad_id)
+                batches = [collate([examples[i] for i in range(b, min(b + batch_size, stop))],
+                                   range(b, min(b + batch_size, stop)), pad_id) for b in range(start, stop, batch_size)]
+                for batch in batches if hasattr(online, "submit") else ():
+                    online.submit(batch)
+                for batch in batches:
+                    idx = batch.indices
                     h = online.hidden(batch).to(_DTYPES[dtype])
                     per_row = batch.target_mask.sum(dim=1).tolist()
                     for count in per_row:
@@ -192,16 +206,40 @@ def hidden_state_signal(
 
     device = next(teacher.parameters()).device
     autocast = torch.bfloat16 if resolve_bf16(cfg.bf16, device) else None
+    pool, pool_info = (teacher_pool(teacher, cfg, autocast) if cfg.teacher_workers else (None, {}))
     if cfg.teacher_signal == "online":
-        return OnlineTeacher(teacher, autocast_dtype=autocast), {"mode": "online"}
+        return pool or OnlineTeacher(teacher, autocast_dtype=autocast), {"mode": "online", **pool_info}
     from stratos.models import cache_dir
 
     root = cache_root or cache_dir() / "teacher-signal"
     key = HiddenStateCache.key(model_fingerprint(teacher), data_fingerprint(examples), cfg.cache_dtype)
     reused = HiddenStateCache.exists(root, key)
-    cache = HiddenStateCache.build(
-        teacher, examples, root, key, pad_id=pad_id, dtype=cfg.cache_dtype,
-        batch_size=cfg.per_device_train_batch_size, autocast_dtype=autocast, progress=progress,
-    )
-    info = {"mode": "cached", "path": str(cache.path), "reused": reused, **cache.meta, "bytes_on_disk": cache.bytes_on_disk}
+    try:
+        cache = HiddenStateCache.build(
+            teacher, examples, root, key, pad_id=pad_id, dtype=cfg.cache_dtype,
+            batch_size=cfg.per_device_train_batch_size, autocast_dtype=autocast, progress=progress, signal=pool,
+        )
+    finally:
+        if pool is not None:
+            pool.close()  # the cache is built: training reads it, not the workers
+    info = {"mode": "cached", "path": str(cache.path), "reused": reused, **cache.meta, "bytes_on_disk": cache.bytes_on_disk,
+            **({"built_by": pool_info} if pool_info else {})}
     return cache, info
+
+
+def teacher_pool(teacher: Any, cfg: Any, autocast: torch.dtype | None) -> tuple[Any, dict[str, Any]]:
+    """The worker pool of a run's settings (``teacher_workers``, ``teacher_threads``, ``teacher_devices``)
+    and what the run records about it. CPU workers' threads come out of this process's own until the
+    pool closes: half of them by default, split among the workers."""
+    from stratos.teachers.pool import TeacherPool
+
+    n = cfg.teacher_workers
+    devices = cfg.teacher_devices or [str(next(teacher.parameters()).device)] * n
+    if len(devices) != n:
+        from stratos.errors import UserError
+
+        raise UserError(f"distill.teacher_devices names {len(devices)} device(s) for teacher_workers {n}: give one each")
+    threads = cfg.teacher_threads or max(1, torch.get_num_threads() // (2 * n))
+    pool = TeacherPool(teacher, workers=n, threads=threads, devices=devices, autocast_dtype=autocast)
+    return pool, {"workers": n, "devices": devices, "threads_per_worker": threads,
+                  "training_threads": torch.get_num_threads()}

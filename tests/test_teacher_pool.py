@@ -1,0 +1,187 @@
+"""The teacher as a service (stratos.teachers.pool): real worker processes, shared memory, a worker
+killed with SIGKILL mid-training, and the weights that come out compared bitwise."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+
+import pytest
+import torch
+
+from conftest import addition_records
+from stratos.distill import distill
+from stratos.distill.data import collate, encode
+from stratos.distill.sources import FixedSource
+from stratos.distill.trainer import InFlight
+from stratos.models.tiny import tiny_llama
+from stratos.spec import DistillSpec
+from stratos.teachers import TeacherError
+from stratos.teachers.pool import TeacherPool, split_rows
+from stratos.teachers.signal import HiddenStateCache, OnlineTeacher
+
+
+@pytest.fixture(scope="module")
+def teacher(tiny_tokenizer):
+    return tiny_llama(tiny_tokenizer, hidden_size=48, num_hidden_layers=2, seed=1)
+
+
+@pytest.fixture(scope="module")
+def examples(tiny_tokenizer):
+    return encode(addition_records(64, seed=3), tiny_tokenizer, max_length=64)[0]
+
+
+@pytest.fixture(scope="module")
+def pool(teacher):
+    with TeacherPool(teacher, workers=2, threads=1) as p:
+        yield p
+
+
+def _batch(examples, idx, pad_id):
+    return collate([examples[i] for i in idx], idx, pad_id)
+
+
+def test_split_rows_is_contiguous_balanced_and_never_empty():
+    mask = torch.zeros(6, 10, dtype=torch.long)
+    for row, n in enumerate([10, 2, 2, 2, 2, 2]):
+        mask[row, :n] = 1
+    parts = split_rows(mask, 2)
+    assert parts == [slice(0, 1), slice(1, 6)]  # 10 tokens | 10 tokens
+    assert split_rows(mask, 4) == split_rows(mask, 4)  # a function of the batch alone
+    assert [p.stop - p.start for p in split_rows(mask[:1], 3)] == [1]  # fewer rows than workers
+    for n in range(1, 7):
+        parts = split_rows(mask, n)
+        assert len(parts) == n and all(p.stop > p.start for p in parts)
+        assert [p.start for p in parts[1:]] == [p.stop for p in parts[:-1]] and parts[-1].stop == 6
+
+
+def test_pool_hidden_states_equal_in_process_ones(pool, teacher, examples, tiny_tokenizer):
+    online = OnlineTeacher(teacher)
+    pad = tiny_tokenizer.pad_token_id
+    whole = _batch(examples, [5], pad)  # one row: one worker, the batch's own shape
+    assert torch.equal(pool.hidden(whole), online.hidden(whole))
+    batches = [_batch(examples, idx, pad) for idx in ([0, 1, 2, 3, 4, 5, 6, 7], [9, 30, 11], [40, 41])]
+    for b in batches:  # several in flight at once, split across both workers
+        pool.submit(b)
+    assert pool.in_flight == 3
+    for b in reversed(batches):  # taken in any order
+        h, ref = pool.hidden(b), online.hidden(b)
+        assert h.shape == (b.num_targets, 48) and h.dtype == torch.float32
+        assert (h - ref).abs().max() <= 1e-6
+    assert pool.in_flight == 0
+
+
+def test_killed_worker_is_restarted_and_its_batches_resent(pool, teacher, examples, tiny_tokenizer):
+    online = OnlineTeacher(teacher)
+    batches = [_batch(examples, list(range(i, i + 8)), tiny_tokenizer.pad_token_id) for i in (0, 8, 16)]
+    before = pool.restarts
+    for b in batches:
+        pool.submit(b)
+    pool.backend.kill(1)  # SIGKILL, holding a part of each batch
+    for b in batches:
+        assert (pool.hidden(b) - online.hidden(b)).abs().max() <= 1e-6
+    assert pool.restarts == before + 1
+
+
+def test_worker_error_stops_with_its_traceback(pool, examples, tiny_tokenizer):
+    bad = _batch(examples, [0, 1], tiny_tokenizer.pad_token_id)
+    bad.input_ids[0, 0] = 10**6  # no such token: the worker's embedding lookup fails
+    with pytest.raises(TeacherError, match="teacher worker 0 failed:(.|\n)*IndexError"):
+        pool.hidden(bad)
+
+
+class _DiesInWorker:
+    """A teacher that every worker process fails to load (as if killed for memory at start-up)."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self):
+        if multiprocessing.parent_process() is not None:
+            os._exit(3)
+        return self.model
+
+
+def test_worker_that_keeps_dying_stops_the_run(teacher, examples, tiny_tokenizer):
+    with TeacherPool(_DiesInWorker(teacher), workers=1, max_restarts=1) as p:
+        with pytest.raises(TeacherError, match="died 2 times in a row"):
+            p.hidden(_batch(examples, [0], tiny_tokenizer.pad_token_id))
+
+
+def test_in_flight_sends_later_steps_before_they_train(examples, tiny_tokenizer):
+    class Recorder:  # what the trainer sends, in order
+        def __init__(self):
+            self.sent = []
+
+        def submit(self, batch):
+            self.sent.append(tuple(batch.indices))
+
+    cfg = DistillSpec(max_steps=5, per_device_train_batch_size=4, gradient_accumulation_steps=2)
+    source, rec = FixedSource(examples, cfg, tiny_tokenizer.pad_token_id), Recorder()
+    flight = InFlight(source, rec, depth=2)
+    got = flight.batches(0, 5)
+    step = lambda s: [tuple(b) for b in source.schedule.micro_batches(s)]  # noqa: E731
+    assert [tuple(b.indices) for b in got] == step(0)
+    assert rec.sent == step(0) + step(1)  # this step's two micro-batches, then two more: step 1's
+    flight.batches(1, 5)
+    assert rec.sent == step(0) + step(1) + step(2)  # nothing sent twice
+    assert InFlight(source, object(), depth=2).batches(0, 5) is not None  # a signal without submit: plain batches
+
+
+def _train(teacher, tiny_tokenizer, out, **options):
+    student = tiny_llama(tiny_tokenizer, hidden_size=32, num_hidden_layers=1, seed=2)
+    signal = options.pop("signal", None)
+    cfg = DistillSpec(loss="fkl", teacher_signal=options.pop("teacher_signal", "online"), max_steps=6,
+                      per_device_train_batch_size=8, learning_rate=1e-3, save_steps=100, logging_steps=1,
+                      report_to=[], bf16=False, **options)
+    res = distill(student, tiny_tokenizer, addition_records(48, seed=4), cfg, out, teacher=teacher, progress=False,
+                  signal=signal)
+    return student, res
+
+
+def test_training_with_workers_and_a_killed_worker_matches_in_process(teacher, tiny_tokenizer, tmp_path):
+    threads = torch.get_num_threads()
+    ref, _ = _train(teacher, tiny_tokenizer, tmp_path / "in-process")
+    # One worker: every batch whole, the same shapes as in process, so the same weights bitwise.
+    one, res = _train(teacher, tiny_tokenizer, tmp_path / "one", teacher_workers=1, teacher_threads=1)
+    assert res.signal["workers"] == 1 and res.signal["threads_per_worker"] == 1
+    assert all(torch.equal(a, b) for a, b in zip(ref.state_dict().values(), one.state_dict().values()))
+    assert torch.get_num_threads() == threads  # the worker's thread went back to this process with it
+
+    # Two workers, one of them SIGKILLed while it holds parts of three batches: restarted, those sent
+    # again; the weights equal an uninterrupted two-worker run's bitwise (no batch lost or trained twice).
+    def two(out, kill_at=None):
+        pool = TeacherPool(teacher, workers=2, threads=1)
+        submit, sent = pool.submit, []
+
+        def submit_then_kill(batch):
+            submit(batch)
+            sent.append(batch)
+            if len(sent) == kill_at:
+                pool.backend.kill(1)
+
+        pool.submit = submit_then_kill
+        try:
+            student, _ = _train(teacher, tiny_tokenizer, out, teacher_workers=2, signal=pool)
+        finally:
+            pool.close()
+        return student, pool.restarts
+
+    killed, restarts = two(tmp_path / "killed", kill_at=4)
+    whole, no_restarts = two(tmp_path / "whole")
+    assert (restarts, no_restarts) == (1, 0)
+    assert all(torch.equal(a, b) for a, b in zip(killed.state_dict().values(), whole.state_dict().values()))
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(ref.state_dict().values(),
+                                                                        whole.state_dict().values()))
+
+
+def test_cache_built_by_workers_equals_the_in_process_build(teacher, tiny_tokenizer, tmp_path):
+    examples, _ = encode(addition_records(40, seed=5), tiny_tokenizer, max_length=64)
+    pad = tiny_tokenizer.pad_token_id
+    ref = HiddenStateCache.build(teacher, examples, tmp_path, "ref", pad_id=pad, dtype="float32", batch_size=8,
+                                 progress=False)
+    with TeacherPool(teacher, workers=2, threads=1) as p:
+        built = HiddenStateCache.build(teacher, examples, tmp_path, "pool", pad_id=pad, dtype="float32", batch_size=8,
+                                       progress=False, signal=p)
+    batch = _batch(examples, list(range(40)), pad)
+    assert (built.hidden(batch) - ref.hidden(batch)).abs().max() <= 1e-6
