@@ -2,9 +2,10 @@
 
 The same teacher (SmolLM2-135M-Instruct), the same student (its 8 evenly spaced layers, ~half
 the parameters), the same data, batch size and sequence length, forward KL over the full
-vocabulary on the response tokens, bf16 autocast where the CPU supports it for both. TRL runs
-its GKD trainer with ``lmbda=0`` (always the dataset's responses: off-policy) and ``beta=0``
-(forward KL) -- the same objective our engine computes.
+vocabulary on the response tokens, bf16 autocast for both where the CPU computes bf16 natively
+(``--bf16 auto``, the default; what was used is printed first). TRL runs its GKD trainer with
+``lmbda=0`` (always the dataset's responses: off-policy) and ``beta=0`` (forward KL) -- the same
+objective our engine computes.
 
 Each engine runs in its own subprocess, back to back, so peak memory (max RSS) is its own.
 Our engine is measured in both teacher-signal modes:
@@ -15,6 +16,16 @@ Our engine is measured in both teacher-signal modes:
 
     python benchmarks/kd_throughput.py                 # defaults: 24 steps of batch 8
     python benchmarks/kd_throughput.py --steps 40 --batch-size 8 --seq-len 128
+
+``--mode workers`` measures the teacher as a service instead (stratos.teachers.pool): the online
+teacher in worker processes, overlapped with training, against the same online teacher in the
+training process, the same total threads on each side (``--threads``, default 2: the in-process
+run uses all of them; the decoupled run gives ``--teacher-threads`` to each of ``--teacher-workers``
+workers and the rest to training). Two more children measure the parts alone at the decoupled
+run's split (the teacher's forward passes over the same batches; the student's training on
+precomputed teacher states), which gives the ideal bound: the in-process time over the slower part.
+
+    python benchmarks/kd_throughput.py --mode workers --steps 12
 
 Prints one table; docs/benchmarks.md records a run of it.
 """
@@ -82,7 +93,7 @@ def _cfg(args: argparse.Namespace, mode: str):
     return DistillSpec(
         loss="fkl", teacher_signal=mode, max_steps=args.warmup + args.steps, per_device_train_batch_size=args.batch_size,
         max_length=args.seq_len, learning_rate=1e-5, warmup_ratio=0.0, lr_scheduler_type="constant",
-        save_steps=10_000, logging_steps=1, report_to=[], chunk_size=args.chunk_size, bf16=args.bf16,
+        save_steps=10_000, logging_steps=1, report_to=[], chunk_size=args.chunk_size, bf16=bool(args.bf16),
     )
 
 
@@ -114,6 +125,81 @@ def run_stratos(args: argparse.Namespace, mode: str, workdir: Path) -> dict:
     tokens = _tokens(records[args.batch_size * args.warmup :], tok, args.seq_len)
     return {"seconds": seconds, "tokens": tokens, "cache_seconds": 0.0, "steps": res.steps - args.warmup,
             "threads": torch.get_num_threads()}
+
+
+def run_workers(args: argparse.Namespace, workdir: Path) -> dict:
+    """The decoupled teacher: ``teacher_workers`` processes, batches in flight, the rest of the threads train."""
+    import torch
+
+    from stratos.distill import distill
+
+    records = make_records(args.batch_size * (args.steps + args.warmup), args.seq_len)
+    cfg = _cfg(args, "online").model_copy(update={
+        "teacher_workers": args.teacher_workers, "teacher_threads": args.teacher_threads,
+        "teacher_in_flight": args.in_flight})
+    teacher, student, tok = load_pair(args.student_layers)
+    distill(student, tok, records, cfg, workdir / "run", teacher=teacher, progress=False, stop_after=args.warmup)
+    res = distill(student, tok, records, cfg, workdir / "run", teacher=teacher, progress=False)
+    rows = [json.loads(x) for x in (workdir / "run" / "metrics.jsonl").read_text().splitlines()]
+    return {"seconds": rows[-1]["elapsed_s"], "tokens": _tokens(records[args.batch_size * args.warmup:], tok,
+            args.seq_len), "steps": res.steps - args.warmup, "threads": torch.get_num_threads(),
+            "signal": res.signal, "cache_seconds": 0.0}
+
+
+def _timed_batches(args: argparse.Namespace, tok) -> list:
+    from stratos.distill.data import encode
+    from stratos.distill.sources import FixedSource
+
+    records = make_records(args.batch_size * (args.steps + args.warmup), args.seq_len)
+    examples, _ = encode(records, tok, args.seq_len)
+    source = FixedSource(examples, _cfg(args, "online"), tok.pad_token_id)
+    return [b for step in range(args.warmup + args.steps) for b in source.micro_batches(step)]
+
+
+def run_part(args: argparse.Namespace, part: str) -> dict:
+    """One side of the decoupled run alone, at its thread count: the teacher's forward passes over the
+    timed batches (``teacher``), or the student's training on precomputed teacher states (``student``)."""
+    import torch
+
+    from stratos.teachers.signal import OnlineTeacher
+
+    teacher, student, tok = load_pair(args.student_layers)
+    batches = _timed_batches(args, tok)
+    online = OnlineTeacher(teacher)
+    threads = args.teacher_threads * args.teacher_workers if part == "teacher" else \
+        max(1, args.threads - args.teacher_threads * args.teacher_workers)
+    if part == "teacher":
+        torch.set_num_threads(threads)
+        for b in batches[: args.warmup]:
+            online.hidden(b)
+        t0 = time.perf_counter()
+        for b in batches[args.warmup:]:
+            online.hidden(b)
+        return {"seconds": time.perf_counter() - t0, "threads": threads}
+
+    # The student alone: the teacher states computed first (untimed), then the training loop reads them.
+    from stratos.distill.trainer import train
+
+    states = {tuple(b.indices): online.hidden(b) for b in batches}
+
+    class Precomputed:
+        head = online.head
+
+        def hidden(self, batch):
+            return states[tuple(batch.indices)]
+
+    from stratos.distill.data import encode
+
+    records = make_records(args.batch_size * (args.steps + args.warmup), args.seq_len)
+    examples, _ = encode(records, tok, args.seq_len)
+    torch.set_num_threads(threads)
+    cfg = _cfg(args, "online")
+    train(student, examples, cfg, Path(args.workdir) / "student", pad_id=tok.pad_token_id, signal=Precomputed(),
+          progress=False, stop_after=args.warmup)
+    train(student, examples, cfg, Path(args.workdir) / "student", pad_id=tok.pad_token_id, signal=Precomputed(),
+          progress=False)
+    rows = [json.loads(x) for x in (Path(args.workdir) / "student" / "metrics.jsonl").read_text().splitlines()]
+    return {"seconds": rows[-1]["elapsed_s"], "threads": threads}
 
 
 def run_trl(args: argparse.Namespace, workdir: Path) -> dict:
@@ -160,8 +246,16 @@ def _tokens(records: list[dict], tok, seq_len: int) -> int:
 
 def child(args: argparse.Namespace) -> None:
     workdir = Path(args.workdir)
+    import torch
+
+    if args.mode == "workers":  # each side its --threads in all (the peers mode keeps torch's default)
+        torch.set_num_threads(args.threads)
     if args.engine == "trl":
         out = run_trl(args, workdir)
+    elif args.engine == "stratos-workers":
+        out = run_workers(args, workdir)
+    elif args.engine in ("teacher-alone", "student-alone"):
+        out = run_part(args, args.engine.split("-")[0])
     elif args.engine == "cache-build":
         out = build_cache(args, workdir)
     else:
@@ -191,17 +285,38 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--chunk-size", type=int, default=256)
     p.add_argument("--student-layers", type=int, default=STUDENT_LAYERS, help="the student: this many of the teacher's 30 layers")
-    p.add_argument("--bf16", type=int, default=1, help="1: bf16 autocast for both engines, 0: fp32")
+    p.add_argument("--bf16", choices=["auto", "1", "0"], default="auto",
+                   help="bf16 autocast for both engines: auto (the engine's own rule: where the CPU computes bf16 "
+                        "natively; emulated bf16 is slower than fp32), 1 or 0")
     p.add_argument("--engines", default="trl,stratos-online,stratos-cached")
+    p.add_argument("--mode", choices=["peers", "workers"], default="peers",
+                   help="peers: against TRL (--engines); workers: the teacher in worker processes against in-process")
+    p.add_argument("--threads", type=int, default=2, help="torch threads of each side in all")
+    p.add_argument("--teacher-workers", type=int, default=1, help="--mode workers: teacher worker processes")
+    p.add_argument("--teacher-threads", type=int, default=1, help="--mode workers: threads of each worker")
+    p.add_argument("--in-flight", type=int, default=2, help="--mode workers: micro-batches sent ahead")
     p.add_argument("--engine", help=argparse.SUPPRESS)
     p.add_argument("--workdir", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.bf16 == "auto":  # resolved once, in the parent, so that every child runs the same
+        import torch
+
+        from stratos.runtime import resolve_bf16
+
+        args.bf16 = "1" if resolve_bf16("auto", torch.device("cpu")) else "0"
+    args.bf16 = int(args.bf16)
     if args.engine:
         return child(args)
+    flags = [f for f in ("avx512_bf16", "amx_bf16", "avx512f", "avx2") if f in Path("/proc/cpuinfo").read_text()] \
+        if Path("/proc/cpuinfo").is_file() else []
+    print(f"bf16 autocast: {bool(args.bf16)} (CPU flags: {', '.join(flags) or 'none of avx2/avx512/bf16'})",
+          flush=True)
 
     from stratos.models import load
 
     load(TEACHER, with_tokenizer=False)  # download/convert once, outside the timings
+    if args.mode == "workers":
+        return workers_table(args)
     results = {}
     for engine in args.engines.split(","):
         with tempfile.TemporaryDirectory(prefix="kd-bench-") as tmp:
@@ -234,6 +349,39 @@ def main() -> None:
     Console(width=160).print(table)
     print(f"teacher signal per token: full logits {v * 4:,} B (fp32) vs hidden states {d * 2:,} B (bf16): "
           f"{v * 4 / (d * 2):.0f}x smaller")
+    print(json.dumps({"args": vars(args), "results": results}))
+
+
+def workers_table(args: argparse.Namespace) -> None:
+    results = {}
+    for engine in ("stratos-online", "stratos-workers", "teacher-alone", "student-alone"):
+        with tempfile.TemporaryDirectory(prefix="kd-bench-") as tmp:
+            results[engine] = run_child(engine, args, Path(tmp))
+    from rich.console import Console
+    from rich.table import Table
+
+    t_in, t_dec = results["stratos-online"]["seconds"], results["stratos-workers"]["seconds"]
+    t_teacher, t_student = results["teacher-alone"]["seconds"], results["student-alone"]["seconds"]
+    ideal = t_in / max(t_teacher, t_student)
+    tokens = results["stratos-online"]["tokens"]
+    split = f"{args.teacher_workers} worker(s) x {args.teacher_threads} thread(s) + training " \
+            f"{max(1, args.threads - args.teacher_workers * args.teacher_threads)}"
+    table = Table(title=f"Online teacher in the training process vs in worker processes, {args.threads} threads "
+                        f"in all, batch {args.batch_size} x {args.seq_len} tokens, {args.steps} timed steps, "
+                        f"bf16={bool(args.bf16)}, {args.in_flight} micro-batches in flight")
+    for col in ("run", "threads", "seconds", "tokens/s", "vs in-process"):
+        table.add_column(col, justify="right" if col != "run" else "left")
+    table.add_row("in-process online teacher", str(args.threads), f"{t_in:.1f}", f"{tokens / t_in:,.0f}", "1.00x")
+    table.add_row("teacher workers, overlapped", split, f"{t_dec:.1f}", f"{tokens / t_dec:,.0f}",
+                  f"{t_in / t_dec:.2f}x")
+    table.add_row("  teacher alone (the same forwards)", str(results["teacher-alone"]["threads"]),
+                  f"{t_teacher:.1f}", "", "")
+    table.add_row("  student alone (precomputed states)", str(results["student-alone"]["threads"]),
+                  f"{t_student:.1f}", "", "")
+    table.add_row("ideal bound: in-process / slower part", "", f"{max(t_teacher, t_student):.1f}",
+                  f"{tokens / max(t_teacher, t_student):,.0f}", f"{ideal:.2f}x")
+    Console(width=160).print(table)
+    print(f"decoupled reaches {t_in / t_dec / ideal:.0%} of the ideal bound ({t_in / t_dec:.2f}x of {ideal:.2f}x)")
     print(json.dumps({"args": vars(args), "results": results}))
 
 

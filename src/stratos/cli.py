@@ -141,6 +141,8 @@ def distill(
     lora_r: Optional[int] = typer.Option(None, help="Train LoRA adapters of this rank instead of all weights."),
     bf16: Optional[bool] = typer.Option(None, "--bf16/--no-bf16", help="bf16 autocast (default: where supported)."),
     seed: Optional[int] = typer.Option(None, help="Random seed."),
+    teacher_workers: Optional[int] = typer.Option(None, help="Teacher worker processes, overlapped with training "
+                                                  "(distill.teacher_workers; 0: in the training process)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in --out."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Discard checkpoints already in --out."),
     device: Optional[str] = DEVICE_OPTION,
@@ -184,7 +186,7 @@ def distill(
                     algorithm=algorithm, loss=loss, teacher_signal=signal, temperature=temperature, kd_ratio=kd_ratio, max_steps=max_steps,
                     num_train_epochs=epochs, learning_rate=lr, per_device_train_batch_size=batch_size,
                     gradient_accumulation_steps=grad_accum, max_length=max_length, save_steps=save_steps, bf16=bf16,
-                    seed=seed,
+                    seed=seed, teacher_workers=teacher_workers,
                 ),
                 # alpha = 2r; a bad r is reported once, on r, not again on the alpha made from it.
                 **({"lora": {"r": lora_r, "alpha": 2 * max(1, lora_r)}} if lora_r is not None else {}),

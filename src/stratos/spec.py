@@ -178,7 +178,13 @@ class _TrainingOptions(_Strict):
                                               "(default: the teacher's device, shared with the training).")
     teacher_in_flight: int = Field(2, ge=0, description="With teacher_workers: micro-batches of later steps sent to "
                                    "the workers before they train, so the teacher's forward overlaps the student's "
-                                   "step (fixed data only; on-policy rollouts exist once their step samples them).")
+                                   "step (fixed data only; on-policy rollouts exist once their step samples them, "
+                                   "see max_staleness).")
+    max_staleness: int = Field(0, ge=0, le=1, description="Algorithms gkd and opd with teacher_workers: 1 samples each "
+                               "step's rollouts one update early (from the weights the previous step trains), so the "
+                               "workers score them while the student trains the previous step; the rollouts are "
+                               "written to OUT/rollouts/ before they train, so a resumed run reads them. 0: each step "
+                               "samples from its own weights.")
     chunk_size: int = Field(1024, gt=0, description="Tokens per chunk when computing logits and loss.")
     learning_rate: float = Field(5e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
@@ -257,6 +263,18 @@ class _TrainingOptions(_Strict):
             problem = value["load_best_model_at_end"] and _best_model_problem(value["eval_steps"], value["save_steps"])
             if problem:
                 raise ValueError(f"phases[{i}]: {problem}")
+        return self
+
+    @model_validator(mode="after")
+    def _staleness_needs_workers(self) -> "_TrainingOptions":
+        if not isinstance(self, DistillSpec):
+            return self  # a phase's overrides: checked merged with the distill section (phase_configs)
+        for where, cfg in [("", self)] if not self.phases else \
+                [(f"phases[{i}]: ", c) for i, c in enumerate(self.phase_configs())]:
+            if cfg.max_staleness and (cfg.algorithm not in ("gkd", "opd") or not cfg.teacher_workers):
+                raise ValueError(f"{where}max_staleness {cfg.max_staleness} overlaps on-policy rollouts with the "
+                                 "teacher's scoring in its workers: it needs algorithm gkd or opd and teacher_workers "
+                                 f">= 1 (here: {cfg.algorithm}, teacher_workers {cfg.teacher_workers})")
         return self
 
     @field_validator("reward_funcs")

@@ -160,7 +160,7 @@ def _on_policy_source(**context: Any) -> Any:
     from stratos.distill.sources import OnPolicySource
 
     return OnPolicySource(context["examples"], context["tokenizer"], context["cfg"], context["pad_id"],
-                          teacher=context["teacher"])
+                          teacher=context["teacher"], out_dir=context["out_dir"])
 
 
 def _online_teacher(cfg: Any) -> Any:
@@ -234,7 +234,7 @@ def _rl_rollouts(cfg: Any) -> tuple[float, float]:
     # A group of num_generations samples per prompt, trained num_iterations times; the sampling policy's
     # log-probabilities (num_iterations > 1) and the reference's (beta > 0) are a forward pass each, about
     # a third of a training step's forward and backward.
-    extra_forwards = (cfg.num_iterations > 1) + (cfg.beta > 0)
+    extra_forwards = (cfg.num_iterations > 1 or cfg.max_staleness > 0) + (cfg.beta > 0)
     return float(cfg.num_generations), cfg.num_generations * (cfg.num_iterations + extra_forwards / 3)
 
 

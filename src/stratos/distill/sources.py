@@ -193,9 +193,14 @@ class OnPolicySource:
     Which micro-batches go on-policy is seeded by (seed, step, micro-batch), the samples by (seed, step),
     all of a step's in one batched generation per sampler, drawn from the weights that train on them,
     in ``prepare`` before the step: a run killed and resumed from a checkpoint samples exactly what the
-    uninterrupted run sampled."""
+    uninterrupted run sampled.
 
-    def __init__(self, examples: Sequence[Encoded], tokenizer: Any, cfg: Any, pad_id: int, teacher: Any = None):
+    With ``max_staleness`` 1 the trainer prepares each step while the step before it trains (from the
+    weights that step starts from), and every step's batches are written to ``out_dir/rollouts/`` before
+    they are used: a resumed run reads the rollouts its checkpoint's weights could no longer draw."""
+
+    def __init__(self, examples: Sequence[Encoded], tokenizer: Any, cfg: Any, pad_id: int, teacher: Any = None,
+                 out_dir: Path | None = None):
         from stratos.errors import TrainingError
 
         if cfg.seq_kd and teacher is None:
@@ -204,7 +209,8 @@ class OnPolicySource:
         self.examples, self.tokenizer, self.cfg, self.pad_id = examples, tokenizer, cfg, pad_id
         self.teacher = teacher if cfg.seq_kd else None
         self.total_steps = self.fixed.total_steps
-        self._step, self._batches = -1, []
+        self.dir = Path(out_dir) / "rollouts" if out_dir is not None and cfg.max_staleness else None
+        self._ready: dict[int, list[Batch]] = {}  # prepared steps' batches: this step's, and the next with staleness
 
     @staticmethod
     def _prompt(e: Encoded) -> list[int]:
@@ -220,6 +226,12 @@ class OnPolicySource:
 
         from stratos.models.generate import _eos_ids, sample_ids
 
+        if step in self._ready:
+            return None
+        path = self.dir / f"step-{step:06d}.safetensors" if self.dir is not None else None
+        if path is not None and path.is_file():
+            self._ready[step] = _load_batches(path)
+            return None
         t0 = time.perf_counter()
         indices = self.fixed.schedule.micro_batches(step)
         micro = [[self.examples[i] for i in idx] for idx in indices]
@@ -245,7 +257,10 @@ class OnPolicySource:
                 micro[m][j] = Encoded(p + c, [IGNORE] * len(p) + c)
             stats[on_policy] = (len(outs), sum(len(c) for c in outs), sum(1 for c in outs if c and c[-1] in eos))
         batches = [collate(rows, idx, self.pad_id) for rows, idx in zip(micro, indices)]
-        self._step, self._batches = step, batches
+        if path is not None:
+            _save_batches(path, batches)  # before they train: a resume reads them
+        self._ready = {k: v for k, v in self._ready.items() if k >= step - 1}  # the step training now stays
+        self._ready[step] = batches
         sampled, tokens, ended = stats.get(True, (0, 0, 0))
         teacher_rows = stats.get(False, (0, 0, 0))[0]
         n = sum(len(b.indices) for b in batches)
@@ -259,8 +274,8 @@ class OnPolicySource:
         return info
 
     def micro_batches(self, step: int) -> list[Batch]:
-        assert step == self._step, "prepare(step) comes first"
-        return self._batches
+        assert step in self._ready, "prepare(step) comes first"
+        return self._ready[step]
 
     def epoch(self, steps_done: int) -> float:
         return self.fixed.epoch(steps_done)
@@ -328,8 +343,11 @@ class GroupSource:
             update={"per_device_train_batch_size": self.per_micro, "max_steps": blocks}))
         self.total_steps = cfg.max_steps or self.schedule.total_steps * self.iterations
         self.dir = Path(out_dir) / "grpo" if out_dir is not None else None
-        if self.iterations > 1 and self.dir is None:
-            raise TrainingError("num_iterations > 1 needs an output directory for its rollouts")
+        # Rollouts drawn by weights no checkpoint keeps (num_iterations > 1, or one update early with
+        # max_staleness) are written to disk before they train, with the sampling policy's log-probs.
+        self.stored = self.iterations > 1 or cfg.max_staleness > 0
+        if self.stored and self.dir is None:
+            raise TrainingError("num_iterations > 1 or max_staleness needs an output directory for its rollouts")
         self.reference = None
         if cfg.beta > 0:
             if student is None:
@@ -345,7 +363,7 @@ class GroupSource:
         block = step - step % self.iterations  # the step whose policy sampled this step's rollouts
         if block == self._block:
             return None
-        if self.iterations > 1 and self._path(block).is_file():
+        if self.stored and self._path(block).is_file():
             self._batches, self._block = _load_batches(self._path(block)), block
             return None
         if block != step:
@@ -354,7 +372,7 @@ class GroupSource:
             raise TrainingError(f"the rollouts of step {block} are missing ({self._path(block)}): step {step} trains "
                                 "on them; resume from a checkpoint at the start of a num_iterations block")
         info = self._roll_out(block, model)
-        if self.iterations > 1:
+        if self.stored:
             _save_batches(self._path(block), self._batches)  # before it trains: a resume reads it
         return info
 
@@ -408,7 +426,7 @@ class GroupSource:
                 advantages += [a] * len(out)
             batch = collate(examples, rows, self.pad_id).with_weights(torch.tensor(scales))
             values = {"advantage": torch.tensor(advantages)}
-            if self.iterations > 1:
+            if self.stored:  # the ratio's denominator: the policy that sampled, not the one that trains
                 values["old_logp"] = batch_token_logps(model, batch, chunk_size=cfg.chunk_size, bf16=bf16).cpu()
             if self.reference is not None:
                 ref = self.reference.to(device)

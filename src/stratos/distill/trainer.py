@@ -314,16 +314,33 @@ class TrainResult:
 
 
 class InFlight:
-    """Micro-batches sent to a teacher service (a signal with ``submit``, e.g. a TeacherPool) before
-    they train: each step's all at once when the step begins, and up to ``depth`` more of later steps
-    where the source knows them ahead (``known_ahead``: fixed data), so that the teacher's forward
-    passes for the next batches run while the student trains on this one. What is computed does not
-    change, only when: a run with it trains to the same weights as one without."""
+    """A step's data, prepared and sent to a teacher service (a signal with ``submit``, e.g. a
+    TeacherPool) before it trains: each step's micro-batches all at once when the step begins, and
+    up to ``depth`` more of later steps where the source knows them ahead (``known_ahead``: fixed data),
+    so that the teacher's forward passes for the next batches run while the student trains on this one.
+    That changes when the teacher computes, not what: a run with it trains to the same weights.
 
-    def __init__(self, source: Source, signal: Any, depth: int):
+    With ``stale`` (max_staleness 1, on-policy sources) the next step is prepared (its rollouts
+    sampled) from the weights this step starts from, before this step trains, and sent: the teacher
+    scores rollouts one update old while the student trains."""
+
+    def __init__(self, source: Source, signal: Any, depth: int, stale: bool = False):
         self.source, self.submit = source, getattr(signal, "submit", None)
         self.depth = depth if getattr(source, "known_ahead", False) else 0
+        self.stale = stale and self.submit is not None
         self.held: dict[int, list[Any]] = {}  # later steps' micro-batches, already sent
+        self.made: dict[int, dict[str, float] | None] = {}  # what preparing a later step reported
+
+    def step(self, step: int, total: int, model: torch.nn.Module) -> tuple[dict[str, float] | None, list[Any]]:
+        """What preparing ``step`` reported (e.g. its rollouts' rewards; logged on its row) and its micro-batches."""
+        made = self.made.pop(step) if step in self.made else self.source.prepare(step, model)
+        batches = self.batches(step, total)
+        if self.stale and step + 1 < total:
+            self.made[step + 1] = self.source.prepare(step + 1, model)  # from the weights this step starts from
+            self.held[step + 1] = self.source.micro_batches(step + 1)
+            for b in self.held[step + 1]:
+                self.submit(b)
+        return made, batches
 
     def batches(self, step: int, total: int) -> list[Any]:
         if step in self.held:  # sent earlier
@@ -392,7 +409,7 @@ def train(
 
     source = source or FixedSource(examples, cfg, pad_id)
     total = source.total_steps
-    flight = InFlight(source, ctx.signal, cfg.teacher_in_flight)
+    flight = InFlight(source, ctx.signal, cfg.teacher_in_flight, stale=cfg.max_staleness > 0)
     opt = make_optimizer(student, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total))
     ckpt_dir = out_dir / "checkpoints"
@@ -419,8 +436,8 @@ def train(
     with progress_bar("distilling", total=total, enabled=progress, status=True) as bar:
         bar.advance(start)
         for step in range(start, end):
-            made = source.prepare(step, student)  # e.g. this round's rollouts (rft), at the round's first step
-            batches = flight.batches(step, total)  # with teacher workers: sent to them, and later steps' too
+            # The step's data (e.g. its rollouts), sent to teacher workers if there are any, with later steps'.
+            made, batches = flight.step(step, total, student)
             step_tokens, step_loss = sum(b.num_targets for b in batches), 0.0
             for batch in batches:
                 terms = algo.terms(ctx, batch)

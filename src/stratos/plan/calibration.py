@@ -109,6 +109,15 @@ def corrections(server: str, records: list[dict[str, Any]] | None = None) -> dic
 # --------------------------------------------------------------------------- profiling
 
 
+def _copy_bandwidth(device: Any, seconds: float) -> float:
+    """Bytes per second read and written by a 128 MiB copy: well beyond any CPU cache."""
+    import torch
+
+    x = torch.empty(32 * 2**20, dtype=torch.float32, device=device)
+    y = torch.empty_like(x)
+    return 2 * x.numel() * 4 / _timed(lambda: y.copy_(x), seconds, device=device)
+
+
 def _timed(fn, min_seconds: float, min_reps: int = 2, device: Any = None) -> float:
     """Seconds per call of ``fn``: one warm-up call, then repeats until ``min_seconds`` have passed
     (with the device's queue drained before each clock reading: CUDA runs asynchronously)."""
@@ -239,10 +248,7 @@ def run_profile(*, quick: bool = False, progress: bool = True, out: str | Path |
             a, b = torch.randn(n, n, dtype=dt, device=device), torch.randn(n, n, dtype=dt, device=device)
             peak = max(peak, 2 * n**3 / _timed(lambda: a @ b, seconds / 2, device=device))
         bar.advance()
-        x = torch.empty(32 * 2**20, dtype=torch.float32, device=device)  # 128 MiB: well beyond any CPU cache
-        y = torch.empty_like(x)
-        bandwidth = 2 * x.numel() * 4 / _timed(lambda: y.copy_(x), seconds, device=device)
-        del x, y
+        bandwidth = _copy_bandwidth(device, seconds)
         bar.advance()
         models = []
         for hidden, layers in sizes:

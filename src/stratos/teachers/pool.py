@@ -229,12 +229,22 @@ class ProcessBackend:
     def start(self, rank: int) -> None:
         self._stop(rank)
         parent, child = self._ctx.Pipe()
-        proc = self._ctx.Process(
-            target=_serve, args=(child, self._load, self._devices[rank], self._threads, self._autocast),
-            name=f"stratos-teacher-{rank}", daemon=True)
+        proc = self._ctx.Process(target=_serve, args=(child, self._devices[rank], self._threads, self._autocast),
+                                 name=f"stratos-teacher-{rank}", daemon=True)
         proc.start()
         child.close()
+        # The teacher goes through the pipe, not the process's arguments: the forkserver passes those
+        # with their file descriptors in one message of at most 256, one per shared weight tensor.
         self._procs[rank], self._conns[rank], self._known[rank] = proc, parent, set()
+        try:
+            parent.send(self._load)
+            # Wait until it holds the teacher, so that a run's clock starts with its workers ready and a
+            # teacher that cannot load shows up here; if it dies instead, wait() reports it.
+            _wait_any([parent, proc.sentinel])
+            if parent.poll():
+                parent.recv()  # ("ready",), always its first message
+        except (EOFError, OSError):
+            pass
 
     def _buffer(self, rows: int) -> _Buffer:
         fits = [b for b in self._free if b.tensor.shape[0] >= rows]
@@ -307,14 +317,19 @@ class ProcessBackend:
         self._busy.clear()
 
 
-def _serve(conn: Any, load: Callable[[], torch.nn.Module], device: str, threads: int,
-           autocast_dtype: torch.dtype | None) -> None:
-    """A worker's loop: take (job, buffer, inputs), write the hidden states into the buffer, answer (job, rows)."""
+def _serve(conn: Any, device: str, threads: int, autocast_dtype: torch.dtype | None) -> None:
+    """A worker's loop: receive the teacher, then take (job, buffer, inputs), write the hidden states into
+    the buffer and answer (job, rows)."""
     from stratos.teachers.signal import hidden_at_targets
 
     if torch.device(device).type == "cpu":
         torch.set_num_threads(threads)
+    try:
+        load = conn.recv()
+    except (EOFError, OSError):
+        return
     model = load().to(device).eval()
+    conn.send(("ready",))
     buffers: dict[int, torch.Tensor] = {}
     while True:
         try:
