@@ -493,3 +493,29 @@ def test_the_plan_adds_rl_when_the_student_answers_sometimes_and_misses_the_targ
                                     task=simple, distill=DistillSpec(algorithm="kd")))
     assert [ph.algorithm for ph in written[0].settings.phases] == ["kd"]  # what the spec names wins
     assert written[0].accuracy == 0.4 and not written[0].strategy.rl  # and no RL gain is predicted for it
+
+
+def test_the_plan_corrects_its_predictions_by_what_earlier_runs_measured():
+    from stratos.plan.calibration import accuracy_corrections, corrections
+
+    records = [  # two runs of the task (one eval rerun: its last record counts), one of another task
+        {"kind": "accuracy", "task": "t", "method": "prior", "predicted": 0.8, "measured": 0.5, "error": -0.3, "run": "a"},
+        {"kind": "accuracy", "task": "t", "method": "prior", "predicted": 0.8, "measured": 0.4, "error": -0.4, "run": "b"},
+        {"kind": "accuracy", "task": "t", "method": "prior", "predicted": 0.8, "measured": 0.6, "error": -0.2, "run": "a"},
+        {"kind": "accuracy", "task": "u", "method": "prior", "predicted": 0.1, "measured": 0.9, "error": 0.8, "run": "c"},
+        {"stage": "latency", "server": "small", "predicted_s": 10.0, "measured_s": 30.0, "ratio": 3.0},
+    ]
+    corr = accuracy_corrections("t", records)
+    assert corrections("small", records) == {"latency": 3.0}  # accuracy records are not stage times
+    assert corr["prior"][1] == 2 and corr["prior"][0] == pytest.approx(-0.3)  # median of -0.4 and -0.2
+    plain, plain_cands = build_plan(inputs())
+    learnt, learnt_cands = build_plan(inputs(accuracy_corrections=corr, corrections={"small": {"latency": 3.0}}))
+    assert learnt.predicted["accuracy"] == pytest.approx(max(0.0, plain.predicted["accuracy"] - 0.3))
+    for a, b in zip(plain_cands, learnt_cands):  # the same candidates, in the same order
+        assert b.accuracy == pytest.approx(max(0.0, a.accuracy - 0.3))
+        assert b.latency_ms == pytest.approx(a.latency_ms * (3.0 if a.serving_server == "small" else 1.0))
+    assert {c.serving_server for c in plain_cands} == {"big", "small"}
+    assert "corrected by -30.0 points" in learnt.predicted["accuracy_reason"]
+    assert not any("median of p50" in r for r in plain.reasons)
+    served_on_gpu, _ = build_plan(inputs(corrections={s.name: {"latency": 3.0} for s in inputs().servers}))
+    assert any("x3.00: the median of p50 latency under load" in r for r in served_on_gpu.reasons)

@@ -118,6 +118,36 @@ def test_pipeline_killed_mid_distill_resumes_to_the_same_result(tiny_spec, tmp_p
                    "Example predictions", "data:image/png;base64,"):
         assert needle in html, needle
     assert (killed / "deploy" / "sky-serve.yaml").is_file() and (killed / "deploy" / "serve.sh").is_file()
+    # The planner learns from what it measured: the killed run's plan came after the full run's eval, which
+    # recorded its predicted and measured accuracy; the same prediction corrected by that error is the
+    # accuracy the full run measured.
+    first = json.loads((full / "eval" / "results.json").read_text())["rows"][-1]
+    records = [json.loads(x) for x in (full / "eval" / "plan-measurements.jsonl").read_text().splitlines()]
+    acc_rec = next(r for r in records if r.get("kind") == "accuracy")
+    assert acc_rec["measured"] == first["accuracy"]
+    assert any(r.get("stage") == "latency" and r["measured_s"] == first["latency_ms"]["p50"] for r in records)
+    second = json.loads((killed / "plan" / "plan.json").read_text())["predicted"]
+    assert "corrected by" in second["accuracy_reason"] and "1 earlier run(s)" in second["accuracy_reason"]
+    assert second["accuracy"] == pytest.approx(min(1.0, max(0.0, acc_rec["predicted"] + acc_rec["error"])))
+
+    # The spec's one constraint (budget_usd 5) judged from what was measured: met, and shown first.
+    assert [v["constraint"] for v in results["verdicts"]] == ["budget_usd"] and results["verdicts"][0]["met"]
+    assert html.index("Constraints") < html.index("Results") and "meets all 1 of the spec" in html
+
+    # The same run asked for 50% accuracy, which the plan predicts and this tiny student cannot reach:
+    # the eval judges it missed, the report says so, and `stratos run` exits 3 with one line saying by how much.
+    strict = tmp_path / "strict.yaml"
+    strict.write_text(tiny_spec.read_text().replace("budget_usd: 5", "budget_usd: 5\n  min_accuracy: 0.5"))
+    assert "min_accuracy: 0.5" in strict.read_text()
+    assert deployed["accuracy"] < 0.5
+    missed = subprocess.run(_cli(strict, killed) + ["--from", "eval"], env=env, capture_output=True, text=True,
+                            timeout=240)
+    assert missed.returncode == 3, missed.stdout + missed.stderr
+    line = next(x for x in missed.stderr.splitlines() if "misses the spec's constraints" in x)
+    assert f"min_accuracy 50.0%: missed, {100 * (0.5 - deployed['accuracy']):.1f} points short" in line
+    assert "budget_usd" not in line  # only what was missed
+    html = (killed / "report.html").read_text()
+    assert "misses 1 of the spec's 2 constraint(s)" in html and "points short" in html
     if shutil.which("chromium") or shutil.which("chromium-browser"):  # a real browser renders it
         shot = subprocess.run([sys.executable, str(ROOT / "scripts" / "screenshot_report.py"), str(killed / "report.html")],
                               capture_output=True, text=True, timeout=120)

@@ -283,6 +283,7 @@ def stage_eval(ctx: Context) -> dict[str, Any]:
     from stratos.tasks import messages, task_from_spec
     from stratos.teachers import endpoint, generate_fn, make_teacher
 
+    t_start = time.perf_counter()
     spec, plan = ctx.spec, ctx.plan()
     task = task_from_spec(spec.task)
     n = spec.eval.n or spec.task.eval_size
@@ -311,7 +312,9 @@ def stage_eval(ctx: Context) -> dict[str, Any]:
         res = evaluate(teacher, t_tok, task, subset, rules=rules, generate_fn=gen,
                        predictions_path=ctx.dir / f"predictions-teacher{'-rules' if rules else ''}.jsonl", **kw)
         record(role, t_spec.label, res, facts)
+    api_usd = 0.0
     if client is not None:
+        api_usd = client.usage.cost_usd
         client.close()
     del teacher
     models = [("student", ctx.artifact("distill", "model"))]
@@ -340,9 +343,30 @@ def stage_eval(ctx: Context) -> dict[str, Any]:
     results = {"task": spec.task.name, "n": n, "rows": rows, "bench": bench.to_dict(),
                "serving_server": plan.serving_server.name, "serving_usd_per_hour": price,
                "serving_local": plan.serving_server.is_local}
+    # The constraints as results: judged here, shown first in the report, and `stratos run` exits 3 on a miss.
+    from stratos.verdicts import judge, spent_usd
+
+    synth_stats = ctx.run_dir / "synth" / "stats.json"
+    if synth_stats.is_file():
+        api_usd += float((json.loads(synth_stats.read_text()).get("usage") or {}).get("cost_usd") or 0.0)
+    spent = spent_usd(ctx.manifest.data, plan.training_server.price(False), price, api_usd,
+                      spec.plan.serve_trial_hours, eval_seconds=time.perf_counter() - t_start)
+    results["verdicts"] = [v.to_dict() for v in judge(spec.constraints, results, spent)]
     write_json(ctx.dir / "results.json", results)
+    # The planner learns from what was measured: the next plans correct their predictions by these.
+    from stratos.plan.calibration import record_accuracy, record_stage, task_key
+
+    final, pred = rows[-1], plan.predicted
+    record_accuracy(task_key(spec.task), pred["accuracy_method"], pred["accuracy"], final["accuracy"],
+                    run=str(ctx.run_dir.resolve()), run_dir=ctx.dir, note=f"{plan.student['name']} from "
+                    f"{plan.teacher['name']}, {final['n']} questions")
+    p50 = (bench.latency_ms or {}).get("p50")
+    if plan.serving_server.is_local and p50 and pred.get("latency_ms"):  # measured on the server it predicted
+        record_stage("latency", plan.serving_server.name, pred["latency_ms"], p50, run_dir=ctx.dir,
+                     note=f"p50 at {spec.eval.bench_clients} clients over the plan's batch-1 prediction (ms)")
     return {"results_path": ctx.rel(ctx.dir / "results.json"),
-            "accuracy": {r["role"]: r["accuracy"] for r in rows}}
+            "accuracy": {r["role"]: r["accuracy"] for r in rows},
+            "verdicts": [v["line"] for v in results["verdicts"]]}
 
 
 def stage_report(ctx: Context) -> dict[str, Any]:
@@ -508,11 +532,29 @@ def run(
         rec.update(status="done", ended=_now(), seconds=round(seconds, 2), artifacts=artifacts,
                    predicted_seconds=predicted.get(name))
         manifest.save()
+        if predicted.get(name) and not resume:  # a stage run whole, on the machine the plan priced: learn from it
+            from stratos.plan.calibration import record_stage
+
+            record_stage(name, "local", predicted[name], seconds, run_dir=run_dir / name, note=f"run {run_dir.name}")
         log.info("%-8s done in %.1fs", name, seconds)
         # A changed stage invalidates what came after it: their hashes chain, so they rerun.
     manifest.data["updated"] = _now()
     manifest.save()
+    _check_constraints(run_dir, selected)
     return manifest
+
+
+def _check_constraints(run_dir: Path, selected: list[str]) -> None:
+    """Raise ConstraintsMissed (exit 3) when the eval judged the deployed student to miss a constraint."""
+    from stratos.verdicts import ConstraintsMissed, from_results, missed
+
+    results = run_dir / "eval" / "results.json"
+    if "eval" not in selected or not results.is_file():
+        return
+    misses = missed(from_results(json.loads(results.read_text())))
+    if misses:
+        raise ConstraintsMissed("the deployed student misses the spec's constraints: "
+                                + "; ".join(v.line() for v in misses) + f" (see {run_dir / 'report.html'})")
 
 
 def _predicted(manifest: Manifest, rt: Any) -> dict[str, float]:

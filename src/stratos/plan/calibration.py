@@ -7,9 +7,11 @@ It measures on the device the stages run on (``stratos.runtime``) and stores the
 ``<cache>/plan/calibration.json`` (``calibration-cuda.json`` for a GPU), so a plan for this machine
 predicts for the device its stages will really use.
 
-Every run can also ``record_stage`` the predicted and the measured time of a stage; the records
-(``<cache>/plan/measurements.jsonl``) make the model's error visible, and ``corrections`` turns them
-into per-stage factors (median measured/predicted) that later plans apply.
+Every run can also ``record_stage`` the predicted and the measured time of a stage, and after its
+eval the deployed student's latency (``record_stage("latency", ...)``) and accuracy
+(``record_accuracy``); the records (``<cache>/plan/measurements.jsonl``) make the model's error
+visible, and ``corrections`` / ``accuracy_corrections`` turn them into per-stage factors (median
+measured/predicted) and per-task accuracy offsets (median measured - predicted) that later plans apply.
 """
 
 from __future__ import annotations
@@ -98,12 +100,49 @@ def read_measurements(path: str | Path | None = None) -> list[dict[str, Any]]:
 
 
 def corrections(server: str, records: list[dict[str, Any]] | None = None) -> dict[str, float]:
-    """Per stage: the median measured/predicted ratio of the latest records on ``server``."""
+    """Per stage: the median measured/predicted ratio of the latest records on ``server`` (stage
+    ``latency``: the deployed student's p50 under the eval's load over the plan's batch-1 prediction)."""
     by_stage: dict[str, list[float]] = {}
     for r in records if records is not None else read_measurements():
-        if r.get("server") == server and r.get("ratio"):
+        if r.get("server") == server and r.get("ratio") and "stage" in r:
             by_stage.setdefault(r["stage"], []).append(float(r["ratio"]))
     return {stage: statistics.median(v[-CORRECTION_WINDOW:]) for stage, v in by_stage.items()}
+
+
+def task_key(task: Any) -> str:
+    """The task a spec names, with its options: what accuracy records are kept and looked up by."""
+    options = json.dumps(getattr(task, "options", None) or {}, sort_keys=True, default=str)
+    return f"{task.name} {options}" if options != "{}" else task.name
+
+
+def record_accuracy(task: str, method: str, predicted: float, measured: float, *, run: str,
+                    run_dir: str | Path | None = None, note: str = "") -> dict[str, Any]:
+    """Append the plan's predicted accuracy for ``task`` (by ``method``: prior or pilot) and the deployed
+    student's measured one in ``run`` (a run directory: a rerun of its eval replaces its record), to the
+    same logs as ``record_stage``."""
+    rec = {"time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "kind": "accuracy", "task": task,
+           "method": method, "predicted": predicted, "measured": measured, "error": measured - predicted,
+           "run": run, "note": note}
+    paths = [measurements_path()] + ([Path(run_dir) / "plan-measurements.jsonl"] if run_dir else [])
+    for p in paths:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        with open(p, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(rec) + "\n")
+    return rec
+
+
+def accuracy_corrections(task: str, records: list[dict[str, Any]] | None = None) -> dict[str, tuple[float, int]]:
+    """Per prediction method: the median error (measured - predicted accuracy) of the latest runs of
+    ``task``, and how many runs it comes from; later plans add it to their predictions."""
+    latest: dict[str, dict[str, Any]] = {}  # by run: the last record of each
+    for r in records if records is not None else read_measurements():
+        if r.get("kind") == "accuracy" and r.get("task") == task:
+            latest.pop(r.get("run", ""), None)
+            latest[r.get("run", "")] = r  # re-inserted: dict order stays the order of the latest records
+    by_method: dict[str, list[float]] = {}
+    for r in latest.values():
+        by_method.setdefault(r["method"], []).append(float(r["error"]))
+    return {m: (statistics.median(v[-CORRECTION_WINDOW:]), len(v[-CORRECTION_WINDOW:])) for m, v in by_method.items()}
 
 
 # --------------------------------------------------------------------------- profiling

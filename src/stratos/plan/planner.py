@@ -192,6 +192,8 @@ class PlanInputs:
     student_accuracy: dict[tuple[int, int], tuple[float, str, str]] = field(default_factory=dict)  # pilots
     student_baseline: dict[int, float] = field(default_factory=dict)
     corrections: dict[str, dict[str, float]] = field(default_factory=dict)  # server -> stage -> factor
+    # prediction method (prior, pilot) -> (median measured - predicted accuracy of earlier runs of the task, runs)
+    accuracy_corrections: dict[str, tuple[float, int]] = field(default_factory=dict)
     recovery_tokens: float = 0.0
     max_length: int = 512
     batch: int = 8
@@ -279,6 +281,11 @@ def decide_pairs(inputs: PlanInputs) -> list[PairDecision]:
             else:
                 acc, why = prior_student_accuracy(probe, inputs.task, m, strat, inputs.student_baseline.get(si, 0.0))
                 method = "prior"
+            if method in inputs.accuracy_corrections:  # learnt from what earlier runs of this task measured
+                err, runs = inputs.accuracy_corrections[method]
+                acc = min(1.0, max(0.0, acc + err))
+                why += (f"; corrected by {100 * err:+.1f} points, the median error of this task's {method} "
+                        f"predictions in {runs} earlier run(s) (deployed student measured)")
             if not names_algorithm(distill):  # what the spec names is what runs: no RL phase of the plan's own
                 strat, acc, gain = plan_rl(strat, inputs.task, acc, inputs.min_accuracy, distill.num_generations)
                 why += gain
@@ -402,7 +409,10 @@ def build_plan(inputs: PlanInputs) -> tuple[Plan, list[Candidate]]:
         f"train on {train.name} ({train.gpu_count}x {train.gpu}, ${train.price(inputs.spot):,.2f}/h): "
         f"{best.train_hours * 60:,.1f} min until the student exists",
         f"serve on {serve.name} ({serve.gpu_count}x {serve.gpu}): {best.latency_ms:,.1f} ms per request "
-        f"({inputs.task.prompt_tokens:.0f} prompt + {pd.workload.answer_tokens:.0f} answer tokens, batch 1)",
+        f"({inputs.task.prompt_tokens:.0f} prompt + {pd.workload.answer_tokens:.0f} answer tokens, batch 1"
+        + (f", x{lat_corr:.2f}: the median of p50 latency under load over this prediction in earlier evals on "
+           f"{serve.name})" if (lat_corr := inputs.corrections.get(serve.name, {}).get("latency", 1.0)) != 1.0
+           else ")"),
         f"total cost ${best.cost_usd:,.2f} (probe, teacher work, training and {inputs.serve_hours:g} h of serving)",
     ] + pd.match.reasons + pd.strategy.reasons + pd.settings.reasons
     eff = {name: _eff(inputs, s).to_dict() for name, s in servers.items() if name in (train.name, serve.name)}

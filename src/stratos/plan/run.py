@@ -11,7 +11,14 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from stratos.plan.calibration import corrections, load_calibration, local_efficiency, record_stage
+from stratos.plan.calibration import (
+    accuracy_corrections,
+    corrections,
+    load_calibration,
+    local_efficiency,
+    record_stage,
+    task_key,
+)
 from stratos.plan.catalog import LOCAL, filter_servers, load_catalog
 from stratos.plan.costmodel import ApiPricing, generate_seconds
 from stratos.plan.planner import Plan, PlanInputs, build_plan
@@ -186,6 +193,7 @@ def _inputs(spec, teachers, students, probes, profile, servers, cal, gpu: bool) 
         weights=weights_of(ps), objective=ps.objective if ps.weights is None else "custom",
         competent_accuracy=ps.competent_accuracy, spot=ps.spot, serve_hours=ps.serve_trial_hours, api_pricing=api,
         corrections={s.name: corrections(s.name) for s in servers}, recovery_tokens=recovery,
+        accuracy_corrections=accuracy_corrections(task_key(spec.task)),
         max_length=spec.distill.max_length, batch=spec.distill.per_device_train_batch_size,
         teacher_models=[t.model for t in spec.teachers], student_models=[s.model for s in spec.students],
         spec_name=spec.name, spec_values=SpecValues.from_spec(spec), distill=spec.distill,

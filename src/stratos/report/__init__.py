@@ -155,6 +155,75 @@ def _eval_while_training(metrics: list[dict[str, Any]], final: dict[str, Any]) -
     return f"<p>{text}.</p>"
 
 
+def _constraints(results: dict[str, Any], predicted: dict[str, Any]) -> str:
+    """The verdict on each of the spec's constraints, measured, beside what the plan predicted."""
+    verdicts = results.get("verdicts")
+    if verdicts is None:
+        return ("<h2>Constraints</h2><p class='muted'>not judged yet: the eval stage measures the deployed student "
+                "against the spec's constraints</p>")
+    if not verdicts:
+        return "<h2>Constraints</h2><p class='muted'>the spec sets no constraint</p>"
+    fmt = {"min_accuracy": lambda x: f"{x:.1%}", "max_latency_ms": lambda x: f"{x:,.0f} ms",
+           "budget_usd": lambda x: f"${x:,.2f}"}
+    pred_key = {"min_accuracy": "accuracy", "max_latency_ms": "latency_ms", "budget_usd": "cost_usd"}
+    rows = []
+    for v in verdicts:
+        f = fmt[v["constraint"]]
+        state = ("<span class='muted'>not measured</span>" if v["met"] is None else
+                 "<b class='ok'>met</b>" if v["met"] else f"<b class='bad'>missed</b>: {_e(v['shortfall'])}")
+        pred = predicted.get(pred_key[v["constraint"]])
+        rows.append([f"<code>{_e(v['constraint'])}</code>", _e(f(v["limit"])), state,
+                     _e(f(v["measured"])) if v["measured"] is not None else "–",
+                     _e(f(pred)) if isinstance(pred, (int, float)) else "–", _e(v["how"])])
+    n_missed = sum(1 for v in verdicts if v["met"] is False)
+    summary = (f"<p class='headline bad'>The deployed student misses {n_missed} of the spec's {len(verdicts)} "
+               "constraint(s); <code>stratos run</code> exited 3.</p>" if n_missed else
+               f"<p class='headline ok'>The deployed student meets all {len(verdicts)} of the spec's constraints, "
+               "measured.</p>")
+    note = ("<p class='muted'>Predicted: the plan's prediction for the chosen teacher, student and servers (the "
+            "plan's latency is one request at a time on the serving server; the measured one is under the eval's "
+            "load test).</p>")
+    return ("<h2>Constraints</h2>" + summary
+            + _table(["constraint", "limit", "verdict", "measured", "predicted by the plan", "how it was measured"],
+                     rows) + note)
+
+
+def _measured(results: dict[str, Any], what: str) -> str:
+    """The deployed student's measured accuracy or p50 latency, to set beside the plan's prediction."""
+    final = next((r for r in results.get("rows", []) if r.get("role") == "deployed student"), None)
+    if final is None:
+        return ""
+    if what == "accuracy":
+        return f" (deployed student measured: {final['accuracy']:.3f})"
+    p50 = (final.get("latency_ms") or {}).get("p50")
+    clients = (results.get("bench") or {}).get("clients", "?")
+    return f" (measured p50: {p50:,.0f} at {_e(clients)} concurrent clients)" if p50 is not None else ""
+
+
+def _data_tables(stats: dict[str, Any], path: Path, run_dir: Path) -> str:
+    """The synth stage's statistics for people: where the rows came from, per question type, and spending."""
+    rows = stats.get("rows") or {}
+    usage = stats.get("usage") or {}
+    facts = _table(["", ""], [
+        ["teacher", _e(stats.get("teacher"))],
+        ["teacher prompts x samples", f"{_fmt(stats.get('prompts'))} x {_fmt(stats.get('samples_per_prompt'))}"],
+        ["teacher answers kept by the verifier", _fmt(stats.get("acceptance"))],
+        ["rows", ", ".join(f"{_e(k)} {_fmt(v)}" for k, v in rows.items()) or "–"],
+        ["duplicates dropped", _fmt(stats.get("duplicates_dropped"))],
+        ["API spend ($)", _fmt(usage.get("cost_usd"), 4) + (" (stopped by the budget)" if usage.get("budget_stopped")
+                                                           else "")],
+    ])
+    by_type = stats.get("by_type") or {}
+    types = _table(["question type", "prompts", "samples", "solved", "acceptance"],
+                   [[_e(t), _fmt(d.get("prompts")), _fmt(d.get("samples")), _fmt(d.get("solved")),
+                     _fmt(d.get("acceptance"))] for t, d in by_type.items()]) if by_type else ""
+    try:
+        link = path.relative_to(run_dir)
+    except ValueError:
+        link = path
+    return facts + types + f"<p class='muted'>All figures: <a href='{_e(link)}'>{_e(link)}</a>.</p>"
+
+
 _CSS = """
 body{font:15px/1.45 system-ui,-apple-system,Segoe UI,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 h1{margin-bottom:.2em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
@@ -162,6 +231,7 @@ table{border-collapse:collapse;margin:.6em 0;font-size:14px}th,td{border:1px sol
 th{background:#f5f5f5}.muted{color:#888}.headline{font-size:17px;background:#eef6ff;padding:.8em;border-radius:6px}
 pre{white-space:pre-wrap;margin:0;font-size:12.5px;max-width:520px}img{max-width:100%}
 .ok{color:#1a7f37}.bad{color:#cf222e}code{background:#f3f3f3;padding:0 .2em}
+.headline.bad{background:#fff0f0}.headline.ok{background:#eefbf0}
 """
 
 
@@ -174,8 +244,12 @@ def build_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     stages = manifest.get("stages", {})
     sections: list[str] = []
 
-    # --- results first: what a reader came for
+    # --- the constraints first: did the deployed student meet what the spec asked, measured?
     results = _read_json(run_dir / "eval" / "results.json") or {}
+    plan = _read_json(run_dir / "plan" / "plan.json")
+    sections.append(_constraints(results, (plan or {}).get("predicted", {})))
+
+    # --- results: what a reader came for
     if results:
         headers, rows = results_table(results)
         bench = results.get("bench") or {}
@@ -195,7 +269,6 @@ def build_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
         sections.append("<h2>Results</h2><p class='muted'>the eval stage has not run yet</p>")
 
     # --- the plan
-    plan = _read_json(run_dir / "plan" / "plan.json")
     if plan:
         png = run_dir / "plan" / "plan.png"
         reasons = "".join(f"<li>{_e(r)}</li>" for r in plan.get("reasons", []))
@@ -207,18 +280,23 @@ def build_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
                                         for p in plan.get("settings", {}).get("phases", [])))],
             ["training server", _e(plan["training_server"].get("name"))],
             ["serving server", _e(plan["serving_server"].get("name"))],
-            ["predicted accuracy", _fmt(pred.get("accuracy"))], ["predicted cost ($)", _fmt(pred.get("cost_usd"), 2)],
-            [f"predicted latency (ms) on {_e(plan['serving_server'].get('name'))}", _fmt(pred.get("latency_ms"), 0)],
+            ["predicted accuracy", _fmt(pred.get("accuracy")) + _measured(results, "accuracy")],
+            ["predicted cost ($)", _fmt(pred.get("cost_usd"), 2)],
+            [f"predicted latency (ms) on {_e(plan['serving_server'].get('name'))}, one request at a time",
+             _fmt(pred.get("latency_ms"), 0) + _measured(results, "latency")],
             ["candidates (total / feasible / on the front)",
              " / ".join(str(plan.get("counts", {}).get(k, "?")) for k in ("total", "feasible", "front"))],
         ])
+        # The Pareto plot only when it has a choice to show: one feasible candidate is a point on axes.
+        several = (plan.get("counts", {}).get("feasible") or 0) > 1
         sections.append("<h2>Plan</h2>" + facts + f"<h3>Why</h3><ul>{reasons}</ul>"
-                        + (_img(plots.png_uri(png.read_bytes()), "Pareto front") if png.is_file() else ""))
+                        + (_img(plots.png_uri(png.read_bytes()), "Pareto front") if png.is_file() and several else ""))
 
     # --- data
     stats = _read_json(_artifact(manifest, run_dir, "synth", "stats_path") or run_dir / "synth" / "stats.json")
     if stats:
-        sections.append("<h2>Training data</h2><pre>" + _e(json.dumps(stats, indent=2))[:6000] + "</pre>")
+        sections.append("<h2>Training data</h2>" + _data_tables(stats, _artifact(manifest, run_dir, "synth", "stats_path")
+                                                                 or run_dir / "synth" / "stats.json", run_dir))
 
     # --- training
     metrics_path = _artifact(manifest, run_dir, "distill", "metrics_path") or run_dir / "distill" / "metrics.jsonl"
