@@ -67,7 +67,8 @@ def _fmt(x: Any, digits: int = 3) -> str:
 def _table(headers: list[str], rows: list[list[Any]], cls: str = "") -> str:
     head = "".join(f"<th>{_e(h)}</th>" for h in headers)
     body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
-    return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+    thead = f"<thead><tr>{head}</tr></thead>" if any(headers) else ""  # a list of facts has no header row
+    return f'<table class="{cls}">{thead}<tbody>{body}</tbody></table>'
 
 
 def _img(uri: str | None, alt: str) -> str:
@@ -107,14 +108,15 @@ def _headline(results: dict[str, Any]) -> str:
     final = rows.get("deployed student") or rows.get("compressed student") or rows.get("student")
     if not teacher or not final:
         return ""
-    gain = final["accuracy"] / teacher["accuracy"] if teacher["accuracy"] > 0 else float("inf")
     size = (f", at {final['params'] / teacher['params']:.0%} of the teacher's parameters"
             if final.get("params") and teacher.get("params") else "")
-    times = "∞" if gain == float("inf") else f"{gain:.1f}"
+    points = f"<b>{100 * (final['accuracy'] - teacher['accuracy']):+.1f} points</b>"
+    # A ratio only where it means something: x / 0 is no multiple, and 0 / 0 is none at all.
+    compare = (f"<b>{final['accuracy'] / teacher['accuracy']:.1f}x</b> and {points}" if teacher["accuracy"] > 0
+               else points)
     return (f'<p class="headline">The {_e(final["role"])} answers <b>{final["accuracy"]:.1%}</b> of '
             f'{results.get("n", "?")} held-out <code>{_e(results.get("task", ""))}</code> questions correctly, '
-            f'against <b>{teacher["accuracy"]:.1%}</b> for the teacher zero-shot: <b>{times}x</b> and '
-            f'<b>{100 * (final["accuracy"] - teacher["accuracy"]):+.1f} points</b>{size}.</p>')
+            f'against <b>{teacher["accuracy"]:.1%}</b> for the teacher zero-shot: {compare}{size}.</p>')
 
 
 def _examples(eval_dir: Path, k: int = 4) -> str:
@@ -207,7 +209,8 @@ def _data_tables(stats: dict[str, Any], path: Path, run_dir: Path) -> str:
     facts = _table(["", ""], [
         ["teacher", _e(stats.get("teacher"))],
         ["teacher prompts x samples", f"{_fmt(stats.get('prompts'))} x {_fmt(stats.get('samples_per_prompt'))}"],
-        ["teacher answers kept by the verifier", _fmt(stats.get("acceptance"))],
+        ["teacher answers kept by the verifier",
+         f"{stats['acceptance']:.1%}" if isinstance(stats.get("acceptance"), (int, float)) else "–"],
         ["rows", ", ".join(f"{_e(k)} {_fmt(v)}" for k, v in rows.items()) or "–"],
         ["duplicates dropped", _fmt(stats.get("duplicates_dropped"))],
         ["API spend ($)", _fmt(usage.get("cost_usd"), 4) + (" (stopped by the budget)" if usage.get("budget_stopped")
@@ -216,7 +219,8 @@ def _data_tables(stats: dict[str, Any], path: Path, run_dir: Path) -> str:
     by_type = stats.get("by_type") or {}
     types = _table(["question type", "prompts", "samples", "solved", "acceptance"],
                    [[_e(t), _fmt(d.get("prompts")), _fmt(d.get("samples")), _fmt(d.get("solved")),
-                     _fmt(d.get("acceptance"))] for t, d in by_type.items()]) if by_type else ""
+                     f"{d['acceptance']:.1%}" if isinstance(d.get("acceptance"), (int, float)) else "–"]
+                    for t, d in by_type.items()]) if by_type else ""
     try:
         link = path.relative_to(run_dir)
     except ValueError:
