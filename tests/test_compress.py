@@ -226,3 +226,21 @@ def test_cli_compress(tiny_tokenizer, tmp_path):
     assert [x["step"] for x in rows] == ["original", "pruned", "quantized"] and rows[0]["accuracy"] is None
     bad = CliRunner().invoke(app, ["compress", "--model", str(folder), "--task", "arithmetic", "--quantize", "int3"])
     assert bad.exit_code == 2 and "quantize" in bad.output
+
+
+def test_the_deployed_format_is_chosen_by_measured_latency_when_latency_is_constrained():
+    from stratos.compress import choose_for_latency
+
+    fp32 = {"step": "original", "tokens_per_s": 1000.0, "size_mb": 12.4}
+    int8 = {"step": "quantized", "tokens_per_s": 700.0, "size_mb": 3.5}  # smaller but slower, as torchao int8 on CPU
+    # No latency constraint: the spec's format, the smaller.
+    assert choose_for_latency(fp32, int8, None, 128)[0] == -1
+    # 128 tokens: 128 ms at 1,000 tok/s, 183 ms at 700. Both within 200 ms: the smaller.
+    keep, why = choose_for_latency(fp32, int8, 200, 128)
+    assert keep == -1 and "both meet it" in why and "183 ms quantized" in why
+    # Within 150 ms only the unquantized one: it is deployed, though bigger.
+    keep, why = choose_for_latency(fp32, int8, 150, 128)
+    assert keep == -2 and why.startswith("original:") and "only this one meets it" in why
+    # Neither within 100 ms: the faster.
+    assert choose_for_latency(fp32, int8, 100, 128)[0] == -2
+    assert choose_for_latency({**fp32, "tokens_per_s": 500.0}, int8, 100, 128)[0] == -1

@@ -72,7 +72,7 @@ def test_api_teacher_is_probed_through_its_endpoint(tiny_models, tmp_path):
     from stratos.models.generate import generate
     from stratos.serve import running_server
     from stratos.tasks import messages
-    from stratos.teachers import generate_fn, make_teacher
+    from stratos.teachers import Price, generate_fn, make_teacher
 
     t_path, _ = tiny_models
     task = get_task("arithmetic", digits=2)
@@ -80,11 +80,17 @@ def test_api_teacher_is_probed_through_its_endpoint(tiny_models, tmp_path):
     local = probe_teacher(TeacherSpec(model=t_path), task, examples, rules=False, max_new_tokens=6)
     with running_server(t_path) as server:
         api = TeacherSpec(name="served", model=server.model, backend="openai", base_url=server.base_url)
-        remote = probe_teacher(api, task, examples, rules=False, max_new_tokens=6, cache_dir=tmp_path / "requests")
+        remote = probe_teacher(api, task, examples, rules=False, max_new_tokens=6, cache_dir=tmp_path / "requests",
+                               price=Price(input_usd_per_mtok=2.0, output_usd_per_mtok=8.0))
         prompts = [messages(task, ex) for ex in examples]
         client = make_teacher(api, cache_dir=tmp_path / "requests")
         served = generate_fn(client)(prompts, max_new_tokens=6, batch_size=4)
         assert client.usage.cached == 4 and client.usage.requests == 0  # the probe's answers, from its cache
+    # What the probe cost at its price, which the budget verdict counts: its tokens, priced.
+    tokens_in = client.usage.prompt_tokens
+    tokens_out = client.usage.completion_tokens
+    assert remote.cost_usd == pytest.approx((tokens_in * 2.0 + tokens_out * 8.0) / 1e6) and remote.cost_usd > 0
+    assert local.cost_usd == 0.0
     from stratos.models import load
 
     model, tok = load(t_path)

@@ -346,6 +346,7 @@ def stage_eval(ctx: Context) -> dict[str, Any]:
     # The constraints as results: judged here, shown first in the report, and `stratos run` exits 3 on a miss.
     from stratos.verdicts import judge, spent_usd
 
+    api_usd += sum(getattr(p, "cost_usd", 0.0) for p in plan.probes)  # the plan's probes of API teachers
     synth_stats = ctx.run_dir / "synth" / "stats.json"
     if synth_stats.is_file():
         api_usd += float((json.loads(synth_stats.read_text()).get("usage") or {}).get("cost_usd") or 0.0)

@@ -173,7 +173,8 @@ class _TrainingOptions(_Strict):
                                  "the online teacher signal, and the cache's, apart from training; each batch is split "
                                  "across them by token count. 0: the teacher runs in the training process.")
     teacher_threads: int | None = Field(None, gt=0, description="Torch threads of each CPU teacher worker, taken from "
-                                        "the training process's (default: half of them, split among the workers).")
+                                        "the training process's (default: half of them, split among the workers, "
+                                        "at least one each).")
     teacher_devices: list[str] | None = Field(None, description="Device of each teacher worker, e.g. [cuda:1, cuda:2] "
                                               "(default: the teacher's device, shared with the training).")
     teacher_in_flight: int = Field(2, ge=0, description="With teacher_workers: micro-batches of later steps sent to "

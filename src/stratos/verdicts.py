@@ -10,8 +10,8 @@ The eval stage judges and writes the verdicts into ``eval/results.json``; the re
   (its 95% interval is shown, the verdict is on the measured accuracy itself).
 - ``max_latency_ms``: end-to-end request latency of the deployed student under the eval's load test
   (``eval.bench_clients`` concurrent clients), judged on the median (p50); p95 is shown beside it.
-- ``budget_usd``: what the run spent: API requests (the teacher's, as synth and eval recorded them; the
-  plan's probes of an API teacher are not counted yet),
+- ``budget_usd``: what the run spent: API requests (the teacher's, as the plan's probes, synth and
+  eval recorded them, cached answers at their price: what the run's data cost),
   the compute time of the stages so far at the hourly price of the server each ran on (the plan's
   training server for plan to compress, its serving server for the eval), and the plan's serving
   trial (``plan.serve_trial_hours`` at the serving server's price), which is planned, not measured,
@@ -70,7 +70,7 @@ def spent_usd(manifest: dict[str, Any], train_price: float, serve_price: float, 
     train_s = sum(float(stages.get(s, {}).get("seconds") or 0.0) for s in ("plan", "synth", "distill", "compress"))
     compute = train_s / 3600 * train_price + eval_seconds / 3600 * serve_price
     trial = serve_trial_hours * serve_price
-    how = (f"API requests of synth and eval ${api_usd:,.2f} + compute ${compute:,.2f} ({train_s / 60:,.1f} min of plan to compress at "
+    how = (f"API requests of the plan's probes, synth and eval ${api_usd:,.2f} + compute ${compute:,.2f} ({train_s / 60:,.1f} min of plan to compress at "
            f"${train_price:,.2f}/h, {eval_seconds / 60:,.1f} min of eval at ${serve_price:,.2f}/h) + serving trial "
            f"${trial:,.2f} ({serve_trial_hours:g} h at ${serve_price:,.2f}/h, planned)")
     return api_usd + compute + trial, how

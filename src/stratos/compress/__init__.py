@@ -154,16 +154,42 @@ def run_compress(
     if pruning or cs.sparsity != "none":
         del model
     unquantized = current  # what the exporters take: GGUF/ONNX/llm-compressor quantize in their own formats
+    chosen = None
     if cs.quantize != "none":
         current = quantize_folder(current, out_dir / "quantized", cs.quantize)
         step("quantized", current, quantize=cs.quantize)
+        limit = getattr(getattr(spec, "constraints", None), "max_latency_ms", None)
+        keep, why = choose_for_latency(rows[-2], rows[-1], limit, spec.eval.max_new_tokens)
+        chosen = {"step": rows[keep]["step"], "why": why}
+        log.info("compress: deploying %s: %s", chosen["step"], why)
+        if keep == -2:
+            current = unquantized  # the faster one, or the only one within max_latency_ms
     if current == model_dir:  # nothing changed it: the stage's model is a copy, so later stages own their folder
         current = _copy(model_dir, out_dir / "model")
     exports = [export_model(fmt, unquantized, out_dir / "export", records=records) for fmt in cs.export]
     write_json(report_path, {"spec": cs.model_dump(mode="json"), "rows": rows, "exports": exports,
-                             "model_dir": str(current)})
+                             "model_dir": str(current), **({"chosen": chosen} if chosen else {})})
     (out_dir / "compress_report.md").write_text(report_table(rows) + "\n")
     return CompressResult(model_dir=current, report_path=report_path, rows=rows, exports=exports)
+
+
+def choose_for_latency(before: dict[str, Any], quantized: dict[str, Any], max_latency_ms: float | None,
+                       answer_tokens: int) -> tuple[int, str]:
+    """Which of the last two report rows to deploy, the unquantized (-2) or the quantized (-1) model, and
+    why. Without a latency constraint, the quantized one (what the spec asked for: smaller). With one,
+    each model's request latency is estimated from its measured batch-1 decode speed
+    (``answer_tokens`` at ``tokens_per_s``): the smaller of those within the limit, else the faster."""
+    if max_latency_ms is None:
+        return -1, f"quantized as compress.quantize asks ({quantized['size_mb']} MB against {before['size_mb']} MB)"
+    est = {i: 1000 * answer_tokens / max(row["tokens_per_s"], 1e-9) for i, row in ((-2, before), (-1, quantized))}
+    ok = [i for i in (-1, -2) if est[i] <= max_latency_ms]
+    keep = (min(ok, key=lambda i: (before, quantized)[i + 2]["size_mb"]) if ok else min(est, key=est.get))
+    figures = (f"{answer_tokens} tokens at batch 1 take {est[-1]:,.0f} ms quantized ({quantized['tokens_per_s']} "
+               f"tok/s, {quantized['size_mb']} MB) and {est[-2]:,.0f} ms unquantized ({before['tokens_per_s']} "
+               f"tok/s, {before['size_mb']} MB), measured, against max_latency_ms {max_latency_ms:g}")
+    verdict = ("both meet it: the smaller" if len(ok) == 2 else "only this one meets it" if ok
+               else "neither meets it: the faster")
+    return keep, f"{(before, quantized)[keep + 2]['step']}: {figures}; {verdict}"
 
 
 def _save(model: Any, tok: Any, path: Path) -> Path:

@@ -26,6 +26,7 @@ class TeacherProbe:
     tokens_per_s: float = 0.0  # local: batched; API: per stream (tokens / request latencies)
     seconds: float = 0.0  # wall time of the whole probe
     source: str = "measured"  # 'measured' or 'given'
+    cost_usd: float = 0.0  # an API teacher's requests at its price (cached answers included: what the probe cost)
 
     @property
     def best(self) -> float:
@@ -129,9 +130,11 @@ def probe_teacher(teacher: Any, task: Any, examples: Sequence[Any], *, rules: bo
                                        **where)
         model, tok = model_and_tokenizer
     kw = dict(batch_size=batch_size, max_new_tokens=max_new_tokens, generate_fn=fn, progress=progress)
+    spent_before = client.usage.cost_usd if client is not None else 0.0
     try:
         zero = evaluate(model, tok, task, examples, rules=False, **kw)
         with_rules = evaluate(model, tok, task, examples, rules=True, **kw) if rules else None
+        cost = client.usage.cost_usd - spent_before if client is not None else 0.0
     finally:
         if own:
             client.close()
@@ -139,4 +142,5 @@ def probe_teacher(teacher: Any, task: Any, examples: Sequence[Any], *, rules: bo
         teacher=teacher.label, n=zero.n, accuracy=zero.accuracy,
         accuracy_rules=with_rules.accuracy if with_rules else None,
         latency_s=zero.mean_latency_s, tokens_per_s=zero.tokens_per_s, seconds=time.perf_counter() - t0,
+        cost_usd=cost,
     )

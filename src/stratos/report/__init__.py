@@ -320,7 +320,9 @@ def build_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
         steps = comp.get("steps", comp) if isinstance(comp, dict) else comp
         if isinstance(steps, list) and steps and isinstance(steps[0], dict):
             keys = list(dict.fromkeys(k for s in steps for k in s))
-            sections.append("<h2>Compression</h2>" + _table(keys, [[_fmt(s.get(k)) for k in keys] for s in steps]))
+            chosen = comp.get("chosen") if isinstance(comp, dict) else None
+            sections.append("<h2>Compression</h2>" + _table(keys, [[_fmt(s.get(k)) for k in keys] for s in steps])
+                            + (f"<p>Deployed: {_e(chosen['why'])}.</p>" if chosen else ""))
 
     # --- stage costs
     stage_rows, cost_pts = [], []

@@ -345,6 +345,10 @@ def _serve(conn: Any, device: str, threads: int, autocast_dtype: torch.dtype | N
             h = hidden_at_targets(model, *(torch.from_numpy(inputs[k]) for k in
                                            ("input_ids", "attention_mask", "target_mask")), autocast_dtype)
             buffers[buf_id][: h.shape[0]].copy_(h)
-            conn.send((job, h.shape[0]))
+            answer: tuple = (job, h.shape[0])
         except Exception:  # noqa: BLE001 - reported to the pool with the traceback, which stops the run
-            conn.send(("error", job, traceback.format_exc()))
+            answer = ("error", job, traceback.format_exc())
+        try:
+            conn.send(answer)
+        except OSError:
+            return  # the pool closed while this job ran (batches sent ahead of a run's last step)
