@@ -4,8 +4,10 @@ A signal has the teacher's ``head`` (an OutputHead: the student side recomputes 
 from hidden states, chunk by chunk) and ``hidden(batch)``: the teacher's last hidden states at the
 batch's target positions, [batch.num_targets, d_t], row by row, left to right. A signal from an
 API teacher has no head and gives ``topk(batch)`` instead: the top-k token ids and log-probs at
-those positions. Where the teacher runs (in this process, earlier into a disk cache, behind an API,
-later in worker processes) is the business of ``stratos.teachers.signal``, never of the loop.
+those positions. A signal may also take ``submit(batch)``: the batch is sent now and computed while
+the loop does other work (``stratos.distill.trainer.InFlight`` sends batches ahead to it). Where the
+teacher runs (in this process, earlier into a disk cache, behind an API, in worker processes) is
+the business of ``stratos.teachers``, never of the loop.
 """
 
 from __future__ import annotations

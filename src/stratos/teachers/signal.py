@@ -3,9 +3,10 @@
 Each class here implements the engine's protocol (``stratos.distill.signal.TeacherSignal``): the
 teacher's ``head`` and ``hidden(batch)``, its last hidden states at the batch's target positions.
 The engine never sees the teacher model itself, so the teacher can run in this process
-(OnlineTeacher), have run earlier (HiddenStateCache), or, later, live in another process or machine
-behind the same two members. ``hidden_state_signal`` picks one for a run's settings; an API
-teacher's signal (top-k log-probs stored with its generations) is ``stratos.teachers.topk``.
+(OnlineTeacher), have run earlier (HiddenStateCache), or live in worker processes
+(``stratos.teachers.pool.TeacherPool``) behind the same two members. ``hidden_state_signal`` picks
+one for a run's settings; an API teacher's signal (top-k log-probs stored with its generations) is
+``stratos.teachers.topk``.
 """
 
 from __future__ import annotations
