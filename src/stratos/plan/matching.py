@@ -41,8 +41,9 @@ def match(teacher: ModelShape, student: ModelShape) -> Match:
                        "full vocabulary is possible (teacher hidden states, exact logits recomputed)")
     else:
         mode = "text"
+        # What the pair allows, not what the run does: the strategy decides whether the teacher's text is used.
         reasons.append(f"{teacher.name} and {student.name} use different tokenizers: token-level logits don't "
-                       "line up, so the student is trained on the teacher's text (sequence-level KD)")
+                       "line up, so the teacher can teach through its text only (sequence-level KD), not its logits")
     ratio = t_params / max(1.0, student.params)
     reasons.append(f"capacity ratio {ratio:,.1f}x ({_human(t_params)} / {_human(student.params)} parameters)"
                    + ("; a gap this large favours mode-seeking losses" if ratio >= 10 else ""))

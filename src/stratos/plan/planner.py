@@ -400,8 +400,9 @@ def build_plan(inputs: PlanInputs) -> tuple[Plan, list[Candidate]]:
     front = sorted((c for c in cands if c.on_front), key=lambda c: -(c.score or 0))
     feasible = sum(c.feasible for c in cands)
     reasons = [
-        f"{len(cands)} combinations of {len(inputs.teachers)} teacher(s), {len(inputs.students)} student(s) and "
-        f"{len(inputs.servers)} server(s); {feasible} meet every constraint; {len(front)} on the Pareto front "
+        f"{len(cands)} combination{'s' * (len(cands) != 1)} of {len(inputs.teachers)} teacher(s), "
+        f"{len(inputs.students)} student(s) and {len(inputs.servers)} server(s); {feasible} meet"
+        f"{'s' * (feasible == 1)} every constraint; {len(front)} on the Pareto front "
         "(cost, serving latency, predicted accuracy)",
         f"picked by the '{inputs.objective}' deployment score (weights: "
         + ", ".join(f"{k} {v:g}" for k, v in inputs.weights.items()) + ")",
