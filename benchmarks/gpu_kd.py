@@ -8,7 +8,7 @@ model FLOPs per token, 6 x student params + 2 x teacher params + attention (caus
 the 4 x layers x length x width multiply-adds per token, three times for the student's forward and
 backward), times tokens/s, over the GPU's dense bf16 peak (--peak-tflops; H100/H200 SXM: 989).
 
-    python benchmarks/gpu_kd.py                            # on a GPU, about 5 minutes
+    python benchmarks/gpu_kd.py                            # on a GPU (not yet run on one)
     python benchmarks/gpu_kd.py --tiny --steps 2 --warmup 1 # the script itself, on a CPU, in seconds
 
 docs/benchmarks.md says where and when it ran (or that no GPU was available).
@@ -62,7 +62,6 @@ def run(args, workers: int, teacher, device, examples, out: Path) -> dict:
     import torch
 
     from stratos.distill.trainer import train
-    from stratos.models.tiny import tiny_llama  # noqa: F401  (stratos imports transformers' models once)
     from stratos.spec import DistillSpec
     from stratos.teachers.signal import hidden_state_signal
 

@@ -146,14 +146,15 @@ def run_workers(args: argparse.Namespace, workdir: Path) -> dict:
             "signal": res.signal, "cache_seconds": 0.0}
 
 
-def _timed_batches(args: argparse.Namespace, tok) -> list:
+def _timed_batches(args: argparse.Namespace, tok) -> tuple[list, list]:
+    """The run's examples and its micro-batches, in the order the trainer takes them."""
     from stratos.distill.data import encode
     from stratos.distill.sources import FixedSource
 
     records = make_records(args.batch_size * (args.steps + args.warmup), args.seq_len)
     examples, _ = encode(records, tok, args.seq_len)
     source = FixedSource(examples, _cfg(args, "online"), tok.pad_token_id)
-    return [b for step in range(args.warmup + args.steps) for b in source.micro_batches(step)]
+    return examples, [b for step in range(args.warmup + args.steps) for b in source.micro_batches(step)]
 
 
 def run_part(args: argparse.Namespace, part: str) -> dict:
@@ -164,7 +165,7 @@ def run_part(args: argparse.Namespace, part: str) -> dict:
     from stratos.teachers.signal import OnlineTeacher
 
     teacher, student, tok = load_pair(args.student_layers)
-    batches = _timed_batches(args, tok)
+    examples, batches = _timed_batches(args, tok)
     online = OnlineTeacher(teacher)
     threads = args.teacher_threads * args.teacher_workers if part == "teacher" else \
         max(1, args.threads - args.teacher_threads * args.teacher_workers)
@@ -188,10 +189,6 @@ def run_part(args: argparse.Namespace, part: str) -> dict:
         def hidden(self, batch):
             return states[tuple(batch.indices)]
 
-    from stratos.distill.data import encode
-
-    records = make_records(args.batch_size * (args.steps + args.warmup), args.seq_len)
-    examples, _ = encode(records, tok, args.seq_len)
     torch.set_num_threads(threads)
     cfg = _cfg(args, "online")
     train(student, examples, cfg, Path(args.workdir) / "student", pad_id=tok.pad_token_id, signal=Precomputed(),
@@ -307,8 +304,8 @@ def main() -> None:
     args.bf16 = int(args.bf16)
     if args.engine:
         return child(args)
-    flags = [f for f in ("avx512_bf16", "amx_bf16", "avx512f", "avx2") if f in Path("/proc/cpuinfo").read_text()] \
-        if Path("/proc/cpuinfo").is_file() else []
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    flags = [f for f in ("avx512_bf16", "amx_bf16", "avx512f", "avx2") if f in cpuinfo]
     print(f"bf16 autocast: {bool(args.bf16)} (CPU flags: {', '.join(flags) or 'none of avx2/avx512/bf16'})",
           flush=True)
 

@@ -134,7 +134,7 @@ def test_pipeline_killed_mid_distill_resumes_to_the_same_result(tiny_spec, tmp_p
     assert [v["constraint"] for v in results["verdicts"]] == ["budget_usd"] and results["verdicts"][0]["met"]
     assert html.index("Constraints") < html.index("Results") and "meets all 1 of the spec" in html
 
-    # The same run asked for 50% accuracy, which the plan predicts and this tiny student cannot reach:
+    # The same run asked for 50% accuracy, which this tiny student cannot reach:
     # the eval judges it missed, the report says so, and `stratos run` exits 3 with one line saying by how much.
     strict = tmp_path / "strict.yaml"
     strict.write_text(tiny_spec.read_text().replace("budget_usd: 5", "budget_usd: 5\n  min_accuracy: 0.5"))

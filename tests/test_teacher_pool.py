@@ -242,3 +242,13 @@ def test_gkd_with_stale_rollouts_overlaps_and_resumes_to_the_same_weights(teache
         [f"step-{i:06d}.safetensors" for i in range(6)]
     rows = [json.loads(x) for x in (tmp_path / "stale" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 7)) and all(r["on_policy_fraction"] == 1.0 for r in rows)
+
+
+def test_worker_settings_are_checked_with_the_spec():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="teacher_devices names 2 device\\(s\\) for teacher_workers 1"):
+        DistillSpec(teacher_workers=1, teacher_devices=["cpu", "cpu"])
+    with pytest.raises(ValidationError, match="max_staleness 1 .* needs algorithm gkd or opd"):
+        DistillSpec(algorithm="kd", teacher_workers=1, max_staleness=1)
+    assert DistillSpec(algorithm="gkd", teacher_workers=2, teacher_devices=["cpu", "cpu"], max_staleness=1)

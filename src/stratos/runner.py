@@ -347,24 +347,12 @@ def stage_eval(ctx: Context) -> dict[str, Any]:
     from stratos.verdicts import judge, spent_usd
 
     api_usd += sum(getattr(p, "cost_usd", 0.0) for p in plan.probes)  # the plan's probes of API teachers
-    synth_stats = ctx.run_dir / "synth" / "stats.json"
-    if synth_stats.is_file():
-        api_usd += float((json.loads(synth_stats.read_text()).get("usage") or {}).get("cost_usd") or 0.0)
+    synth_stats = json.loads(Path(ctx.artifact("synth", "stats_path")).read_text())
+    api_usd += float((synth_stats.get("usage") or {}).get("cost_usd") or 0.0)
     spent = spent_usd(ctx.manifest.data, plan.training_server.price(False), price, api_usd,
                       spec.plan.serve_trial_hours, eval_seconds=time.perf_counter() - t_start)
     results["verdicts"] = [v.to_dict() for v in judge(spec.constraints, results, spent)]
     write_json(ctx.dir / "results.json", results)
-    # The planner learns from what was measured: the next plans correct their predictions by these.
-    from stratos.plan.calibration import record_accuracy, record_stage, task_key
-
-    final, pred = rows[-1], plan.predicted
-    record_accuracy(task_key(spec.task), pred["accuracy_method"], pred["accuracy"], final["accuracy"],
-                    run=str(ctx.run_dir.resolve()), run_dir=ctx.dir, note=f"{plan.student['name']} from "
-                    f"{plan.teacher['name']}, {final['n']} questions")
-    p50 = (bench.latency_ms or {}).get("p50")
-    if plan.serving_server.is_local and p50 and pred.get("latency_ms"):  # measured on the server it predicted
-        record_stage("latency", plan.serving_server.name, pred["latency_ms"], p50, run_dir=ctx.dir,
-                     note=f"p50 at {spec.eval.bench_clients} clients over the plan's batch-1 prediction (ms)")
     return {"results_path": ctx.rel(ctx.dir / "results.json"),
             "accuracy": {r["role"]: r["accuracy"] for r in rows},
             "verdicts": [v["line"] for v in results["verdicts"]]}
@@ -533,16 +521,36 @@ def run(
         rec.update(status="done", ended=_now(), seconds=round(seconds, 2), artifacts=artifacts,
                    predicted_seconds=predicted.get(name))
         manifest.save()
-        if predicted.get(name) and not resume:  # a stage run whole, on the machine the plan priced: learn from it
-            from stratos.plan.calibration import record_stage
-
-            record_stage(name, "local", predicted[name], seconds, run_dir=run_dir / name, note=f"run {run_dir.name}")
+        _learn(ctx, seconds, predicted.get(name), resumed=resume)
         log.info("%-8s done in %.1fs", name, seconds)
         # A changed stage invalidates what came after it: their hashes chain, so they rerun.
     manifest.data["updated"] = _now()
     manifest.save()
     _check_constraints(run_dir, selected)
     return manifest
+
+
+def _learn(ctx: Context, seconds: float, predicted_s: float | None, *, resumed: bool) -> None:
+    """What the planner learns from a finished stage (``stratos.plan.calibration``; later plans correct
+    their predictions by it): the stage's time against the plan's prediction, when it ran whole on the
+    machine the plan priced; after the eval, the deployed student's accuracy and latency against the
+    plan's predictions (latency only when served on the plan's serving server)."""
+    from stratos.plan.calibration import record_accuracy, record_stage, task_key
+
+    if predicted_s and not resumed:
+        record_stage(ctx.stage, "local", predicted_s, seconds, run_dir=ctx.dir, note=f"run {ctx.run_dir.name}")
+    if ctx.stage != "eval":
+        return
+    results = json.loads(Path(ctx.artifact("eval", "results_path")).read_text())
+    plan, final = ctx.plan(), results["rows"][-1]
+    pred = plan.predicted
+    record_accuracy(task_key(ctx.spec.task), pred["accuracy_method"], pred["accuracy"], final["accuracy"],
+                    run=str(ctx.run_dir.resolve()), run_dir=ctx.dir,
+                    note=f"{plan.student['name']} from {plan.teacher['name']}, {final['n']} questions")
+    p50 = (final.get("latency_ms") or {}).get("p50")
+    if plan.serving_server.is_local and p50 and pred.get("latency_ms"):
+        record_stage("latency", plan.serving_server.name, pred["latency_ms"], p50, run_dir=ctx.dir,
+                     note=f"p50 at {ctx.spec.eval.bench_clients} clients over the plan's batch-1 prediction (ms)")
 
 
 def _check_constraints(run_dir: Path, selected: list[str]) -> None:

@@ -267,11 +267,14 @@ class _TrainingOptions(_Strict):
         return self
 
     @model_validator(mode="after")
-    def _staleness_needs_workers(self) -> "_TrainingOptions":
+    def _worker_settings(self) -> "_TrainingOptions":
         if not isinstance(self, DistillSpec):
             return self  # a phase's overrides: checked merged with the distill section (phase_configs)
         for where, cfg in [("", self)] if not self.phases else \
                 [(f"phases[{i}]: ", c) for i, c in enumerate(self.phase_configs())]:
+            if cfg.teacher_devices is not None and len(cfg.teacher_devices) != cfg.teacher_workers:
+                raise ValueError(f"{where}teacher_devices names {len(cfg.teacher_devices)} device(s) for "
+                                 f"teacher_workers {cfg.teacher_workers}: give one each")
             if cfg.max_staleness and (cfg.algorithm not in ("gkd", "opd") or not cfg.teacher_workers):
                 raise ValueError(f"{where}max_staleness {cfg.max_staleness} overlaps on-policy rollouts with the "
                                  "teacher's scoring in its workers: it needs algorithm gkd or opd and teacher_workers "

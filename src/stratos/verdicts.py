@@ -26,6 +26,10 @@ from typing import Any
 from stratos.errors import UserError
 
 
+# How each constraint's figures are written, in the verdict's line and in the report.
+FORMATS = {"min_accuracy": "{:.1%}", "max_latency_ms": "{:,.0f} ms", "budget_usd": "${:,.2f}"}
+
+
 @dataclass(frozen=True)
 class Verdict:
     constraint: str  # min_accuracy, max_latency_ms or budget_usd
@@ -46,7 +50,7 @@ class Verdict:
         return f"${self.measured - self.limit:,.2f} over"
 
     def line(self) -> str:
-        fmt = {"min_accuracy": "{:.1%}", "max_latency_ms": "{:,.0f} ms", "budget_usd": "${:,.2f}"}[self.constraint]
+        fmt = FORMATS[self.constraint]
         limit = fmt.format(self.limit)
         if self.measured is None:
             return f"{self.constraint} {limit}: not measured"
@@ -70,9 +74,10 @@ def spent_usd(manifest: dict[str, Any], train_price: float, serve_price: float, 
     train_s = sum(float(stages.get(s, {}).get("seconds") or 0.0) for s in ("plan", "synth", "distill", "compress"))
     compute = train_s / 3600 * train_price + eval_seconds / 3600 * serve_price
     trial = serve_trial_hours * serve_price
-    how = (f"API requests of the plan's probes, synth and eval ${api_usd:,.2f} + compute ${compute:,.2f} ({train_s / 60:,.1f} min of plan to compress at "
-           f"${train_price:,.2f}/h, {eval_seconds / 60:,.1f} min of eval at ${serve_price:,.2f}/h) + serving trial "
-           f"${trial:,.2f} ({serve_trial_hours:g} h at ${serve_price:,.2f}/h, planned)")
+    how = (f"API requests of the plan's probes, synth and eval ${api_usd:,.2f} + compute ${compute:,.2f} "
+           f"({train_s / 60:,.1f} min of plan to compress at ${train_price:,.2f}/h, {eval_seconds / 60:,.1f} min of "
+           f"eval at ${serve_price:,.2f}/h) + serving trial ${trial:,.2f} ({serve_trial_hours:g} h at "
+           f"${serve_price:,.2f}/h, planned)")
     return api_usd + compute + trial, how
 
 

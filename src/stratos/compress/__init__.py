@@ -181,15 +181,16 @@ def choose_for_latency(before: dict[str, Any], quantized: dict[str, Any], max_la
     (``answer_tokens`` at ``tokens_per_s``): the smaller of those within the limit, else the faster."""
     if max_latency_ms is None:
         return -1, f"quantized as compress.quantize asks ({quantized['size_mb']} MB against {before['size_mb']} MB)"
-    est = {i: 1000 * answer_tokens / max(row["tokens_per_s"], 1e-9) for i, row in ((-2, before), (-1, quantized))}
+    rows = {-2: before, -1: quantized}
+    est = {i: 1000 * answer_tokens / max(row["tokens_per_s"], 1e-9) for i, row in rows.items()}
     ok = [i for i in (-1, -2) if est[i] <= max_latency_ms]
-    keep = (min(ok, key=lambda i: (before, quantized)[i + 2]["size_mb"]) if ok else min(est, key=est.get))
+    keep = min(ok, key=lambda i: rows[i]["size_mb"]) if ok else min(est, key=est.get)
     figures = (f"{answer_tokens} tokens at batch 1 take {est[-1]:,.0f} ms quantized ({quantized['tokens_per_s']} "
                f"tok/s, {quantized['size_mb']} MB) and {est[-2]:,.0f} ms unquantized ({before['tokens_per_s']} "
                f"tok/s, {before['size_mb']} MB), measured, against max_latency_ms {max_latency_ms:g}")
     verdict = ("both meet it: the smaller" if len(ok) == 2 else "only this one meets it" if ok
                else "neither meets it: the faster")
-    return keep, f"{(before, quantized)[keep + 2]['step']}: {figures}; {verdict}"
+    return keep, f"{rows[keep]['step']}: {figures}; {verdict}"
 
 
 def _save(model: Any, tok: Any, path: Path) -> Path:

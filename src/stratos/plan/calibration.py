@@ -71,11 +71,13 @@ def local_efficiency(cal: dict[str, Any], has_gpu: bool = False) -> Efficiency:
 def record_stage(stage: str, server: str, predicted_s: float, measured_s: float, *,
                  run_dir: str | Path | None = None, note: str = "") -> dict[str, Any]:
     """Append one predicted-vs-measured record to the cache (and to ``run_dir/plan-measurements.jsonl``)."""
-    rec = {
-        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "stage": stage, "server": server,
-        "predicted_s": predicted_s, "measured_s": measured_s,
-        "ratio": measured_s / predicted_s if predicted_s > 0 else None, "note": note,
-    }
+    return _append({"stage": stage, "server": server, "predicted_s": predicted_s, "measured_s": measured_s,
+                    "ratio": measured_s / predicted_s if predicted_s > 0 else None, "note": note}, run_dir)
+
+
+def _append(rec: dict[str, Any], run_dir: str | Path | None) -> dict[str, Any]:
+    """Time-stamp a record and append it to the cache's log (and to ``run_dir/plan-measurements.jsonl``)."""
+    rec = {"time": datetime.now(timezone.utc).isoformat(timespec="seconds"), **rec}
     paths = [measurements_path()] + ([Path(run_dir) / "plan-measurements.jsonl"] if run_dir else [])
     for p in paths:
         p.parent.mkdir(parents=True, exist_ok=True)
@@ -120,15 +122,8 @@ def record_accuracy(task: str, method: str, predicted: float, measured: float, *
     """Append the plan's predicted accuracy for ``task`` (by ``method``: prior or pilot) and the deployed
     student's measured one in ``run`` (a run directory: a rerun of its eval replaces its record), to the
     same logs as ``record_stage``."""
-    rec = {"time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "kind": "accuracy", "task": task,
-           "method": method, "predicted": predicted, "measured": measured, "error": measured - predicted,
-           "run": run, "note": note}
-    paths = [measurements_path()] + ([Path(run_dir) / "plan-measurements.jsonl"] if run_dir else [])
-    for p in paths:
-        p.parent.mkdir(parents=True, exist_ok=True)
-        with open(p, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(rec) + "\n")
-    return rec
+    return _append({"kind": "accuracy", "task": task, "method": method, "predicted": predicted, "measured": measured,
+                    "error": measured - predicted, "run": run, "note": note}, run_dir)
 
 
 def accuracy_corrections(task: str, records: list[dict[str, Any]] | None = None) -> dict[str, tuple[float, int]]:

@@ -399,6 +399,7 @@ def build_plan(inputs: PlanInputs) -> tuple[Plan, list[Candidate]]:
     train, serve = servers[best.training_server], servers[best.serving_server]
     front = sorted((c for c in cands if c.on_front), key=lambda c: -(c.score or 0))
     feasible = sum(c.feasible for c in cands)
+    lat_corr = inputs.corrections.get(serve.name, {}).get("latency", 1.0)  # learnt from earlier evals' latency
     reasons = [
         f"{len(cands)} combination{'s' * (len(cands) != 1)} of {len(inputs.teachers)} teacher(s), "
         f"{len(inputs.students)} student(s) and {len(inputs.servers)} server(s); {feasible} meet"
@@ -412,8 +413,7 @@ def build_plan(inputs: PlanInputs) -> tuple[Plan, list[Candidate]]:
         f"serve on {serve.name} ({serve.gpu_count}x {serve.gpu}): {best.latency_ms:,.1f} ms per request "
         f"({inputs.task.prompt_tokens:.0f} prompt + {pd.workload.answer_tokens:.0f} answer tokens, batch 1"
         + (f", x{lat_corr:.2f}: the median of p50 latency under load over this prediction in earlier evals on "
-           f"{serve.name})" if (lat_corr := inputs.corrections.get(serve.name, {}).get("latency", 1.0)) != 1.0
-           else ")"),
+           f"{serve.name})" if lat_corr != 1.0 else ")"),
         f"total cost ${best.cost_usd:,.2f} (probe, teacher work, training and {inputs.serve_hours:g} h of serving)",
     ] + pd.match.reasons + pd.strategy.reasons + pd.settings.reasons
     eff = {name: _eff(inputs, s).to_dict() for name, s in servers.items() if name in (train.name, serve.name)}

@@ -165,12 +165,12 @@ def _constraints(results: dict[str, Any], predicted: dict[str, Any]) -> str:
                 "against the spec's constraints</p>")
     if not verdicts:
         return "<h2>Constraints</h2><p class='muted'>the spec sets no constraint</p>"
-    fmt = {"min_accuracy": lambda x: f"{x:.1%}", "max_latency_ms": lambda x: f"{x:,.0f} ms",
-           "budget_usd": lambda x: f"${x:,.2f}"}
+    from stratos.verdicts import FORMATS
+
     pred_key = {"min_accuracy": "accuracy", "max_latency_ms": "latency_ms", "budget_usd": "cost_usd"}
     rows = []
     for v in verdicts:
-        f = fmt[v["constraint"]]
+        f = FORMATS[v["constraint"]].format
         state = ("<span class='muted'>not measured</span>" if v["met"] is None else
                  "<b class='ok'>met</b>" if v["met"] else f"<b class='bad'>missed</b>: {_e(v['shortfall'])}")
         pred = predicted.get(pred_key[v["constraint"]])
@@ -179,7 +179,7 @@ def _constraints(results: dict[str, Any], predicted: dict[str, Any]) -> str:
                      _e(f(pred)) if isinstance(pred, (int, float)) else "–", _e(v["how"])])
     n_missed = sum(1 for v in verdicts if v["met"] is False)
     summary = (f"<p class='headline bad'>The deployed student misses {n_missed} of the spec's {len(verdicts)} "
-               "constraint(s); <code>stratos run</code> exited 3.</p>" if n_missed else
+               "constraint(s): <code>stratos run</code> exits 3 on it.</p>" if n_missed else
                f"<p class='headline ok'>The deployed student meets all {len(verdicts)} of the spec's constraints, "
                "measured.</p>")
     note = ("<p class='muted'>Predicted: the plan's prediction for the chosen teacher, student and servers (the "
@@ -221,11 +221,16 @@ def _data_tables(stats: dict[str, Any], path: Path, run_dir: Path) -> str:
                    [[_e(t), _fmt(d.get("prompts")), _fmt(d.get("samples")), _fmt(d.get("solved")),
                      f"{d['acceptance']:.1%}" if isinstance(d.get("acceptance"), (int, float)) else "–"]
                     for t, d in by_type.items()]) if by_type else ""
-    try:
-        link = path.relative_to(run_dir)
-    except ValueError:
-        link = path
+    link = _rel(path, run_dir)
     return facts + types + f"<p class='muted'>All figures: <a href='{_e(link)}'>{_e(link)}</a>.</p>"
+
+
+def _rel(path: Path, run_dir: Path) -> Path:
+    """A run's file as the report links it: relative to the run directory when inside it."""
+    try:
+        return Path(path).relative_to(run_dir)
+    except ValueError:
+        return Path(path)
 
 
 _CSS = """
@@ -297,10 +302,10 @@ def build_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
                         + (_img(plots.png_uri(png.read_bytes()), "Pareto front") if png.is_file() and several else ""))
 
     # --- data
-    stats = _read_json(_artifact(manifest, run_dir, "synth", "stats_path") or run_dir / "synth" / "stats.json")
+    stats_path = _artifact(manifest, run_dir, "synth", "stats_path") or run_dir / "synth" / "stats.json"
+    stats = _read_json(stats_path)
     if stats:
-        sections.append("<h2>Training data</h2>" + _data_tables(stats, _artifact(manifest, run_dir, "synth", "stats_path")
-                                                                 or run_dir / "synth" / "stats.json", run_dir))
+        sections.append("<h2>Training data</h2>" + _data_tables(stats, stats_path, run_dir))
 
     # --- training
     metrics_path = _artifact(manifest, run_dir, "distill", "metrics_path") or run_dir / "distill" / "metrics.jsonl"
@@ -314,15 +319,18 @@ def build_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
                         + _eval_while_training(metrics, final)
                         + _img(plots.training_curves(metrics, final.get("best_step")), "training curves"))
 
-    # --- compression
-    comp = _read_json(_artifact(manifest, run_dir, "compress", "report_path") or run_dir / "compress" / "report.json")
-    if comp:
-        steps = comp.get("steps", comp) if isinstance(comp, dict) else comp
-        if isinstance(steps, list) and steps and isinstance(steps[0], dict):
-            keys = list(dict.fromkeys(k for s in steps for k in s))
-            chosen = comp.get("chosen") if isinstance(comp, dict) else None
-            sections.append("<h2>Compression</h2>" + _table(keys, [[_fmt(s.get(k)) for k in keys] for s in steps])
-                            + (f"<p>Deployed: {_e(chosen['why'])}.</p>" if chosen else ""))
+    # --- compression (the steps' sizes and speeds; every figure in compress_report.json)
+    comp_path = _artifact(manifest, run_dir, "compress", "report_path") or run_dir / "compress" / "compress_report.json"
+    comp = _read_json(comp_path)
+    if isinstance(comp, dict) and comp.get("rows"):
+        cols = [("step", "step"), ("params", "params"), ("size (MB)", "size_mb"),
+                ("tokens/s at batch 1", "tokens_per_s"), ("accuracy", "accuracy")]
+        chosen = comp.get("chosen")
+        sections.append("<h2>Compression</h2>"
+                        + _table([h for h, _ in cols], [[_fmt(r.get(k)) for _, k in cols] for r in comp["rows"]])
+                        + (f"<p>Deployed: {_e(chosen['why'])}.</p>" if chosen else "")
+                        + f"<p class='muted'>All figures: <a href='{_e(_rel(comp_path, run_dir))}'>"
+                        f"{_e(_rel(comp_path, run_dir))}</a>.</p>")
 
     # --- stage costs
     stage_rows, cost_pts = [], []

@@ -1,6 +1,6 @@
 """The teacher as a service: worker processes that hold the teacher and send back its last hidden states.
 
-    pool = TeacherPool(teacher, workers=2, threads=1)   # spawns the workers; the weights are shared, not copied
+    pool = TeacherPool(teacher, workers=2, threads=1)   # starts the workers; the weights are shared, not copied
     pool.submit(batch)     # sent now: the workers compute while this process trains on something else
     h = pool.hidden(batch) # [batch.num_targets, d] float32: what OnlineTeacher(teacher).hidden(batch) returns
     pool.close()
@@ -25,14 +25,14 @@ as ``OnlineTeacher``.
 
 Failures. A worker that dies (killed, out of memory) is started again and sent the jobs it held, in
 order; results are kept by job, so no batch is lost and none is counted twice. A worker that dies
-``max_restarts`` times in a row without finishing a job, or that raises an error (a bug, a bad
-input), stops the run with TeacherError and the worker's own traceback.
+again after ``max_restarts`` restarts in a row without finishing a job stops the run with
+TeacherError; one that raises an error (a bug, a bad input) stops it with the worker's own traceback.
 
 Backends. The pool's bookkeeping (splitting, jobs, restarts) is written once against a small
 protocol (:class:`Backend`): start worker ``rank``, send it a job, wait for finished jobs and dead
-workers, close. :class:`ProcessBackend` runs workers as local processes (spawned, one per GPU or
-several on the CPU with their threads set); a backend for other machines (Ray actors) implements
-the same four methods.
+workers, close. :class:`ProcessBackend` runs workers as local processes (forked from a forkserver,
+one per GPU or several on the CPU with their threads set); a backend for other machines (Ray
+actors) implements the same four methods.
 """
 
 from __future__ import annotations
@@ -92,8 +92,8 @@ class _Job:
 class TeacherPool:
     """Teacher workers behind the signal protocol (see the module's docstring).
 
-    ``load`` is the teacher: a model (shared with the workers, not copied) or a picklable callable
-    returning one. ``threads`` is each CPU worker's torch threads; ``devices`` the device of each worker
+    ``teacher`` is a model (shared with the workers, not copied) or a picklable callable returning one,
+    which each worker calls. ``threads`` is each CPU worker's torch threads; ``devices`` the device of each worker
     (default: the teacher's, so workers share a GPU with the trainer; give ``["cuda:1", ...]`` to give
     each its own). ``autocast_dtype``: bf16 autocast in the workers, as ``OnlineTeacher``'s.
     """
@@ -108,9 +108,9 @@ class TeacherPool:
         self.workers, self.max_restarts = workers, max_restarts
         if devices is None:
             devices = [str(next(model.parameters()).device)] * workers
-        self.backend = backend or ProcessBackend(
-            SharedModel(model) if model is teacher else teacher, hidden_size=self.head.hidden_size, threads=threads, devices=list(devices),
-            autocast_dtype=autocast_dtype)
+        load = SharedModel(model) if model is teacher else teacher
+        self.backend = backend or ProcessBackend(load, hidden_size=self.head.hidden_size, threads=threads,
+                                                 devices=list(devices), autocast_dtype=autocast_dtype)
         # CPU workers' threads come out of this process's: two cores shared by a trainer and a worker
         # that each run two threads would run four, and both would slow down.
         self._threads_before = torch.get_num_threads()
@@ -188,7 +188,7 @@ class TeacherPool:
 
 
 class SharedModel:
-    """The teacher handed to local workers: pickled for a spawned process, its weights move to shared
+    """The teacher handed to local workers through their pipes: pickled, its weights move to shared
     memory once and every worker maps the same pages (CUDA weights travel by CUDA IPC)."""
 
     def __init__(self, model: torch.nn.Module):

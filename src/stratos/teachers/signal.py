@@ -136,18 +136,17 @@ class HiddenStateCache:
                     bar.advance(stop - start)
                     continue
                 rows, offsets = [], [0]
-                batches = [collate([examples[i] for i in range(b, min(b + batch_size, stop))],
-                                   range(b, min(b + batch_size, stop)), pad_id) for b in range(start, stop, batch_size)]
+                spans = [list(range(b, min(b + batch_size, stop))) for b in range(start, stop, batch_size)]
+                batches = [collate([examples[i] for i in idx], idx, pad_id) for idx in spans]
                 for batch in batches if hasattr(online, "submit") else ():
                     online.submit(batch)
                 for batch in batches:
-                    idx = batch.indices
                     h = online.hidden(batch).to(_DTYPES[dtype])
                     per_row = batch.target_mask.sum(dim=1).tolist()
                     for count in per_row:
                         offsets.append(offsets[-1] + count)
                     rows.append(h)
-                    bar.advance(len(idx))
+                    bar.advance(len(batch.indices))
                 hidden = torch.cat(rows).contiguous()
                 total_tokens += hidden.shape[0]
                 tmp = shard_path.with_name(f".tmp-{shard_path.name}")
@@ -207,14 +206,18 @@ def hidden_state_signal(
 
     device = next(teacher.parameters()).device
     autocast = torch.bfloat16 if resolve_bf16(cfg.bf16, device) else None
-    pool, pool_info = (teacher_pool(teacher, cfg, autocast) if cfg.teacher_workers else (None, {}))
     if cfg.teacher_signal == "online":
-        return pool or OnlineTeacher(teacher, autocast_dtype=autocast), {"mode": "online", **pool_info}
+        if cfg.teacher_workers:
+            pool, pool_info = teacher_pool(teacher, cfg, autocast)
+            return pool, {"mode": "online", **pool_info}
+        return OnlineTeacher(teacher, autocast_dtype=autocast), {"mode": "online"}
     from stratos.models import cache_dir
 
     root = cache_root or cache_dir() / "teacher-signal"
     key = HiddenStateCache.key(model_fingerprint(teacher), data_fingerprint(examples), cfg.cache_dtype)
     reused = HiddenStateCache.exists(root, key)
+    # Workers only to build a missing cache: a cache already there needs no teacher at all.
+    pool, pool_info = teacher_pool(teacher, cfg, autocast) if cfg.teacher_workers and not reused else (None, {})
     try:
         cache = HiddenStateCache.build(
             teacher, examples, root, key, pad_id=pad_id, dtype=cfg.cache_dtype,
@@ -235,11 +238,7 @@ def teacher_pool(teacher: Any, cfg: Any, autocast: torch.dtype | None) -> tuple[
     from stratos.teachers.pool import TeacherPool
 
     n = cfg.teacher_workers
-    devices = cfg.teacher_devices or [str(next(teacher.parameters()).device)] * n
-    if len(devices) != n:
-        from stratos.errors import UserError
-
-        raise UserError(f"distill.teacher_devices names {len(devices)} device(s) for teacher_workers {n}: give one each")
+    devices = cfg.teacher_devices or [str(next(teacher.parameters()).device)] * n  # one each: the spec checks it
     threads = cfg.teacher_threads or max(1, torch.get_num_threads() // (2 * n))
     pool = TeacherPool(teacher, workers=n, threads=threads, devices=devices, autocast_dtype=autocast)
     return pool, {"workers": n, "devices": devices, "threads_per_worker": threads,
