@@ -271,7 +271,12 @@ def _distill_settings(cfg: Any, spec: Any, plan: Any, t_spec: Any, s_spec: Any, 
         from stratos.plan.matching import match
         from stratos.plan.shapes import model_shape
 
-        mode = match(model_shape(t_spec), model_shape(s_spec)).mode
+        t_shape, s_shape = model_shape(t_spec), model_shape(s_spec)
+        mode = match(t_shape, s_shape).mode
+        if mode == "text" and not t_shape.api:
+            # Two white-box models with different tokenizers: distil across them (stratos.distill.crosstok), as
+            # asked; `stratos plan` is what measures whether enough of the teacher's mass maps to choose it.
+            mode = "cross"
     return resolve(cfg, match=mode, topk_data=any("topk" in r for r in records))
 
 
@@ -524,7 +529,7 @@ def deploy(
     from pydantic import ValidationError
 
     from stratos.serve import ServeError, deploy_recipe, read_plan_target, validate_skypilot_yaml
-    from stratos.serve.deploy import launch, skypilot_accelerator, skypilot_installed
+    from stratos.serve.deploy import launch, launch_line, skypilot_accelerator, skypilot_installed
     from stratos.spec import DeployTarget, format_validation_error
 
     cfg = _serve_spec(spec, port=port)
@@ -535,7 +540,8 @@ def deploy(
         values.update(_overrides(accelerator=skypilot_accelerator(accelerator) if accelerator else None, count=count,
                                  cloud=cloud.lower() if cloud else None, region=region, spot=spot))
         target = DeployTarget.model_validate(values)
-        recipe = deploy_recipe(model, target, port=cfg.port, served_model_name=cfg.model_name)
+        recipe = deploy_recipe(model, target, port=cfg.port, served_model_name=cfg.model_name,
+                               api_key_env=cfg.api_key_env)
         if skypilot_installed():
             validate_skypilot_yaml(recipe.yaml)
     except ValidationError as e:
@@ -545,7 +551,7 @@ def deploy(
     for note in recipe.notes:
         console.print(f"[yellow]note:[/yellow] {note}", highlight=False)
     if dry_run:
-        print("# ---- sky-serve.yaml (sky launch --secret STRATOS_API_KEY sky-serve.yaml)")
+        print(f"# ---- sky-serve.yaml ({launch_line(recipe.names[0], target, cfg.api_key_env)})")
         print(recipe.yaml)
         print("# ---- serve.sh")
         print(recipe.shell)
@@ -558,8 +564,7 @@ def deploy(
         except ServeError as e:
             fail(str(e))
         raise typer.Exit(code)
-    console.print(f"launch with: STRATOS_API_KEY=... sky launch --secret STRATOS_API_KEY -c {target.name} {task_path}",
-                  highlight=False)
+    console.print(f"launch with: {launch_line(task_path, target, cfg.api_key_env)}", highlight=False)
 
 
 @app.command()

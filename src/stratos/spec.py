@@ -154,6 +154,20 @@ class LoraSpec(_Strict):
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
 
 
+class CtkdSpec(_Strict):
+    """Cross-tokenizer KD (stratos.distill.crosstok): a teacher with another tokenizer than the student's."""
+
+    method: Literal["hybrid", "uld", "shared"] = Field(
+        "hybrid", description="At each student position starting a span of bytes that both tokenizations share: "
+        "'hybrid', the loss on the teacher tokens that map exactly to one student token (plus one bucket for the "
+        "rest) and uld_weight x ULD (sorted probabilities, Boizard et al. 2024) on the rest; 'uld', ULD alone; "
+        "'shared', the mapped part alone. Positions inside a span train on CE.")
+    uld_weight: float = Field(1.0, ge=0, description="Weight of the ULD term (methods hybrid and uld).")
+    min_mapped_mass: float = Field(0.5, ge=0, le=1, description="The plan distils logits across tokenizers when at "
+                                   "least this share of the teacher's probability (measured on the task's answers) "
+                                   "falls on tokens that map exactly; below it, the teacher teaches through its text.")
+
+
 class _TrainingOptions(_Strict):
     """Options of the training engine. Names follow Hugging Face TrainingArguments where one exists."""
 
@@ -186,6 +200,8 @@ class _TrainingOptions(_Strict):
                                "workers score them while the student trains the previous step; the rollouts are "
                                "written to OUT/rollouts/ before they train, so a resumed run reads them. 0: each step "
                                "samples from its own weights.")
+    ctkd: CtkdSpec = Field(default_factory=CtkdSpec, description="Cross-tokenizer KD, used when the teacher's "
+                           "tokenizer is not the student's.")
     chunk_size: int = Field(1024, gt=0, description="Tokens per chunk when computing logits and loss.")
     learning_rate: float = Field(5e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)

@@ -79,15 +79,10 @@ def _with_empty_responses(records: Sequence[dict[str, Any]]) -> Sequence[dict[st
                    getattr(records, "where", ()))
 
 
-def check_same_vocab(student_tok: Any, teacher_tok: Any) -> None:
-    """White-box KD compares distributions token by token: both sides must use one tokenizer."""
-    if teacher_tok is None:
-        return
-    if student_tok.get_vocab() != teacher_tok.get_vocab():
-        raise ValueError(
-            "teacher and student tokenizers differ; logit KD needs a shared vocabulary "
-            "(use text distillation, loss: ce, on teacher outputs instead)"
-        )
+def same_vocab(student_tok: Any, teacher_tok: Any) -> bool:
+    """Whether both sides use one vocabulary (plain logit KD); if not, KD goes across tokenizers
+    (``stratos.distill.crosstok``)."""
+    return teacher_tok is None or student_tok.get_vocab() == teacher_tok.get_vocab()
 
 
 def distill(
@@ -122,10 +117,15 @@ def distill(
         records = load_records(records, need_response=responses_needed([cfg.algorithm]))
     if algo.rewarded:  # RL samples the responses: a prompt alone is a record (its prompt tokens are what count)
         records = _with_empty_responses(records)
-    check_same_vocab(tokenizer, teacher_tokenizer)
     cfg = algo.configure(cfg)
     needs_teacher = algo.needs_teacher(cfg)
     topk = cfg.teacher_signal == "topk" and needs_teacher and signal is None
+    cross = needs_teacher and signal is None and not same_vocab(tokenizer, teacher_tokenizer)
+    if cross and (topk or algo.on_policy):
+        raise ValueError(
+            f"the teacher's tokenizer is not the student's: {'an API teacher top-k log-probs (teacher_signal topk)' if topk else f'algorithm {cfg.algorithm} (the teacher scores the student samples)'} "
+            "cannot distil across tokenizers yet; use algorithm kd with teacher_signal cached or online "
+            "(cross-tokenizer KD, distill.ctkd), or sft on the teacher's text")
     if topk:
         from stratos.teachers.topk import TopKSignal, with_teacher_tokens
 
@@ -146,9 +146,13 @@ def distill(
             raise ValueError(f"loss {cfg.loss!r} (kd_ratio {cfg.kd_ratio}) needs a teacher")
         from stratos.teachers.signal import hidden_state_signal
 
-        signal, signal_info = hidden_state_signal(
-            teacher, examples, cfg, tokenizer.pad_token_id, Path(cache_root) if cache_root else None, progress
-        )
+        if cross:
+            signal, signal_info = _cross_tokenizer_signal(teacher, tokenizer, teacher_tokenizer, records, examples, cfg,
+                                                          student, Path(cache_root) if cache_root else None, progress)
+        else:
+            signal, signal_info = hidden_state_signal(
+                teacher, examples, cfg, tokenizer.pad_token_id, Path(cache_root) if cache_root else None, progress
+            )
     if cfg.lora is not None:
         student = apply_lora(student, cfg)
     source = None
@@ -180,6 +184,26 @@ def distill(
     )
     write_json(out_dir / "result.json", result.to_dict())
     return result
+
+
+def _cross_tokenizer_signal(teacher: Any, tokenizer: Any, teacher_tokenizer: Any, records: Sequence[dict[str, Any]],
+                           examples: Sequence[Any], cfg: DistillSpec, student: Any, cache_root: Path | None,
+                           progress: bool) -> tuple[Any, dict[str, Any]]:
+    """The teacher's hidden-state signal over its own tokenisation of ``records``, in the student's tokens
+    (``stratos.distill.crosstok``), and what the run records about it (the map's and the alignment's shares)."""
+    from stratos.distill.crosstok import CrossTokenizerSignal, VocabMap, pair_records
+    from stratos.teachers.signal import hidden_state_signal
+
+    paired = pair_records(records, tokenizer, teacher_tokenizer, cfg.max_length)
+    if [e.input_ids for e in paired.student] != [e.input_ids for e in examples]:
+        raise AssertionError("cross-tokenizer pairing encoded the records unlike encode()")  # a bug, not bad data
+    t_pad = teacher_tokenizer.pad_token_id if teacher_tokenizer.pad_token_id is not None else teacher_tokenizer.eos_token_id
+    inner, info = hidden_state_signal(teacher, paired.teacher, cfg, t_pad, cache_root, progress)
+    vmap = VocabMap.build(tokenizer, teacher_tokenizer, student_rows=student.get_output_embeddings().weight.shape[0],
+                          teacher_rows=inner.head.vocab_size)
+    signal = CrossTokenizerSignal(inner, paired, vmap, teacher_pad_id=t_pad, method=cfg.ctkd.method,
+                                  uld_weight=cfg.ctkd.uld_weight)
+    return signal, {**info, "ctkd": {"method": cfg.ctkd.method, **vmap.stats, **paired.stats}}
 
 
 def run_phases(

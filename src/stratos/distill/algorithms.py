@@ -114,10 +114,12 @@ def student_terms(ctx: StepContext, batch: Batch) -> dict[str, torch.Tensor]:
     if obj.needs_teacher and hasattr(ctx.signal, "topk"):
         topk = tuple(t.to(device) for t in ctx.signal.topk(batch))
     weights = batch.weights.to(device) if batch.weights is not None else None
+    # A cross-tokenizer signal marks the targets with a teacher counterpart (stratos.distill.crosstok).
+    kd_mask = ctx.signal.kd_mask(batch).to(device) if t_hidden is not None and hasattr(ctx.signal, "kd_mask") else None
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=ctx.bf16):
         h = last_hidden(ctx.student, batch.input_ids.to(device), batch.attention_mask.to(device))
         return kd_terms(h[:, :-1][mask], t_hidden, batch.targets.to(device), ctx.s_head, ctx.t_head, obj, topk=topk,
-                        weights=weights)
+                        weights=weights, kd_mask=kd_mask)
 
 
 def _kd_needs_teacher(cfg: Any) -> bool:

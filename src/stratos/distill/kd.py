@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from stratos.distill.crosstok import CrossHead
 from stratos.distill.head import OutputHead
 from stratos.distill.losses import Loss, cross_entropy, forward_kl, get_loss, reverse_kl
 from stratos.distill.topk import topk_log_probs
@@ -58,17 +59,21 @@ def _chunk_terms(
     s_logits: torch.Tensor,
     t_hidden: torch.Tensor | None,
     targets: torch.Tensor,
-    t_head: OutputHead | None,
+    t_head: OutputHead | CrossHead | None,
     obj: Objective,
     topk_ids: torch.Tensor | None = None,
     topk_logp: torch.Tensor | None = None,
     weights: torch.Tensor | None = None,
+    kd_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Summed [kd, ce, teacher-agreement] of one chunk's student logits, as one 3-vector
+    """Summed [kd, ce, teacher-agreement, ce-without-kd] of one chunk's student logits, as one 4-vector
     (differentiable in ``s_logits`` through whichever registered loss the objective names).
-    ``weights`` [chunk] scales each token's kd and ce (agreement stays a plain count)."""
-    ce = _wsum(F.cross_entropy(s_logits, targets, reduction="none"), weights)
-    kd = agree = s_logits.new_zeros(())
+    ``weights`` [chunk] scales each token's kd and ce (agreement stays a plain count). ``kd_mask``
+    [chunk] (cross-tokenizer KD) marks the tokens that have a teacher counterpart; the others get no KD
+    term and their whole loss is CE, whose sum is the fourth entry (see ``_combine``)."""
+    ce_tok = F.cross_entropy(s_logits, targets, reduction="none")
+    ce = _wsum(ce_tok, weights)
+    kd = agree = ce_free = s_logits.new_zeros(())
     if not obj.spec.needs_teacher:  # plain CE, or a user's teacher-free loss
         kd = _wsum(obj.spec.fn(F.log_softmax(s_logits, dim=-1), None, targets, **obj.loss_kwargs), weights)
     elif obj.kd_ratio > 0 and topk_ids is not None:  # an API teacher's top-k log-probs (distill/topk.py)
@@ -77,6 +82,18 @@ def _chunk_terms(
         if obj.scale_by_temperature:
             kd = kd * obj.temperature * obj.temperature
         agree = (s_logits.argmax(-1) == topk_ids[:, 0]).sum().to(kd.dtype).detach()
+    elif obj.kd_ratio > 0 and isinstance(t_head, CrossHead):  # another tokenizer's teacher (distill/crosstok.py)
+        t_logits = _teacher_logits(t_hidden, t_head, obj)
+        per_token = t_head.terms(s_logits, t_logits, obj.spec.fn, obj.temperature, obj.loss_kwargs)
+        hit = t_head.agree(s_logits, t_logits)
+        if kd_mask is not None:
+            per_token = per_token * kd_mask.to(per_token.dtype)
+            hit = hit & kd_mask
+            ce_free = _wsum(ce_tok * (~kd_mask).to(ce_tok.dtype), weights)
+        kd = _wsum(per_token, weights)
+        if obj.scale_by_temperature:
+            kd = kd * obj.temperature * obj.temperature
+        agree = hit.sum().to(kd.dtype).detach()
     elif obj.kd_ratio > 0:
         t_logits = _teacher_logits(t_hidden, t_head, obj)
         s_l, t_l = _common_vocab(s_logits, t_logits)
@@ -87,7 +104,7 @@ def _chunk_terms(
         if obj.scale_by_temperature:
             kd = kd * temp * temp
         agree = (s_l.argmax(-1) == t_l.argmax(-1)).sum().to(kd.dtype).detach()
-    return torch.stack([kd, ce, agree])
+    return torch.stack([kd, ce, agree, ce_free])
 
 
 def _wsum(per_token: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
@@ -107,6 +124,7 @@ def _closed_form(
     topk_ids: torch.Tensor | None = None,
     topk_logp: torch.Tensor | None = None,
     weights: torch.Tensor | None = None,
+    kd_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """``(terms, d loss / d s_logits)`` of one chunk without an autograd graph over [chunk, V], for
     the common objectives: forward KL and/or CE over a full-vocabulary teacher. ``None`` for any
@@ -117,11 +135,13 @@ def _closed_form(
         d T^2 KL(p||q) / d z = T (q - p)                      (T^2 scaling on; (q - p) / T without it)
         d T^2 KL(q||p) / d z = T q (log q - log p - KL(q||p))  (the token's reverse KL; / T without T^2)
 
-    Only the built-in ``fkl``/``rkl``/``ce`` over unweighted tokens qualify: a user who re-registers
-    one of these names, or a batch with per-token weights, gets autograd."""
+    Only the built-in ``fkl``/``rkl``/``ce`` over unweighted tokens of a same-vocabulary teacher qualify:
+    a user who re-registers one of these names, a batch with per-token weights or a cross-tokenizer
+    teacher gets autograd."""
     name = obj.loss
     builtin = _CLOSED_FORM.get(name)
-    if builtin is None or obj.spec.fn is not builtin or topk_ids is not None or obj.loss_kwargs or weights is not None:
+    if (builtin is None or obj.spec.fn is not builtin or topk_ids is not None or obj.loss_kwargs or weights is not None
+            or kd_mask is not None or isinstance(t_head, CrossHead)):
         return None
     ce_w = 1.0 if name == "ce" else 1.0 - obj.kd_ratio  # a pure-CE objective's loss is its CE
     z = s_logits.detach().float()
@@ -157,7 +177,7 @@ def _closed_form(
         else:
             grad = torch.zeros_like(z) if grad is None else grad
             grad[:, :v] += g_kd
-    return torch.stack([kd, ce, agree]), grad.to(s_logits.dtype)
+    return torch.stack([kd, ce, agree, z.new_zeros(())]), grad.to(s_logits.dtype)
 
 
 def kd_terms(
@@ -169,6 +189,7 @@ def kd_terms(
     obj: Objective,
     topk: tuple[torch.Tensor, torch.Tensor] | None = None,
     weights: torch.Tensor | None = None,
+    kd_mask: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Sums over all target tokens of the KD term, the CE term and the combined loss.
 
@@ -176,24 +197,31 @@ def kd_terms(
     optimizer step, so every token weighs the same however the step is split into
     micro-batches (and, later, processes). ``topk`` ([N, k] ids, [N, k] log-probs) replaces the
     teacher's hidden states with an API teacher's top-k targets. ``weights`` ([N]) scales each
-    token's terms: advantages, masks or curricula, with no special case in the loop.
+    token's terms: advantages, masks or curricula, with no special case in the loop. ``kd_mask`` ([N]
+    bool) marks the tokens with a teacher counterpart (cross-tokenizer KD: ``CrossTokenizerSignal``);
+    the others train on CE alone, whatever kd_ratio.
     """
-    args = (t_hidden, targets, t_head, obj, *((None, None) if topk is None else topk), weights)
+    args = (t_hidden, targets, t_head, obj, *((None, None) if topk is None else topk), weights, kd_mask)
     if torch.is_grad_enabled() and s_hidden.requires_grad:
         params = [p for p in s_head.parameters() if p.requires_grad]
         loss, terms = _ChunkedTerms.apply(s_hidden, s_head, *args, *params)
-        kd, ce, agree = terms.unbind()
+        kd, ce, agree, _ = terms.unbind()
         return {"loss": loss, "kd": kd, "ce": ce, "agree": agree}
-    total = s_hidden.new_zeros(3, dtype=torch.float32)
+    total = s_hidden.new_zeros(4, dtype=torch.float32)
     for sl in _chunks(s_hidden.shape[0], obj.chunk_size):
         total = total + _chunk_terms(s_head(s_hidden[sl]), *_sliced(args, sl))
-    kd, ce, agree = total.unbind()
-    loss = _combine(kd, ce, obj)
+    kd, ce, agree, _ = total.unbind()
+    loss = _combine(total, obj)
     return {"loss": loss, "kd": kd.detach(), "ce": ce.detach(), "agree": agree.detach()}
 
 
-def _combine(kd: torch.Tensor, ce: torch.Tensor, obj: Objective) -> torch.Tensor:
-    return obj.kd_ratio * kd + (1.0 - obj.kd_ratio) * ce if obj.spec.needs_teacher else kd
+def _combine(terms: torch.Tensor, obj: Objective) -> torch.Tensor:
+    """The loss of summed terms [kd, ce, agree, ce_free]: ``kd_ratio * kd + (1 - kd_ratio) * ce``, where
+    the tokens without a KD term (``ce_free``, their CE) count their CE in full."""
+    kd, ce, _, ce_free = terms.unbind()
+    if not obj.spec.needs_teacher:
+        return kd
+    return obj.kd_ratio * kd + (1.0 - obj.kd_ratio) * ce + obj.kd_ratio * ce_free
 
 
 def _chunks(n: int, size: int) -> list[slice]:
@@ -217,11 +245,11 @@ class _ChunkedTerms(torch.autograd.Function):
     logits has a closed form (``_closed_form``), so only the head's own backward remains."""
 
     @staticmethod
-    def forward(ctx, s_hidden, s_head, t_hidden, targets, t_head, obj, topk_ids, topk_logp, weights, *params):
-        args = (t_hidden, targets, t_head, obj, topk_ids, topk_logp, weights)
+    def forward(ctx, s_hidden, s_head, t_hidden, targets, t_head, obj, topk_ids, topk_logp, weights, kd_mask, *params):
+        args = (t_hidden, targets, t_head, obj, topk_ids, topk_logp, weights, kd_mask)
         grad_h = torch.zeros_like(s_hidden)
         grad_p = [torch.zeros_like(p) for p in params]
-        total = s_hidden.new_zeros(3, dtype=torch.float32)
+        total = s_hidden.new_zeros(4, dtype=torch.float32)
         for sl in _chunks(s_hidden.shape[0], obj.chunk_size):
             h = s_hidden[sl].detach().requires_grad_(True)
             chunk_args = _sliced(args, sl)
@@ -230,7 +258,7 @@ class _ChunkedTerms(torch.autograd.Function):
                 fast = _closed_form(s_logits, *chunk_args)
                 if fast is None:
                     terms = _chunk_terms(s_logits, *chunk_args)
-                    grads = torch.autograd.grad(_combine(terms[0], terms[1], obj), [h, *params], allow_unused=True)
+                    grads = torch.autograd.grad(_combine(terms, obj), [h, *params], allow_unused=True)
                 else:
                     terms, grad_logits = fast
                     grads = torch.autograd.grad(s_logits, [h, *params], grad_outputs=grad_logits, allow_unused=True)
@@ -240,14 +268,13 @@ class _ChunkedTerms(torch.autograd.Function):
                     acc += g
             total = total + terms.detach()
         ctx.save_for_backward(grad_h, *grad_p)
-        kd, ce, _ = total.unbind()
         terms = total.clone()
         ctx.mark_non_differentiable(terms)
-        return _combine(kd, ce, obj), terms
+        return _combine(total, obj), terms
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_terms):
         grad_h, *grad_p = ctx.saved_tensors
         # In place: these tensors exist only for this backward, and a head-sized copy is ~100 MB.
-        return (grad_h.mul_(grad_loss), None, None, None, None, None, None, None, None,
+        return (grad_h.mul_(grad_loss), None, None, None, None, None, None, None, None, None,
                 *(g.mul_(grad_loss) for g in grad_p))

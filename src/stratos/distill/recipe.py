@@ -52,7 +52,7 @@ class Settings:
     """What a run trains: its phases in order, and what the teacher provides."""
 
     phases: list[Phase]
-    match: str  # 'logit' (shared vocabulary), 'topk' (API log-probs), 'text' (outputs only)
+    match: str  # 'logit' (shared vocabulary), 'cross' (logits across tokenizers), 'topk' (API log-probs), 'text'
     signal: str  # the teacher's part in training: 'hidden' (its model, hidden states), 'topk' (in the data), 'none'
     reasons: list[str] = field(default_factory=list)
     on_policy: bool = False  # a phase trains on the student's own samples (gkd)
@@ -102,7 +102,7 @@ def resolve(distill: DistillSpec, *, match: str = "logit", strategy: Any = None,
     """The settings a run trains with.
 
     ``distill`` is the spec's section (what the user wrote wins), ``strategy`` the plan's (None for
-    ``stratos distill`` without a plan), ``match`` the pair's signal ('logit', 'topk', 'text'; see
+    ``stratos distill`` without a plan), ``match`` the pair's signal ('logit', 'cross', 'topk', 'text'; see
     ``stratos.plan.matching``) and ``topk_data`` whether the training data will carry an API teacher's
     top-k log-probs (``synth.top_logprobs`` with teacher generations)."""
     base = _base(distill, strategy)
@@ -153,6 +153,12 @@ def resolve(distill: DistillSpec, *, match: str = "logit", strategy: Any = None,
                     "usable for logit KD" + (", so the student learns from its text (loss ce)"
                                             if algo.fallback == "sft" else ""))
             needs = False
+        elif needs and match == "cross" and algo.on_policy:
+            # Its samples are in the student's tokens; scoring them means re-tokenising every rollout for the teacher.
+            cfg = fallback.configure(cfg.model_copy(update={"algorithm": algo.fallback}))
+            why += (f"; {instead} instead: {algo.name} has the teacher score the student's own samples, which this "
+                    "version does across tokenizers only off-policy (kd)")
+            needs = False
         elif needs and match == "topk" and algo.on_policy:
             # An API's log-probs come with its own generations only; it cannot score the student's samples.
             cfg = fallback.configure(cfg.model_copy(update={"algorithm": algo.fallback}))
@@ -173,8 +179,11 @@ def resolve(distill: DistillSpec, *, match: str = "logit", strategy: Any = None,
         prefix = f"phase {i + 1} of {len(phases)}: " if len(phases) > 1 else "training: "
         reasons.append(f"{prefix}{p.label}: {p.reason}")
     if signal == "hidden":
-        mode = next(p.config["teacher_signal"] for p in phases if p.needs_teacher)
-        reasons.append(f"teacher signal: its last hidden states ({mode}), exact logits recomputed on the student side")
+        first = next(p.config for p in phases if p.needs_teacher)
+        reasons.append(f"teacher signal: its last hidden states ({first['teacher_signal']}), exact logits recomputed "
+                       "on the student side" + ("" if match != "cross" else
+                                                f", then mapped into the student's vocabulary (cross-tokenizer KD, "
+                                                f"ctkd.method {first['ctkd']['method']}: responses aligned by bytes)"))
     elif signal == "topk":
         reasons.append("teacher signal: the API's top-k log-probs stored with its generations")
     on_policy = any(get_algorithm(p.algorithm).on_policy and p.needs_teacher for p in phases)

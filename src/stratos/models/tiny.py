@@ -17,26 +17,37 @@ _DEFAULT_CORPUS = [
 ]
 
 
-def build_tokenizer(corpus: Iterable[str] = (), vocab_size: int = 512, added_tokens: Iterable[str] = ()) -> Any:
-    """Train a small byte-level BPE tokenizer on ``corpus`` and wrap it for transformers.
+def build_tokenizer(corpus: Iterable[str] = (), vocab_size: int = 512, added_tokens: Iterable[str] = (),
+                    style: str = "bytelevel") -> Any:
+    """Train a small BPE tokenizer on ``corpus`` and wrap it for transformers.
 
-    It has ChatML special tokens and template, ``<|im_end|>`` as EOS and ``<pad>`` as pad,
-    so it behaves like the instruct tokenizers users bring. ``added_tokens`` (a domain's
-    symbols, e.g. Mahjong tiles) are always kept whole.
+    ``style`` is how it spells text: ``bytelevel`` (GPT-2's byte alphabet, as SmolLM2, Llama 3 and Qwen)
+    or ``sentencepiece`` ('▁' for a space prepended to the text, characters outside the learnt alphabet
+    as ``<0xNN>`` byte-fallback tokens, as Llama 2 and Gemma). It has ChatML special tokens and
+    template, ``<|im_end|>`` as EOS and ``<pad>`` as pad, so it behaves like the instruct tokenizers
+    users bring. ``added_tokens`` (a domain's symbols, e.g. Mahjong tiles) are always kept whole.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(list(corpus) + _DEFAULT_CORPUS, trainer=trainer)
+    texts = list(corpus) + _DEFAULT_CORPUS
+    if style == "bytelevel":
+        tok = Tokenizer(models.BPE(unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        special, alphabet = SPECIAL_TOKENS, pre_tokenizers.ByteLevel.alphabet()
+    elif style == "sentencepiece":
+        tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+        tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                         decoders.Strip(" ", 1, 0)])
+        special = SPECIAL_TOKENS + [f"<0x{b:02X}>" for b in range(256)]
+        alphabet = sorted({c for t in texts for c in t if ord(c) < 128} | {"▁"})
+    else:
+        raise ValueError(f"style must be 'bytelevel' or 'sentencepiece', got {style!r}")
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special, initial_alphabet=alphabet,
+                                  limit_alphabet=len(alphabet), show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         pad_token="<pad>",

@@ -16,16 +16,22 @@ ASSUMED_API_PARAMS = 1e11
 class Match:
     teacher: str
     student: str
-    mode: str  # 'logit' (white-box, shared vocabulary), 'topk' (API log-probs), 'text' (outputs only)
+    mode: str  # 'logit' (white-box, shared vocabulary), 'cross' (white-box, logits mapped across tokenizers),
+    # 'topk' (API log-probs), 'text' (outputs only)
     capacity_ratio: float
     reasons: list[str] = field(default_factory=list)
+    # Across tokenizers: what stratos.distill.crosstok.measure_mapping measured (mapped_mass, vocab_overlap, ...)
+    mapping: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def match(teacher: ModelShape, student: ModelShape) -> Match:
-    """Decide the signal a teacher can give a student, and explain it."""
+def match(teacher: ModelShape, student: ModelShape, *, mapping: dict[str, Any] | None = None,
+          min_mapped_mass: float = 0.5) -> Match:
+    """Decide the signal a teacher can give a student, and explain it. ``mapping`` is what
+    ``stratos.distill.crosstok.measure_mapping`` measured for a pair of different tokenizers (None when
+    it could not be measured); logit KD across tokenizers needs its ``mapped_mass`` >= ``min_mapped_mass``."""
     reasons = []
     t_params = teacher.params or ASSUMED_API_PARAMS
     if teacher.api:
@@ -39,15 +45,31 @@ def match(teacher: ModelShape, student: ModelShape) -> Match:
         mode = "logit"
         reasons.append(f"{teacher.name} and {student.name} share a tokenizer: white-box logit KD over the "
                        "full vocabulary is possible (teacher hidden states, exact logits recomputed)")
+    elif mapping is not None:
+        share, overlap = mapping["mapped_mass"], mapping["vocab_overlap"]
+        measured = (f"{teacher.name} and {student.name} use different tokenizers: {overlap:.0%} of the teacher's "
+                    f"vocabulary maps byte for byte to a student token, and on the task's answers "
+                    f"({mapping['positions']} aligned positions) {share:.0%} of the teacher's probability falls on "
+                    "tokens that do")
+        if share >= min_mapped_mass:
+            mode = "cross"
+            reasons.append(f"{measured} (>= ctkd.min_mapped_mass {min_mapped_mass:g}): logit KD across tokenizers is "
+                           "possible (responses aligned by bytes, the mapped part matched token for token, the rest "
+                           "by sorted probabilities)")
+        else:
+            mode = "text"
+            reasons.append(f"{measured} (< ctkd.min_mapped_mass {min_mapped_mass:g}): too little maps for logit KD, so "
+                           "the teacher can teach through its text only (sequence-level KD)")
     else:
         mode = "text"
         # What the pair allows, not what the run does: the strategy decides whether the teacher's text is used.
-        reasons.append(f"{teacher.name} and {student.name} use different tokenizers: token-level logits don't "
-                       "line up, so the teacher can teach through its text only (sequence-level KD), not its logits")
+        reasons.append(f"{teacher.name} and {student.name} use different tokenizers and the mapping between them "
+                       "could not be measured (a tokenizer could not be loaded), so the teacher can teach through "
+                       "its text only (sequence-level KD), not its logits")
     ratio = t_params / max(1.0, student.params)
     reasons.append(f"capacity ratio {ratio:,.1f}x ({_human(t_params)} / {_human(student.params)} parameters)"
                    + ("; a gap this large favours mode-seeking losses" if ratio >= 10 else ""))
-    return Match(teacher.name, student.name, mode, ratio, reasons)
+    return Match(teacher.name, student.name, mode, ratio, reasons, mapping)
 
 
 def _human(n: float) -> str:

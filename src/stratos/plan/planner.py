@@ -191,6 +191,8 @@ class PlanInputs:
     api_pricing: dict[str, ApiPricing] = field(default_factory=dict)  # by teacher name
     student_accuracy: dict[tuple[int, int], tuple[float, str, str]] = field(default_factory=dict)  # pilots
     student_baseline: dict[int, float] = field(default_factory=dict)
+    # (teacher index, student index) -> what crosstok.measure_mapping measured for a pair of different tokenizers
+    mappings: dict[tuple[int, int], dict[str, Any]] = field(default_factory=dict)
     corrections: dict[str, dict[str, float]] = field(default_factory=dict)  # server -> stage -> factor
     # prediction method (prior, pilot) -> (median measured - predicted accuracy of earlier runs of the task, runs)
     accuracy_corrections: dict[str, tuple[float, int]] = field(default_factory=dict)
@@ -273,7 +275,7 @@ def decide_pairs(inputs: PlanInputs) -> list[PairDecision]:
     for ti, t in enumerate(inputs.teachers):
         probe = inputs.probes[t.name]
         for si, s in enumerate(inputs.students):
-            m = match(t, s)
+            m = match(t, s, mapping=inputs.mappings.get((ti, si)), min_mapped_mass=distill.ctkd.min_mapped_mass)
             strat = apply_spec(choose_strategy(probe, inputs.task, m, competent_accuracy=inputs.competent_accuracy),
                                inputs.spec_values, inputs.task)
             if (ti, si) in inputs.student_accuracy:

@@ -161,6 +161,7 @@ def make_plan(
     # ----------------------------------------------------------------- pilots (optional, measured)
     pilots: dict[tuple[int, int], tuple[float, str, str]] = {}
     inputs = _inputs(spec, teachers, students, probes, profile, servers, cal, gpu)
+    inputs.mappings = _measure_mappings(spec, task, teachers, students, loaded, out, device)
     if ps.pilot:
         pilots = _run_pilots(spec, task, inputs, loaded, out, local, cal, device)
         inputs.student_accuracy = pilots
@@ -198,6 +199,46 @@ def _inputs(spec, teachers, students, probes, profile, servers, cal, gpu: bool) 
         teacher_models=[t.model for t in spec.teachers], student_models=[s.model for s in spec.students],
         spec_name=spec.name, spec_values=SpecValues.from_spec(spec), distill=spec.distill,
     )
+
+
+def _measure_mappings(spec, task, teachers, students, loaded, out: Path, device) -> dict[tuple[int, int], dict]:
+    """For each white-box teacher and student with different tokenizers, how much of the teacher's probability
+    maps exactly into the student's vocabulary on the task's answers (``crosstok.measure_mapping``): what the
+    match needs to choose logit KD across tokenizers. Cached in ``out/mappings.json`` by teacher weights,
+    student tokenizer and task; a tokenizer that cannot be loaded leaves the pair unmeasured (text only)."""
+    from stratos.distill.crosstok import measure_mapping
+    from stratos.io import sha256_text, write_json
+    from stratos.models import load, load_tokenizer, model_identity, task_tokenizer
+    from stratos.plan.shapes import tokenizer_identity
+    from stratos.tasks.base import to_records
+
+    cache_file = out / "mappings.json"
+    cached = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
+    result: dict[tuple[int, int], dict] = {}
+    records = None
+    for ti, (t_spec, t) in enumerate(zip(spec.teachers, teachers)):
+        if t.api or not t.tokenizer:
+            continue
+        for si, (s_spec, s) in enumerate(zip(spec.students, students)):
+            if s.tokenizer == t.tokenizer:
+                continue
+            try:
+                s_tok = (task_tokenizer(spec.task, s_spec.tokenizer_vocab_size) if s_spec.tokenizer == "task"
+                         else load_tokenizer(s_spec.model, trust_remote_code=s_spec.trust_remote_code))
+            except (OSError, ValueError):
+                continue
+            key = sha256_text("mapping-v1", model_identity(t_spec.model), tokenizer_identity(s_tok),
+                              spec.task.model_dump(mode="json"), spec.synth.rationales)[:16]
+            if key not in cached:
+                if records is None:
+                    records = to_records(task, task.examples("train", 32, seed=spec.task.seed + 3),
+                                         rationale=bool(spec.synth.rationales))
+                model, t_tok = loaded.get(t_spec.model) or load(t_spec.model, dtype=t_spec.dtype, device=device,
+                                                                trust_remote_code=t_spec.trust_remote_code)
+                cached[key] = measure_mapping(model, s_tok, t_tok, records, max_length=spec.distill.max_length)
+                write_json(cache_file, cached)
+            result[(ti, si)] = cached[key]
+    return result
 
 
 def _run_pilots(spec, task, inputs: PlanInputs, loaded, out: Path, local, cal, device) -> dict:

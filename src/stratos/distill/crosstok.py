@@ -1,0 +1,481 @@
+"""Cross-tokenizer KD: a teacher whose tokenizer is not the student's teaches through the same loss.
+
+Two tokenizers cut the same response into different tokens. What they share is its bytes, so the
+alignment is by bytes (``align``): each side's tokens get byte offsets, and the response is cut into
+*spans* at the byte boundaries both sides have. Each span is covered exactly by one or more
+consecutive tokens on each side. At the student position that starts a span (the position predicting
+its first token) and the teacher position that starts the same span, both models predict the next
+text from the same byte prefix, so their next-token distributions are comparable; positions inside
+a span have no teacher counterpart and train on cross-entropy alone.
+
+The distributions live in different vocabularies. ``VocabMap`` maps each teacher token whose bytes
+equal one student token's bytes exactly (their probability mass summed when several do); the share
+of the teacher's mass that maps this way is what the planner measures (``mapped_mass``). Per span
+start, the ``ctkd.method``:
+
+- ``hybrid`` (default): the registered divergence (``loss``) on the mapped part, both distributions
+  over the mapped student tokens plus one "other" bucket holding the rest of each side's mass, plus
+  ``uld_weight`` x the Universal Logit Distillation term (Boizard et al. 2024) on the rest: the L1
+  distance between the sorted probabilities of the teacher's unmapped tokens and the student's
+  tokens outside the map;
+- ``uld``: the ULD term alone, over the full distributions;
+- ``shared``: the mapped part alone.
+
+With one tokenizer on both sides every token maps to itself, both "other" buckets are empty and the
+hybrid term is the plain divergence (tests/test_crosstok.py checks it to 1e-6 relative).
+
+``CrossTokenizerSignal`` is a teacher signal like any other (``stratos.distill.signal``): it wraps the
+teacher-side signal (online, cached or worker processes, on the teacher's own tokenization of the
+records) and returns, per student target, the teacher's hidden state at the matching span start;
+its head (``CrossHead``) carries the map, and ``kd_mask(batch)`` says which student targets have one.
+The losses never know.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from bisect import bisect_right
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from stratos.distill.data import IGNORE, Batch, Encoded, collate, encode_record, record_location
+from stratos.distill.head import OutputHead
+
+METHODS = ("hybrid", "uld", "shared")
+
+# ---------------------------------------------------------------------------------------- token bytes
+
+
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet read backwards: the printable character standing for each byte."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def _decoder_kind(tokenizer: Any) -> str:
+    """How the tokenizer's vocabulary spells bytes: ``bytelevel`` (GPT-2, Llama 3, SmolLM2, Qwen),
+    ``metaspace`` (SentencePiece: Llama 2, Gemma, Mistral; '▁' for a space, ``<0xNN>`` byte fallback)
+    or ``text`` (anything else: the vocabulary's strings are the text)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return "metaspace" if any("▁" in t for t in list(tokenizer.get_vocab())[:2000]) else "text"
+    decoder = json.loads(backend.to_str()).get("decoder") or {}
+    text = json.dumps(decoder)
+    if '"ByteLevel"' in text:
+        return "bytelevel"
+    if '"Metaspace"' in text or "▁" in text or '"ByteFallback"' in text:
+        return "metaspace"
+    return "text"
+
+
+def token_bytes(tokenizer: Any) -> list[bytes | None]:
+    """The bytes of each token id's text (None for special tokens, which stand for no text).
+
+    Read from the vocabulary by the tokenizer's kind (``_decoder_kind``), once per tokenizer; added
+    tokens that are not special (a domain's symbols) are their own text."""
+    vocab = tokenizer.get_vocab()
+    out: list[bytes | None] = [None] * (max(vocab.values()) + 1)
+    added = dict(getattr(tokenizer, "added_tokens_decoder", {}) or {})
+    kind = _decoder_kind(tokenizer)
+    decode = _byte_decoder() if kind == "bytelevel" else None
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    for piece, i in vocab.items():
+        fallback = _BYTE_FALLBACK.fullmatch(piece) if kind == "metaspace" else None
+        if fallback:  # a byte of a byte-fallback vocabulary, even where it was registered as a special token
+            out[i] = bytes([int(fallback.group(1), 16)])
+        elif i in special or (i in added and added[i].special):
+            out[i] = None
+        elif i in added:
+            out[i] = added[i].content.encode()
+        elif decode is not None:
+            try:
+                out[i] = bytes(decode[c] for c in piece)
+            except KeyError:  # not a byte-level piece (e.g. an unknown-token marker)
+                out[i] = None
+        elif kind == "metaspace":
+            out[i] = piece.replace("▁", " ").encode()
+        else:
+            out[i] = piece.encode()
+    return out
+
+
+# ---------------------------------------------------------------------------------------- alignment
+
+
+def byte_offsets(tokenizer: Any, text: str, ids: Sequence[int], pieces: Sequence[bytes | None] | None = None
+                 ) -> list[tuple[int, int]]:
+    """``[start, end)`` byte offsets in ``text`` (UTF-8) of each token of ``ids``, the tokenizer's
+    tokenisation of ``text``.
+
+    From the tokens' own bytes when they spell ``text`` exactly (byte-level BPE, SentencePiece with
+    byte fallback; a SentencePiece dummy-prefix space on the first token is allowed for): exact to the
+    byte even where one character is split over several tokens. Otherwise from the fast tokenizer's
+    offset mapping (characters turned into bytes; tokens sharing one character each get its bytes up
+    to where the next token starts). A tokenizer with neither raises ValueError."""
+    data = text.encode()
+    pieces = pieces if pieces is not None else token_bytes(tokenizer)
+    own = [pieces[i] if i < len(pieces) else None for i in ids]
+    if all(p is not None for p in own):
+        joined = b"".join(own)  # type: ignore[arg-type]
+        shift = 0 if joined == data else 1 if joined == b" " + data else None
+        if shift is not None:
+            out, pos = [], -shift
+            for p in own:
+                end = pos + len(p)  # type: ignore[arg-type]
+                out.append((max(0, pos), max(0, end)))
+                pos = end
+            return out
+    try:
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    except (NotImplementedError, TypeError, ValueError) as e:
+        raise ValueError(f"{type(tokenizer).__name__}: its tokens do not spell the text byte for byte and it has no "
+                         f"offset mapping (a fast tokenizer has one), so it cannot be aligned: {e}") from None
+    if list(enc["input_ids"]) != list(ids):
+        raise ValueError("the offset mapping is of another tokenisation than the ids given")
+    char_to_byte = [0]
+    for ch in text:
+        char_to_byte.append(char_to_byte[-1] + len(ch.encode()))
+    out = []
+    for a, b in enc["offset_mapping"]:
+        out.append((char_to_byte[a], char_to_byte[b]))
+    # Monotone, gap-free: a token's start is the previous one's end (trimmed spaces join the token after).
+    fixed, pos = [], 0
+    for a, b in out:
+        b = max(b, pos)
+        fixed.append((pos, b))
+        pos = b
+    if fixed:
+        fixed[-1] = (fixed[-1][0], len(data))
+    return fixed
+
+
+@dataclass
+class Alignment:
+    """Spans of one response: ``bounds`` [0, c_1, ..., len] cut at the byte boundaries both sides share;
+    ``student_span`` / ``teacher_span``: the span of each token (in order); ``pairs``: for each span,
+    the index of the student token and of the teacher token that start it."""
+
+    bounds: list[int]
+    student_span: list[int]
+    teacher_span: list[int]
+
+    @property
+    def pairs(self) -> list[tuple[int, int]]:
+        s_first = _firsts(self.student_span)
+        t_first = _firsts(self.teacher_span)
+        return [(s_first[k], t_first[k]) for k in sorted(s_first.keys() & t_first.keys())]
+
+
+def _firsts(span_of: Sequence[int]) -> dict[int, int]:
+    first: dict[int, int] = {}
+    for i, k in enumerate(span_of):
+        first.setdefault(k, i)
+    return first
+
+
+def align(student: Sequence[tuple[int, int]], teacher: Sequence[tuple[int, int]], length: int) -> Alignment:
+    """Group two tokenisations of one ``length``-byte text into spans covering the same bytes.
+
+    A span ends where a student token and a teacher token end at the same byte; a token belongs to
+    the span its first byte falls in (an empty token to the span it sits at the start of)."""
+    shared = {b for _, b in student if 0 < b < length} & {b for _, b in teacher if 0 < b < length}
+    bounds = [0, *sorted(shared), length] if length > 0 else [0, 0]
+
+    def spans(offsets: Sequence[tuple[int, int]]) -> list[int]:
+        last = len(bounds) - 2
+        return [min(last, bisect_right(bounds, a) - 1) for a, _ in offsets]
+
+    return Alignment(bounds, spans(student), spans(teacher))
+
+
+# ---------------------------------------------------------------------------------------- the vocabulary map
+
+
+@dataclass
+class VocabMap:
+    """Teacher token -> the student token with exactly its bytes (-1 where none).
+
+    ``t2s`` [teacher rows] (the teacher head's rows: padding rows map to nothing); the EOS tokens of
+    both sides map to each other (both end the answer), and special tokens of the same name map to
+    each other."""
+
+    t2s: torch.Tensor
+    student_rows: int
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def image(self) -> torch.Tensor:
+        """The student ids some teacher token maps to, sorted."""
+        return torch.unique(self.t2s[self.t2s >= 0])
+
+    @classmethod
+    def build(cls, student_tok: Any, teacher_tok: Any, *, student_rows: int, teacher_rows: int) -> "VocabMap":
+        s_bytes, t_bytes = token_bytes(student_tok), token_bytes(teacher_tok)
+        by_bytes: dict[bytes, int] = {}
+        for i, b in enumerate(s_bytes[:student_rows]):
+            if b is not None and b not in by_bytes:
+                by_bytes[b] = i
+        t2s = torch.full((teacher_rows,), -1, dtype=torch.long)
+        for i, b in enumerate(t_bytes[:teacher_rows]):
+            if b is not None and b in by_bytes:
+                t2s[i] = by_bytes[b]
+        s_special = {t.content: i for i, t in (getattr(student_tok, "added_tokens_decoder", {}) or {}).items()
+                     if t.special and i < student_rows}
+        for i, t in (getattr(teacher_tok, "added_tokens_decoder", {}) or {}).items():
+            if t.special and i < teacher_rows and t.content in s_special:
+                t2s[i] = s_special[t.content]
+        if teacher_tok.eos_token_id is not None and student_tok.eos_token_id is not None:
+            t2s[teacher_tok.eos_token_id] = student_tok.eos_token_id
+        mapped = int((t2s >= 0).sum())
+        stats = {"teacher_vocab": len(teacher_tok), "student_vocab": len(student_tok), "mapped_teacher_tokens": mapped,
+                 "mapped_student_tokens": int(torch.unique(t2s[t2s >= 0]).numel()),
+                 "vocab_overlap": mapped / max(1, len(teacher_tok))}
+        return cls(t2s, student_rows, stats)
+
+    def to(self, device: Any) -> "VocabMap":
+        return VocabMap(self.t2s.to(device), self.student_rows, self.stats)
+
+
+def mapped_mass(t_logits: torch.Tensor, vmap: VocabMap) -> torch.Tensor:
+    """Per row, the share of the teacher's probability on tokens that map exactly to a student token."""
+    p = torch.softmax(t_logits.float(), dim=-1)
+    return (p * (vmap.t2s.to(p.device) >= 0)).sum(-1)
+
+
+def uld_distance(q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """Universal Logit Distillation per row: the L1 distance between two sets of probabilities sorted
+    (the shorter padded with zeros). Only the top min(n_q, n_p) of each are sorted: past them the
+    shorter side is zero, and the longer side adds the mass left over."""
+    k = min(q.shape[-1], p.shape[-1])
+    if k == 0:
+        return q.sum(-1) + p.sum(-1)
+    q_top = torch.topk(q, k, dim=-1).values
+    p_top = torch.topk(p, k, dim=-1).values
+    rest = (q.sum(-1) - q_top.sum(-1)) + (p.sum(-1) - p_top.sum(-1))
+    return (q_top - p_top).abs().sum(-1) + rest.clamp_min(0)
+
+
+class CrossHead(nn.Module):
+    """The teacher's output head (its own vocabulary) with the map into the student's: what ``kd_terms``
+    takes as the teacher head in cross-tokenizer KD. ``terms`` is the method's per-token KD term."""
+
+    def __init__(self, head: OutputHead, vmap: VocabMap, method: str = "hybrid", uld_weight: float = 1.0):
+        super().__init__()
+        if method not in METHODS:
+            raise ValueError(f"ctkd.method must be one of {', '.join(METHODS)}, got {method!r}")
+        self.head, self.method, self.uld_weight, self.stats = head, method, float(uld_weight), vmap.stats
+        t2s = vmap.t2s
+        image = torch.unique(t2s[t2s >= 0])
+        col = torch.full((vmap.student_rows,), -1, dtype=torch.long)
+        col[image] = torch.arange(image.numel())
+        s_rest = torch.ones(vmap.student_rows, dtype=torch.bool)
+        s_rest[image] = False
+        # Each teacher row's column among [mapped student tokens..., other].
+        where = torch.where(t2s >= 0, col[t2s.clamp_min(0)], torch.full_like(t2s, image.numel()))
+        for name, t in (("t2s", t2s), ("image", image), ("where", where), ("s_rest", s_rest), ("t_rest", t2s < 0)):
+            self.register_buffer(name, t, persistent=False)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.head.vocab_size
+
+    @property
+    def hidden_size(self) -> int:
+        return self.head.hidden_size
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.head(hidden)
+
+    def mapped_logps(self, s_logp: torch.Tensor, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Student and teacher log-probabilities over the same categories: the mapped student tokens, then
+        one "other" bucket with the rest of each side's mass (floored at the smallest float on both sides
+        alike, so an empty bucket adds nothing). Any registered divergence takes them as they are."""
+        tiny = torch.finfo(p.dtype).tiny
+        p_cat = p.new_zeros(p.shape[0], self.image.numel() + 1).index_add_(1, self.where, p)
+        s_other = (torch.logsumexp(s_logp[:, self.s_rest], dim=-1, keepdim=True) if bool(self.s_rest.any())
+                   else s_logp.new_full((s_logp.shape[0], 1), float("-inf")))
+        s_cat = torch.cat([s_logp[:, self.image], s_other], dim=-1).clamp_min(torch.log(torch.tensor(tiny)).item())
+        return s_cat, torch.log(p_cat.clamp_min(tiny))
+
+    def terms(self, s_logits: torch.Tensor, t_logits: torch.Tensor, fn: Any, temperature: float,
+              kwargs: dict[str, Any]) -> torch.Tensor:
+        """The per-token KD term of the method (before the temperature scaling the objective applies)."""
+        s_logp = F.log_softmax(s_logits / temperature, dim=-1)
+        p = torch.softmax(t_logits / temperature, dim=-1)
+        if self.method == "uld":
+            return self.uld_weight * uld_distance(torch.exp(s_logp), p)
+        per_token = fn(*self.mapped_logps(s_logp, p), None, **kwargs)
+        if self.method == "hybrid":
+            per_token = per_token + self.uld_weight * uld_distance(torch.exp(s_logp[:, self.s_rest]), p[:, self.t_rest])
+        return per_token
+
+    def agree(self, s_logits: torch.Tensor, t_logits: torch.Tensor) -> torch.Tensor:
+        """Rows where the student's top token is the teacher's top token mapped (never, where it maps to none)."""
+        return s_logits.argmax(-1) == self.t2s[t_logits.argmax(-1)]
+
+
+# ---------------------------------------------------------------------------------------- paired data
+
+
+def _response_text(rec: dict[str, Any]) -> str:
+    if "messages" in rec:
+        return rec["messages"][-1]["content"]
+    if "prompt" in rec:
+        return rec["response"]
+    return rec["text"]
+
+
+def _target_tokens(ex: Encoded) -> list[int]:
+    """For each target of ``ex`` (in order), the index of its token in the response (which the labels
+    hold from the first labelled position on; position 0 is never a target)."""
+    first = next((i for i, x in enumerate(ex.labels) if x != IGNORE), len(ex.labels))
+    return [i - first for i in range(max(1, first), len(ex.labels)) if ex.labels[i] != IGNORE]
+
+
+@dataclass
+class PairedData:
+    """The records encoded for both sides, and per kept example the teacher target (its index among the
+    teacher example's targets) that each student target is distilled against, or -1 (CE only)."""
+
+    student: list[Encoded]
+    teacher: list[Encoded]
+    target_map: list[list[int]]
+    stats: dict[str, Any]
+
+
+def pair_records(records: Sequence[dict[str, Any]], student_tok: Any, teacher_tok: Any, max_length: int,
+                 *, chat: bool = True) -> PairedData:
+    """Encode each record with both tokenizers (each side's own chat template around the same response
+    text) and align the responses by bytes. Records the student side drops (no target left after
+    truncation) are dropped on both sides, so ``student`` equals what ``encode`` gives."""
+    from stratos.io import DataError
+
+    s_pieces, t_pieces = token_bytes(student_tok), token_bytes(teacher_tok)
+    out_s, out_t, maps = [], [], []
+    spans = aligned = targets = 0
+    for i, rec in enumerate(records):
+        try:
+            s_ex, _ = encode_record(rec, student_tok, max_length, chat=chat)
+            t_ex, _ = encode_record({k: v for k, v in rec.items() if k not in ("response_ids", "topk")}, teacher_tok,
+                                    max_length, chat=chat)
+        except (KeyError, TypeError, ValueError) as e:
+            raise DataError(f"{record_location(records, i)}: {e}") from None
+        if s_ex.num_targets == 0:
+            continue
+        text = _response_text(rec)
+        s_ids = rec.get("response_ids") or student_tok(text, add_special_tokens=False)["input_ids"]
+        t_ids = teacher_tok(text, add_special_tokens=False)["input_ids"]
+        al = align(byte_offsets(student_tok, text, s_ids, s_pieces), byte_offsets(teacher_tok, text, t_ids, t_pieces),
+                   len(text.encode()))
+        # Response token -> the teacher response token starting the same span; the EOS each side appends
+        # after the text is one more span, pairing the two EOS tokens.
+        partner = {**dict(al.pairs), len(s_ids): len(t_ids)}
+        t_target = {tok: j for j, tok in enumerate(_target_tokens(t_ex))}
+        row = [t_target.get(partner.get(k, -1), -1) for k in _target_tokens(s_ex)]
+        out_s.append(s_ex)
+        out_t.append(t_ex)
+        maps.append(row)
+        spans += len(al.bounds)  # the text's spans and the EOS
+        aligned += sum(1 for x in row if x >= 0)
+        targets += len(row)
+    stats = {"examples": len(out_s), "student_targets": targets, "aligned_targets": aligned,
+             "aligned_share": aligned / max(1, targets), "spans": spans}
+    return PairedData(out_s, out_t, maps, stats)
+
+
+class CrossTokenizerSignal:
+    """A teacher signal in the student's tokens, from a teacher-side signal in the teacher's.
+
+    ``inner`` is any signal (OnlineTeacher, HiddenStateCache, TeacherPool) over ``paired.teacher``;
+    ``hidden(batch)`` gives one row per student target: the teacher's hidden state at the matching span
+    start (zeros where there is none; ``kd_mask`` marks those False)."""
+
+    def __init__(self, inner: Any, paired: PairedData, vmap: VocabMap, *, teacher_pad_id: int, method: str = "hybrid",
+                 uld_weight: float = 1.0):
+        self.inner, self.paired, self.pad_id = inner, paired, teacher_pad_id
+        self.head = CrossHead(inner.head, vmap, method, uld_weight)
+        # Teacher batches sent ahead, by the student batch's tensor (as TeacherPool keys its own).
+        self._sent: dict[int, tuple[torch.Tensor, Batch]] = {}
+        if hasattr(inner, "submit"):  # a teacher service: batches may be sent ahead (trainer.InFlight)
+            self.submit = self._submit
+
+    def _teacher_batch(self, batch: Batch) -> Batch:
+        return collate([self.paired.teacher[i] for i in batch.indices], batch.indices, self.pad_id)
+
+    def _rows(self, batch: Batch) -> torch.Tensor:
+        rows, offset = [], 0
+        for i in batch.indices:
+            m = torch.tensor(self.paired.target_map[i], dtype=torch.long)
+            rows.append(torch.where(m >= 0, m + offset, torch.full_like(m, -1)))
+            offset += self.paired.teacher[i].num_targets
+        return torch.cat(rows)
+
+    def _submit(self, batch: Batch) -> None:
+        t_batch = self._teacher_batch(batch)
+        self._sent[id(batch.input_ids)] = (batch.input_ids, t_batch)
+        self.inner.submit(t_batch)
+
+    def hidden(self, batch: Batch) -> torch.Tensor:
+        sent = self._sent.pop(id(batch.input_ids), None)
+        h = self.inner.hidden(sent[1] if sent is not None else self._teacher_batch(batch))
+        rows = self._rows(batch).to(h.device)
+        out = h[rows.clamp_min(0)]
+        return out * (rows >= 0).unsqueeze(-1).to(out.dtype)
+
+    def kd_mask(self, batch: Batch) -> torch.Tensor:
+        return self._rows(batch) >= 0
+
+    def close(self) -> None:
+        if hasattr(self.inner, "close"):
+            self.inner.close()
+
+    def __getattr__(self, name: str) -> Any:  # restarts, path, ... of the inner signal
+        if name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+
+@torch.no_grad()
+def measure_mapping(teacher: Any, student_tok: Any, teacher_tok: Any, records: Sequence[dict[str, Any]],
+                    *, max_length: int = 512, batch_size: int = 8) -> dict[str, Any]:
+    """What cross-tokenizer KD would have to work with, measured on ``records`` (the task's answers):
+    the vocabulary overlap, the share of targets that start a span, and ``mapped_mass``, the mean share
+    of the teacher's probability, at those span starts, on tokens that map exactly to a student token.
+    The planner compares it with ``ctkd.min_mapped_mass``."""
+    from stratos.teachers.signal import OnlineTeacher
+
+    paired = pair_records(records, student_tok, teacher_tok, max_length)
+    online = OnlineTeacher(teacher)
+    vmap = VocabMap.build(student_tok, teacher_tok, student_rows=len(student_tok), teacher_rows=online.head.vocab_size)
+    pad = teacher_tok.pad_token_id if teacher_tok.pad_token_id is not None else teacher_tok.eos_token_id
+    total, n = 0.0, 0
+    for start in range(0, len(paired.teacher), batch_size):
+        idx = list(range(start, min(start + batch_size, len(paired.teacher))))
+        batch = collate([paired.teacher[i] for i in idx], idx, pad)
+        h = online.hidden(batch)
+        rows, offset = [], 0
+        for i in idx:  # the teacher targets some student target is distilled against
+            rows += [offset + j for j in paired.target_map[i] if j >= 0]
+            offset += paired.teacher[i].num_targets
+        device = online.head.weight.device
+        mass = mapped_mass(online.head(h[torch.tensor(rows, dtype=torch.long, device=h.device)].to(device)), vmap)
+        total += float(mass.sum())
+        n += len(rows)
+    return {"mapped_mass": total / max(1, n), "vocab_overlap": vmap.stats["vocab_overlap"],
+            "aligned_share": paired.stats["aligned_share"], "positions": n, "examples": len(paired.teacher)}

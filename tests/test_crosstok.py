@@ -1,0 +1,260 @@
+"""Cross-tokenizer KD: byte alignment, the vocabulary map, the loss, and a real run across tokenizers."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from stratos.distill import Objective, OutputHead, distill, kd_terms
+from stratos.distill.crosstok import (
+    CrossHead,
+    CrossTokenizerSignal,
+    VocabMap,
+    align,
+    byte_offsets,
+    pair_records,
+    token_bytes,
+    mapped_mass,
+    measure_mapping,
+    uld_distance,
+)
+from stratos.distill.data import collate, encode
+from stratos.models.tiny import build_tokenizer, tiny_llama
+from stratos.spec import DistillSpec
+from stratos.teachers.signal import OnlineTeacher
+
+CORPUS = ["hello world", "the answer is 42", "2+3=5", "héllo wörld", "1m2m3m 4p5p6p"] * 20
+
+
+@pytest.fixture(scope="module")
+def bytelevel():
+    return build_tokenizer(CORPUS, vocab_size=300)
+
+
+@pytest.fixture(scope="module")
+def spiece():
+    return build_tokenizer(CORPUS, vocab_size=400, style="sentencepiece")
+
+
+def _offsets(tok, text):
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    return tok.convert_ids_to_tokens(ids), byte_offsets(tok, text, ids)
+
+
+# ------------------------------------------------------------------------------------------ alignment
+
+
+def test_align_hand_made_offsets():
+    # "abcde": student a|bc|de, teacher abc|d|e -> spans [0,3) [3,5)
+    al = align([(0, 1), (1, 3), (3, 5)], [(0, 3), (3, 4), (4, 5)], 5)
+    assert al.bounds == [0, 3, 5]
+    assert al.student_span == [0, 0, 1] and al.teacher_span == [0, 1, 1]
+    assert al.pairs == [(0, 0), (2, 1)]
+    # A zero-length token (a dummy-prefix '▁') belongs to the span it starts.
+    al = align([(0, 0), (0, 2)], [(0, 1), (1, 2)], 2)
+    assert al.bounds == [0, 2] and al.student_span == [0, 0] and al.pairs == [(0, 0)]
+
+
+def test_byte_offsets_multibyte_and_byte_fallback(bytelevel, spiece):
+    text = "héllo 🀄"  # é is 2 bytes, the tile 4: split into bytes differently on each side
+    s_pieces, s_off = _offsets(bytelevel, text)
+    t_pieces, t_off = _offsets(spiece, text)
+    assert s_pieces[0] == "hÃ©llo" and s_off[0] == (0, 6)  # byte-level: é inside one token
+    assert t_pieces[:4] == ["▁h", "<0xC3>", "<0xA9>", "llo"]  # byte fallback splits é into its two bytes
+    assert t_off[:4] == [(0, 1), (1, 2), (2, 3), (3, 6)]  # the dummy-prefix space is no byte of the text
+    assert t_pieces[-4:] == ["<0xF0>", "<0x9F>", "<0x80>", "<0x84>"] and t_off[-4:] == [(7, 8), (8, 9), (9, 10), (10, 11)]
+    al = align(s_off, t_off, len(text.encode()))
+    # "héllo" is one span: one student token, four teacher tokens; KD pairs their first tokens only.
+    assert al.bounds[:2] == [0, 6] and al.teacher_span[:4] == [0, 0, 0, 0] and al.pairs[0] == (0, 0)
+
+
+def test_byte_offsets_leading_spaces(bytelevel, spiece):
+    text = " two  spaces"
+    s_pieces, s_off = _offsets(bytelevel, text)
+    t_pieces, t_off = _offsets(spiece, text)
+    assert s_pieces[:2] == ["Ġ", "t"] and t_pieces[0] == "▁t"  # Ġ and ▁ are both the byte 0x20
+    al = align(s_off, t_off, len(text.encode()))
+    assert al.bounds[:2] == [0, 2] and al.student_span[:2] == [0, 0]  # "Ġ" + "t" against "▁t"
+
+
+def test_spans_cover_every_byte_once_property(bytelevel, spiece):
+    """Random texts: the spans tile the bytes, and each side's tokens of a span spell exactly its bytes."""
+    rng = random.Random(0)
+    alphabet = list("abcdehlorw 0123456789+=") + ["é", "ö", "€", "🀄", "  ", "\n"]
+    s_pieces, t_pieces = token_bytes(bytelevel), token_bytes(spiece)
+    for _ in range(200):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 30)))
+        data = text.encode()
+        sides = []
+        for tok, pieces in ((bytelevel, s_pieces), (spiece, t_pieces)):
+            ids = tok(text, add_special_tokens=False)["input_ids"]
+            sides.append((ids, pieces, byte_offsets(tok, text, ids, pieces)))
+        al = align(sides[0][2], sides[1][2], len(data))
+        assert al.bounds[0] == 0 and al.bounds[-1] == len(data)
+        assert all(a < b for a, b in zip(al.bounds, al.bounds[1:])), (text, al.bounds)
+        for (ids, pieces, offs), span_of in ((sides[0], al.student_span), (sides[1], al.teacher_span)):
+            for k in range(len(al.bounds) - 1):
+                own = b"".join(pieces[i] for i, s in zip(ids, span_of) if s == k)
+                own = own[1:] if k == 0 and own.startswith(b" ") and not data.startswith(b" ") else own  # dummy prefix
+                assert own == data[al.bounds[k] : al.bounds[k + 1]], (text, k)
+        assert len(al.pairs) == len(al.bounds) - 1  # every span has a first token on both sides
+
+
+def test_pair_records_templates_and_eos(bytelevel, spiece):
+    """Each side wraps the response in its own prompt; the first response targets and the EOS pair up."""
+    recs = [{"prompt": "2+3=", "response": "héllo 5"}, {"text": "hello world"}]
+    paired = pair_records(recs, bytelevel, spiece, max_length=64)
+    s_ex, t_ex = encode(recs, bytelevel, 64)[0], encode(recs, spiece, 64)[0]
+    assert [e.input_ids for e in paired.student] == [e.input_ids for e in s_ex]
+    assert [e.input_ids for e in paired.teacher] == [e.input_ids for e in t_ex]
+    row = paired.target_map[0]
+    assert len(row) == s_ex[0].num_targets
+    assert row[0] == 0 and row[-1] == t_ex[0].num_targets - 1  # first response token, and EOS <-> EOS
+    assert -1 not in row[:1] and all(b > a for a, b in zip([x for x in row if x >= 0], [x for x in row if x >= 0][1:]))
+
+
+# ------------------------------------------------------------------------------------------ the map and the loss
+
+
+def test_vocab_map_by_bytes(bytelevel, spiece):
+    vm = VocabMap.build(bytelevel, spiece, student_rows=len(bytelevel), teacher_rows=len(spiece))
+    s_vocab, t_vocab = bytelevel.get_vocab(), spiece.get_vocab()
+    assert vm.t2s[t_vocab["▁world"]] == s_vocab["Ġworld"]  # the same bytes spelt two ways
+    assert vm.t2s[t_vocab["<0xC3>"]] == s_vocab["Ã"]  # a byte-fallback token is its byte
+    assert vm.t2s[spiece.eos_token_id] == bytelevel.eos_token_id
+    assert vm.t2s[spiece.pad_token_id] == bytelevel.pad_token_id  # special tokens of the same name
+    assert 0 < vm.stats["vocab_overlap"] < 1
+
+
+def test_uld_distance_is_sorted_l1():
+    q = torch.tensor([[0.7, 0.2, 0.1]])
+    p = torch.tensor([[0.05, 0.15, 0.5, 0.3]])
+    # sorted: q (0.7, 0.2, 0.1, 0), p (0.5, 0.3, 0.15, 0.05)
+    expect = 0.2 + 0.1 + 0.05 + 0.05
+    assert torch.allclose(uld_distance(q, p), torch.tensor([expect]))
+    assert torch.allclose(uld_distance(p, q), torch.tensor([expect]))
+
+
+@pytest.mark.parametrize("loss", ["fkl", "rkl", "jsd"])
+def test_one_tokenizer_gives_the_plain_loss(bytelevel, loss):
+    """With the same tokenizer on both sides, the cross-tokenizer path is the plain path, to 1e-6."""
+    torch.manual_seed(0)
+    v = len(bytelevel)
+    s_head = OutputHead(torch.nn.Parameter(torch.randn(v, 16) * 0.5))
+    t_head = OutputHead(torch.randn(v, 24) * 0.5)
+    vm = VocabMap.build(bytelevel, bytelevel, student_rows=v, teacher_rows=v)
+    assert vm.stats["mapped_teacher_tokens"] == v  # every token, specials included
+    cross = CrossHead(t_head, vm, "hybrid")
+    h_s, h_t = torch.randn(40, 16, requires_grad=True), torch.randn(40, 24)
+    targets = torch.randint(0, v, (40,))
+    obj = Objective(loss=loss, kd_ratio=0.7, temperature=2.0, chunk_size=16)
+    plain = kd_terms(h_s, h_t, targets, s_head, t_head, obj)
+    g_plain = torch.autograd.grad(plain["loss"], [h_s])[0]
+    crossed = kd_terms(h_s, h_t, targets, s_head, cross, obj, kd_mask=torch.ones(40, dtype=torch.bool))
+    g_cross = torch.autograd.grad(crossed["loss"], [h_s])[0]
+    for k in ("loss", "kd", "ce", "agree"):
+        assert torch.allclose(crossed[k], plain[k], rtol=1e-6, atol=0), (k, crossed[k], plain[k])
+    assert (g_cross - g_plain).abs().max() <= 1e-5 * g_plain.abs().max()  # closed form against autograd
+
+
+def test_unaligned_positions_train_on_ce(bytelevel, spiece):
+    torch.manual_seed(0)
+    s_head = OutputHead(torch.nn.Parameter(torch.randn(len(bytelevel), 16)))
+    vm = VocabMap.build(bytelevel, spiece, student_rows=len(bytelevel), teacher_rows=len(spiece))
+    cross = CrossHead(OutputHead(torch.randn(len(spiece), 8)), vm)
+    h_s, h_t, targets = torch.randn(6, 16), torch.randn(6, 8), torch.randint(0, len(bytelevel), (6,))
+    mask = torch.tensor([1, 0, 1, 1, 0, 0], dtype=torch.bool)
+    obj = Objective(loss="fkl", kd_ratio=1.0)
+    out = kd_terms(h_s, h_t, targets, s_head, cross, obj, kd_mask=mask)
+    ce = torch.nn.functional.cross_entropy(s_head(h_s), targets, reduction="none")
+    kd_only = kd_terms(h_s[mask], h_t[mask], targets[mask], s_head, cross, obj)
+    # kd_ratio 1: the aligned tokens' KD, plus the full CE of the three tokens without a teacher counterpart
+    assert torch.allclose(out["loss"], kd_only["kd"] + ce[~mask].sum(), rtol=1e-5)
+    assert torch.allclose(out["kd"], kd_only["kd"], rtol=1e-6)
+
+
+def test_signal_with_one_tokenizer_is_the_online_teacher(bytelevel):
+    teacher = tiny_llama(bytelevel, seed=1)
+    recs = [{"prompt": f"{a}+{a}=", "response": f"{2 * a}"} for a in range(6)]
+    paired = pair_records(recs, bytelevel, bytelevel, 64)
+    assert all(row == list(range(len(row))) for row in paired.target_map)
+    vm = VocabMap.build(bytelevel, bytelevel, student_rows=len(bytelevel), teacher_rows=len(bytelevel))
+    online = OnlineTeacher(teacher)
+    sig = CrossTokenizerSignal(online, paired, vm, teacher_pad_id=bytelevel.pad_token_id)
+    batch = collate(paired.student[:4], [0, 1, 2, 3], bytelevel.pad_token_id)
+    assert torch.equal(sig.hidden(batch), online.hidden(batch))
+    assert bool(sig.kd_mask(batch).all())
+
+
+# ------------------------------------------------------------------------------------------ a real run
+
+
+def test_distill_across_tokenizers_learns_the_teacher(tmp_path, bytelevel, spiece):
+    """A student with a byte-level tokenizer distils a teacher with a SentencePiece one: the run uses
+    cross-tokenizer KD (not SFT on text), records the map, and its KD term falls as it trains."""
+    torch.manual_seed(0)
+    recs = [{"prompt": f"{a}+{b}=", "response": f"the answer is {a + b}"} for a in range(12) for b in range(4)]
+    teacher = tiny_llama(spiece, seed=3, hidden_size=48)
+    opts = dict(per_device_train_batch_size=8, learning_rate=3e-3, logging_steps=5, report_to=[], bf16=False,
+                warmup_ratio=0.0)
+    # A teacher that knows the answers (SFT in its own tokens), so there is something to distil.
+    distill(teacher, spiece, recs, DistillSpec(algorithm="sft", max_steps=40, **opts), tmp_path / "teacher",
+            progress=False)
+    student = tiny_llama(bytelevel, seed=4)
+    cfg = DistillSpec(loss="fkl", kd_ratio=1.0, max_steps=40, **opts)
+    res = distill(student, bytelevel, recs, cfg, tmp_path / "run", teacher=teacher, teacher_tokenizer=spiece,
+                  cache_root=tmp_path / "cache", progress=False)
+    info = res.signal["ctkd"]
+    assert res.signal["mode"] == "cached" and info["method"] == "hybrid"
+    assert 0 < info["aligned_share"] < 1 and info["mapped_teacher_tokens"] > 0
+    import json
+
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    kd = [r["kd"] for r in rows if "kd" in r]
+    assert kd[-1] < 0.5 * kd[0], kd
+
+
+def test_on_policy_across_tokenizers_is_refused(tmp_path, bytelevel, spiece):
+    cfg = DistillSpec(algorithm="gkd", max_steps=1, report_to=[], bf16=False)
+    with pytest.raises(ValueError, match="tokenizer is not the student's"):
+        distill(tiny_llama(bytelevel), bytelevel, [{"prompt": "a", "response": "b"}], cfg, tmp_path / "r",
+                teacher=tiny_llama(spiece), teacher_tokenizer=spiece, progress=False)
+
+
+# ------------------------------------------------------------------------------------------ the plan
+
+
+def test_measure_mapping_and_the_matchs_two_branches(bytelevel, spiece):
+    """The planner measures how much of the teacher's mass maps; at or above ctkd.min_mapped_mass the
+    pair distils logits across tokenizers, below it the teacher teaches through its text."""
+    from stratos.distill.recipe import resolve
+    from stratos.plan.costmodel import ModelShape
+    from stratos.plan.matching import match
+
+    teacher = tiny_llama(spiece, seed=5)
+    recs = [{"prompt": f"{a}+1=", "response": f"the answer is {a + 1}"} for a in range(8)]
+    measured = measure_mapping(teacher, bytelevel, spiece, recs, max_length=64)
+    # The share is the teacher's own probability on mapped tokens: recompute it for one position by hand.
+    vm = VocabMap.build(bytelevel, spiece, student_rows=len(bytelevel), teacher_rows=len(spiece))
+    paired = pair_records(recs[:1], bytelevel, spiece, 64)
+    online = OnlineTeacher(teacher)
+    h = online.hidden(collate(paired.teacher, [0], spiece.pad_token_id))[paired.target_map[0][0]]
+    p = torch.softmax(online.head(h[None]), -1)[0]
+    by_hand = float(p[vm.t2s >= 0].sum())
+    assert 0 < measured["mapped_mass"] < 1 and abs(by_hand - float(mapped_mass(online.head(h[None]), vm))) < 1e-6
+    t = ModelShape(name="t", params=4e6, tokenizer="aaa")
+    s = ModelShape(name="s", params=1e6, tokenizer="bbb")
+    share = measured["mapped_mass"]
+    high = match(t, s, mapping=measured, min_mapped_mass=share - 0.01)
+    low = match(t, s, mapping=measured, min_mapped_mass=share + 0.01)
+    assert high.mode == "cross" and low.mode == "text" and match(t, s).mode == "text"
+    assert f"{share:.0%}" in high.reasons[0] and "min_mapped_mass" in low.reasons[0]
+    # What the run does with each: KD across tokenizers, or SFT on the text.
+    cross = resolve(DistillSpec(), match="cross")
+    assert cross.phases[0].algorithm == "kd" and cross.signal == "hidden"
+    assert any("cross-tokenizer KD" in r for r in cross.reasons)
+    assert resolve(DistillSpec(), match="text").phases[0].algorithm == "sft"
+    # On-policy KD needs the teacher to score the student's samples: across tokenizers it falls back.
+    assert resolve(DistillSpec(algorithm="gkd"), match="cross").phases[0].algorithm == "sft"
