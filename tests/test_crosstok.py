@@ -184,8 +184,35 @@ def test_signal_with_one_tokenizer_is_the_online_teacher(bytelevel):
     online = OnlineTeacher(teacher)
     sig = CrossTokenizerSignal(online, paired, vm, teacher_pad_id=bytelevel.pad_token_id)
     batch = collate(paired.student[:4], [0, 1, 2, 3], bytelevel.pad_token_id)
-    assert torch.equal(sig.hidden(batch), online.hidden(batch))
+    rows, d = sig.hidden(batch), teacher.config.hidden_size
+    assert torch.equal(rows[:, :d], online.hidden(batch))  # the span starts: every target, one to one
+    assert not rows[:, d:2 * d].any() and bool((rows[:, 2 * d] == -1).all())  # no span goes on past one token
     assert bool(sig.kd_mask(batch).all())
+
+
+def test_a_student_token_spelt_by_two_teacher_tokens_gets_their_chained_mass():
+    """Teacher tokens [a, x, y, z], student tokens [a, ax, w]: where the teacher's span starts with a and
+    goes on, the student's 'ax' gets p(a) p(x | a), taken off 'a'; the rest stays where it maps."""
+    p = torch.tensor([[0.5, 0.2, 0.2, 0.1]])
+    q_next = torch.tensor([0.1, 0.6, 0.2, 0.1])
+    vm = VocabMap(torch.tensor([0, -1, -1, -1]), 3, pairs=torch.tensor([[0, 1, 1]]))
+    head = CrossHead(OutputHead(torch.eye(4)), vm)
+    rows = torch.cat([torch.zeros(1, 4), torch.log(q_next)[None], torch.tensor([[0.0]])], dim=-1)  # first token a
+    p_cat, rest = head.project(p, rows, temperature=1.0)
+    assert head.image.tolist() == [0, 1]  # categories: a, ax; then "other"
+    assert torch.allclose(p_cat, torch.tensor([[0.5 - 0.3, 0.3, 0.5]]))
+    assert torch.allclose(rest, torch.tensor([[0.2, 0.2, 0.2, 0.1]]))
+    # Without a second teacher token in the span (-1), nothing moves.
+    p_cat, _ = head.project(p, torch.cat([rows[:, :8], torch.tensor([[-1.0]])], dim=-1), temperature=1.0)
+    assert torch.allclose(p_cat, torch.tensor([[0.5, 0.0, 0.5]]))
+
+
+def test_two_token_table_by_bytes(bytelevel, spiece):
+    vm = VocabMap.build(bytelevel, spiece, student_rows=len(bytelevel), teacher_rows=len(spiece))
+    s_bytes, t_bytes = token_bytes(bytelevel), token_bytes(spiece)
+    assert vm.pairs.shape[0] > 0
+    for a, x, s_id in vm.pairs.tolist():
+        assert s_bytes[s_id] == t_bytes[a] + t_bytes[x] and vm.t2s[vm.t2s >= 0].eq(s_id).sum() == 0
 
 
 # ------------------------------------------------------------------------------------------ a real run

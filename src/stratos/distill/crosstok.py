@@ -34,6 +34,7 @@ The losses never know.
 from __future__ import annotations
 
 import json
+import math
 import re
 from bisect import bisect_right
 from collections.abc import Sequence
@@ -218,6 +219,9 @@ class VocabMap:
     t2s: torch.Tensor
     student_rows: int
     stats: dict[str, Any] = field(default_factory=dict)
+    # Student tokens spelt by two teacher tokens: ``pairs`` [E, 3] rows (a, x, s) with bytes(s) = bytes(a) +
+    # bytes(x), e.g. the student's 'Ġ7' from the teacher's 'Ġ' then '7' (see CrossHead).
+    pairs: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 3, dtype=torch.long))
 
     @property
     def image(self) -> torch.Tensor:
@@ -242,14 +246,21 @@ class VocabMap:
                 t2s[i] = s_special[t.content]
         if teacher_tok.eos_token_id is not None and student_tok.eos_token_id is not None:
             t2s[teacher_tok.eos_token_id] = student_tok.eos_token_id
+        t_by: dict[bytes, int] = {}
+        for i, b in enumerate(t_bytes[:teacher_rows]):
+            if b is not None and b not in t_by:
+                t_by[b] = i
+        pairs = [(t_by[b[:k]], t_by[b[k:]], i) for i, b in enumerate(s_bytes[:student_rows])
+                 if b is not None and b not in t_by for k in range(1, len(b)) if b[:k] in t_by and b[k:] in t_by]
         mapped = int((t2s >= 0).sum())
         stats = {"teacher_vocab": len(teacher_tok), "student_vocab": len(student_tok), "mapped_teacher_tokens": mapped,
                  "mapped_student_tokens": int(torch.unique(t2s[t2s >= 0]).numel()),
-                 "vocab_overlap": mapped / max(1, len(teacher_tok))}
-        return cls(t2s, student_rows, stats)
+                 "vocab_overlap": mapped / max(1, len(teacher_tok)),
+                 "two_token_student_tokens": len({p[2] for p in pairs})}
+        return cls(t2s, student_rows, stats, torch.tensor(pairs, dtype=torch.long).reshape(-1, 3))
 
     def to(self, device: Any) -> "VocabMap":
-        return VocabMap(self.t2s.to(device), self.student_rows, self.stats)
+        return VocabMap(self.t2s.to(device), self.student_rows, self.stats, self.pairs.to(device))
 
 
 def mapped_mass(t_logits: torch.Tensor, vmap: VocabMap) -> torch.Tensor:
@@ -273,7 +284,15 @@ def uld_distance(q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
 
 class CrossHead(nn.Module):
     """The teacher's output head (its own vocabulary) with the map into the student's: what ``kd_terms``
-    takes as the teacher head in cross-tokenizer KD. ``terms`` is the method's per-token KD term."""
+    takes as the teacher head in cross-tokenizer KD. ``terms`` is the method's per-token KD term.
+
+    A row of the signal (``CrossTokenizerSignal.hidden``) holds the teacher's hidden state where the span
+    starts, its hidden state at the next position when the teacher's span has a second token (zeros
+    otherwise), and the id of its first token (-1 when it has no second). With them the teacher's
+    probability of a student token spelt by two teacher tokens a + x is p(a) p(x | a): where a student
+    merges what the teacher splits (the student's 'Ġ7' against the teacher's 'Ġ' then '7', the usual case
+    of a leading space), the teacher's mass on a goes to the student tokens it continues into, and only
+    the rest stays on the student token a."""
 
     def __init__(self, head: OutputHead, vmap: VocabMap, method: str = "hybrid", uld_weight: float = 1.0):
         super().__init__()
@@ -281,14 +300,16 @@ class CrossHead(nn.Module):
             raise ValueError(f"ctkd.method must be one of {', '.join(METHODS)}, got {method!r}")
         self.head, self.method, self.uld_weight, self.stats = head, method, float(uld_weight), vmap.stats
         t2s = vmap.t2s
-        image = torch.unique(t2s[t2s >= 0])
+        # The categories: every student token that a teacher token, or a pair of them, spells.
+        image = torch.unique(torch.cat([t2s[t2s >= 0], vmap.pairs[:, 2]]))
         col = torch.full((vmap.student_rows,), -1, dtype=torch.long)
         col[image] = torch.arange(image.numel())
         s_rest = torch.ones(vmap.student_rows, dtype=torch.bool)
         s_rest[image] = False
-        # Each teacher row's column among [mapped student tokens..., other].
+        # Each teacher row's column among [categories..., other].
         where = torch.where(t2s >= 0, col[t2s.clamp_min(0)], torch.full_like(t2s, image.numel()))
-        for name, t in (("t2s", t2s), ("image", image), ("where", where), ("s_rest", s_rest), ("t_rest", t2s < 0)):
+        for name, t in (("t2s", t2s), ("image", image), ("where", where), ("s_rest", s_rest), ("t_rest", t2s < 0),
+                        ("pairs", vmap.pairs), ("pair_col", col[vmap.pairs[:, 2]])):
             self.register_buffer(name, t, persistent=False)
 
     @property
@@ -299,35 +320,57 @@ class CrossHead(nn.Module):
     def hidden_size(self) -> int:
         return self.head.hidden_size
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.head(hidden)
+    def forward(self, rows: torch.Tensor) -> torch.Tensor:
+        """The teacher's logits where each span starts (a signal row's first ``hidden_size`` columns)."""
+        return self.head(rows[:, : self.head.hidden_size])
 
-    def mapped_logps(self, s_logp: torch.Tensor, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Student and teacher log-probabilities over the same categories: the mapped student tokens, then
-        one "other" bucket with the rest of each side's mass (floored at the smallest float on both sides
-        alike, so an empty bucket adds nothing). Any registered divergence takes them as they are."""
-        tiny = torch.finfo(p.dtype).tiny
+    def project(self, p: torch.Tensor, rows: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """The teacher's probabilities ``p`` [n, V_t] over the categories (mapped student tokens, then
+        "other"), with each two-token student token's chained mass p(a) p(x | a) moved there from a's
+        category; and ``p`` with that mass taken off the tokens a (what is left for the ULD term)."""
         p_cat = p.new_zeros(p.shape[0], self.image.numel() + 1).index_add_(1, self.where, p)
-        s_other = (torch.logsumexp(s_logp[:, self.s_rest], dim=-1, keepdim=True) if bool(self.s_rest.any())
-                   else s_logp.new_full((s_logp.shape[0], 1), float("-inf")))
-        s_cat = torch.cat([s_logp[:, self.image], s_other], dim=-1).clamp_min(torch.log(torch.tensor(tiny)).item())
-        return s_cat, torch.log(p_cat.clamp_min(tiny))
+        d = self.head.hidden_size
+        if rows.shape[-1] < 2 * d + 1 or self.pairs.numel() == 0:
+            return p_cat, p
+        first = rows[:, 2 * d].round().long()
+        chained = torch.nonzero(first >= 0).squeeze(-1)
+        a = first[chained]
+        use = torch.isin(self.pairs[:, 0], a)  # the table's entries for the first tokens of this chunk
+        if chained.numel() == 0 or not bool(use.any()):
+            return p_cat, p
+        pairs, cols = self.pairs[use], self.pair_col[use]
+        q_next = torch.softmax(self.head(rows[chained, d : 2 * d]) / temperature, dim=-1)
+        mass = p[chained, a][:, None] * q_next[:, pairs[:, 1]] * (pairs[None, :, 0] == a[:, None])  # [R, E]
+        moved = mass.sum(-1)
+        p_cat[chained, self.where[a]] -= moved
+        p_cat[chained] = p_cat[chained].index_add(1, cols, mass)
+        p = p.clone()
+        p[chained, a] -= moved
+        return p_cat, p
 
-    def terms(self, s_logits: torch.Tensor, t_logits: torch.Tensor, fn: Any, temperature: float,
-              kwargs: dict[str, Any]) -> torch.Tensor:
-        """The per-token KD term of the method (before the temperature scaling the objective applies)."""
+    def terms(self, s_logits: torch.Tensor, rows: torch.Tensor, fn: Any, temperature: float,
+              kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The method's per-token KD term (before the temperature scaling the objective applies), and
+        whether the student's top token is the teacher's top category."""
         s_logp = F.log_softmax(s_logits / temperature, dim=-1)
+        t_logits = self(rows)
         p = torch.softmax(t_logits / temperature, dim=-1)
         if self.method == "uld":
-            return self.uld_weight * uld_distance(torch.exp(s_logp), p)
-        per_token = fn(*self.mapped_logps(s_logp, p), None, **kwargs)
+            agree = s_logits.argmax(-1) == self.t2s[t_logits.argmax(-1)]
+            return self.uld_weight * uld_distance(torch.exp(s_logp), p), agree
+        p_cat, p_rest = self.project(p, rows, temperature)
+        tiny = torch.finfo(p.dtype).tiny
+        s_other = (torch.logsumexp(s_logp[:, self.s_rest], dim=-1, keepdim=True) if bool(self.s_rest.any())
+                   else s_logp.new_full((s_logp.shape[0], 1), float("-inf")))
+        # Both sides floored at the smallest float alike, so an empty "other" bucket adds nothing.
+        s_cat = torch.cat([s_logp[:, self.image], s_other], dim=-1).clamp_min(math.log(tiny))
+        per_token = fn(s_cat, torch.log(p_cat.clamp_min(tiny)), None, **kwargs)
         if self.method == "hybrid":
-            per_token = per_token + self.uld_weight * uld_distance(torch.exp(s_logp[:, self.s_rest]), p[:, self.t_rest])
-        return per_token
-
-    def agree(self, s_logits: torch.Tensor, t_logits: torch.Tensor) -> torch.Tensor:
-        """Rows where the student's top token is the teacher's top token mapped (never, where it maps to none)."""
-        return s_logits.argmax(-1) == self.t2s[t_logits.argmax(-1)]
+            per_token = per_token + self.uld_weight * uld_distance(torch.exp(s_logp[:, self.s_rest]),
+                                                                   p_rest[:, self.t_rest].clamp_min(0))
+        top = p_cat.argmax(-1)
+        agree = (top < self.image.numel()) & (s_logits.argmax(-1) == self.image[top.clamp_max(self.image.numel() - 1)])
+        return per_token, agree
 
 
 # ---------------------------------------------------------------------------------------- paired data
@@ -357,6 +400,10 @@ class PairedData:
     teacher: list[Encoded]
     target_map: list[list[int]]
     stats: dict[str, Any]
+    # Per student target: the teacher target after the span's first when the teacher's span has a second
+    # token (-1 otherwise), and that first token's id (-1 likewise): what CrossHead chains.
+    next_map: list[list[int]] = field(default_factory=list)
+    first_ids: list[list[int]] = field(default_factory=list)
 
 
 def pair_records(records: Sequence[dict[str, Any]], student_tok: Any, teacher_tok: Any, max_length: int,
@@ -367,7 +414,7 @@ def pair_records(records: Sequence[dict[str, Any]], student_tok: Any, teacher_to
     from stratos.io import DataError
 
     s_pieces, t_pieces = token_bytes(student_tok), token_bytes(teacher_tok)
-    out_s, out_t, maps = [], [], []
+    out_s, out_t, maps, next_maps, firsts = [], [], [], [], []
     spans = aligned = targets = 0
     for i, rec in enumerate(records):
         try:
@@ -387,16 +434,25 @@ def pair_records(records: Sequence[dict[str, Any]], student_tok: Any, teacher_to
         # after the text is one more span, pairing the two EOS tokens.
         partner = {**dict(al.pairs), len(s_ids): len(t_ids)}
         t_target = {tok: j for j, tok in enumerate(_target_tokens(t_ex))}
-        row = [t_target.get(partner.get(k, -1), -1) for k in _target_tokens(s_ex)]
+        row, nxt, first = [], [], []
+        for k in _target_tokens(s_ex):
+            j = partner.get(k, -1)
+            row.append(t_target.get(j, -1) if j >= 0 else -1)
+            # The teacher's span goes on past its first token: its next position, and that first token.
+            goes_on = 0 <= j < len(t_ids) - 1 and al.teacher_span[j + 1] == al.teacher_span[j]
+            nxt.append(t_target.get(j + 1, -1) if goes_on and row[-1] >= 0 else -1)
+            first.append(t_ids[j] if nxt[-1] >= 0 else -1)
         out_s.append(s_ex)
         out_t.append(t_ex)
         maps.append(row)
+        next_maps.append(nxt)
+        firsts.append(first)
         spans += len(al.bounds)  # the text's spans and the EOS
         aligned += sum(1 for x in row if x >= 0)
         targets += len(row)
     stats = {"examples": len(out_s), "student_targets": targets, "aligned_targets": aligned,
              "aligned_share": aligned / max(1, targets), "spans": spans}
-    return PairedData(out_s, out_t, maps, stats)
+    return PairedData(out_s, out_t, maps, stats, next_maps, firsts)
 
 
 class CrossTokenizerSignal:
@@ -404,7 +460,8 @@ class CrossTokenizerSignal:
 
     ``inner`` is any signal (OnlineTeacher, HiddenStateCache, TeacherPool) over ``paired.teacher``;
     ``hidden(batch)`` gives one row per student target: the teacher's hidden state at the matching span
-    start (zeros where there is none; ``kd_mask`` marks those False)."""
+    start, at the next teacher position and the span's first teacher token (see ``CrossHead``; zeros and
+    -1 where there is none; ``kd_mask`` marks the targets without a span start False)."""
 
     def __init__(self, inner: Any, paired: PairedData, vmap: VocabMap, *, teacher_pad_id: int, method: str = "hybrid",
                  uld_weight: float = 1.0):
@@ -418,13 +475,17 @@ class CrossTokenizerSignal:
     def _teacher_batch(self, batch: Batch) -> Batch:
         return collate([self.paired.teacher[i] for i in batch.indices], batch.indices, self.pad_id)
 
-    def _rows(self, batch: Batch) -> torch.Tensor:
-        rows, offset = [], 0
+    def _index(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per student target of ``batch``: the row of the teacher batch's hidden states where its span starts,
+        the row of the next teacher position (chained spans), and the span's first teacher token (-1: none)."""
+        rows, nxt, first, offset = [], [], [], 0
         for i in batch.indices:
-            m = torch.tensor(self.paired.target_map[i], dtype=torch.long)
-            rows.append(torch.where(m >= 0, m + offset, torch.full_like(m, -1)))
+            for out, m in ((rows, self.paired.target_map[i]), (nxt, self.paired.next_map[i])):
+                m = torch.tensor(m, dtype=torch.long)
+                out.append(torch.where(m >= 0, m + offset, torch.full_like(m, -1)))
+            first.append(torch.tensor(self.paired.first_ids[i], dtype=torch.long))
             offset += self.paired.teacher[i].num_targets
-        return torch.cat(rows)
+        return torch.cat(rows), torch.cat(nxt), torch.cat(first)
 
     def _submit(self, batch: Batch) -> None:
         t_batch = self._teacher_batch(batch)
@@ -434,12 +495,14 @@ class CrossTokenizerSignal:
     def hidden(self, batch: Batch) -> torch.Tensor:
         sent = self._sent.pop(id(batch.input_ids), None)
         h = self.inner.hidden(sent[1] if sent is not None else self._teacher_batch(batch))
-        rows = self._rows(batch).to(h.device)
-        out = h[rows.clamp_min(0)]
-        return out * (rows >= 0).unsqueeze(-1).to(out.dtype)
+        rows, nxt, first = (t.to(h.device) for t in self._index(batch))
+        at = h[rows.clamp_min(0)] * (rows >= 0).unsqueeze(-1).to(h.dtype)
+        after = h[nxt.clamp_min(0)] * (nxt >= 0).unsqueeze(-1).to(h.dtype)
+        # One row per student target: [span start | next position | first token id] (CrossHead reads them).
+        return torch.cat([at, after, first.to(h.dtype).unsqueeze(-1)], dim=-1)
 
     def kd_mask(self, batch: Batch) -> torch.Tensor:
-        return self._rows(batch) >= 0
+        return self._index(batch)[0] >= 0
 
     def close(self) -> None:
         if hasattr(self.inner, "close"):

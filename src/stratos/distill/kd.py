@@ -83,9 +83,9 @@ def _chunk_terms(
             kd = kd * obj.temperature * obj.temperature
         agree = (s_logits.argmax(-1) == topk_ids[:, 0]).sum().to(kd.dtype).detach()
     elif obj.kd_ratio > 0 and isinstance(t_head, CrossHead):  # another tokenizer's teacher (distill/crosstok.py)
-        t_logits = _teacher_logits(t_hidden, t_head, obj)
-        per_token = t_head.terms(s_logits, t_logits, obj.spec.fn, obj.temperature, obj.loss_kwargs)
-        hit = t_head.agree(s_logits, t_logits)
+        if t_hidden is None:
+            raise ValueError(f"loss {obj.loss!r} needs a teacher signal")
+        per_token, hit = t_head.terms(s_logits, t_hidden, obj.spec.fn, obj.temperature, obj.loss_kwargs)
         if kd_mask is not None:
             per_token = per_token * kd_mask.to(per_token.dtype)
             hit = hit & kd_mask

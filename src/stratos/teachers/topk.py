@@ -17,7 +17,6 @@ token: for those tokens KD reduces to cross-entropy.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,30 +27,16 @@ from stratos.distill.data import IGNORE, Batch, Records, encode_record
 from stratos.distill.topk import FLOOR
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte <-> printable-character table, which byte-level BPE vocabularies are written in."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
 def vocab_by_bytes(tokenizer: Any) -> dict[bytes, int]:
-    """Each token's raw bytes -> its id, for byte-level BPE and SentencePiece vocabularies."""
-    dec = {c: b for b, c in _bytes_to_unicode().items()}
+    """Each token's raw bytes -> its id (the lowest id where several spell the same bytes), read as
+    cross-tokenizer KD reads them (``stratos.distill.crosstok.token_bytes``); special tokens by their
+    text, as an API may return them."""
+    from stratos.distill.crosstok import token_bytes
+
+    pieces = token_bytes(tokenizer)
     out: dict[bytes, int] = {}
     for tok, i in sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1]):
-        if all(ch in dec for ch in tok):
-            raw = bytes(dec[ch] for ch in tok)
-        elif m := re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", tok):
-            raw = bytes([int(m.group(1), 16)])
-        else:
-            raw = tok.replace("▁", " ").encode()
+        raw = pieces[i] if pieces[i] is not None else tok.encode()
         out.setdefault(raw, i)
     return out
 
