@@ -149,8 +149,8 @@ def resolve(distill: DistillSpec, *, match: str = "logit", strategy: Any = None,
         instead = "SFT" if algo.fallback == "sft" else algo.fallback
         if needs and match == "text":
             cfg = fallback.configure(cfg.model_copy(update={"algorithm": algo.fallback}))
-            why += (f"; {instead} instead: teacher and student share no vocabulary and the teacher's weights are not "
-                    "usable for logit KD" + (", so the student learns from its text (loss ce)"
+            why += (f"; {instead} instead: teacher and student share no vocabulary, and too little of the teacher's "
+                    "probability maps across it for logit KD (or it could not be measured)" + (", so the student learns from its text (loss ce)"
                                             if algo.fallback == "sft" else ""))
             needs = False
         elif needs and match == "cross" and algo.on_policy:

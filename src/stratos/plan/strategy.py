@@ -152,7 +152,8 @@ def choose_strategy(probe: TeacherProbe, task: TaskProfile, m: Match, *, compete
 
     if m.mode == "text":
         loss, kd_ratio = "ce", 0.0
-        reasons.append("loss ce: teacher and student share no vocabulary, so there is no logit KD; the student learns "
+        reasons.append("loss ce: teacher and student share no vocabulary and too little maps across it for logit KD "
+                       "(or it could not be measured); the student learns "
                        "the text of its data (" + ("the teacher's verified answers" if teacher_generates else
                                                    "oracle-checked answers") + ")")
     elif m.mode == "topk" and not teacher_generates:
