@@ -43,6 +43,7 @@ def tiny_spec(tmp_path_factory):
         "synth": {"samples_per_prompt": 1, "max_new_tokens": 8, "prompts": 8, "reverse_synthesis": 48},
         "distill": {"algorithm": "kd", "loss": "fkl", "kd_ratio": 0.5, "max_steps": 24, "save_steps": 4, "per_device_train_batch_size": 8,
                     "learning_rate": 1e-3, "max_length": 64, "report_to": []},
+        "compress": {"enabled": True, "prune_ratio": 0.25, "prune": "width", "eval_size": 0, "speed_tokens": 4},
         "eval": {"n": 12, "max_new_tokens": 8, "bench_clients": 2, "bench_requests": 4},
     }
     path = base / "tiny.yaml"
@@ -105,6 +106,17 @@ def test_pipeline_killed_mid_distill_resumes_to_the_same_result(tiny_spec, tmp_p
     assert a.keys() == b.keys()
     for k in a:
         assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-5), k
+
+    # The compress stage pruned the distilled student, the pruned model is what was deployed and evaluated,
+    # and the resumed run pruned exactly as the uninterrupted one.
+    deployed_dir = killed / after["compress"]["artifacts"]["model"]
+    assert deployed_dir.name == "pruned" and after["deploy"]["artifacts"]["model"] == after["compress"]["artifacts"]["model"]
+    pruned = load_file(str(deployed_dir / "model.safetensors"))
+    assert sum(t.numel() for t in pruned.values()) < 0.9 * sum(t.numel() for t in b.values())
+    ref = load_file(str(full / manifest["stages"]["compress"]["artifacts"]["model"] / "model.safetensors"))
+    assert ref.keys() == pruned.keys() and all(ref[k].shape == pruned[k].shape for k in ref)
+    for k in ref:
+        assert torch.allclose(ref[k], pruned[k], rtol=1e-4, atol=1e-5), k
 
     # Every stage's artifacts are there and the report renders what they hold.
     results = json.loads((killed / "eval" / "results.json").read_text())
