@@ -332,8 +332,15 @@ def main() -> None:
     base = results.get("trl")
     table = Table(title=f"Off-policy KD, teacher SmolLM2-135M -> {args.student_layers}-layer student, batch "
                         f"{args.batch_size} x {args.seq_len} tokens, {args.steps} timed steps, bf16={bool(args.bf16)}")
-    for col in ("engine", "tokens/s", "vs TRL", "peak RSS (MB)", "vs TRL", "teacher signal", "cache build (s, peak MB)"):
+    for col in ("engine", "tokens/s", "vs TRL", "peak RSS (MB)", "vs TRL", "teacher signal", "cache build (s, peak MB)",
+                "one epoch vs TRL, cache build counted"):
         table.add_column(col, justify="right" if col != "engine" else "left")
+
+    def epoch_seconds(r: dict) -> float:
+        # One pass over the data (the warm-up and timed steps: what the cache holds), at the timed steps' rate,
+        # plus the cache build where there is one: what a single-epoch run pays.
+        return r["seconds"] * (args.steps + args.warmup) / args.steps + r["cache_seconds"]
+
     for engine, r in results.items():
         tps = r["tokens"] / r["seconds"]
         sig = {"trl": f"logits, {v * 4:,} B/token", "stratos-online": f"hidden, {d * 4:,} B/token (in memory)",
@@ -342,6 +349,7 @@ def main() -> None:
             engine, f"{tps:,.0f}", f"{tps / (base['tokens'] / base['seconds']):.2f}x" if base else "-",
             f"{r['peak_rss_mb']:,.0f}", f"{r['peak_rss_mb'] / base['peak_rss_mb']:.2f}x" if base else "-", sig,
             f"{r['cache_seconds']:.1f}, {r['cache_build_peak_rss_mb']:,.0f}" if r["cache_seconds"] else "-",
+            f"{epoch_seconds(base) / epoch_seconds(r):.2f}x" if base else "-",
         )
     Console(width=160).print(table)
     print(f"teacher signal per token: full logits {v * 4:,} B (fp32) vs hidden states {d * 2:,} B (bf16): "
