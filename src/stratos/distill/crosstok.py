@@ -312,14 +312,6 @@ class CrossHead(nn.Module):
                         ("pairs", vmap.pairs), ("pair_col", col[vmap.pairs[:, 2]])):
             self.register_buffer(name, t, persistent=False)
 
-    @property
-    def vocab_size(self) -> int:
-        return self.head.vocab_size
-
-    @property
-    def hidden_size(self) -> int:
-        return self.head.hidden_size
-
     def forward(self, rows: torch.Tensor) -> torch.Tensor:
         """The teacher's logits where each span starts (a signal row's first ``hidden_size`` columns)."""
         return self.head(rows[:, : self.head.hidden_size])
@@ -469,6 +461,7 @@ class CrossTokenizerSignal:
         self.head = CrossHead(inner.head, vmap, method, uld_weight)
         # Teacher batches sent ahead, by the student batch's tensor (as TeacherPool keys its own).
         self._sent: dict[int, tuple[torch.Tensor, Batch]] = {}
+        self._last: tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
         if hasattr(inner, "submit"):  # a teacher service: batches may be sent ahead (trainer.InFlight)
             self.submit = self._submit
 
@@ -477,7 +470,10 @@ class CrossTokenizerSignal:
 
     def _index(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per student target of ``batch``: the row of the teacher batch's hidden states where its span starts,
-        the row of the next teacher position (chained spans), and the span's first teacher token (-1: none)."""
+        the row of the next teacher position (chained spans), and the span's first teacher token (-1: none).
+        Kept for the last batch asked: ``hidden`` and ``kd_mask`` both need it for each batch."""
+        if self._last is not None and self._last[0] is batch.input_ids:
+            return self._last[1]
         rows, nxt, first, offset = [], [], [], 0
         for i in batch.indices:
             for out, m in ((rows, self.paired.target_map[i]), (nxt, self.paired.next_map[i])):
@@ -485,7 +481,9 @@ class CrossTokenizerSignal:
                 out.append(torch.where(m >= 0, m + offset, torch.full_like(m, -1)))
             first.append(torch.tensor(self.paired.first_ids[i], dtype=torch.long))
             offset += self.paired.teacher[i].num_targets
-        return torch.cat(rows), torch.cat(nxt), torch.cat(first)
+        index = (torch.cat(rows), torch.cat(nxt), torch.cat(first))
+        self._last = (batch.input_ids, index)
+        return index
 
     def _submit(self, batch: Batch) -> None:
         t_batch = self._teacher_batch(batch)
