@@ -4,6 +4,8 @@ KD from the unpruned model, quantize (int8 weight-only, and bf16); accuracy, par
     # the run docs/compress.md records (~1 h on 2 CPU cores), then speed/memory re-measured in fresh processes
     python benchmarks/compress.py --ft-steps 200 --batch-size 16 --recovery-steps 400 --eval-n 200 --methods depth,width --out runs/bc3
     python benchmarks/compress.py --methods depth,width --remeasure --out runs/bc3
+    # speed only (~3 min): the original and its depth-pruned cut, each in fp32 and in bf16, timed in fresh processes
+    python benchmarks/compress.py --speed-only --out runs/bc-speed
 
 1. fine-tune SmolLM2-135M-Instruct on the task (SFT, ``--ft-steps``; skipped when ``--out``
    already holds the fine-tuned model);
@@ -52,6 +54,9 @@ def main() -> None:
     ap.add_argument("--speed-tokens", type=int, default=32, help="tokens generated at batch 1 to time each step")
     ap.add_argument("--remeasure", action="store_true",
                     help="only re-time the step folders of an earlier run (keeps its accuracies)")
+    ap.add_argument("--speed-only", action="store_true",
+                    help="no training: prune the untuned model by --methods' first method to --keep, and time the "
+                         "original and the pruned model each in fp32 and bf16 (speed depends on the shape, not the weights)")
     ap.add_argument("--measure-one", help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, default=Path("runs/bench-compress"))
     args = ap.parse_args()
@@ -59,6 +64,8 @@ def main() -> None:
         return measure_one(args.measure_one, args.speed_tokens)
     if args.remeasure:
         return remeasure(args)
+    if args.speed_only:
+        return speed_only(args)
     torch.manual_seed(0)
 
     task_spec = TaskSpec(name=args.task, options={"digits": args.digits}, train_size=min(max(args.ft_steps, args.recovery_steps) * args.batch_size, args.train_max),
@@ -134,21 +141,73 @@ def extra_quantized(args: argparse.Namespace, spec: Spec, rows: list[dict], out:
     return extra
 
 
-def remeasure(args: argparse.Namespace) -> None:
-    """Time every step folder again (wall and CPU tokens/s) and take its peak memory, each step in a
-    fresh process so that no step inherits another's memory; accuracies come from the run's report."""
+def speed_only(args: argparse.Namespace) -> None:
+    """Like for like: the original and its pruned cut in the same dtype, fp32 and bf16, so the speed-up
+    of pruning is not mixed with the speed-up of bf16. Decode speed at batch size 1 depends on the
+    model's shape and dtype, not its weights, so the untuned model stands in for the fine-tuned one."""
+    from stratos.compress import _save, quantize_folder
+    from stratos.compress.prune import calibration_batches, prune
+
+    method = args.methods.split(",")[0]
+    out = args.out / "speed"
+    folders = {"original": out / "original", "pruned": out / "pruned"}
+    if not (folders["pruned"] / "config.json").exists():
+        task_spec = TaskSpec(name=args.task, options={"digits": args.digits}, train_size=args.calibration, eval_size=1)
+        task = task_from_spec(task_spec)
+        records = to_records(task, task.examples("train", args.calibration, seed=0))
+        model, tok = load(args.model)
+        _save(model, tok, folders["original"])
+        batches = calibration_batches(tok, records, args.calibration, max_length=128, batch_size=args.batch_size)
+        small, plan = prune(model, batches, method=method, prune_ratio=1 - args.keep, axes=args.width_axes.split(","))
+        _save(small, tok, folders["pruned"])
+        del model, small
+    for name in ("original", "pruned"):
+        folders[f"{name} (bf16)"] = quantize_folder(folders[name], out / f"{name}-bf16", "bf16")
+    rows = {}
+    for name in ("original", "original (bf16)", "pruned", "pruned (bf16)"):  # back to back, a fresh process each
+        rows[name] = _measure_fresh(folders[name], args.speed_tokens)
+    flags = _cpu_flags()
+    print(f"\n### {method} pruning to {args.keep:.0%} of the parameters: decode speed, {args.speed_tokens} tokens "
+          f"at batch 1, each model in a fresh process (torch threads {torch.get_num_threads()}, CPU flags: {flags})\n")
+    print("| model | params | dtype | tokens/s | tokens/CPU-s | vs original, same dtype (CPU-s) | vs fp32 original (CPU-s) |")
+    print("|---|---|---|---|---|---|---|")
+    base = rows["original"]["tokens_per_cpu_s"]
+    for name, r in rows.items():
+        same = rows["original (bf16)" if "bf16" in name else "original"]["tokens_per_cpu_s"]
+        print(f"| {name} | {r['params'] / 1e6:.2f}M | {'bf16' if 'bf16' in name else 'fp32'} | {r['tokens_per_s']:.1f} | "
+              f"{r['tokens_per_cpu_s']:.1f} | {r['tokens_per_cpu_s'] / same:.2f}x | {r['tokens_per_cpu_s'] / base:.2f}x |")
+    (out / "speed.json").write_text(json.dumps({"cpu_flags": flags, "rows": rows}, indent=2))
+
+
+def _cpu_flags() -> str:
+    """The CPU features that decide bf16 speed (native bf16 matmuls or not)."""
+    try:
+        have = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return "unknown"
+    return ", ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in have) or "none of avx2/avx512"
+
+
+def _measure_fresh(folder: str | Path, speed_tokens: int) -> dict:
+    """``measure_one`` in a fresh process, so that no model inherits another's memory or caches."""
     import subprocess
     import sys
 
+    out = subprocess.run([sys.executable, __file__, "--measure-one", str(folder), "--speed-tokens", str(speed_tokens)],
+                         check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def remeasure(args: argparse.Namespace) -> None:
+    """Time every step folder again (wall and CPU tokens/s) and take its peak memory, each step in a
+    fresh process so that no step inherits another's memory; accuracies come from the run's report."""
     for method in args.methods.split(","):
         report = json.loads((args.out / method / "compress_report.json").read_text())
         extra_path = args.out / method / "extra_rows.json"
         extra = json.loads(extra_path.read_text()) if extra_path.exists() else []
         rows = []
         for old in report["rows"] + extra:
-            out = subprocess.run([sys.executable, __file__, "--measure-one", old["model_dir"], "--speed-tokens",
-                                  str(args.speed_tokens)], check=True, capture_output=True, text=True).stdout
-            row = json.loads(out.strip().splitlines()[-1])
+            row = _measure_fresh(old["model_dir"], args.speed_tokens)
             row.update(step=old["step"], **{k: old.get(k) for k in ("accuracy", "ci_low", "ci_high", "eval_n")})
             rows.append(row)
         print(f"\n### {method}: each step re-timed in a fresh process ({args.speed_tokens} tokens at batch 1, "
