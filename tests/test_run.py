@@ -146,8 +146,10 @@ def test_pipeline_killed_mid_distill_resumes_to_the_same_result(tiny_spec, tmp_p
     assert [v["constraint"] for v in results["verdicts"]] == ["budget_usd"] and results["verdicts"][0]["met"]
     assert html.index("Constraints") < html.index("Results") and "meets all 1 of the spec" in html
 
-    # The same run asked for 50% accuracy, which this tiny student cannot reach:
-    # the eval judges it missed, the report says so, and `stratos run` exits 3 with one line saying by how much.
+    # The same run asked for 50% accuracy, which this tiny student cannot reach: the eval judges it missed;
+    # the run retries once (max_attempts 2) with what the plan allows: no other candidate, so twice the
+    # training; the retry misses too, the report shows both attempts, and `stratos run` exits 3 with one
+    # line saying by how much.
     strict = tmp_path / "strict.yaml"
     strict.write_text(tiny_spec.read_text().replace("budget_usd: 5", "budget_usd: 5\n  min_accuracy: 0.5"))
     assert "min_accuracy: 0.5" in strict.read_text()
@@ -155,11 +157,30 @@ def test_pipeline_killed_mid_distill_resumes_to_the_same_result(tiny_spec, tmp_p
     missed = subprocess.run(_cli(strict, killed) + ["--from", "eval"], env=env, capture_output=True, text=True,
                             timeout=240)
     assert missed.returncode == 3, missed.stdout + missed.stderr
+    attempts = _manifest(killed)["attempts"]
+    assert [a["action"] for a in attempts] == ["first", "more training"]
+    assert attempts[1]["overrides"] == {"distill.max_steps": 48} and attempts[0]["next"] == "attempt 2: more training"
+    assert attempts[0]["result"]["accuracy"] == json.loads((killed / "attempts" / "1" / "eval" / "results.json")
+                                                           .read_text())["rows"][-1]["accuracy"]
+    assert sorted(p.name for p in (killed / "attempts" / "1").iterdir()) == [
+        "compress", "deploy", "distill", "eval", "stages.json"]  # the first attempt's folders, kept
+    assert json.loads((killed / "distill" / "result.json").read_text())["steps"] == 48  # the retry trained twice as long
+    final = json.loads((killed / "eval" / "results.json").read_text())["rows"][-1]
+    assert attempts[1]["result"]["accuracy"] == final["accuracy"] < 0.5
+    assert attempts[1]["next"] == "no retry: constraints.max_attempts (2) reached"
     line = next(x for x in missed.stderr.splitlines() if "misses the spec's constraints" in x)
-    assert f"min_accuracy 50.0%: missed, {100 * (0.5 - deployed['accuracy']):.1f} points short" in line
-    assert "budget_usd" not in line  # only what was missed
+    assert "after 2 attempts" in line and "max_attempts (2) reached" in line
+    assert f"min_accuracy 50.0%: missed, {100 * (0.5 - final['accuracy']):.1f} points short" in line
+    assert "budget_usd" not in line.split("; no retry")[0]  # only what was missed
     html = (killed / "report.html").read_text()
     assert "misses 1 of the spec's 2 constraint(s)" in html and "points short" in html
+    assert "<h3>Attempts</h3>" in html and "twice the training: 48 optimizer steps instead of 24" in html
+    assert "No retry: constraints.max_attempts (2) reached." in html
+    # The same command again continues the run: attempt 2's eval again (--from eval), no third attempt.
+    again = subprocess.run(_cli(strict, killed) + ["--from", "eval"], env=env, capture_output=True, text=True,
+                           timeout=240)
+    assert again.returncode == 3 and len(_manifest(killed)["attempts"]) == 2, again.stdout + again.stderr
+    assert "misses the spec's constraints after 2 attempts" in again.stderr
     if shutil.which("chromium") or shutil.which("chromium-browser"):  # a real browser renders it
         shot = subprocess.run([sys.executable, str(ROOT / "scripts" / "screenshot_report.py"), str(killed / "report.html")],
                               capture_output=True, text=True, timeout=120)

@@ -40,9 +40,10 @@ class RunError(UserError):
 
 class TrainElsewhere(RunError):
     """The plan chose another server to train on: the run stops after the plan and writes the recipe
-    that runs it there, instead of training on this machine with predictions made for another."""
+    that runs it there, instead of training on this machine with predictions made for another.
+    Exit code 4: not a failure, and not 3 (a finished run whose student misses a constraint)."""
 
-    exit_code = 3
+    exit_code = 4
 
 
 # The stages that run on the plan's training server (deploy and eval serve on the serving server).
@@ -168,7 +169,8 @@ def _effective(spec: Spec, plan: Any) -> Spec:
 def stage_plan(ctx: Context) -> dict[str, Any]:
     from stratos.plan.run import make_plan
 
-    plan, _ = make_plan(ctx.spec, ctx.dir, progress=ctx.progress, requests_dir=ctx.requests_dir, device=ctx.device)
+    plan, _ = make_plan(ctx.spec, ctx.dir, progress=ctx.progress, requests_dir=ctx.requests_dir, device=ctx.device,
+                        cache_dir=ctx.run_dir / "cache")
     log.info("plan: teacher %s, student %s, strategy %s", plan.teacher["name"], plan.student["name"], plan.strategy.kind)
     return {
         "plan_path": ctx.rel(ctx.dir / "plan.json"),
@@ -350,8 +352,10 @@ def stage_eval(ctx: Context) -> dict[str, Any]:
     api_usd += sum(getattr(p, "cost_usd", 0.0) for p in plan.probes)  # the plan's probes of API teachers
     synth_stats = json.loads(Path(ctx.artifact("synth", "stats_path")).read_text())
     api_usd += float((synth_stats.get("usage") or {}).get("cost_usd") or 0.0)
-    spent = spent_usd(ctx.manifest.data, plan.training_server.price(False), price, api_usd,
-                      spec.plan.serve_trial_hours, eval_seconds=time.perf_counter() - t_start)
+    earlier = sum(float(a.get("compute_usd") or 0.0) for a in ctx.manifest.data.get("attempts", [])[:-1])
+    spent = spent_usd(ctx.manifest.data, plan.training_server.price(bool(spec.plan.spot)), price, api_usd,
+                      spec.plan.serve_trial_hours, eval_seconds=time.perf_counter() - t_start, earlier_usd=earlier)
+    results["spent"] = {"usd": spent[0], "how": spent[1]}
     results["verdicts"] = [v.to_dict() for v in judge(spec.constraints, results, spent)]
     write_json(ctx.dir / "results.json", results)
     return {"results_path": ctx.rel(ctx.dir / "results.json"),
@@ -370,7 +374,8 @@ STAGES: dict[str, tuple[Callable[[Context], dict[str, Any]], tuple[str, ...]]] =
     # stage: (function, the spec sections (or single fields) it reads)
     # The plan's probes generate with eval.max_new_tokens; eval's other settings (how many questions,
     # the load test) change only the eval stage, so editing them never reruns training.
-    "plan": (stage_plan, ("task", "constraints", "teachers", "students", "plan", "eval.max_new_tokens")),
+    "plan": (stage_plan, ("task", "constraints.min_accuracy", "constraints.max_latency_ms", "constraints.budget_usd",
+                          "teachers", "students", "plan", "eval.max_new_tokens")),
     "synth": (stage_synth, ("synth",)),
     "distill": (stage_distill, ("distill",)),
     "compress": (stage_compress, ("compress",)),
@@ -465,13 +470,15 @@ def run(
     progress: bool = True,
     spec_text: str | None = None,
 ) -> Manifest:
-    """Run the pipeline (or the selected stages) in ``run_dir``; see the module doc."""
+    """Run the pipeline (or the selected stages) in ``run_dir``; see the module doc. When the eval finds
+    the deployed student missing ``min_accuracy`` or ``max_latency_ms``, and the run covered the stages
+    through the eval, it retries as ``stratos.attempts`` says (``constraints.max_attempts``)."""
+    from stratos.attempts import apply_overrides, user_spec_hash
     from stratos.runtime import runtime
 
     run_dir = Path(run_dir)
     selected = select_stages(from_, only, until)
     rt = runtime(spec.device)  # before any work: a CUDA device this machine lacks fails here
-    hashes = inputs_hashes(spec)
     manifest = Manifest(run_dir)
     owner = manifest.data.get("name")
     if owner is not None and owner != spec.name:
@@ -483,9 +490,43 @@ def run(
     manifest.data.update(name=spec.name, spec=spec.model_dump(mode="json"), updated=_now())
     if spec_text is not None:
         (run_dir / "spec.yaml").write_text(spec_text)
+    # The attempts belong to the spec they were made for: a changed spec starts again from the first.
+    key = user_spec_hash(spec)
+    attempts = manifest.data.get("attempts") or []
+    if attempts and manifest.data.get("attempts_for") != key:
+        shutil.rmtree(run_dir / "attempts", ignore_errors=True)
+        attempts = []
+    if not attempts:
+        attempts = [{"number": 1, "action": "first", "why": "the plan's choice", "overrides": {}}]
+    manifest.data.update(attempts=attempts, attempts_for=key)
     forced = {from_} if from_ else set()  # --from X reruns X even if it looks done
     if only:
         forced = {only}
+    retry_allowed = only is None and until is None  # a retry reruns stages through the eval, then the report
+    while True:
+        current = apply_overrides(spec, attempts[-1]["overrides"])
+        if len(attempts) > 1:
+            log.info("attempt %d of %d: %s", len(attempts), spec.constraints.max_attempts, attempts[-1]["why"])
+        _run_stages(current, run_dir, manifest, selected, forced, rt, progress)
+        forced = set()
+        first = _retry(current, spec, run_dir, manifest, rt) if retry_allowed and "eval" in selected else None
+        if first is None:
+            break
+        selected = STAGE_NAMES[STAGE_NAMES.index(first):]  # the retry reruns from the stage its action changes
+    manifest.data["updated"] = _now()
+    manifest.save()
+    if "report" in selected and (len(attempts) > 1 or attempts[-1].get("next")):
+        from stratos.report import build_report
+
+        build_report(run_dir)  # again: the report stage ran before the last attempt's result was recorded
+    _check_constraints(run_dir, selected, attempts)
+    return manifest
+
+
+def _run_stages(spec: Spec, run_dir: Path, manifest: Manifest, selected: list[str], forced: set[str], rt: Any,
+                progress: bool) -> None:
+    """Each selected stage whose inputs changed, or which has not finished, in order."""
+    hashes = inputs_hashes(spec)
     for name in STAGE_NAMES:
         if name not in selected:
             continue
@@ -525,10 +566,67 @@ def run(
         _learn(ctx, seconds, predicted.get(name), resumed=resume)
         log.info("%-8s done in %.1fs", name, seconds)
         # A changed stage invalidates what came after it: their hashes chain, so they rerun.
-    manifest.data["updated"] = _now()
+
+
+def _retry(spec: Spec, user_spec: Spec, run_dir: Path, manifest: Manifest, rt: Any) -> str | None:
+    """After the eval: record the attempt's result; when it missed a constraint and ``stratos.attempts``
+    proposes an action the budget allows, move the stages it reruns to ``RUN/attempts/N/``, add the next
+    attempt to the manifest and return the first stage to run again (None: no retry)."""
+    from stratos.attempts import RERUN, SERVING_STAGES, apply_overrides, propose
+    from stratos.plan.planner import Plan
+    from stratos.runtime import bf16_supported
+    from stratos.verdicts import from_results, missed
+
+    results_path = run_dir / "eval" / "results.json"
+    if not results_path.is_file():
+        return None
+    results = json.loads(results_path.read_text())
+    attempts = manifest.data["attempts"]
+    this = attempts[-1]
+    stages = manifest.data["stages"]
+    plan = Plan.from_json(run_dir / stages["plan"]["artifacts"]["plan_path"])
+    this["candidate"] = [plan.teacher["name"], plan.student["name"], plan.serving_server.name]
+    final = next((r for r in results["rows"] if r["role"] == "deployed student"), {})
+    this["result"] = {"accuracy": final.get("accuracy"), "n": final.get("n"),
+                      "latency_ms": final.get("latency_ms"), "verdicts": [v["line"] for v in results.get("verdicts", [])],
+                      "missed": [v.constraint for v in missed(from_results(results))]}
     manifest.save()
-    _check_constraints(run_dir, selected)
-    return manifest
+    if not this["result"]["missed"] or this.get("next"):
+        return None
+    distill = stages.get("distill", {}).get("artifacts", {})
+    layers = None
+    model_dir = run_dir / distill["model"] if distill.get("model") else None
+    if model_dir is not None and (model_dir / "config.json").is_file():
+        layers = json.loads((model_dir / "config.json").read_text()).get("num_hidden_layers")
+    seconds = {name: float(stages.get(name, {}).get("seconds") or 0.0) for name in STAGE_NAMES}
+    action, why_not = propose(spec, plan, results, attempts, seconds,
+                              distill_steps=int(distill.get("steps") or 0), student_layers=layers,
+                              native_bf16=bf16_supported(rt.device))
+    if action is None:
+        this["next"] = f"no retry: {why_not}"
+        manifest.save()
+        log.info("no retry: %s", why_not)
+        return None
+    n = len(attempts)
+    folder = run_dir / "attempts" / str(n)
+    train_price, serve_price = plan.training_server.price(bool(spec.plan.spot)), plan.serving_server.price(False)
+    rerun = RERUN[action.first_stage]
+    moved_usd = sum(seconds[name] / 3600 * (serve_price if name in SERVING_STAGES else train_price) for name in rerun)
+    overrides = {**this["overrides"], **action.overrides}
+    apply_overrides(user_spec, overrides)  # fails here, not mid-stage, if the overrides do not validate
+    archived = {name: stages.pop(name) for name in (*rerun, "report") if name in stages}
+    this.update(dir=str(folder.relative_to(run_dir)), compute_usd=round(moved_usd, 6),
+                next=f"attempt {n + 1}: {action.kind}")
+    attempts.append({"number": n + 1, "action": action.kind, "why": action.why, "overrides": overrides,
+                     "predicted_usd": round(action.predicted_usd, 6)})
+    manifest.save()  # first: killed before the move, the rerun starts these stages clean (their records are gone)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in rerun:
+        if (run_dir / name).exists():
+            shutil.move(str(run_dir / name), str(folder / name))
+    write_json(folder / "stages.json", archived)  # the manifest's records of the moved stages
+    log.info("attempt %d missed %s: attempt %d tries %s", n, ", ".join(this["result"]["missed"]), n + 1, action.why)
+    return action.first_stage
 
 
 def _learn(ctx: Context, seconds: float, predicted_s: float | None, *, resumed: bool) -> None:
@@ -542,19 +640,24 @@ def _learn(ctx: Context, seconds: float, predicted_s: float | None, *, resumed: 
         record_stage(ctx.stage, "local", predicted_s, seconds, run_dir=ctx.dir, note=f"run {ctx.run_dir.name}")
     if ctx.stage != "eval":
         return
+    attempt = (ctx.manifest.data.get("attempts") or [{"number": 1, "action": "first"}])[-1]
+    if attempt["action"] not in ("first", "next candidate"):
+        return  # more training or another compression than the plan predicted for: not its prediction's error
     results = json.loads(Path(ctx.artifact("eval", "results_path")).read_text())
     plan, final = ctx.plan(), results["rows"][-1]
     pred = plan.predicted
+    # One record per run and attempt: a rerun of the same eval replaces its record.
+    run = str(ctx.run_dir.resolve()) + (f"#attempt-{attempt['number']}" if attempt["number"] > 1 else "")
     record_accuracy(task_key(ctx.spec.task), pred["accuracy_method"], pred["accuracy"], final["accuracy"],
-                    run=str(ctx.run_dir.resolve()), run_dir=ctx.dir,
+                    run=run, run_dir=ctx.dir,
                     note=f"{plan.student['name']} from {plan.teacher['name']}, {final['n']} questions")
     p50 = (final.get("latency_ms") or {}).get("p50")
     if plan.serving_server.is_local and p50 and pred.get("latency_ms"):
-        record_stage("latency", plan.serving_server.name, pred["latency_ms"], p50, run_dir=ctx.dir,
+        record_stage("latency", plan.serving_server.name, pred["latency_ms"], p50, run_dir=ctx.dir, run=run,
                      note=f"p50 at {ctx.spec.eval.bench_clients} clients over the plan's batch-1 prediction (ms)")
 
 
-def _check_constraints(run_dir: Path, selected: list[str]) -> None:
+def _check_constraints(run_dir: Path, selected: list[str], attempts: list[dict[str, Any]]) -> None:
     """Raise ConstraintsMissed (exit 3) when the eval judged the deployed student to miss a constraint."""
     from stratos.verdicts import ConstraintsMissed, from_results, missed
 
@@ -563,8 +666,11 @@ def _check_constraints(run_dir: Path, selected: list[str]) -> None:
         return
     misses = missed(from_results(json.loads(results.read_text())))
     if misses:
-        raise ConstraintsMissed("the deployed student misses the spec's constraints: "
-                                + "; ".join(v.line() for v in misses) + f" (see {run_dir / 'report.html'})")
+        tries = (f" after {len(attempts)} attempts" if len(attempts) > 1 else "")
+        why = attempts[-1].get("next", "")
+        raise ConstraintsMissed(f"the deployed student misses the spec's constraints{tries}: "
+                                + "; ".join(v.line() for v in misses)
+                                + (f"; {why}" if why else "") + f" (see {run_dir / 'report.html'})")
 
 
 def _predicted(manifest: Manifest, rt: Any) -> dict[str, float]:

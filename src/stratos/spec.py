@@ -75,6 +75,9 @@ class Constraints(_Strict):
     min_accuracy: float | None = Field(None, ge=0, le=1, description="Minimum task accuracy of the deployed student.")
     max_latency_ms: float | None = Field(None, gt=0, description="Maximum serving latency per request, in milliseconds.")
     budget_usd: float | None = Field(None, ge=0, description="Maximum total spend (API teachers, training, serving trial).")
+    max_attempts: int = Field(
+        2, ge=1, description="Attempts at meeting min_accuracy and max_latency_ms: after a miss the run tries the "
+        "plan's next candidate, pruning or more training, within budget_usd (1: no retry; see docs/run.md).")
 
 
 # --------------------------------------------------------------------------- models
@@ -505,6 +508,14 @@ OBJECTIVE_PRESETS: dict[str, PlanWeights] = {
 }
 
 
+class PlanCandidate(_Strict):
+    """One (teacher, student) pair, by the names the plan reports, optionally with its serving server."""
+
+    teacher: str
+    student: str
+    serving_server: str | None = None
+
+
 class PlanSpec(_Strict):
     """Options of the planner: which servers, how teachers are probed, how the plan is picked."""
 
@@ -529,6 +540,8 @@ class PlanSpec(_Strict):
     api_prices: dict[str, ApiPrice] = Field(
         default_factory=dict, description="Per API teacher (by name or model): token prices and size."
     )
+    candidate: PlanCandidate | None = Field(
+        None, description="Plan only with this teacher and student (and serving server): what a retry on a miss sets.")
 
 
 # --------------------------------------------------------------------------- the spec

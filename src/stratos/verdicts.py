@@ -68,8 +68,10 @@ class ConstraintsMissed(UserError):
 
 
 def spent_usd(manifest: dict[str, Any], train_price: float, serve_price: float, api_usd: float,
-              serve_trial_hours: float, eval_seconds: float = 0.0) -> tuple[float, str]:
-    """What a run spent, and how that was counted (see the module's docstring); prices in $/h."""
+              serve_trial_hours: float, eval_seconds: float = 0.0, earlier_usd: float = 0.0) -> tuple[float, str]:
+    """What a run spent, and how that was counted (see the module's docstring); prices in $/h.
+    ``earlier_usd``: the compute of the run's earlier attempts (``stratos.attempts``), whose stages
+    are no longer in the manifest."""
     stages = manifest.get("stages", {})
     train_s = sum(float(stages.get(s, {}).get("seconds") or 0.0) for s in ("plan", "synth", "distill", "compress"))
     compute = train_s / 3600 * train_price + eval_seconds / 3600 * serve_price
@@ -78,7 +80,9 @@ def spent_usd(manifest: dict[str, Any], train_price: float, serve_price: float, 
            f"({train_s / 60:,.1f} min of plan to compress at ${train_price:,.2f}/h, {eval_seconds / 60:,.1f} min of "
            f"eval at ${serve_price:,.2f}/h) + serving trial ${trial:,.2f} ({serve_trial_hours:g} h at "
            f"${serve_price:,.2f}/h, planned)")
-    return api_usd + compute + trial, how
+    if earlier_usd:
+        how += f" + earlier attempts' compute ${earlier_usd:,.2f}"
+    return api_usd + compute + trial + earlier_usd, how
 
 
 def judge(constraints: Any, results: dict[str, Any], spent: tuple[float, str] | None = None) -> list[Verdict]:

@@ -69,10 +69,13 @@ def local_efficiency(cal: dict[str, Any], has_gpu: bool = False) -> Efficiency:
 
 
 def record_stage(stage: str, server: str, predicted_s: float, measured_s: float, *,
-                 run_dir: str | Path | None = None, note: str = "") -> dict[str, Any]:
-    """Append one predicted-vs-measured record to the cache (and to ``run_dir/plan-measurements.jsonl``)."""
+                 run_dir: str | Path | None = None, note: str = "", run: str | None = None) -> dict[str, Any]:
+    """Append one predicted-vs-measured record to the cache (and to ``run_dir/plan-measurements.jsonl``).
+    ``run``: what the record measures once (a run's eval): a later record of the same stage and run
+    replaces it in the corrections."""
     return _append({"stage": stage, "server": server, "predicted_s": predicted_s, "measured_s": measured_s,
-                    "ratio": measured_s / predicted_s if predicted_s > 0 else None, "note": note}, run_dir)
+                    "ratio": measured_s / predicted_s if predicted_s > 0 else None, "note": note,
+                    **({"run": run} if run else {})}, run_dir)
 
 
 def _append(rec: dict[str, Any], run_dir: str | Path | None) -> dict[str, Any]:
@@ -104,10 +107,15 @@ def read_measurements(path: str | Path | None = None) -> list[dict[str, Any]]:
 def corrections(server: str, records: list[dict[str, Any]] | None = None) -> dict[str, float]:
     """Per stage: the median measured/predicted ratio of the latest records on ``server`` (stage
     ``latency``: the deployed student's p50 under the eval's load over the plan's batch-1 prediction)."""
-    by_stage: dict[str, list[float]] = {}
-    for r in records if records is not None else read_measurements():
+    latest: dict[tuple[str, Any], dict[str, Any]] = {}  # a record with a run replaces that run's earlier one
+    for i, r in enumerate(records if records is not None else read_measurements()):
         if r.get("server") == server and r.get("ratio") and "stage" in r:
-            by_stage.setdefault(r["stage"], []).append(float(r["ratio"]))
+            key = (r["stage"], r.get("run") or i)
+            latest.pop(key, None)
+            latest[key] = r  # re-inserted: dict order stays the order of the latest records
+    by_stage: dict[str, list[float]] = {}
+    for (stage, _), r in latest.items():
+        by_stage.setdefault(stage, []).append(float(r["ratio"]))
     return {stage: statistics.median(v[-CORRECTION_WINDOW:]) for stage, v in by_stage.items()}
 
 

@@ -204,6 +204,24 @@ class PlanInputs:
     spec_name: str = "stratos-run"
     spec_values: SpecValues = field(default_factory=SpecValues)  # what the user wrote in synth / distill: it wins
     distill: Any = None  # the spec's distill section (DistillSpec), for the resolved settings
+    # plan.candidate: plan only with this (teacher name, student name, serving server name or None)
+    pin: tuple[str, str, str | None] | None = None
+
+
+def _pinned(inputs: PlanInputs, teacher: str, student: str) -> bool:
+    return inputs.pin is None or (inputs.pin[0], inputs.pin[1]) == (teacher, student)
+
+
+def _check_pin(inputs: PlanInputs) -> None:
+    if inputs.pin is None:
+        return
+    t, s, serve = inputs.pin
+    for what, name, known in (("teacher", t, [x.name for x in inputs.teachers]),
+                              ("student", s, [x.name for x in inputs.students]),
+                              ("serving_server", serve, [x.name for x in inputs.servers])):
+        if name is not None and name not in known:
+            raise ValueError(f"plan.candidate.{what} {name!r}: not one of the plan's {what.replace('_', ' ')}s "
+                             f"({', '.join(known)})")
 
 
 def _eff(inputs: PlanInputs, server: Server) -> Efficiency:
@@ -272,9 +290,12 @@ def decide_pairs(inputs: PlanInputs) -> list[PairDecision]:
 
     distill = inputs.distill or DistillSpec()
     out = []
+    _check_pin(inputs)
     for ti, t in enumerate(inputs.teachers):
         probe = inputs.probes[t.name]
         for si, s in enumerate(inputs.students):
+            if not _pinned(inputs, t.name, s.name):
+                continue
             m = match(t, s, mapping=inputs.mappings.get((ti, si)), min_mapped_mass=distill.ctkd.min_mapped_mass)
             strat = apply_spec(choose_strategy(probe, inputs.task, m, competent_accuracy=inputs.competent_accuracy),
                                inputs.spec_values, inputs.task)
@@ -319,6 +340,8 @@ def enumerate_candidates(inputs: PlanInputs, pairs: list[PairDecision]) -> list[
         needs_teacher = pd.workload.teacher_sequences > 0 or pd.workload.signal == "logit"
         for train in inputs.servers:
             for serve in inputs.servers:
+                if inputs.pin is not None and inputs.pin[2] is not None and serve.name != inputs.pin[2]:
+                    continue
                 work = pd.workload
                 violations: dict[str, str] = {}
                 mem = check_memory(t, s, work, train, serve, needs_teacher)
@@ -418,6 +441,10 @@ def build_plan(inputs: PlanInputs) -> tuple[Plan, list[Candidate]]:
            f"{serve.name})" if lat_corr != 1.0 else ")"),
         f"total cost ${best.cost_usd:,.2f} (probe, teacher work, training and {inputs.serve_hours:g} h of serving)",
     ] + pd.match.reasons + pd.strategy.reasons + pd.settings.reasons
+    if inputs.pin is not None:
+        reasons.insert(0, f"plan.candidate pins teacher {inputs.pin[0]} and student {inputs.pin[1]}"
+                       + (f", served on {inputs.pin[2]}" if inputs.pin[2] else "")
+                       + ": the other pairs were not considered")
     eff = {name: _eff(inputs, s).to_dict() for name, s in servers.items() if name in (train.name, serve.name)}
     plan = Plan(
         spec_name=inputs.spec_name,

@@ -65,6 +65,7 @@ def make_plan(
     calibration: dict[str, Any] | None = None,
     requests_dir: str | Path | None = None,
     device: Any = None,
+    cache_dir: str | Path | None = None,
 ) -> tuple[Plan, list[Any]]:
     """Plan a run for ``spec`` (a ``stratos.spec.Spec``) into ``out_dir``.
 
@@ -77,6 +78,8 @@ def make_plan(
     ``RUN/requests``, which synth and eval share, so a request asked here is never asked again).
     ``device`` (default: the spec's ``device`` setting) is this machine's ``local`` server: local
     teachers are probed and pilots trained there, and its calibration is the one priced.
+    ``cache_dir`` (default ``out_dir``) holds ``probes.json`` and ``mappings.json``: the runner keeps
+    them outside the plan's folder, so a plan rerun from scratch (a retry's pinned candidate) reuses them.
     """
     from stratos.io import write_json
     from stratos.runtime import resolve_device
@@ -128,7 +131,9 @@ def make_plan(
 
     # ----------------------------------------------------------------- teacher probes (measured)
     max_new = ps.probe_max_new_tokens or spec.eval.max_new_tokens
-    cache_file = out / "probes.json"
+    cache = Path(cache_dir) if cache_dir is not None else out
+    cache.mkdir(parents=True, exist_ok=True)
+    cache_file = cache / "probes.json"
     cached = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
     probes = dict(probes or {})
     examples = None
@@ -161,7 +166,7 @@ def make_plan(
     # ----------------------------------------------------------------- pilots (optional, measured)
     pilots: dict[tuple[int, int], tuple[float, str, str]] = {}
     inputs = _inputs(spec, teachers, students, probes, profile, servers, cal, gpu)
-    inputs.mappings = _measure_mappings(spec, task, teachers, students, loaded, out, device)
+    inputs.mappings = _measure_mappings(spec, task, teachers, students, loaded, cache, device)
     if ps.pilot:
         pilots = _run_pilots(spec, task, inputs, loaded, out, local, cal, device)
         inputs.student_accuracy = pilots
@@ -198,13 +203,14 @@ def _inputs(spec, teachers, students, probes, profile, servers, cal, gpu: bool) 
         max_length=spec.distill.max_length, batch=spec.distill.per_device_train_batch_size,
         teacher_models=[t.model for t in spec.teachers], student_models=[s.model for s in spec.students],
         spec_name=spec.name, spec_values=SpecValues.from_spec(spec), distill=spec.distill,
+        pin=(ps.candidate.teacher, ps.candidate.student, ps.candidate.serving_server) if ps.candidate else None,
     )
 
 
 def _measure_mappings(spec, task, teachers, students, loaded, out: Path, device) -> dict[tuple[int, int], dict]:
     """For each white-box teacher and student with different tokenizers, how much of the teacher's probability
     maps exactly into the student's vocabulary on the task's answers (``crosstok.measure_mapping``): what the
-    match needs to choose logit KD across tokenizers. Cached in ``out/mappings.json`` by teacher weights,
+    match needs to choose logit KD across tokenizers. Cached in ``out/mappings.json`` (``out``: the cache folder) by teacher weights,
     student tokenizer and task; a tokenizer that cannot be loaded leaves the pair unmeasured (text only)."""
     from stratos.distill.crosstok import measure_mapping
     from stratos.io import sha256_text, write_json

@@ -190,6 +190,28 @@ def _constraints(results: dict[str, Any], predicted: dict[str, Any]) -> str:
                      rows) + note)
 
 
+def _attempts(manifest: dict[str, Any]) -> str:
+    """Each attempt at meeting the constraints (``stratos.attempts``): what it tried, what it measured."""
+    attempts = manifest.get("attempts") or []
+    if not attempts or (len(attempts) == 1 and not attempts[0].get("next")):
+        return ""
+    rows = []
+    for a in attempts:
+        r = a.get("result") or {}
+        lat = r.get("latency_ms") or {}
+        where = (f"<a href='{_e(a['dir'])}'>{_e(a['dir'])}/</a>" if a.get("dir") else "this run's stage folders")
+        rows.append([str(a["number"]), f"<b>{_e(a['action'])}</b>: {_e(a['why'])}",
+                     f"{r['accuracy']:.1%} (n={r.get('n')})" if isinstance(r.get("accuracy"), (int, float)) else "–",
+                     f"{lat['p50']:,.0f} / {lat['p95']:,.0f}" if lat.get("p50") is not None else "–",
+                     "<br>".join(_e(v) for v in r.get("verdicts", [])) or "–", where])
+    last = attempts[-1].get("next", "")
+    deployed = (f"The deployed student is attempt {attempts[-1]['number']}'s; the earlier attempts' models stay in "
+                "their folders." if len(attempts) > 1 else "")
+    return ("<h3>Attempts</h3>" + _table(["attempt", "what it tried", "accuracy (deployed)", "latency p50 / p95 (ms)",
+                                          "verdicts", "files"], rows)
+            + f"<p>{_e(deployed)} {_e(last[:1].upper() + last[1:]) + '.' if last.startswith('no retry') else ''}</p>")
+
+
 def _measured(results: dict[str, Any], what: str) -> str:
     """The deployed student's measured accuracy or p50 latency, to set beside the plan's prediction."""
     final = next((r for r in results.get("rows", []) if r.get("role") == "deployed student"), None)
@@ -256,7 +278,7 @@ def build_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     # --- the constraints first: did the deployed student meet what the spec asked, measured?
     results = _read_json(run_dir / "eval" / "results.json") or {}
     plan = _read_json(run_dir / "plan" / "plan.json")
-    sections.append(_constraints(results, (plan or {}).get("predicted", {})))
+    sections.append(_constraints(results, (plan or {}).get("predicted", {})) + _attempts(manifest))
 
     # --- results: what a reader came for
     if results:
