@@ -49,9 +49,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("report", type=Path)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--height", type=int, default=3000, help="window height in pixels: how much of the page is shot")
     args = ap.parse_args()
     out = args.out or args.report.with_suffix(".png")
-    screenshot(args.report, out)
+    screenshot(args.report, out, height=args.height)
     ink = ink_fraction(out)
     print(f"{out}: {ink:.1%} of the page has ink")
     if ink < 0.01:

@@ -186,6 +186,21 @@ def test_objective_presets_move_the_choice():
     assert picks["accuracy-first"]["accuracy"] > picks["cost-first"]["accuracy"]  # 1B vs 135M student
 
 
+def test_plan_candidate_pins_the_pair_and_serving_server():
+    free, _ = build_plan(inputs(weights=OBJECTIVE_PRESETS["accuracy-first"].model_dump(), serve_hours=0.0))
+    assert free.student["name"] == "student-1b"
+    # A retry on a miss pins the next candidate: only that pair (and server) is planned.
+    pinned, cands = build_plan(inputs(weights=OBJECTIVE_PRESETS["accuracy-first"].model_dump(), serve_hours=0.0,
+                                      pin=("teacher-8b", "student-135m", "small")))
+    assert (pinned.student["name"], pinned.serving_server.name) == ("student-135m", "small")
+    assert {(c.student, c.serving_server) for c in cands} == {("student-135m", "small")}
+    assert pinned.reasons[0] == ("plan.candidate pins teacher teacher-8b and student student-135m, served on small: "
+                                 "the other pairs were not considered")
+    with pytest.raises(ValueError, match=r"plan.candidate.student 'student-7b': not one of the plan's students "
+                                         r"\(student-1b, student-135m\)"):
+        build_plan(inputs(pin=("teacher-8b", "student-7b", None)))
+
+
 def test_chosen_plan_is_on_the_front_and_roundtrips(tmp_path):
     plan, cands = build_plan(inputs())
     chosen = plan.pareto[0]
