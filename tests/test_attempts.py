@@ -58,7 +58,7 @@ def test_an_accuracy_miss_tries_the_stronger_next_candidate_then_more_training()
     # Not "tiny": it predicts less than the pair that missed. "big" is pinned and the plan reruns.
     assert action.kind == "next candidate" and action.first_stage == "plan"
     assert action.overrides == {"plan.candidate": {"teacher": "t", "student": "big", "serving_server": "local"}}
-    assert "predicts 90.0%" in action.why and "measured 50.0%" in action.why
+    assert "the plan predicted 90.0% for it, against 85.0% for the pair that missed, which measured 50.0%" in action.why
     # With "big" tried as well, the next is twice the steps of the attempt that missed.
     tried = FIRST + [{"number": 2, "action": "next candidate", "overrides": action.overrides,
                       "candidate": ["t", "big", "local"]}]

@@ -196,6 +196,12 @@ def test_plan_candidate_pins_the_pair_and_serving_server():
     assert {(c.student, c.serving_server) for c in cands} == {("student-135m", "small")}
     assert pinned.reasons[0] == ("plan.candidate pins teacher teacher-8b and student student-135m, served on small: "
                                  "the other pairs were not considered")
+    # Pinned, a pair is planned even where it is predicted to miss a constraint (a retry's pair, whose
+    # prediction the first attempt's measurement corrected); the reasons say so. Memory stays hard.
+    strict, _ = build_plan(inputs(min_accuracy=0.99, pin=("teacher-8b", "student-135m", "small")))
+    assert strict.student["name"] == "student-135m" and "planned although predicted to miss min_accuracy" in strict.reasons[0]
+    with pytest.raises(NoFeasiblePlan):
+        build_plan(inputs(min_accuracy=0.99))
     with pytest.raises(ValueError, match=r"plan.candidate.student 'student-7b': not one of the plan's students "
                                          r"\(student-1b, student-135m\)"):
         build_plan(inputs(pin=("teacher-8b", "student-7b", None)))

@@ -213,6 +213,41 @@ def test_a_changed_spec_reruns_only_the_stages_it_affects(tiny_spec, tmp_path, m
     assert build_report(run_dir).read_text().count("<h2>") >= 6
 
 
+def test_a_missed_accuracy_retries_with_the_plans_next_candidate(tiny_spec, tmp_path, monkeypatch):
+    """The plan picks the faster of two students (accuracy weighs nothing); it misses min_accuracy, so the
+    retry pins the front's other student, whose predicted accuracy was higher, and plans it although the
+    first attempt's measurement now corrects its prediction below the limit."""
+    from stratos.verdicts import ConstraintsMissed
+
+    monkeypatch.setenv("STRATOS_CACHE", str(tmp_path / "cache"))
+    tok = build_tokenizer(vocab_size=260)
+    bigger = save_model(tiny_llama(tok, hidden_size=48, num_hidden_layers=2, seed=3), tok, tmp_path / "bigger")
+    data = yaml.safe_load(tiny_spec.read_text())
+    data["students"].append({"model": str(bigger), "name": "bigger-student"})
+    data["constraints"] = {"min_accuracy": 0.5}
+    data["plan"]["weights"] = {"accuracy": 0.0, "latency": 1.0, "train_time": 1.0, "cost": 1.0}
+    data["distill"]["max_steps"] = 8
+    data["compress"] = {"enabled": False}
+    spec = tmp_path / "two.yaml"
+    spec.write_text(yaml.safe_dump(data))
+    run_dir = tmp_path / "r"
+    with pytest.raises(ConstraintsMissed, match="after 2 attempts: min_accuracy 50.0%: missed"):
+        run(load_spec(spec), run_dir, progress=False)
+    m = _manifest(run_dir)
+    first, second = m["attempts"]
+    assert first["candidate"][1] == "tiny-student" and second["action"] == "next candidate"
+    assert second["overrides"] == {"plan.candidate": {"teacher": "tiny-teacher", "student": "bigger-student",
+                                                      "serving_server": "local"}}
+    assert second["candidate"][1] == "bigger-student"
+    plan = json.loads((run_dir / "plan" / "plan.json").read_text())
+    assert plan["student"]["name"] == "bigger-student" and plan["counts"]["total"] == 1
+    assert "planned although predicted to miss min_accuracy" in plan["reasons"][0]
+    assert (run_dir / "attempts" / "1" / "plan" / "plan.json").is_file()  # the first plan, kept
+    # The retry's plan reused the first one's teacher probe (cached outside the plan folder).
+    assert "probes.json" in {p.name for p in (run_dir / "cache").iterdir()}
+    assert not (run_dir / "plan" / "probes.json").exists()
+
+
 def _write_spec(path: Path, **extra) -> Path:
     data = {"name": "fp", "task": {"name": "jsonl", "path": "data.jsonl", "scorer": "myscorer:score"},
             "teachers": [{"model": "teacher"}], "students": [{"model": "smollm2-135m-instruct"}],

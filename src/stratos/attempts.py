@@ -13,8 +13,9 @@ What is tried, in order (the first the budget allows):
 
 - ``min_accuracy`` missed:
   1. **next candidate**: the next pair on the plan's Pareto front that trains on the same server and
-     predicts a higher accuracy than the pair that missed (``plan.candidate`` pins it; the plan reruns,
-     with its probes cached);
+     was predicted a higher accuracy than the pair that missed (``plan.candidate`` pins it; the plan
+     reruns, with its probes cached, and plans the pair even where its prediction, now corrected by
+     what the first attempt measured, misses a constraint);
   2. **more training**: twice the optimizer steps the distill stage ran (``distill.max_steps``).
 - ``max_latency_ms`` missed (and ``min_accuracy`` met):
   1. **bf16**: where the device computes bf16 natively and the spec does not quantize to bf16 already;
@@ -126,8 +127,9 @@ def propose(spec: Any, plan: Any, results: dict[str, Any], attempts: list[dict[s
         row = next((r for r in front if (r["teacher"], r["student"]) not in tried_pairs
                     and r["accuracy"] > pred["accuracy"]), None)
         if row is not None:
-            options.append(next_candidate(row, f"it predicts {_pct(row['accuracy'])}, the pair that missed "
-                                               f"predicted {_pct(pred['accuracy'])} and measured {_pct(measured)}"))
+            options.append(next_candidate(row, f"the plan predicted {_pct(row['accuracy'])} for it, against "
+                                               f"{_pct(pred['accuracy'])} for the pair that missed, which measured "
+                                               f"{_pct(measured)}"))
         if distill_steps > 0:
             steps = 2 * distill_steps
             options.append(Action(
@@ -161,8 +163,8 @@ def propose(spec: Any, plan: Any, results: dict[str, Any], attempts: list[dict[s
         row = next((r for r in front if (r["teacher"], r["student"], r["serving_server"]) not in tried
                     and r["latency_ms"] < pred["latency_ms"]), None)
         if row is not None:
-            options.append(next_candidate(row, f"it predicts {row['latency_ms']:,.0f} ms per request against "
-                                               f"{pred['latency_ms']:,.0f} ms for the pair that missed"))
+            options.append(next_candidate(row, f"the plan predicted {row['latency_ms']:,.0f} ms per request for it, "
+                                               f"against {pred['latency_ms']:,.0f} ms for the pair that missed"))
     tried_kinds = {a.get("action") for a in attempts}
     spent_usd = float((results.get("spent") or {}).get("usd") or 0.0)
     budget = spec.constraints.budget_usd

@@ -60,6 +60,7 @@ class Candidate:
     train_hours: float  # probe, generation, signal, training, recovery: time until the student exists
     stages: list[StageCost] = field(default_factory=list)
     violations: dict[str, str] = field(default_factory=dict)  # constraint -> why
+    waived: dict[str, str] = field(default_factory=dict)  # predicted misses that plan.candidate plans anyway
     on_front: bool = False
     score: float | None = None
 
@@ -360,8 +361,12 @@ def enumerate_candidates(inputs: PlanInputs, pairs: list[PairDecision]) -> list[
                     violations["max_latency_ms"] = f"latency {latency:,.0f} ms > {inputs.max_latency_ms:,.0f} ms"
                 if inputs.budget_usd is not None and cost > inputs.budget_usd:
                     violations["budget_usd"] = f"cost ${cost:,.2f} > ${inputs.budget_usd:,.2f}"
+                waived = {}
+                if inputs.pin is not None:  # a pinned pair is planned even where it is predicted to miss; memory is a fact
+                    waived = {k: v for k, v in violations.items() if k != "memory"}
+                    violations = {k: v for k, v in violations.items() if k == "memory"}
                 out.append(Candidate(pd.teacher_index, t.name, pd.student_index, s.name, train.name, serve.name,
-                                     pd.accuracy, pd.accuracy_method, latency, cost, hours, stages, violations))
+                                     pd.accuracy, pd.accuracy_method, latency, cost, hours, stages, violations, waived))
     return out
 
 
@@ -444,7 +449,8 @@ def build_plan(inputs: PlanInputs) -> tuple[Plan, list[Candidate]]:
     if inputs.pin is not None:
         reasons.insert(0, f"plan.candidate pins teacher {inputs.pin[0]} and student {inputs.pin[1]}"
                        + (f", served on {inputs.pin[2]}" if inputs.pin[2] else "")
-                       + ": the other pairs were not considered")
+                       + ": the other pairs were not considered"
+                       + "".join(f"; planned although predicted to miss {k} ({v})" for k, v in best.waived.items()))
     eff = {name: _eff(inputs, s).to_dict() for name, s in servers.items() if name in (train.name, serve.name)}
     plan = Plan(
         spec_name=inputs.spec_name,
