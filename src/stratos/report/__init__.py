@@ -15,6 +15,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from stratos.io import atomic_write_text
 from stratos.report import plots
 
@@ -372,8 +374,8 @@ def build_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
                               "started", "error"], stage_rows) + _img(plots.stage_costs(cost_pts), "stage costs"))
 
     sections.append("<h2>Example predictions</h2>" + _examples(run_dir / "eval"))
-    spec_text = (run_dir / "spec.yaml").read_text() if (run_dir / "spec.yaml").is_file() else json.dumps(
-        manifest.get("spec", {}), indent=2)
+    spec_text = (run_dir / "spec.yaml").read_text() if (run_dir / "spec.yaml").is_file() else yaml.safe_dump(
+        manifest.get("spec", {}), sort_keys=False)  # the spec as the user writes one, not a JSON dump
     sections.append(f"<h2>Spec</h2><pre>{_e(spec_text)}</pre>")
 
     title = f"Stratos run: {manifest.get('name', run_dir.name)}"
