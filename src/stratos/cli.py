@@ -8,6 +8,7 @@ as one line each with exit code 2, never as a traceback.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -146,12 +147,19 @@ def distill(
     resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in --out."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Discard checkpoints already in --out."),
     device: Optional[str] = DEVICE_OPTION,
+    nproc: int = typer.Option(1, "--nproc", min=1, help="Processes that train the student together (torchrun on "
+                              "this machine; distill.parallel: DDP or FSDP2). See docs/distributed.md."),
 ) -> None:
     """Distil a teacher into a student on prompt/response data (off-policy KD on the teacher's hidden states).
 
     The settings (phases, algorithm, loss, what the teacher provides) come from the one rule the
     pipeline uses, ``stratos.distill.recipe.resolve``; they are printed before training."""
     import shutil
+
+    if nproc > 1 and "WORLD_SIZE" not in os.environ:
+        sys.exit(_torchrun(nproc, ["distill", *_without_nproc(sys.argv[1:])]))
+    rank = int(os.environ.get("RANK", "0"))
+    say = console.print if rank == 0 else (lambda *a, **k: None)  # one process speaks for all
 
     from stratos.spec import DistillSpec, StudentSpec, TeacherSpec
 
@@ -225,35 +233,70 @@ def distill(
                                  rationale=bool(s and s.synth.rationales))
         settings = _distill_settings(cfg, s, the_plan, t_spec, s_spec, records)
         for line in [f"settings: {settings.summary()}", *settings.reasons]:
-            console.print(f"  {line}", highlight=False, soft_wrap=True)
+            say(f"  {line}", highlight=False, soft_wrap=True)
         if settings.needs_teacher_model and t_spec is None:
             fail(f"{settings.phases[-1].label} needs a teacher: pass --teacher or a spec (or use --algorithm sft)")
         from stratos.runtime import runtime
 
         rt = runtime(_device(device, s))
-        console.print(f"  device: {rt.describe()}", highlight=False)
-        model, tok = load_student(s_spec, task_spec, device=rt.device)
+        where = rt.device
+        if "LOCAL_RANK" in os.environ and where.type == "cuda":  # torchrun: one GPU per process on this node
+            import torch
+
+            where = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(where)
+        say(f"  device: {rt.describe()}" + (f", {os.environ['WORLD_SIZE']} processes" if "WORLD_SIZE" in os.environ
+                                            else ""), highlight=False)
+        model, tok = load_student(s_spec, task_spec, device=where)
         evaluator = evaluator_for(task_spec, tok, settings, max_new_tokens=s.eval.max_new_tokens if s else 64,
                                   batch_size=s.eval.batch_size if s else 16, task=task)
         t_model = t_tok = None
         if settings.needs_teacher_model:
             t_model, t_tok = load(t_spec.model, dtype=t_spec.dtype, trust_remote_code=t_spec.trust_remote_code,
-                                  device=rt.device)
-        if discard:  # --overwrite: only now that the data and models have loaded, so a bad file discards nothing
+                                  device=where)
+        if discard and rank == 0:  # --overwrite: only now that the data and models have loaded, so a bad file discards nothing
             for d in trained:
                 shutil.rmtree(d.parent if d.parent != out else d)
         result = run_phases(model, tok, records, settings, out, teacher=t_model, teacher_tokenizer=t_tok, resume=resume,
                             evaluator=evaluator, task=task)
     except (DataError, FileNotFoundError, KeyError, ValueError) as e:
         fail(str(e).strip('"'))
+    finally:
+        from stratos.distill.parallel import Parallel
+
+        Parallel.shutdown()
     m = result.final_metrics
     best = (f", best eval accuracy {m['best_eval_accuracy']:.1%} at step {m['best_step']}"
             if m.get("best_step") is not None and m.get("best_eval_accuracy") is not None else "")
-    console.print(
+    say(
         f"[green]done[/green] {result.steps} steps, loss {m.get('loss', float('nan')):.4f}, "
         f"{result.tokens_per_second:.0f} tok/s{best}; student saved to {result.model_dir}",
         highlight=False,
     )
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            out.append(a)
+    return out[1:] if out and out[0] == "distill" else out
+
+
+def _torchrun(nproc: int, args: list[str]) -> int:
+    """Start ``nproc`` processes of ``stratos ARGS`` on this machine with torchrun (torch.distributed.run);
+    their exit code. Several machines: run torchrun yourself on each (docs/distributed.md)."""
+    import subprocess
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "stratos.cli", *args]
+    console.print(f"  starting {nproc} processes: torchrun --standalone --nproc-per-node={nproc} -m stratos.cli "
+                  + " ".join(args), highlight=False)
+    return subprocess.run(cmd).returncode
 
 
 def _distill_settings(cfg: Any, spec: Any, plan: Any, t_spec: Any, s_spec: Any, records: list[dict]) -> Any:
@@ -740,6 +783,8 @@ def run(
     new: bool = typer.Option(False, "--new", help="Start a new run directory instead of continuing the latest."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars."),
     device: Optional[str] = DEVICE_OPTION,
+    nproc: int = typer.Option(1, "--nproc", min=1, help="Processes that train the student in the distill stage "
+                              "(torchrun; DDP or FSDP2, distill.parallel). See docs/distributed.md."),
 ) -> None:
     """Run the whole pipeline: plan, synth, distill, compress, deploy, eval, report.
 
@@ -754,7 +799,7 @@ def run(
     console.print(f"run directory: {target}", highlight=False)
     # A RunError (TrainElsewhere included) is printed by the command group, with its exit code.
     manifest = run_pipeline(s, target, from_=from_, only=only, until=until, spec_text=spec.read_text(),
-                            progress=progress)
+                            progress=progress, nproc=nproc)
     report = manifest.data["stages"].get("report", {}).get("artifacts", {}).get("report_path")
     console.print(f"[green]run complete[/green] {target}" + (f"; report: {target / report}" if report else ""),
                   highlight=False)

@@ -90,6 +90,7 @@ class Context:
     resume: bool  # the stage ran before with the same inputs and did not finish
     progress: bool = True
     runtime: Any = None  # stratos.runtime.Runtime: the device every model of the stage goes to
+    nproc: int = 1  # processes that train the student together (distill under torchrun)
 
     @property
     def device(self) -> Any:
@@ -214,6 +215,8 @@ def stage_distill(ctx: Context) -> dict[str, Any]:
     plan = ctx.plan()
     spec = ctx.spec
     settings = settings_of(spec, plan)
+    if ctx.nproc > 1:
+        return _distill_processes(ctx, settings)
     s_spec = spec.students[plan.student["index"]]
     t_spec = spec.teachers[plan.teacher["index"]]
     records = load_records(ctx.artifact("synth", "data_path"))
@@ -234,6 +237,31 @@ def stage_distill(ctx: Context) -> dict[str, Any]:
             "phases": [p.algorithm for p in settings.phases], "loss": settings.phases[-1].config["loss"],
             "signal": res.signal.get("mode", "none"), "settings": settings.to_dict(),
             "best_step": res.final_metrics.get("best_step")}
+
+
+def _distill_processes(ctx: Context, settings: Any) -> dict[str, Any]:
+    """The distill stage as ``ctx.nproc`` processes (``stratos distill --nproc``, torchrun): the same settings
+    from the same spec and plan, written for them to read; what they trained is read back from result.json."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    spec_path = ctx.run_dir / "distill-spec.yaml"  # the spec this attempt runs with, paths absolute
+    spec_path.write_text(yaml.safe_dump(ctx.spec.model_dump(mode="json", exclude_unset=True), sort_keys=False))
+    cmd = [sys.executable, "-m", "stratos.cli", "distill", str(spec_path), "--plan",
+           str(ctx.artifact("plan", "plan_path")), "--data", str(ctx.artifact("synth", "data_path")),
+           "--out", str(ctx.dir), "--resume", "--device", ctx.runtime.name, "--nproc", str(ctx.nproc)]
+    log.info("distill: %d processes (torchrun): %s", ctx.nproc, " ".join(cmd[2:]))
+    done = subprocess.run(cmd)
+    if done.returncode != 0:
+        raise RunError(f"the distill processes failed (exit {done.returncode}); their output is above")
+    res = json.loads((ctx.dir / "result.json").read_text())
+    return {"model": ctx.rel(Path(res["model_dir"])), "metrics_path": ctx.rel(ctx.dir / "metrics.jsonl"),
+            "steps": res["steps"], "tokens_per_second": res["tokens_per_second"],
+            "phases": [p.algorithm for p in settings.phases], "loss": settings.phases[-1].config["loss"],
+            "signal": res.get("signal", {}).get("mode", "none"), "settings": settings.to_dict(),
+            "best_step": res["final_metrics"].get("best_step"), "processes": ctx.nproc}
 
 
 def stage_compress(ctx: Context) -> dict[str, Any]:
@@ -469,6 +497,7 @@ def run(
     until: str | None = None,
     progress: bool = True,
     spec_text: str | None = None,
+    nproc: int = 1,
 ) -> Manifest:
     """Run the pipeline (or the selected stages) in ``run_dir``; see the module doc. When the eval finds
     the deployed student missing ``min_accuracy`` or ``max_latency_ms``, and the run covered the stages
@@ -507,7 +536,7 @@ def run(
         current = apply_overrides(spec, attempts[-1]["overrides"])
         if len(attempts) > 1:
             log.info("attempt %d of %d: %s", len(attempts), spec.constraints.max_attempts, attempts[-1]["why"])
-        _run_stages(current, run_dir, manifest, selected, forced, rt, progress)
+        _run_stages(current, run_dir, manifest, selected, forced, rt, progress, nproc)
         forced = set()
         first = _retry(current, spec, run_dir, manifest, rt) if retry_allowed and "eval" in selected else None
         if first is None:
@@ -524,7 +553,7 @@ def run(
 
 
 def _run_stages(spec: Spec, run_dir: Path, manifest: Manifest, selected: list[str], forced: set[str], rt: Any,
-                progress: bool) -> None:
+                progress: bool, nproc: int = 1) -> None:
     """Each selected stage whose inputs changed, or which has not finished, in order."""
     hashes = inputs_hashes(spec)
     for name in STAGE_NAMES:
@@ -550,7 +579,7 @@ def _run_stages(spec: Spec, run_dir: Path, manifest: Manifest, selected: list[st
                  "resuming from its checkpoint" if resume else "running", eta)
         t0 = time.perf_counter()
         ctx = Context(spec=spec, run_dir=run_dir, manifest=manifest, stage=name, resume=resume, progress=progress,
-                      runtime=rt)
+                      runtime=rt, nproc=nproc)
         try:
             artifacts = fn(ctx)
         except BaseException as e:

@@ -111,8 +111,13 @@ def distill(
     data (a DataError naming the record) leaves nothing behind. A run that diverges, or a resume from a
     checkpoint of other settings or data, raises TrainingError (see ``train``) and saves no model.
     """
+    from stratos.distill.parallel import Parallel
+
     out_dir = Path(out_dir)
     algo = get_algorithm(cfg.algorithm)
+    par = Parallel.from_env(cfg, student, next(student.parameters()).device)  # one process unless under torchrun
+    if par.distributed:
+        _check_distributed(cfg, algo, evaluator)
     if isinstance(records, (str, Path)):
         records = load_records(records, need_response=responses_needed([cfg.algorithm]))
     if algo.rewarded:  # RL samples the responses: a prompt alone is a record (its prompt tokens are what count)
@@ -146,13 +151,13 @@ def distill(
             raise ValueError(f"loss {cfg.loss!r} (kd_ratio {cfg.kd_ratio}) needs a teacher")
         from stratos.teachers.signal import hidden_state_signal
 
+        root = Path(cache_root) if cache_root else None
         if cross:
-            signal, signal_info = _cross_tokenizer_signal(teacher, tokenizer, teacher_tokenizer, records, examples, cfg,
-                                                          student, Path(cache_root) if cache_root else None, progress)
-        else:
-            signal, signal_info = hidden_state_signal(
-                teacher, examples, cfg, tokenizer.pad_token_id, Path(cache_root) if cache_root else None, progress
-            )
+            signal, signal_info = par.in_turn(lambda: _cross_tokenizer_signal(
+                teacher, tokenizer, teacher_tokenizer, records, examples, cfg, student, root, progress and par.is_main))
+        else:  # a cache is built by rank 0 and read by the others
+            signal, signal_info = par.in_turn(lambda: hidden_state_signal(
+                teacher, examples, cfg, tokenizer.pad_token_id, root, progress and par.is_main))
     if cfg.lora is not None:
         student = apply_lora(student, cfg)
     source = None
@@ -163,7 +168,7 @@ def distill(
     try:
         res: TrainResult = train(
             student, examples, cfg, out_dir, pad_id=tokenizer.pad_token_id, signal=signal,
-            resume=resume, progress=progress, stop_after=stop_after, evaluator=evaluator, source=source,
+            resume=resume, progress=progress, stop_after=stop_after, evaluator=evaluator, source=source, par=par,
         )
     finally:
         if made_signal and hasattr(signal, "close"):
@@ -171,7 +176,13 @@ def distill(
     if getattr(signal, "restarts", 0):
         signal_info["worker_restarts"] = signal.restarts
     model_dir = out_dir / "model"
-    save_student(student, tokenizer, model_dir)
+    if par.distributed:
+        state = par.model_state(student)  # every rank takes part; rank 0 writes
+        if par.is_main:
+            save_student(student, tokenizer, model_dir, state_dict=state)
+        signal_info["processes"] = {"world_size": par.world, "parallel": par.mode}
+    else:
+        save_student(student, tokenizer, model_dir)
     result = DistillResult(
         model_dir=model_dir,
         steps=res.steps,
@@ -182,8 +193,25 @@ def distill(
         data={"records": stats.records, "kept": stats.kept, "truncated": stats.truncated, "dropped_empty": stats.dropped_empty},
         signal=signal_info,
     )
-    write_json(out_dir / "result.json", result.to_dict())
+    if par.is_main:
+        write_json(out_dir / "result.json", result.to_dict())
+    par.barrier()  # the model and result are on disk before any rank goes on (a next phase loads the model)
     return result
+
+
+def _check_distributed(cfg: DistillSpec, algo: Any, evaluator: Any) -> None:
+    """What a student across processes does not do yet, refused before any work."""
+    if algo.on_policy or algo.source is not None or algo.rewarded:
+        raise ValueError(f"algorithm {cfg.algorithm}: across processes (--nproc, torchrun) only fixed data trains "
+                         "yet (sft, kd); run it in one process")
+    if cfg.lora is not None:
+        raise ValueError("distill.lora across processes (--nproc, torchrun) is not supported yet; run it in one process")
+    if cfg.eval_steps is not None and evaluator is not None:
+        raise ValueError("distill.eval_steps across processes (--nproc, torchrun) is not supported yet: leave it "
+                         "unset (the eval stage measures the student) or run in one process")
+    if cfg.teacher_workers:
+        raise ValueError("distill.teacher_workers across processes (--nproc, torchrun) is not supported yet: each "
+                         "rank computes its own rows' teacher signal")
 
 
 def _cross_tokenizer_signal(teacher: Any, tokenizer: Any, teacher_tokenizer: Any, records: Sequence[dict[str, Any]],
@@ -282,13 +310,14 @@ def run_phases(
     return result
 
 
-def save_student(student: Any, tokenizer: Any, path: Path) -> None:
-    """An ordinary HF folder with safetensors; LoRA adapters are merged so no peft is needed to load it."""
+def save_student(student: Any, tokenizer: Any, path: Path, state_dict: dict[str, Any] | None = None) -> None:
+    """An ordinary HF folder with safetensors; LoRA adapters are merged so no peft is needed to load it.
+    ``state_dict``: the weights to write instead of the model's own (a distributed student's, gathered)."""
     from stratos.io import replace_dir
 
     model = student.merge_and_unload() if hasattr(student, "merge_and_unload") else student
     tmp = path.with_name(f".tmp-{path.name}")
-    model.save_pretrained(tmp, safe_serialization=True)
+    model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": state_dict} if state_dict else {}))
     tokenizer.save_pretrained(tmp)
     replace_dir(tmp, path)
 

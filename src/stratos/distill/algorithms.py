@@ -44,6 +44,14 @@ class StepContext:
     device: torch.device
     bf16: bool
     cfg: Any = None  # the settings it trains with (DistillSpec, after its configure): e.g. grpo's epsilon, beta
+    # The student's forward to its last hidden states: through DDP or FSDP2 when the student is distributed
+    # (stratos.distill.parallel); None: the student itself.
+    forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+
+    def hidden(self, batch: Batch) -> torch.Tensor:
+        """The student's last hidden states of ``batch`` [B, T, d]."""
+        ids, mask = batch.input_ids.to(self.device), batch.attention_mask.to(self.device)
+        return self.forward(ids, mask) if self.forward is not None else last_hidden(self.student, ids, mask)
 
 
 Terms = Callable[[StepContext, Batch], dict[str, torch.Tensor]]
@@ -117,7 +125,7 @@ def student_terms(ctx: StepContext, batch: Batch) -> dict[str, torch.Tensor]:
     # A cross-tokenizer signal marks the targets with a teacher counterpart (stratos.distill.crosstok).
     kd_mask = ctx.signal.kd_mask(batch).to(device) if t_hidden is not None and hasattr(ctx.signal, "kd_mask") else None
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=ctx.bf16):
-        h = last_hidden(ctx.student, batch.input_ids.to(device), batch.attention_mask.to(device))
+        h = ctx.hidden(batch)
         return kd_terms(h[:, :-1][mask], t_hidden, batch.targets.to(device), ctx.s_head, ctx.t_head, obj, topk=topk,
                         weights=weights, kd_mask=kd_mask)
 
@@ -221,7 +229,7 @@ def _rl_terms(ctx: StepContext, batch: Batch, *, teacher: bool) -> dict[str, tor
     mask = batch.target_mask.to(device)
     t_hidden = ctx.signal.hidden(batch).to(device) if teacher else None
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=ctx.bf16):
-        h = last_hidden(ctx.student, batch.input_ids.to(device), batch.attention_mask.to(device))[:, :-1][mask]
+        h = ctx.hidden(batch)[:, :-1][mask]
         pg = _policy_terms(ctx, h, batch)
         zero = torch.zeros((), device=device)
         kd = {"loss": zero, "kd": zero, "agree": zero}

@@ -24,18 +24,33 @@ class OutputHead(nn.Module):
 
     def __init__(
         self,
-        weight: torch.Tensor,
+        weight: torch.Tensor | None = None,
         bias: torch.Tensor | None = None,
         *,
         scale: float = 1.0,
         softcap: float | None = None,
+        live: nn.Module | None = None,
     ):
         super().__init__()
-        # Parameters, not buffers, so the student's live head trains through this module.
-        self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight, requires_grad=False)
-        self.bias = bias if bias is None or isinstance(bias, nn.Parameter) else nn.Parameter(bias, requires_grad=False)
+        # ``live``: the student's own lm_head module, read at every call. FSDP2 swaps a module's parameters
+        # between their shards and the gathered tensors, so a reference to the parameter taken once would
+        # be stale; the module's attribute is always the current one (and so is ``parameters()``).
+        self.live = live
+        if live is None:
+            self.register_parameter("_weight", weight if isinstance(weight, nn.Parameter)
+                                    else nn.Parameter(weight, requires_grad=False))
+            self.register_parameter("_bias", bias if bias is None or isinstance(bias, nn.Parameter)
+                                    else nn.Parameter(bias, requires_grad=False))
         self.scale = float(scale)
         self.softcap = None if softcap is None else float(softcap)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.live.weight if self.live is not None else self._weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.live, "bias", None) if self.live is not None else self._bias
 
     def _frozen_cast(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
         """A frozen head's weights in autocast's dtype, cast once. Autocast would cast them on every
@@ -89,11 +104,11 @@ class OutputHead(nn.Module):
         if getattr(cfg, "logits_scaling", None):  # Granite divides
             scale /= float(cfg.logits_scaling)
         softcap = getattr(cfg, "final_logit_softcapping", None)  # Gemma 2/3
-        weight, bias = lm_head.weight, getattr(lm_head, "bias", None)
-        if frozen_copy:
-            weight = weight.detach().clone()
-            bias = None if bias is None else bias.detach().clone()
-        return cls(weight, bias, scale=scale, softcap=softcap)
+        if not frozen_copy:
+            return cls(scale=scale, softcap=softcap, live=lm_head)
+        bias = getattr(lm_head, "bias", None)
+        return cls(lm_head.weight.detach().clone(), None if bias is None else bias.detach().clone(), scale=scale,
+                   softcap=softcap)
 
     def save(self, path: str | Path) -> None:
         tensors = {"weight": self.weight.detach().contiguous()}

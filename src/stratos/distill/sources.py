@@ -81,12 +81,21 @@ class FixedSource:
         self.examples, self.pad_id = examples, pad_id
         self.schedule = Schedule.from_config(len(examples), cfg)
         self.total_steps = self.schedule.total_steps
+        self.share: Any = None  # Parallel.share of a distributed student: this rank's rows of each micro-batch
 
     def prepare(self, step: int, model: torch.nn.Module) -> dict[str, float] | None:
         return None
 
     def micro_batches(self, step: int) -> list[Batch]:
-        return [collate([self.examples[i] for i in idx], idx, self.pad_id) for idx in self.schedule.micro_batches(step)]
+        out = []
+        for idx in self.schedule.micro_batches(step):
+            mine = self.share(idx) if self.share is not None else idx
+            if not mine:  # fewer rows than ranks: a row without targets, since every rank runs each micro-batch
+                e = self.examples[idx[0]]
+                out.append(collate([Encoded(e.input_ids, [IGNORE] * len(e.labels))], idx[:1], self.pad_id))
+            else:
+                out.append(collate([self.examples[i] for i in mine], mine, self.pad_id))
+        return out
 
     def epoch(self, steps_done: int) -> float:
         return steps_done * self.schedule.accumulation / self.schedule.batches_per_epoch

@@ -113,7 +113,8 @@ BASE_TERMS = ("loss", "kd", "ce", "agree", "tokens")
 # rotated away before, the best one left is loaded, with a warning). Being bookkeeping, they are also not in
 # the made_from of checkpoints, so those written before these options existed still resume.
 BOOKKEEPING = {"save_steps", "save_total_limit", "logging_steps", "report_to",
-               "eval_steps", "eval_samples", "load_best_model_at_end"}
+               "eval_steps", "eval_samples", "load_best_model_at_end",
+               "parallel", "fsdp_cpu_offload"}  # the same update however many processes compute it
 
 
 def _trainable(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -150,6 +151,7 @@ def check_made_from(path: Path, expected: dict[str, Any]) -> None:
 def save_checkpoint(
     ckpt_dir: Path, step: int, model: torch.nn.Module, opt: torch.optim.Optimizer, sched: Any, keep: int,
     origin: dict[str, Any], *, evals: dict[int, float] | None = None, protect: int | None = None,
+    full_state: tuple[dict[str, torch.Tensor], dict] | None = None,
 ) -> Path:
     """Write ``step-N`` into a temporary folder and rename it into place: a checkpoint either
     exists whole or not at all, whatever kills the process. ``state.json`` holds the step, the
@@ -157,14 +159,17 @@ def save_checkpoint(
     :func:`check_made_from` compares before a resume; with ``evals`` (the eval_accuracy of every
     evaluated checkpoint so far, by step) also those and the best of them, so that a resumed run
     keeps its best. Only the ``keep`` latest checkpoints stay, and checkpoint ``protect`` (the best,
-    with load_best_model_at_end) whatever its age."""
+    with load_best_model_at_end) whatever its age. ``full_state``: the weights and optimizer state a
+    distributed student gathered (``Parallel.full_state``, keyed by parameter name), instead of the
+    model's and the optimizer's own."""
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     final = _ckpt_path(ckpt_dir, step)
     tmp = ckpt_dir / f".tmp-step-{step:07d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_file({n: p.detach().contiguous() for n, p in _trainable(model).items()}, str(tmp / "trainable.safetensors"))
-    torch.save(opt.state_dict(), tmp / "optimizer.pt")
+    weights, optim = full_state if full_state is not None else (_trainable(model), opt.state_dict())
+    save_file({n: p.detach().contiguous() for n, p in weights.items()}, str(tmp / "trainable.safetensors"))
+    torch.save(optim, tmp / "optimizer.pt")
     save_file({"torch": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
     state: dict[str, Any] = {"step": step, "scheduler": sched.state_dict(), "made_from": origin}
     if evals:
@@ -222,9 +227,23 @@ def load_trainable(path: Path, model: torch.nn.Module) -> None:
             p.copy_(weights[n])
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, sched: Any) -> int:
-    load_trainable(path, model)
-    opt.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+def load_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, sched: Any,
+                    par: Any = None) -> int:
+    """Restore checkpoint ``path``. One written by a distributed student holds full state keyed by
+    parameter name and loads at any world size (``Parallel.load_state``); one written by a single
+    process holds the optimizer's own state, and resumes in a single process."""
+    optim = torch.load(path / "optimizer.pt", weights_only=True)
+    by_name = any(isinstance(k, str) for k in optim.get("state", {}))
+    if par is not None and par.distributed or by_name:
+        from stratos.distill.parallel import Parallel
+
+        if par is not None and par.distributed and not by_name:
+            raise TrainingError(f"checkpoint {path} was written by one process; resume it in one process "
+                                "(without --nproc), or start over")
+        (par or Parallel()).load_state(model, opt, load_file(str(path / "trainable.safetensors")), optim)
+    else:
+        load_trainable(path, model)
+        opt.load_state_dict(optim)
     state = json.loads((path / "state.json").read_text())
     sched.load_state_dict(state["scheduler"])
     torch.set_rng_state(load_file(str(path / "rng.safetensors"))["torch"])
@@ -376,6 +395,7 @@ def train(
     stop_after: int | None = None,
     evaluator: Callable[[Any, int], dict[str, float]] | None = None,
     source: Source | None = None,
+    par: Any = None,
 ) -> TrainResult:
     """Train ``student`` in place on ``examples`` with the objective in ``cfg``.
 
@@ -392,7 +412,13 @@ def train(
 
     A step whose loss or gradient norm is not finite raises TrainingError before the optimizer
     steps: the weights, the checkpoints and metrics.jsonl keep only the good steps before it.
+
+    ``par`` (``stratos.distill.parallel.Parallel``): the student across processes under torchrun; each
+    rank trains its rows of every micro-batch, and only rank 0 writes.
     """
+    from stratos.distill.parallel import Parallel
+
+    par = par or Parallel()
     out_dir = Path(out_dir)
     device = device or next(student.parameters()).device
     torch.manual_seed(cfg.seed)
@@ -403,11 +429,18 @@ def train(
     if needs_teacher and signal is None:
         raise ValueError(f"loss {cfg.loss!r} with kd_ratio {cfg.kd_ratio} needs a teacher signal")
     bf16 = resolve_bf16(cfg.bf16, device)
+    forward = par.wrap(student, bf16)  # before the optimizer: FSDP2 replaces the parameters with their shards
     s_head = OutputHead.from_model(student, frozen_copy=False)
     t_head = signal.head.to(device) if signal is not None and signal.head is not None and needs_teacher else None
-    ctx = StepContext(student, s_head, t_head, signal if needs_teacher else None, obj, device, bf16, cfg)
+    ctx = StepContext(student, s_head, t_head, signal if needs_teacher else None, obj, device, bf16, cfg,
+                      forward=forward)
 
     source = source or FixedSource(examples, cfg, pad_id)
+    if par.distributed:
+        if not isinstance(source, FixedSource):
+            raise TrainingError(f"algorithm {cfg.algorithm} samples from the student: across processes (--nproc) "
+                                "only fixed data trains yet (sft, kd)")
+        source.share = par.share
     total = source.total_steps
     flight = InFlight(source, ctx.signal, cfg.teacher_in_flight, stale=cfg.max_staleness > 0)
     opt = make_optimizer(student, cfg)
@@ -419,41 +452,53 @@ def train(
     found = checkpoints(ckpt_dir) if resume else []
     if found:
         check_made_from(found[-1][1], origin)
-        start = load_checkpoint(found[-1][1], student, opt, sched)
+        start = load_checkpoint(found[-1][1], student, opt, sched, par)
         evals = read_evals(found[-1][1])
     evaluating = cfg.eval_steps is not None and evaluator is not None
     if cfg.eval_steps is not None and evaluator is None:
         warnings.warn("distill.eval_steps is set but train() got no evaluator: no evaluation while training "
                       "(stratos.distill.evaluation.evaluator_for makes one)", stacklevel=2)
-    out_dir.mkdir(parents=True, exist_ok=True)  # only after the checks above: a refused run writes nothing
-    metrics = Metrics(out_dir, cfg.report_to, start, cfg.model_dump())
+    if par.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)  # only after the checks above: a refused run writes nothing
+    metrics = Metrics(out_dir, cfg.report_to, start, cfg.model_dump()) if par.is_main else None
 
     student.train()
     end = total if stop_after is None else min(total, start + stop_after)
     tokens_done, t0, last, last_eval, eval_s = 0, time.perf_counter(), {}, {}, 0.0
     loss_status = eval_status = ""
     window = dict.fromkeys(BASE_TERMS, 0.0)
-    with progress_bar("distilling", total=total, enabled=progress, status=True) as bar:
+    with progress_bar("distilling", total=total, enabled=progress and par.is_main, status=True) as bar:
         bar.advance(start)
         for step in range(start, end):
             # The step's data (e.g. its rollouts), sent to teacher workers if there are any, with later steps'.
             made, batches = flight.step(step, total, student)
-            step_tokens, step_loss = sum(b.num_targets for b in batches), 0.0
-            for batch in batches:
-                terms = algo.terms(ctx, batch)
-                (terms["loss"] / step_tokens).backward()
+            # The step's target tokens over every rank: each rank's sums over it add up to one process's mean,
+            # and DDP and FSDP2 average the ranks' gradients, hence x world.
+            step_tokens = par.sum([sum(b.num_targets for b in batches)])[0]
+            scale, step_loss = par.world / step_tokens, 0.0
+            for i, batch in enumerate(batches):
+                with par.no_sync(last=i == len(batches) - 1):
+                    if batch.num_targets == 0:  # an empty share: the collectives run, nothing is learnt
+                        zero = ctx.hidden(batch).sum() * 0 + sum(p.sum() * 0 for p in s_head.parameters())
+                        zero.backward()
+                        continue
+                    terms = algo.terms(ctx, batch)
+                    (terms["loss"] * scale).backward()
                 for k, v in terms.items():  # loss, kd, ce, agree, and any sums of the algorithm's own
                     window[k] = window.get(k, 0.0) + float(v.detach())
                 step_loss += float(terms["loss"].detach())
+            step_loss = par.sum([step_loss])[0]
             window["tokens"] += step_tokens
             # The norm is always computed (an infinite max clips nothing) so that the check below has it.
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(
+            grad_norm = torch.nn.utils.clip_grad_norm_(
                 [p for p in student.parameters() if p.requires_grad], cfg.max_grad_norm or math.inf
-            ))
+            )
+            grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
             if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
                 # Stop before the optimizer spreads NaN into the weights and moments: every
                 # checkpoint and metrics row written so far holds only good steps.
-                metrics.close()
+                if metrics is not None:
+                    metrics.close()
                 raise diverged(step + 1, step_loss, grad_norm, ckpt_dir, cfg)
             lr = sched.get_last_lr()[0]
             opt.step()
@@ -463,6 +508,9 @@ def train(
             done = step + 1
             row: dict[str, float] = dict(made or {})  # this step's metrics row: training, source and eval values
             if done % cfg.logging_steps == 0 or done == total:
+                if par.distributed:  # every rank's sums (the tokens are already the step's global count)
+                    keys = [k for k in window if k != "tokens"]
+                    window.update(zip(keys, par.sum([window[k] for k in keys])))
                 n = max(1, window["tokens"])
                 elapsed = time.perf_counter() - t0
                 last = {
@@ -493,14 +541,18 @@ def train(
                 best_note = f", best {evals[best_of(evals)]:.3f} @ {best_of(evals)}" if evals else ""
                 eval_status = f"  eval acc {acc:.3f}{best_note}" if isinstance(acc, (int, float)) else ""
                 bar.update(status=loss_status + eval_status)
-            if row:
+            if row and metrics is not None:
                 metrics.log(done, row)  # one row per step, before its checkpoint (a resume keeps rows up to it)
             if saving:
                 protect = best_of(evals) if cfg.load_best_model_at_end and evals else None
-                save_checkpoint(ckpt_dir, done, student, opt, sched, cfg.save_total_limit, origin,
-                                evals=evals, protect=protect)
+                full = par.full_state(student, opt) if par.distributed else None  # a collective: every rank
+                if par.is_main:
+                    save_checkpoint(ckpt_dir, done, student, opt, sched, cfg.save_total_limit, origin,
+                                    evals=evals, protect=protect, full_state=full)
+                par.barrier()  # a rank killed after this has a checkpoint to resume from, the same for all
             bar.advance(1)
-    metrics.close()
+    if metrics is not None:
+        metrics.close()
     model_step = None
     if cfg.load_best_model_at_end and end == total:  # not when stop_after ends a call early
         model_step = load_best(ckpt_dir, student, evals, end)
