@@ -1,0 +1,170 @@
+"""The student across processes (stratos.distill.parallel): real torchrun processes on the CPU (gloo,
+fp32) training a tiny Llama with DDP and FSDP2, against one process; a 2-process run SIGKILLed and
+resumed; `stratos run --nproc 2` end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from stratos.models.tiny import build_tokenizer, save_model, tiny_llama
+from tests.conftest import addition_records
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    """A tiny teacher and student sharing a tokenizer, 37 addition records (so with 3 per micro-batch the
+    last micro-batch of an epoch holds one row: one of two ranks gets none), and a spec per mode."""
+    base = tmp_path_factory.mktemp("dist")
+    tok = build_tokenizer(vocab_size=260)
+    save_model(tiny_llama(tok, hidden_size=64, num_hidden_layers=2, seed=1), tok, base / "teacher")
+    save_model(tiny_llama(tok, hidden_size=32, num_hidden_layers=2, seed=2), tok, base / "student")
+    with open(base / "data.jsonl", "w") as f:
+        for r in addition_records(37, seed=3):
+            f.write(json.dumps({"prompt": r["prompt"], "response": r["response"]}) + "\n")
+    for mode in ("ddp", "fsdp"):
+        (base / f"{mode}.yaml").write_text(yaml.safe_dump({
+            "task": {"name": "arithmetic"}, "teachers": [{"model": str(base / "teacher")}],
+            "students": [{"model": str(base / "student")}],
+            "distill": {"parallel": mode, "logging_steps": 1, "per_device_train_batch_size": 3,
+                        "gradient_accumulation_steps": 2, "learning_rate": 1e-3, "bf16": False,
+                        "teacher_signal": "cached"}}))
+    return base
+
+
+def _env(base: Path) -> dict[str, str]:
+    return {**os.environ, "STRATOS_CACHE": str(base / "cache"), "PYTHONPATH": str(ROOT / "src")}
+
+
+def _distill(base: Path, mode: str, out: Path, nproc: int, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "stratos.cli", "distill", str(base / f"{mode}.yaml"), "--data", str(base / "data.jsonl"),
+            "--out", str(out), "--nproc", str(nproc), *extra]
+
+
+def _train(base: Path, mode: str, out: Path, nproc: int, *extra: str) -> None:
+    done = subprocess.run(_distill(base, mode, out, nproc, *extra), env=_env(base), capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+def _losses(out: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "model" / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def one_process(work):
+    out = work / "one"
+    _train(work, "ddp", out, 1, "--max-steps", "7")  # one process: parallel is not used
+    return out
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_processes_train_as_one(work, one_process, mode):
+    out = work / f"two-{mode}"
+    _train(work, mode, out, 2, "--max-steps", "7")
+    result = json.loads((out / "result.json").read_text())
+    assert result["signal"]["processes"] == {"world_size": 2, "parallel": mode}
+    ref, got = _losses(one_process), _losses(out)
+    assert len(ref) == len(got) == 7
+    for a, b in zip(ref, got):  # the same global batch each step: the same loss
+        assert abs(a - b) <= 1e-5 * abs(a), (ref, got)
+    wa, wb = _weights(one_process), _weights(out)
+    assert wa.keys() == wb.keys()  # FSDP2's state dict, gathered, saves as the model itself does (tied once)
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], rtol=1e-4, atol=1e-6), k
+    assert not torch.equal(wa["model.embed_tokens.weight"], _weights_of(work / "student")["model.embed_tokens.weight"])
+
+
+def _weights_of(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "model.safetensors"))
+
+
+def test_a_killed_two_process_run_resumes_to_the_same_weights(work):
+    steps = ["--max-steps", "40", "--save-steps", "4", "--grad-accum", "1"]
+    full = work / "kill-full"
+    _train(work, "fsdp", full, 2, *steps)
+
+    killed = work / "kill"
+    ckpts = killed / "checkpoints"
+    proc = subprocess.Popen(_distill(work, "fsdp", killed, 2, *steps), env=_env(work), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 240
+    while not any(p.name >= "step-0000008" for p in ckpts.glob("step-*")):
+        assert proc.poll() is None, "the run ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher, torchrun and both ranks, at a moment none chose
+    proc.wait()
+    assert not (killed / "model").exists()
+    other = work / "kill-one-process"
+    shutil.copytree(killed, other)
+
+    _train(work, "fsdp", killed, 2, *steps, "--resume")  # the same world size: bitwise the same weights
+    result = json.loads((killed / "result.json").read_text())
+    assert result["resumed_from"] >= 8 and result["steps"] == 40
+    a, b = _weights(full), _weights(killed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    # A checkpoint of two processes resumes in one (full state dicts): the same weights up to float order.
+    _train(work, "fsdp", other, 1, *steps, "--resume")
+    c = _weights(other)
+    assert all(torch.allclose(a[k], c[k], rtol=1e-4, atol=1e-6) for k in a)
+
+
+def test_stratos_run_nproc_2_end_to_end(work, tmp_path):
+    spec = {
+        "name": "dist", "task": {"name": "arithmetic", "options": {"digits": 2}, "train_size": 24, "eval_size": 8},
+        "teachers": [{"model": str(work / "teacher"), "name": "tiny-teacher"}],
+        "students": [{"model": str(work / "student"), "name": "tiny-student"}],
+        "plan": {"servers": ["local"], "probe_size": 4, "probe_rules": False, "probe_max_new_tokens": 8},
+        "synth": {"samples_per_prompt": 1, "max_new_tokens": 8, "prompts": 4, "reverse_synthesis": 24},
+        "distill": {"algorithm": "kd", "loss": "fkl", "kd_ratio": 0.5, "max_steps": 6, "save_steps": 3,
+                    "per_device_train_batch_size": 4, "learning_rate": 1e-3, "max_length": 64, "parallel": "fsdp"},
+        "eval": {"n": 8, "max_new_tokens": 8, "bench_clients": 2, "bench_requests": 4},
+    }
+    path = tmp_path / "dist.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    run_dir = tmp_path / "run"
+    done = subprocess.run([sys.executable, "-m", "stratos.cli", "run", str(path), "--run-dir", str(run_dir),
+                           "--no-progress", "--nproc", "2"], env=_env(tmp_path), capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    stages = json.loads((run_dir / "manifest.json").read_text())["stages"]
+    assert all(stages[s]["status"] == "done" for s in stages)
+    assert stages["distill"]["artifacts"]["processes"] == 2 and stages["distill"]["artifacts"]["steps"] == 6
+    result = json.loads((run_dir / "distill" / "result.json").read_text())
+    assert result["signal"]["processes"] == {"world_size": 2, "parallel": "fsdp"}
+    # The model two processes trained is what the later stages served and measured.
+    rows = json.loads((run_dir / "eval" / "results.json").read_text())["rows"]
+    assert rows[-1]["role"] == "deployed student" and rows[-1]["n"] == 8
+
+
+def test_what_does_not_run_across_processes_yet_is_refused():
+    from stratos.distill import _check_distributed
+    from stratos.distill.algorithms import get_algorithm
+    from stratos.spec import DistillSpec
+
+    _check_distributed(DistillSpec(algorithm="kd"), get_algorithm("kd"), None)  # fixed data: fine
+    with pytest.raises(ValueError, match="algorithm gkd: across processes"):
+        _check_distributed(DistillSpec(algorithm="gkd"), get_algorithm("gkd"), None)
+    with pytest.raises(ValueError, match="distill.lora across processes"):
+        _check_distributed(DistillSpec(lora={"r": 4}), get_algorithm("kd"), None)
+    with pytest.raises(ValueError, match="distill.eval_steps across processes"):
+        _check_distributed(DistillSpec(eval_steps=5), get_algorithm("kd"), object())
