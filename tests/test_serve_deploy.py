@@ -236,3 +236,50 @@ def test_recipe_for_a_torchao_int8_folder_installs_torchao_and_keeps_its_dtype(t
     (plain / "config.json").write_text(json.dumps({"dtype": "float32"}))
     recipe = deploy_recipe(str(plain), DeployTarget(accelerator="L4"))
     assert "torchao" not in recipe.task["setup"] and "--dtype auto" in recipe.task["run"]
+
+
+def test_multi_node_training_recipe_beside_the_serving_one(tmp_path, model_folder):
+    """`stratos deploy --train-nodes 2`: SkyPilot's num_nodes, torchrun's rendezvous from SkyPilot's environment
+    (node count, node rank, the head node's address, one process per GPU), the spec, data and plan uploaded."""
+    from stratos.models.tiny import build_tokenizer, save_model, tiny_llama
+
+    tok = build_tokenizer(vocab_size=260)
+    teacher = save_model(tiny_llama(tok, hidden_size=32, num_hidden_layers=1, seed=1), tok, tmp_path / "teacher")
+    spec = tmp_path / "s.yaml"
+    spec.write_text(yaml.safe_dump({"name": "multi", "task": {"name": "arithmetic"}, "teachers": [{"model": str(teacher)}],
+                                    "students": [{"model": str(teacher)}], "distill": {"parallel": "fsdp"}}))
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"prompt": "1+1=", "response": "2"}\n')
+    out = tmp_path / "deploy"
+    r = CliRunner().invoke(app, ["deploy", str(model_folder), "--spec", str(spec), "--accelerator", "H100",
+                                 "--count", "8", "--train-nodes", "2", "--data", str(data), "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    assert (out / "sky-serve.yaml").is_file()  # the serving recipe, and beside it the training one
+    task = yaml.safe_load((out / "sky-distill.yaml").read_text())
+    assert task["num_nodes"] == 2 and task["resources"]["accelerators"] == "H100:8"
+    run = task["run"]
+    for part in ("--nnodes=$SKYPILOT_NUM_NODES", "--node-rank=$SKYPILOT_NODE_RANK", "--master-addr=$MASTER_ADDR",
+                 'MASTER_ADDR=$(echo "$SKYPILOT_NODE_IPS" | head -n1)', "--nproc-per-node=$NPROC",
+                 "NPROC=${SKYPILOT_NUM_GPUS_PER_NODE:-0}", "stratos.cli distill ~/stratos-run/spec.yaml",
+                 "--data ~/stratos-run/data.jsonl", "--resume"):
+        assert part in run, part
+    mounts = task["file_mounts"]
+    assert mounts["~/stratos-run/data.jsonl"] == str(data.resolve())
+    assert mounts["~/stratos-run/spec.yaml"] == str((out / "distill-spec.yaml").resolve())
+    assert str(teacher) in mounts
+    remote = yaml.safe_load((out / "distill-spec.yaml").read_text())
+    assert remote["distill"] == {"parallel": "fsdp"} and remote["teachers"][0]["model"] == str(teacher)
+    assert "--node-rank=$NODE_RANK" in (out / "distill.sh").read_text()
+    r = CliRunner().invoke(app, ["deploy", str(model_folder), "--train-nodes", "2", "--dry-run"])
+    assert r.exit_code != 0 and "--train-nodes needs --spec" in r.output
+
+
+def test_the_one_node_training_recipe_trains_on_every_gpu_of_the_server(tmp_path):
+    from stratos.serve.deploy import train_recipe
+    from stratos.spec import Spec
+
+    spec = Spec.model_validate({"task": {"name": "arithmetic"}, "teachers": [{"model": "t"}], "students": [{"model": "s"}]})
+    many = train_recipe(spec, DeployTarget(accelerator="H100", count=8), server="x", price_per_hour=1.0, folder=tmp_path)
+    one = train_recipe(spec, DeployTarget(accelerator="H100", count=1), server="x", price_per_hour=1.0, folder=tmp_path)
+    assert many.task["run"].rstrip().endswith("--no-progress --nproc 8")
+    assert "--nproc" not in one.task["run"]

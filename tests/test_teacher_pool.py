@@ -1,9 +1,11 @@
 """The teacher as a service (stratos.teachers.pool): real worker processes, shared memory, a worker
-killed with SIGKILL mid-training, and the weights that come out compared bitwise."""
+killed with SIGKILL mid-training, and the weights that come out compared bitwise. The tests marked by
+backend run the same checks on Ray actors (stratos.teachers.ray_pool), on one local Ray cluster that
+starts once for this module; they skip where Ray is not installed."""
 
 from __future__ import annotations
 
-import multiprocessing
+import importlib.util
 import os
 
 import pytest
@@ -31,9 +33,35 @@ def examples(tiny_tokenizer):
     return encode(addition_records(64, seed=3), tiny_tokenizer, max_length=64)[0]
 
 
+HAVE_RAY = importlib.util.find_spec("ray") is not None
+BACKENDS = ["process", pytest.param("ray", marks=pytest.mark.skipif(not HAVE_RAY, reason="Ray is not installed "
+                                                                   "(pip install 'stratos[ray]')"))]
+
+
 @pytest.fixture(scope="module")
-def pool(teacher):
-    with TeacherPool(teacher, workers=2, threads=1) as p:
+def ray_cluster():
+    """One local Ray cluster for the module: 2 logical CPUs, one per worker of 1 thread; every Ray pool
+    here joins it, and it stops after the module's last test."""
+    import ray
+
+    from stratos.teachers.ray_pool import init_ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage reports from tests
+    started = init_ray(num_cpus=2)
+    yield
+    if started:
+        ray.shutdown()
+
+
+def _pool(request, teacher, backend, **options):
+    if backend == "ray":
+        request.getfixturevalue("ray_cluster")
+    return TeacherPool(teacher, backend=backend, **options)
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def pool(request, teacher):
+    with _pool(request, teacher, request.param, workers=2, threads=1) as p:
         yield p
 
 
@@ -77,7 +105,7 @@ def test_killed_worker_is_restarted_and_its_batches_resent(pool, teacher, exampl
     before = pool.restarts
     for b in batches:
         pool.submit(b)
-    pool.backend.kill(1)  # SIGKILL, holding a part of each batch
+    pool.backend.kill(1)  # SIGKILL (or ray.kill), holding a part of each batch
     for b in batches:
         assert (pool.hidden(b) - online.hidden(b)).abs().max() <= 1e-6
     assert pool.restarts == before + 1
@@ -91,19 +119,21 @@ def test_worker_error_stops_with_its_traceback(pool, examples, tiny_tokenizer):
 
 
 class _DiesInWorker:
-    """A teacher that every worker process fails to load (as if killed for memory at start-up)."""
+    """A teacher that every worker fails to load (as if killed for memory at start-up): any process but
+    the one that made it."""
 
     def __init__(self, model):
-        self.model = model
+        self.model, self.pid = model, os.getpid()
 
     def __call__(self):
-        if multiprocessing.parent_process() is not None:
+        if os.getpid() != self.pid:
             os._exit(3)
         return self.model
 
 
-def test_worker_that_keeps_dying_stops_the_run(teacher, examples, tiny_tokenizer):
-    with TeacherPool(_DiesInWorker(teacher), workers=1, max_restarts=1) as p:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_worker_that_keeps_dying_stops_the_run(request, backend, teacher, examples, tiny_tokenizer):
+    with _pool(request, _DiesInWorker(teacher), backend, workers=1, max_restarts=1) as p:
         with pytest.raises(TeacherError, match="died 2 times in a row"):
             p.hidden(_batch(examples, [0], tiny_tokenizer.pad_token_id))
 

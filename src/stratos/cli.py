@@ -567,8 +567,14 @@ def deploy(
     out: Path = typer.Option(Path("deploy"), "--out", "-o", help="Folder for sky-serve.yaml and serve.sh."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the recipes; write and launch nothing."),
     do_launch: bool = typer.Option(False, "--launch", help="Run `sky launch` on the task (needs SkyPilot set up)."),
+    train_nodes: Optional[int] = typer.Option(None, "--train-nodes", min=1, help="Also write the recipe that trains "
+                                              "the student on this many nodes (sky-distill.yaml, distill.sh; torchrun "
+                                              "across them); needs --spec and --data, uses --plan's training server."),
+    data: Optional[Path] = typer.Option(None, "--data", help="With --train-nodes: the training JSONL (a run's "
+                                        "synth/data.jsonl)."),
 ) -> None:
-    """Emit the cloud launch recipe for the student: a SkyPilot task YAML and a plain shell script (vLLM)."""
+    """Emit the cloud launch recipe for the student: a SkyPilot task YAML and a plain shell script (vLLM);
+    with --train-nodes, also the multi-node training recipe beside it."""
     from pydantic import ValidationError
 
     from stratos.serve import ServeError, deploy_recipe, read_plan_target, validate_skypilot_yaml
@@ -591,16 +597,26 @@ def deploy(
         fail(format_validation_error(e))
     except ServeError as e:
         fail(str(e))
-    for note in recipe.notes:
+    training = _training_recipe(train_nodes, spec, data, plan, values, out) if train_nodes else None
+    for note in recipe.notes + (training.notes if training else []):
         console.print(f"[yellow]note:[/yellow] {note}", highlight=False)
     if dry_run:
         print(f"# ---- sky-serve.yaml ({launch_line(recipe.names[0], target, cfg.api_key_env)})")
         print(recipe.yaml)
         print("# ---- serve.sh")
         print(recipe.shell)
+        if training:
+            print(f"# ---- sky-distill.yaml (sky launch -c {training.target.name}-distill sky-distill.yaml)")
+            print(training.yaml)
+            print("# ---- distill.sh")
+            print(training.shell)
         return
     task_path, sh_path = recipe.write(out)
     console.print(f"[green]wrote[/green] {task_path} and {sh_path}", highlight=False)
+    if training:
+        t_path, t_sh = training.write(out)
+        console.print(f"[green]wrote[/green] {t_path} and {t_sh}: train on {train_nodes} node(s) with "
+                      f"`sky launch -c {training.target.name}-distill {t_path}`", highlight=False)
     if do_launch:
         try:
             code = launch(task_path, target, cfg.api_key_env)
@@ -608,6 +624,38 @@ def deploy(
             fail(str(e))
         raise typer.Exit(code)
     console.print(f"launch with: {launch_line(task_path, target, cfg.api_key_env)}", highlight=False)
+
+
+def _training_recipe(nodes: int, spec: Path | None, data: Path | None, plan: Path | None, serve_values: dict,
+                     out: Path) -> Any:
+    """`stratos deploy --train-nodes`: the multi-node distill recipe, on the plan's training server when a
+    plan is given, else on the serving target's accelerators."""
+    from pydantic import ValidationError
+
+    from stratos.plan.planner import Plan
+    from stratos.serve.deploy import distill_recipe, server_target
+    from stratos.spec import DeployTarget, format_validation_error
+
+    if spec is None or data is None:
+        fail("--train-nodes needs --spec (the pipeline spec) and --data (the training JSONL, e.g. RUN/synth/data.jsonl)")
+    if not data.is_file():
+        fail(f"--data {data}: no such file")
+    s = _spec_or_fail(spec)
+    values = dict(serve_values)
+    if plan is not None:
+        from dataclasses import asdict
+
+        try:
+            p = Plan.from_json(plan)
+        except (OSError, ValueError) as e:
+            fail(f"{plan}: {e}")
+        values.update(server_target(asdict(p.training_server), s.plan.spot))
+    values["name"] = f"stratos-{s.name}".lower()[:60]
+    try:
+        target = DeployTarget.model_validate(values)
+    except ValidationError as e:
+        fail(format_validation_error(e))
+    return distill_recipe(s, target, num_nodes=nodes, data=data, plan=plan, folder=out)
 
 
 @app.command()

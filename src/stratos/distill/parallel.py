@@ -199,16 +199,28 @@ class Parallel:
         self.barrier()
         return make()
 
+    def from_main(self, value: Any) -> Any:
+        """Rank 0's ``value`` on every rank (a picklable object)."""
+        if not self.distributed:
+            return value
+        import torch.distributed as dist
+
+        box = [value if self.is_main else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     def load_state(self, student: nn.Module, opt: torch.optim.Optimizer, weights: dict[str, torch.Tensor],
                    optim: dict) -> None:
-        """Load full state from a checkpoint into a (possibly sharded) student and its optimizer."""
+        """Load full state from a checkpoint into a (possibly sharded) student and its optimizer. When
+        distributed, only rank 0 has read the checkpoint (the others pass empty dicts) and broadcasts it:
+        the other nodes need not see rank 0's disk."""
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
             set_model_state_dict,
             set_optimizer_state_dict,
         )
 
-        opts = StateDictOptions(full_state_dict=True, strict=False)
+        opts = StateDictOptions(full_state_dict=True, strict=False, broadcast_from_rank0=self.distributed)
         set_model_state_dict(student, weights, options=opts)
         set_optimizer_state_dict(student, opt, optim, options=opts)
 

@@ -232,21 +232,24 @@ def load_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimiz
     """Restore checkpoint ``path``. One written by a distributed student holds full state keyed by
     parameter name and loads at any world size (``Parallel.load_state``); one written by a single
     process holds the optimizer's own state, and resumes in a single process."""
-    optim = torch.load(path / "optimizer.pt", weights_only=True)
-    by_name = any(isinstance(k, str) for k in optim.get("state", {}))
-    if par is not None and par.distributed or by_name:
-        from stratos.distill.parallel import Parallel
+    from stratos.distill.parallel import Parallel
 
-        if par is not None and par.distributed and not by_name:
+    par = par or Parallel()
+    main = par.is_main  # only rank 0 reads the files; it broadcasts what it read
+    optim = torch.load(path / "optimizer.pt", weights_only=True) if main else {}
+    by_name = par.from_main(any(isinstance(k, str) for k in optim.get("state", {})))
+    if par.distributed or by_name:
+        if par.distributed and not by_name:
             raise TrainingError(f"checkpoint {path} was written by one process; resume it in one process "
                                 "(without --nproc), or start over")
-        (par or Parallel()).load_state(model, opt, load_file(str(path / "trainable.safetensors")), optim)
+        par.load_state(model, opt, load_file(str(path / "trainable.safetensors")) if main else {}, optim)
     else:
         load_trainable(path, model)
         opt.load_state_dict(optim)
-    state = json.loads((path / "state.json").read_text())
+    state, rng = par.from_main((json.loads((path / "state.json").read_text()),
+                                load_file(str(path / "rng.safetensors"))["torch"]) if main else None)
     sched.load_state_dict(state["scheduler"])
-    torch.set_rng_state(load_file(str(path / "rng.safetensors"))["torch"])
+    torch.set_rng_state(rng)
     return int(state["step"])
 
 
@@ -449,11 +452,12 @@ def train(
     origin = made_from(cfg, examples)
     start = 0
     evals: dict[int, float] = {}  # eval_accuracy of each evaluated checkpoint, by step: the best is chosen from it
-    found = checkpoints(ckpt_dir) if resume else []
+    found = par.from_main(checkpoints(ckpt_dir) if resume and par.is_main else [])  # rank 0's disk decides
     if found:
-        check_made_from(found[-1][1], origin)
+        if par.is_main:
+            check_made_from(found[-1][1], origin)
         start = load_checkpoint(found[-1][1], student, opt, sched, par)
-        evals = read_evals(found[-1][1])
+        evals = par.from_main(read_evals(found[-1][1]) if par.is_main else None)
     evaluating = cfg.eval_steps is not None and evaluator is not None
     if cfg.eval_steps is not None and evaluator is None:
         warnings.warn("distill.eval_steps is set but train() got no evaluator: no evaluation while training "

@@ -326,31 +326,11 @@ def train_recipe(spec: Any, target: DeployTarget, *, server: str, price_per_hour
     data.setdefault("plan", {}).update(servers=["local"], local_price_per_hour=price_per_hour)
     data["device"] = "auto"
     remote_spec = yaml.safe_dump(data, sort_keys=False)
-    files = sorted({str(p) for p in _local_files(spec)})
+    # Several GPUs on the server: the distill stage trains on all of them (torchrun, DDP or FSDP2).
+    nproc = f" --nproc {target.count}" if target.accelerator and target.count > 1 else ""
     run = (f"mkdir -p {REMOTE_RUN_DIR}\n"
-           f"stratos run {REMOTE_RUN_DIR}/spec.yaml --run-dir {REMOTE_RUN_DIR}/run --no-progress\n")
-    resources: dict[str, Any] = {}
-    if target.accelerator:
-        resources["accelerators"] = f"{target.accelerator}:{target.count}"
-    if target.cloud:
-        resources["infra"] = target.cloud + (f"/{target.region}" if target.region else "")
-    resources["use_spot"] = target.spot
-    resources["disk_size"] = target.disk_size_gb
-    task: dict[str, Any] = {"name": f"{target.name}-train", "resources": resources}
-    checkout = _checkout()
-    if checkout is not None:
-        task["workdir"] = str(checkout)
-        install = "pip install ~/sky_workdir"
-    else:
-        install = "pip install stratos"
-        notes.append("Stratos is not running from a source checkout: the recipe installs `stratos` from the "
-                     "package index; put a wheel of this version there if it is not published")
-    task["file_mounts"] = {f"{REMOTE_RUN_DIR}/spec.yaml": str((Path(folder) / "spec.yaml").resolve()),
-                           **{f: f for f in files}}
-    task["setup"] = f"pip install --upgrade pip\n{install}\n"
-    task["run"] = run
-    if files:
-        notes.append(f"{len(files)} local file(s) the spec names are uploaded to the same paths: {', '.join(files)}")
+           f"stratos run {REMOTE_RUN_DIR}/spec.yaml --run-dir {REMOTE_RUN_DIR}/run --no-progress{nproc}\n")
+    task, install = _task(spec, target, f"{target.name}-train", {"spec.yaml": Path(folder) / "spec.yaml"}, run, notes)
     what = f"{target.count}x {target.accelerator}" if target.accelerator else "a CPU machine"
     shell = (
         "#!/usr/bin/env bash\n"
@@ -364,6 +344,82 @@ def train_recipe(spec: Any, target: DeployTarget, *, server: str, price_per_hour
     )
     return DeployRecipe(model="", target=target, task=task, shell=shell, notes=notes,
                         names=("sky-train.yaml", "train.sh"), extra={"spec.yaml": remote_spec})
+
+
+def _task(spec: Any, target: DeployTarget, name: str, uploads: dict[str, Path], run: str,
+          notes: list[str]) -> tuple[dict[str, Any], str]:
+    """A SkyPilot task that installs this Stratos on ``target`` and runs ``run``: ``uploads`` (name in
+    REMOTE_RUN_DIR -> local file) and the local files the spec names (to the same paths) are mounted.
+    Returns the task and its install command."""
+    resources: dict[str, Any] = {}
+    if target.accelerator:
+        resources["accelerators"] = f"{target.accelerator}:{target.count}"
+    if target.cloud:
+        resources["infra"] = target.cloud + (f"/{target.region}" if target.region else "")
+    resources["use_spot"] = target.spot
+    resources["disk_size"] = target.disk_size_gb
+    task: dict[str, Any] = {"name": name, "resources": resources}
+    checkout = _checkout()
+    if checkout is not None:
+        task["workdir"] = str(checkout)
+        install = "pip install ~/sky_workdir"
+    else:
+        install = "pip install stratos"
+        notes.append("Stratos is not running from a source checkout: the recipe installs `stratos` from the "
+                     "package index; put a wheel of this version there if it is not published")
+    files = sorted({str(p) for p in _local_files(spec)})
+    task["file_mounts"] = {**{f"{REMOTE_RUN_DIR}/{n}": str(Path(p).resolve()) for n, p in uploads.items()},
+                           **{f: f for f in files}}
+    task["setup"] = f"pip install --upgrade pip\n{install}\n"
+    task["run"] = run
+    if files:
+        notes.append(f"{len(files)} local file(s) the spec names are uploaded to the same paths: {', '.join(files)}")
+    return task, install
+
+
+def distill_recipe(spec: Any, target: DeployTarget, *, num_nodes: int, data: Path, plan: Path | None,
+                   folder: Path) -> DeployRecipe:
+    """The SkyPilot task and shell script that run the distill stage on ``num_nodes`` nodes of ``target``
+    (each with ``target.count`` accelerators), one process per accelerator, with torchrun: the rendezvous
+    (node count, this node's rank, the head node's address) comes from SkyPilot's environment.
+
+    ``spec`` is the loaded Spec (local paths absolute); ``data`` the training JSONL (a run's
+    ``synth/data.jsonl``); ``plan`` its plan.json, to train exactly what ``stratos run`` would. Rank 0
+    (on the head node) writes checkpoints and the model to ``~/stratos-run/distill``; a resume reads
+    them there and broadcasts them, so the other nodes need no shared disk."""
+    notes: list[str] = []
+    uploads = {"spec.yaml": Path(folder) / "distill-spec.yaml", "data.jsonl": Path(data)}
+    if plan is not None:
+        uploads["plan.json"] = Path(plan)
+    r = REMOTE_RUN_DIR
+    launch = (f"-m stratos.cli distill {r}/spec.yaml --data {r}/data.jsonl"
+              + (f" --plan {r}/plan.json" if plan is not None else "") + f" --out {r}/distill --resume")
+    run = ('NPROC=${SKYPILOT_NUM_GPUS_PER_NODE:-0}; [ "$NPROC" -gt 0 ] || NPROC=1  # CPU nodes: one process each\n'
+           'MASTER_ADDR=$(echo "$SKYPILOT_NODE_IPS" | head -n1)\n'
+           "python -m torch.distributed.run --nnodes=$SKYPILOT_NUM_NODES --nproc-per-node=$NPROC "
+           "--node-rank=$SKYPILOT_NODE_RANK --master-addr=$MASTER_ADDR --master-port=8008 " + launch + "\n")
+    task, install = _task(spec, target, f"{target.name}-distill", uploads, run, notes)
+    task["num_nodes"] = num_nodes
+    notes.append(f"the student model is written on the head node, {r}/distill/model: fetch it with "
+                 f"`sky rsync-down CLUSTER {r}/distill/model ./model` (or scp)")
+    what = f"{target.count}x {target.accelerator}" if target.accelerator else "a CPU machine"
+    shell = (
+        "#!/usr/bin/env bash\n"
+        f"# Train the student on {num_nodes} node(s) of {what} with torchrun; run this on every node.\n"
+        "# Generated by `stratos deploy --train-nodes`; the SkyPilot task (sky-distill.yaml) does the same in one command.\n"
+        "# Set on each node: NNODES, NODE_RANK (0 on the head node), MASTER_ADDR (the head node's address),\n"
+        "# NPROC (processes per node: its GPUs). Copy spec.yaml (distill-spec.yaml here), data.jsonl"
+        + (" and plan.json" if plan is not None else "") + f" to {r}/ first.\n"
+        "set -euo pipefail\n"
+        "python -m venv ~/stratos-venv && . ~/stratos-venv/bin/activate\n"
+        f"pip install --upgrade pip && {install.replace('~/sky_workdir', 'STRATOS_SOURCE')}\n"
+        "python -m torch.distributed.run --nnodes=$NNODES --nproc-per-node=$NPROC --node-rank=$NODE_RANK "
+        "--master-addr=$MASTER_ADDR --master-port=8008 " + launch + "\n"
+    )
+    return DeployRecipe(model="", target=target, task=task, shell=shell, notes=notes,
+                        names=("sky-distill.yaml", "distill.sh"),
+                        extra={"distill-spec.yaml": yaml.safe_dump(spec.model_dump(mode="json", exclude_unset=True),
+                                                                   sort_keys=False)})
 
 
 def _local_files(spec: Any) -> list[Path]:

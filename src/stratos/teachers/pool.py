@@ -30,9 +30,10 @@ TeacherError; one that raises an error (a bug, a bad input) stops it with the wo
 
 Backends. The pool's bookkeeping (splitting, jobs, restarts) is written once against a small
 protocol (:class:`Backend`): start worker ``rank``, send it a job, wait for finished jobs and dead
-workers, close. :class:`ProcessBackend` runs workers as local processes (forked from a forkserver,
-one per GPU or several on the CPU with their threads set); a backend for other machines (Ray
-actors) implements the same four methods.
+workers, close. :class:`ProcessBackend` (``backend="process"``, the default) runs workers as local
+processes (forked from a forkserver, one per GPU or several on the CPU with their threads set);
+``stratos.teachers.ray_pool.RayBackend`` (``backend="ray"``, Ray installed) runs them as Ray actors,
+on this machine or a cluster's nodes.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from __future__ import annotations
 import os
 import signal as _signal
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import wait as _wait_any
 from typing import Any, Protocol
@@ -71,7 +72,10 @@ def split_rows(attention_mask: torch.Tensor, parts: int) -> list[slice]:
 
 
 class Backend(Protocol):
-    """Where the pool's workers run. ``send`` never blocks on a dead worker (``wait`` reports it)."""
+    """Where the pool's workers run. ``send`` never blocks on a dead worker (``wait`` reports it).
+
+    A backend may also say how many torch threads its workers run on this machine (``local_threads``,
+    read once they started): the pool takes them out of its own process's."""
 
     def start(self, rank: int) -> None: ...  # start (or start again) worker ``rank``
 
@@ -96,11 +100,14 @@ class TeacherPool:
     which each worker calls. ``threads`` is each CPU worker's torch threads; ``devices`` the device of each worker
     (default: the teacher's, so workers share a GPU with the trainer; give ``["cuda:1", ...]`` to give
     each its own). ``autocast_dtype``: bf16 autocast in the workers, as ``OnlineTeacher``'s.
+    ``backend``: where the workers run, by name (``"process"``: local processes; ``"ray"``: Ray actors,
+    with ``backend_options`` such as ``{"address": "auto"}``, see ``stratos.teachers.ray_pool``) or a
+    :class:`Backend` of one's own.
     """
 
     def __init__(self, teacher: Any, *, workers: int = 1, threads: int = 1, devices: Sequence[str] | None = None,
                  autocast_dtype: torch.dtype | None = None, max_restarts: int = 3,
-                 backend: Backend | None = None):
+                 backend: Backend | str = "process", backend_options: Mapping[str, Any] | None = None):
         if workers < 1:
             raise ValueError(f"a teacher pool needs at least one worker, got {workers}")
         model = teacher if isinstance(teacher, torch.nn.Module) else teacher()
@@ -109,13 +116,13 @@ class TeacherPool:
         if devices is None:
             devices = [str(next(model.parameters()).device)] * workers
         load = SharedModel(model) if model is teacher else teacher
-        self.backend = backend or ProcessBackend(load, hidden_size=self.head.hidden_size, threads=threads,
-                                                 devices=list(devices), autocast_dtype=autocast_dtype)
-        # CPU workers' threads come out of this process's: two cores shared by a trainer and a worker
-        # that each run two threads would run four, and both would slow down.
-        self._threads_before = torch.get_num_threads()
-        cpu_workers = sum(torch.device(d).type == "cpu" for d in devices) if backend is None else 0
-        torch.set_num_threads(max(1, self._threads_before - cpu_workers * threads))
+        if isinstance(backend, str):
+            backend = backend_class(backend)(load, hidden_size=self.head.hidden_size, threads=threads,
+                                             devices=list(devices), autocast_dtype=autocast_dtype,
+                                             **(backend_options or {}))
+        elif backend_options:
+            raise ValueError("backend_options go with a backend given by name")
+        self.backend: Backend = backend
         self._jobs: dict[int, _Job] = {}  # sent, not finished
         self._done: dict[int, torch.Tensor] = {}  # finished, not yet taken by hidden()
         self._tickets: dict[int, tuple[torch.Tensor, list[int]]] = {}  # id(batch.input_ids) -> (that tensor, jobs)
@@ -124,6 +131,11 @@ class TeacherPool:
         self.restarts = 0
         for rank in range(workers):
             self.backend.start(rank)
+        # Local CPU workers' threads come out of this process's: two cores shared by a trainer and a
+        # worker that each run two threads would run four, and both would slow down.
+        self._threads_before = torch.get_num_threads()
+        local = getattr(self.backend, "local_threads", 0)
+        torch.set_num_threads(max(1, self._threads_before - local))
 
     def submit(self, batch: Batch) -> None:
         """Send ``batch`` to the workers now (once: a batch already sent is not sent again)."""
@@ -187,6 +199,21 @@ class TeacherPool:
         self.close()
 
 
+def backend_class(name: str) -> Callable[..., Backend]:
+    """The backend called ``name``; Ray's is imported only when asked for (an optional dependency)."""
+    if name == "process":
+        return ProcessBackend
+    if name == "ray":
+        try:
+            from stratos.teachers.ray_pool import RayBackend
+        except ModuleNotFoundError as e:
+            if e.name != "ray":
+                raise
+            raise ImportError("the teacher pool's Ray backend needs Ray: pip install 'stratos[ray]'") from e
+        return RayBackend
+    raise ValueError(f"unknown teacher pool backend {name!r}: 'process' or 'ray'")
+
+
 class SharedModel:
     """The teacher handed to local workers through their pipes: pickled, its weights move to shared
     memory once and every worker maps the same pages (CUDA weights travel by CUDA IPC)."""
@@ -218,6 +245,7 @@ class ProcessBackend:
         self._ctx.set_forkserver_preload(["stratos.teachers.pool", "stratos.teachers.signal",
                                           *([load.model.__class__.__module__] if isinstance(load, SharedModel) else [])])
         self._load, self._d, self._threads, self._devices = load, hidden_size, threads, devices
+        self.local_threads = threads * sum(torch.device(d).type == "cpu" for d in devices)
         self._autocast = autocast_dtype
         self._procs: dict[int, Any] = {}
         self._conns: dict[int, Any] = {}
