@@ -215,6 +215,14 @@ def test_skypilot_accepts_the_task(model_folder):
         assert task.name == "stratos-serve"
     with pytest.raises(ServeError, match="SkyPilot rejected"):
         validate_skypilot_yaml("name: x\nresources:\n  use_spot: maybe\n")
+    # The multi-node training recipe too.
+    from stratos.serve.deploy import distill_recipe
+    from stratos.spec import Spec
+
+    spec = Spec.model_validate({"task": {"name": "arithmetic"}, "teachers": [{"model": "t"}], "students": [{"model": "s"}]})
+    recipe = distill_recipe(spec, DeployTarget(accelerator="H100", count=8, name="x"), num_nodes=2,
+                            data=model_folder / "config.json", plan=None, folder=model_folder)
+    assert validate_skypilot_yaml(recipe.yaml).num_nodes == 2
 
 
 def test_recipe_for_a_torchao_int8_folder_installs_torchao_and_keeps_its_dtype(tmp_path):
