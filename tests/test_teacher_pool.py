@@ -40,14 +40,15 @@ BACKENDS = ["process", pytest.param("ray", marks=pytest.mark.skipif(not HAVE_RAY
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    """One local Ray cluster for the module: 2 logical CPUs, one per worker of 1 thread; every Ray pool
-    here joins it, and it stops after the module's last test."""
+    """One local Ray cluster for the module, which every Ray pool here joins; it stops after the module's
+    last test. 4 logical CPUs (on 2 cores): the module's pool holds 2 (2 workers of 1 thread) while
+    other tests start their own."""
     import ray
 
     from stratos.teachers.ray_pool import init_ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage reports from tests
-    started = init_ray(num_cpus=2)
+    started = init_ray(num_cpus=4)
     yield
     if started:
         ray.shutdown()
@@ -116,6 +117,23 @@ def test_worker_error_stops_with_its_traceback(pool, examples, tiny_tokenizer):
     bad.input_ids[0, 0] = 10**6  # no such token: the worker's embedding lookup fails
     with pytest.raises(TeacherError, match="teacher worker 0 failed:(.|\n)*IndexError"):
         pool.hidden(bad)
+
+
+@pytest.mark.skipif(not HAVE_RAY, reason="Ray is not installed (pip install 'stratos[ray]')")
+def test_ray_ships_the_teachers_weights_as_arrays_and_rebuilds_it(teacher, examples, tiny_tokenizer):
+    import pickle
+
+    from stratos.teachers.ray_pool import ModelState
+
+    for model in (teacher, tiny_llama(tiny_tokenizer, hidden_size=48, num_hidden_layers=2, seed=1).to(torch.bfloat16)):
+        state = ModelState(model)
+        assert not any(t.device.type != "meta" for t in state.skeleton.state_dict().values())  # no weights pickled
+        built = pickle.loads(pickle.dumps(state))()
+        assert built.lm_head.weight is built.model.embed_tokens.weight  # tied weights stay tied
+        assert all(a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(model.state_dict().values(),
+                                                                             built.state_dict().values()))
+    b = _batch(examples, [0, 1, 2], tiny_tokenizer.pad_token_id)
+    assert torch.equal(OnlineTeacher(built).hidden(b), OnlineTeacher(model).hidden(b))
 
 
 class _DiesInWorker:
@@ -282,3 +300,20 @@ def test_worker_settings_are_checked_with_the_spec():
     with pytest.raises(ValidationError, match="max_staleness 1 .* needs algorithm gkd or opd"):
         DistillSpec(algorithm="kd", teacher_workers=1, max_staleness=1)
     assert DistillSpec(algorithm="gkd", teacher_workers=2, teacher_devices=["cpu", "cpu"], max_staleness=1)
+    with pytest.raises(ValidationError, match="teacher_ray_address is for teacher_backend ray"):
+        DistillSpec(teacher_workers=1, teacher_ray_address="auto")
+
+
+@pytest.mark.skipif(not HAVE_RAY, reason="Ray is not installed (pip install 'stratos[ray]')")
+def test_a_runs_settings_choose_the_ray_backend(ray_cluster, teacher, examples, tiny_tokenizer):
+    """distill.teacher_backend ray: the run's pool is Ray actors in the cluster this process has (a given
+    teacher_ray_address is joined the same way), and what the run records says so."""
+    from stratos.teachers.ray_pool import RayBackend
+    from stratos.teachers.signal import teacher_pool
+
+    pool, info = teacher_pool(teacher, DistillSpec(teacher_workers=1, teacher_threads=1, teacher_backend="ray"), None)
+    with pool:
+        assert isinstance(pool.backend, RayBackend)
+        b = _batch(examples, [3, 4], tiny_tokenizer.pad_token_id)
+        assert torch.equal(pool.hidden(b), OnlineTeacher(teacher).hidden(b))
+    assert info["backend"] == "ray" and info["ray_address"] == "local cluster" and info["workers"] == 1

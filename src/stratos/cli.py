@@ -144,6 +144,10 @@ def distill(
     seed: Optional[int] = typer.Option(None, help="Random seed."),
     teacher_workers: Optional[int] = typer.Option(None, help="Teacher worker processes, overlapped with training "
                                                   "(distill.teacher_workers; 0: in the training process)."),
+    teacher_backend: Optional[str] = typer.Option(None, help="Where the teacher workers run: process (default) or "
+                                                  "ray (distill.teacher_backend)."),
+    teacher_ray_address: Optional[str] = typer.Option(None, help="With --teacher-backend ray: the cluster to join "
+                                                      "(distill.teacher_ray_address; default a local cluster)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in --out."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Discard checkpoints already in --out."),
     device: Optional[str] = DEVICE_OPTION,
@@ -194,7 +198,8 @@ def distill(
                     algorithm=algorithm, loss=loss, teacher_signal=signal, temperature=temperature, kd_ratio=kd_ratio, max_steps=max_steps,
                     num_train_epochs=epochs, learning_rate=lr, per_device_train_batch_size=batch_size,
                     gradient_accumulation_steps=grad_accum, max_length=max_length, save_steps=save_steps, bf16=bf16,
-                    seed=seed, teacher_workers=teacher_workers,
+                    seed=seed, teacher_workers=teacher_workers, teacher_backend=teacher_backend,
+                    teacher_ray_address=teacher_ray_address,
                 ),
                 # alpha = 2r; a bad r is reported once, on r, not again on the alpha made from it.
                 **({"lora": {"r": lora_r, "alpha": 2 * max(1, lora_r)}} if lora_r is not None else {}),

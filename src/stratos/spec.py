@@ -194,6 +194,12 @@ class _TrainingOptions(_Strict):
                                         "at least one each).")
     teacher_devices: list[str] | None = Field(None, description="Device of each teacher worker, e.g. [cuda:1, cuda:2] "
                                               "(default: the teacher's device, shared with the training).")
+    teacher_backend: Literal["process", "ray"] = Field(
+        "process", description="Where teacher_workers run: 'process', local processes; 'ray', Ray actors placed by "
+        "Ray (a local cluster, or teacher_ray_address), hidden states through Ray's object store "
+        "(pip install 'stratos[ray]').")
+    teacher_ray_address: str | None = Field(None, description="With teacher_backend ray: the cluster to join "
+                                            "('auto', 'HOST:6379', 'ray://HOST:10001'); default: a local cluster.")
     teacher_in_flight: int = Field(2, ge=0, description="With teacher_workers: micro-batches of later steps sent to "
                                    "the workers before they train, so the teacher's forward overlaps the student's "
                                    "step (fixed data only; on-policy rollouts exist once their step samples them, "
@@ -297,6 +303,8 @@ class _TrainingOptions(_Strict):
             return self  # a phase's overrides: checked merged with the distill section (phase_configs)
         for where, cfg in [("", self)] if not self.phases else \
                 [(f"phases[{i}]: ", c) for i, c in enumerate(self.phase_configs())]:
+            if cfg.teacher_ray_address is not None and cfg.teacher_backend != "ray":
+                raise ValueError(f"{where}teacher_ray_address is for teacher_backend ray (here: {cfg.teacher_backend})")
             if cfg.teacher_devices is not None and len(cfg.teacher_devices) != cfg.teacher_workers:
                 raise ValueError(f"{where}teacher_devices names {len(cfg.teacher_devices)} device(s) for "
                                  f"teacher_workers {cfg.teacher_workers}: give one each")

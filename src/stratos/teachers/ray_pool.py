@@ -15,7 +15,8 @@ dependency (``pip install 'stratos[ray]'``): this module is imported only when a
   or a fraction to share a GPU) when its device is CUDA; Ray sets the GPU it gets as the actor's ``cuda``.
 - **Cluster**: with no ``address`` and Ray not yet initialised, a local cluster starts (:func:`init_ray`)
   and shuts down when the pool closes; ``address`` joins a running one (``"auto"``, ``"ray://head:10001"``);
-  if Ray is already initialised (by the caller) it is used as it is and left running.
+  if Ray is already initialised (by the caller) it is used as it is and left running. (So a second
+  pool in a process uses the first one's Ray, which stops when the first pool closes.)
 - **Failures**: an actor that dies (killed, out of memory, its node lost) is reported as a dead rank, and
   the pool starts it again and resends its jobs; an error raised in an actor stops the run with
   TeacherError and the actor's traceback, as with local processes.
@@ -24,6 +25,7 @@ dependency (``pip install 'stratos[ray]'``): this module is imported only when a
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import threading
 import traceback
@@ -37,6 +39,8 @@ import torch
 
 from stratos.teachers.base import TeacherError
 from stratos.teachers.pool import Inputs, SharedModel
+
+log = logging.getLogger("stratos.teachers")
 
 
 def init_ray(address: str | None = None, *, num_cpus: int | None = None, **options: Any) -> bool:
@@ -84,7 +88,8 @@ class ModelState:
     def __call__(self) -> torch.nn.Module:
         with warnings.catch_warnings():  # "the given NumPy array is not writable": the object store's pages
             warnings.simplefilter("ignore", UserWarning)
-            tensors = [torch.from_numpy(a).view(dtype).reshape(shape) for a, (dtype, shape) in zip(self.arrays, self.specs)]
+            tensors = [torch.from_numpy(a).view(dtype).reshape(shape)
+                       for a, (dtype, shape) in zip(self.arrays, self.specs)]
         modules, params = list(self.skeleton.modules()), {}
         for m, kind, name, i in self.slots:
             if kind == "param":
@@ -144,8 +149,9 @@ class RayBackend:
         self._nodes: dict[int, str] = {}  # rank -> node id, once it holds the teacher
         self._watches: dict[Any, int] = {}  # ObjectRef of each actor's watch() -> its rank
         self._pending: dict[Any, tuple[int, int]] = {}  # ObjectRef of a job's result -> (rank, job)
-        self._started = init_ray(address, num_cpus=max(os.cpu_count() or 1, threads * len(devices)),
-                                 **(init_options or {}))
+        # A local cluster gets at least the CPUs its actors ask for (logical CPUs: Ray's count, not cores).
+        self._started = init_ray(address, **{"num_cpus": max(os.cpu_count() or 1, threads * len(devices)),
+                                             **(init_options or {})})
         if self._started and address is None:  # a local cluster grows no nodes: say now what it cannot place
             have = ray.cluster_resources()
             if sum(self._gpus) > have.get("GPU", 0):
@@ -170,8 +176,15 @@ class RayBackend:
             self._load, device, self._threads, self._autocast)
         self._actors[rank] = actor
         self._watches[actor.watch.remote()] = rank
-        try:  # wait until it holds the teacher, as the process backend does; if it dies, wait() reports it
-            self._nodes[rank] = ray.get(actor.ready.remote())
+        # Wait until it holds the teacher, as the process backend does; if it dies, wait() reports it.
+        ready, waited = actor.ready.remote(), 0
+        while not ray.wait([ready], timeout=60)[0]:
+            waited += 60
+            log.warning("teacher worker %d is not ready after %d s: loading the teacher, or waiting for Ray to place "
+                        "it (it asks for %s CPU and %s GPU; free in the cluster: %s)", rank, waited, self._threads,
+                        self._gpus[rank], ray.available_resources())
+        try:
+            self._nodes[rank] = ray.get(ready)
         except ray.exceptions.RayActorError:
             pass
 

@@ -240,6 +240,9 @@ def teacher_pool(teacher: Any, cfg: Any, autocast: torch.dtype | None) -> tuple[
     n = cfg.teacher_workers
     devices = cfg.teacher_devices or [str(next(teacher.parameters()).device)] * n  # one each: the spec checks it
     threads = cfg.teacher_threads or max(1, torch.get_num_threads() // (2 * n))
-    pool = TeacherPool(teacher, workers=n, threads=threads, devices=devices, autocast_dtype=autocast)
-    return pool, {"workers": n, "devices": devices, "threads_per_worker": threads,
-                  "training_threads": torch.get_num_threads()}
+    ray = cfg.teacher_backend == "ray"
+    pool = TeacherPool(teacher, workers=n, threads=threads, devices=devices, autocast_dtype=autocast,
+                       backend=cfg.teacher_backend, backend_options={"address": cfg.teacher_ray_address} if ray else None)
+    return pool, {"workers": n, "backend": cfg.teacher_backend, "devices": devices, "threads_per_worker": threads,
+                  "training_threads": torch.get_num_threads(),
+                  **({"ray_address": cfg.teacher_ray_address or "local cluster"} if ray else {})}
