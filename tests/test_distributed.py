@@ -55,8 +55,9 @@ def _distill(base: Path, mode: str, out: Path, nproc: int, *extra: str) -> list[
 
 
 def _train(base: Path, mode: str, out: Path, nproc: int, *extra: str) -> None:
-    done = subprocess.run(_distill(base, mode, out, nproc, *extra), env=_env(base), capture_output=True, text=True,
-                          timeout=300)
+    # One thread per process, as torchrun gives each of its processes here: the same float order within a rank.
+    done = subprocess.run(_distill(base, mode, out, nproc, *extra), env={**_env(base), "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
 
@@ -68,23 +69,38 @@ def _weights(out: Path) -> dict[str, torch.Tensor]:
     return load_file(str(out / "model" / "model.safetensors"))
 
 
+STEPS = ["--max-steps", "40", "--save-steps", "4"]  # 80 micro-batches of 3: several of one row
+
+
 @pytest.fixture(scope="module")
 def one_process(work):
     out = work / "one"
-    _train(work, "ddp", out, 1, "--max-steps", "7")  # one process: parallel is not used
+    _train(work, "ddp", out, 1, *STEPS)  # one process: parallel is not used
+    return out
+
+
+@pytest.fixture(scope="module")
+def two_fsdp(work):
+    """Two processes with FSDP2, uninterrupted: also the reference of the killed run."""
+    out = work / "two-fsdp"
+    _train(work, "fsdp", out, 2, *STEPS)
     return out
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-def test_two_processes_train_as_one(work, one_process, mode):
-    out = work / f"two-{mode}"
-    _train(work, mode, out, 2, "--max-steps", "7")
+def test_two_processes_train_as_one(work, one_process, two_fsdp, mode):
+    out = two_fsdp
+    if mode == "ddp":
+        out = work / "two-ddp"
+        _train(work, mode, out, 2, *STEPS)
     result = json.loads((out / "result.json").read_text())
     assert result["signal"]["processes"] == {"world_size": 2, "parallel": mode}
     ref, got = _losses(one_process), _losses(out)
-    assert len(ref) == len(got) == 7
-    for a, b in zip(ref, got):  # the same global batch each step: the same loss
-        assert abs(a - b) <= 1e-5 * abs(a), (ref, got)
+    assert len(ref) == len(got) == 40
+    # The same global batch each step: the same loss, up to the order of float sums (the ranks' partial
+    # gradients are summed by the all-reduce), a difference that grows slowly as the weights drift apart.
+    for step, (a, b) in enumerate(zip(ref, got), 1):
+        assert abs(a - b) <= (1e-5 if step <= 12 else 1e-4) * abs(a), (step, ref, got)
     wa, wb = _weights(one_process), _weights(out)
     assert wa.keys() == wb.keys()  # FSDP2's state dict, gathered, saves as the model itself does (tied once)
     for k in wa:
@@ -96,11 +112,8 @@ def _weights_of(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(str(folder / "model.safetensors"))
 
 
-def test_a_killed_two_process_run_resumes_to_the_same_weights(work):
-    steps = ["--max-steps", "40", "--save-steps", "4", "--grad-accum", "1"]
-    full = work / "kill-full"
-    _train(work, "fsdp", full, 2, *steps)
-
+def test_a_killed_two_process_run_resumes_to_the_same_weights(work, two_fsdp):
+    steps, full = STEPS, two_fsdp
     killed = work / "kill"
     ckpts = killed / "checkpoints"
     proc = subprocess.Popen(_distill(work, "fsdp", killed, 2, *steps), env=_env(work), stdout=subprocess.DEVNULL,

@@ -176,11 +176,6 @@ def test_pipeline_killed_mid_distill_resumes_to_the_same_result(tiny_spec, tmp_p
     assert "misses 1 of the spec's 2 constraint(s)" in html and "points short" in html
     assert "<h3>Attempts</h3>" in html and "twice the training: 48 optimizer steps instead of 24" in html
     assert "No retry: constraints.max_attempts (2) reached." in html
-    # The same command again continues the run: attempt 2's eval again (--from eval), no third attempt.
-    again = subprocess.run(_cli(strict, killed) + ["--from", "eval"], env=env, capture_output=True, text=True,
-                           timeout=240)
-    assert again.returncode == 3 and len(_manifest(killed)["attempts"]) == 2, again.stdout + again.stderr
-    assert "misses the spec's constraints after 2 attempts" in again.stderr
     if shutil.which("chromium") or shutil.which("chromium-browser"):  # a real browser renders it
         shot = subprocess.run([sys.executable, str(ROOT / "scripts" / "screenshot_report.py"), str(killed / "report.html")],
                               capture_output=True, text=True, timeout=120)

@@ -290,7 +290,8 @@ class Metrics:
                 warnings.warn("report_to: mlflow is not installed; skipping", stacklevel=2)
 
     def log(self, step: int, values: dict[str, float]) -> None:
-        row = {"step": step, **{k: round(v, 6) if isinstance(v, float) else v for k, v in values.items()}}
+        # 7 significant digits, not 6 decimals: a loss of 0.003 keeps its relative precision.
+        row = {"step": step, **{k: float(f"{v:.7g}") if isinstance(v, float) else v for k, v in values.items()}}
         self._fh.write(json.dumps(row) + "\n")
         self._fh.flush()
         for k, v in values.items():
