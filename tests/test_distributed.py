@@ -181,3 +181,6 @@ def test_what_does_not_run_across_processes_yet_is_refused():
         _check_distributed(DistillSpec(lora={"r": 4}), get_algorithm("kd"), None)
     with pytest.raises(ValueError, match="distill.eval_steps across processes"):
         _check_distributed(DistillSpec(eval_steps=5), get_algorithm("kd"), object())
+    with pytest.raises(ValueError, match="fsdp_cpu_offload .* needs parallel fsdp \\(or auto\\) and a CUDA device"):
+        _check_distributed(DistillSpec(parallel="fsdp", fsdp_cpu_offload=True), get_algorithm("kd"), None,
+                           torch.device("cpu"))

@@ -215,8 +215,8 @@ class _TrainingOptions(_Strict):
         "auto", description="Under torchrun (stratos distill --nproc N): 'ddp' replicates the student on each "
         "process, 'fsdp' shards it (FSDP2 fully_shard per decoder layer and the root); 'auto': DDP where AdamW "
         "training of the student takes at most half of one device's memory, else FSDP2 (docs/distributed.md).")
-    fsdp_cpu_offload: bool = Field(False, description="With FSDP2: keep the sharded parameters, gradients and "
-                                   "optimizer state in host memory.")
+    fsdp_cpu_offload: bool = Field(False, description="With FSDP2 on GPUs: keep the sharded parameters, gradients "
+                                   "and optimizer state in host memory (not verified on a GPU yet).")
     chunk_size: int = Field(1024, gt=0, description="Tokens per chunk when computing logits and loss.")
     learning_rate: float = Field(5e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)

@@ -117,7 +117,7 @@ def distill(
     algo = get_algorithm(cfg.algorithm)
     par = Parallel.from_env(cfg, student, next(student.parameters()).device)  # one process unless under torchrun
     if par.distributed:
-        _check_distributed(cfg, algo, evaluator)
+        _check_distributed(cfg, algo, evaluator, next(student.parameters()).device)
     if isinstance(records, (str, Path)):
         records = load_records(records, need_response=responses_needed([cfg.algorithm]))
     if algo.rewarded:  # RL samples the responses: a prompt alone is a record (its prompt tokens are what count)
@@ -199,8 +199,12 @@ def distill(
     return result
 
 
-def _check_distributed(cfg: DistillSpec, algo: Any, evaluator: Any) -> None:
+def _check_distributed(cfg: DistillSpec, algo: Any, evaluator: Any, device: Any = None) -> None:
     """What a student across processes does not do yet, refused before any work."""
+    if cfg.fsdp_cpu_offload and (cfg.parallel == "ddp" or getattr(device, "type", "cpu") != "cuda"):
+        raise ValueError("distill.fsdp_cpu_offload keeps FSDP2's shards in host memory while the student computes "
+                         "on GPUs: it needs parallel fsdp (or auto) and a CUDA device; this run has "
+                         f"parallel {cfg.parallel} on {getattr(device, 'type', 'cpu')}")
     if algo.on_policy or algo.source is not None or algo.rewarded:
         raise ValueError(f"algorithm {cfg.algorithm}: across processes (--nproc, torchrun) only fixed data trains "
                          "yet (sft, kd); run it in one process")
