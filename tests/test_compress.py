@@ -264,3 +264,13 @@ def test_the_deployed_format_is_chosen_by_measured_latency_when_latency_is_const
     # Neither within 100 ms: the faster.
     assert choose_for_latency(fp32, int8, 100, 128)[0] == -2
     assert choose_for_latency({**fp32, "tokens_per_s": 500.0}, int8, 100, 128)[0] == -1
+
+
+def test_calibration_without_a_usable_example_is_one_clear_error(tiny_tokenizer):
+    from stratos.compress.prune import calibration_batches
+    from stratos.errors import UserError
+
+    records = [{"prompt": "What is " + "1+" * 40 + "1?", "response": "41"}] * 4
+    with pytest.raises(UserError, match=r"compress: no calibration example among the first 4 training records "
+                                        r"\(compress.calibration_samples\): .*raise distill.max_length \(16\)"):
+        calibration_batches(tiny_tokenizer, records, 4, max_length=16)

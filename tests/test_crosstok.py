@@ -278,6 +278,10 @@ def test_measure_mapping_and_the_matchs_two_branches(bytelevel, spiece):
     low = match(t, s, mapping=measured, min_mapped_mass=share + 0.01)
     assert high.mode == "cross" and low.mode == "text" and match(t, s).mode == "text"
     assert f"{share:.0%}" in high.reasons[0] and "min_mapped_mass" in low.reasons[0]
+    # The reason says what the chosen ctkd.method does, not always the default's.
+    assert "the rest by sorted probabilities (ULD)" in high.reasons[0]
+    uld = match(t, s, mapping=measured, min_mapped_mass=share - 0.01, ctkd_method="uld")
+    assert "by sorted probabilities alone" in uld.reasons[0] and "token for token" not in uld.reasons[0]
     # What the run does with each: KD across tokenizers, or SFT on the text.
     cross = resolve(DistillSpec(), match="cross")
     assert cross.phases[0].algorithm == "kd" and cross.signal == "hidden"

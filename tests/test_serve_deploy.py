@@ -203,6 +203,14 @@ def test_deploy_cli_launches_with_the_specs_key_variable(tmp_path, monkeypatch, 
     assert r.exit_code == 0, r.output
     launched = fake_sky.read_text().splitlines()[-1].split()
     assert launched[launched.index("--secret") + 1] == "MY_KEY" and launched[-1] == str(out / "sky-serve.yaml")
+    # --api-key-env names another secret, over the spec's: the recipe reads it and --launch passes it.
+    monkeypatch.setenv("OTHER_KEY", "t0ps3cret")
+    r = runner.invoke(app, ["deploy", str(model_folder), "--spec", str(spec), "--accelerator", "L4", "-o", str(out),
+                            "--api-key-env", "OTHER_KEY", "--launch"])
+    assert r.exit_code == 0, r.output
+    assert yaml.safe_load((out / "sky-serve.yaml").read_text())["secrets"] == {"OTHER_KEY": None}
+    launched = fake_sky.read_text().splitlines()[-1].split()
+    assert launched[launched.index("--secret") + 1] == "OTHER_KEY"
 
 
 def test_skypilot_accepts_the_task(model_folder):

@@ -1,4 +1,4 @@
-"""The synth stage against the real server: rejection sampling, faults, resume, budget, top-k KD, CLI, RFT."""
+"""The synth stage against the real server: rejection sampling, faults, resume, budget, top-k KD, CLI."""
 
 from __future__ import annotations
 

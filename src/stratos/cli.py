@@ -569,6 +569,9 @@ def deploy(
     region: Optional[str] = typer.Option(None, help="Fix the region (needs --cloud)."),
     spot: Optional[bool] = typer.Option(None, "--spot/--on-demand", help="Spot instances or on-demand."),
     port: Optional[int] = typer.Option(None, help="Port vLLM listens on (default 8000)."),
+    api_key_env: Optional[str] = typer.Option(None, help="Secret holding the server's API key: the recipe reads it "
+                                              "and --launch passes it (default: the spec's serve.api_key_env, "
+                                              "STRATOS_API_KEY)."),
     out: Path = typer.Option(Path("deploy"), "--out", "-o", help="Folder for sky-serve.yaml and serve.sh."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the recipes; write and launch nothing."),
     do_launch: bool = typer.Option(False, "--launch", help="Run `sky launch` on the task (needs SkyPilot set up)."),
@@ -586,7 +589,7 @@ def deploy(
     from stratos.serve.deploy import launch, launch_line, skypilot_accelerator, skypilot_installed
     from stratos.spec import DeployTarget, format_validation_error
 
-    cfg = _serve_spec(spec, port=port)
+    cfg = _serve_spec(spec, port=port, api_key_env=api_key_env)
     values = cfg.deploy.model_dump()
     try:
         if plan is not None:

@@ -49,9 +49,13 @@ def calibration_batches(tokenizer: Any, records: Sequence[dict[str, Any]], n: in
     """The first ``n`` training records, tokenised as the trainer does (prompt + response)."""
     from stratos.distill.data import collate, encode
 
-    examples, _ = encode(list(records)[:n], tokenizer, max_length)
+    from stratos.io import DataError
+
+    examples, stats = encode(list(records)[:n], tokenizer, max_length)
     if not examples:
-        raise ValueError("no calibration examples: the records are empty or have no response tokens")
+        raise DataError(f"compress: no calibration example among the first {n} training records "
+                        f"(compress.calibration_samples): {stats.summary()}; raise distill.max_length "
+                        f"({max_length}) or compress.calibration_samples, or check the data")
     out = []
     for s in range(0, len(examples), batch_size):
         chunk = examples[s:s + batch_size]

@@ -27,8 +27,16 @@ class Match:
         return asdict(self)
 
 
+# How each ctkd.method distils the aligned positions (stratos.distill.crosstok.CrossHead).
+CTKD_METHODS = {
+    "hybrid": "the mapped part matched token for token, the rest by sorted probabilities (ULD)",
+    "uld": "by sorted probabilities alone (ULD, ctkd.method uld)",
+    "shared": "the mapped part alone, token for token (ctkd.method shared)",
+}
+
+
 def match(teacher: ModelShape, student: ModelShape, *, mapping: dict[str, Any] | None = None,
-          min_mapped_mass: float = 0.5) -> Match:
+          min_mapped_mass: float = 0.5, ctkd_method: str = "hybrid") -> Match:
     """Decide the signal a teacher can give a student, and explain it. ``mapping`` is what
     ``stratos.distill.crosstok.measure_mapping`` measured for a pair of different tokenizers (None when
     it could not be measured); logit KD across tokenizers needs its ``mapped_mass`` >= ``min_mapped_mass``."""
@@ -54,8 +62,7 @@ def match(teacher: ModelShape, student: ModelShape, *, mapping: dict[str, Any] |
         if share >= min_mapped_mass:
             mode = "cross"
             reasons.append(f"{measured} (>= ctkd.min_mapped_mass {min_mapped_mass:g}): logit KD across tokenizers is "
-                           "possible (responses aligned by bytes, the mapped part matched token for token, the rest "
-                           "by sorted probabilities)")
+                           f"possible (responses aligned by bytes, {CTKD_METHODS[ctkd_method]})")
         else:
             mode = "text"
             reasons.append(f"{measured} (< ctkd.min_mapped_mass {min_mapped_mass:g}): too little maps for logit KD, so "

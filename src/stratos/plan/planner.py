@@ -297,7 +297,8 @@ def decide_pairs(inputs: PlanInputs) -> list[PairDecision]:
         for si, s in enumerate(inputs.students):
             if not _pinned(inputs, t.name, s.name):
                 continue
-            m = match(t, s, mapping=inputs.mappings.get((ti, si)), min_mapped_mass=distill.ctkd.min_mapped_mass)
+            m = match(t, s, mapping=inputs.mappings.get((ti, si)), min_mapped_mass=distill.ctkd.min_mapped_mass,
+                      ctkd_method=distill.ctkd.method)
             strat = apply_spec(choose_strategy(probe, inputs.task, m, competent_accuracy=inputs.competent_accuracy),
                                inputs.spec_values, inputs.task)
             if (ti, si) in inputs.student_accuracy:

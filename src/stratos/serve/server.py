@@ -248,6 +248,7 @@ def running_server(
         yield server
     finally:
         stop_process(proc, shutdown_timeout)
+        Path(log_name).unlink(missing_ok=True)  # its tail is in any error above; nothing is left in /tmp
 
 
 def _die_with_parent() -> None:
