@@ -118,3 +118,19 @@ def test_evaluate_local_model_and_cli(noisy_model, tiny_tokenizer, tmp_path):
     assert json.loads((tmp_path / "m.json").read_text())["n"] == 6
     r = CliRunner().invoke(app, ["eval", "--model", str(folder), "--task", "nope"])
     assert r.exit_code == 2 and "unknown task" in r.output
+
+
+def test_leakage_finds_an_eval_question_inside_a_training_prompt_whatever_its_case_and_spacing():
+    from stratos.evaluate import leakage
+    from stratos.tasks import task_from_spec
+    from stratos.spec import TaskSpec
+
+    task = task_from_spec(TaskSpec(name="arithmetic", options={"digits": 2}))
+    evals = task.examples("eval", 20, seed=0)
+    train = [{"prompt": task.prompt(ex), "response": "x"} for ex in task.examples("train", 50, seed=0)]
+    clean = leakage(evals, train)
+    assert clean["found"] == 0 and clean["eval_questions"] == 20 and clean["training_records"] == 50
+    # A regenerated eval question, wrapped in a teacher's rules and spaced and cased differently, is found.
+    leaked = train + [{"prompt": "RULES: add.\n\n" + "  ".join(evals[3].question.upper().split()) + "\nAnswer:"}]
+    found = leakage(evals, leaked)
+    assert found["found"] == 1 and found["found_ids"] == [evals[3].id]

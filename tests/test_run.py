@@ -124,12 +124,21 @@ def test_pipeline_killed_mid_distill_resumes_to_the_same_result(tiny_spec, tmp_p
     assert roles[:2] == ["teacher (zero-shot)", "teacher (rules in prompt)"] and roles[-1] == "deployed student"
     deployed = results["rows"][-1]
     assert deployed["n"] == 12 and deployed["latency_ms"]["p50"] > 0
+    # No eval question among the training records (checked against what synth wrote), and the report says so.
+    synth_rows = len((killed / "synth" / "data.jsonl").read_text().splitlines())
+    assert results["leakage"]["found"] == 0 and results["leakage"]["training_records"] == synth_rows
     assert results["bench"]["requests"] == 4 and not results["bench"]["errors"]
     html = (killed / "report.html").read_text()
     for needle in ("Results", "deployed student", "Plan", "Training", "Stages: predicted vs measured",
+                   "No eval question appears in the training data: 12 questions checked",
                    "Example predictions", "data:image/png;base64,"):
         assert needle in html, needle
     assert (killed / "deploy" / "sky-serve.yaml").is_file() and (killed / "deploy" / "serve.sh").is_file()
+    # Each exported model folder carries a model card with what was measured of it.
+    card = (deployed_dir / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: transformers") and "# tiny: deployed student" in card
+    assert f"| deployed student | {deployed['accuracy']:.1%}" in card and "## Limits" in card
+    assert "# tiny: student" in (killed / after["distill"]["artifacts"]["model"] / "README.md").read_text()
     # The planner learns from what it measured: the killed run's plan came after the full run's eval, which
     # recorded its predicted and measured accuracy; the same prediction corrected by that error is the
     # accuracy the full run measured.

@@ -219,3 +219,24 @@ def result_table(result: EvalResult, title: str = "evaluation") -> Any:
         f"{result.tokens_per_s:.1f} tok/s | {result.unparsed} unparsed, {result.truncated} truncated"
     )
     return table
+
+
+def canonical_text(text: str) -> str:
+    """A question as the leakage check compares it: case folded, every run of whitespace one space."""
+    return " ".join(text.split()).casefold()
+
+
+def leakage(examples: Sequence[Example], records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Which eval questions appear in the training data: an eval example's question (``canonical_text``)
+    found inside any training record's prompt or text (a teacher's prompt may wrap it in the rules, a
+    reverse-synthesised record may have regenerated it). Returns the counts, the first few ids found,
+    and how it was checked, for results.json and the report."""
+    texts = [canonical_text(str(r.get("prompt") or r.get("text") or "")) for r in records]
+    if any("messages" in r for r in records):
+        texts += [canonical_text(" ".join(str(m.get("content", "")) for m in r.get("messages", []))) for r in records]
+    haystack = "\x00".join(texts)  # one search per question; \x00 never occurs in a canonical question
+    found = [ex.id for ex in examples if canonical_text(ex.question) in haystack]
+    return {"eval_questions": len(examples), "training_records": len(records), "found": len(found),
+            "found_ids": found[:5],
+            "how": "each eval question, case folded and its whitespace collapsed, searched for inside every "
+                   "training record's prompt (or text, or messages), the same way canonicalised"}

@@ -374,6 +374,15 @@ def stage_eval(ctx: Context) -> dict[str, Any]:
     results = {"task": spec.task.name, "n": n, "rows": rows, "bench": bench.to_dict(),
                "serving_server": plan.serving_server.name, "serving_usd_per_hour": price,
                "serving_local": plan.serving_server.is_local}
+    # No eval question in the training data: reverse synthesis or a teacher's prompts could have brought one in.
+    from stratos.distill import load_records
+    from stratos.evaluate import leakage
+
+    results["leakage"] = leakage(examples, load_records(ctx.artifact("synth", "data_path"), need_response=False))
+    if results["leakage"]["found"]:
+        log.warning("eval: %d of the %d eval questions appear in the training data (e.g. %s): the accuracy "
+                    "overstates what the student does on unseen questions", results["leakage"]["found"], n,
+                    ", ".join(results["leakage"]["found_ids"]))
     # The constraints as results: judged here, shown first in the report, and `stratos run` exits 3 on a miss.
     from stratos.verdicts import judge, spent_usd
 
@@ -386,6 +395,14 @@ def stage_eval(ctx: Context) -> dict[str, Any]:
     results["spent"] = {"usd": spent[0], "how": spent[1]}
     results["verdicts"] = [v.to_dict() for v in judge(spec.constraints, results, spent)]
     write_json(ctx.dir / "results.json", results)
+    # A model card in each model folder the run exports, from what was just measured.
+    from stratos.report.card import write_cards
+
+    stages = ctx.manifest.data["stages"]
+    write_cards(ctx.run_dir, {"student": ctx.artifact("distill", "model"), "deployed student": final},
+                spec=spec, plan=json.loads(Path(ctx.artifact("plan", "plan_path")).read_text()), results=results,
+                stats=synth_stats, distill=stages["distill"].get("artifacts", {}),
+                compress=stages.get("compress", {}).get("artifacts"), device=ctx.runtime.describe())
     return {"results_path": ctx.rel(ctx.dir / "results.json"),
             "accuracy": {r["role"]: r["accuracy"] for r in rows},
             "verdicts": [v["line"] for v in results["verdicts"]]}

@@ -121,6 +121,19 @@ def _headline(results: dict[str, Any]) -> str:
             f'against <b>{teacher["accuracy"]:.1%}</b> for the teacher zero-shot: {compare}{size}.</p>')
 
 
+def _leakage(results: dict[str, Any]) -> str:
+    """Whether any eval question appears in the training data (``stratos.evaluate.leakage``)."""
+    leak = results.get("leakage")
+    if not leak:
+        return ""
+    if leak["found"]:
+        return (f"<p class='headline bad'><b>{leak['found']} of the {leak['eval_questions']} eval questions appear in "
+                f"the training data</b> (e.g. {_e(', '.join(leak['found_ids']))}): the accuracy above overstates what "
+                f"the student does on questions it has not seen. Checked: {_e(leak['how'])}.</p>")
+    return (f"<p>No eval question appears in the training data: {leak['eval_questions']:,} questions checked against "
+            f"{leak['training_records']:,} training records ({_e(leak['how'])}).</p>")
+
+
 def _examples(eval_dir: Path, k: int = 4) -> str:
     parts = []
     for path in sorted(eval_dir.glob("predictions-*.jsonl")):
@@ -296,7 +309,7 @@ def build_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
                    if results.get("serving_local", True) else
                    f"$ / M tokens: none, since the plan serves on {_e(results.get('serving_server'))}, not on this "
                    "machine, and these throughputs were measured here.</p>"))
-        sections.append("<h2>Results</h2>" + _headline(results) + _table(headers, rows) + note
+        sections.append("<h2>Results</h2>" + _headline(results) + _leakage(results) + _table(headers, rows) + note
                         + _img(plots.accuracy_bars(results.get("rows", [])), "accuracy"))
     else:
         sections.append("<h2>Results</h2><p class='muted'>the eval stage has not run yet</p>")

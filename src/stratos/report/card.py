@@ -1,0 +1,103 @@
+"""Model cards: the README.md a run writes into each model folder it exports (the distilled student,
+and the compressed one it deploys), as users of the Hugging Face ecosystem expect: base models, data,
+method, measured accuracy and speed, and limits. Every figure comes from the run's own files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def _pct(row: dict[str, Any]) -> str:
+    return f"{row['accuracy']:.1%} [{row['ci_low']:.1%}, {row['ci_high']:.1%}]"
+
+
+def model_card(*, role: str, spec: Any, plan: dict[str, Any], results: dict[str, Any], stats: dict[str, Any],
+               distill: dict[str, Any], compress: dict[str, Any] | None, device: str) -> str:
+    """The card of the run's ``role`` model ("student" or "deployed student")."""
+    rows = {r["role"]: r for r in results.get("rows", [])}
+    me = rows.get(role) or {}
+    t_spec = spec.teachers[plan["teacher"]["index"]]
+    s_spec = spec.students[plan["student"]["index"]]
+    base = s_spec.model if s_spec.init == "pretrained" and not Path(s_spec.model).is_absolute() else None
+    front = {"library_name": "transformers", "pipeline_tag": "text-generation", "tags": ["stratos", "distillation"],
+             **({"base_model": base} if base else {})}
+    init = ("its weights" if s_spec.init == "pretrained" else "its architecture only (weights initialised at random)")
+    data_rows = ", ".join(f"{k} {v:,}" for k, v in (stats.get("rows") or {}).items() if k != "total")
+    phases = " -> ".join(f"{p['algorithm']} (loss {p['config']['loss']}, kd_ratio {p['config'].get('kd_ratio', 0):g})"
+                         for p in (distill.get("settings") or {}).get("phases", []))
+    leak = results.get("leakage") or {}
+    measured = ["| model | accuracy [95% CI] | parameters | tokens/s | latency p50 / p95 |",
+                "|---|---|---|---|---|"]
+    for r in results.get("rows", []):
+        lat = r.get("latency_ms") or {}
+        measured.append(f"| {r['role']} | {_pct(r)} | {r['params']:,} | {r.get('tokens_per_s', 0):,.0f} | "
+                        + (f"{lat['p50']:,.0f} / {lat['p95']:,.0f} ms |" if lat.get("p50") is not None else "– |")
+                        if r.get("params") else
+                        f"| {r['role']} | {_pct(r)} | – | {r.get('tokens_per_s', 0):,.0f} | – |")
+    bench = results.get("bench") or {}
+    comp = ""
+    if role == "deployed student" and compress and not compress.get("skipped"):
+        cs = spec.compress
+        parts = [f"pruned {cs.prune} to remove {cs.prune_ratio:.0%} of the parameters" if cs.prune_ratio else "",
+                 f"{cs.recovery_steps} KD recovery steps" if cs.prune_ratio and cs.recovery_steps else "",
+                 f"quantized {cs.quantize} (the faster or the one within max_latency_ms was deployed, see the report)"
+                 if cs.quantize != "none" else ""]
+        comp = "- Compression: " + ", ".join(p for p in parts if p) + ".\n" if any(parts) else ""
+    text = f"""---
+{yaml.safe_dump(front, sort_keys=False).strip()}
+---
+
+# {spec.name}: {role}
+
+A {me.get('params', 0):,}-parameter model distilled by Stratos for the task
+`{results.get('task')}`, from the teacher {t_spec.label} (`{t_spec.model}`).
+
+## Base models
+
+- Teacher: {t_spec.label} (`{t_spec.model}`, backend {t_spec.backend}).
+- Student: {s_spec.label} (`{s_spec.model}`): {init}.
+
+## Data
+
+- Training records: {stats.get('rows', {}).get('total', '?'):,} ({data_rows}); teacher answers kept by the
+  task's verifier: {stats.get('acceptance', 0):.1%} of {stats.get('prompts', 0)} prompts x {stats.get('samples_per_prompt', 0)} samples.
+- Evaluation: {results.get('n')} held-out questions of the task's eval split.
+  {('No eval question appears in the training data (' + leak['how'] + ').') if leak and not leak.get('found') else
+   (str(leak.get('found')) + ' eval questions appear in the training data: the accuracy below overstates unseen questions.') if leak else ''}
+
+## Method
+
+- Strategy: {plan['strategy']['kind']} (match {plan['match']['mode']}).
+- Training: {phases}; {distill.get('steps', '?')} optimizer steps, teacher signal {distill.get('signal', 'none')}.
+{comp}
+## Measured
+
+On {results.get('n')} held-out questions, on {device}. tokens/s: batched greedy generation in the eval
+process, except the deployed student's, which answered through its HTTP endpoint; its latency comes
+from a load test of {bench.get('clients', '?')} concurrent clients.
+
+{chr(10).join(measured)}
+
+## Limits
+
+- Measured on this task's questions only; nothing else was evaluated.
+- Speed figures are this machine's ({device}); another device gives other figures.
+- {('The teacher answers ' + _pct(rows['teacher (zero-shot)']) + ' zero-shot on the same questions.') if 'teacher (zero-shot)' in rows else ''}
+"""
+    return text
+
+
+def write_cards(run_dir: Path, folders: dict[str, Path], **facts: Any) -> list[Path]:
+    """``README.md`` into each folder (role -> folder); returns the paths written."""
+    from stratos.io import atomic_write_text
+
+    out = []
+    for role, folder in folders.items():
+        if Path(folder).is_dir():
+            path = Path(folder) / "README.md"
+            atomic_write_text(path, model_card(role=role, **facts))
+            out.append(path)
+    return out
