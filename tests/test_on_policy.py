@@ -365,3 +365,19 @@ def test_rl_takes_prompt_only_records_and_the_verifier_sees_their_meta(tiny_toke
     near = next(t for t, s in after.items() if s == min(after.values()) + 1)  # a discard one step worse
     assert grade(mj, record_example(rec), f"Answer: {near}")[1].credit == 0.5
     assert grade(mj, record_example({k: v for k, v in rec.items() if k != "meta"}), f"Answer: {near}")[1].credit == 0.0
+
+
+def test_scale_rewards_group_batch_and_none_are_trls():
+    """The three scalings of GRPO's advantages, on rewards worked by hand; true and false are group and none."""
+    from stratos.distill.sources import advantages
+
+    r = torch.tensor([[1.0, 0.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0]])  # a group with signal, one that ties
+    centred = torch.tensor([[0.5, -0.5, 0.5, -0.5], [0.0, 0.0, 0.0, 0.0]])
+    group_std = torch.tensor([[0.57735027], [0.0]])  # Bessel-corrected: sqrt(4 * 0.25 / 3)
+    batch_std = r.flatten().std()  # 0.4629..., over the step's 8 rewards
+    adv, ties = advantages(r, "group", batch_std)
+    assert ties == 1 and torch.allclose(adv, centred / (group_std + 1e-4))
+    assert torch.allclose(advantages(r, "batch", batch_std)[0], centred / (batch_std + 1e-4))
+    assert torch.equal(advantages(r, "none", batch_std)[0], centred)
+    assert DistillSpec(scale_rewards=True).scale_rewards == "group"
+    assert DistillSpec(scale_rewards=False).scale_rewards == "none"

@@ -245,8 +245,15 @@ class _TrainingOptions(_Strict):
     loss_type: Literal["grpo", "dapo", "dr_grpo"] = Field(
         "grpo", description="Algorithm grpo: how the policy loss is averaged: 'grpo' over each completion's tokens "
         "then over completions, 'dapo' over all tokens of the step, 'dr_grpo' over completions x max_completion_length.")
-    scale_rewards: bool = Field(True, description="Algorithm grpo: divide each group's advantages by the standard "
-                                "deviation of its rewards.")
+    scale_rewards: Literal["group", "batch", "none"] = Field(
+        "group", description="Algorithms grpo and opd (TRL's GRPOConfig.scale_rewards): divide the advantages by the "
+        "standard deviation of each group's rewards ('group'; true), of the step's whole batch of rewards "
+        "('batch', as PPO Lite recommends), or not at all ('none'; false, as Dr. GRPO recommends).")
+
+    @field_validator("scale_rewards", mode="before")
+    @classmethod
+    def _scale_rewards_bool(cls, v: Any) -> Any:
+        return {True: "group", False: "none"}.get(v, v) if isinstance(v, bool) else v
     beta: float = Field(0.0, ge=0, description="Algorithms grpo and opd (GRPOConfig's beta): the weight of the "
                         "per-token KL to the reference (the student as the phase starts); 0 keeps no reference. "
                         "(GKD's beta, the jsd interpolation, is loss_kwargs.beta.)")

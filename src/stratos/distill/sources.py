@@ -307,6 +307,20 @@ def prompt_ids(record: dict[str, Any], tokenizer: Any) -> list[int]:
     return ex.input_ids[: next(i for i, t in enumerate(ex.labels) if t != IGNORE)]
 
 
+def advantages(rewards: torch.Tensor, scale: str, batch_std: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Group-relative advantages of ``rewards`` [groups, g]: each reward minus its group's mean, divided by
+    the group's standard deviation (``scale`` 'group'), by ``batch_std``, the step's (``'batch'``), or by
+    nothing (``'none'``), as TRL's GRPOTrainer does (Bessel-corrected, + 1e-4). Also how many groups have
+    rewards that all tie (no signal)."""
+    adv = rewards - rewards.mean(dim=1, keepdim=True)
+    std = rewards.std(dim=1, keepdim=True)
+    if scale == "group":
+        adv = adv / (std + 1e-4)
+    elif scale == "batch":
+        adv = adv / (batch_std + 1e-4)
+    return adv, int((std == 0).sum())
+
+
 class GroupSource:
     """GRPO's data (Shao et al. 2024; TRL's GRPOTrainer): each micro-batch takes
     ``per_device_train_batch_size // num_generations`` train prompts (a seeded order over the records
@@ -413,14 +427,11 @@ class GroupSource:
         device = next(model.parameters()).device
         bf16 = resolve_bf16(cfg.bf16, device)
         batches, zero_std = [], 0
+        batch_std = torch.tensor(rewards_all).std() if len(rewards_all) > 1 else torch.tensor(0.0)
         for rows, outs, rewards in micro:
-            r = torch.tensor(rewards).view(-1, g)
-            adv = r - r.mean(dim=1, keepdim=True)
-            std = r.std(dim=1, keepdim=True)
-            zero_std += int((std == 0).sum())
-            if cfg.scale_rewards:
-                adv = adv / (std + 1e-4)
-            examples, scales, advantages = [], [], []
+            adv, zeros = advantages(torch.tensor(rewards).view(-1, g), cfg.scale_rewards, batch_std)
+            zero_std += zeros
+            examples, scales, per_token = [], [], []
             for i, out, a in zip(rows, outs, adv.flatten().tolist()):
                 p = self._ids[i]
                 examples.append(Encoded(p + out, [IGNORE] * len(p) + out))
@@ -432,9 +443,9 @@ class GroupSource:
                 else:  # dapo: every token of the step counts once
                     scale = 1.0
                 scales += [scale] * len(out)
-                advantages += [a] * len(out)
+                per_token += [a] * len(out)
             batch = collate(examples, rows, self.pad_id).with_weights(torch.tensor(scales))
-            values = {"advantage": torch.tensor(advantages)}
+            values = {"advantage": torch.tensor(per_token)}
             if self.stored:  # the ratio's denominator: the policy that sampled, not the one that trains
                 values["old_logp"] = batch_token_logps(model, batch, chunk_size=cfg.chunk_size, bf16=bf16).cpu()
             if self.reference is not None:
