@@ -19,7 +19,7 @@ What is tried, in order (the first the budget allows):
   2. **more training**: twice the optimizer steps the distill stage ran (``distill.max_steps``).
 - ``max_latency_ms`` missed (and ``min_accuracy`` met):
   1. **bf16**: where the device computes bf16 natively and the spec does not quantize to bf16 already;
-     the compress stage measures both and deploys the one within the limit (``choose_for_latency``);
+     the compress stage measures both and deploys the faster (``choose_for_latency``);
   2. **pruning**: keep 60% of the student's parameters (of what it kept, when it was pruned already),
      by depth for four layers or more, else by width, with KD recovery from the unpruned student;
   3. **next candidate** whose predicted latency is lower.
@@ -143,8 +143,8 @@ def propose(spec: Any, plan: Any, results: dict[str, Any], attempts: list[dict[s
         if native_bf16 and not (cs.enabled and cs.quantize == "bf16"):
             options.append(Action(
                 "bf16", f"the student cast to bf16, which this device computes natively; the compress stage "
-                f"measures it against the unquantized student and deploys the one within max_latency_ms "
-                f"{lat.limit:,.0f} (p50 measured {lat.measured:,.0f} ms)",
+                f"measures it against the unquantized student and deploys the faster (p50 measured "
+                f"{lat.measured:,.0f} ms against max_latency_ms {lat.limit:,.0f})",
                 {"compress.enabled": True, "compress.quantize": "bf16"}, "compress",
                 attempt_cost("compress", stage_seconds, train_price, serve_price)))
         kept = 1.0 - (cs.prune_ratio or 0.0) if cs.enabled and cs.target_params is None else 1.0

@@ -177,19 +177,21 @@ def choose_for_latency(before: dict[str, Any], quantized: dict[str, Any], max_la
                        answer_tokens: int) -> tuple[int, str]:
     """Which of the last two report rows to deploy, the unquantized (-2) or the quantized (-1) model, and
     why. Without a latency constraint, the quantized one (what the spec asked for: smaller). With one,
-    each model's request latency is estimated from its measured batch-1 decode speed
-    (``answer_tokens`` at ``tokens_per_s``): the smaller of those within the limit, else the faster."""
+    the faster, by measured batch-1 decode speed: ``max_latency_ms`` is judged under the eval's
+    concurrent load, where a request takes longer than ``answer_tokens`` at batch-1 speed, so a batch-1
+    estimate within the limit is no promise (the demo estimated 472 ms for int8 and measured a p50 of
+    1,015 ms at 4 clients), and the slower model would only spend the margin."""
     if max_latency_ms is None:
         return -1, f"quantized as compress.quantize asks ({quantized['size_mb']} MB against {before['size_mb']} MB)"
     rows = {-2: before, -1: quantized}
     est = {i: 1000 * answer_tokens / max(row["tokens_per_s"], 1e-9) for i, row in rows.items()}
-    ok = [i for i in (-1, -2) if est[i] <= max_latency_ms]
-    keep = min(ok, key=lambda i: rows[i]["size_mb"]) if ok else min(est, key=est.get)
+    keep = min((-1, -2), key=lambda i: est[i])  # ties: the quantized, smaller one
     figures = (f"{answer_tokens} tokens at batch 1 take {est[-1]:,.0f} ms quantized ({quantized['tokens_per_s']} "
                f"tok/s, {quantized['size_mb']} MB) and {est[-2]:,.0f} ms unquantized ({before['tokens_per_s']} "
-               f"tok/s, {before['size_mb']} MB), measured, against max_latency_ms {max_latency_ms:g}")
-    verdict = ("both meet it: the smaller" if len(ok) == 2 else "only this one meets it" if ok
-               else "neither meets it: the faster")
+               f"tok/s, {before['size_mb']} MB), measured")
+    within = sum(est[i] <= max_latency_ms for i in rows)
+    verdict = (f"the faster, since max_latency_ms {max_latency_ms:g} is judged under concurrent load, where requests "
+               "take longer than at batch 1" + ("" if within else "; neither is within it even at batch 1"))
     return keep, f"{rows[keep]['step']}: {figures}; {verdict}"
 
 
