@@ -165,13 +165,10 @@ def propose(spec: Any, plan: Any, results: dict[str, Any], attempts: list[dict[s
         if row is not None:
             options.append(next_candidate(row, f"the plan predicted {row['latency_ms']:,.0f} ms per request for it, "
                                                f"against {pred['latency_ms']:,.0f} ms for the pair that missed"))
-    tried_kinds = {a.get("action") for a in attempts}
     spent_usd = float((results.get("spent") or {}).get("usd") or 0.0)
     budget = spec.constraints.budget_usd
     over = []
     for opt in options:
-        if opt.kind in ("bf16",) and opt.kind in tried_kinds:
-            continue
         if budget is not None and spent_usd + opt.predicted_usd > budget:
             over.append(f"{opt.kind} would cost about ${opt.predicted_usd:,.2f} on top of ${spent_usd:,.2f} spent, "
                         f"over budget_usd ${budget:,.2f}")

@@ -247,7 +247,7 @@ def _distill_processes(ctx: Context, settings: Any) -> dict[str, Any]:
 
     import yaml
 
-    spec_path = ctx.run_dir / "distill-spec.yaml"  # the spec this attempt runs with, paths absolute
+    spec_path = ctx.dir / "spec.yaml"  # the spec this attempt runs with, paths absolute
     spec_path.write_text(yaml.safe_dump(ctx.spec.model_dump(mode="json", exclude_unset=True), sort_keys=False))
     cmd = [sys.executable, "-m", "stratos.cli", "distill", str(spec_path), "--plan",
            str(ctx.artifact("plan", "plan_path")), "--data", str(ctx.artifact("synth", "data_path")),
@@ -399,7 +399,7 @@ def stage_eval(ctx: Context) -> dict[str, Any]:
     from stratos.report.card import write_cards
 
     stages = ctx.manifest.data["stages"]
-    write_cards(ctx.run_dir, {"student": ctx.artifact("distill", "model"), "deployed student": final},
+    write_cards({"student": ctx.artifact("distill", "model"), "deployed student": final},
                 spec=spec, plan=json.loads(Path(ctx.artifact("plan", "plan_path")).read_text()), results=results,
                 stats=synth_stats, distill=stages["distill"].get("artifacts", {}),
                 compress=stages.get("compress", {}).get("artifacts"), device=ctx.runtime.describe())

@@ -147,15 +147,6 @@ class Parallel:
         dist.all_reduce(t)
         return t.tolist()
 
-    def max(self, value: float) -> float:
-        if not self.distributed:
-            return value
-        import torch.distributed as dist
-
-        t = torch.tensor([value], dtype=torch.float64)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return float(t)
-
     def barrier(self) -> None:
         if self.distributed:
             import torch.distributed as dist

@@ -90,7 +90,7 @@ from a load test of {bench.get('clients', '?')} concurrent clients.
     return text
 
 
-def write_cards(run_dir: Path, folders: dict[str, Path], **facts: Any) -> list[Path]:
+def write_cards(folders: dict[str, Path], **facts: Any) -> list[Path]:
     """``README.md`` into each folder (role -> folder); returns the paths written."""
     from stratos.io import atomic_write_text
 
