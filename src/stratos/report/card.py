@@ -43,7 +43,9 @@ def model_card(*, role: str, spec: Any, plan: dict[str, Any], results: dict[str,
         cs = spec.compress
         parts = [f"pruned {cs.prune} to remove {cs.prune_ratio:.0%} of the parameters" if cs.prune_ratio else "",
                  f"{cs.recovery_steps} KD recovery steps" if cs.prune_ratio and cs.recovery_steps else "",
-                 f"quantized {cs.quantize} (the faster or the one within max_latency_ms was deployed, see the report)"
+                 (f"quantized {cs.quantize} (with max_latency_ms set, the faster of it and the unquantized model "
+                  "by measured batch-1 speed is the one deployed, see the report)"
+                  if spec.constraints.max_latency_ms is not None else f"quantized {cs.quantize}")
                  if cs.quantize != "none" else ""]
         comp = "- Compression: " + ", ".join(p for p in parts if p) + ".\n" if any(parts) else ""
     text = f"""---
