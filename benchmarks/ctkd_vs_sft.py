@@ -62,6 +62,15 @@ def accuracy(model, tok, recs, max_new_tokens: int) -> float:
     return sum(parse(o[0].text) == r["answer"] for o, r in zip(outs, recs)) / len(recs)
 
 
+def mean_se(xs: list[float], n: int) -> tuple[float, float]:
+    """The mean of per-seed accuracies, each over ``n`` questions, and its standard error: the larger of
+    the binomial one (each accuracy's variance, averaged over seeds) and the one between seeds."""
+    m = sum(xs) / len(xs)
+    within = sum(x * (1 - x) / n for x in xs) / len(xs) ** 2
+    between = (sum((x - m) ** 2 for x in xs) / (len(xs) - 1) / len(xs)) if len(xs) > 1 else 0.0
+    return m, math.sqrt(max(within, between))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--teacher", default="smollm2-135m-instruct")
@@ -108,16 +117,8 @@ def main() -> None:
                          "signal": res.signal.get("ctkd")})
             print(f"seed {seed} {method:5s}: {acc:.1%} ({time.perf_counter() - t:.0f} s)", flush=True)
 
-    def mean_se(xs: list[float]) -> tuple[float, float]:
-        m = sum(xs) / len(xs)
-        # Each accuracy is a mean over len(held_out) questions: its binomial variance, averaged over seeds,
-        # plus the variance between seeds when there are several.
-        within = sum(x * (1 - x) / len(held_out) for x in xs) / len(xs) ** 2
-        between = (sum((x - m) ** 2 for x in xs) / (len(xs) - 1) / len(xs)) if len(xs) > 1 else 0.0
-        return m, math.sqrt(max(within, between))
-
-    m_sft, se_sft = mean_se(results["sft"])
-    m_kd, se_kd = mean_se(results["ctkd"])
+    m_sft, se_sft = mean_se(results["sft"], len(held_out))
+    m_kd, se_kd = mean_se(results["ctkd"], len(held_out))
     pooled = math.sqrt(se_sft**2 + se_kd**2)
     print()
     print(f"| method | {' | '.join(f'seed {s}' for s in range(args.seeds))} | mean | SE |")

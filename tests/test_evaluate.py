@@ -128,9 +128,53 @@ def test_leakage_finds_an_eval_question_inside_a_training_prompt_whatever_its_ca
     task = task_from_spec(TaskSpec(name="arithmetic", options={"digits": 2}))
     evals = task.examples("eval", 20, seed=0)
     train = [{"prompt": task.prompt(ex), "response": "x"} for ex in task.examples("train", 50, seed=0)]
-    clean = leakage(evals, train)
+    clean = leakage(task, evals, train)
     assert clean["found"] == 0 and clean["eval_questions"] == 20 and clean["training_records"] == 50
     # A regenerated eval question, wrapped in a teacher's rules and spaced and cased differently, is found.
     leaked = train + [{"prompt": "RULES: add.\n\n" + "  ".join(evals[3].question.upper().split()) + "\nAnswer:"}]
-    found = leakage(evals, leaked)
+    found = leakage(task, evals, leaked)
     assert found["found"] == 1 and found["found_ids"] == [evals[3].id]
+
+
+def test_leakage_compares_questions_as_the_model_reads_them():
+    """A task that renders hands in another notation in its prompts (Mahjong's ``spaced``) is checked
+    on the rendered question, the text the training records hold."""
+    from stratos.evaluate import leakage
+    from stratos.tasks.mahjong import MahjongTask
+
+    task = MahjongTask(types=("discard",), notation="spaced")
+    evals = task.examples("eval", 10, seed=0)
+    assert task.prompt(evals[2]) != evals[2].question  # the hand is spelt out tile by tile
+    records = [{"prompt": task.prompt(ex), "response": task.target(ex)} for ex in task.examples("train", 30)]
+    assert leakage(task, evals, records)["found"] == 0
+    found = leakage(task, evals, records + [{"prompt": task.prompt(evals[2]), "response": "Answer: 1m"}])
+    assert found["found"] == 1 and found["found_ids"] == [evals[2].id]
+
+
+def test_accuracy_per_question_group_in_results_and_report():
+    """A task that groups its questions (Mahjong discards: ready or one from ready after the best
+    discard) gets accuracy per group; the report shows one column per model."""
+    from stratos.report import _by_group
+
+    task = get_task("mahjong:discard")
+    exs = task.examples("eval", 12, seed=0)
+    by_prompt = {messages(task, ex)[-1]["content"]: ex for ex in exs}
+
+    def right_on_ready_only(prompts, *, max_new_tokens, batch_size):
+        out = []
+        for p in prompts:
+            ex = by_prompt[p[-1]["content"]]
+            text = task.target(ex) if ex.meta["class"] == 0 else "Answer: 9z"
+            out.append(Generation(text, 3, "stop"))
+        return out
+
+    res = evaluate(None, None, task, exs, generate_fn=right_on_ready_only)
+    groups = res.per_group
+    assert set(groups) == {"discard: ready after the best discard", "discard: 1 from ready after the best discard"}
+    assert groups["discard: ready after the best discard"]["accuracy"] == 1.0
+    assert groups["discard: 1 from ready after the best discard"]["accuracy"] == 0.0
+    assert sum(g["n"] for g in groups.values()) == 12 and res.accuracy == groups[
+        "discard: ready after the best discard"]["n"] / 12
+    html = _by_group({"rows": [{"role": "student", **res.to_dict()}]})
+    assert "Accuracy by question group" in html and "100.0% of" in html and "0.0% of" in html
+    assert _by_group({"rows": [{"role": "student", "per_group": {}}]}) == ""

@@ -109,6 +109,80 @@ def test_rationales_come_from_the_oracle(generated):
         assert melds == c  # the decomposition shown uses exactly the hand plus the winning tile
 
 
+def test_discard_split_rationale_reads_the_hand_into_blocks_and_brackets_only_optimal_spares(generated):
+    """Every worked discard uses exactly the hand's tiles, its blocks are real melds, pairs and
+    partials, and each bracketed (spare) tile is an optimal discard by a fresh oracle computation."""
+    task = get_task("mahjong:discard")
+    read = 0
+    for ex in generated["discard"]:
+        c = _hand(ex)
+        text = task.target(ex, rationale=True)
+        first, answer = text.splitlines()[0], text.splitlines()[-1]
+        if first.startswith("Shanten left by each discard"):  # no reading keeps only optimal spares
+            continue
+        read += 1
+        form, body = first.split(": ", 1)
+        assert form in ("Split", "Seven pairs", "Thirteen orphans"), first
+        groups = body.split()
+        assert hand_from_compact(" ".join(g.strip("[]") for g in groups)) == c, (ex.meta["hand"], first)
+        spares = [parse_tiles(g) for g in groups if g.startswith("[")]
+        after = {}
+        for t in {t for g in spares for t in g}:
+            c[t] -= 1
+            after[t] = _shanten(c)
+            c[t] += 1
+        low = min(_shanten([n - (i == t) for i, n in enumerate(c)]) for t in range(34) if c[t])
+        assert spares and all(s == low for s in after.values()), (ex.meta["hand"], first)
+        assert answer == f"Answer: {tile_name(spares[0][0])}"
+        for g in groups:
+            tiles = parse_tiles(g)
+            if g.startswith("[") or form != "Split" or len(tiles) == 1:
+                continue
+            gaps = [b - a for a, b in zip(tiles, tiles[1:])]
+            suited = tiles[0] < 27 and tiles[0] // 9 == tiles[-1] // 9
+            assert gaps in ([0], [0, 0], [1], [2]) or (gaps == [1, 1] and suited), g
+            assert set(gaps) <= {0} or suited, g
+    assert read >= 0.97 * len(generated["discard"])
+
+
+@pytest.mark.parametrize("hand, expected", [
+    # a run read before the spare copy; two partial melds and a pair; the lowest spare is the answer
+    ("3455m45667789p33z", "Split: 3m4m5m [5m] 4p5p6p 6p7p8p 7p9p 3z3z\nAnswer: 5m"),
+    # seven pairs: the lone tiles are spare
+    ("1145577m2266p22s7z", "Seven pairs: 1m1m [4m] 5m5m 7m7m 2p2p 6p6p 2s2s [7z]\nAnswer: 4m"),
+    # seven pairs with only seven kinds: the lone 1z is needed, the third 3s is spare
+    ("113334488s12233z", "Seven pairs: 1s1s 3s3s [3s] 4s4s 8s8s 1z 2z2z 3z3z\nAnswer: 3s"),
+    # thirteen orphans: the simple 7m and the second 9p are spare, the 9m pair is kept
+    ("799m199p19s123467z", "Thirteen orphans: [7m] 9m9m 1p 9p [9p] 1s 9s 1z 2z 3z 4z 6z 7z\nAnswer: 7m"),
+])
+def test_discard_split_rationale_on_hand_made_hands(hand, expected):
+    from stratos.tasks.base import Example
+    from stratos.tasks.mahjong import best_discards
+
+    task = get_task("mahjong:discard")
+    c = hand_from_compact(hand)
+    ex = Example("x", f"Hand (14 tiles): {hand}", to_compact(best_discards(c)), "discard", {"hand": hand, "class": 0})
+    assert task.target(ex, rationale=True) == expected
+
+
+def test_discard_rationale_falls_back_to_the_table_where_four_copies_break_the_reading():
+    """555m111p2999s3333z: a split would bracket 2s too, but the lone 3z left after discarding it
+    cannot wait (all four copies are in the hand), so only 3z is optimal and the table is used."""
+    from stratos.tasks.base import Example
+    from stratos.tasks.mahjong import best_discards, discard_shanten
+
+    task = get_task("mahjong:discard")
+    hand = "555m111p2999s3333z"
+    c = hand_from_compact(hand)
+    after = {tile_name(t): s for t, s in discard_shanten(c).items()}
+    ex = Example("x", f"Hand (14 tiles): {hand}", to_compact(best_discards(c)), "discard",
+                 {"hand": hand, "class": 0, "shanten_after": after})
+    text = task.target(ex, rationale=True)
+    assert text.startswith("Shanten left by each discard") and text.endswith("Answer: 3z")
+    table = get_task("mahjong:discard", discard_rationale="table")
+    assert table.target(ex, rationale=True) == text
+
+
 def test_tile_parser_tolerance():
     assert to_compact(parse_tiles("123m456p789s11z")) == "123m456p789s11z"
     assert to_compact(parse_tiles("1m 4m, 5s and East")) == "14m5s"

@@ -49,6 +49,9 @@ class EvalResult:
     ci_high: float
     mean_credit: float
     per_type: dict[str, dict[str, float]] = field(default_factory=dict)  # type -> {n, accuracy, ci_low, ci_high}
+    # The task's own finer grouping (``task.group(ex)``, e.g. Mahjong discards by how close the best
+    # discard leaves the hand), the same fields; empty for a task without one.
+    per_group: dict[str, dict[str, float]] = field(default_factory=dict)
     # Per example. When every generation carries its request's latency_s (a teacher or endpoint through
     # stratos.teachers.generate_fn, answers replayed from its cache included): the mean request latency;
     # otherwise wall time per example (batched: total time / n).
@@ -110,6 +113,15 @@ def check_context(model: Any, tokenizer: Any, task: Task, examples: Sequence[Exa
     raise DataError(f"{example_location(task, ex)}: {what}{more}")
 
 
+def _breakdown(groups: dict[str, list[bool]]) -> dict[str, dict[str, float]]:
+    """Accuracy with its Wilson interval for each group of answers."""
+    out = {}
+    for name, oks in sorted(groups.items()):
+        lo, hi = wilson_interval(sum(oks), len(oks))
+        out[name] = {"n": len(oks), "accuracy": sum(oks) / len(oks), "ci_low": lo, "ci_high": hi}
+    return out
+
+
 def evaluate(
     model: Any,
     tokenizer: Any,
@@ -139,12 +151,15 @@ def evaluate(
     if len(gens) != len(examples):
         raise RuntimeError(f"evaluate: generate_fn returned {len(gens)} outputs for {len(examples)} prompts")
 
-    rows, by_type = [], defaultdict(list)
+    rows, by_type, by_group = [], defaultdict(list), defaultdict(list)
+    group_of = getattr(task, "group", None)
     credit = 0.0
     unparsed = truncated = 0
     for ex, prompt, gen in zip(examples, prompts, gens):
         answer, score = grade(task, ex, gen.text)
         by_type[ex.type].append(score.correct)
+        if group_of is not None:
+            by_group[group_of(ex)].append(score.correct)
         credit += score.credit
         unparsed += answer is None
         truncated += gen.finish_reason == "length"
@@ -156,10 +171,6 @@ def evaluate(
     n = len(examples)
     k = sum(r["correct"] for r in rows)
     low, high = wilson_interval(k, n)
-    per_type = {}
-    for typ, oks in sorted(by_type.items()):
-        lo, hi = wilson_interval(sum(oks), len(oks))
-        per_type[typ] = {"n": len(oks), "accuracy": sum(oks) / len(oks), "ci_low": lo, "ci_high": hi}
     tokens = sum(g.num_tokens for g in gens)
     if predictions_path is not None:
         write_jsonl(predictions_path, rows)
@@ -170,7 +181,8 @@ def evaluate(
     else:
         mean_latency, tokens_per_s = total / n, tokens / total if total > 0 else 0.0
     return EvalResult(
-        n=n, accuracy=k / n, ci_low=low, ci_high=high, mean_credit=credit / n, per_type=per_type,
+        n=n, accuracy=k / n, ci_low=low, ci_high=high, mean_credit=credit / n, per_type=_breakdown(by_type),
+        per_group=_breakdown(by_group),
         mean_latency_s=mean_latency, tokens_per_s=tokens_per_s, total_s=total,
         generated_tokens=tokens, unparsed=unparsed, truncated=truncated,
     )
@@ -226,8 +238,9 @@ def canonical_text(text: str) -> str:
     return " ".join(text.split()).casefold()
 
 
-def leakage(examples: Sequence[Example], records: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Which eval questions appear in the training data: an eval example's question (``canonical_text``)
+def leakage(task: Task, examples: Sequence[Example], records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Which eval questions appear in the training data: an eval example's question, as stored or as the
+    model reads it (``task.prompt(ex)``, which may render it in another notation; both ``canonical_text``),
     found inside any training record's prompt or text (a teacher's prompt may wrap it in the rules, a
     reverse-synthesised record may have regenerated it). Returns the counts, the first few ids found,
     and how it was checked, for results.json and the report."""
@@ -235,8 +248,10 @@ def leakage(examples: Sequence[Example], records: Sequence[dict[str, Any]]) -> d
     if any("messages" in r for r in records):
         texts += [canonical_text(" ".join(str(m.get("content", "")) for m in r.get("messages", []))) for r in records]
     haystack = "\x00".join(texts)  # one search per question; \x00 never occurs in a canonical question
-    found = [ex.id for ex in examples if canonical_text(ex.question) in haystack]
+    found = [ex.id for ex in examples
+             if canonical_text(ex.question) in haystack or canonical_text(task.prompt(ex)) in haystack]
     return {"eval_questions": len(examples), "training_records": len(records), "found": len(found),
             "found_ids": found[:5],
-            "how": "each eval question, case folded and its whitespace collapsed, searched for inside every "
-                   "training record's prompt (or text, or messages), the same way canonicalised"}
+            "how": "each eval question, as stored and as the model reads it, case folded and its whitespace "
+                   "collapsed, searched for inside every training record's prompt (or text, or messages), the same "
+                   "way canonicalised"}

@@ -378,7 +378,7 @@ def stage_eval(ctx: Context) -> dict[str, Any]:
     from stratos.distill import load_records
     from stratos.evaluate import leakage
 
-    results["leakage"] = leakage(examples, load_records(ctx.artifact("synth", "data_path"), need_response=False))
+    results["leakage"] = leakage(task, examples, load_records(ctx.artifact("synth", "data_path"), need_response=False))
     if results["leakage"]["found"]:
         log.warning("eval: %d of the %d eval questions appear in the training data (e.g. %s): the accuracy "
                     "overstates what the student does on unseen questions", results["leakage"]["found"], n,

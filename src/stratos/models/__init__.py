@@ -162,7 +162,7 @@ def task_tokenizer(task_spec: Any, vocab_size: int = 512) -> Any:
 
     dumped = task_spec.model_dump(mode="json", exclude={"train_size", "eval_size"})
     data = fingerprint(task_spec.path) if task_spec.path is not None and Path(task_spec.path).is_file() else None
-    path = cache_dir() / "tokenizers" / sha256_text("task-tokenizer-v2", dumped, data, vocab_size)[:16]
+    path = cache_dir() / "tokenizers" / sha256_text("task-tokenizer-v3", dumped, data, vocab_size)[:16]
     if not (path / "tokenizer.json").is_file():
         task = task_from_spec(task_spec)
         examples = task.examples("train", min(task_spec.train_size, 2000), seed=task_spec.seed)

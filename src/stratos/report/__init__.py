@@ -121,6 +121,27 @@ def _headline(results: dict[str, Any]) -> str:
             f'against <b>{teacher["accuracy"]:.1%}</b> for the teacher zero-shot: {compare}{size}.</p>')
 
 
+def _by_group(results: dict[str, Any]) -> str:
+    """Accuracy per question group (``EvalResult.per_group``), one column per model, when the task
+    groups its questions in more than one way."""
+    rows = [r for r in results.get("rows", []) if r.get("per_group")]
+    groups = sorted({g for r in rows for g in r["per_group"]})
+    if len(groups) < 2:
+        return ""
+    body = []
+    for g in groups:
+        cells = []
+        for r in rows:
+            v = r["per_group"].get(g)
+            cells.append("–" if v is None else
+                         f"{v['accuracy']:.1%} of {v['n']} [{v['ci_low']:.1%}, {v['ci_high']:.1%}]")
+        body.append([_e(g), *cells])
+    return ("<h3>Accuracy by question group</h3>"
+            + _table(["question group", *(r["role"] for r in rows)], body)
+            + "<p class='muted'>Each cell: accuracy, the number of questions of that group the model answered "
+              "(a model evaluated on a sample has fewer), and the 95% Wilson interval.</p>")
+
+
 def _leakage(results: dict[str, Any]) -> str:
     """Whether any eval question appears in the training data (``stratos.evaluate.leakage``)."""
     leak = results.get("leakage")
@@ -310,7 +331,7 @@ def build_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
                    f"$ / M tokens: none, since the plan serves on {_e(results.get('serving_server'))}, not on this "
                    "machine, and these throughputs were measured here.</p>"))
         sections.append("<h2>Results</h2>" + _headline(results) + _leakage(results) + _table(headers, rows) + note
-                        + _img(plots.accuracy_bars(results.get("rows", [])), "accuracy"))
+                        + _img(plots.accuracy_bars(results.get("rows", [])), "accuracy") + _by_group(results))
     else:
         sections.append("<h2>Results</h2><p class='muted'>the eval stage has not run yet</p>")
 

@@ -227,6 +227,140 @@ class HandSampler:
         return c
 
 
+# --------------------------------------------------------------------------- the discard rationale
+
+Item = tuple[str, tuple[int, ...]]  # ("meld" | "pair" | "partial" | "single", tiles)
+
+
+def _regular_splits(c: Counts) -> Iterable[list[Item]]:
+    """Every split of a hand into melds (triplet or run), pairs, two-tile partial melds and single
+    tiles, each as its items in reading order: at the lowest tile left, a triplet first, then a run,
+    a pair, a partial with the next tile, one with a gap, and the tile alone last. Lazy, so a caller
+    that wants the first split of some kind stops early."""
+    c = list(c)
+    items: list[Item] = []
+
+    def rec(i: int) -> Iterable[list[Item]]:
+        while i < 34 and not c[i]:
+            i += 1
+        if i == 34:
+            yield list(items)
+            return
+        number, r = i < 27, i % 9
+        options: list[Item] = []
+        if c[i] >= 3:
+            options.append(("meld", (i, i, i)))
+        if number and r <= 6 and c[i + 1] and c[i + 2]:
+            options.append(("meld", (i, i + 1, i + 2)))
+        if c[i] >= 2:
+            options.append(("pair", (i, i)))
+        if number and r <= 7 and c[i + 1]:
+            options.append(("partial", (i, i + 1)))
+        if number and r <= 6 and c[i + 2]:
+            options.append(("partial", (i, i + 2)))
+        options.append(("single", (i,)))
+        for item in options:
+            for t in item[1]:
+                c[t] -= 1
+            items.append(item)
+            yield from rec(i)
+            items.pop()
+            for t in item[1]:
+                c[t] += 1
+
+    yield from rec(0)
+
+
+def _regular_value(items: list[Item]) -> tuple[int, list[bool]]:
+    """The shanten a regular split gives, 8 - 2 x melds - partials - head (melds and partials count
+    up to four; the first pair is the head, later pairs are partials), and which items are spare:
+    the singles and the partials beyond that cap."""
+    melds = sum(kind == "meld" for kind, _ in items)
+    value, room, head, spare = 8 - 2 * melds, 4 - melds, False, []
+    for kind, _ in items:
+        useful = kind == "meld"
+        if kind == "pair" and not head:
+            head = useful = True
+        elif kind in ("pair", "partial") and room > 0:
+            room, useful = room - 1, True
+        value -= useful and kind != "meld"
+        spare.append(not useful)
+    return value, spare
+
+
+def _seven_pairs(c: Counts) -> tuple[str, list[Item], int, list[bool]]:
+    """Pairs kept; third and fourth copies spare, and lone tiles too unless the hand needs them to
+    reach seven different kinds."""
+    kinds = sum(1 for n in c if n)
+    items: list[Item] = []
+    spare: list[bool] = []
+    for t in range(34):
+        if c[t] >= 2:
+            items.append(("pair", (t, t)))
+            spare.append(False)
+        elif c[t]:
+            items.append(("single", (t,)))
+            spare.append(kinds > 7)
+        items += [("single", (t,))] * max(0, c[t] - 2)
+        spare += [True] * max(0, c[t] - 2)
+    pairs = sum(k == "pair" for k, _ in items)
+    return "Seven pairs", items, 6 - pairs + max(0, 7 - kinds), spare
+
+
+def _thirteen_orphans(c: Counts) -> tuple[str, list[Item], int, list[bool]]:
+    items: list[Item] = []
+    spare: list[bool] = []
+    pair = next((t for t in TERMINALS_AND_HONORS if c[t] >= 2), None)
+    for t in range(34):
+        n = c[t]
+        if n and t in TERMINALS_AND_HONORS:
+            items.append(("pair" if t == pair else "single", (t,) * (2 if t == pair else 1)))
+            spare.append(False)
+            n -= len(items[-1][1])
+        items += [("single", (t,))] * n
+        spare += [True] * n
+    kinds = sum(1 for t in TERMINALS_AND_HONORS if c[t])
+    return "Thirteen orphans", items, 13 - kinds - (pair is not None), spare
+
+
+def split_rationale(c: Counts, best: Sequence[int]) -> tuple[str, int] | None:
+    """A worked discard that a small model can follow: the hand read once in tile order into melds,
+    pairs and partial melds, with the spare tiles (those no block needs) in brackets. Discarding a
+    spare keeps every block, so it keeps the lowest shanten; the answer is the first spare.
+
+    The split is the first regular one in reading order (``_regular_splits``) that reaches the
+    lowest shanten and whose spare tiles are all optimal discards (checked against the oracle's
+    ``best``); a hand that only seven pairs or thirteen orphans bring that low is read as such.
+    None when no such reading exists (a few hands that need four copies of a tile counted apart)."""
+    best_set = set(best)
+    c = list(c)
+    c[best[0]] -= 1
+    low = shanten(c)
+    c[best[0]] += 1
+
+    def fits(value: int, items: list[Item], spare: list[bool]) -> bool:
+        tiles = [t for item, s in zip(items, spare) if s for t in item[1]]
+        return value == low and bool(tiles) and set(tiles) <= best_set
+
+    found = None
+    for items in _regular_splits(c):
+        value, spare = _regular_value(items)
+        if fits(value, items, spare):
+            found = ("Split", items, spare)
+            break
+    if found is None:
+        for name, items, value, spare in (_seven_pairs(c), _thirteen_orphans(c)):
+            if fits(value, items, spare):
+                found = (name, items, spare)
+                break
+    if found is None:
+        return None
+    name, items, spare = found
+    text = " ".join(f"[{''.join(map(tile_name, tiles))}]" if s else "".join(map(tile_name, tiles))
+                    for (_, tiles), s in zip(items, spare))
+    return f"{name}: {text}", next(item[1][0] for item, s in zip(items, spare) if s)
+
+
 # --------------------------------------------------------------------------- the task
 
 
@@ -316,7 +450,10 @@ class MahjongTask:
     ``max_best_discards`` (discard questions: at most this many optimal tiles, so guessing
     scores low), ``balance`` (True), ``eval_fraction`` (share of hands held out, 0.125),
     ``notation`` ("compact": ``123m11z``; "spaced": ``1m 2m 3m 1z 1z``, each tile with its suit,
-    which small models read far more easily; answers are compact either way).
+    which small models read far more easily; answers are compact either way),
+    ``discard_rationale`` (the worked answer of a discard question: "split", the hand read into
+    blocks with the spare tiles in brackets, see ``split_rationale``; or "table", the shanten each
+    discard leaves).
     """
 
     types: tuple[str, ...] = DEFAULT_MIX
@@ -330,6 +467,7 @@ class MahjongTask:
     balance: bool = True
     eval_fraction: float = 0.125
     notation: str = "compact"
+    discard_rationale: str = "split"
     name: str = "mahjong"
 
     def __post_init__(self) -> None:
@@ -341,6 +479,8 @@ class MahjongTask:
             raise ValueError("mahjong: need 1 <= min_waits <= max_waits <= 13")
         if self.notation not in ("compact", "spaced"):
             raise ValueError(f"mahjong: notation must be 'compact' or 'spaced', not {self.notation!r}")
+        if self.discard_rationale not in ("split", "table"):
+            raise ValueError(f"mahjong: discard_rationale must be 'split' or 'table', not {self.discard_rationale!r}")
         if not 0 <= self.max_shanten <= 6:
             raise ValueError("mahjong: max_shanten must be between 0 and 6")
         kw = {"shapes": dict(self.shapes)} if self.shapes else {}
@@ -506,6 +646,10 @@ class MahjongTask:
 
     def target(self, ex: Example, *, rationale: bool = False) -> str:
         answer = self.format_answer(ex.type, ex.answer)
+        if ex.type == "discard" and rationale and self.discard_rationale == "split":
+            worked = split_rationale(hand_from_compact(ex.meta["hand"]), parse_tiles(str(ex.answer)))
+            if worked is not None:  # the answer is the split's first spare tile
+                return f"{worked[0]}\nAnswer: {tile_name(worked[1])}"
         if ex.type == "discard":
             # Any optimal tile is right: name one picked at random (seeded by the hand) rather than
             # always the first in tile order, so a student learns which tiles are optimal instead
@@ -565,6 +709,21 @@ class MahjongTask:
         yaku = ", ".join(ex.meta["yaku"]) or "none"
         fu = ", ".join(ex.meta["fu_details"]) or "base"
         return f"Yaku: {yaku}, {ex.answer['han']} han. Fu: {fu}; rounded up: {ex.answer['fu']} fu."
+
+    def group(self, ex: Example) -> str:
+        """The question's type and answer class, for accuracy per group (``EvalResult.per_group``)."""
+        cls = ex.meta.get("class")
+        if ex.type == "discard":
+            label = "ready after the best discard" if cls == 0 else f"{cls} from ready after the best discard"
+        elif ex.type == "waits":
+            label = f"{cls}{' or more' if cls == self.max_waits else ''} winning tile{'s' * (cls != 1)}"
+        elif ex.type == "shanten":
+            label = f"shanten {cls}"
+        elif ex.type == "complete":
+            label = "complete" if cls else "not complete"
+        else:
+            label = str(cls)
+        return f"{ex.type}: {label}"
 
     # ------------------------------------------------------------------ parsing and scoring
 
@@ -652,10 +811,12 @@ def make_mahjong(
     balance: bool = True,
     eval_fraction: float = 0.125,
     notation: str = "compact",
+    discard_rationale: str = "split",
 ) -> MahjongTask:
     if sub and types:
         raise ValueError("mahjong: give the question type as 'mahjong:<type>' or as options.types, not both")
     chosen = (sub,) if sub else tuple([types] if isinstance(types, str) else types or DEFAULT_MIX)
     return MahjongTask(types=chosen, suits=suits, honors=honors, shapes=shapes, min_waits=min_waits,
                        max_waits=max_waits, max_shanten=max_shanten, max_best_discards=max_best_discards,
-                       balance=balance, eval_fraction=eval_fraction, notation=notation)
+                       balance=balance, eval_fraction=eval_fraction, notation=notation,
+                       discard_rationale=discard_rationale)

@@ -1,0 +1,123 @@
+"""The Mahjong student on hands from play: near-ready discard questions made apart from the training sampler.
+
+The task's questions (`mahjong:discard`) come from complete hands with tiles swapped out. This script
+makes its own the way hands arise at a table: a shuffled wall of 136 tiles, 13 dealt, then draw a
+tile and discard, repeatedly (the discard is a random optimal one: a player who plays for speed),
+until the 14 tiles in hand are *near-ready*: the best discard leaves the hand ready or one tile
+from ready, with at most 3 optimal discards (so a guess scores low), and the hand is not already
+complete. Each such hand becomes one question in the task's own wording. The optimal discards are
+computed here with the `mahjong` package's `Shanten` directly, not through `stratos.tasks.mahjong`.
+
+    python benchmarks/mahjong_near_ready.py runs/mahjong-demo-*/distill/model --run runs/mahjong-demo-*
+    python benchmarks/mahjong_near_ready.py MODEL_DIR --n 400 --seed 0 --out near-ready.jsonl
+
+Prints accuracy with a 95% Wilson interval, per group (ready or one from ready after the best
+discard; regular hand, seven pairs or thirteen orphans as the best reading), and, with --run, how
+many of the hands appear in that run's training data (exact match of the question after
+canonicalisation; such hands are still scored, and the count is printed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+from collections import defaultdict
+from pathlib import Path
+
+from mahjong.shanten import Shanten
+
+from stratos.evaluate import evaluate, leakage, wilson_interval
+from stratos.io import read_jsonl
+from stratos.tasks.base import Example
+from stratos.tasks.mahjong import MahjongTask, to_compact
+
+
+def _shanten(c: list[int]) -> int:
+    return Shanten().calculate_shanten(c)
+
+
+def _forms(c: list[int]) -> dict[str, int]:
+    s = Shanten()
+    return {"regular": s.calculate_shanten_for_regular_hand(c), "seven pairs": s.calculate_shanten_for_chiitoitsu_hand(c),
+            "thirteen orphans": s.calculate_shanten_for_kokushi_hand(c)}
+
+
+def near_ready_hands(n: int, seed: int = 0, max_best: int = 3, max_draws: int = 24) -> list[dict]:
+    """``n`` distinct 14-tile hands from simulated play (see the module doc), with their optimal discards."""
+    rng = random.Random(f"near-ready:{seed}")
+    wall = [t for t in range(34) for _ in range(4)]
+    out, seen = [], set()
+    while len(out) < n:
+        rng.shuffle(wall)
+        hand = [0] * 34
+        for t in wall[:13]:
+            hand[t] += 1
+        for pos in range(13, 13 + max_draws):
+            hand[wall[pos]] += 1
+            if _shanten(hand) < 0:  # complete: a win, not a discard question
+                break
+            after = {}
+            for t in range(34):
+                if hand[t]:
+                    hand[t] -= 1
+                    after[t] = _shanten(hand)
+                    hand[t] += 1
+            low = min(after.values())
+            best = [t for t, s in after.items() if s == low]
+            if low <= 1 and len(best) <= max_best:
+                key = to_compact(hand, counts=True)
+                if key not in seen:
+                    seen.add(key)
+                    forms = _forms(hand)
+                    out.append({"hand": key, "best": best, "low": low,
+                                "form": min(forms, key=lambda f: (forms[f], f != "regular"))})
+                break
+            hand[rng.choice(best)] -= 1
+    return out
+
+
+def as_examples(hands: list[dict]) -> list[Example]:
+    return [Example(f"near-ready-{i}", f"Hand (14 tiles): {h['hand']}\nWhich tile should be discarded to leave the "
+                    "lowest shanten?", to_compact(h["best"]), "discard",
+                    {"class": h["low"], "hand": h["hand"], "form": h["form"]})
+            for i, h in enumerate(hands)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("model", help="a model folder (the student, e.g. RUN/distill/model)")
+    ap.add_argument("--n", type=int, default=400)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--run", help="a run directory: count hands found in its training data (RUN/synth/data.jsonl)")
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--out", help="write each prediction here (jsonl)")
+    args = ap.parse_args()
+
+    from stratos.models import load
+
+    task = MahjongTask(types=("discard",), notation="spaced")
+    examples = as_examples(near_ready_hands(args.n, args.seed))
+    model, tok = load(args.model)
+    res = evaluate(model, tok, task, examples, max_new_tokens=args.max_new_tokens, predictions_path=args.out,
+                   progress=True)
+    lo, hi = res.ci_low, res.ci_high
+    print(f"\n{res.n} near-ready hands (seed {args.seed}): accuracy {res.accuracy:.1%} [{lo:.1%}, {hi:.1%}], "
+          f"{res.unparsed} unparsed, {res.truncated} cut by max_new_tokens")
+    if args.out:
+        rows = list(read_jsonl(args.out))
+        groups = defaultdict(list)
+        for ex, row in zip(examples, rows):
+            groups["ready after the best discard" if ex.meta["class"] == 0 else "one from ready after it"].append(row["correct"])
+            groups[f"best read as {ex.meta['form']}"].append(row["correct"])
+        print("| group | n | accuracy (95% CI) |\n|---|---|---|")
+        for name, oks in groups.items():
+            a, b = wilson_interval(sum(oks), len(oks))
+            print(f"| {name} | {len(oks)} | {sum(oks) / len(oks):.1%} [{a:.1%}, {b:.1%}] |")
+    if args.run:
+        records = list(read_jsonl(Path(args.run) / "synth" / "data.jsonl"))
+        found = leakage(task, examples, records)
+        print(f"in the run's training data: {found}")
+
+
+if __name__ == "__main__":
+    main()
