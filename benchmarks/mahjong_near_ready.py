@@ -8,13 +8,13 @@ from ready, with at most 3 optimal discards (so a guess scores low), and the han
 complete. Each such hand becomes one question in the task's own wording. The optimal discards are
 computed here with the `mahjong` package's `Shanten` directly, not through `stratos.tasks.mahjong`.
 
-    python benchmarks/mahjong_near_ready.py runs/mahjong-demo-*/distill/model --run runs/mahjong-demo-*
-    python benchmarks/mahjong_near_ready.py MODEL_DIR --n 400 --seed 0 --out near-ready.jsonl
+    python benchmarks/mahjong_near_ready.py RUN/distill/model --run RUN --eval-split
+    python benchmarks/mahjong_near_ready.py MODEL_DIR --n 400 --seed 0 --out runs/near-ready
 
 Prints accuracy with a 95% Wilson interval, per group (ready or one from ready after the best
 discard; regular hand, seven pairs or thirteen orphans as the best reading), and, with --run, how
-many of the hands appear in that run's training data (exact match of the question after
-canonicalisation; such hands are still scored, and the count is printed).
+many of the hands appear in that run's training data (the leakage check of the eval stage; such
+hands are still scored). --eval-split scores the task's 200 eval questions the same way.
 """
 
 from __future__ import annotations
@@ -83,40 +83,50 @@ def as_examples(hands: list[dict]) -> list[Example]:
             for i, h in enumerate(hands)]
 
 
+def report(name: str, task: MahjongTask, examples: list[Example], res, rows: list[dict]) -> None:
+    """Accuracy with its 95% interval, then per group: how close the best discard leaves the hand, and
+    (hands from play) which reading is best."""
+    print(f"\n{name}: accuracy {res.accuracy:.1%} [{res.ci_low:.1%}, {res.ci_high:.1%}] of {res.n}, "
+          f"{res.unparsed} unparsed, {res.truncated} cut by max_new_tokens")
+    groups = defaultdict(list)
+    for ex, row in zip(examples, rows):
+        groups[task.group(ex)].append(row["correct"])
+        if "form" in ex.meta:
+            groups[f"best read as {ex.meta['form']}"].append(row["correct"])
+    print("| group | n | accuracy (95% CI) |\n|---|---|---|")
+    for group, oks in sorted(groups.items()):
+        a, b = wilson_interval(sum(oks), len(oks))
+        print(f"| {group} | {len(oks)} | {sum(oks) / len(oks):.1%} [{a:.1%}, {b:.1%}] |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("model", help="a model folder (the student, e.g. RUN/distill/model)")
     ap.add_argument("--n", type=int, default=400)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--eval-split", action="store_true", help="also score the task's 200 eval questions")
     ap.add_argument("--run", help="a run directory: count hands found in its training data (RUN/synth/data.jsonl)")
-    ap.add_argument("--max-new-tokens", type=int, default=128)
-    ap.add_argument("--out", help="write each prediction here (jsonl)")
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--out", type=Path, default=Path("runs/near-ready"), help="predictions go here (jsonl)")
     args = ap.parse_args()
 
     from stratos.models import load
 
     task = MahjongTask(types=("discard",), notation="spaced")
-    examples = as_examples(near_ready_hands(args.n, args.seed))
     model, tok = load(args.model)
-    res = evaluate(model, tok, task, examples, max_new_tokens=args.max_new_tokens, predictions_path=args.out,
-                   progress=True)
-    lo, hi = res.ci_low, res.ci_high
-    print(f"\n{res.n} near-ready hands (seed {args.seed}): accuracy {res.accuracy:.1%} [{lo:.1%}, {hi:.1%}], "
-          f"{res.unparsed} unparsed, {res.truncated} cut by max_new_tokens")
-    if args.out:
-        rows = list(read_jsonl(args.out))
-        groups = defaultdict(list)
-        for ex, row in zip(examples, rows):
-            groups["ready after the best discard" if ex.meta["class"] == 0 else "one from ready after it"].append(row["correct"])
-            groups[f"best read as {ex.meta['form']}"].append(row["correct"])
-        print("| group | n | accuracy (95% CI) |\n|---|---|---|")
-        for name, oks in groups.items():
-            a, b = wilson_interval(sum(oks), len(oks))
-            print(f"| {name} | {len(oks)} | {sum(oks) / len(oks):.1%} [{a:.1%}, {b:.1%}] |")
-    if args.run:
-        records = list(read_jsonl(Path(args.run) / "synth" / "data.jsonl"))
-        found = leakage(task, examples, records)
-        print(f"in the run's training data: {found}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    sets = [(f"{args.n} near-ready hands from play (seed {args.seed})", "near-ready",
+             as_examples(near_ready_hands(args.n, args.seed)))]
+    if args.eval_split:
+        sets.append(("the task's 200 eval questions", "eval-split", task.examples("eval", 200, seed=0)))
+    for name, slug, examples in sets:
+        path = args.out / f"{slug}.jsonl"
+        res = evaluate(model, tok, task, examples, max_new_tokens=args.max_new_tokens, predictions_path=path)
+        report(name, task, examples, res, list(read_jsonl(path)))
+        if args.run:
+            records = list(read_jsonl(Path(args.run) / "synth" / "data.jsonl"))
+            found = leakage(task, examples, records)
+            print(f"in the run's training data: {found['found']} of {found['eval_questions']} questions")
 
 
 if __name__ == "__main__":

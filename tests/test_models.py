@@ -169,7 +169,13 @@ def test_a_student_on_a_task_tokenizer_is_small_and_reads_tiles_whole(tmp_path, 
     assert tok.tokenize("1m 9p 7z") == ["1m", "Ġ", "9p", "Ġ", "7z"]
     assert model.config.eos_token_id == tok.eos_token_id == tok.convert_tokens_to_ids("<|im_end|>")
     # The tokenizer is built once: a second student (another process, another stage) gets the same ids.
-    _, again = load_student(spec, task)
+    # Its weights come from the seed, not from the process's random state (stratos run has planned and
+    # synthesised in the same process before it builds the student; stratos distill has not).
+    torch.rand(1000)
+    twin, again = load_student(spec, task)
     assert again.get_vocab() == tok.get_vocab()
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), twin.state_dict().values()))
+    other, _ = load_student(spec, task, seed=1)
+    assert not torch.equal(other.model.embed_tokens.weight, model.model.embed_tokens.weight)
     with pytest.raises(ValueError, match="set init: random"):
         StudentSpec(model=str(base), tokenizer="task")

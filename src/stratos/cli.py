@@ -252,7 +252,7 @@ def distill(
             torch.cuda.set_device(where)
         say(f"  device: {rt.describe()}" + (f", {os.environ['WORLD_SIZE']} processes" if "WORLD_SIZE" in os.environ
                                             else ""), highlight=False)
-        model, tok = load_student(s_spec, task_spec, device=where)
+        model, tok = load_student(s_spec, task_spec, device=where, seed=s.distill.seed if s else 0)
         evaluator = evaluator_for(task_spec, tok, settings, max_new_tokens=s.eval.max_new_tokens if s else 64,
                                   batch_size=s.eval.batch_size if s else 16, task=task)
         t_model = t_tok = None

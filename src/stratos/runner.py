@@ -220,7 +220,7 @@ def stage_distill(ctx: Context) -> dict[str, Any]:
     s_spec = spec.students[plan.student["index"]]
     t_spec = spec.teachers[plan.teacher["index"]]
     records = load_records(ctx.artifact("synth", "data_path"))
-    student, tok = load_student(s_spec, spec.task, device=ctx.device)
+    student, tok = load_student(s_spec, spec.task, device=ctx.device, seed=spec.distill.seed)
     teacher = t_tok = None
     if settings.needs_teacher_model:
         teacher, t_tok = load(t_spec.model, dtype=t_spec.dtype, trust_remote_code=t_spec.trust_remote_code,

@@ -182,17 +182,23 @@ def task_tokenizer(task_spec: Any, vocab_size: int = 512) -> Any:
     return prepare_tokenizer(AutoTokenizer.from_pretrained(path))
 
 
-def load_student(spec: Any, task_spec: Any = None, *, device: str | torch.device = "cpu") -> tuple[Any, Any]:
+def load_student(spec: Any, task_spec: Any = None, *, device: str | torch.device = "cpu", seed: int = 0) -> tuple[Any, Any]:
     """``(model, tokenizer)`` for a ``StudentSpec``: pretrained (possibly shallower), or built from a
-    config, on the model's tokenizer or on one trained on the task (``tokenizer: task``)."""
-    if spec.tokenizer == "task":
-        if task_spec is None:
-            raise ValueError(f"student {spec.label}: tokenizer 'task' needs the task spec")
-        tok = task_tokenizer(task_spec, spec.tokenizer_vocab_size)
-        ids = {"vocab_size": len(tok), "pad_token_id": tok.pad_token_id, "eos_token_id": tok.eos_token_id,
-               "bos_token_id": tok.bos_token_id}
-        model = load(spec.model, dtype=spec.dtype, trust_remote_code=spec.trust_remote_code, device=device,
-                     config_overrides={**spec.config_overrides, **ids}, init="random", with_tokenizer=False)
-        return model, tok
-    return load(spec.model, dtype=spec.dtype, trust_remote_code=spec.trust_remote_code, device=device,
-                config_overrides=spec.config_overrides, init=spec.init)
+    config, on the model's tokenizer or on one trained on the task (``tokenizer: task``).
+
+    New weights (``init: random``) are drawn from ``seed`` (the spec's ``distill.seed``), not from
+    whatever the process's random state is by then: ``stratos run`` (after planning and synthesis in
+    the same process) and ``stratos distill`` build the same student."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if spec.tokenizer == "task":
+            if task_spec is None:
+                raise ValueError(f"student {spec.label}: tokenizer 'task' needs the task spec")
+            tok = task_tokenizer(task_spec, spec.tokenizer_vocab_size)
+            ids = {"vocab_size": len(tok), "pad_token_id": tok.pad_token_id, "eos_token_id": tok.eos_token_id,
+                   "bos_token_id": tok.bos_token_id}
+            model = load(spec.model, dtype=spec.dtype, trust_remote_code=spec.trust_remote_code, device=device,
+                         config_overrides={**spec.config_overrides, **ids}, init="random", with_tokenizer=False)
+            return model, tok
+        return load(spec.model, dtype=spec.dtype, trust_remote_code=spec.trust_remote_code, device=device,
+                    config_overrides=spec.config_overrides, init=spec.init)

@@ -37,6 +37,8 @@ def model_card(*, role: str, spec: Any, plan: dict[str, Any], results: dict[str,
                         + (f"{lat['p50']:,.0f} / {lat['p95']:,.0f} ms |" if lat.get("p50") is not None else "– |")
                         if r.get("params") else
                         f"| {r['role']} | {_pct(r)} | – | {r.get('tokens_per_s', 0):,.0f} | – |")
+    groups = [f"- {g}: {_pct(v)} of {v['n']}" for g, v in (me.get("per_group") or {}).items()]
+    by_group = ("\nThis model by question group:\n\n" + "\n".join(groups) + "\n") if len(groups) > 1 else ""
     bench = results.get("bench") or {}
     comp = ""
     if role == "deployed student" and compress and not compress.get("skipped"):
@@ -82,7 +84,7 @@ process, except the deployed student's, which answered through its HTTP endpoint
 from a load test of {bench.get('clients', '?')} concurrent clients.
 
 {chr(10).join(measured)}
-
+{by_group}
 ## Limits
 
 - Measured on this task's questions only; nothing else was evaluated.
