@@ -362,7 +362,8 @@ def stage_eval(ctx: Context) -> dict[str, Any]:
     final = ctx.artifact("deploy", "model")
     bench = None
     with running_server(final, args=["--device", ctx.runtime.name]) as srv:
-        deployed = endpoint(srv.base_url, srv.model, api_key=srv.api_key)  # no cache: this measures the server
+        deployed = endpoint(srv.base_url, srv.model, api_key=srv.api_key,  # no cache: this measures the server
+                            role="deployed student")
         res = evaluate(None, None, task, examples, generate_fn=generate_fn(deployed, progress=ctx.progress),
                        predictions_path=ctx.dir / "predictions-deployed.jsonl", **kw)
         prompts = [messages(task, ex)[-1]["content"] for ex in examples[:16]]

@@ -96,6 +96,7 @@ class OpenAITeacher:
 
     backoff_base_s = 0.5
     backoff_cap_s = 30.0
+    role = "teacher"  # on progress bars; stratos.teachers.endpoint names a deployed student so
 
     def __init__(self, spec: Any, *, cache_dir: Any = None, price: Price | None = None, budget: Budget | None = None,
                  api_key: str | None = None):
@@ -259,7 +260,7 @@ class OpenAITeacher:
                 bar.advance(1)
 
         try:
-            with progress_bar(f"teacher {self.label}", total=len(reqs), enabled=progress) as bar:
+            with progress_bar(f"{self.role} {self.label}", total=len(reqs), enabled=progress) as bar:
                 bar.advance(done)
                 tasks = [asyncio.create_task(one(i, bar)) for i in todo]
                 try:

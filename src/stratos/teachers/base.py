@@ -233,16 +233,19 @@ def generate_fn(teacher: Teacher, *, progress: bool = False) -> Callable[..., li
 
 
 def endpoint(base_url: str, model: str, *, api_key: str | None = None, concurrency: int = 8, timeout_s: float = 120.0,
-             cache_dir: str | Path | None = None) -> Teacher:
+             cache_dir: str | Path | None = None, role: str = "teacher") -> Teacher:
     """An ``openai``-backend teacher for any OpenAI-compatible endpoint (``base_url`` as OpenAI clients
     take it, e.g. ``http://host:port/v1``), e.g. a deployed student: ``api_key`` is the key itself
-    (no environment variable is read); ``cache_dir=None`` asks the server every time (to measure it)."""
+    (no environment variable is read); ``cache_dir=None`` asks the server every time (to measure it).
+    ``role`` names it on progress bars (``deployed student``, not ``teacher``, for the eval's)."""
     from stratos.spec import TeacherSpec
     from stratos.teachers.api import OpenAITeacher
 
     spec = TeacherSpec(model=model, backend="openai", base_url=base_url, max_concurrency=concurrency,
                        timeout_s=timeout_s)
-    return OpenAITeacher(spec, cache_dir=cache_dir, api_key=api_key)
+    teacher = OpenAITeacher(spec, cache_dir=cache_dir, api_key=api_key)
+    teacher.role = role
+    return teacher
 
 
 def messages_of(prompt: Prompt) -> list[dict[str, str]]:
