@@ -71,6 +71,21 @@ def mean_se(xs: list[float], n: int) -> tuple[float, float]:
     return m, math.sqrt(max(within, between))
 
 
+def compare(accuracies: dict[str, list[float]], n: int) -> tuple[float, float]:
+    """Print a markdown table of per-seed accuracies, mean and SE, one row per method (the first is
+    the baseline); return the last method's gain over the first and the pooled SE of that difference."""
+    base_accs, last_accs = list(accuracies.values())[0], list(accuracies.values())[-1]
+    seeds = len(base_accs)
+    print()
+    print(f"| method | {' | '.join(f'seed {s}' for s in range(seeds))} | mean | SE |")
+    print(f"|---|{'---|' * seeds}---|---|")
+    for name, accs in accuracies.items():
+        m, se = mean_se(accs, n)
+        print(f"| {name} | {' | '.join(f'{a:.1%}' for a in accs)} | {m:.1%} | {se:.1%} |")
+    (m0, se0), (m1, se1) = mean_se(base_accs, n), mean_se(last_accs, n)
+    return m1 - m0, math.sqrt(se0**2 + se1**2)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--teacher", default="smollm2-135m-instruct")
@@ -117,18 +132,11 @@ def main() -> None:
                          "signal": res.signal.get("ctkd")})
             print(f"seed {seed} {method:5s}: {acc:.1%} ({time.perf_counter() - t:.0f} s)", flush=True)
 
-    m_sft, se_sft = mean_se(results["sft"], len(held_out))
-    m_kd, se_kd = mean_se(results["ctkd"], len(held_out))
-    pooled = math.sqrt(se_sft**2 + se_kd**2)
-    print()
-    print(f"| method | {' | '.join(f'seed {s}' for s in range(args.seeds))} | mean | SE |")
-    print(f"|---|{'---|' * args.seeds}---|---|")
-    for method, m, se in (("SFT", m_sft, se_sft), (f"cross-tokenizer KD ({args.method}, kd_ratio {args.kd_ratio:g})",
-                                                   m_kd, se_kd)):
-        accs = results["sft" if method == "SFT" else "ctkd"]
-        print(f"| {method} | {' | '.join(f'{a:.1%}' for a in accs)} | {m:.1%} | {se:.1%} |")
-    print(f"\ngain {100 * (m_kd - m_sft):+.1f} points; pooled SE of the difference {100 * pooled:.1f} points "
-          f"({(m_kd - m_sft) / pooled if pooled else float('inf'):.1f} SE); teacher {teacher_acc:.1%}; "
+    gain, pooled = compare({"SFT": results["sft"],
+                            f"cross-tokenizer KD ({args.method}, kd_ratio {args.kd_ratio:g})": results["ctkd"]},
+                           len(held_out))
+    print(f"\ngain {100 * gain:+.1f} points; pooled SE of the difference {100 * pooled:.1f} points "
+          f"({gain / pooled if pooled else float('inf'):.1f} SE); teacher {teacher_acc:.1%}; "
           f"mapped share {mapping['mapped_mass']:.1%}; {len(held_out)} held-out questions, {args.steps} steps of "
           f"16 examples")
     args.out.mkdir(parents=True, exist_ok=True)

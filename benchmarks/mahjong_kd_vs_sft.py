@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import torch
-from ctkd_vs_sft import mean_se
+from ctkd_vs_sft import compare
 
 from stratos.distill import distill
 from stratos.evaluate import evaluate
@@ -84,17 +84,10 @@ def main() -> None:
             rows.append({"seed": seed, "method": method, "accuracy": acc, "train_s": out.seconds})
             print(f"seed {seed} {method:3s}: {acc:.1%} ({time.perf_counter() - t:.0f} s)", flush=True)
 
-    m_sft, se_sft = mean_se(results["sft"], len(held_out))
-    m_kd, se_kd = mean_se(results["kd"], len(held_out))
-    pooled = (se_sft**2 + se_kd**2) ** 0.5
-    print()
-    print(f"| method | {' | '.join(f'seed {s}' for s in range(args.seeds))} | mean | SE |")
-    print(f"|---|{'---|' * args.seeds}---|---|")
-    for name, key, m, se in (("SFT", "sft", m_sft, se_sft), (f"KD ({args.loss}, kd_ratio {args.kd_ratio:g})", "kd",
-                                                              m_kd, se_kd)):
-        print(f"| {name} | {' | '.join(f'{a:.1%}' for a in results[key])} | {m:.1%} | {se:.1%} |")
-    print(f"\ngain {100 * (m_kd - m_sft):+.1f} points; pooled SE of the difference {100 * pooled:.1f} points "
-          f"({(m_kd - m_sft) / pooled if pooled else float('inf'):.1f} SE); teacher {teacher_acc:.1%} at "
+    gain, pooled = compare({"SFT": results["sft"], f"KD ({args.loss}, kd_ratio {args.kd_ratio:g})": results["kd"]},
+                           len(held_out))
+    print(f"\ngain {100 * gain:+.1f} points; pooled SE of the difference {100 * pooled:.1f} points "
+          f"({gain / pooled if pooled else float('inf'):.1f} SE); teacher {teacher_acc:.1%} at "
           f"{n_teacher / 1e6:.2f}M parameters, student {n_student / 1e6:.2f}M; {args.records} records, {args.steps} "
           f"steps of 16; {len(held_out)} held-out questions")
     args.out.mkdir(parents=True, exist_ok=True)
