@@ -71,9 +71,10 @@ def mean_se(xs: list[float], n: int) -> tuple[float, float]:
     return m, math.sqrt(max(within, between))
 
 
-def compare(accuracies: dict[str, list[float]], n: int) -> tuple[float, float]:
+def compare(accuracies: dict[str, list[float]], n: int) -> str:
     """Print a markdown table of per-seed accuracies, mean and SE, one row per method (the first is
-    the baseline); return the last method's gain over the first and the pooled SE of that difference."""
+    the baseline); return the last method's gain over the first with the pooled SE of that difference,
+    in words."""
     base_accs, last_accs = list(accuracies.values())[0], list(accuracies.values())[-1]
     seeds = len(base_accs)
     print()
@@ -83,7 +84,9 @@ def compare(accuracies: dict[str, list[float]], n: int) -> tuple[float, float]:
         m, se = mean_se(accs, n)
         print(f"| {name} | {' | '.join(f'{a:.1%}' for a in accs)} | {m:.1%} | {se:.1%} |")
     (m0, se0), (m1, se1) = mean_se(base_accs, n), mean_se(last_accs, n)
-    return m1 - m0, math.sqrt(se0**2 + se1**2)
+    gain, pooled = m1 - m0, math.sqrt(se0**2 + se1**2)
+    in_se = f"{gain / pooled:.1f} SE" if pooled else "no spread to measure it against"
+    return f"gain {100 * gain:+.1f} points; pooled SE of the difference {100 * pooled:.1f} points ({in_se})"
 
 
 def main() -> None:
@@ -132,11 +135,9 @@ def main() -> None:
                          "signal": res.signal.get("ctkd")})
             print(f"seed {seed} {method:5s}: {acc:.1%} ({time.perf_counter() - t:.0f} s)", flush=True)
 
-    gain, pooled = compare({"SFT": results["sft"],
-                            f"cross-tokenizer KD ({args.method}, kd_ratio {args.kd_ratio:g})": results["ctkd"]},
-                           len(held_out))
-    print(f"\ngain {100 * gain:+.1f} points; pooled SE of the difference {100 * pooled:.1f} points "
-          f"({gain / pooled if pooled else float('inf'):.1f} SE); teacher {teacher_acc:.1%}; "
+    gain = compare({"SFT": results["sft"],
+                    f"cross-tokenizer KD ({args.method}, kd_ratio {args.kd_ratio:g})": results["ctkd"]}, len(held_out))
+    print(f"\n{gain}; teacher {teacher_acc:.1%}; "
           f"mapped share {mapping['mapped_mass']:.1%}; {len(held_out)} held-out questions, {args.steps} steps of "
           f"16 examples")
     args.out.mkdir(parents=True, exist_ok=True)

@@ -276,16 +276,16 @@ def _regular_value(items: list[Item]) -> tuple[int, list[bool]]:
     up to four; the first pair is the head, later pairs are partials), and which items are spare:
     the singles and the partials beyond that cap."""
     melds = sum(kind == "meld" for kind, _ in items)
-    value, room, head, spare = 8 - 2 * melds, 4 - melds, False, []
+    room, head, spare = 4 - melds, False, []
     for kind, _ in items:
         useful = kind == "meld"
         if kind == "pair" and not head:
             head = useful = True
         elif kind in ("pair", "partial") and room > 0:
             room, useful = room - 1, True
-        value -= useful and kind != "meld"
         spare.append(not useful)
-    return value, spare
+    partials = 4 - melds - room
+    return 8 - 2 * melds - partials - head, spare
 
 
 def _seven_pairs(c: Counts) -> tuple[str, list[Item], int, list[bool]]:
