@@ -7,7 +7,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from stratos.evaluate import EvalResult, evaluate, wilson_interval
+from stratos.evaluate import EvalResult, evaluate, paired_difference, wilson_interval
 from stratos.models.generate import Generation, generate
 from stratos.tasks import get_task
 from stratos.tasks.base import grade, messages
@@ -54,6 +54,20 @@ def test_wilson_interval():
     lo, hi = wilson_interval(50, 100)
     assert lo == pytest.approx(0.4038, abs=1e-3) and hi == pytest.approx(0.5962, abs=1e-3)
     assert wilson_interval(10, 10)[1] == pytest.approx(1.0) and wilson_interval(10, 10)[0] > 0.69
+
+
+def test_paired_difference_counts_the_questions_only_one_model_gets_right():
+    a = [True, True, False, False, True]
+    b = [True, False, True, False, False]
+    d = paired_difference(a, b)
+    # 2 questions right only for a, 1 only for b: +1/5, and a half-width of 1.96 sqrt(2 + 1 - 1/5) / 5.
+    assert (d["only_a"], d["only_b"], d["n"]) == (2, 1, 5) and d["difference"] == pytest.approx(0.2)
+    assert d["ci_high"] - d["difference"] == pytest.approx(1.959964 * (2.8 ** 0.5) / 5)
+    # The same answers: no difference and no width; swapped models: the sign flips.
+    assert paired_difference(a, a)["ci_low"] == paired_difference(a, a)["ci_high"] == 0.0
+    assert paired_difference(b, a)["difference"] == pytest.approx(-0.2)
+    with pytest.raises(ValueError, match="same questions"):
+        paired_difference(a, b[:4])
 
 
 def test_evaluate_with_a_perfect_and_a_wrong_endpoint(tmp_path):

@@ -472,6 +472,16 @@ def test_the_plan_prices_rollouts_and_the_teacher_in_the_loop():
     assert g.rollout_sequences == pytest.approx(4 * g.epochs * g.train_examples) and g.train_sequences == 4.0
     assert stage_seconds(grpo)["training"] > 3 * stage_seconds(kd)["training"]
 
+    # distill.sft_baseline trains the student twice (the second time without the teacher): twice the
+    # training, the same teacher signal; gkd's baseline samples nothing.
+    twice, _ = build_plan(one_pair(distill=DistillSpec(algorithm="kd", teacher_signal="cached", sft_baseline=True)))
+    assert twice.workload.train_sequences == 2.0 and kd.workload.train_sequences == 1.0
+    assert stage_seconds(twice)["training"] == pytest.approx(2 * theirs["training"], rel=1e-6)
+    assert stage_seconds(twice)["signal"] == pytest.approx(theirs["signal"], rel=1e-6)
+    g2, _ = build_plan(one_pair(distill=DistillSpec(algorithm="gkd", lmbda=0.5, max_completion_length=64,
+                                                    sft_baseline=True)))
+    assert g2.workload.rollout_sequences == pytest.approx(w.rollout_sequences)
+
 
 def test_the_plan_adds_rl_when_the_student_answers_sometimes_and_misses_the_target():
     """A final RL phase against the verifier where it pays: the student's predicted accuracy misses

@@ -187,11 +187,31 @@ def test_a_changed_spec_reruns_only_the_stages_it_affects(tiny_spec, tmp_path, m
 
     data = yaml.safe_load(tiny_spec.read_text())
     data["distill"]["learning_rate"] = 2e-3
+    data["distill"]["sft_baseline"] = True
     changed = tmp_path / "changed.yaml"
     changed.write_text(yaml.safe_dump(data))
     second = run(load_spec(changed), run_dir, progress=False).data
     rerun = [s for s in STAGE_NAMES if second["stages"][s]["ended"] != ended[s]]
     assert rerun == ["distill", "compress", "deploy", "eval", "report"]
+
+    # distill.sft_baseline: the same student trained by SFT alone, the same steps, scored on the same questions.
+    baseline = second["stages"]["distill"]["artifacts"]["sft_baseline"]
+    b_result = json.loads((run_dir / "distill" / "sft-baseline" / "result.json").read_text())
+    assert baseline["steps"] == b_result["steps"] == 24 and baseline["settings"].startswith("sft (loss ce, 24 steps)")
+    assert [p["algorithm"] for p in b_result["settings"]["phases"]] == ["sft"] and b_result["signal"] == {}
+    kd = load_file(str(run_dir / "distill" / "model" / "model.safetensors"))
+    sft = load_file(str(run_dir / baseline["model"] / "model.safetensors"))
+    assert kd.keys() == sft.keys() and any(not torch.equal(kd[k], sft[k]) for k in kd)
+    results = json.loads((run_dir / "eval" / "results.json").read_text())
+    assert [r["role"] for r in results["rows"]][2:4] == ["student", "SFT baseline"]
+    right = {role: [json.loads(x)["correct"] for x in (run_dir / "eval" / f"predictions-{role}.jsonl").open()]
+             for role in ("student", "SFT-baseline")}
+    gain = results["teacher_gain"]
+    assert gain["only_a"] == sum(a and not b for a, b in zip(right["student"], right["SFT-baseline"]))
+    assert gain["only_b"] == sum(b and not a for a, b in zip(right["student"], right["SFT-baseline"]))
+    assert gain["n"] == 12 and gain["student"].startswith("kd (loss fkl, kd_ratio 0.5")
+    assert "What the teacher adds" in (run_dir / "report.html").read_text()
+    assert "- What the teacher adds: The student, trained with kd" in (run_dir / "distill" / "model" / "README.md").read_text()
 
     # Unchanged: nothing reruns. --only report rebuilds just the report.
     third = run(load_spec(changed), run_dir, progress=False).data

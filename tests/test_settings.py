@@ -16,7 +16,7 @@ import yaml
 from safetensors.torch import load_file
 
 from stratos.distill.algorithms import ALGORITHMS, register_algorithm, student_terms
-from stratos.distill.recipe import Settings, resolve
+from stratos.distill.recipe import Settings, resolve, sft_baseline
 from stratos.distill.trainer import BOOKKEEPING
 from stratos.models.tiny import build_tokenizer, save_model, tiny_llama
 from stratos.plan.strategy import Strategy
@@ -52,6 +52,21 @@ def test_injection_is_sft_first_then_kd_splitting_the_epochs():
     # max_steps written: the steps are split instead
     s = resolve(DistillSpec(max_steps=40), match="logit", strategy=strategy("injection", "fkl", 0.2))
     assert [p.config["max_steps"] for p in s.phases] == [30, 10]
+
+
+def test_the_sft_baseline_is_the_same_phases_with_the_teacher_taken_out():
+    s = resolve(DistillSpec(sft_baseline=True, seed=3), match="logit", strategy=strategy("injection", "fkl", 0.2, 4.0))
+    base = sft_baseline(s.phases)
+    # Every phase that learnt from the teacher trains SFT instead, at the same length and seed; the rest as it was.
+    assert algos(base) == [("sft", "ce", 0.0, False), ("sft", "ce", 0.0, False)] and base.signal == "none"
+    assert [p.config["num_train_epochs"] for p in base.phases] == [3.0, 1.0]
+    assert base.phases[0] == s.phases[0] and base.phases[1].config["seed"] == 3
+    same = {k: v for k, v in s.phases[1].config.items() if k not in ("algorithm", "loss", "kd_ratio")}
+    assert {k: v for k, v in base.phases[1].config.items() if k in same} == same
+    assert s.reasons[-1].startswith("SFT baseline (distill.sft_baseline): the same student is also trained with sft")
+    # Nothing learns from the teacher: no baseline, and the reason says why.
+    s = resolve(DistillSpec(sft_baseline=True, loss="ce", kd_ratio=0.0), match="logit", strategy=None)
+    assert s.signal == "none" and "the student is its own SFT baseline" in s.reasons[-1]
 
 
 @pytest.mark.parametrize("match,topk_data,expected,signal", [
@@ -199,6 +214,23 @@ def test_the_run_trains_exactly_the_plans_settings(models, tmp_path, monkeypatch
         a = load_file(str(run_dir / "distill" / "model" / "model.safetensors"))
         b = load_file(str(out / "model" / "model.safetensors"))
         assert all(torch.equal(a[k], b[k]) for k in a)
+
+        # distill.sft_baseline: the same phases with KD made SFT, in OUT/sft-baseline. Its first phase is SFT in
+        # both, so it is bitwise the student's: the same initialisation, data and batch order.
+        data["distill"]["sft_baseline"] = True
+        (tmp_path / "b.yaml").write_text(yaml.safe_dump(data))
+        with pytest.raises(SystemExit) as info:
+            main(["distill", str(tmp_path / "b.yaml"), "--plan", str(run_dir / "plan" / "plan.json"),
+                  "--data", str(run_dir / "synth" / "data.jsonl"), "--out", str(tmp_path / "cli-b")])
+        assert info.value.code in (0, None)
+        base_dir = tmp_path / "cli-b" / "sft-baseline"
+        assert [p["algorithm"] for p in json.loads((base_dir / "result.json").read_text())["settings"]["phases"]] == \
+            ["sft", "sft"]
+        first = load_file(str(run_dir / "distill" / "phase-1-sft" / "model" / "model.safetensors"))
+        mirror = load_file(str(base_dir / "phase-1-sft" / "model" / "model.safetensors"))
+        assert all(torch.equal(first[k], mirror[k]) for k in first)
+        last = load_file(str(base_dir / "model" / "model.safetensors"))
+        assert any(not torch.equal(a[k], last[k]) for k in a)  # phase 2 without the teacher trains otherwise
 
 
 def test_a_killed_two_phase_run_resumes_to_the_same_weights(models, tmp_path):

@@ -48,6 +48,19 @@ def test_arithmetic_too_small_space_is_an_error():
         get_task("arithmetic", digits=1).examples("eval", 50)
 
 
+def test_arithmetic_with_a_fixed_second_operand():
+    task = get_task("arithmetic", digits=3, b=1, eval_fraction=0.4)
+    ev, train = task.examples("eval", 200), task.examples("train", 300)
+    assert all(e.meta["b"] == 1 and e.answer == e.meta["a"] + 1 for e in ev + train)
+    assert ev[0].question == f"What is {ev[0].meta['a']} + 1?"
+    assert len({e.meta["a"] for e in ev}) == 200 and not {e.meta["a"] for e in ev} & {e.meta["a"] for e in train}
+    # 1,000 questions in all: 40% of them held out gives at most 200 eval questions, and the error says what to raise.
+    with pytest.raises(ValueError, match="raise digits or eval_fraction, or lower n"):
+        task.examples("eval", 201)
+    with pytest.raises(TaskError, match="b must be a non-negative integer"):
+        get_task("arithmetic", b=-1)
+
+
 @pytest.mark.parametrize("rationale", [False, True])
 def test_arithmetic_round_trip_and_records(rationale):
     task = get_task("arithmetic", ops="+-")

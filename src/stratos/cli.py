@@ -212,14 +212,17 @@ def distill(
 
         # Field paths as in a spec (distill.learning_rate), the section the options override.
         fail([f"distill.{line}" for line in format_validation_error(e)] if isinstance(e, ValidationError) else str(e))
+    from stratos.distill import BASELINE_DIR
     from stratos.distill.trainer import checkpoints
 
-    # A one-phase run keeps its checkpoints in OUT/checkpoints, a multi-phase one in OUT/phase-N-ALGO/.
-    trained = [d for d in (out / "checkpoints", *sorted(out.glob("phase-*/checkpoints"))) if checkpoints(d)]
+    # A one-phase run keeps its checkpoints in OUT/checkpoints, a multi-phase one in OUT/phase-N-ALGO/; an SFT
+    # baseline the same under OUT/sft-baseline/.
+    trained = [d for base in (out, out / BASELINE_DIR)
+               for d in (base / "checkpoints", *sorted(base.glob("phase-*/checkpoints"))) if checkpoints(d)]
     discard = bool(trained) and not resume
     if discard and not overwrite:
         fail(f"{out} already has checkpoints: pass --resume to continue that run or --overwrite to start over")
-    from stratos.distill import load_records, run_phases
+    from stratos.distill import load_records, run_phases, train_sft_baseline
     from stratos.distill.evaluation import evaluator_for
     from stratos.io import DataError
     from stratos.models import load, load_student
@@ -252,7 +255,7 @@ def distill(
             torch.cuda.set_device(where)
         say(f"  device: {rt.describe()}" + (f", {os.environ['WORLD_SIZE']} processes" if "WORLD_SIZE" in os.environ
                                             else ""), highlight=False)
-        model, tok = load_student(s_spec, task_spec, device=where, seed=s.distill.seed if s else 0)
+        model, tok = load_student(s_spec, task_spec, device=where, seed=cfg.seed)
         evaluator = evaluator_for(task_spec, tok, settings, max_new_tokens=s.eval.max_new_tokens if s else 64,
                                   batch_size=s.eval.batch_size if s else 16, task=task)
         t_model = t_tok = None
@@ -264,6 +267,11 @@ def distill(
                 shutil.rmtree(d.parent if d.parent != out else d)
         result = run_phases(model, tok, records, settings, out, teacher=t_model, teacher_tokenizer=t_tok, resume=resume,
                             evaluator=evaluator, task=task)
+        baseline = None
+        if cfg.sft_baseline:  # the same student without the teacher, in OUT/sft-baseline
+            del model, t_model
+            baseline = train_sft_baseline(lambda: load_student(s_spec, task_spec, device=where, seed=cfg.seed)[0],
+                                          tok, records, settings, out, resume=resume, evaluator=evaluator, task=task)
     except (DataError, FileNotFoundError, KeyError, ValueError) as e:
         fail(str(e).strip('"'))
     finally:
@@ -278,6 +286,10 @@ def distill(
         f"{result.tokens_per_second:.0f} tok/s{best}; student saved to {result.model_dir}",
         highlight=False,
     )
+    if cfg.sft_baseline:
+        say(f"SFT baseline: {baseline.steps} steps; saved to {baseline.model_dir}" if baseline is not None else
+            "SFT baseline: none trained: no phase learns from the teacher, so the student is its own SFT baseline",
+            highlight=False)
 
 
 def _without_nproc(argv: list[str]) -> list[str]:

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from stratos.errors import UserError
-from stratos.io import sha256_text, write_json
+from stratos.io import read_jsonl, sha256_text, write_json
 from stratos.spec import Spec
 
 log = logging.getLogger("stratos.run")
@@ -48,6 +48,8 @@ class TrainElsewhere(RunError):
 
 # The stages that run on the plan's training server (deploy and eval serve on the serving server).
 TRAINING_STAGES = ("synth", "distill", "compress")
+# The eval row of distill.sft_baseline's student: the same student, data and steps without the teacher.
+BASELINE_ROLE = "SFT baseline"
 
 
 # --------------------------------------------------------------------------- manifest
@@ -207,7 +209,7 @@ def stage_synth(ctx: Context) -> dict[str, Any]:
 
 
 def stage_distill(ctx: Context) -> dict[str, Any]:
-    from stratos.distill import load_records, run_phases
+    from stratos.distill import load_records, run_phases, train_sft_baseline
     from stratos.distill.evaluation import evaluator_for
     from stratos.models import load, load_student
     from stratos.tasks import task_from_spec
@@ -232,11 +234,31 @@ def stage_distill(ctx: Context) -> dict[str, Any]:
                               batch_size=spec.eval.batch_size, task=task)
     res = run_phases(student, tok, records, settings, ctx.dir, teacher=teacher, teacher_tokenizer=t_tok,
                      resume=ctx.resume, progress=ctx.progress, evaluator=evaluator, task=task)
-    return {"model": ctx.rel(res.model_dir), "metrics_path": ctx.rel(ctx.dir / "metrics.jsonl"),
-            "steps": res.steps, "tokens_per_second": res.tokens_per_second,
-            "phases": [p.algorithm for p in settings.phases], "loss": settings.phases[-1].config["loss"],
-            "signal": res.signal.get("mode", "none"), "settings": settings.to_dict(),
-            "best_step": res.final_metrics.get("best_step")}
+    out = {"model": ctx.rel(res.model_dir), "metrics_path": ctx.rel(ctx.dir / "metrics.jsonl"),
+           "steps": res.steps, "tokens_per_second": res.tokens_per_second,
+           "phases": [p.algorithm for p in settings.phases], "loss": settings.phases[-1].config["loss"],
+           "signal": res.signal.get("mode", "none"), "settings": settings.to_dict(),
+           "best_step": res.final_metrics.get("best_step")}
+    if spec.distill.sft_baseline:
+        # The same student, data, seed and batch order without the teacher: what eval compares the student with.
+        del student, teacher
+        train_sft_baseline(lambda: load_student(s_spec, spec.task, device=ctx.device, seed=spec.distill.seed)[0],
+                           tok, records, settings, ctx.dir, resume=ctx.resume, progress=ctx.progress,
+                           evaluator=evaluator, task=task)
+    return out | _baseline_artifacts(ctx, settings)
+
+
+def _baseline_artifacts(ctx: Context, settings: Any) -> dict[str, Any]:
+    """What the distill stage records about the SFT baseline (``distill.sft_baseline``) it trained."""
+    from stratos.distill import BASELINE_DIR
+    from stratos.distill.recipe import sft_baseline
+
+    if not ctx.spec.distill.sft_baseline or settings.signal == "none":
+        return {}
+    where = ctx.dir / BASELINE_DIR
+    res = json.loads((where / "result.json").read_text())
+    return {"sft_baseline": {"model": ctx.rel(where / "model"), "steps": res["steps"],
+                             "settings": sft_baseline(settings.phases).summary()}}
 
 
 def _distill_processes(ctx: Context, settings: Any) -> dict[str, Any]:
@@ -261,7 +283,8 @@ def _distill_processes(ctx: Context, settings: Any) -> dict[str, Any]:
             "steps": res["steps"], "tokens_per_second": res["tokens_per_second"],
             "phases": [p.algorithm for p in settings.phases], "loss": settings.phases[-1].config["loss"],
             "signal": res.get("signal", {}).get("mode", "none"), "settings": settings.to_dict(),
-            "best_step": res["final_metrics"].get("best_step"), "processes": ctx.nproc}
+            "best_step": res["final_metrics"].get("best_step"), "processes": ctx.nproc,
+            **_baseline_artifacts(ctx, settings)}
 
 
 def stage_compress(ctx: Context) -> dict[str, Any]:
@@ -349,14 +372,21 @@ def stage_eval(ctx: Context) -> dict[str, Any]:
         client.close()
     del teacher
     models = [("student", ctx.artifact("distill", "model"))]
+    baseline = ctx.manifest.data["stages"]["distill"].get("artifacts", {}).get("sft_baseline")
+    if baseline:  # distill.sft_baseline: the same student trained without the teacher
+        models.append((BASELINE_ROLE, ctx.run_dir / baseline["model"]))
     if not ctx.manifest.data["stages"].get("compress", {}).get("artifacts", {}).get("skipped"):
         models.append(("compressed student", ctx.artifact("compress", "model")))
+    correct: dict[str, list[bool]] = {}
     for role, folder in models:
         model, tok = load(folder, device=ctx.device)
-        res = evaluate(model, tok, task, examples, predictions_path=ctx.dir / f"predictions-{role.replace(' ', '-')}.jsonl",
-                       **kw)
-        facts = _model_facts(model, folder)  # the last one listed is the one deployed
-        record(role, ctx.rel(folder), res, facts)
+        path = ctx.dir / f"predictions-{role.replace(' ', '-')}.jsonl"
+        res = evaluate(model, tok, task, examples, predictions_path=path, **kw)
+        correct[role] = [bool(r["correct"]) for r in read_jsonl(path)]
+        measured = _model_facts(model, folder)
+        if role != BASELINE_ROLE:
+            facts = measured  # the deployed model is the last one listed, the baseline aside
+        record(role, ctx.rel(folder), res, measured)
         del model
 
     final = ctx.artifact("deploy", "model")
@@ -375,6 +405,12 @@ def stage_eval(ctx: Context) -> dict[str, Any]:
     results = {"task": spec.task.name, "n": n, "rows": rows, "bench": bench.to_dict(),
                "serving_server": plan.serving_server.name, "serving_usd_per_hour": price,
                "serving_local": plan.serving_server.is_local}
+    if baseline:  # what the teacher adds: the student against its SFT baseline, question by question
+        from stratos.evaluate import paired_difference
+
+        results["teacher_gain"] = {**paired_difference(correct["student"], correct[BASELINE_ROLE]),
+                                   "student": settings_of(spec, plan).summary().split(";")[0],
+                                   "baseline": baseline["settings"].split(";")[0]}
     # No eval question in the training data: reverse synthesis or a teacher's prompts could have brought one in.
     from stratos.distill import load_records
     from stratos.evaluate import leakage

@@ -314,6 +314,23 @@ def run_phases(
     return result
 
 
+BASELINE_DIR = "sft-baseline"
+
+
+def train_sft_baseline(new_student: Any, tokenizer: Any, records: Sequence[dict[str, Any]], settings: Any,
+                       out_dir: str | Path, **kw: Any) -> DistillResult | None:
+    """``distill.sft_baseline``: the student of ``new_student()`` (built as the distilled one was, same seed)
+    trained in ``out_dir/sft-baseline`` with every phase that learns from the teacher made SFT
+    (``recipe.sft_baseline``), on the same records and schedule. None when no phase uses the teacher:
+    then the student is its own SFT baseline. ``kw``: ``run_phases``' options."""
+    from stratos.distill.recipe import sft_baseline
+
+    if settings.signal == "none":
+        return None
+    base = sft_baseline(settings.phases)
+    return run_phases(new_student(), tokenizer, records, base, Path(out_dir) / BASELINE_DIR, **kw)
+
+
 def save_student(student: Any, tokenizer: Any, path: Path, state_dict: dict[str, Any] | None = None) -> None:
     """An ordinary HF folder with safetensors; LoRA adapters are merged so no peft is needed to load it.
     ``state_dict``: the weights to write instead of the model's own (a distributed student's, gathered)."""

@@ -187,7 +187,28 @@ def resolve(distill: DistillSpec, *, match: str = "logit", strategy: Any = None,
     elif signal == "topk":
         reasons.append("teacher signal: the API's top-k log-probs stored with its generations")
     on_policy = any(get_algorithm(p.algorithm).on_policy and p.needs_teacher for p in phases)
+    if distill.sft_baseline:
+        reasons.append("SFT baseline (distill.sft_baseline): " + (
+            "the same student is also trained with " + sft_baseline(phases).summary().split(";")[0]
+            + " on the same data, seed and batch order, to measure what the teacher adds"
+            if signal != "none" else "none trained: no phase learns from the teacher, so the student is its own "
+            "SFT baseline"))
     return Settings(phases, match, signal, reasons, on_policy=on_policy)
+
+
+def sft_baseline(phases: list[Phase]) -> Settings:
+    """The baseline of ``distill.sft_baseline``: the same phases with every phase that learns from the
+    teacher trained as SFT (loss ce) instead, at the same length and seed, so the two students differ
+    only in the teacher's signal."""
+    sft = get_algorithm("sft")
+    out = []
+    for p in phases:
+        if p.needs_teacher:
+            cfg = sft.configure(p.spec.model_copy(update={"algorithm": "sft"}))
+            p = Phase("sft", cfg.model_dump(mode="json"), False, f"SFT in place of {p.algorithm}: the baseline "
+                      "without the teacher")
+        out.append(p)
+    return Settings(out, "text", "none", [f"{p.label}: {p.reason}" for p in out])
 
 
 def recovery_config(distill: DistillSpec) -> DistillSpec:

@@ -114,7 +114,8 @@ BASE_TERMS = ("loss", "kd", "ce", "agree", "tokens")
 # the made_from of checkpoints, so those written before these options existed still resume.
 BOOKKEEPING = {"save_steps", "save_total_limit", "logging_steps", "report_to",
                "eval_steps", "eval_samples", "load_best_model_at_end",
-               "parallel", "fsdp_cpu_offload"}  # the same update however many processes compute it
+               "parallel", "fsdp_cpu_offload",  # the same update however many processes compute it
+               "sft_baseline"}  # a second student trained beside this one; this one's updates are the same
 
 
 def _trainable(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from stratos.distill.algorithms import get_algorithm
-from stratos.distill.recipe import Settings, names_algorithm, resolve
+from stratos.distill.recipe import Settings, names_algorithm, resolve, sft_baseline
 from stratos.errors import UserError
 from stratos.plan.catalog import Server
 from stratos.plan.costmodel import (
@@ -260,13 +260,17 @@ def workload_for(strategy: Strategy, m: Match, task: TaskProfile, inputs: PlanIn
         signal_passes = sum(sh * strategy.epochs for sh, p in zip(shares, settings.phases)
                             if p.needs_teacher and p.config["teacher_signal"] == "online")
     trained = 0.0  # sequences trained per example and epoch, over the phases (grpo trains a group per prompt)
-    for sh, p in zip(shares, settings.phases):
-        algo = get_algorithm(p.algorithm)
-        sampled, seqs = algo.rollouts(p.spec) if algo.rollouts else (0.0, 1.0)
-        trained += sh * seqs
-        if sampled:
-            rollouts += sh * strategy.epochs * strategy.data_size * sampled
-            rollout_len = max(rollout_len, p.config["max_completion_length"])
+    students = [settings.phases]
+    if inputs.distill is not None and inputs.distill.sft_baseline and settings.signal != "none":
+        students.append(sft_baseline(settings.phases).phases)  # a second student, the same length, no teacher
+    for phases in students:
+        for sh, p in zip(shares, phases):
+            algo = get_algorithm(p.algorithm)
+            sampled, seqs = algo.rollouts(p.spec) if algo.rollouts else (0.0, 1.0)
+            trained += sh * seqs
+            if sampled:
+                rollouts += sh * strategy.epochs * strategy.data_size * sampled
+                rollout_len = max(rollout_len, p.config["max_completion_length"])
     return Workload(
         prompt_tokens=task.prompt_tokens,
         answer_tokens=max(1.0, answer),

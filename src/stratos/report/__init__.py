@@ -19,6 +19,7 @@ import yaml
 
 from stratos.io import atomic_write_text
 from stratos.report import plots
+from stratos.report.card import teacher_gain_sentence
 
 __all__ = ["build_report", "results_table"]
 
@@ -119,6 +120,11 @@ def _headline(results: dict[str, Any]) -> str:
     return (f'<p class="headline">The {_e(final["role"])} answers <b>{final["accuracy"]:.1%}</b> of '
             f'{results.get("n", "?")} held-out <code>{_e(results.get("task", ""))}</code> questions correctly, '
             f'against <b>{teacher["accuracy"]:.1%}</b> for the teacher zero-shot: {compare}{size}.</p>')
+
+
+def _teacher_gain(results: dict[str, Any]) -> str:
+    text = teacher_gain_sentence(results)
+    return f"<h3>What the teacher adds</h3><p>{_e(text)}</p>" if text else ""
 
 
 def _by_group(results: dict[str, Any]) -> str:
@@ -331,7 +337,8 @@ def build_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
                    f"$ / M tokens: none, since the plan serves on {_e(results.get('serving_server'))}, not on this "
                    "machine, and these throughputs were measured here.</p>"))
         sections.append("<h2>Results</h2>" + _headline(results) + _leakage(results) + _table(headers, rows) + note
-                        + _img(plots.accuracy_bars(results.get("rows", [])), "accuracy") + _by_group(results))
+                        + _teacher_gain(results) + _img(plots.accuracy_bars(results.get("rows", [])), "accuracy")
+                        + _by_group(results))
     else:
         sections.append("<h2>Results</h2><p class='muted'>the eval stage has not run yet</p>")
 

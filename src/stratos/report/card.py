@@ -14,6 +14,25 @@ def _pct(row: dict[str, Any]) -> str:
     return f"{row['accuracy']:.1%} [{row['ci_low']:.1%}, {row['ci_high']:.1%}]"
 
 
+def teacher_gain_sentence(results: dict[str, Any]) -> str:
+    """What the teacher's signal added (``distill.sft_baseline``), in words: the student against the same
+    student trained by SFT alone on the same data and steps, on the same questions. Empty without a baseline."""
+    g = results.get("teacher_gain")
+    if not g:
+        return ""
+    rows = {r["role"]: r for r in results.get("rows", [])}
+    student, base = rows.get("student"), rows.get("SFT baseline")
+    if not student or not base:
+        return ""
+    verdict = ("the teacher's signal helped" if g["ci_low"] > 0 else "the teacher's signal hurt" if g["ci_high"] < 0
+               else "no difference either way at 95% confidence")
+    return (f"The student, trained with {g['student']}, answers {student['accuracy']:.1%} of the {g['n']} eval "
+            f"questions; the same student trained with {g['baseline']} on the same data, seed and steps answers "
+            f"{base['accuracy']:.1%}: {100 * g['difference']:+.1f} points [{100 * g['ci_low']:+.1f}, "
+            f"{100 * g['ci_high']:+.1f}] (95% interval of the paired difference; {g['only_a']} questions right only "
+            f"with the teacher, {g['only_b']} only without): {verdict}.")
+
+
 def model_card(*, role: str, spec: Any, plan: dict[str, Any], results: dict[str, Any], stats: dict[str, Any],
                distill: dict[str, Any], compress: dict[str, Any] | None, device: str) -> str:
     """The card of the run's ``role`` model ("student" or "deployed student")."""
@@ -50,6 +69,8 @@ def model_card(*, role: str, spec: Any, plan: dict[str, Any], results: dict[str,
                   if spec.constraints.max_latency_ms is not None else f"quantized {cs.quantize}")
                  if cs.quantize != "none" else ""]
         comp = "- Compression: " + ", ".join(p for p in parts if p) + ".\n" if any(parts) else ""
+    gain = teacher_gain_sentence(results)  # about the distilled student, which a deployed one was made from
+    gain = f"- What the teacher adds: {gain}\n" if gain else ""
     text = f"""---
 {yaml.safe_dump(front, sort_keys=False).strip()}
 ---
@@ -76,7 +97,7 @@ A {me.get('params', 0):,}-parameter model distilled by Stratos for the task
 
 - Strategy: {plan['strategy']['kind']} (match {plan['match']['mode']}).
 - Training: {phases}; {distill.get('steps', '?')} optimizer steps, teacher signal {distill.get('signal', 'none')}.
-{comp}
+{comp}{gain}
 ## Measured
 
 On {results.get('n')} held-out questions, on {device}. tokens/s: batched greedy generation in the eval
@@ -95,12 +116,14 @@ from a load test of {bench.get('clients', '?')} concurrent clients.
 
 
 def write_cards(folders: dict[str, Path], **facts: Any) -> list[Path]:
-    """``README.md`` into each folder (role -> folder); returns the paths written."""
+    """``README.md`` into each folder (role -> folder); returns the paths written. A folder listed for two
+    roles (the deployed student is the student itself when nothing was compressed) gets the last one's card."""
     from stratos.io import atomic_write_text
 
     out = []
+    last = {Path(folder).resolve(): role for role, folder in folders.items()}
     for role, folder in folders.items():
-        if Path(folder).is_dir():
+        if Path(folder).is_dir() and last[Path(folder).resolve()] == role:
             path = Path(folder) / "README.md"
             atomic_write_text(path, model_card(role=role, **facts))
             out.append(path)

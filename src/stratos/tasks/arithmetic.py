@@ -21,12 +21,14 @@ class ArithmeticTask:
     """Questions ``a <op> b`` with operands of up to ``digits`` digits.
 
     Options (spec ``task.options``): ``digits`` (default 3), ``ops`` ("+" by default; any of
-    "+-*", as a string or a list), ``eval_fraction`` of the question space held out for eval.
+    "+-*", as a string or a list), ``b`` (the second operand fixed at this value: ``b: 1`` asks
+    "What is N + 1?"), ``eval_fraction`` of the question space held out for eval.
     """
 
     digits: int = 3
     ops: str = "+"
     eval_fraction: float = 0.125
+    b: int | None = None
     name: str = "arithmetic"
 
     def __post_init__(self) -> None:
@@ -37,22 +39,26 @@ class ArithmeticTask:
             raise ValueError(f"arithmetic: ops must be made of '+', '-', '*' (got {self.ops!r})")
         if not 1 <= self.digits <= 18:
             raise ValueError(f"arithmetic: digits must be between 1 and 18 (got {self.digits})")
+        if self.b is not None and (isinstance(self.b, bool) or not isinstance(self.b, int) or self.b < 0):
+            raise ValueError(f"arithmetic: b must be a non-negative integer (got {self.b!r})")
 
     def examples(self, split: str, n: int, seed: int = 0) -> list[Example]:
         check_split(split)
         rng = random.Random(f"arithmetic:{split}:{seed}")
         hi = 10**self.digits - 1
-        space = (hi + 1) ** 2 * len(self.ops)
+        space = (hi + 1) * (hi + 1 if self.b is None else 1) * len(self.ops)
         # The held-out part of a small question space can be smaller than n: say so, don't loop forever.
         limit = space * (self.eval_fraction if split == "eval" else 1 - self.eval_fraction)
         if n > 0.5 * limit:
             raise ValueError(
                 f"arithmetic: {n} {split} examples asked, but {self.digits}-digit {self.ops!r} questions give "
-                f"only about {int(limit)} in that split; raise digits or lower n"
+                f"only about {int(limit)} in that split; raise digits{' or eval_fraction' if split == 'eval' else ''}, "
+                "or lower n"
             )
         out, seen = [], set()
         while len(out) < n:
-            a, b, op = rng.randint(0, hi), rng.randint(0, hi), rng.choice(self.ops)
+            a, op = rng.randint(0, hi), rng.choice(self.ops)
+            b = rng.randint(0, hi) if self.b is None else self.b
             key = f"{a}{op}{b}"
             if key in seen or split_of(key, self.eval_fraction) != split:
                 continue
@@ -97,6 +103,6 @@ class ArithmeticTask:
 
 @register_task("arithmetic")
 def make_arithmetic(sub: str | None = None, *, digits: int = 3, ops: str | list[str] | None = None,
-                    eval_fraction: float = 0.125) -> ArithmeticTask:
+                    eval_fraction: float = 0.125, b: int | None = None) -> ArithmeticTask:
     # 'arithmetic:+-' picks the operators, like options {ops: "+-"}
-    return ArithmeticTask(digits=digits, ops=ops or sub or "+", eval_fraction=eval_fraction)
+    return ArithmeticTask(digits=digits, ops=ops or sub or "+", eval_fraction=eval_fraction, b=b)

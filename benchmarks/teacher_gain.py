@@ -1,0 +1,100 @@
+"""What the teacher adds in a run, over several seeds: the run's student retrained with the run's own
+settings (what plan.json decided) and as its SFT baseline (``distill.sft_baseline``: every phase that
+learns from the teacher trained as SFT instead), on the run's training data, for each seed, and both
+scored greedily on the run's eval questions.
+
+One run's report compares the two students at one seed. A small student trained from scratch can
+land far apart at two seeds of the same recipe (init and batch order), so that one comparison says
+little; this script gives each seed's pair, the paired difference per seed, and the means with the
+pooled standard error of the difference (``ctkd_vs_sft.compare``).
+
+    python benchmarks/teacher_gain.py runs/alignment-*/ --seeds 3      # docs/benchmarks.md records a run
+
+It needs the run's plan and synth stages (the data) and the teacher; the hidden-state cache is built
+once and reused by every seed. Give it the machine: other work changes nothing measured here but time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from ctkd_vs_sft import compare
+
+from stratos.distill import load_records, run_phases
+from stratos.distill.recipe import Phase, Settings, sft_baseline
+from stratos.evaluate import evaluate, paired_difference
+from stratos.models import load, load_student
+from stratos.plan.planner import Plan
+from stratos.runner import settings_of
+from stratos.spec import load_spec
+from stratos.tasks import task_from_spec
+
+
+def with_seed(settings: Settings, seed: int) -> Settings:
+    """The same settings trained from ``seed`` (the student's init, the batch order, any sampling)."""
+    return Settings([Phase(p.algorithm, {**p.config, "seed": seed}, p.needs_teacher, p.reason) for p in settings.phases],
+                    settings.match, settings.signal, settings.reasons, on_policy=settings.on_policy)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run_dir", type=Path, help="a `stratos run` directory whose plan and synth stages are done")
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--out", type=Path, default=None, help="where the students go (default RUN/teacher-gain)")
+    args = ap.parse_args()
+
+    run_dir = args.run_dir
+    spec = load_spec(run_dir / "spec.yaml")
+    plan = Plan.from_json(run_dir / "plan" / "plan.json")
+    settings = settings_of(spec, plan)
+    if settings.signal == "none":
+        raise SystemExit(f"{run_dir}: its student learns nothing from the teacher ({settings.summary()}): "
+                         "it is its own SFT baseline")
+    s_spec, t_spec = spec.students[plan.student["index"]], spec.teachers[plan.teacher["index"]]
+    records = load_records(run_dir / "synth" / "data.jsonl")
+    task = task_from_spec(spec.task)
+    examples = task.examples("eval", spec.eval.n or spec.task.eval_size, seed=spec.task.seed)
+    teacher, t_tok = load(t_spec.model, dtype=t_spec.dtype, trust_remote_code=t_spec.trust_remote_code)
+    out = args.out or run_dir / "teacher-gain"
+    kd_name, sft_name = settings.summary().split(";")[0], sft_baseline(settings.phases).summary().split(";")[0]
+    print(f"{run_dir}: {len(records)} training records, {len(examples)} eval questions\n"
+          f"  with the teacher: {kd_name}\n  SFT baseline:     {sft_name}", flush=True)
+
+    acc: dict[str, list[float]] = {"SFT baseline": [], "with the teacher": []}
+    rows = []
+    for seed in range(args.seeds):
+        seeded = with_seed(settings, seed)
+        right = {}
+        for name, these, uses_teacher in (("with the teacher", seeded, True),
+                                          ("SFT baseline", sft_baseline(seeded.phases), False)):
+            t0 = time.perf_counter()
+            student, tok = load_student(s_spec, spec.task, seed=seed)
+            res = run_phases(student, tok, records, these, out / f"{'kd' if uses_teacher else 'sft'}-seed{seed}",
+                             teacher=teacher if uses_teacher else None, teacher_tokenizer=t_tok if uses_teacher else None,
+                             resume=False, progress=False)
+            pred = out / f"predictions-{'kd' if uses_teacher else 'sft'}-seed{seed}.jsonl"
+            ev = evaluate(student, tok, task, examples, max_new_tokens=spec.eval.max_new_tokens,
+                          batch_size=spec.eval.batch_size, predictions_path=pred)
+            right[name] = [json.loads(x)["correct"] for x in pred.open()]
+            acc[name].append(ev.accuracy)
+            rows.append({"seed": seed, "method": name, "accuracy": ev.accuracy, "steps": res.steps,
+                         "train_s": res.seconds})
+            print(f"seed {seed} {name:16s}: {ev.accuracy:.1%} after {res.steps} steps "
+                  f"({time.perf_counter() - t0:.0f} s)", flush=True)
+        d = paired_difference(right["with the teacher"], right["SFT baseline"])
+        print(f"seed {seed} paired difference: {100 * d['difference']:+.1f} points [{100 * d['ci_low']:+.1f}, "
+              f"{100 * d['ci_high']:+.1f}]", flush=True)
+
+    gain = compare(acc, len(examples))
+    print(f"\nwith the teacher ({kd_name}) against the SFT baseline ({sft_name}), same data and steps, "
+          f"{args.seeds} seeds, {len(examples)} eval questions: {gain}")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps({"rows": rows, "gain": gain, "with_teacher": kd_name,
+                                                  "baseline": sft_name}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
