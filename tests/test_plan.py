@@ -332,6 +332,14 @@ def test_spec_values_resize_the_workload_and_cut_the_predictions():
     plan, _ = build_plan(one_pair(probes=weak, spec_values=values))
     assert plan.workload.train_examples == own.strategy.reverse_synthesis // 4 and plan.workload.epochs == 1.0
     assert plan.workload.teacher_sequences == 0
+    # The plan's own lines for what the spec replaced say so where they stand; the others are unmarked.
+    mark = "[the plan's own choice; the spec's value replaces it, below]"
+    marked = [r for r in plan.reasons if r.endswith(mark)]
+    assert [r.removesuffix(" " + mark).split(":")[0] for r in marked] == [f"{own.strategy.reverse_synthesis} reverse-synthesised examples "
+                                                  "(answer first, question derived, checked by the oracle)",
+                                                  f"{own.strategy.data_size} examples x {own.strategy.epochs:g} epochs"]
+    assert not any(r.endswith(mark) for r in own.reasons)
+    assert sum(r.startswith("kd_ratio") and r.endswith(mark) for r in plan.reasons) == 0
     assert stage_seconds(plan)["training"] < stage_seconds(own)["training"] / 4
 
     # Prompts written for a plan that had no teacher generations: now the teacher generates, and the

@@ -286,6 +286,28 @@ def _fmt(v: Any) -> str:
     return f"{v:g}" if isinstance(v, float) else str(v)
 
 
+# Which of choose_strategy's reason lines states each value the spec can replace (by how the line starts or
+# what it holds), so that a replaced one says so where it stands instead of reading as what runs.
+_REASON_OF = {
+    "loss": lambda r, s: r.startswith("loss "),
+    "kd_ratio": lambda r, s: r.startswith("kd_ratio "),
+    "samples_per_prompt": lambda r, s: "teacher sample(s) per prompt" in r,
+    "reverse_synthesis": lambda r, s: "reverse-synthesised examples (answer first" in r,
+    "data_size": lambda r, s: r.startswith(f"{s.data_size} examples x "),
+    "epochs": lambda r, s: r.startswith(f"{s.data_size} examples x "),
+}
+
+
+def _mark_replaced(strategy: Strategy, changed: dict[str, Any]) -> list[str]:
+    """The plan's own reasons, each line whose value ``changed`` replaces marked as the plan's."""
+    out = []
+    for r in strategy.reasons:
+        if any(_REASON_OF[k](r, strategy) for k in changed if k in _REASON_OF):
+            r += " [the plan's own choice; the spec's value replaces it, below]"
+        out.append(r)
+    return out
+
+
 def apply_spec(strategy: Strategy, values: SpecValues, task: TaskProfile) -> Strategy:
     """The strategy with the user's spec values in place of the plan's: the one rule "what the user
     wrote wins", used by the planner (for its predictions) and by the runner (for what it runs).
@@ -351,7 +373,7 @@ def apply_spec(strategy: Strategy, values: SpecValues, task: TaskProfile) -> Str
                      "sample(s)")
     if rev:
         sizes.append(f"{rev} reverse-synthesised")
-    reasons = list(strategy.reasons) + [
+    reasons = _mark_replaced(strategy, changed) + [
         "from the spec (what the user wrote wins over the plan): " + ", ".join(parts) + "; the data is "
         + (" + ".join(sizes) or "none") + f" = {data} examples x {epochs:g} epochs{capped}, and the predictions "
         "are for that"
