@@ -188,6 +188,7 @@ def test_a_changed_spec_reruns_only_the_stages_it_affects(tiny_spec, tmp_path, m
     data = yaml.safe_load(tiny_spec.read_text())
     data["distill"]["learning_rate"] = 2e-3
     data["distill"]["sft_baseline"] = True
+    data["eval"]["rules_n"] = 0  # no row for the teacher with the rules in its prompt
     changed = tmp_path / "changed.yaml"
     changed.write_text(yaml.safe_dump(data))
     second = run(load_spec(changed), run_dir, progress=False).data
@@ -203,7 +204,7 @@ def test_a_changed_spec_reruns_only_the_stages_it_affects(tiny_spec, tmp_path, m
     sft = load_file(str(run_dir / baseline["model"] / "model.safetensors"))
     assert kd.keys() == sft.keys() and any(not torch.equal(kd[k], sft[k]) for k in kd)
     results = json.loads((run_dir / "eval" / "results.json").read_text())
-    assert [r["role"] for r in results["rows"]][2:4] == ["student", "SFT baseline"]
+    assert [r["role"] for r in results["rows"]][:3] == ["teacher (zero-shot)", "student", "SFT baseline"]
     right = {role: [json.loads(x)["correct"] for x in (run_dir / "eval" / f"predictions-{role}.jsonl").open()]
              for role in ("student", "SFT-baseline")}
     gain = results["teacher_gain"]

@@ -360,7 +360,7 @@ def stage_eval(ctx: Context) -> dict[str, Any]:
         teacher, t_tok = load(t_spec.model, dtype=t_spec.dtype, trust_remote_code=t_spec.trust_remote_code,
                               device=ctx.device)
         facts = _model_facts(teacher, resolve(t_spec.model)[1])
-    for rules in (False, True):
+    for rules in (False, True) if spec.eval.rules_n != 0 else (False,):
         role = "teacher (rules in prompt)" if rules else "teacher (zero-shot)"
         subset = examples[: spec.eval.rules_n] if rules and spec.eval.rules_n else examples
         res = evaluate(teacher, t_tok, task, subset, rules=rules, generate_fn=gen,

@@ -500,7 +500,8 @@ class ServeSpec(_Strict):
 class EvalSpec(_Strict):
     n: int | None = Field(None, gt=0, description="Eval examples (default: the task's eval_size).")
     rules_n: int | None = Field(
-        None, gt=0, description="Examples for the teacher with the rules in its prompt (long prompts; default: n)."
+        None, ge=0, description="Examples for the teacher with the rules in its prompt (long prompts; default: n; "
+        "0: no such row)."
     )
     batch_size: int = Field(16, gt=0)
     max_new_tokens: int = Field(64, gt=0)

@@ -323,7 +323,7 @@ def _thirteen_orphans(c: Counts) -> tuple[str, list[Item], int, list[bool]]:
     return "Thirteen orphans", items, 13 - kinds - (pair is not None), spare
 
 
-def split_rationale(c: Counts, best: Sequence[int], *, defer: bool = False) -> tuple[str, int] | None:
+def split_rationale(c: Counts, best: Sequence[int]) -> tuple[str, int] | None:
     """A worked discard that a small model can follow: the hand read once in tile order into melds,
     pairs and partial melds, with the spare tiles (those no block needs) in brackets. Discarding a
     spare keeps every block, so it keeps the lowest shanten; the answer is the first spare.
@@ -342,15 +342,9 @@ def split_rationale(c: Counts, best: Sequence[int], *, defer: bool = False) -> t
         tiles = [t for item, s in zip(items, spare) if s for t in item[1]]
         return value == low and bool(tiles) and set(tiles) <= best_set
 
-    def written(name: str, items: list[Item], spare: list[bool]) -> str:
-        return f"{name}: " + " ".join(f"[{''.join(map(tile_name, tiles))}]" if s else "".join(map(tile_name, tiles))
-                                      for (_, tiles), s in zip(items, spare))
-
-    found, first = None, None
+    found = None
     for items in _regular_splits(c):
         value, spare = _regular_value(items)
-        if first is None:
-            first = (items, spare)
         if fits(value, items, spare):
             found = ("Split", items, spare)
             break
@@ -362,10 +356,9 @@ def split_rationale(c: Counts, best: Sequence[int], *, defer: bool = False) -> t
     if found is None:
         return None
     name, items, spare = found
-    text = written(name, items, spare)
-    if defer and name != "Split" and first is not None:  # the regular reading first, then the better one
-        text = written("Split", *first) + "\n" + text
-    return text, next(item[1][0] for item, s in zip(items, spare) if s)
+    text = " ".join(f"[{''.join(map(tile_name, tiles))}]" if s else "".join(map(tile_name, tiles))
+                    for (_, tiles), s in zip(items, spare))
+    return f"{name}: {text}", next(item[1][0] for item, s in zip(items, spare) if s)
 
 
 # --------------------------------------------------------------------------- the task
@@ -486,7 +479,7 @@ class MahjongTask:
             raise ValueError("mahjong: need 1 <= min_waits <= max_waits <= 13")
         if self.notation not in ("compact", "spaced"):
             raise ValueError(f"mahjong: notation must be 'compact' or 'spaced', not {self.notation!r}")
-        if self.discard_rationale not in ("split", "table", "deferred"):
+        if self.discard_rationale not in ("split", "table"):
             raise ValueError(f"mahjong: discard_rationale must be 'split' or 'table', not {self.discard_rationale!r}")
         if not 0 <= self.max_shanten <= 6:
             raise ValueError("mahjong: max_shanten must be between 0 and 6")
@@ -653,9 +646,8 @@ class MahjongTask:
 
     def target(self, ex: Example, *, rationale: bool = False) -> str:
         answer = self.format_answer(ex.type, ex.answer)
-        if ex.type == "discard" and rationale and self.discard_rationale in ("split", "deferred"):
-            worked = split_rationale(hand_from_compact(ex.meta["hand"]), parse_tiles(str(ex.answer)),
-                                     defer=self.discard_rationale == "deferred")
+        if ex.type == "discard" and rationale and self.discard_rationale == "split":
+            worked = split_rationale(hand_from_compact(ex.meta["hand"]), parse_tiles(str(ex.answer)))
             if worked is not None:  # the answer is the split's first spare tile
                 return f"{worked[0]}\nAnswer: {tile_name(worked[1])}"
         if ex.type == "discard":
