@@ -64,6 +64,10 @@ def test_the_sft_baseline_is_the_same_phases_with_the_teacher_taken_out():
     same = {k: v for k, v in s.phases[1].config.items() if k not in ("algorithm", "loss", "kd_ratio")}
     assert {k: v for k, v in base.phases[1].config.items() if k in same} == same
     assert s.reasons[-1].startswith("SFT baseline (distill.sft_baseline): the same student is also trained with sft")
+    # opd without the teacher is grpo (its fallback: the verifier's reward alone), not SFT.
+    s = resolve(DistillSpec.model_validate({"sft_baseline": True, "phases": [{"algorithm": "kd"},
+                                                                             {"algorithm": "opd"}]}), match="logit")
+    assert [p.algorithm for p in sft_baseline(s.phases).phases] == ["sft", "grpo"]
     # Nothing learns from the teacher: no baseline, and the reason says why.
     s = resolve(DistillSpec(sft_baseline=True, loss="ce", kd_ratio=0.0), match="logit", strategy=None)
     assert s.signal == "none" and "the student is its own SFT baseline" in s.reasons[-1]

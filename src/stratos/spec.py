@@ -393,9 +393,10 @@ class DistillSpec(_TrainingOptions):
         None, description="Phases run in sequence in one run directory, each {algorithm, ...options it changes}; "
         "the student of one phase starts the next. Overrides algorithm.")
     sft_baseline: bool = Field(
-        False, description="Also train the same student by SFT alone (loss ce, no teacher) on the same data, with the "
-        "same steps, seed and batch order, in distill/sft-baseline/; eval scores both on the same questions, so the "
-        "report shows what the teacher's signal adds. Costs a second training of the student.")
+        False, description="Also train the same student without the teacher (SFT, loss ce, in place of kd and gkd; "
+        "grpo in place of opd) on the same data, with the same steps, seed and batch order, in distill/sft-baseline/; "
+        "eval scores both on the same questions, so the report shows what the teacher's signal adds. Costs a second "
+        "training of the student.")
 
     def phase_configs(self) -> list["DistillSpec"]:
         """The options each phase trains with: this section with the phase's own values on top

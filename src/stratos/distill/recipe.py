@@ -198,15 +198,16 @@ def resolve(distill: DistillSpec, *, match: str = "logit", strategy: Any = None,
 
 def sft_baseline(phases: list[Phase]) -> Settings:
     """The baseline of ``distill.sft_baseline``: the same phases with every phase that learns from the
-    teacher trained as SFT (loss ce) instead, at the same length and seed, so the two students differ
-    only in the teacher's signal."""
-    sft = get_algorithm("sft")
+    teacher trained as its algorithm without the teacher instead (its ``fallback``: SFT, loss ce, for kd
+    and gkd; grpo, the verifier's reward alone, for opd), at the same length and seed, so the two
+    students differ only in the teacher's signal."""
     out = []
     for p in phases:
         if p.needs_teacher:
-            cfg = sft.configure(p.spec.model_copy(update={"algorithm": "sft"}))
-            p = Phase("sft", cfg.model_dump(mode="json"), False, f"SFT in place of {p.algorithm}: the baseline "
-                      "without the teacher")
+            algo = get_algorithm(get_algorithm(p.algorithm).fallback)
+            cfg = algo.configure(p.spec.model_copy(update={"algorithm": algo.name}))
+            p = Phase(algo.name, cfg.model_dump(mode="json"), False, f"{algo.name} in place of {p.algorithm}: the "
+                      "baseline without the teacher")
         out.append(p)
     return Settings(out, "text", "none", [f"{p.label}: {p.reason}" for p in out])
 
