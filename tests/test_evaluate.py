@@ -86,11 +86,12 @@ def test_evaluate_with_a_perfect_and_a_wrong_endpoint(tmp_path):
     assert len(rows) == 40 and all(r["correct"] and r["parsed"] == r["answer"] for r in rows)
     json.dumps(res.to_dict())
 
-    def silent(prompts, *, max_new_tokens, batch_size):
-        return [Generation("", max_new_tokens, "length") for _ in prompts]
+    def silent(prompts, *, max_new_tokens, batch_size):  # each answer from a request that took 0.25 s
+        return [Generation("", max_new_tokens, "length", latency_s=0.25) for _ in prompts]
 
     res = evaluate(None, None, task, exs, generate_fn=silent)
     assert res.accuracy == 0.0 and res.unparsed == 40 and res.truncated == 40 and res.ci_high < 0.1
+    assert res.per_request and res.mean_latency_s == pytest.approx(0.25)  # the request's time, not the batch's
 
     def every_third(prompts, *, max_new_tokens, batch_size):  # right on examples 0, 3, 6...; a wrong number else
         return [Generation(by_prompt[p[-1]["content"]] if i % 3 == 0 else "-99999", 2, "stop")
@@ -118,6 +119,7 @@ def test_evaluate_local_model_and_cli(noisy_model, tiny_tokenizer, tmp_path):
     assert res.generated_tokens == sum(g.num_tokens for g in direct) > 0
     assert res.tokens_per_s == pytest.approx(res.generated_tokens / res.total_s)
     assert res.mean_latency_s == pytest.approx(res.total_s / 12)  # no request latencies: wall time per example
+    assert not res.per_request  # so the report shows no latency for it
 
     # The CLI loads a model folder like any other.
     folder = tmp_path / "model"

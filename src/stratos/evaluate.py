@@ -72,6 +72,7 @@ class EvalResult:
     # stratos.teachers.generate_fn, answers replayed from its cache included): the mean request latency;
     # otherwise wall time per example (batched: total time / n).
     mean_latency_s: float = 0.0
+    per_request: bool = False  # mean_latency_s and tokens_per_s are per request (else per example of a batch)
     # With request latencies: generated tokens / the sum of request latencies (the speed of one stream);
     # otherwise generated tokens per second of wall time.
     tokens_per_s: float = 0.0
@@ -199,8 +200,8 @@ def evaluate(
     return EvalResult(
         n=n, accuracy=k / n, ci_low=low, ci_high=high, mean_credit=credit / n, per_type=_breakdown(by_type),
         per_group=_breakdown(by_group),
-        mean_latency_s=mean_latency, tokens_per_s=tokens_per_s, total_s=total,
-        generated_tokens=tokens, unparsed=unparsed, truncated=truncated,
+        mean_latency_s=mean_latency, per_request=all(lat is not None for lat in latencies), tokens_per_s=tokens_per_s,
+        total_s=total, generated_tokens=tokens, unparsed=unparsed, truncated=truncated,
     )
 
 

@@ -95,7 +95,7 @@ def results_table(results: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
     for r in results.get("rows", []):
         tps = r.get("output_tokens_per_s") or r.get("tokens_per_s")
         latency = r.get("latency_ms", {}).get("p50") if isinstance(r.get("latency_ms"), dict) else None
-        if latency is None and r.get("mean_latency_s"):
+        if latency is None and r.get("mean_latency_s") and r.get("per_request"):  # batched wall time is no latency
             latency = 1000 * r["mean_latency_s"]
         rows.append([
             f"<b>{_e(r['role'])}</b>", _e(r.get("model", "")), f"{r['accuracy']:.3f}",
@@ -328,9 +328,12 @@ def build_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
         bench = results.get("bench") or {}
         note = (f"<p class='muted'>Accuracy on the same {results.get('n')} held-out questions for every model. "
                 f"tokens/s: batched greedy generation on this machine ({_e(stages.get('eval', {}).get('device', '?'))}); "
-                f"the deployed student's latency and "
+                f"the deployed student's latency (p50) and "
                 f"tokens/s come from a load test of its HTTP endpoint ({_e(bench.get('clients', '?'))} concurrent "
-                f"clients, {_e(bench.get('requests', '?'))} requests). "
+                f"clients, {_e(bench.get('requests', '?'))} requests, "
+                f"{(bench.get('output_tokens') or 0) / max(1, bench.get('ok') or 1):.0f} tokens each on average); "
+                "a model asked through an API shows its mean request time; one that generated in batches here has "
+                "no latency. "
                 + (f"$ / M tokens: the chosen serving server ({_e(results.get('serving_server'))}, "
                    f"${_fmt(results.get('serving_usd_per_hour'), 2)}/h) at the throughput measured here.</p>"
                    if results.get("serving_local", True) else
