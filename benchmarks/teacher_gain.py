@@ -59,7 +59,7 @@ def main() -> None:
     examples = task.examples("eval", spec.eval.n or spec.task.eval_size, seed=spec.task.seed)
     teacher, t_tok = load(t_spec.model, dtype=t_spec.dtype, trust_remote_code=t_spec.trust_remote_code)
     out = args.out or run_dir / "teacher-gain"
-    kd_name, sft_name = settings.summary().split(";")[0], sft_baseline(settings.phases).summary().split(";")[0]
+    kd_name, sft_name = settings.training, sft_baseline(settings).training
     print(f"{run_dir}: {len(records)} training records, {len(examples)} eval questions\n"
           f"  with the teacher: {kd_name}\n  SFT baseline:     {sft_name}", flush=True)
 
@@ -69,7 +69,7 @@ def main() -> None:
         seeded = with_seed(settings, seed)
         right = {}
         for name, these, uses_teacher in (("with the teacher", seeded, True),
-                                          ("SFT baseline", sft_baseline(seeded.phases), False)):
+                                          ("SFT baseline", sft_baseline(seeded), False)):
             t0 = time.perf_counter()
             student, tok = load_student(s_spec, spec.task, seed=seed)
             res = run_phases(student, tok, records, these, out / f"{'kd' if uses_teacher else 'sft'}-seed{seed}",

@@ -62,6 +62,7 @@ def test_paired_difference_counts_the_questions_only_one_model_gets_right():
     d = paired_difference(a, b)
     # 2 questions right only for a, 1 only for b: +1/5, and a half-width of 1.96 sqrt(2 + 1 - 1/5) / 5.
     assert (d["only_a"], d["only_b"], d["n"]) == (2, 1, 5) and d["difference"] == pytest.approx(0.2)
+    assert (d["a"], d["b"]) == (0.6, 0.4) and d["a"] - d["b"] == pytest.approx(d["difference"])
     assert d["ci_high"] - d["difference"] == pytest.approx(1.959964 * (2.8 ** 0.5) / 5)
     # The same answers: no difference and no width; swapped models: the sign flips.
     assert paired_difference(a, a)["ci_low"] == paired_difference(a, a)["ci_high"] == 0.0

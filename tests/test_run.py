@@ -198,7 +198,7 @@ def test_a_changed_spec_reruns_only_the_stages_it_affects(tiny_spec, tmp_path, m
     # distill.sft_baseline: the same student trained by SFT alone, the same steps, scored on the same questions.
     baseline = second["stages"]["distill"]["artifacts"]["sft_baseline"]
     b_result = json.loads((run_dir / "distill" / "sft-baseline" / "result.json").read_text())
-    assert baseline["steps"] == b_result["steps"] == 24 and baseline["settings"].startswith("sft (loss ce, 24 steps)")
+    assert baseline["steps"] == b_result["steps"] == 24 and baseline["training"].startswith("sft (loss ce, 24 steps)")
     assert [p["algorithm"] for p in b_result["settings"]["phases"]] == ["sft"] and b_result["signal"] == {}
     kd = load_file(str(run_dir / "distill" / "model" / "model.safetensors"))
     sft = load_file(str(run_dir / baseline["model"] / "model.safetensors"))

@@ -56,7 +56,7 @@ def test_injection_is_sft_first_then_kd_splitting_the_epochs():
 
 def test_the_sft_baseline_is_the_same_phases_with_the_teacher_taken_out():
     s = resolve(DistillSpec(sft_baseline=True, seed=3), match="logit", strategy=strategy("injection", "fkl", 0.2, 4.0))
-    base = sft_baseline(s.phases)
+    base = sft_baseline(s)
     # Every phase that learnt from the teacher trains SFT instead, at the same length and seed; the rest as it was.
     assert algos(base) == [("sft", "ce", 0.0, False), ("sft", "ce", 0.0, False)] and base.signal == "none"
     assert [p.config["num_train_epochs"] for p in base.phases] == [3.0, 1.0]
@@ -67,7 +67,7 @@ def test_the_sft_baseline_is_the_same_phases_with_the_teacher_taken_out():
     # opd without the teacher is grpo (its fallback: the verifier's reward alone), not SFT.
     s = resolve(DistillSpec.model_validate({"sft_baseline": True, "phases": [{"algorithm": "kd"},
                                                                              {"algorithm": "opd"}]}), match="logit")
-    assert [p.algorithm for p in sft_baseline(s.phases).phases] == ["sft", "grpo"]
+    assert [p.algorithm for p in sft_baseline(s).phases] == ["sft", "grpo"]
     # Nothing learns from the teacher: no baseline, and the reason says why.
     s = resolve(DistillSpec(sft_baseline=True, loss="ce", kd_ratio=0.0), match="logit", strategy=None)
     assert s.signal == "none" and "the student is its own SFT baseline" in s.reasons[-1]

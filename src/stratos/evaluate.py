@@ -53,8 +53,8 @@ def paired_difference(a: Sequence[bool], b: Sequence[bool], z: float = 1.959964)
     only_b = sum(bool(y) and not x for x, y in zip(a, b))
     diff = (only_a - only_b) / n
     half = z * math.sqrt(max(0.0, only_a + only_b - (only_a - only_b) ** 2 / n)) / n
-    return {"n": n, "difference": diff, "ci_low": diff - half, "ci_high": diff + half, "only_a": only_a,
-            "only_b": only_b}
+    return {"n": n, "a": sum(map(bool, a)) / n, "b": sum(map(bool, b)) / n, "difference": diff,
+            "ci_low": diff - half, "ci_high": diff + half, "only_a": only_a, "only_b": only_b}
 
 
 @dataclass

@@ -258,7 +258,7 @@ def _baseline_artifacts(ctx: Context, settings: Any) -> dict[str, Any]:
     where = ctx.dir / BASELINE_DIR
     res = json.loads((where / "result.json").read_text())
     return {"sft_baseline": {"model": ctx.rel(where / "model"), "steps": res["steps"],
-                             "settings": sft_baseline(settings.phases).summary()}}
+                             "training": sft_baseline(settings).training}}
 
 
 def _distill_processes(ctx: Context, settings: Any) -> dict[str, Any]:
@@ -406,11 +406,12 @@ def stage_eval(ctx: Context) -> dict[str, Any]:
                "serving_server": plan.serving_server.name, "serving_usd_per_hour": price,
                "serving_local": plan.serving_server.is_local}
     if baseline:  # what the teacher adds: the student against its SFT baseline, question by question
+        from stratos.distill.recipe import Settings
         from stratos.evaluate import paired_difference
 
+        trained = Settings.from_dict(ctx.manifest.data["stages"]["distill"]["artifacts"]["settings"]).training
         results["teacher_gain"] = {**paired_difference(correct["student"], correct[BASELINE_ROLE]),
-                                   "student": settings_of(spec, plan).summary().split(";")[0],
-                                   "baseline": baseline["settings"].split(";")[0]}
+                                   "student": trained, "baseline": baseline["training"]}
     # No eval question in the training data: reverse synthesis or a teacher's prompts could have brought one in.
     from stratos.distill import load_records
     from stratos.evaluate import leakage

@@ -327,8 +327,7 @@ def train_sft_baseline(new_student: Any, tokenizer: Any, records: Sequence[dict[
 
     if settings.signal == "none":
         return None
-    base = sft_baseline(settings.phases)
-    return run_phases(new_student(), tokenizer, records, base, Path(out_dir) / BASELINE_DIR, **kw)
+    return run_phases(new_student(), tokenizer, records, sft_baseline(settings), Path(out_dir) / BASELINE_DIR, **kw)
 
 
 def save_student(student: Any, tokenizer: Any, path: Path, state_dict: dict[str, Any] | None = None) -> None:

@@ -62,8 +62,13 @@ class Settings:
         """Whether the distill stage must load the teacher's weights (for its hidden states)."""
         return self.signal == "hidden"
 
+    @property
+    def training(self) -> str:
+        """The phases in words, e.g. "sft (loss ce, 3 epoch(s)) -> kd (loss fkl, kd_ratio 0.2, 1 epoch(s))"."""
+        return " -> ".join(p.label for p in self.phases)
+
     def summary(self) -> str:
-        return " -> ".join(p.label for p in self.phases) + f"; teacher signal: {self.signal}"
+        return f"{self.training}; teacher signal: {self.signal}"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -187,29 +192,30 @@ def resolve(distill: DistillSpec, *, match: str = "logit", strategy: Any = None,
     elif signal == "topk":
         reasons.append("teacher signal: the API's top-k log-probs stored with its generations")
     on_policy = any(get_algorithm(p.algorithm).on_policy and p.needs_teacher for p in phases)
+    settings = Settings(phases, match, signal, reasons, on_policy=on_policy)
     if distill.sft_baseline:
         reasons.append("SFT baseline (distill.sft_baseline): " + (
-            "the same student is also trained with " + sft_baseline(phases).summary().split(";")[0]
-            + " on the same data, seed and batch order, to measure what the teacher adds"
+            f"the same student is also trained with {sft_baseline(settings).training} on the same data, seed and "
+            "batch order, to measure what the teacher adds"
             if signal != "none" else "none trained: no phase learns from the teacher, so the student is its own "
             "SFT baseline"))
-    return Settings(phases, match, signal, reasons, on_policy=on_policy)
+    return settings
 
 
-def sft_baseline(phases: list[Phase]) -> Settings:
+def sft_baseline(settings: Settings) -> Settings:
     """The baseline of ``distill.sft_baseline``: the same phases with every phase that learns from the
     teacher trained as its algorithm without the teacher instead (its ``fallback``: SFT, loss ce, for kd
     and gkd; grpo, the verifier's reward alone, for opd), at the same length and seed, so the two
     students differ only in the teacher's signal."""
     out = []
-    for p in phases:
+    for p in settings.phases:
         if p.needs_teacher:
             algo = get_algorithm(get_algorithm(p.algorithm).fallback)
             cfg = algo.configure(p.spec.model_copy(update={"algorithm": algo.name}))
             p = Phase(algo.name, cfg.model_dump(mode="json"), False, f"{algo.name} in place of {p.algorithm}: the "
                       "baseline without the teacher")
         out.append(p)
-    return Settings(out, "text", "none", [f"{p.label}: {p.reason}" for p in out])
+    return Settings(out, settings.match, "none", [f"{p.label}: {p.reason}" for p in out])
 
 
 def recovery_config(distill: DistillSpec) -> DistillSpec:

@@ -262,7 +262,7 @@ def workload_for(strategy: Strategy, m: Match, task: TaskProfile, inputs: PlanIn
     trained = 0.0  # sequences trained per example and epoch, over the phases (grpo trains a group per prompt)
     students = [settings.phases]
     if inputs.distill is not None and inputs.distill.sft_baseline and settings.signal != "none":
-        students.append(sft_baseline(settings.phases).phases)  # a second student, the same length, no teacher
+        students.append(sft_baseline(settings).phases)  # a second student, the same length, no teacher
     for phases in students:
         for sh, p in zip(shares, phases):
             algo = get_algorithm(p.algorithm)

@@ -20,15 +20,11 @@ def teacher_gain_sentence(results: dict[str, Any]) -> str:
     g = results.get("teacher_gain")
     if not g:
         return ""
-    rows = {r["role"]: r for r in results.get("rows", [])}
-    student, base = rows.get("student"), rows.get("SFT baseline")
-    if not student or not base:
-        return ""
     verdict = ("the teacher's signal helped" if g["ci_low"] > 0 else "the teacher's signal hurt" if g["ci_high"] < 0
                else "no difference either way at 95% confidence")
-    return (f"The student, trained with {g['student']}, answers {student['accuracy']:.1%} of the {g['n']} eval "
+    return (f"The student, trained with {g['student']}, answers {g['a']:.1%} of the {g['n']} eval "
             f"questions; the same student trained with {g['baseline']} on the same data, seed and steps answers "
-            f"{base['accuracy']:.1%}: {100 * g['difference']:+.1f} points [{100 * g['ci_low']:+.1f}, "
+            f"{g['b']:.1%}: {100 * g['difference']:+.1f} points [{100 * g['ci_low']:+.1f}, "
             f"{100 * g['ci_high']:+.1f}] (95% interval of the paired difference; {g['only_a']} questions right only "
             f"with the teacher, {g['only_b']} only without): {verdict}.")
 
