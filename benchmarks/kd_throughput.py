@@ -261,8 +261,9 @@ def child(args: argparse.Namespace) -> None:
     print("RESULT " + json.dumps(out), flush=True)
 
 
-def run_child(engine: str, args: argparse.Namespace, workdir: Path) -> dict:
-    cmd = [sys.executable, __file__, "--engine", engine, "--workdir", str(workdir)] + [
+def run_child(engine: str, args: argparse.Namespace, workdir: Path, script: str = __file__) -> dict:
+    """Run ``script --engine ENGINE`` with the same options in a fresh process; return the dict it prints."""
+    cmd = [sys.executable, script, "--engine", engine, "--workdir", str(workdir)] + [
         f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("engine", "engines", "workdir")
     ]
     print(f"running {engine} ...", file=sys.stderr, flush=True)

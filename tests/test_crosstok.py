@@ -16,7 +16,6 @@ from stratos.distill.crosstok import (
     byte_offsets,
     pair_records,
     token_bytes,
-    mapped_mass,
     measure_mapping,
     uld_distance,
 )
@@ -135,6 +134,12 @@ def test_uld_distance_is_sorted_l1():
     expect = 0.2 + 0.1 + 0.05 + 0.05
     assert torch.allclose(uld_distance(q, p), torch.tensor([expect]))
     assert torch.allclose(uld_distance(p, q), torch.tensor([expect]))
+    # A side given at full width with the entries it leaves out at zero (how CrossHead passes the
+    # teacher's unmapped tokens) gives the same distance as those entries cut out.
+    wide = torch.tensor([[0.0, 0.5, 0.0, 0.3, 0.2]])
+    assert torch.allclose(uld_distance(q, wide), uld_distance(q, wide[:, [1, 3, 4]]))
+    assert torch.allclose(uld_distance(wide, q), uld_distance(wide[:, [1, 3, 4]], q))
+    assert torch.allclose(uld_distance(p, wide), uld_distance(p, wide[:, [1, 3, 4]]))  # 4 sorted against 3
 
 
 @pytest.mark.parametrize("loss", ["fkl", "rkl", "jsd"])
@@ -198,12 +203,12 @@ def test_a_student_token_spelt_by_two_teacher_tokens_gets_their_chained_mass():
     vm = VocabMap(torch.tensor([0, -1, -1, -1]), 3, pairs=torch.tensor([[0, 1, 1]]))
     head = CrossHead(OutputHead(torch.eye(4)), vm)
     rows = torch.cat([torch.zeros(1, 4), torch.log(q_next)[None], torch.tensor([[0.0]])], dim=-1)  # first token a
-    p_cat, rest = head.project(p, rows, temperature=1.0)
+    p_cat, rest = head.project(p.clone(), rows, temperature=1.0)  # project consumes its p
     assert head.image.tolist() == [0, 1]  # categories: a, ax; then "other"
     assert torch.allclose(p_cat, torch.tensor([[0.5 - 0.3, 0.3, 0.5]]))
     assert torch.allclose(rest, torch.tensor([[0.2, 0.2, 0.2, 0.1]]))
     # Without a second teacher token in the span (-1), nothing moves.
-    p_cat, _ = head.project(p, torch.cat([rows[:, :8], torch.tensor([[-1.0]])], dim=-1), temperature=1.0)
+    p_cat, _ = head.project(p.clone(), torch.cat([rows[:, :8], torch.tensor([[-1.0]])], dim=-1), temperature=1.0)
     assert torch.allclose(p_cat, torch.tensor([[0.5, 0.0, 0.5]]))
 
 
@@ -263,14 +268,28 @@ def test_measure_mapping_and_the_matchs_two_branches(bytelevel, spiece):
     teacher = tiny_llama(spiece, seed=5)
     recs = [{"prompt": f"{a}+1=", "response": f"the answer is {a + 1}"} for a in range(8)]
     measured = measure_mapping(teacher, bytelevel, spiece, recs, max_length=64)
-    # The share is the teacher's own probability on mapped tokens: recompute it for one position by hand.
+    assert 0 < measured["first_token_mass"] <= measured["mapped_mass"] < 1
+    # By hand on one record: at each aligned target, the teacher's probability on tokens that map; plus,
+    # where its span goes on past a first token a that maps nowhere, p(a) q(x | a) summed over the
+    # student tokens spelt a + x (the chained mass, moved from "other" to those tokens).
+    one = measure_mapping(teacher, bytelevel, spiece, recs[:1], max_length=64)
     vm = VocabMap.build(bytelevel, spiece, student_rows=len(bytelevel), teacher_rows=len(spiece))
     paired = pair_records(recs[:1], bytelevel, spiece, 64)
     online = OnlineTeacher(teacher)
-    h = online.hidden(collate(paired.teacher, [0], spiece.pad_token_id))[paired.target_map[0][0]]
-    p = torch.softmax(online.head(h[None]), -1)[0]
-    by_hand = float(p[vm.t2s >= 0].sum())
-    assert 0 < measured["mapped_mass"] < 1 and abs(by_hand - float(mapped_mass(online.head(h[None]), vm))) < 1e-6
+    h = online.hidden(collate(paired.teacher, [0], spiece.pad_token_id))
+    first = chained = 0.0
+    at = [(j, k) for j, k in zip(paired.target_map[0], paired.next_map[0]) if j >= 0]
+    for j, k in at:
+        p = torch.softmax(online.head(h[j][None]), -1)[0]
+        first += float(p[vm.t2s >= 0].sum())
+        if k >= 0:
+            a = paired.first_ids[0][paired.target_map[0].index(j)]
+            q = torch.softmax(online.head(h[k][None]), -1)[0]
+            xs = [x for a2, x, _ in vm.pairs.tolist() if a2 == a]
+            chained += float(p[a] * q[xs].sum()) if vm.t2s[a] < 0 else 0.0
+    assert one["positions"] == len(at)
+    assert abs(one["first_token_mass"] - first / len(at)) < 1e-5
+    assert abs(one["mapped_mass"] - (first + chained) / len(at)) < 1e-5
     t = ModelShape(name="t", params=4e6, tokenizer="aaa")
     s = ModelShape(name="s", params=1e6, tokenizer="bbb")
     share = measured["mapped_mass"]
@@ -289,3 +308,39 @@ def test_measure_mapping_and_the_matchs_two_branches(bytelevel, spiece):
     assert resolve(DistillSpec(), match="text").phases[0].algorithm == "sft"
     # On-policy KD needs the teacher to score the student's samples: across tokenizers it falls back.
     assert resolve(DistillSpec(algorithm="gkd"), match="cross").phases[0].algorithm == "sft"
+
+
+# ------------------------------------------------------------------------------ an API teacher's top-k
+
+
+def test_api_topk_of_another_tokenizer_aligns_by_bytes(bytelevel, tmp_path):
+    """An API teacher's tokens (text, as the API returns them) cut 'the answer is 12' as the|_answer|_is|_1|2,
+    the student as the|_answer|_is|_|12: the spans are the, _answer, _is and '_12'. The student's first four
+    targets take the teacher's top-k at the same span starts; '12' (inside a span) and the EOS (no teacher
+    position after the text) keep the one-hot on the reference token. Tokens spelling other text: one-hot."""
+    from stratos.distill import distill
+    from stratos.teachers.topk import TopKSignal, vocab_by_bytes
+
+    table = vocab_by_bytes(bytelevel)
+    tokens = ["the", " answer", " is", " 1", "2"]
+    top = [[[t, -0.2], ["bytes:" + " world".encode().hex(), -1.9]] for t in tokens]
+    top[3] = [[" 1", -0.4], [" ", -1.2]]  # ' 1' is no student token: its mass joins the remainder
+    rec = {"prompt": "what is 11 + 1?", "response": "the answer is 12", "topk": {"tokens": tokens, "top": top}}
+    other = {**rec, "response": "the answer is 13"}
+    sig = TopKSignal.from_records([rec, other], bytelevel, 64)
+    assert (sig.stats["with_topk"], sig.stats["aligned_by_bytes"], sig.stats["misaligned"]) == (1, 1, 1)
+    assert sig.stats["topk_positions"] == 4 and sig.stats["unmapped"] == 1
+    ids, logp = sig.ids[0], sig.logp[0]
+    s_ids = bytelevel("the answer is 12", add_special_tokens=False)["input_ids"]
+    assert [table[b] for b in (b"the", b" answer", b" is", b" ", b"12")] == s_ids  # the student's cut, as above
+    for p, first in enumerate([b"the", b" answer", b" is"]):
+        assert ids[p, :2].tolist() == [table[first], table[b" world"]] and logp[p, :2].tolist() == pytest.approx([-0.2, -1.9])
+    assert ids[3, :2].tolist() == [table[b" "], -1] and logp[3, 0].item() == pytest.approx(-1.2)
+    for p, label in ((4, table[b"12"]), (5, bytelevel.eos_token_id)):  # inside a span; the EOS
+        assert ids[p, 0].item() == label and logp[p, 0].item() == 0.0 and (ids[p, 1:] == -1).all()
+    assert (sig.ids[1][:, 1:] == -1).all()  # the misaligned record: one-hot throughout
+    # The engine trains on it: distill with teacher_signal topk records the alignment.
+    cfg = DistillSpec(teacher_signal="topk", max_steps=2, per_device_train_batch_size=2, report_to=[], bf16=False,
+                      save_steps=1000, max_length=64)
+    res = distill(tiny_llama(bytelevel), bytelevel, [rec, other], cfg, tmp_path / "r", progress=False)
+    assert res.signal["mode"] == "topk" and res.signal["aligned_by_bytes"] == 1 and res.final_metrics["kd"] > 0

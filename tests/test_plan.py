@@ -558,3 +558,29 @@ def test_the_plan_corrects_its_predictions_by_what_earlier_runs_measured():
     assert not any("median of p50" in r for r in plain.reasons)
     served_on_gpu, _ = build_plan(inputs(corrections={s.name: {"latency": 3.0} for s in inputs().servers}))
     assert any("x3.00: the median of p50 latency under load" in r for r in served_on_gpu.reasons)
+
+
+def test_cross_tokenizer_kd_needs_the_teacher_to_beat_the_students_pilot():
+    """A pair whose teacher's probability maps well distils logits across tokenizers only when the teacher
+    (0.85 at its best on the probe) beats the student's pilot; without a pilot the reasons say it was not
+    checked; a mapping too poor gives text whatever the pilot."""
+    from stratos.plan.planner import decide_pairs
+
+    mapping = {(0, 0): {"mapped_mass": 0.8, "vocab_overlap": 0.3, "positions": 64}}
+
+    def decided(**kw):
+        (pd,) = decide_pairs(inputs(students=[S135], servers=[server("big", price=4.0)], **{"mappings": mapping, **kw}))
+        return pd
+
+    below = decided(student_accuracy={(0, 0): (0.5, "pilot", "given")})
+    assert below.match.mode == "cross" and below.settings.phases[0].algorithm == "kd"
+    assert "beats the student's pilot (50% predicted)" in below.match.reasons[1]
+    above = decided(student_accuracy={(0, 0): (0.9, "pilot", "given")})
+    assert above.match.mode == "text" and above.settings.phases[0].algorithm != "kd"
+    assert "does not beat the student's pilot (90% predicted" in above.match.reasons[1]
+    assert (above.accuracy, below.accuracy) == (pytest.approx(0.9), pytest.approx(0.5))  # the pilots' predictions
+    unchecked = decided()
+    assert unchecked.match.mode == "cross" and "not checked" in unchecked.match.reasons[1]
+    poor = decided(mappings={(0, 0): {**mapping[(0, 0)], "mapped_mass": 0.2}},
+                   student_accuracy={(0, 0): (0.5, "pilot", "given")})
+    assert poor.match.mode == "text" and not any("pilot" in r for r in poor.match.reasons)

@@ -217,7 +217,9 @@ class _TrainingOptions(_Strict):
         "training of the student takes at most half of one device's memory, else FSDP2 (docs/distributed.md).")
     fsdp_cpu_offload: bool = Field(False, description="With FSDP2 on GPUs: keep the sharded parameters, gradients "
                                    "and optimizer state in host memory (not verified on a GPU yet).")
-    chunk_size: int = Field(1024, gt=0, description="Tokens per chunk when computing logits and loss.")
+    chunk_size: int | None = Field(None, gt=0, description="Tokens per chunk when computing logits and loss. Unset: "
+                                   "1024 on a GPU; on CPU as many as keep one [chunk, vocabulary] fp32 matrix within "
+                                   "32 MiB (above it every allocation is mapped and page-faulted afresh).")
     learning_rate: float = Field(5e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     adam_beta1: float = Field(0.9, ge=0, lt=1)

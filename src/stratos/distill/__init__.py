@@ -128,9 +128,11 @@ def distill(
     cross = needs_teacher and signal is None and not same_vocab(tokenizer, teacher_tokenizer)
     if cross and (topk or algo.on_policy):
         raise ValueError(
-            f"the teacher's tokenizer is not the student's: {'an API teacher top-k log-probs (teacher_signal topk)' if topk else f'algorithm {cfg.algorithm} (the teacher scores the student samples)'} "
+            f"the teacher's tokenizer is not the student's: {'teacher_signal topk with a white-box teacher' if topk else f'algorithm {cfg.algorithm} (the teacher scores the student samples)'} "
             "cannot distil across tokenizers yet; use algorithm kd with teacher_signal cached or online "
-            "(cross-tokenizer KD, distill.ctkd), or sft on the teacher's text")
+            "(cross-tokenizer KD, distill.ctkd), or sft on the teacher's text"
+            + ("; an API teacher's top-k log-probs (no teacher tokenizer given) are aligned to the student's "
+               "tokens by bytes" if topk else ""))
     if topk:
         from stratos.teachers.topk import TopKSignal, with_teacher_tokens
 

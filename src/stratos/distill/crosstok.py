@@ -263,16 +263,16 @@ class VocabMap:
         return VocabMap(self.t2s.to(device), self.student_rows, self.stats, self.pairs.to(device))
 
 
-def mapped_mass(t_logits: torch.Tensor, vmap: VocabMap) -> torch.Tensor:
-    """Per row, the share of the teacher's probability on tokens that map exactly to a student token."""
-    p = torch.softmax(t_logits.float(), dim=-1)
-    return (p * (vmap.t2s.to(p.device) >= 0)).sum(-1)
+def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``logits / temperature``, without a pass over them at temperature 1."""
+    return logits if temperature == 1.0 else logits / temperature
 
 
 def uld_distance(q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     """Universal Logit Distillation per row: the L1 distance between two sets of probabilities sorted
     (the shorter padded with zeros). Only the top min(n_q, n_p) of each are sorted: past them the
-    shorter side is zero, and the longer side adds the mass left over."""
+    shorter side is zero, and the longer side adds the mass left over. Zero entries change nothing, so a
+    side may be given at full width with the entries it leaves out set to zero."""
     k = min(q.shape[-1], p.shape[-1])
     if k == 0:
         return q.sum(-1) + p.sum(-1)
@@ -319,7 +319,8 @@ class CrossHead(nn.Module):
     def project(self, p: torch.Tensor, rows: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
         """The teacher's probabilities ``p`` [n, V_t] over the categories (mapped student tokens, then
         "other"), with each two-token student token's chained mass p(a) p(x | a) moved there from a's
-        category; and ``p`` with that mass taken off the tokens a (what is left for the ULD term)."""
+        category; and ``p`` itself with that mass taken off the tokens a, in place (no [n, V_t] copy: the
+        caller's ``p`` is consumed)."""
         p_cat = p.new_zeros(p.shape[0], self.image.numel() + 1).index_add_(1, self.where, p)
         d = self.head.hidden_size
         if rows.shape[-1] < 2 * d + 1 or self.pairs.numel() == 0:
@@ -331,25 +332,25 @@ class CrossHead(nn.Module):
         if chained.numel() == 0 or not bool(use.any()):
             return p_cat, p
         pairs, cols = self.pairs[use], self.pair_col[use]
-        q_next = torch.softmax(self.head(rows[chained, d : 2 * d]) / temperature, dim=-1)
+        q_next = torch.softmax(_scaled(self.head(rows[chained, d : 2 * d]), temperature), dim=-1)
         mass = p[chained, a][:, None] * q_next[:, pairs[:, 1]] * (pairs[None, :, 0] == a[:, None])  # [R, E]
         moved = mass.sum(-1)
         p_cat[chained, self.where[a]] -= moved
         p_cat[chained] = p_cat[chained].index_add(1, cols, mass)
-        p = p.clone()
-        p[chained, a] -= moved
+        p[chained, a] = (p[chained, a] - moved).clamp_min(0)
         return p_cat, p
 
     def terms(self, s_logits: torch.Tensor, rows: torch.Tensor, fn: Any, temperature: float,
               kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """The method's per-token KD term (before the temperature scaling the objective applies), and
         whether the student's top token is the teacher's top category."""
-        s_logp = F.log_softmax(s_logits / temperature, dim=-1)
+        s_logp = F.log_softmax(_scaled(s_logits, temperature), dim=-1)
         t_logits = self(rows)
-        p = torch.softmax(t_logits / temperature, dim=-1)
+        p = torch.softmax(_scaled(t_logits, temperature), dim=-1)
         if self.method == "uld":
             agree = s_logits.argmax(-1) == self.t2s[t_logits.argmax(-1)]
             return self.uld_weight * uld_distance(torch.exp(s_logp), p), agree
+        del t_logits  # [n, V_t]: freed before the projection allocates its own
         p_cat, p_rest = self.project(p, rows, temperature)
         tiny = torch.finfo(p.dtype).tiny
         s_other = (torch.logsumexp(s_logp[:, self.s_rest], dim=-1, keepdim=True) if bool(self.s_rest.any())
@@ -357,9 +358,9 @@ class CrossHead(nn.Module):
         # Both sides floored at the smallest float alike, so an empty "other" bucket adds nothing.
         s_cat = torch.cat([s_logp[:, self.image], s_other], dim=-1).clamp_min(math.log(tiny))
         per_token = fn(s_cat, torch.log(p_cat.clamp_min(tiny)), None, **kwargs)
-        if self.method == "hybrid":
+        if self.method == "hybrid":  # ULD on the unmapped tokens: the mapped ones zeroed in place, not copied out
             per_token = per_token + self.uld_weight * uld_distance(torch.exp(s_logp[:, self.s_rest]),
-                                                                   p_rest[:, self.t_rest].clamp_min(0))
+                                                                   p_rest.masked_fill_(~self.t_rest, 0.0))
         top = p_cat.argmax(-1)
         agree = (top < self.image.numel()) & (s_logits.argmax(-1) == self.image[top.clamp_max(self.image.numel() - 1)])
         return per_token, agree
@@ -515,28 +516,33 @@ class CrossTokenizerSignal:
 @torch.no_grad()
 def measure_mapping(teacher: Any, student_tok: Any, teacher_tok: Any, records: Sequence[dict[str, Any]],
                     *, max_length: int = 512, batch_size: int = 8) -> dict[str, Any]:
-    """What cross-tokenizer KD would have to work with, measured on ``records`` (the task's answers):
-    the vocabulary overlap, the share of targets that start a span, and ``mapped_mass``, the mean share
-    of the teacher's probability, at those span starts, on tokens that map exactly to a student token.
-    The planner compares it with ``ctkd.min_mapped_mass``."""
+    """What cross-tokenizer KD would have to work with, measured on ``records`` (the task's answers) through
+    the engine's own signal and head (``CrossTokenizerSignal``, ``CrossHead.project``): the vocabulary overlap,
+    the share of student targets that start a span, and ``mapped_mass``, the mean share of the teacher's
+    probability, at those span starts, that the exact part of the loss matches token for token: its mass on
+    tokens that map to a student token plus the chained mass p(a) p(x | a) of student tokens spelt by two
+    teacher tokens (``first_token_mass`` leaves the chained part out). The planner compares ``mapped_mass``
+    with ``ctkd.min_mapped_mass``."""
     from stratos.teachers.signal import OnlineTeacher
 
     paired = pair_records(records, student_tok, teacher_tok, max_length)
     online = OnlineTeacher(teacher)
     vmap = VocabMap.build(student_tok, teacher_tok, student_rows=len(student_tok), teacher_rows=online.head.vocab_size)
-    pad = teacher_tok.pad_token_id if teacher_tok.pad_token_id is not None else teacher_tok.eos_token_id
-    total, n = 0.0, 0
-    for start in range(0, len(paired.teacher), batch_size):
-        idx = list(range(start, min(start + batch_size, len(paired.teacher))))
-        batch = collate([paired.teacher[i] for i in idx], idx, pad)
-        h = online.hidden(batch)
-        rows, offset = [], 0
-        for i in idx:  # the teacher targets some student target is distilled against
-            rows += [offset + j for j in paired.target_map[i] if j >= 0]
-            offset += paired.teacher[i].num_targets
-        device = online.head.weight.device
-        mass = mapped_mass(online.head(h[torch.tensor(rows, dtype=torch.long, device=h.device)].to(device)), vmap)
-        total += float(mass.sum())
-        n += len(rows)
-    return {"mapped_mass": total / max(1, n), "vocab_overlap": vmap.stats["vocab_overlap"],
-            "aligned_share": paired.stats["aligned_share"], "positions": n, "examples": len(paired.teacher)}
+    t_pad = teacher_tok.pad_token_id if teacher_tok.pad_token_id is not None else teacher_tok.eos_token_id
+    s_pad = student_tok.pad_token_id if student_tok.pad_token_id is not None else student_tok.eos_token_id
+    signal = CrossTokenizerSignal(online, paired, vmap, teacher_pad_id=t_pad)
+    head = signal.head.to(online.head.weight.device)
+    exact = first = 0.0
+    n = 0
+    for start in range(0, len(paired.student), batch_size):
+        idx = list(range(start, min(start + batch_size, len(paired.student))))
+        batch = collate([paired.student[i] for i in idx], idx, s_pad)
+        rows = signal.hidden(batch)[signal.kd_mask(batch).to(online.head.weight.device)].float()
+        p = torch.softmax(head(rows), dim=-1)
+        first += float((p * (head.t2s >= 0)).sum())
+        p_cat, _ = head.project(p, rows, 1.0)  # consumes p
+        exact += float(p_cat[:, :-1].sum())  # every category but "other"
+        n += rows.shape[0]
+    return {"mapped_mass": exact / max(1, n), "first_token_mass": first / max(1, n),
+            "vocab_overlap": vmap.stats["vocab_overlap"], "aligned_share": paired.stats["aligned_share"],
+            "positions": n, "examples": len(paired.teacher)}

@@ -137,16 +137,33 @@ def last_hidden(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tenso
     return out.last_hidden_state
 
 
-def token_logps(head: OutputHead, hidden: torch.Tensor, targets: torch.Tensor, chunk_size: int) -> torch.Tensor:
+# On CPU a block above glibc's largest mmap threshold (32 MiB) is mapped afresh, and page-faulted in, on
+# every allocation; a chunk's [rows, V] fp32 matrices are kept under it (benchmarks/ctkd_throughput.py).
+CPU_CHUNK_BYTES = 32 << 20
+GPU_CHUNK_ROWS = 1024
+
+
+def chunk_rows(chunk_size: int | None, vocab: int, device: Any) -> int:
+    """Rows of one chunk of logits: ``chunk_size`` when set; unset, 1024 on an accelerator and, on CPU, as
+    many as keep one [rows, vocab] fp32 matrix within ``CPU_CHUNK_BYTES`` (16 to 1024)."""
+    if chunk_size:
+        return int(chunk_size)
+    if getattr(device, "type", device) != "cpu":
+        return GPU_CHUNK_ROWS
+    return max(16, min(GPU_CHUNK_ROWS, CPU_CHUNK_BYTES // (4 * max(1, vocab))))
+
+
+def token_logps(head: OutputHead, hidden: torch.Tensor, targets: torch.Tensor, chunk_size: int | None) -> torch.Tensor:
     """``log p(target)`` at each row of ``hidden`` [N, d], chunk by chunk, so the [N, V] log-softmax
     is never held at once (what policy-gradient losses need of the vocabulary)."""
+    chunk_size = chunk_rows(chunk_size, head.vocab_size, hidden.device)
     return torch.cat([torch.log_softmax(head(hidden[i : i + chunk_size]), dim=-1)
                       .gather(-1, targets[i : i + chunk_size, None])[:, 0]
                       for i in range(0, len(targets), chunk_size)])
 
 
 @torch.no_grad()
-def batch_token_logps(model: Any, batch: Any, *, chunk_size: int, bf16: bool) -> torch.Tensor:
+def batch_token_logps(model: Any, batch: Any, *, chunk_size: int | None, bf16: bool) -> torch.Tensor:
     """``log p(target)`` under ``model`` for every target token of ``batch`` (``target_mask`` order),
     without gradients and in the precision training uses: the sampling policy's and the reference's
     log-probabilities of RL's rollouts."""

@@ -10,13 +10,13 @@ exists for either model.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
 
 from stratos.distill.crosstok import CrossHead
-from stratos.distill.head import OutputHead
+from stratos.distill.head import OutputHead, chunk_rows
 from stratos.distill.losses import Loss, cross_entropy, forward_kl, get_loss, reverse_kl
 from stratos.distill.topk import topk_log_probs
 
@@ -30,7 +30,7 @@ class Objective:
     temperature: float = 1.0
     scale_by_temperature: bool = True
     kd_ratio: float = 1.0
-    chunk_size: int = 256
+    chunk_size: int | None = None  # rows of logits per chunk; None: head.chunk_rows chooses by device and vocabulary
 
     @property
     def spec(self) -> Loss:
@@ -201,6 +201,8 @@ def kd_terms(
     bool) marks the tokens with a teacher counterpart (cross-tokenizer KD: ``CrossTokenizerSignal``);
     the others train on CE alone, whatever kd_ratio.
     """
+    vocab = max(s_head.vocab_size, getattr(getattr(t_head, "head", t_head), "vocab_size", 0))
+    obj = replace(obj, chunk_size=chunk_rows(obj.chunk_size, vocab, s_hidden.device))
     args = (t_hidden, targets, t_head, obj, *((None, None) if topk is None else topk), weights, kd_mask)
     if torch.is_grad_enabled() and s_hidden.requires_grad:
         params = [p for p in s_head.parameters() if p.requires_grad]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from stratos.plan.costmodel import ModelShape
@@ -77,6 +77,29 @@ def match(teacher: ModelShape, student: ModelShape, *, mapping: dict[str, Any] |
     reasons.append(f"capacity ratio {ratio:,.1f}x ({_human(t_params)} / {_human(student.params)} parameters)"
                    + ("; a gap this large favours mode-seeking losses" if ratio >= 10 else ""))
     return Match(teacher.name, student.name, mode, ratio, reasons, mapping)
+
+
+def against_pilot(m: Match, teacher_accuracy: float, pilot: tuple[float, str, str] | None) -> Match:
+    """Logit KD across tokenizers also needs the teacher to beat what the student reaches: its pilot
+    (``pilot``: the predicted accuracy, the method, the reason; only a measured pilot counts). A teacher the
+    student matches would pull it towards the teacher's own errors through the mapped logits (measured in
+    benchmarks/ctkd_vs_sft.py: a 60% teacher lowered a student that SFT brought to 90%), so such a pair falls
+    back to the teacher's text. Other modes are returned as they are; a pair without a pilot keeps its mode, and
+    its reasons say that this was not checked."""
+    if m.mode != "cross":
+        return m
+    if pilot is None or pilot[1] != "pilot":
+        why = "whether the teacher beats the student is not checked: that needs a pilot (plan.pilot)"
+        return replace(m, reasons=[*m.reasons[:1], why, *m.reasons[1:]])
+    acc = pilot[0]
+    if teacher_accuracy > acc:
+        why = (f"the teacher ({teacher_accuracy:.0%} on the probe) beats the student's pilot ({acc:.0%} predicted), "
+               "so its logits have something to teach")
+        return replace(m, reasons=[*m.reasons[:1], why, *m.reasons[1:]])
+    why = (f"but the teacher ({teacher_accuracy:.0%} on the probe) does not beat the student's pilot ({acc:.0%} "
+           "predicted after cross-tokenizer KD): its logits would pull the student towards its errors, so it "
+           "teaches through its text only (sequence-level KD); the plan keeps the pilot's prediction")
+    return replace(m, mode="text", reasons=[*m.reasons[:1], why, *m.reasons[1:]])
 
 
 def _human(n: float) -> str:

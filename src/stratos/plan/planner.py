@@ -29,7 +29,7 @@ from stratos.plan.costmodel import (
     serve_latency_ms,
     stage_costs,
 )
-from stratos.plan.matching import Match, match
+from stratos.plan.matching import Match, against_pilot, match
 from stratos.plan.pareto import deployment_scores, pareto_front
 from stratos.plan.probe import TaskProfile, TeacherProbe
 from stratos.plan.strategy import (
@@ -303,6 +303,7 @@ def decide_pairs(inputs: PlanInputs) -> list[PairDecision]:
                 continue
             m = match(t, s, mapping=inputs.mappings.get((ti, si)), min_mapped_mass=distill.ctkd.min_mapped_mass,
                       ctkd_method=distill.ctkd.method)
+            m = against_pilot(m, probe.best, inputs.student_accuracy.get((ti, si)))
             strat = apply_spec(choose_strategy(probe, inputs.task, m, competent_accuracy=inputs.competent_accuracy),
                                inputs.spec_values, inputs.task)
             if (ti, si) in inputs.student_accuracy:

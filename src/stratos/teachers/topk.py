@@ -9,10 +9,16 @@ unchanged, since it only sees two distributions over the same buckets.
 The records carry the signal (``rec["topk"]``, written by ``stratos synth`` with
 ``top_logprobs: k``): the teacher's sampled tokens and, per token, ``[[token, logprob], ...]``.
 A token is ``token_id:N`` (exact), ``bytes:HEX`` (mapped through the student's byte-level
-vocabulary) or text. Tokens the student's vocabulary lacks fall into the remainder bucket. A
-record whose tokens do not line up with the student's tokenisation of its response, and the
-positions without a signal (OpenAI omits the final EOS), get a one-hot target on the reference
-token: for those tokens KD reduces to cross-entropy.
+vocabulary) or text. Tokens the student's vocabulary lacks fall into the remainder bucket.
+
+An API teacher's tokenizer is rarely the student's. When the teacher's tokens are not the student's
+tokens of the response but spell its bytes, the two tokenisations are aligned by bytes as
+cross-tokenizer KD aligns them (``stratos.distill.crosstok.align``): each student position that
+starts a span both share takes the teacher's top-k at the position starting the same span, its tokens
+mapped to the student tokens with exactly their bytes. Positions inside a span, positions without a
+signal (OpenAI omits the final EOS), and records whose tokens spell something else (or come as
+``token_id:N`` of another vocabulary) get a one-hot target on the reference token: for those tokens KD
+reduces to cross-entropy.
 """
 
 from __future__ import annotations
@@ -86,7 +92,9 @@ class TopKSignal:
         vocab = len(tokenizer)
         k = max((len(pos) for r in records if r.get("topk") for pos in r["topk"]["top"]), default=1)
         k = max(k, 1)
-        stats = {"examples": 0, "with_topk": 0, "misaligned": 0, "positions": 0, "topk_positions": 0, "unmapped": 0}
+        pieces = None  # the student's token bytes, read once a record needs aligning by bytes
+        stats = {"examples": 0, "with_topk": 0, "aligned_by_bytes": 0, "misaligned": 0, "positions": 0,
+                 "topk_positions": 0, "unmapped": 0}
         all_ids, all_logp = [], []
         for rec in records:
             ex, _ = encode_record(rec, tokenizer, max_length)
@@ -102,27 +110,21 @@ class TopKSignal:
             if sig:
                 t_ids = [token_id(t, table, vocab) for t in sig["tokens"]]
                 m = min(len(t_ids), len(labels))
-                if t_ids[:m] != labels[:m]:
+                partner: dict[int, int] | None = {p: p for p in range(m)}
+                if t_ids[:m] != labels[:m]:  # another tokenisation: align by bytes
+                    if pieces is None:
+                        from stratos.distill.crosstok import token_bytes
+
+                        pieces = token_bytes(tokenizer)
+                    partner = _by_bytes(rec, sig, tokenizer, pieces, labels)
+                if partner is None:
                     stats["misaligned"] += 1
                 else:
                     stats["with_topk"] += 1
-                    for p in range(m):
-                        pairs, seen = [], set()
-                        for tok, lp in sig["top"][p]:
-                            i = token_id(tok, table, vocab)
-                            if i < 0:
-                                stats["unmapped"] += 1
-                            elif i not in seen:
-                                seen.add(i)
-                                pairs.append((i, float(lp)))
-                        if not pairs:
-                            continue
-                        pairs.sort(key=lambda x: -x[1])
-                        ids[p] = -1
-                        logp[p] = FLOOR
-                        ids[p, : len(pairs)] = torch.tensor([i for i, _ in pairs])
-                        logp[p, : len(pairs)] = torch.tensor([lp for _, lp in pairs])
-                        stats["topk_positions"] += 1
+                    stats["aligned_by_bytes"] += t_ids[:m] != labels[:m]
+                    for p, j in partner.items():
+                        if j < len(sig["top"]) and _fill(ids, logp, p, sig["top"][j], table, vocab, stats):
+                            stats["topk_positions"] += 1
             stats["positions"] += len(labels)
             all_ids.append(ids)
             all_logp.append(logp)
@@ -130,3 +132,57 @@ class TopKSignal:
 
     def topk(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.cat([self.ids[i] for i in batch.indices]), torch.cat([self.logp[i] for i in batch.indices])
+
+
+def _fill(ids: torch.Tensor, logp: torch.Tensor, p: int, top: list, table: dict[bytes, int], vocab: int,
+          stats: dict[str, int]) -> bool:
+    """Position ``p``'s targets from one teacher position's top-k ``[[token, logprob], ...]``: the tokens
+    the vocabulary has (each once, most likely first); False, leaving the one-hot, when it has none."""
+    pairs, seen = [], set()
+    for tok, lp in top:
+        i = token_id(tok, table, vocab)
+        if i < 0:
+            stats["unmapped"] += 1
+        elif i not in seen:
+            seen.add(i)
+            pairs.append((i, float(lp)))
+    if not pairs:
+        return False
+    pairs.sort(key=lambda x: -x[1])
+    ids[p] = -1
+    logp[p] = FLOOR
+    ids[p, : len(pairs)] = torch.tensor([i for i, _ in pairs])
+    logp[p, : len(pairs)] = torch.tensor([lp for _, lp in pairs])
+    return True
+
+
+def _by_bytes(rec: dict[str, Any], sig: dict[str, Any], tokenizer: Any, pieces: Sequence[bytes | None],
+              labels: Sequence[int]) -> dict[int, int] | None:
+    """Student target index -> the teacher position starting the same span of the response's bytes, for
+    the student targets that start one (the student's EOS pairs with a teacher token after the text, when
+    the signal has one); None when the teacher's tokens do not spell the response (or are ids of another
+    vocabulary) or the student's targets are not its tokenisation of it."""
+    from stratos.distill.crosstok import _response_text, align, byte_offsets
+
+    data = _response_text(rec).encode()
+    t_offsets, pos = [], 0
+    for t in sig["tokens"]:
+        b = None if t.startswith("token_id:") else bytes.fromhex(t[6:]) if t.startswith("bytes:") else t.encode()
+        if b is None or pos >= len(data) or data[pos: pos + len(b)] != b:
+            break
+        t_offsets.append((pos, pos + len(b)))
+        pos += len(b)
+    if pos != len(data):
+        return None  # the tokens spell something else (what follows the text, e.g. an end token, is left out)
+    text = data.decode()
+    s_ids = list(rec.get("response_ids") or tokenizer(text, add_special_tokens=False)["input_ids"])
+    if list(labels[: len(s_ids)]) != s_ids[: len(labels)]:
+        return None
+    try:
+        s_offsets = byte_offsets(tokenizer, text, s_ids, pieces)
+    except ValueError:
+        return None
+    partner = {k: j for k, j in align(s_offsets, t_offsets, len(data)).pairs if k < len(labels)}
+    if len(labels) > len(s_ids) and len(sig["tokens"]) > len(t_offsets):  # the EOS after the text, on both sides
+        partner[len(s_ids)] = len(t_offsets)
+    return partner
