@@ -42,7 +42,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kd_throughput import run_child  # noqa: E402  (the benchmarks' shared child-process runner)
+from kd_throughput import resolve_bf16_arg, run_child, trl_inputs  # noqa: E402  (the benchmarks' shared helpers)
 
 TEACHER = "smollm2-135m-instruct"
 
@@ -159,20 +159,12 @@ def run_stratos(args: argparse.Namespace, mode: str, workdir: Path) -> dict:
 
 def run_gold(args: argparse.Namespace, workdir: Path) -> dict:
     import torch
-    from datasets import Dataset
-    from transformers import TrainerCallback
     from trl.experimental.gold import GOLDConfig, GOLDTrainer
 
     records = _records(args)
     teacher, t_tok, student, tok = load_pair(args, records)
     t_tok.save_pretrained(workdir / "teacher-tokenizer")  # GOLD loads the teacher's tokenizer by path
-    ds = Dataset.from_list([{"messages": [{"role": "user", "content": r["prompt"]},
-                                          {"role": "assistant", "content": r["response"]}]} for r in records])
-    times: list[float] = []
-
-    class Clock(TrainerCallback):
-        def on_step_end(self, *a, **k):
-            times.append(time.perf_counter())
+    ds, times, clock = trl_inputs(records)
 
     cfg = GOLDConfig(
         output_dir=str(workdir / "gold"), use_uld_loss=True, uld_use_hybrid_loss=True, use_extended_uld=True,
@@ -184,7 +176,7 @@ def run_gold(args: argparse.Namespace, workdir: Path) -> dict:
         dataloader_num_workers=0, seed=0, disable_tqdm=True,
     )
     trainer = GOLDTrainer(model=student, teacher_model=teacher, args=cfg, train_dataset=ds, processing_class=tok,
-                          callbacks=[Clock()])
+                          callbacks=[clock])
     t_start = time.perf_counter()
     trainer.train()
     start = times[args.warmup - 1] if args.warmup else t_start
@@ -234,13 +226,7 @@ def main() -> None:
     p.add_argument("--engine", help=argparse.SUPPRESS)
     p.add_argument("--workdir", help=argparse.SUPPRESS)
     args = p.parse_args()
-    if args.bf16 == "auto":  # resolved once, in the parent, so that every child runs the same
-        import torch
-
-        from stratos.runtime import resolve_bf16
-
-        args.bf16 = "1" if resolve_bf16("auto", torch.device("cpu")) else "0"
-    args.bf16 = int(args.bf16)
+    resolve_bf16_arg(args)
     if args.engine:
         return child(args)
     print(f"bf16 autocast: {bool(args.bf16)}", flush=True)

@@ -40,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Any
 from pathlib import Path
 
 TEACHER = "smollm2-135m-instruct"
@@ -199,14 +200,12 @@ def run_part(args: argparse.Namespace, part: str) -> dict:
     return {"seconds": rows[-1]["elapsed_s"], "threads": threads}
 
 
-def run_trl(args: argparse.Namespace, workdir: Path) -> dict:
-    import torch
+def trl_inputs(records: list[dict]) -> tuple[Any, list[float], Any]:
+    """TRL's view of the records (conversations), and a callback appending to the returned list the time
+    each optimizer step ends (TRL's clock: step end to step end)."""
     from datasets import Dataset
     from transformers import TrainerCallback
-    from trl.experimental.gkd import GKDConfig, GKDTrainer
 
-    teacher, student, tok = load_pair(args.student_layers)
-    records = make_records(args.batch_size * (args.steps + args.warmup), args.seq_len)
     ds = Dataset.from_list([{"messages": [{"role": "user", "content": r["prompt"]},
                                           {"role": "assistant", "content": r["response"]}]} for r in records])
     times: list[float] = []
@@ -214,6 +213,17 @@ def run_trl(args: argparse.Namespace, workdir: Path) -> dict:
     class Clock(TrainerCallback):
         def on_step_end(self, *a, **k):
             times.append(time.perf_counter())
+
+    return ds, times, Clock()
+
+
+def run_trl(args: argparse.Namespace, workdir: Path) -> dict:
+    import torch
+    from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+    teacher, student, tok = load_pair(args.student_layers)
+    records = make_records(args.batch_size * (args.steps + args.warmup), args.seq_len)
+    ds, times, clock = trl_inputs(records)
 
     cfg = GKDConfig(
         output_dir=str(workdir / "trl"), lmbda=0.0, beta=0.0, seq_kd=False, temperature=1.0,
@@ -223,7 +233,7 @@ def run_trl(args: argparse.Namespace, workdir: Path) -> dict:
         seed=0, disable_tqdm=True,
     )
     trainer = GKDTrainer(model=student, teacher_model=teacher, args=cfg, train_dataset=ds, processing_class=tok,
-                         callbacks=[Clock()])
+                         callbacks=[clock])
     t_start = time.perf_counter()
     trainer.train()
     start = times[args.warmup - 1] if args.warmup else t_start
@@ -261,6 +271,18 @@ def child(args: argparse.Namespace) -> None:
     print("RESULT " + json.dumps(out), flush=True)
 
 
+def resolve_bf16_arg(args: argparse.Namespace) -> None:
+    """``--bf16 auto`` resolved once, in the parent, so that every child runs the same: 1 where the CPU
+    computes bf16 natively (the engine's own rule; emulated bf16 is slower than fp32), else 0."""
+    if args.bf16 == "auto":
+        import torch
+
+        from stratos.runtime import resolve_bf16
+
+        args.bf16 = "1" if resolve_bf16("auto", torch.device("cpu")) else "0"
+    args.bf16 = int(args.bf16)
+
+
 def run_child(engine: str, args: argparse.Namespace, workdir: Path, script: str = __file__) -> dict:
     """Run ``script --engine ENGINE`` with the same options in a fresh process; return the dict it prints."""
     cmd = [sys.executable, script, "--engine", engine, "--workdir", str(workdir)] + [
@@ -296,13 +318,7 @@ def main() -> None:
     p.add_argument("--engine", help=argparse.SUPPRESS)
     p.add_argument("--workdir", help=argparse.SUPPRESS)
     args = p.parse_args()
-    if args.bf16 == "auto":  # resolved once, in the parent, so that every child runs the same
-        import torch
-
-        from stratos.runtime import resolve_bf16
-
-        args.bf16 = "1" if resolve_bf16("auto", torch.device("cpu")) else "0"
-    args.bf16 = int(args.bf16)
+    resolve_bf16_arg(args)
     if args.engine:
         return child(args)
     cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""

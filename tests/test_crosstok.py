@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
@@ -241,18 +242,102 @@ def test_distill_across_tokenizers_learns_the_teacher(tmp_path, bytelevel, spiec
     info = res.signal["ctkd"]
     assert res.signal["mode"] == "cached" and info["method"] == "hybrid"
     assert 0 < info["aligned_share"] < 1 and info["mapped_teacher_tokens"] > 0
-    import json
 
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     kd = [r["kd"] for r in rows if "kd" in r]
     assert kd[-1] < 0.5 * kd[0], kd
 
 
-def test_on_policy_across_tokenizers_is_refused(tmp_path, bytelevel, spiece):
-    cfg = DistillSpec(algorithm="gkd", max_steps=1, report_to=[], bf16=False)
-    with pytest.raises(ValueError, match="tokenizer is not the student's"):
-        distill(tiny_llama(bytelevel), bytelevel, [{"prompt": "a", "response": "b"}], cfg, tmp_path / "r",
-                teacher=tiny_llama(spiece), teacher_tokenizer=spiece, progress=False)
+def test_sampled_rows_pair_as_the_same_text_paired_up_front(bytelevel, spiece):
+    """gkd's and opd's samples exist only once drawn: SampledCrossSignal reads a row's response back from its
+    tokens and pairs it when the batch comes. A row holding the student's tokens of a record's response
+    gives the same teacher rows as pairing that record up front; a sample cut short (no EOS, inside a
+    two-byte character) pairs the targets it has."""
+    from stratos.distill.crosstok import SampledCrossSignal
+    from stratos.distill.data import Encoded
+
+    teacher = tiny_llama(spiece, seed=3)
+    online = OnlineTeacher(teacher)
+    vm = VocabMap.build(bytelevel, spiece, student_rows=len(bytelevel), teacher_rows=len(spiece))
+    recs = [{"prompt": "what is 11 + 1?", "response": "the answer is 12"},
+            {"prompt": "say hello", "response": "héllo wörld"}]
+    paired = pair_records(recs, bytelevel, spiece, 64)
+    up_front = CrossTokenizerSignal(online, paired, vm, teacher_pad_id=spiece.pad_token_id)
+    sampled = SampledCrossSignal(online, recs, bytelevel, spiece, vm, teacher_pad_id=spiece.pad_token_id,
+                                 max_length=64)
+    batch = collate(paired.student, [0, 1], bytelevel.pad_token_id)
+    assert torch.equal(sampled.hidden(batch), up_front.hidden(batch))
+    assert torch.equal(sampled.kd_mask(batch), up_front.kd_mask(batch)) and bool(sampled.kd_mask(batch).any())
+    # A sample the length limit stopped inside 'ö' (its first byte alone, no EOS): its text is cut at the
+    # last whole character, the targets before it pair as ever and the lone byte has no partner.
+    from stratos.teachers.topk import vocab_by_bytes
+
+    table = vocab_by_bytes(bytelevel)
+    response = [table["héllo".encode()], table[b" "], table[b"w"], table[b"\xc3"]]
+    first = next(i for i, t in enumerate(paired.student[1].labels) if t != -100)
+    prompt = paired.student[1].input_ids[:first]
+    b2 = collate([Encoded(prompt + response, [-100] * len(prompt) + response)], [1], bytelevel.pad_token_id)
+    mask = sampled.kd_mask(b2)
+    assert sampled.hidden(b2).shape[0] == len(response) == mask.numel()
+    assert bool(mask[0]) and not bool(mask[-1])  # 'héllo' starts a span; the lone byte of 'ö' has no partner
+    assert sampled.stats["unpaired_rows"] == 0
+
+
+def _cross_kd(student, teacher, s_tok, t_tok, records) -> float:
+    """The student's cross-tokenizer KD term to the teacher (fkl at the span starts), per aligned target,
+    on ``records``' responses."""
+    paired = pair_records(records, s_tok, t_tok, 64)
+    vm = VocabMap.build(s_tok, t_tok, student_rows=len(s_tok), teacher_rows=len(t_tok))
+    sig = CrossTokenizerSignal(OnlineTeacher(teacher), paired, vm, teacher_pad_id=t_tok.pad_token_id)
+    batch = collate(paired.student, list(range(len(paired.student))), s_tok.pad_token_id)
+    with torch.no_grad():
+        h = student.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+        mask = sig.kd_mask(batch)
+        out = kd_terms(h[:, :-1][batch.target_mask], sig.hidden(batch), batch.targets, OutputHead.from_model(student),
+                       sig.head, Objective(loss="fkl"), kd_mask=mask)
+    return float(out["kd"]) / int(mask.sum())
+
+
+def test_gkd_across_tokenizers_scores_the_students_own_samples(tmp_path, bytelevel, spiece):
+    """On-policy KD (gkd, lmbda 1: every batch is the student's own samples) with a teacher on another
+    tokenizer: the teacher scores each sample in its own tokens, and the student's divergence to it on
+    held-out answers falls."""
+    records = [{"prompt": f"what is {a} + 1?", "response": f"the answer is {a + 1}"} for a in range(24)]
+    teacher = tiny_llama(spiece, seed=3)  # a teacher that knows the answers' form: SFT on them first
+    distill(teacher, spiece, records, DistillSpec(algorithm="sft", loss="ce", max_steps=40, learning_rate=3e-3,
+                                                  per_device_train_batch_size=8, report_to=[], bf16=False,
+                                                  save_steps=1000), tmp_path / "teacher", progress=False)
+    student = tiny_llama(bytelevel, seed=1)
+    before = _cross_kd(student, teacher, bytelevel, spiece, records[16:])
+    cfg = DistillSpec(algorithm="gkd", lmbda=1.0, max_steps=30, max_completion_length=8, learning_rate=3e-3,
+                      warmup_ratio=0.0, per_device_train_batch_size=8, report_to=[], bf16=False, save_steps=1000,
+                      logging_steps=1, seed=0)
+    res = distill(student, bytelevel, records[:16], cfg, tmp_path / "r", teacher=teacher, teacher_tokenizer=spiece,
+                  progress=False)
+    assert res.signal["mode"] == "online" and res.signal["ctkd"]["paired"].startswith("per batch")
+    rows = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["on_policy_fraction"] == 1.0 for r in rows if "on_policy_fraction" in r)
+    assert any(r["kd"] > 0 for r in rows if "kd" in r)  # the teacher scored what the student wrote
+    after = _cross_kd(student, teacher, bytelevel, spiece, records[16:])
+    assert after < 0.8 * before, (before, after)
+
+
+def test_opd_across_tokenizers_scores_every_group_sample(tmp_path, bytelevel, spiece):
+    """opd (grpo's groups and the verifier's reward, plus the divergence to the teacher on the same samples)
+    with a teacher on another tokenizer: every step's samples are paired as they come and scored."""
+    from stratos.tasks import to_records
+    from stratos.tasks.arithmetic import ArithmeticTask
+
+    task = ArithmeticTask(digits=1)
+    records = to_records(task, task.examples("train", 8))
+    cfg = DistillSpec(algorithm="opd", loss="rkl", kd_ratio=1.0, num_generations=2, max_completion_length=4,
+                      max_steps=3, per_device_train_batch_size=8, learning_rate=3e-3, save_steps=100, logging_steps=1,
+                      report_to=[], bf16=False, warmup_ratio=0.0)
+    res = distill(tiny_llama(bytelevel, seed=1), bytelevel, records, cfg, tmp_path / "opd",
+                  teacher=tiny_llama(spiece, seed=3), teacher_tokenizer=spiece, task=task, progress=False)
+    rows = [json.loads(x) for x in (tmp_path / "opd" / "metrics.jsonl").read_text().splitlines()]
+    assert res.signal["ctkd"]["paired"].startswith("per batch") and len(rows) == 3
+    assert all("reward" in r and r["kd"] > 0 for r in rows)
 
 
 # ------------------------------------------------------------------------------------------ the plan
@@ -306,8 +391,8 @@ def test_measure_mapping_and_the_matchs_two_branches(bytelevel, spiece):
     assert cross.phases[0].algorithm == "kd" and cross.signal == "hidden"
     assert any("cross-tokenizer KD" in r for r in cross.reasons)
     assert resolve(DistillSpec(), match="text").phases[0].algorithm == "sft"
-    # On-policy KD needs the teacher to score the student's samples: across tokenizers it falls back.
-    assert resolve(DistillSpec(algorithm="gkd"), match="cross").phases[0].algorithm == "sft"
+    # On-policy KD across tokenizers: the teacher scores the student's samples, paired as they come.
+    assert resolve(DistillSpec(algorithm="gkd"), match="cross").phases[0].algorithm == "gkd"
 
 
 # ------------------------------------------------------------------------------ an API teacher's top-k

@@ -573,10 +573,10 @@ def test_cross_tokenizer_kd_needs_the_teacher_to_beat_the_students_pilot():
         return pd
 
     below = decided(student_accuracy={(0, 0): (0.5, "pilot", "given")})
-    assert below.match.mode == "cross" and below.settings.phases[0].algorithm == "kd"
+    assert below.match.mode == "cross" and below.settings.phases[0].needs_teacher  # KD (gkd: the task is complex)
     assert "beats the student's pilot (50% predicted)" in below.match.reasons[1]
     above = decided(student_accuracy={(0, 0): (0.9, "pilot", "given")})
-    assert above.match.mode == "text" and above.settings.phases[0].algorithm != "kd"
+    assert above.match.mode == "text" and not any(p.needs_teacher for p in above.settings.phases)
     assert "does not beat the student's pilot (90% predicted" in above.match.reasons[1]
     assert (above.accuracy, below.accuracy) == (pytest.approx(0.9), pytest.approx(0.5))  # the pilots' predictions
     unchecked = decided()

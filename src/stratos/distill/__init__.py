@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from stratos.distill.algorithms import ALGORITHMS, get_algorithm, register_algorithm, responses_needed
-from stratos.distill.data import Records, collate, encode, load_records
+from stratos.distill.data import Records, collate, encode, encode_record, load_records
 from stratos.distill.head import OutputHead, last_hidden
 from stratos.distill.kd import Objective, kd_terms
 from stratos.distill.losses import LOSSES, get_loss, register_loss
@@ -126,13 +126,12 @@ def distill(
     needs_teacher = algo.needs_teacher(cfg)
     topk = cfg.teacher_signal == "topk" and needs_teacher and signal is None
     cross = needs_teacher and signal is None and not same_vocab(tokenizer, teacher_tokenizer)
-    if cross and (topk or algo.on_policy):
+    if cross and topk:
         raise ValueError(
-            f"the teacher's tokenizer is not the student's: {'teacher_signal topk with a white-box teacher' if topk else f'algorithm {cfg.algorithm} (the teacher scores the student samples)'} "
-            "cannot distil across tokenizers yet; use algorithm kd with teacher_signal cached or online "
-            "(cross-tokenizer KD, distill.ctkd), or sft on the teacher's text"
-            + ("; an API teacher's top-k log-probs (no teacher tokenizer given) are aligned to the student's "
-               "tokens by bytes" if topk else ""))
+            "the teacher's tokenizer is not the student's: teacher_signal topk with a white-box teacher cannot distil "
+            "across tokenizers; use teacher_signal cached or online (cross-tokenizer KD on its hidden states, "
+            "distill.ctkd), or sft on the teacher's text; an API teacher's top-k log-probs (no teacher tokenizer "
+            "given) are aligned to the student's tokens by bytes")
     if topk:
         from stratos.teachers.topk import TopKSignal, with_teacher_tokens
 
@@ -156,7 +155,8 @@ def distill(
         root = Path(cache_root) if cache_root else None
         if cross:
             signal, signal_info = par.in_turn(lambda: _cross_tokenizer_signal(
-                teacher, tokenizer, teacher_tokenizer, records, examples, cfg, student, root, progress and par.is_main))
+                teacher, tokenizer, teacher_tokenizer, records, examples, cfg, student, root, progress and par.is_main,
+                sampled=algo.on_policy))
         else:  # a cache is built by rank 0 and read by the others
             signal, signal_info = par.in_turn(lambda: hidden_state_signal(
                 teacher, examples, cfg, tokenizer.pad_token_id, root, progress and par.is_main))
@@ -222,16 +222,26 @@ def _check_distributed(cfg: DistillSpec, algo: Any, evaluator: Any, device: Any 
 
 def _cross_tokenizer_signal(teacher: Any, tokenizer: Any, teacher_tokenizer: Any, records: Sequence[dict[str, Any]],
                            examples: Sequence[Any], cfg: DistillSpec, student: Any, cache_root: Path | None,
-                           progress: bool) -> tuple[Any, dict[str, Any]]:
+                           progress: bool, sampled: bool = False) -> tuple[Any, dict[str, Any]]:
     """The teacher's hidden-state signal over its own tokenisation of ``records``, in the student's tokens
-    (``stratos.distill.crosstok``), and what the run records about it (the map's and the alignment's shares)."""
-    from stratos.distill.crosstok import CrossTokenizerSignal, VocabMap, pair_records
+    (``stratos.distill.crosstok``), and what the run records about it (the map's and the alignment's shares).
+    ``sampled`` (on-policy algorithms): the batches hold text sampled while training, so each is paired
+    when it comes (``SampledCrossSignal``, over the online teacher)."""
+    from stratos.distill.crosstok import CrossTokenizerSignal, SampledCrossSignal, VocabMap, pair_records
     from stratos.teachers.signal import hidden_state_signal
 
+    t_pad = teacher_tokenizer.pad_token_id if teacher_tokenizer.pad_token_id is not None else teacher_tokenizer.eos_token_id
+    if sampled:
+        kept = [r for r in records if encode_record(r, tokenizer, cfg.max_length)[0].num_targets]  # as encode keeps
+        inner, info = hidden_state_signal(teacher, [], cfg, t_pad, cache_root, progress)
+        vmap = VocabMap.build(tokenizer, teacher_tokenizer, student_rows=student.get_output_embeddings().weight.shape[0],
+                              teacher_rows=inner.head.vocab_size)
+        signal = SampledCrossSignal(inner, kept, tokenizer, teacher_tokenizer, vmap, teacher_pad_id=t_pad,
+                                    max_length=cfg.max_length, method=cfg.ctkd.method, uld_weight=cfg.ctkd.uld_weight)
+        return signal, {**info, "ctkd": {"method": cfg.ctkd.method, "paired": "per batch, as sampled", **vmap.stats}}
     paired = pair_records(records, tokenizer, teacher_tokenizer, cfg.max_length)
     if [e.input_ids for e in paired.student] != [e.input_ids for e in examples]:
         raise AssertionError("cross-tokenizer pairing encoded the records unlike encode()")  # a bug, not bad data
-    t_pad = teacher_tokenizer.pad_token_id if teacher_tokenizer.pad_token_id is not None else teacher_tokenizer.eos_token_id
     inner, info = hidden_state_signal(teacher, paired.teacher, cfg, t_pad, cache_root, progress)
     vmap = VocabMap.build(tokenizer, teacher_tokenizer, student_rows=student.get_output_embeddings().weight.shape[0],
                           teacher_rows=inner.head.vocab_size)

@@ -228,6 +228,7 @@ def _rl_terms(ctx: StepContext, batch: Batch, *, teacher: bool) -> dict[str, tor
     device = ctx.device
     mask = batch.target_mask.to(device)
     t_hidden = ctx.signal.hidden(batch).to(device) if teacher else None
+    kd_mask = ctx.signal.kd_mask(batch).to(device) if teacher and hasattr(ctx.signal, "kd_mask") else None
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=ctx.bf16):
         h = ctx.hidden(batch)[:, :-1][mask]
         pg = _policy_terms(ctx, h, batch)
@@ -235,7 +236,7 @@ def _rl_terms(ctx: StepContext, batch: Batch, *, teacher: bool) -> dict[str, tor
         kd = {"loss": zero, "kd": zero, "agree": zero}
         if teacher:  # the divergence alone (kd_ratio 1 inside), weighed against the reward term by the run's kd_ratio
             kd = kd_terms(h, t_hidden, batch.targets.to(device), ctx.s_head, ctx.t_head,
-                          replace(ctx.objective, kd_ratio=1.0))
+                          replace(ctx.objective, kd_ratio=1.0), kd_mask=kd_mask)
     return {"loss": pg["loss"] + ctx.objective.kd_ratio * kd["loss"], "kd": kd["kd"], "ce": -pg["logp"].detach().sum(),
             "agree": kd["agree"], "kl_ref": pg["kl_ref"], "clipped": pg["clipped"]}
 

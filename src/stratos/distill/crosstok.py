@@ -384,6 +384,24 @@ def _target_tokens(ex: Encoded) -> list[int]:
     return [i - first for i in range(max(1, first), len(ex.labels)) if ex.labels[i] != IGNORE]
 
 
+def _pair_targets(s_targets: Sequence[int], n_student: int, t_ex: Encoded, t_ids: Sequence[int],
+                  al: Alignment) -> tuple[list[int], list[int], list[int]]:
+    """For each student target (its index among the response tokens; ``n_student``, one past the text,
+    is the EOS): the teacher target starting the same span (-1: none), the teacher target after it when
+    the teacher's span goes on past its first token (-1 otherwise), and that first token's id (-1 likewise).
+    The EOS each side appends after the text is one more span, pairing the two EOS tokens."""
+    partner = {**dict(al.pairs), n_student: len(t_ids)}
+    t_target = {tok: j for j, tok in enumerate(_target_tokens(t_ex))}
+    row, nxt, first = [], [], []
+    for k in s_targets:
+        j = partner.get(k, -1)
+        row.append(t_target.get(j, -1) if j >= 0 else -1)
+        goes_on = 0 <= j < len(t_ids) - 1 and al.teacher_span[j + 1] == al.teacher_span[j]
+        nxt.append(t_target.get(j + 1, -1) if goes_on and row[-1] >= 0 else -1)
+        first.append(t_ids[j] if nxt[-1] >= 0 else -1)
+    return row, nxt, first
+
+
 @dataclass
 class PairedData:
     """The records encoded for both sides, and per kept example the teacher target (its index among the
@@ -423,18 +441,7 @@ def pair_records(records: Sequence[dict[str, Any]], student_tok: Any, teacher_to
         t_ids = teacher_tok(text, add_special_tokens=False)["input_ids"]
         al = align(byte_offsets(student_tok, text, s_ids, s_pieces), byte_offsets(teacher_tok, text, t_ids, t_pieces),
                    len(text.encode()))
-        # Response token -> the teacher response token starting the same span; the EOS each side appends
-        # after the text is one more span, pairing the two EOS tokens.
-        partner = {**dict(al.pairs), len(s_ids): len(t_ids)}
-        t_target = {tok: j for j, tok in enumerate(_target_tokens(t_ex))}
-        row, nxt, first = [], [], []
-        for k in _target_tokens(s_ex):
-            j = partner.get(k, -1)
-            row.append(t_target.get(j, -1) if j >= 0 else -1)
-            # The teacher's span goes on past its first token: its next position, and that first token.
-            goes_on = 0 <= j < len(t_ids) - 1 and al.teacher_span[j + 1] == al.teacher_span[j]
-            nxt.append(t_target.get(j + 1, -1) if goes_on and row[-1] >= 0 else -1)
-            first.append(t_ids[j] if nxt[-1] >= 0 else -1)
+        row, nxt, first = _pair_targets(_target_tokens(s_ex), len(s_ids), t_ex, t_ids, al)
         out_s.append(s_ex)
         out_t.append(t_ex)
         maps.append(row)
@@ -466,8 +473,13 @@ class CrossTokenizerSignal:
         if hasattr(inner, "submit"):  # a teacher service: batches may be sent ahead (trainer.InFlight)
             self.submit = self._submit
 
+    def _pairing(self, batch: Batch) -> tuple[PairedData, Sequence[int]]:
+        """The paired data of ``batch``'s rows and their indices in it: the records' own, paired up front."""
+        return self.paired, batch.indices
+
     def _teacher_batch(self, batch: Batch) -> Batch:
-        return collate([self.paired.teacher[i] for i in batch.indices], batch.indices, self.pad_id)
+        paired, rows = self._pairing(batch)
+        return collate([paired.teacher[i] for i in rows], list(rows), self.pad_id)
 
     def _index(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per student target of ``batch``: the row of the teacher batch's hidden states where its span starts,
@@ -475,13 +487,14 @@ class CrossTokenizerSignal:
         Kept for the last batch asked: ``hidden`` and ``kd_mask`` both need it for each batch."""
         if self._last is not None and self._last[0] is batch.input_ids:
             return self._last[1]
+        paired, batch_rows = self._pairing(batch)
         rows, nxt, first, offset = [], [], [], 0
-        for i in batch.indices:
-            for out, m in ((rows, self.paired.target_map[i]), (nxt, self.paired.next_map[i])):
+        for i in batch_rows:
+            for out, m in ((rows, paired.target_map[i]), (nxt, paired.next_map[i])):
                 m = torch.tensor(m, dtype=torch.long)
                 out.append(torch.where(m >= 0, m + offset, torch.full_like(m, -1)))
-            first.append(torch.tensor(self.paired.first_ids[i], dtype=torch.long))
-            offset += self.paired.teacher[i].num_targets
+            first.append(torch.tensor(paired.first_ids[i], dtype=torch.long))
+            offset += paired.teacher[i].num_targets
         index = (torch.cat(rows), torch.cat(nxt), torch.cat(first))
         self._last = (batch.input_ids, index)
         return index
@@ -511,6 +524,100 @@ class CrossTokenizerSignal:
         if name == "inner":
             raise AttributeError(name)
         return getattr(self.inner, name)
+
+
+class SampledCrossSignal(CrossTokenizerSignal):
+    """Across tokenizers for batches made while training: the student's own samples (gkd, opd), whose text
+    exists only once sampled. Each row's response is read back from the batch's own tokens as bytes (what
+    the student wrote, however it cut it), put after its record's prompt in the teacher's chat template,
+    and aligned by bytes as ``pair_records`` aligns a record, when the batch comes. ``prompts[i]`` is the
+    record of example i (the rows' ``batch.indices``). A response whose bytes are not valid UTF-8 is cut
+    at the last whole character. The text ends at the first special token (the student's end token, or
+    one sampled mid-text), which pairs with the teacher's EOS; nothing after it has a counterpart.
+    Targets without one train on CE, as inside a span: on the student's own samples at temperature 1
+    its expected gradient is zero (E_y~q grad log q(y) = 0), so it adds noise, not a pull."""
+
+    def __init__(self, inner: Any, prompts: Sequence[dict[str, Any]], student_tok: Any, teacher_tok: Any,
+                 vmap: VocabMap, *, teacher_pad_id: int, max_length: int, method: str = "hybrid",
+                 uld_weight: float = 1.0):
+        super().__init__(inner, PairedData([], [], [], {}), vmap, teacher_pad_id=teacher_pad_id, method=method,
+                         uld_weight=uld_weight)
+        self.prompts, self.teacher_tok, self.max_length = prompts, teacher_tok, max_length
+        self.s_pieces, self.t_pieces = token_bytes(student_tok), token_bytes(teacher_tok)
+        self._paired: tuple[torch.Tensor, PairedData] | None = None
+        self.stats = {"rows": 0, "unpaired_rows": 0, "student_targets": 0, "aligned_targets": 0}
+
+    def _pairing(self, batch: Batch) -> tuple[PairedData, Sequence[int]]:
+        if self._paired is None or self._paired[0] is not batch.input_ids:
+            self._paired = (batch.input_ids, self._pair_batch(batch))
+        return self._paired[1], range(len(batch.indices))
+
+    def _pair_batch(self, batch: Batch) -> PairedData:
+        teacher, maps, nexts, firsts = [], [], [], []
+        for r, i in enumerate(batch.indices):
+            where = torch.nonzero(batch.target_mask[r]).flatten()
+            start, n = int(where[0]) + 1, len(where)  # targets follow the prompt without a gap
+            response = batch.input_ids[r, start: start + n].tolist()
+            t_ex, paired = self._pair_row(self.prompts[i], response)
+            teacher.append(t_ex)
+            row, nxt, first = paired if paired is not None else ([-1] * n, [-1] * n, [-1] * n)
+            maps.append(row)
+            nexts.append(nxt)
+            firsts.append(first)
+            self.stats["rows"] += 1
+            self.stats["unpaired_rows"] += paired is None
+            self.stats["student_targets"] += n
+            self.stats["aligned_targets"] += sum(1 for x in row if x >= 0)
+        return PairedData([], teacher, maps, {}, nexts, firsts)
+
+    def _pair_row(self, record: dict[str, Any], response: list[int]) -> tuple[Encoded, Any]:
+        """The teacher's example of ``record``'s prompt with the text of ``response`` (the student's tokens, up
+        to the first special token: its end token, or one sampled mid-text, after which nothing pairs) and
+        the pairing of the response's targets (None: unpaired)."""
+        stop = next((k for k, t in enumerate(response) if t >= len(self.s_pieces) or self.s_pieces[t] is None),
+                    len(response))
+        pieces = [self.s_pieces[t] for t in response[:stop]]
+        data = b"".join(pieces)
+        cut = len(data)
+        while cut > max(0, len(data) - 3):  # an incomplete last character (a sample stopped inside it)
+            try:
+                data[:cut].decode()
+                break
+            except UnicodeDecodeError:
+                cut -= 1
+        try:
+            text = data[:cut].decode()
+        except UnicodeDecodeError:
+            text = None
+        rec = _with_response(record, text or "")
+        t_ex, _ = encode_record(rec, self.teacher_tok, self.max_length)
+        if text is None or "text" in record:  # a text row: no prompt sampled
+            return t_ex, None
+        t_ids = self.teacher_tok(text, add_special_tokens=False)["input_ids"]
+        try:
+            t_offsets = byte_offsets(self.teacher_tok, text, t_ids, self.t_pieces)
+        except ValueError:
+            return t_ex, None
+        s_offsets, pos = [], 0
+        for p in pieces:  # the student's own bytes, cut where the text was
+            s_offsets.append((min(pos, cut), min(pos + len(p), cut)))
+            pos += len(p)
+        al = align(s_offsets, t_offsets, cut)
+        # The special token that ended the text (index ``stop``) pairs with the teacher's EOS.
+        return t_ex, _pair_targets(range(len(response)), stop, t_ex, t_ids, al)
+
+
+def _with_response(record: dict[str, Any], text: str) -> dict[str, Any]:
+    """``record`` with ``text`` as its response (the last message of a conversation), nothing else kept
+    that belongs to another response (token ids, top-k log-probs)."""
+    rec = {k: v for k, v in record.items() if k not in ("response_ids", "topk")}
+    if "text" in rec:
+        rec["text"] = text
+    elif "messages" in rec:
+        rec["messages"] = [*rec["messages"][:-1], {**rec["messages"][-1], "content": text}]
+    else:
+        rec["response"] = text
+    return rec
 
 
 @torch.no_grad()

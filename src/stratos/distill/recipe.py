@@ -128,7 +128,7 @@ def resolve(distill: DistillSpec, *, match: str = "logit", strategy: Any = None,
         algo = "kd" if get_algorithm("kd").needs_teacher(base) else "sft"
         why = ("KD: the loss needs the teacher" if algo == "kd" else
                "SFT: loss ce (or kd_ratio 0) needs no teacher; the student learns the data's answers")
-        if algo == "kd" and strategy is not None and getattr(strategy, "on_policy", False) and match == "logit":
+        if algo == "kd" and strategy is not None and getattr(strategy, "on_policy", False) and match in ("logit", "cross"):
             algo = "gkd"
             why = (f"on-policy KD (gkd, lmbda {base.lmbda:g}): the answers are long or take many steps, so the student "
                    "also learns from its own samples, scored by the teacher, where off-policy KD would only show it "
@@ -138,7 +138,7 @@ def resolve(distill: DistillSpec, *, match: str = "logit", strategy: Any = None,
         # The plan's RL phase comes last and takes RL_SHARE of the training: the student first learns to
         # answer (SFT or KD), then the verifier's reward sharpens what it answers. opd where the teacher
         # is worth matching (alignment, white-box), so teacher and verifier teach in one phase.
-        rl = "opd" if strategy.kind == "alignment" and match == "logit" else "grpo"
+        rl = "opd" if strategy.kind == "alignment" and match in ("logit", "cross") else "grpo"
         raw = [(c.model_copy(update=_split(c, 1 - RL_SHARE)[0]), why) for c, why in raw]
         raw.append((base.model_copy(update={"algorithm": rl, **_split(base, RL_SHARE)[0]}),
                     f"{strategy.rl}; {rl}" + (" (the teacher's reverse KL on the same samples too)" if rl == "opd" else "")
@@ -157,12 +157,6 @@ def resolve(distill: DistillSpec, *, match: str = "logit", strategy: Any = None,
             why += (f"; {instead} instead: teacher and student share no vocabulary, and too little of the teacher's "
                     "probability maps across it for logit KD (or it could not be measured)" + (", so the student learns from its text (loss ce)"
                                             if algo.fallback == "sft" else ""))
-            needs = False
-        elif needs and match == "cross" and algo.on_policy:
-            # Its samples are in the student's tokens; scoring them means re-tokenising every rollout for the teacher.
-            cfg = fallback.configure(cfg.model_copy(update={"algorithm": algo.fallback}))
-            why += (f"; {instead} instead: {algo.name} has the teacher score the student's own samples, which this "
-                    "version does across tokenizers only off-policy (kd)")
             needs = False
         elif needs and match == "topk" and algo.on_policy:
             # An API's log-probs come with its own generations only; it cannot score the student's samples.

@@ -118,7 +118,7 @@ def choose_strategy(probe: TeacherProbe, task: TaskProfile, m: Match, *, compete
                                                    if kd_ratio > 0.5 else
                                                    "the teacher errs often, so KD is balanced with CE on verified answers"))
         # The settings (stratos.distill.recipe) train gkd for it: the student's own samples, scored by the teacher.
-        on_policy = m.mode == "logit" and complex_
+        on_policy = m.mode in ("logit", "cross") and complex_
         rev = 0
         injection = False
         teacher_generates = True
