@@ -71,14 +71,14 @@ def mean_se(xs: list[float], n: int) -> tuple[float, float]:
     return m, math.sqrt(max(within, between))
 
 
-def compare(accuracies: dict[str, list[float]], n: int) -> str:
+def compare(accuracies: dict[str, list[float]], n: int, first_seed: int = 0) -> str:
     """Print a markdown table of per-seed accuracies, mean and SE, one row per method (the first is
     the baseline); return the last method's gain over the first with the pooled SE of that difference,
     in words."""
     base_accs, last_accs = list(accuracies.values())[0], list(accuracies.values())[-1]
     seeds = len(base_accs)
     print()
-    print(f"| method | {' | '.join(f'seed {s}' for s in range(seeds))} | mean | SE |")
+    print(f"| method | {' | '.join(f'seed {s}' for s in range(first_seed, first_seed + seeds))} | mean | SE |")
     print(f"|---|{'---|' * seeds}---|---|")
     for name, accs in accuracies.items():
         m, se = mean_se(accs, n)
@@ -93,9 +93,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--teacher", default="smollm2-135m-instruct")
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed + seeds - 1")
     ap.add_argument("--steps", type=int, default=560)
     ap.add_argument("--kd-ratio", type=float, default=0.2)
     ap.add_argument("--method", default="hybrid", choices=["hybrid", "uld", "shared"])
+    ap.add_argument("--map", default="exact", choices=["exact", "first_token"], help="ctkd.map")
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--lr", type=float, default=2e-3)
@@ -109,20 +111,20 @@ def main() -> None:
     print(f"teacher {args.teacher} (de-quantised Q4_1): {teacher_acc:.1%} of {len(held_out)} held-out questions "
           f"({time.perf_counter() - t0:.0f} s)", flush=True)
     tok = build_tokenizer([r["prompt"] + " " + r["response"] for r in train], vocab_size=320)
-    mapping = measure_mapping(teacher, tok, t_tok, train[:64], max_length=64)
+    mapping = measure_mapping(teacher, tok, t_tok, train[:64], max_length=64, first_token=args.map == "first_token")
     print(f"student tokenizer: {len(tok)} tokens; teacher's: {len(t_tok)}; {mapping['vocab_overlap']:.1%} of the "
           f"teacher's vocabulary maps byte for byte; {mapping['mapped_mass']:.1%} of its probability at the "
           f"{mapping['positions']} aligned positions of 64 train answers falls on mapped tokens", flush=True)
 
     results: dict[str, list[float]] = {"sft": [], "ctkd": []}
     rows = []
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         for method in ("sft", "ctkd"):
             torch.manual_seed(seed)
             student = tiny_llama(tok, hidden_size=args.hidden, num_hidden_layers=args.layers, seed=seed,
                                  num_attention_heads=4, num_key_value_heads=4)
             cfg = DistillSpec(algorithm="sft" if method == "sft" else "kd", loss="fkl", kd_ratio=args.kd_ratio,
-                              ctkd={"method": args.method}, max_steps=args.steps, per_device_train_batch_size=16,
+                              ctkd={"method": args.method, "map": args.map}, max_steps=args.steps, per_device_train_batch_size=16,
                               learning_rate=args.lr, warmup_ratio=0.05, max_length=64, seed=seed, report_to=[],
                               logging_steps=50, bf16=False)
             t = time.perf_counter()
@@ -136,7 +138,8 @@ def main() -> None:
             print(f"seed {seed} {method:5s}: {acc:.1%} ({time.perf_counter() - t:.0f} s)", flush=True)
 
     gain = compare({"SFT": results["sft"],
-                    f"cross-tokenizer KD ({args.method}, kd_ratio {args.kd_ratio:g})": results["ctkd"]}, len(held_out))
+                    f"cross-tokenizer KD ({args.method}, map {args.map}, kd_ratio {args.kd_ratio:g})": results["ctkd"]}, len(held_out),
+                   args.first_seed)
     print(f"\n{gain}; teacher {teacher_acc:.1%}; "
           f"mapped share {mapping['mapped_mass']:.1%}; {len(held_out)} held-out questions, {args.steps} steps of "
           f"16 examples")

@@ -340,6 +340,38 @@ def test_opd_across_tokenizers_scores_every_group_sample(tmp_path, bytelevel, sp
     assert all("reward" in r and r["kd"] > 0 for r in rows)
 
 
+def test_first_token_map_sends_a_whole_teacher_token_to_the_students_first_piece(bytelevel, spiece, tmp_path):
+    """ctkd.map first_token: a teacher token with no student token of its bytes maps to the first token of the
+    student's own cut of its text. The teacher writes ' 12' as '▁1' '2', the student as ' ' '12': the
+    teacher's '▁1' goes to the student's ' ', which exact mapping leaves to ULD. Exact mappings stay."""
+    from stratos.teachers.topk import vocab_by_bytes
+
+    exact = VocabMap.build(bytelevel, spiece, student_rows=len(bytelevel), teacher_rows=len(spiece))
+    first = VocabMap.build(bytelevel, spiece, student_rows=len(bytelevel), teacher_rows=len(spiece), first_token=True)
+    t1 = spiece.convert_tokens_to_ids("▁1")
+    assert exact.t2s[t1] == -1 and first.t2s[t1] == vocab_by_bytes(bytelevel)[b" "]
+    kept = exact.t2s >= 0
+    assert torch.equal(first.t2s[kept], exact.t2s[kept])
+    s_bytes, t_bytes = token_bytes(bytelevel), token_bytes(spiece)
+    added = torch.nonzero((first.t2s >= 0) & ~kept).flatten().tolist()
+    assert len(added) > 10
+    for i in added:
+        ids = bytelevel(t_bytes[i].decode(), add_special_tokens=False)["input_ids"]
+        assert first.t2s[i] == ids[0] and t_bytes[i].startswith(s_bytes[ids[0]])
+    assert first.stats["vocab_overlap"] == exact.stats["vocab_overlap"] and first.stats["map"] == "first_token"
+    # The planner measures with the map the run will use, and the run trains with it.
+    recs = [{"prompt": f"{a}+1=", "response": f"the answer is {a + 1}"} for a in range(8)]
+    teacher = tiny_llama(spiece, seed=5)
+    by_exact = measure_mapping(teacher, bytelevel, spiece, recs, max_length=64)
+    by_first = measure_mapping(teacher, bytelevel, spiece, recs, max_length=64, first_token=True)
+    assert by_first["mapped_mass"] > by_exact["mapped_mass"] and by_first["map"] == "first_token"
+    cfg = DistillSpec(ctkd={"map": "first_token"}, max_steps=2, per_device_train_batch_size=4, report_to=[],
+                      bf16=False, save_steps=1000, max_length=64, teacher_signal="online")
+    res = distill(tiny_llama(bytelevel), bytelevel, recs, cfg, tmp_path / "r", teacher=teacher, teacher_tokenizer=spiece,
+                  progress=False)
+    assert res.signal["ctkd"]["map"] == "first_token" and res.final_metrics["kd"] > 0
+
+
 # ------------------------------------------------------------------------------------------ the plan
 
 

@@ -166,6 +166,10 @@ class CtkdSpec(_Strict):
         "rest) and uld_weight x ULD (sorted probabilities, Boizard et al. 2024) on the rest; 'uld', ULD alone; "
         "'shared', the mapped part alone. Positions inside a span train on CE.")
     uld_weight: float = Field(1.0, ge=0, description="Weight of the ULD term (methods hybrid and uld).")
+    map: Literal["exact", "first_token"] = Field(
+        "exact", description="Which teacher tokens the exact part matches: 'exact', those with the bytes of one "
+        "student token; 'first_token', also every other token with a text, on the first token of the student's "
+        "own cut of it (the teacher's 'Ġword' on the student's 'Ġwo' of 'Ġwo rd'), so less mass is left to ULD.")
     min_mapped_mass: float = Field(0.5, ge=0, le=1, description="The plan distils logits across tokenizers when at "
                                    "least this share of the teacher's probability (measured on the task's answers) "
                                    "falls on tokens that map exactly; below it, the teacher teaches through its text.")

@@ -235,7 +235,7 @@ def _cross_tokenizer_signal(teacher: Any, tokenizer: Any, teacher_tokenizer: Any
         kept = [r for r in records if encode_record(r, tokenizer, cfg.max_length)[0].num_targets]  # as encode keeps
         inner, info = hidden_state_signal(teacher, [], cfg, t_pad, cache_root, progress)
         vmap = VocabMap.build(tokenizer, teacher_tokenizer, student_rows=student.get_output_embeddings().weight.shape[0],
-                              teacher_rows=inner.head.vocab_size)
+                              teacher_rows=inner.head.vocab_size, first_token=cfg.ctkd.map == "first_token")
         signal = SampledCrossSignal(inner, kept, tokenizer, teacher_tokenizer, vmap, teacher_pad_id=t_pad,
                                     max_length=cfg.max_length, method=cfg.ctkd.method, uld_weight=cfg.ctkd.uld_weight)
         return signal, {**info, "ctkd": {"method": cfg.ctkd.method, "paired": "per batch, as sampled", **vmap.stats}}
@@ -244,7 +244,7 @@ def _cross_tokenizer_signal(teacher: Any, tokenizer: Any, teacher_tokenizer: Any
         raise AssertionError("cross-tokenizer pairing encoded the records unlike encode()")  # a bug, not bad data
     inner, info = hidden_state_signal(teacher, paired.teacher, cfg, t_pad, cache_root, progress)
     vmap = VocabMap.build(tokenizer, teacher_tokenizer, student_rows=student.get_output_embeddings().weight.shape[0],
-                          teacher_rows=inner.head.vocab_size)
+                          teacher_rows=inner.head.vocab_size, first_token=cfg.ctkd.map == "first_token")
     signal = CrossTokenizerSignal(inner, paired, vmap, teacher_pad_id=t_pad, method=cfg.ctkd.method,
                                   uld_weight=cfg.ctkd.uld_weight)
     return signal, {**info, "ctkd": {"method": cfg.ctkd.method, **vmap.stats, **paired.stats}}

@@ -55,10 +55,12 @@ def match(teacher: ModelShape, student: ModelShape, *, mapping: dict[str, Any] |
                        "full vocabulary is possible (teacher hidden states, exact logits recomputed)")
     elif mapping is not None:
         share, overlap = mapping["mapped_mass"], mapping["vocab_overlap"]
+        onto = ("tokens that do" if mapping.get("map", "exact") == "exact" else
+                "tokens that map, byte for byte or onto the first token of the student's cut (ctkd.map first_token)")
         measured = (f"{teacher.name} and {student.name} use different tokenizers: {overlap:.0%} of the teacher's "
                     f"vocabulary maps byte for byte to a student token, and on the task's answers "
                     f"({mapping['positions']} aligned positions) {share:.0%} of the teacher's probability falls on "
-                    "tokens that do")
+                    + onto)
         if share >= min_mapped_mass:
             mode = "cross"
             reasons.append(f"{measured} (>= ctkd.min_mapped_mass {min_mapped_mass:g}): logit KD across tokenizers is "
