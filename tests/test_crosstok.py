@@ -385,7 +385,7 @@ def test_measure_mapping_and_the_matchs_two_branches(bytelevel, spiece):
     teacher = tiny_llama(spiece, seed=5)
     recs = [{"prompt": f"{a}+1=", "response": f"the answer is {a + 1}"} for a in range(8)]
     measured = measure_mapping(teacher, bytelevel, spiece, recs, max_length=64)
-    assert 0 < measured["first_token_mass"] <= measured["mapped_mass"] < 1
+    assert 0 < measured["unchained_mass"] <= measured["mapped_mass"] < 1
     # By hand on one record: at each aligned target, the teacher's probability on tokens that map; plus,
     # where its span goes on past a first token a that maps nowhere, p(a) q(x | a) summed over the
     # student tokens spelt a + x (the chained mass, moved from "other" to those tokens).
@@ -405,7 +405,7 @@ def test_measure_mapping_and_the_matchs_two_branches(bytelevel, spiece):
             xs = [x for a2, x, _ in vm.pairs.tolist() if a2 == a]
             chained += float(p[a] * q[xs].sum()) if vm.t2s[a] < 0 else 0.0
     assert one["positions"] == len(at)
-    assert abs(one["first_token_mass"] - first / len(at)) < 1e-5
+    assert abs(one["unchained_mass"] - first / len(at)) < 1e-5
     assert abs(one["mapped_mass"] - (first + chained) / len(at)) < 1e-5
     t = ModelShape(name="t", params=4e6, tokenizer="aaa")
     s = ModelShape(name="s", params=1e6, tokenizer="bbb")

@@ -651,7 +651,7 @@ def measure_mapping(teacher: Any, student_tok: Any, teacher_tok: Any, records: S
     the share of student targets that start a span, and ``mapped_mass``, the mean share of the teacher's
     probability, at those span starts, that the exact part of the loss matches token for token: its mass on
     tokens that map to a student token plus the chained mass p(a) p(x | a) of student tokens spelt by two
-    teacher tokens (``first_token_mass`` leaves the chained part out). The planner compares ``mapped_mass``
+    teacher tokens (``unchained_mass`` leaves the chained part out). The planner compares ``mapped_mass``
     with ``ctkd.min_mapped_mass``. ``first_token``: with the map ``ctkd.map: first_token`` (``VocabMap.build``)."""
     from stratos.teachers.signal import OnlineTeacher
 
@@ -663,17 +663,17 @@ def measure_mapping(teacher: Any, student_tok: Any, teacher_tok: Any, records: S
     s_pad = student_tok.pad_token_id if student_tok.pad_token_id is not None else student_tok.eos_token_id
     signal = CrossTokenizerSignal(online, paired, vmap, teacher_pad_id=t_pad)
     head = signal.head.to(online.head.weight.device)
-    exact = first = 0.0
+    exact = unchained = 0.0
     n = 0
     for start in range(0, len(paired.student), batch_size):
         idx = list(range(start, min(start + batch_size, len(paired.student))))
         batch = collate([paired.student[i] for i in idx], idx, s_pad)
         rows = signal.hidden(batch)[signal.kd_mask(batch).to(online.head.weight.device)].float()
         p = torch.softmax(head(rows), dim=-1)
-        first += float((p * (head.t2s >= 0)).sum())
+        unchained += float((p * (head.t2s >= 0)).sum())
         p_cat, _ = head.project(p, rows, 1.0)  # consumes p
         exact += float(p_cat[:, :-1].sum())  # every category but "other"
         n += rows.shape[0]
-    return {"mapped_mass": exact / max(1, n), "first_token_mass": first / max(1, n),
+    return {"mapped_mass": exact / max(1, n), "unchained_mass": unchained / max(1, n),
             "vocab_overlap": vmap.stats["vocab_overlap"], "aligned_share": paired.stats["aligned_share"],
             "positions": n, "examples": len(paired.teacher), "map": vmap.stats["map"]}
