@@ -102,6 +102,12 @@ def test_sigkill_and_resume_matches_an_uninterrupted_run(tmp_path, char_tokenize
     env = {**os.environ, "STRATOS_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(ROOT / "src")}
 
     subprocess.run(_cli(tmp_path / "full", teacher, student, data), check=True, env=env, capture_output=True)
+    # No spec, no task, no eval: the model card says what trained it and that nothing was measured.
+    card = (tmp_path / "full" / "model" / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: transformers") and "# " + str(student) + ", distilled" in card
+    assert f"from the teacher {teacher} (`{teacher}`)" in card and f"Training records: 300 (from `{data}`)" in card
+    assert "60 optimizer steps, teacher signal cached" in card and "Evaluation while training" not in card
+    assert "Accuracy and speed were not measured by `stratos distill`" in card and "--task TASK" in card
 
     ckpts = tmp_path / "killed" / "checkpoints"
     kill_when(_cli(tmp_path / "killed", teacher, student, data), env,

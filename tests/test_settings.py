@@ -218,10 +218,22 @@ def test_the_run_trains_exactly_the_plans_settings(models, tmp_path, monkeypatch
         a = load_file(str(run_dir / "distill" / "model" / "model.safetensors"))
         b = load_file(str(out / "model" / "model.safetensors"))
         assert all(torch.equal(a[k], b[k]) for k in a)
+        # Its model folder carries a model card: what trained it, from what, and that nothing was measured.
+        card = (out / "model" / "README.md").read_text()
+        assert card.startswith("---\nlibrary_name: transformers") and "# settings: student" in card
+        assert f"`{teacher}`" in card and f"`{student}`" in card and "base_model" not in card  # local folders
+        assert f"Strategy: {plan['strategy']['kind']} (match {plan['match']['mode']})" in card
+        assert "Training: sft (loss ce, kd_ratio 0) -> kd (loss fkl" in card
+        result = json.loads((out / "result.json").read_text())
+        assert f"{result['steps']} optimizer steps, teacher signal cached" in card
+        assert f"Training records: {result['data']['records']} (from `{run_dir / 'synth' / 'data.jsonl'}`)" in card
+        assert "Accuracy and speed were not measured by `stratos distill`" in card and "`stratos eval" in card
+        assert "| model |" not in card and "Evaluation while training" not in card  # no figure it did not measure
 
         # distill.sft_baseline: the same phases with KD made SFT, in OUT/sft-baseline. Its first phase is SFT in
         # both, so it is bitwise the student's: the same initialisation, data and batch order.
-        data["distill"]["sft_baseline"] = True
+        data["distill"].update(sft_baseline=True, eval_steps=2, eval_samples=4)  # and evaluation while training
+        data["eval"] = {"max_new_tokens": 4}
         (tmp_path / "b.yaml").write_text(yaml.safe_dump(data))
         with pytest.raises(SystemExit) as info:
             main(["distill", str(tmp_path / "b.yaml"), "--plan", str(run_dir / "plan" / "plan.json"),
@@ -235,6 +247,16 @@ def test_the_run_trains_exactly_the_plans_settings(models, tmp_path, monkeypatch
         assert all(torch.equal(first[k], mirror[k]) for k in first)
         last = load_file(str(base_dir / "model" / "model.safetensors"))
         assert any(not torch.equal(a[k], last[k]) for k in a)  # phase 2 without the teacher trains otherwise
+        # The card states the evaluation while training as exactly what it is, at the step of these weights.
+        rows = [json.loads(x) for x in (tmp_path / "cli-b" / "metrics.jsonl").read_text().splitlines()]
+        ev = [r for r in rows if "eval_accuracy" in r][-1]
+        steps = json.loads((tmp_path / "cli-b" / "result.json").read_text())["steps"]
+        card = (tmp_path / "cli-b" / "model" / "README.md").read_text()
+        assert ev["step"] == steps and ev["eval_n"] == 4
+        assert (f"Evaluation while training (`distill.eval_steps`): {ev['eval_accuracy']:.1%} of 4 questions of the "
+                "task's eval split answered exactly right, greedy generation of at most 4 new tokens, at step "
+                f"{steps} of {steps}, the step whose weights this folder holds.") in card
+        assert "Accuracy and speed were not measured by `stratos distill`" in card
 
 
 def test_a_killed_two_phase_run_resumes_to_the_same_weights(models, tmp_path):

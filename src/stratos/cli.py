@@ -256,7 +256,8 @@ def distill(
         say(f"  device: {rt.describe()}" + (f", {os.environ['WORLD_SIZE']} processes" if "WORLD_SIZE" in os.environ
                                             else ""), highlight=False)
         model, tok = load_student(s_spec, task_spec, device=where, seed=cfg.seed)
-        evaluator = evaluator_for(task_spec, tok, settings, max_new_tokens=s.eval.max_new_tokens if s else 64,
+        eval_tokens = s.eval.max_new_tokens if s else 64
+        evaluator = evaluator_for(task_spec, tok, settings, max_new_tokens=eval_tokens,
                                   batch_size=s.eval.batch_size if s else 16, task=task)
         t_model = t_tok = None
         if settings.needs_teacher_model:
@@ -279,11 +280,25 @@ def distill(
 
         Parallel.shutdown()
     m = result.final_metrics
+    if rank == 0:  # a model card in the folder, with what this command knows of the model (no eval of its own)
+        import json
+
+        from stratos.report.card import training_eval_of, write_cards
+
+        source = (f"from `{data}`" if data is not None else f"the reference answers of the task `{task_spec.name}`'s "
+                  f"train split{', worked (synth.rationales)' if s and s.synth.rationales else ''}")
+        write_cards({"student": result.model_dir}, spec=s, plan=json.loads(plan.read_text()) if plan else None,
+                    teacher=t_spec, student=s_spec, device=rt.describe(), data={"source": source, **result.data},
+                    distill={"steps": result.steps, "signal": result.signal.get("mode", "none"),
+                             "settings": settings.to_dict()},
+                    training_eval=training_eval_of(out / "metrics.jsonl", steps=result.steps,
+                                                   model_step=m.get("model_step"), max_new_tokens=eval_tokens))
     best = (f", best eval accuracy {m['best_eval_accuracy']:.1%} at step {m['best_step']}"
             if m.get("best_step") is not None and m.get("best_eval_accuracy") is not None else "")
     say(
         f"[green]done[/green] {result.steps} steps, loss {m.get('loss', float('nan')):.4f}, "
-        f"{result.tokens_per_second:.0f} tok/s{best}; student saved to {result.model_dir}",
+        f"{result.tokens_per_second:.0f} tok/s{best}; student saved to {result.model_dir} (with a model card, "
+        "README.md)",
         highlight=False,
     )
     if cfg.sft_baseline:

@@ -1,6 +1,7 @@
 """Model cards: the README.md a run writes into each model folder it exports (the distilled student,
-and the compressed one it deploys), as users of the Hugging Face ecosystem expect: base models, data,
-method, measured accuracy and speed, and limits. Every figure comes from the run's own files."""
+and the compressed one it deploys), and `stratos distill` into the student's, as users of the Hugging
+Face ecosystem expect: base models, data, method, measured accuracy and speed, and limits. Every figure
+comes from the run's own files; a card of `stratos distill` alone, which measures nothing, says so."""
 
 from __future__ import annotations
 
@@ -29,31 +30,70 @@ def teacher_gain_sentence(results: dict[str, Any]) -> str:
             f"with the teacher, {g['only_b']} only without): {verdict}.")
 
 
-def model_card(*, role: str, spec: Any, plan: dict[str, Any], results: dict[str, Any], stats: dict[str, Any],
-               distill: dict[str, Any], compress: dict[str, Any] | None, device: str) -> str:
-    """The card of the run's ``role`` model ("student" or "deployed student")."""
+def model_card(*, role: str, spec: Any = None, plan: dict[str, Any] | None = None,
+               results: dict[str, Any] | None = None, stats: dict[str, Any] | None = None,
+               distill: dict[str, Any], compress: dict[str, Any] | None = None, device: str,
+               teacher: Any = None, student: Any = None, data: dict[str, Any] | None = None,
+               training_eval: dict[str, Any] | None = None, params: int | None = None) -> str:
+    """The card of the ``role`` model ("student" or "deployed student"), from what is known of it.
+
+    A run passes the eval stage's ``results`` and synth's ``stats``: the card holds what was measured.
+    ``stratos distill`` alone passes neither: the card says accuracy and speed were not measured, and how
+    to measure them; ``training_eval`` (the metrics.jsonl row of the evaluation while training that
+    describes these weights, if there was one) is stated as exactly what it is. ``teacher`` / ``student``:
+    the specs (default: the plan's choice from ``spec``); ``teacher`` None: no teacher. ``data``: what
+    distill trained on ({"source": words, and its ``DistillResult.data``}). ``params``: the model's
+    parameters when ``results`` has no row for it."""
+    results = results or {}
+    measured = bool(results.get("rows"))
     rows = {r["role"]: r for r in results.get("rows", [])}
     me = rows.get(role) or {}
-    t_spec = spec.teachers[plan["teacher"]["index"]]
-    s_spec = spec.students[plan["student"]["index"]]
-    base = s_spec.model if s_spec.init == "pretrained" and not Path(s_spec.model).is_absolute() else None
+    t_spec = teacher if teacher is not None or plan is None else spec.teachers[plan["teacher"]["index"]]
+    s_spec = student if student is not None else spec.students[plan["student"]["index"]]
+    # A teacher took part: through synth's data (a run) or its signal in training.
+    t_used = t_spec is not None and (stats is not None or distill.get("signal", "none") != "none")
+    task = results.get("task") or (spec.task.name if spec is not None else None)
+    local = Path(s_spec.model).is_absolute() or Path(s_spec.model).exists()  # a folder or file here, not a hub id
+    base = s_spec.model if s_spec.init == "pretrained" and not local else None
     front = {"library_name": "transformers", "pipeline_tag": "text-generation", "tags": ["stratos", "distillation"],
              **({"base_model": base} if base else {})}
     init = ("its weights" if s_spec.init == "pretrained" else "its architecture only (weights initialised at random)")
-    data_rows = ", ".join(f"{k} {v:,}" for k, v in (stats.get("rows") or {}).items() if k != "total")
     phases = " -> ".join(f"{p['algorithm']} (loss {p['config']['loss']}, kd_ratio {p['config'].get('kd_ratio', 0):g})"
                          for p in (distill.get("settings") or {}).get("phases", []))
-    leak = results.get("leakage") or {}
-    measured = ["| model | accuracy [95% CI] | parameters | tokens/s | latency p50 / p95 |",
-                "|---|---|---|---|---|"]
-    for r in results.get("rows", []):
-        lat = r.get("latency_ms") or {}
-        measured.append(f"| {r['role']} | {_pct(r)} | {r['params']:,} | {r.get('tokens_per_s', 0):,.0f} | "
-                        + (f"{lat['p50']:,.0f} / {lat['p95']:,.0f} ms |" if lat.get("p50") is not None else "– |")
-                        if r.get("params") else
-                        f"| {r['role']} | {_pct(r)} | – | {r.get('tokens_per_s', 0):,.0f} | – |")
-    groups = [f"- {g}: {_pct(v)} of {v['n']}" for g, v in (me.get("per_group") or {}).items()]
-    by_group = ("\nThis model by question group:\n\n" + "\n".join(groups) + "\n") if len(groups) > 1 else ""
+    alone = not t_used and not measured  # `stratos distill` without a teacher: SFT on the data
+    title = f"{spec.name}: {role}" if spec is not None else f"{s_spec.label}, {'trained' if alone else 'distilled'}"
+    what = (f"A {me.get('params') or params or 0:,}-parameter model {'trained' if alone else 'distilled'} by Stratos"
+            + (f" for the task\n`{task}`" if task else "")
+            + (f", from the teacher {t_spec.label} (`{t_spec.model}`)." if t_used else
+               ", on its data alone (no teacher signal)." if alone else "."))
+    if t_used:
+        teacher_line = f"- Teacher: {t_spec.label} (`{t_spec.model}`, backend {t_spec.backend})."
+    else:
+        teacher_line = ("- Teacher: none in this training (teacher signal none: the student learnt the responses "
+                        "of its data alone).")
+    if stats is not None:
+        leak = results.get("leakage") or {}
+        data_rows = ", ".join(f"{k} {v:,}" for k, v in (stats.get("rows") or {}).items() if k != "total")
+        data_text = f"""- Training records: {stats.get('rows', {}).get('total', '?'):,} ({data_rows}); teacher answers kept by the
+  task's verifier: {stats.get('acceptance', 0):.1%} of {stats.get('prompts', 0)} prompts x {stats.get('samples_per_prompt', 0)} samples.
+- Evaluation: {results.get('n')} held-out questions of the task's eval split.
+  {('No eval question appears in the training data (' + leak['how'] + ').') if leak and not leak.get('found') else
+   (str(leak.get('found')) + ' eval questions appear in the training data: the accuracy below overstates unseen questions.') if leak else ''}"""
+    else:
+        d = data or {}
+        data_text = (f"- Training records: {d.get('records', '?'):,} ({d.get('source', 'source not recorded')}); "
+                     f"{d.get('kept', '?'):,} kept for training, {d.get('truncated', 0):,} of them cut at max_length, "
+                     f"{d.get('dropped_empty', 0):,} dropped with no response tokens left.")
+        if training_eval:
+            data_text += (f"\n- Evaluation while training: the first {training_eval['n']} questions of the task's eval "
+                          "split; not checked against the training data by this command (`stratos run`'s eval stage "
+                          "checks).")
+    if plan is not None:
+        strategy = f"- Strategy: {plan['strategy']['kind']} (match {plan['match']['mode']}).\n"
+    else:
+        match = (distill.get("settings") or {}).get("match")
+        strategy = f"- Teacher-student match: {match}.\n" if t_used and match else ""
+    trained_on = "" if measured else f" Trained on {device}."
     bench = results.get("bench") or {}
     comp = ""
     if role == "deployed student" and compress and not compress.get("skipped"):
@@ -67,48 +107,105 @@ def model_card(*, role: str, spec: Any, plan: dict[str, Any], results: dict[str,
         comp = "- Compression: " + ", ".join(p for p in parts if p) + ".\n" if any(parts) else ""
     gain = teacher_gain_sentence(results)  # about the distilled student, which a deployed one was made from
     gain = f"- What the teacher adds: {gain}\n" if gain else ""
+    if measured:
+        table = ["| model | accuracy [95% CI] | parameters | tokens/s | latency p50 / p95 |",
+                 "|---|---|---|---|---|"]
+        for r in results.get("rows", []):
+            lat = r.get("latency_ms") or {}
+            table.append(f"| {r['role']} | {_pct(r)} | {r['params']:,} | {r.get('tokens_per_s', 0):,.0f} | "
+                         + (f"{lat['p50']:,.0f} / {lat['p95']:,.0f} ms |" if lat.get("p50") is not None else "– |")
+                         if r.get("params") else
+                         f"| {r['role']} | {_pct(r)} | – | {r.get('tokens_per_s', 0):,.0f} | – |")
+        groups = [f"- {g}: {_pct(v)} of {v['n']}" for g, v in (me.get("per_group") or {}).items()]
+        by_group = ("\nThis model by question group:\n\n" + "\n".join(groups) + "\n") if len(groups) > 1 else ""
+        measured_text = f"""On {results.get('n')} held-out questions, on {device}. tokens/s: batched greedy generation in the eval
+process, except the deployed student's, which answered through its HTTP endpoint; its latency comes
+from a load test of {bench.get('clients', '?')} concurrent clients.
+
+{chr(10).join(table)}
+{by_group}"""
+        limits = f"""- Measured on this task's questions only; nothing else was evaluated.
+- Speed figures are this machine's ({device}); another device gives other figures.
+- {('The teacher answers ' + _pct(rows['teacher (zero-shot)']) + ' zero-shot on the same questions.') if 'teacher (zero-shot)' in rows else ''}
+"""
+    else:
+        how = ("`stratos eval SPEC --model FOLDER` (with the spec this model was trained from)" if spec is not None
+               else "`stratos eval --model FOLDER --task TASK`")
+        measured_text = ("Accuracy and speed were not measured by `stratos distill`, the command that made this model: "
+                         f"measure them with {how}, which gives accuracy with a 95% interval on the task's held-out eval "
+                         "split, latency and tokens/s, or with `stratos run`, which evaluates the teacher and the "
+                         "student on the same questions and load-tests the served model.\n")
+        if training_eval:
+            e = training_eval
+            at = (f"at step {e['step']} of {e['steps']}, the step whose weights this folder holds"
+                  if e["step"] == e.get("model_step", e["steps"]) else
+                  f"at step {e['step']} of {e['steps']}; this folder holds the weights of step "
+                  f"{e.get('model_step', e['steps'])}, which that figure does not describe")
+            measured_text += (f"\nEvaluation while training (`distill.eval_steps`): {e['accuracy']:.1%} of {e['n']} "
+                              f"questions of the task's eval split answered exactly right, greedy generation of at most "
+                              f"{e['max_new_tokens']} new tokens, {at}. A check during training on few questions, "
+                              "with no confidence interval: not a measurement of the model.\n")
+        limits = ("- Not evaluated by the command that made it (see Measured); no figure here describes its accuracy "
+                  "on unseen questions or its speed.\n")
     text = f"""---
 {yaml.safe_dump(front, sort_keys=False).strip()}
 ---
 
-# {spec.name}: {role}
+# {title}
 
-A {me.get('params', 0):,}-parameter model distilled by Stratos for the task
-`{results.get('task')}`, from the teacher {t_spec.label} (`{t_spec.model}`).
+{what}
 
 ## Base models
 
-- Teacher: {t_spec.label} (`{t_spec.model}`, backend {t_spec.backend}).
+{teacher_line}
 - Student: {s_spec.label} (`{s_spec.model}`): {init}.
 
 ## Data
 
-- Training records: {stats.get('rows', {}).get('total', '?'):,} ({data_rows}); teacher answers kept by the
-  task's verifier: {stats.get('acceptance', 0):.1%} of {stats.get('prompts', 0)} prompts x {stats.get('samples_per_prompt', 0)} samples.
-- Evaluation: {results.get('n')} held-out questions of the task's eval split.
-  {('No eval question appears in the training data (' + leak['how'] + ').') if leak and not leak.get('found') else
-   (str(leak.get('found')) + ' eval questions appear in the training data: the accuracy below overstates unseen questions.') if leak else ''}
+{data_text}
 
 ## Method
 
-- Strategy: {plan['strategy']['kind']} (match {plan['match']['mode']}).
-- Training: {phases}; {distill.get('steps', '?')} optimizer steps, teacher signal {distill.get('signal', 'none')}.
+{strategy}- Training: {phases}; {distill.get('steps', '?')} optimizer steps, teacher signal {distill.get('signal', 'none')}.{trained_on}
 {comp}{gain}
 ## Measured
 
-On {results.get('n')} held-out questions, on {device}. tokens/s: batched greedy generation in the eval
-process, except the deployed student's, which answered through its HTTP endpoint; its latency comes
-from a load test of {bench.get('clients', '?')} concurrent clients.
-
-{chr(10).join(measured)}
-{by_group}
+{measured_text}
 ## Limits
 
-- Measured on this task's questions only; nothing else was evaluated.
-- Speed figures are this machine's ({device}); another device gives other figures.
-- {('The teacher answers ' + _pct(rows['teacher (zero-shot)']) + ' zero-shot on the same questions.') if 'teacher (zero-shot)' in rows else ''}
-"""
+{limits}"""
     return text
+
+
+def training_eval_of(metrics_path: Path, *, steps: int, model_step: int | None, max_new_tokens: int) -> dict | None:
+    """The evaluation while training that describes the saved weights, from ``metrics.jsonl``: the row of
+    ``model_step`` (``load_best_model_at_end``) if evaluated, else the last evaluated one; None without any."""
+    from stratos.io import read_jsonl
+
+    rows = [r for r in read_jsonl(metrics_path) if r.get("eval_accuracy") is not None] if metrics_path.is_file() else []
+    if not rows:
+        return None
+    row = next((r for r in rows if r["step"] == model_step), rows[-1])
+    return {"accuracy": row["eval_accuracy"], "n": row.get("eval_n"), "step": row["step"], "steps": steps,
+            "model_step": model_step if model_step is not None else steps, "max_new_tokens": max_new_tokens}
+
+
+def folder_params(folder: Path) -> int | None:
+    """The parameters a model folder's safetensors hold (read from their headers), None without any."""
+    from safetensors import safe_open
+
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        return None
+    total = 0
+    for f in files:
+        with safe_open(str(f), "pt") as st:
+            for k in st.keys():
+                n = 1
+                for d in st.get_slice(k).get_shape():
+                    n *= d
+                total += n
+    return total
 
 
 def write_cards(folders: dict[str, Path], **facts: Any) -> list[Path]:
@@ -121,6 +218,7 @@ def write_cards(folders: dict[str, Path], **facts: Any) -> list[Path]:
     for role, folder in folders.items():
         if Path(folder).is_dir() and last[Path(folder).resolve()] == role:
             path = Path(folder) / "README.md"
-            atomic_write_text(path, model_card(role=role, **facts))
+            params = {} if facts.get("results") else {"params": folder_params(folder)}  # nothing measured of it
+            atomic_write_text(path, model_card(role=role, **params, **facts))
             out.append(path)
     return out
