@@ -25,6 +25,7 @@ records make the steps: GOLD runs its teacher at every step of every epoch, the 
 
     python benchmarks/ctkd_throughput.py                       # 16 timed steps of batch 8 x 128 tokens
     python benchmarks/ctkd_throughput.py --steps 24 --seq-len 256
+    python benchmarks/ctkd_throughput.py --seq-len 512 --steps 10 --gradient-checkpointing   # both engines
 
 Prints one table; docs/benchmarks.md records a run of it.
 """
@@ -100,7 +101,7 @@ def _cfg(args: argparse.Namespace, mode: str):
         teacher_signal=mode, num_train_epochs=args.epochs, per_device_train_batch_size=args.batch_size,
         max_length=args.seq_len, learning_rate=1e-4, warmup_ratio=0.0, lr_scheduler_type="constant",
         save_steps=10_000, logging_steps=1, report_to=[], bf16=bool(args.bf16), seed=0,
-        chunk_size=args.chunk_size or None,
+        chunk_size=args.chunk_size or None, gradient_checkpointing=args.gradient_checkpointing,
     )
 
 
@@ -172,7 +173,8 @@ def run_gold(args: argparse.Namespace, workdir: Path) -> dict:
         temperature=1.0, max_completion_length=args.seq_len // 2, per_device_train_batch_size=args.batch_size,
         num_train_epochs=args.epochs,
         max_length=args.seq_len, learning_rate=1e-4, lr_scheduler_type="constant", warmup_steps=0, logging_steps=1,
-        save_strategy="no", report_to=[], bf16=bool(args.bf16), gradient_checkpointing=False, use_cpu=True,
+        save_strategy="no", report_to=[], bf16=bool(args.bf16), gradient_checkpointing=args.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False}, use_cpu=True,
         dataloader_num_workers=0, seed=0, disable_tqdm=True,
     )
     trainer = GOLDTrainer(model=student, teacher_model=teacher, args=cfg, train_dataset=ds, processing_class=tok,
@@ -222,6 +224,9 @@ def main() -> None:
     p.add_argument("--student-vocab", type=int, default=8192, help="the student tokenizer's BPE vocabulary size")
     p.add_argument("--bf16", choices=["auto", "1", "0"], default="auto",
                    help="bf16 autocast for both engines: auto (where the CPU computes bf16 natively), 1 or 0")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="both engines recompute the student's layer activations in the backward pass "
+                        "(TrainingArguments' and distill's gradient_checkpointing)")
     p.add_argument("--engines", default="gold,stratos-online,stratos-cached")
     p.add_argument("--engine", help=argparse.SUPPRESS)
     p.add_argument("--workdir", help=argparse.SUPPRESS)
@@ -252,7 +257,8 @@ def main() -> None:
     table = Table(title=f"Cross-tokenizer KD, teacher SmolLM2-135M (49,152 tokens) -> {args.student_layers}-layer "
                         f"student ({vocab:,}-token BPE), batch {args.batch_size} x {args.seq_len} tokens, "
                         f"{args.steps} timed steps, bf16={bool(args.bf16)}"
-                        + (f", our chunk_size {args.chunk_size}" if args.chunk_size else ""))
+                        + (f", our chunk_size {args.chunk_size}" if args.chunk_size else "")
+                        + (", gradient checkpointing on both" if args.gradient_checkpointing else ""))
     for col in ("engine", "tokens/s", "vs GOLD", "peak RSS (MB)", "vs GOLD", "cache build (s, peak MB)",
                 f"{args.epochs} epoch(s) vs GOLD, cache build counted", "last loss"):
         table.add_column(col, justify="right" if col != "engine" else "left")

@@ -285,9 +285,10 @@ def resolve_bf16_arg(args: argparse.Namespace) -> None:
 
 def run_child(engine: str, args: argparse.Namespace, workdir: Path, script: str = __file__) -> dict:
     """Run ``script --engine ENGINE`` with the same options in a fresh process; return the dict it prints."""
-    cmd = [sys.executable, script, "--engine", engine, "--workdir", str(workdir)] + [
-        f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("engine", "engines", "workdir")
-    ]
+    cmd = [sys.executable, script, "--engine", engine, "--workdir", str(workdir)]
+    for k, v in vars(args).items():
+        if k not in ("engine", "engines", "workdir") and v is not False:  # a store_true flag: named when set
+            cmd.append(f"--{k.replace('_', '-')}" + ("" if v is True else f"={v}"))
     print(f"running {engine} ...", file=sys.stderr, flush=True)
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
     line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)

@@ -315,6 +315,9 @@ def test_gkd_across_tokenizers_scores_the_students_own_samples(tmp_path, bytelev
     res = distill(student, bytelevel, records[:16], cfg, tmp_path / "r", teacher=teacher, teacher_tokenizer=spiece,
                   progress=False)
     assert res.signal["mode"] == "online" and res.signal["ctkd"]["paired"].startswith("per batch")
+    sampled = res.signal["ctkd"]["sampled"]  # 30 steps x 8 rows of samples, each paired as it came
+    assert sampled["rows"] == 240 and 0 < sampled["aligned_targets"] <= sampled["student_targets"]
+    assert res.signal["ctkd"]["aligned_share"] == sampled["aligned_targets"] / sampled["student_targets"]
     rows = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert all(r["on_policy_fraction"] == 1.0 for r in rows if "on_policy_fraction" in r)
     assert any(r["kd"] > 0 for r in rows if "kd" in r)  # the teacher scored what the student wrote

@@ -152,6 +152,23 @@ def test_lora_trains_adapters_and_saves_a_plain_model(tmp_path, char_tokenizer):
     assert torch.equal(merged.model.embed_tokens.weight, before["model.embed_tokens.weight"])  # frozen
 
 
+def test_gradient_checkpointing_recomputes_each_layer_and_trains_the_same(tmp_path, char_tokenizer):
+    """distill.gradient_checkpointing: every decoder layer runs again in the backward pass (its MLP is called
+    twice per step), and the run ends at the weights of a run without it."""
+    records, out = reversal_records(64, seed=5), {}
+    for on in (False, True):
+        student = tiny_llama(char_tokenizer, hidden_size=64, num_hidden_layers=2, seed=2)
+        calls = []
+        student.model.layers[0].mlp.register_forward_pre_hook(lambda *_: calls.append(1))
+        cfg = DistillSpec(loss="ce", max_steps=4, per_device_train_batch_size=16, learning_rate=5e-3, bf16=False,
+                          report_to=[], save_steps=1000, gradient_checkpointing=on)
+        distill(student, char_tokenizer, records, cfg, tmp_path / str(on), progress=False)
+        out[on] = len(calls), {n: p.detach().clone() for n, p in student.named_parameters()}
+    assert out[False][0] == 4 and out[True][0] == 8
+    for name, p in out[False][1].items():
+        torch.testing.assert_close(out[True][1][name], p, rtol=1e-5, atol=1e-7)
+
+
 def test_cli_reports_bad_data_by_file_and_line(tmp_path, char_tokenizer):
     student = save_model(tiny_llama(char_tokenizer, hidden_size=32, num_hidden_layers=1), char_tokenizer,
                          tmp_path / "s")

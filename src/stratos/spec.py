@@ -238,6 +238,10 @@ class _TrainingOptions(_Strict):
     max_length: int = Field(512, gt=1, description="Prompt + response tokens; longer examples are truncated.")
     bf16: bool | Literal["auto"] = Field("auto", description="bf16 autocast; 'auto' uses it where the CPU/GPU supports it.")
     lora: LoraSpec | None = Field(None, description="Train LoRA adapters instead of all weights.")
+    gradient_checkpointing: bool = Field(
+        False, description="Keep only each decoder layer's input through the forward pass and recompute the rest in "
+        "the backward (TrainingArguments' name): the same loss and gradients, less activation memory, about a "
+        "third more student compute.")
     save_steps: int = Field(200, gt=0, description="Checkpoint every N optimizer steps.")
     save_total_limit: int = Field(2, gt=0)
     logging_steps: int = Field(10, gt=0)

@@ -177,6 +177,10 @@ def distill(
             signal.close()  # teacher workers: stopped with the training, however it ends
     if getattr(signal, "restarts", 0):
         signal_info["worker_restarts"] = signal.restarts
+    if made_signal and cross and algo.on_policy:  # what the student's samples paired, counted as they came
+        counts = {k: int(v) for k, v in zip(signal.stats, par.sum(list(signal.stats.values())))}  # every rank's
+        targets = counts["student_targets"]
+        signal_info["ctkd"].update(sampled=counts, aligned_share=counts["aligned_targets"] / targets if targets else 0.0)
     model_dir = out_dir / "model"
     if par.distributed:
         state = par.model_state(student)  # every rank takes part; rank 0 writes

@@ -97,6 +97,20 @@ def apply_lora(model: Any, cfg: DistillSpec) -> Any:
     return get_peft_model(model, config)
 
 
+def checkpoint_layers(model: Any) -> None:
+    """``distill.gradient_checkpointing``: each decoder layer keeps only its input and recomputes its
+    activations in the backward pass (transformers' own layer checkpointing, non-reentrant, so LoRA and
+    FSDP2 need nothing more). The model is left so; generation runs in eval mode, where it does nothing."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise TrainingError(f"distill.gradient_checkpointing: {type(model).__name__} does not support it "
+                            "(transformers' supports_gradient_checkpointing is false); turn it off")
+    enable = getattr(model, "activation_checkpointing_enable", None)  # its name from transformers 5.x
+    if enable is not None:
+        enable({"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 # --------------------------------------------------------------------------- checkpoints
 
 
@@ -115,6 +129,7 @@ BASE_TERMS = ("loss", "kd", "ce", "agree", "tokens")
 BOOKKEEPING = {"save_steps", "save_total_limit", "logging_steps", "report_to",
                "eval_steps", "eval_samples", "load_best_model_at_end",
                "parallel", "fsdp_cpu_offload",  # the same update however many processes compute it
+               "gradient_checkpointing",  # the same update, its activations recomputed in the backward
                "sft_baseline"}  # a second student trained beside this one; this one's updates are the same
 
 
@@ -434,6 +449,8 @@ def train(
     if needs_teacher and signal is None:
         raise ValueError(f"loss {cfg.loss!r} with kd_ratio {cfg.kd_ratio} needs a teacher signal")
     bf16 = resolve_bf16(cfg.bf16, device)
+    if cfg.gradient_checkpointing:
+        checkpoint_layers(student)
     forward = par.wrap(student, bf16)  # before the optimizer: FSDP2 replaces the parameters with their shards
     s_head = OutputHead.from_model(student, frozen_copy=False)
     t_head = signal.head.to(device) if signal is not None and signal.head is not None and needs_teacher else None
