@@ -71,6 +71,21 @@ def test_head_save_load_roundtrip(tmp_path, tiny_tokenizer):
     assert torch.equal(head(h), back(h))
 
 
+def test_a_frozen_head_held_in_bf16_gives_autocasts_logits(tiny_tokenizer):
+    """hold_in(bf16): the teacher's head drops its fp32 weights, and under bf16 autocast its logits are
+    bit-identical to those of the fp32 head (whose weights autocast casts); the student's live head stays."""
+    models = dict(_arch_models(tiny_tokenizer))
+    fp32, held = OutputHead.from_model(models["gemma2-softcap"]), OutputHead.from_model(models["gemma2-softcap"])
+    h = torch.randn(6, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        before = fp32(h)
+        after = held.hold_in(torch.bfloat16)(h)
+    assert held.weight.dtype == torch.bfloat16 and after.dtype == torch.float32
+    assert torch.equal(before, after)
+    live = OutputHead.from_model(models["gemma2-softcap"], frozen_copy=False).hold_in(torch.bfloat16)
+    assert live.weight.dtype == torch.float32
+
+
 @pytest.mark.parametrize("loss", ["fkl", "jsd", "akl"])
 def test_chunked_equals_unchunked_loss_and_gradients(tiny_tokenizer, loss):
     _, batch = _batch(tiny_tokenizer, n=8)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from dataclasses import replace
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -264,7 +266,11 @@ def test_incompetent_teacher_gets_injection_competent_gets_alignment():
 
 def test_strategy_settings_follow_the_pair_and_task():
     # Large capacity gap -> mode-seeking reverse KL; text-only pairs -> plain CE on teacher text.
-    assert choose_strategy(probe("t", 0.9), TASK, match(T70B, S135.__class__(**{**S135.to_dict(), "tokenizer": "tok-llama3"}))).loss == "rkl"
+    shared = S135.__class__(**{**S135.to_dict(), "tokenizer": "tok-llama3"})
+    assert choose_strategy(probe("t", 0.9), TASK, match(T70B, shared)).loss == "rkl"
+    # ... unless the student starts from random weights: then forward KL, and the reason says why.
+    scratch = choose_strategy(probe("t", 0.9), TASK, match(T70B, replace(shared, pretrained=False)))
+    assert scratch.loss == "fkl" and any("random weights" in r for r in scratch.reasons)
     assert choose_strategy(probe("t", 0.9), TASK, match(T8B, S1B)).loss == "fkl"
     text = choose_strategy(probe("t", 0.9), TASK, match(T8B, S135))
     assert text.loss == "ce" and text.kd_ratio == 0.0

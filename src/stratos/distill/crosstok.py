@@ -335,6 +335,11 @@ class CrossHead(nn.Module):
                         ("pairs", vmap.pairs), ("pair_col", col[vmap.pairs[:, 2]])):
             self.register_buffer(name, t, persistent=False)
 
+    def hold_in(self, dtype: torch.dtype) -> "CrossHead":
+        """The teacher's head in ``dtype`` alone (``OutputHead.hold_in``)."""
+        self.head.hold_in(dtype)
+        return self
+
     def forward(self, rows: torch.Tensor) -> torch.Tensor:
         """The teacher's logits where each span starts (a signal row's first ``hidden_size`` columns)."""
         return self.head(rows[:, : self.head.hidden_size])

@@ -63,6 +63,18 @@ class OutputHead(nn.Module):
             cached = self._cast_cache = (key, self.weight.detach().to(dtype), bias)
         return cached[1], cached[2]
 
+    def hold_in(self, dtype: torch.dtype) -> "OutputHead":
+        """Keep a frozen head's weights in ``dtype`` alone, in place: a teacher's head that only computes under
+        autocast to ``dtype`` then holds that copy instead of its fp32 weights beside autocast's cast (bf16: a
+        third of the memory; 113 MB less for SmolLM2's 49k x 576 head). Its logits under that autocast are
+        bit-identical; without autocast it computes in ``dtype`` too. The student's live head is left alone."""
+        if self.live is None and self._weight.dtype != dtype:
+            self._weight.data = self._weight.data.to(dtype)
+            if self._bias is not None:
+                self._bias.data = self._bias.data.to(dtype)
+            self._cast_cache = None
+        return self
+
     @property
     def vocab_size(self) -> int:
         return self.weight.shape[0]

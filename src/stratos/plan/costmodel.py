@@ -47,6 +47,7 @@ class ModelShape:
     tokenizer: str | None = None  # identity (hash of the vocabulary), None when unknown
     api: bool = False  # reachable only through an API: no weights, no hidden states
     bytes_per_param: float = 2.0  # weights as served/held for inference (bf16)
+    pretrained: bool = True  # a student whose training starts from trained weights (not init: random)
 
     def kv_bytes_per_token(self, dtype_bytes: float = 2.0) -> float:
         return 2 * self.layers * self.kv_dim * dtype_bytes

@@ -22,6 +22,7 @@ class Match:
     reasons: list[str] = field(default_factory=list)
     # Across tokenizers: what stratos.distill.crosstok.measure_mapping measured (mapped_mass, vocab_overlap, ...)
     mapping: dict[str, Any] | None = None
+    student_pretrained: bool = True  # False: the student trains from random weights (init: random)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -78,7 +79,7 @@ def match(teacher: ModelShape, student: ModelShape, *, mapping: dict[str, Any] |
     ratio = t_params / max(1.0, student.params)
     reasons.append(f"capacity ratio {ratio:,.1f}x ({_human(t_params)} / {_human(student.params)} parameters)"
                    + ("; a gap this large favours mode-seeking losses" if ratio >= 10 else ""))
-    return Match(teacher.name, student.name, mode, ratio, reasons, mapping)
+    return Match(teacher.name, student.name, mode, ratio, reasons, mapping, student.pretrained)
 
 
 def against_pilot(m: Match, teacher_accuracy: float, pilot: tuple[float, str, str] | None) -> Match:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from stratos.plan.costmodel import ModelShape
@@ -52,12 +53,13 @@ def model_shape(spec: Any, *, api_params_b: float | None = None) -> ModelShape:
         if not hasattr(config, key):
             raise ModelError(f"{spec.label}: config_overrides: {type(config).__name__} has no field {key!r}")
         setattr(config, key, value)
+    pretrained = getattr(spec, "init", "pretrained") != "random"
     if getattr(spec, "tokenizer", "model") == "task":
         # Its own vocabulary, trained on the task: about this many rows, and never a teacher's.
         config.vocab_size = spec.tokenizer_vocab_size
-        return shape_from_config(spec.label, config, None)
+        return replace(shape_from_config(spec.label, config, None), pretrained=pretrained)
     try:
         tok = load_tokenizer(spec.model, trust_remote_code=spec.trust_remote_code)
     except (OSError, ValueError, ModelError):
         tok = None  # unknown tokenizer: the pair falls back to text distillation
-    return shape_from_config(spec.label, config, tok)
+    return replace(shape_from_config(spec.label, config, tok), pretrained=pretrained)

@@ -160,10 +160,16 @@ def choose_strategy(probe: TeacherProbe, task: TaskProfile, m: Match, *, compete
         loss, kd_ratio = "ce", 0.0
         reasons.append("loss ce: an API teacher returns log-probs only for its own generations, and the training "
                        "data comes from the oracle")
-    elif m.capacity_ratio >= 10:
+    elif m.capacity_ratio >= 10 and m.student_pretrained:
         loss = "rkl"
         reasons.append(f"loss rkl (reverse KL): at a {m.capacity_ratio:,.0f}x gap the student can't cover every teacher "
                        "mode; mode-seeking KL keeps it on the teacher's main answer (MiniLLM)")
+    elif m.capacity_ratio >= 10:
+        loss = "fkl"
+        reasons.append(f"loss fkl (forward KL), not the reverse KL a {m.capacity_ratio:,.0f}x gap would get: the student "
+                       "starts from random weights, and reverse KL weighs each token by the student's own probability, "
+                       "which from scratch is spread thin (on the alignment example it trained a student that learnt "
+                       "no answer, 0.5%, docs/benchmarks.md)")
     else:
         loss = "fkl"
         reasons.append(f"loss fkl (forward KL): at a {m.capacity_ratio:,.1f}x gap the student can match the teacher's "
