@@ -283,16 +283,13 @@ def distill(
     if rank == 0:  # a model card in the folder, with what this command knows of the model (no eval of its own)
         import json
 
-        from stratos.report.card import training_eval_of, write_cards
+        from stratos.report.card import write_distill_card
 
         source = (f"from `{data}`" if data is not None else f"the reference answers of the task `{task_spec.name}`'s "
                   f"train split{', worked (synth.rationales)' if s and s.synth.rationales else ''}")
-        write_cards({"student": result.model_dir}, spec=s, plan=json.loads(plan.read_text()) if plan else None,
-                    teacher=t_spec, student=s_spec, device=rt.describe(), data={"source": source, **result.data},
-                    distill={"steps": result.steps, "signal": result.signal.get("mode", "none"),
-                             "settings": settings.to_dict()},
-                    training_eval=training_eval_of(out / "metrics.jsonl", steps=result.steps,
-                                                   model_step=m.get("model_step"), max_new_tokens=eval_tokens))
+        write_distill_card(result, settings=settings, metrics_path=out / "metrics.jsonl", max_new_tokens=eval_tokens,
+                           source=source, spec=s, plan=json.loads(plan.read_text()) if plan else None,
+                           teacher=t_spec, student=s_spec, device=rt.describe())
     best = (f", best eval accuracy {m['best_eval_accuracy']:.1%} at step {m['best_step']}"
             if m.get("best_step") is not None and m.get("best_eval_accuracy") is not None else "")
     say(

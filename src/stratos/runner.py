@@ -234,6 +234,12 @@ def stage_distill(ctx: Context) -> dict[str, Any]:
                               batch_size=spec.eval.batch_size, task=task)
     res = run_phases(student, tok, records, settings, ctx.dir, teacher=teacher, teacher_tokenizer=t_tok,
                      resume=ctx.resume, progress=ctx.progress, evaluator=evaluator, task=task)
+    from stratos.report.card import write_distill_card
+
+    # What training knows of the student, as `stratos distill` writes it; the eval stage replaces it with the measured one.
+    write_distill_card(res, settings=settings, metrics_path=ctx.dir / "metrics.jsonl",
+                       max_new_tokens=spec.eval.max_new_tokens, source=f"from `{ctx.artifact('synth', 'data_path')}`",
+                       spec=spec, plan=plan.to_dict(), teacher=t_spec, student=s_spec, device=ctx.runtime.describe())
     out = {"model": ctx.rel(res.model_dir), "metrics_path": ctx.rel(ctx.dir / "metrics.jsonl"),
            "steps": res.steps, "tokens_per_second": res.tokens_per_second,
            "phases": [p.algorithm for p in settings.phases], "loss": settings.phases[-1].config["loss"],

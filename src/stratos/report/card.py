@@ -177,6 +177,19 @@ from a load test of {bench.get('clients', '?')} concurrent clients.
     return text
 
 
+def write_distill_card(result: Any, *, settings: Any, metrics_path: Path, max_new_tokens: int, source: str,
+                       **facts: Any) -> list[Path]:
+    """The card of a distilled student as training leaves it (``stratos distill``, and the run's distill
+    stage until its eval stage writes the measured one): ``result`` is the ``DistillResult``; ``source``
+    says where the records came from; ``facts`` go to ``model_card`` (spec, plan, teacher, student, device)."""
+    m = result.final_metrics
+    return write_cards({"student": result.model_dir}, data={"source": source, **result.data},
+                       distill={"steps": result.steps, "signal": result.signal.get("mode", "none"),
+                                "settings": settings.to_dict()},
+                       training_eval=training_eval_of(metrics_path, steps=result.steps, model_step=m.get("model_step"),
+                                                      max_new_tokens=max_new_tokens), **facts)
+
+
 def training_eval_of(metrics_path: Path, *, steps: int, model_step: int | None, max_new_tokens: int) -> dict | None:
     """The evaluation while training that describes the saved weights, from ``metrics.jsonl``: the row of
     ``model_step`` (``load_best_model_at_end``) if evaluated, else the last evaluated one; None without any."""
