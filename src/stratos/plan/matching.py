@@ -78,7 +78,9 @@ def match(teacher: ModelShape, student: ModelShape, *, mapping: dict[str, Any] |
                        "its text only (sequence-level KD), not its logits")
     ratio = t_params / max(1.0, student.params)
     reasons.append(f"capacity ratio {ratio:,.1f}x ({_human(t_params)} / {_human(student.params)} parameters)"
-                   + ("; a gap this large favours mode-seeking losses" if ratio >= 10 else ""))
+                   + ("; a gap this large favours mode-seeking losses"
+                      + ("" if student.pretrained else " for a student that starts from trained weights, which this "
+                         "one does not") if ratio >= 10 else ""))
     return Match(teacher.name, student.name, mode, ratio, reasons, mapping, student.pretrained)
 
 
