@@ -335,6 +335,11 @@ class CrossHead(nn.Module):
                         ("pairs", vmap.pairs), ("pair_col", col[vmap.pairs[:, 2]])):
             self.register_buffer(name, t, persistent=False)
 
+    @property
+    def vocab_size(self) -> int:
+        """The teacher's vocabulary: the width of the logits it computes (what sizes a chunk)."""
+        return self.head.vocab_size
+
     def hold_in(self, dtype: torch.dtype) -> "CrossHead":
         """The teacher's head in ``dtype`` alone (``OutputHead.hold_in``)."""
         self.head.hold_in(dtype)

@@ -201,7 +201,7 @@ def kd_terms(
     bool) marks the tokens with a teacher counterpart (cross-tokenizer KD: ``CrossTokenizerSignal``);
     the others train on CE alone, whatever kd_ratio.
     """
-    vocab = max(s_head.vocab_size, getattr(getattr(t_head, "head", t_head), "vocab_size", 0))
+    vocab = max(s_head.vocab_size, getattr(t_head, "vocab_size", 0))  # the wider logits of a chunk
     obj = replace(obj, chunk_size=chunk_rows(obj.chunk_size, vocab, s_hidden.device))
     args = (t_hidden, targets, t_head, obj, *((None, None) if topk is None else topk), weights, kd_mask)
     if torch.is_grad_enabled() and s_hidden.requires_grad:
