@@ -228,8 +228,13 @@ def test_the_run_trains_exactly_the_plans_settings(models, tmp_path, monkeypatch
         assert f"{result['steps']} optimizer steps, teacher signal cached" in card
         assert f"Training records: {result['data']['records']} (from `{run_dir / 'synth' / 'data.jsonl'}`)" in card
         assert "Accuracy and speed were not measured by `stratos distill`" in card and "`stratos eval" in card
-        # The run's distill stage (here the last stage) wrote the same card into its own student's folder.
-        assert (run_dir / "distill" / "model" / "README.md").read_text() == card
+        # The run's distill stage (here the last stage) wrote the same card into its own student's folder, naming
+        # itself as what made the model.
+        run_card = (run_dir / "distill" / "model" / "README.md").read_text()
+        assert "not measured by the distill stage of `stratos run` that made this model" in run_card
+        made_by = ("`stratos distill`, the command that made this model", "the distill stage of `stratos run` that made "
+                   "this model (the run's eval stage measures them and replaces this card)")
+        assert run_card == card.replace(*made_by)
         assert "| model |" not in card and "Evaluation while training" not in card  # no figure it did not measure
 
         # distill.sft_baseline: the same phases with KD made SFT, in OUT/sft-baseline. Its first phase is SFT in

@@ -236,10 +236,11 @@ def stage_distill(ctx: Context) -> dict[str, Any]:
                      resume=ctx.resume, progress=ctx.progress, evaluator=evaluator, task=task)
     from stratos.report.card import write_distill_card
 
-    # What training knows of the student, as `stratos distill` writes it; the eval stage replaces it with the measured one.
+    # What training knows of the student, in `stratos distill`'s form; the eval stage replaces it with the measured one.
     write_distill_card(res, settings=settings, metrics_path=ctx.dir / "metrics.jsonl",
                        max_new_tokens=spec.eval.max_new_tokens, source=f"from `{ctx.artifact('synth', 'data_path')}`",
-                       spec=spec, plan=plan.to_dict(), teacher=t_spec, student=s_spec, device=ctx.runtime.describe())
+                       spec=spec, plan=plan.to_dict(), teacher=t_spec, student=s_spec, device=ctx.runtime.describe(),
+                       made_by="run")
     out = {"model": ctx.rel(res.model_dir), "metrics_path": ctx.rel(ctx.dir / "metrics.jsonl"),
            "steps": res.steps, "tokens_per_second": res.tokens_per_second,
            "phases": [p.algorithm for p in settings.phases], "loss": settings.phases[-1].config["loss"],

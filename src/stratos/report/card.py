@@ -34,7 +34,8 @@ def model_card(*, role: str, spec: Any = None, plan: dict[str, Any] | None = Non
                results: dict[str, Any] | None = None, stats: dict[str, Any] | None = None,
                distill: dict[str, Any], compress: dict[str, Any] | None = None, device: str,
                teacher: Any = None, student: Any = None, data: dict[str, Any] | None = None,
-               training_eval: dict[str, Any] | None = None, params: int | None = None) -> str:
+               training_eval: dict[str, Any] | None = None, params: int | None = None,
+               made_by: str = "distill") -> str:
     """The card of the ``role`` model ("student" or "deployed student"), from what is known of it.
 
     A run passes the eval stage's ``results`` and synth's ``stats``: the card holds what was measured.
@@ -43,7 +44,8 @@ def model_card(*, role: str, spec: Any = None, plan: dict[str, Any] | None = Non
     describes these weights, if there was one) is stated as exactly what it is. ``teacher`` / ``student``:
     the specs (default: the plan's choice from ``spec``); ``teacher`` None: no teacher. ``data``: what
     distill trained on ({"source": words, and its ``DistillResult.data``}). ``params``: the model's
-    parameters when ``results`` has no row for it."""
+    parameters when ``results`` has no row for it. ``made_by``: the command that wrote an unmeasured card,
+    ``distill`` (``stratos distill``) or ``run`` (the distill stage of ``stratos run``)."""
     results = results or {}
     measured = bool(results.get("rows"))
     rows = {r["role"]: r for r in results.get("rows", [])}
@@ -131,8 +133,10 @@ from a load test of {bench.get('clients', '?')} concurrent clients.
     else:
         how = ("`stratos eval SPEC --model FOLDER` (with the spec this model was trained from)" if spec is not None
                else "`stratos eval --model FOLDER --task TASK`")
-        measured_text = ("Accuracy and speed were not measured by `stratos distill`, the command that made this model: "
-                         f"measure them with {how}, which gives accuracy with a 95% interval on the task's held-out eval "
+        maker = ("`stratos distill`, the command that made this model" if made_by == "distill" else
+                 "the distill stage of `stratos run` that made this model (the run's eval stage measures them and "
+                 "replaces this card)")
+        measured_text = (f"Accuracy and speed were not measured by {maker}: measure them with {how}, which gives accuracy with a 95% interval on the task's held-out eval "
                          "split, latency and tokens/s, or with `stratos run`, which evaluates the teacher and the "
                          "student on the same questions and load-tests the served model.\n")
         if training_eval:
@@ -181,7 +185,8 @@ def write_distill_card(result: Any, *, settings: Any, metrics_path: Path, max_ne
                        **facts: Any) -> list[Path]:
     """The card of a distilled student as training leaves it (``stratos distill``, and the run's distill
     stage until its eval stage writes the measured one): ``result`` is the ``DistillResult``; ``source``
-    says where the records came from; ``facts`` go to ``model_card`` (spec, plan, teacher, student, device)."""
+    says where the records came from; ``facts`` go to ``model_card`` (spec, plan, teacher, student, device,
+    made_by)."""
     m = result.final_metrics
     return write_cards({"student": result.model_dir}, data={"source": source, **result.data},
                        distill={"steps": result.steps, "signal": result.signal.get("mode", "none"),
