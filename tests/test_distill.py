@@ -99,7 +99,10 @@ def test_sigkill_and_resume_matches_an_uninterrupted_run(tmp_path, char_tokenize
     student = save_model(tiny_llama(tok, hidden_size=32, num_hidden_layers=2, seed=2), tok, tmp_path / "student")
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in reversal_records(300, seed=3)))
-    env = {**os.environ, "STRATOS_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(ROOT / "src")}
+    # STRATOS_CPU_BF16=0: this CPU is taken for one without native bf16, so `bf16: auto` trains in fp32 here
+    # whatever the machine (result.json records it).
+    env = {**os.environ, "STRATOS_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(ROOT / "src"),
+           "STRATOS_CPU_BF16": "0"}
 
     subprocess.run(_cli(tmp_path / "full", teacher, student, data), check=True, env=env, capture_output=True)
     # No spec, no task, no eval: the model card says what trained it and that nothing was measured.
@@ -129,6 +132,7 @@ def test_sigkill_and_resume_matches_an_uninterrupted_run(tmp_path, char_tokenize
         assert torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-6), k
     result = json.loads((tmp_path / "killed" / "result.json").read_text())
     assert result["resumed_from"] == killed_at and result["steps"] == 60
+    assert result["precision"] == ("bf16" if torch.cuda.is_available() else "fp32")
     steps = [json.loads(x)["step"] for x in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(set(steps)), "a step was logged twice after the resume"
 

@@ -31,6 +31,28 @@ def test_auto_is_cuda_when_present_else_cpu_and_cuda_is_never_a_silent_fallback(
     assert resolve_bf16(False, runtime("cpu").device) is False
 
 
+def test_stratos_cpu_bf16_overrides_the_cpu_flags_and_a_bad_value_names_the_variable(monkeypatch):
+    from stratos import runtime as rt
+
+    cpu = torch.device("cpu")
+    try:
+        for value, native in (("0", False), ("1", True), ("false", False), ("true", True)):
+            monkeypatch.setenv("STRATOS_CPU_BF16", value)
+            rt._cpu_bf16.cache_clear()
+            assert bf16_supported(cpu) is native and resolve_bf16("auto", cpu) is native
+            assert resolve_bf16(True, cpu) is True and resolve_bf16(False, cpu) is False  # explicit settings win
+        monkeypatch.setenv("STRATOS_CPU_BF16", "maybe")
+        rt._cpu_bf16.cache_clear()
+        with pytest.raises(DeviceError, match=r"STRATOS_CPU_BF16='maybe': expected 0 or 1"):
+            bf16_supported(cpu)
+        monkeypatch.delenv("STRATOS_CPU_BF16")
+        rt._cpu_bf16.cache_clear()
+        flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+        assert bf16_supported(cpu) is ("avx512_bf16" in flags or "amx_bf16" in flags)
+    finally:
+        rt._cpu_bf16.cache_clear()  # later tests see this machine's own answer
+
+
 def _models(root: Path) -> tuple[Path, Path]:
     tok = build_tokenizer(vocab_size=260)
     teacher = save_model(tiny_llama(tok, hidden_size=32, num_hidden_layers=1, seed=1), tok, root / "teacher")

@@ -10,11 +10,14 @@ Every stage asks this module; none picks a device itself.
 A CUDA setting on a machine without one is an error, never a silent fallback to the CPU.
 ``bf16: auto`` means bf16 autocast where the device computes bf16 natively: every recent GPU, and
 CPUs with AVX512-BF16 or AMX. Many CPUs have neither; there bf16 is emulated, slower than fp32, and
-autocast stays off.
+autocast stays off. ``STRATOS_CPU_BF16=0`` (or ``1``) overrides what the CPU's flags say, for every
+stage and every process the run starts: ``0`` runs a bf16 CPU the way a CPU without it runs (fp32),
+which is how the demo's fp32 timing was measured on a bf16 CPU.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from functools import lru_cache
@@ -51,8 +54,16 @@ def resolve_device(setting: str = "auto") -> torch.device:
     return torch.device("cuda", index)
 
 
+CPU_BF16_ENV = "STRATOS_CPU_BF16"
+
+
 @lru_cache(maxsize=None)
 def _cpu_bf16() -> bool:
+    override = os.environ.get(CPU_BF16_ENV, "").strip().lower()
+    if override:
+        if override not in ("0", "1", "false", "true"):
+            raise DeviceError(f"{CPU_BF16_ENV}={override!r}: expected 0 or 1 (unset: the CPU's flags decide)")
+        return override in ("1", "true")
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:

@@ -63,6 +63,7 @@ class DistillResult:
     final_metrics: dict[str, float]
     data: dict[str, Any]
     signal: dict[str, Any] = field(default_factory=dict)
+    precision: str = ""  # "bf16" (autocast) or "fp32", as trained; "" in results written before it was recorded
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -198,6 +199,7 @@ def distill(
         final_metrics=res.last,
         data={"records": stats.records, "kept": stats.kept, "truncated": stats.truncated, "dropped_empty": stats.dropped_empty},
         signal=signal_info,
+        precision=res.precision,
     )
     if par.is_main:
         write_json(out_dir / "result.json", result.to_dict())
@@ -324,6 +326,7 @@ def run_phases(
         tokens_per_second=sum(r.tokens_per_second * r.seconds for r in results) / max(1e-9, sum(r.seconds for r in results)),
         seconds=sum(r.seconds for r in results), final_metrics=final, data=last.data,
         signal=next((r.signal for r in results if r.signal), {}),
+        precision="+".join(dict.fromkeys(r.precision for r in results if r.precision)),
     )
     write_json(out_dir / "result.json", result.to_dict() | {"settings": settings.to_dict(),
                                                             "phases": [r.to_dict() for r in results]})

@@ -345,6 +345,7 @@ class TrainResult:
     best_step: int | None = None  # the evaluated checkpoint with the highest eval_accuracy (ties: the earlier)
     best_eval_accuracy: float | None = None
     model_step: int | None = None  # the step whose weights the model holds: best_step with load_best_model_at_end
+    precision: str = "fp32"  # "bf16": bf16 autocast over fp32 weights (resolve_bf16 said the device computes it)
 
     @property
     def tokens_per_second(self) -> float:
@@ -590,7 +591,7 @@ def train(
     return TrainResult(
         steps=end, resumed_from=start, tokens=tokens_done, seconds=time.perf_counter() - t0, last=summary,
         eval_seconds=eval_s, best_step=best, best_eval_accuracy=evals[best] if best is not None else None,
-        model_step=model_step,
+        model_step=model_step, precision="bf16" if bf16 else "fp32",
     )
 
 
