@@ -213,6 +213,14 @@ def test_a_changed_spec_reruns_only_the_stages_it_affects(tiny_spec, tmp_path, m
     assert gain["n"] == 12 and gain["student"].startswith("kd (loss fkl, kd_ratio 0.5")
     assert "What the teacher adds" in (run_dir / "report.html").read_text()
     assert "- What the teacher adds: The student, trained with kd" in (run_dir / "distill" / "model" / "README.md").read_text()
+    # The baseline's folder has its own card: its training, its measured row, the teacher in its data only.
+    b_card = (run_dir / baseline["model"] / "README.md").read_text()
+    b_row = next(r for r in results["rows"] if r["role"] == "SFT baseline")
+    assert b_card.startswith("---\nlibrary_name: transformers") and "It is the **SFT baseline**" in b_card
+    assert f"| SFT baseline | {b_row['accuracy']:.1%} [{b_row['ci_low']:.1%}" in b_card
+    assert "in the data only (what synth kept of its answers); its signal was not used in training" in b_card
+    assert f"- Training: sft (loss ce, kd_ratio 0); {b_result['steps']} optimizer steps, teacher signal none." in b_card
+    assert "- What the teacher adds: The student, trained with kd" in b_card
 
     # Unchanged: nothing reruns. --only report rebuilds just the report.
     third = run(load_spec(changed), run_dir, progress=False).data

@@ -264,6 +264,13 @@ def test_the_run_trains_exactly_the_plans_settings(models, tmp_path, monkeypatch
                 "task's eval split answered exactly right, greedy generation of at most 4 new tokens, at step "
                 f"{steps} of {steps}, the step whose weights this folder holds.") in card
         assert "Accuracy and speed were not measured by `stratos distill`" in card
+        # The baseline's folder has its own card, of its own training: no teacher signal, and it says what it is for.
+        b_card = (base_dir / "model" / "README.md").read_text()
+        b_steps = json.loads((base_dir / "result.json").read_text())["steps"]
+        assert "# b: SFT baseline" in b_card.replace(data["name"], "b") and "It is the **SFT baseline**" in b_card
+        assert f"- Training: sft (loss ce, kd_ratio 0) -> sft (loss ce, kd_ratio 0); {b_steps} optimizer steps, " \
+            "teacher signal none." in b_card
+        assert "- Teacher: none in this training" in b_card and "Accuracy and speed were not measured" in b_card
 
 
 def test_a_killed_two_phase_run_resumes_to_the_same_weights(models, tmp_path):

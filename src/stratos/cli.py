@@ -283,13 +283,16 @@ def distill(
     if rank == 0:  # a model card in the folder, with what this command knows of the model (no eval of its own)
         import json
 
-        from stratos.report.card import write_distill_card
+        from stratos.report.card import write_baseline_card, write_distill_card
 
         source = (f"from `{data}`" if data is not None else f"the reference answers of the task `{task_spec.name}`'s "
                   f"train split{', worked (synth.rationales)' if s and s.synth.rationales else ''}")
-        write_distill_card(result, settings=settings, metrics_path=out / "metrics.jsonl", max_new_tokens=eval_tokens,
-                           source=source, spec=s, plan=json.loads(plan.read_text()) if plan else None,
-                           teacher=t_spec, student=s_spec, device=rt.describe())
+        card_facts = dict(max_new_tokens=eval_tokens, source=source, spec=s,
+                          plan=json.loads(plan.read_text()) if plan else None, teacher=t_spec, student=s_spec,
+                          device=rt.describe())
+        write_distill_card(result, settings=settings, metrics_path=out / "metrics.jsonl", **card_facts)
+        if baseline is not None:
+            write_baseline_card(baseline, settings=settings, out_dir=out, **card_facts)
     best = (f", best eval accuracy {m['best_eval_accuracy']:.1%} at step {m['best_step']}"
             if m.get("best_step") is not None and m.get("best_eval_accuracy") is not None else "")
     say(
@@ -299,7 +302,7 @@ def distill(
         highlight=False,
     )
     if cfg.sft_baseline:
-        say(f"SFT baseline: {baseline.steps} steps; saved to {baseline.model_dir}" if baseline is not None else
+        say(f"SFT baseline: {baseline.steps} steps; saved to {baseline.model_dir} (with a model card)" if baseline is not None else
             "SFT baseline: none trained: no phase learns from the teacher, so the student is its own SFT baseline",
             highlight=False)
 

@@ -27,6 +27,7 @@ from typing import Any
 
 from stratos.errors import UserError
 from stratos.io import read_jsonl, sha256_text, write_json
+from stratos.report.card import BASELINE_ROLE
 from stratos.spec import Spec
 
 log = logging.getLogger("stratos.run")
@@ -48,8 +49,6 @@ class TrainElsewhere(RunError):
 
 # The stages that run on the plan's training server (deploy and eval serve on the serving server).
 TRAINING_STAGES = ("synth", "distill", "compress")
-# The eval row of distill.sft_baseline's student: the same student, data and steps without the teacher.
-BASELINE_ROLE = "SFT baseline"
 
 
 # --------------------------------------------------------------------------- manifest
@@ -234,13 +233,13 @@ def stage_distill(ctx: Context) -> dict[str, Any]:
                               batch_size=spec.eval.batch_size, task=task)
     res = run_phases(student, tok, records, settings, ctx.dir, teacher=teacher, teacher_tokenizer=t_tok,
                      resume=ctx.resume, progress=ctx.progress, evaluator=evaluator, task=task)
-    from stratos.report.card import write_distill_card
+    from stratos.report.card import write_baseline_card, write_distill_card
 
     # What training knows of the student, in `stratos distill`'s form; the eval stage replaces it with the measured one.
-    write_distill_card(res, settings=settings, metrics_path=ctx.dir / "metrics.jsonl",
-                       max_new_tokens=spec.eval.max_new_tokens, source=f"from `{ctx.artifact('synth', 'data_path')}`",
-                       spec=spec, plan=plan.to_dict(), teacher=t_spec, student=s_spec, device=ctx.runtime.describe(),
-                       made_by="run")
+    card_facts = dict(max_new_tokens=spec.eval.max_new_tokens, source=f"from `{ctx.artifact('synth', 'data_path')}`",
+                      spec=spec, plan=plan.to_dict(), teacher=t_spec, student=s_spec, device=ctx.runtime.describe(),
+                      made_by="run")
+    write_distill_card(res, settings=settings, metrics_path=ctx.dir / "metrics.jsonl", **card_facts)
     out = {"model": ctx.rel(res.model_dir), "metrics_path": ctx.rel(ctx.dir / "metrics.jsonl"),
            "steps": res.steps, "tokens_per_second": res.tokens_per_second,
            "phases": [p.algorithm for p in settings.phases], "loss": settings.phases[-1].config["loss"],
@@ -249,9 +248,11 @@ def stage_distill(ctx: Context) -> dict[str, Any]:
     if spec.distill.sft_baseline:
         # The same student, data, seed and batch order without the teacher: what eval compares the student with.
         del student, teacher
-        train_sft_baseline(lambda: load_student(s_spec, spec.task, device=ctx.device, seed=spec.distill.seed)[0],
-                           tok, records, settings, ctx.dir, resume=ctx.resume, progress=ctx.progress,
-                           evaluator=evaluator, task=task)
+        b_res = train_sft_baseline(lambda: load_student(s_spec, spec.task, device=ctx.device, seed=spec.distill.seed)[0],
+                                   tok, records, settings, ctx.dir, resume=ctx.resume, progress=ctx.progress,
+                                   evaluator=evaluator, task=task)
+        if b_res is not None:
+            write_baseline_card(b_res, settings=settings, out_dir=ctx.dir, **card_facts)
     return out | _baseline_artifacts(ctx, settings)
 
 
@@ -444,10 +445,15 @@ def stage_eval(ctx: Context) -> dict[str, Any]:
     from stratos.report.card import write_cards
 
     stages = ctx.manifest.data["stages"]
+    card_facts = dict(spec=spec, plan=json.loads(Path(ctx.artifact("plan", "plan_path")).read_text()), results=results,
+                      stats=synth_stats, device=ctx.runtime.describe())
     write_cards({"student": ctx.artifact("distill", "model"), "deployed student": final},
-                spec=spec, plan=json.loads(Path(ctx.artifact("plan", "plan_path")).read_text()), results=results,
-                stats=synth_stats, distill=stages["distill"].get("artifacts", {}),
-                compress=stages.get("compress", {}).get("artifacts"), device=ctx.runtime.describe())
+                distill=stages["distill"].get("artifacts", {}), compress=stages.get("compress", {}).get("artifacts"),
+                **card_facts)
+    if baseline:  # its own training (its result.json), its own row
+        b_res = json.loads((ctx.run_dir / baseline["model"]).parent.joinpath("result.json").read_text())
+        write_cards({BASELINE_ROLE: ctx.run_dir / baseline["model"]}, baseline=True,
+                    distill={"steps": b_res["steps"], "signal": "none", "settings": b_res["settings"]}, **card_facts)
     return {"results_path": ctx.rel(ctx.dir / "results.json"),
             "accuracy": {r["role"]: r["accuracy"] for r in rows},
             "verdicts": [v["line"] for v in results["verdicts"]]}

@@ -10,6 +10,10 @@ from typing import Any
 
 import yaml
 
+# The role (an eval row, a card's title) of distill.sft_baseline's student: the same student, data and steps
+# without the teacher.
+BASELINE_ROLE = "SFT baseline"
+
 
 def _pct(row: dict[str, Any]) -> str:
     return f"{row['accuracy']:.1%} [{row['ci_low']:.1%}, {row['ci_high']:.1%}]"
@@ -35,7 +39,7 @@ def model_card(*, role: str, spec: Any = None, plan: dict[str, Any] | None = Non
                distill: dict[str, Any], compress: dict[str, Any] | None = None, device: str,
                teacher: Any = None, student: Any = None, data: dict[str, Any] | None = None,
                training_eval: dict[str, Any] | None = None, params: int | None = None,
-               made_by: str = "distill") -> str:
+               made_by: str = "distill", baseline: bool = False) -> str:
     """The card of the ``role`` model ("student" or "deployed student"), from what is known of it.
 
     A run passes the eval stage's ``results`` and synth's ``stats``: the card holds what was measured.
@@ -45,7 +49,8 @@ def model_card(*, role: str, spec: Any = None, plan: dict[str, Any] | None = Non
     the specs (default: the plan's choice from ``spec``); ``teacher`` None: no teacher. ``data``: what
     distill trained on ({"source": words, and its ``DistillResult.data``}). ``params``: the model's
     parameters when ``results`` has no row for it. ``made_by``: the command that wrote an unmeasured card,
-    ``distill`` (``stratos distill``) or ``run`` (the distill stage of ``stratos run``)."""
+    ``distill`` (``stratos distill``) or ``run`` (the distill stage of ``stratos run``). ``baseline``: the
+    ``role`` model is the run's SFT baseline (``distill``: its own training, teacher signal none)."""
     results = results or {}
     measured = bool(results.get("rows"))
     rows = {r["role"]: r for r in results.get("rows", [])}
@@ -68,7 +73,14 @@ def model_card(*, role: str, spec: Any = None, plan: dict[str, Any] | None = Non
             + (f" for the task\n`{task}`" if task else "")
             + (f", from the teacher {t_spec.label} (`{t_spec.model}`)." if t_used else
                ", on its data alone (no teacher signal)." if alone else "."))
-    if t_used:
+    if baseline:  # distill.sft_baseline's student: it exists to be compared with, and says so first
+        what += (" It is the **SFT baseline** (`distill.sft_baseline`): the same student, data, seed and steps "
+                 "as the distilled student it was trained beside, but without the teacher's signal, to measure what that signal adds "
+                 "(below). It is not the deployed model.")
+    if t_used and baseline:
+        teacher_line = (f"- Teacher: {t_spec.label} (`{t_spec.model}`, backend {t_spec.backend}): in the data only "
+                        "(what synth kept of its answers); its signal was not used in training.")
+    elif t_used:
         teacher_line = f"- Teacher: {t_spec.label} (`{t_spec.model}`, backend {t_spec.backend})."
     else:
         teacher_line = ("- Teacher: none in this training (teacher signal none: the student learnt the responses "
@@ -182,17 +194,28 @@ from a load test of {bench.get('clients', '?')} concurrent clients.
 
 
 def write_distill_card(result: Any, *, settings: Any, metrics_path: Path, max_new_tokens: int, source: str,
-                       **facts: Any) -> list[Path]:
+                       role: str = "student", **facts: Any) -> list[Path]:
     """The card of a distilled student as training leaves it (``stratos distill``, and the run's distill
     stage until its eval stage writes the measured one): ``result`` is the ``DistillResult``; ``source``
-    says where the records came from; ``facts`` go to ``model_card`` (spec, plan, teacher, student, device,
-    made_by)."""
+    says where the records came from; ``role``: the model's role ("SFT baseline" with ``baseline=True``);
+    ``facts`` go to ``model_card`` (spec, plan, teacher, student, device, made_by, baseline)."""
     m = result.final_metrics
-    return write_cards({"student": result.model_dir}, data={"source": source, **result.data},
+    return write_cards({role: result.model_dir}, data={"source": source, **result.data},
                        distill={"steps": result.steps, "signal": result.signal.get("mode", "none"),
                                 "settings": settings.to_dict()},
                        training_eval=training_eval_of(metrics_path, steps=result.steps, model_step=m.get("model_step"),
                                                       max_new_tokens=max_new_tokens), **facts)
+
+
+def write_baseline_card(result: Any, *, settings: Any, out_dir: Path, **facts: Any) -> list[Path]:
+    """The card of the SFT baseline (``distill.sft_baseline``) as training leaves it: ``result`` is its
+    ``DistillResult``, ``settings`` the distilled student's (the baseline's are ``recipe.sft_baseline`` of
+    them), ``out_dir`` the distilled student's output folder; ``facts`` as for ``write_distill_card``."""
+    from stratos.distill import BASELINE_DIR
+    from stratos.distill.recipe import sft_baseline
+
+    return write_distill_card(result, settings=sft_baseline(settings), role=BASELINE_ROLE, baseline=True,
+                              metrics_path=Path(out_dir) / BASELINE_DIR / "metrics.jsonl", **facts)
 
 
 def training_eval_of(metrics_path: Path, *, steps: int, model_step: int | None, max_new_tokens: int) -> dict | None:
