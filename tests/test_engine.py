@@ -86,6 +86,29 @@ def test_a_frozen_head_held_in_bf16_gives_autocasts_logits(tiny_tokenizer):
     assert live.weight.dtype == torch.float32
 
 
+def test_distill_holds_only_the_teacher_head_it_made_in_bf16(tmp_path, tiny_tokenizer, monkeypatch):
+    """distill() in bf16 holds the head of the signal it made itself in bf16; a signal passed in keeps its
+    fp32 head (the caller may train in fp32 with it later)."""
+    from stratos.distill import distill
+    from stratos.spec import DistillSpec
+
+    held = []
+    real = OutputHead.hold_in
+    monkeypatch.setattr(OutputHead, "hold_in", lambda self, dtype: held.append((self, dtype)) or real(self, dtype))
+    teacher = tiny_llama(tiny_tokenizer, hidden_size=48, num_hidden_layers=1, seed=1)
+    cfg = DistillSpec(loss="fkl", kd_ratio=0.5, max_steps=1, per_device_train_batch_size=4, bf16=True,
+                      teacher_signal="online", report_to=[], save_steps=1)
+    records = addition_records(8)
+    distill(tiny_llama(tiny_tokenizer, hidden_size=32, num_hidden_layers=1, seed=2), tiny_tokenizer, records, cfg,
+            tmp_path / "made", teacher=teacher, progress=False)
+    assert len(held) == 1 and held[0][1] == torch.bfloat16 and held[0][0].weight.dtype == torch.bfloat16
+    assert teacher.get_output_embeddings().weight.dtype == torch.float32  # a copy was held, not the teacher's own
+    mine = OnlineTeacher(teacher)
+    distill(tiny_llama(tiny_tokenizer, hidden_size=32, num_hidden_layers=1, seed=2), tiny_tokenizer, records, cfg,
+            tmp_path / "passed", signal=mine, progress=False)
+    assert len(held) == 1 and mine.head.weight.dtype == torch.float32
+
+
 @pytest.mark.parametrize("loss", ["fkl", "jsd", "akl"])
 def test_chunked_equals_unchunked_loss_and_gradients(tiny_tokenizer, loss):
     _, batch = _batch(tiny_tokenizer, n=8)

@@ -161,6 +161,14 @@ def distill(
         else:  # a cache is built by rank 0 and read by the others
             signal, signal_info = par.in_turn(lambda: hidden_state_signal(
                 teacher, examples, cfg, tokenizer.pad_token_id, root, progress and par.is_main))
+        from stratos.runtime import resolve_bf16
+
+        head = getattr(signal, "head", None)
+        if hasattr(head, "hold_in") and resolve_bf16(cfg.bf16, next(student.parameters()).device):
+            # This call's own copy of the teacher's head computes under bf16 autocast only: its fp32 weights
+            # would sit unused. Only a signal made here: a caller's signal (distill(signal=...)) may serve an fp32
+            # training later, so its head is left as it is.
+            head.hold_in(torch.bfloat16)
     if cfg.lora is not None:
         student = apply_lora(student, cfg)
     source = None

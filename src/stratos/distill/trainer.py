@@ -455,8 +455,6 @@ def train(
     forward = par.wrap(student, bf16)  # before the optimizer: FSDP2 replaces the parameters with their shards
     s_head = OutputHead.from_model(student, frozen_copy=False)
     t_head = signal.head.to(device) if signal is not None and signal.head is not None and needs_teacher else None
-    if bf16 and hasattr(t_head, "hold_in"):  # it computes under bf16 autocast only: fp32 weights would sit unused
-        t_head.hold_in(torch.bfloat16)
     ctx = StepContext(student, s_head, t_head, signal if needs_teacher else None, obj, device, bf16, cfg,
                       forward=forward)
 
