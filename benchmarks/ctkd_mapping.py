@@ -47,7 +47,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for name, (recs, s_tok, max_length) in data.items():
         exact = measure_mapping(teacher, s_tok, t_tok, recs, max_length=max_length)
-        first = measure_mapping(teacher, s_tok, t_tok, recs, max_length=max_length, first_token=True)
+        first = measure_mapping(teacher, s_tok, t_tok, recs, max_length=max_length, mapping="first_token")
         print(f"| {name} | {len(s_tok):,} | {exact['vocab_overlap']:.1%} | {exact['aligned_share']:.1%} "
               f"({exact['positions']:,} positions) | {exact['mapped_mass']:.1%} | {first['mapped_mass']:.1%} |")
 

@@ -111,7 +111,7 @@ def main() -> None:
     print(f"teacher {args.teacher} (de-quantised Q4_1): {teacher_acc:.1%} of {len(held_out)} held-out questions "
           f"({time.perf_counter() - t0:.0f} s)", flush=True)
     tok = build_tokenizer([r["prompt"] + " " + r["response"] for r in train], vocab_size=320)
-    mapping = measure_mapping(teacher, tok, t_tok, train[:64], max_length=64, first_token=args.map == "first_token")
+    mapping = measure_mapping(teacher, tok, t_tok, train[:64], max_length=64, mapping=args.map)
     print(f"student tokenizer: {len(tok)} tokens; teacher's: {len(t_tok)}; {mapping['vocab_overlap']:.1%} of the "
           f"teacher's vocabulary maps byte for byte; {mapping['mapped_mass']:.1%} of its probability at the "
           f"{mapping['positions']} aligned positions of 64 train answers falls on mapped tokens", flush=True)

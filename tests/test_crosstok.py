@@ -350,11 +350,14 @@ def test_first_token_map_sends_a_whole_teacher_token_to_the_students_first_piece
     from stratos.teachers.topk import vocab_by_bytes
 
     exact = VocabMap.build(bytelevel, spiece, student_rows=len(bytelevel), teacher_rows=len(spiece))
-    first = VocabMap.build(bytelevel, spiece, student_rows=len(bytelevel), teacher_rows=len(spiece), first_token=True)
+    first = VocabMap.build(bytelevel, spiece, student_rows=len(bytelevel), teacher_rows=len(spiece), mapping="first_token")
     t1 = spiece.convert_tokens_to_ids("▁1")
     assert exact.t2s[t1] == -1 and first.t2s[t1] == vocab_by_bytes(bytelevel)[b" "]
     kept = exact.t2s >= 0
     assert torch.equal(first.t2s[kept], exact.t2s[kept])
+    assert exact.stats["map"] == "exact" and first.stats["map"] == "first_token"
+    with pytest.raises(ValueError, match=r"ctkd.map: expected 'exact' or 'first_token', not 'first'"):
+        VocabMap.build(bytelevel, spiece, student_rows=len(bytelevel), teacher_rows=len(spiece), mapping="first")
     s_bytes, t_bytes = token_bytes(bytelevel), token_bytes(spiece)
     added = torch.nonzero((first.t2s >= 0) & ~kept).flatten().tolist()
     assert len(added) > 10
@@ -366,7 +369,7 @@ def test_first_token_map_sends_a_whole_teacher_token_to_the_students_first_piece
     recs = [{"prompt": f"{a}+1=", "response": f"the answer is {a + 1}"} for a in range(8)]
     teacher = tiny_llama(spiece, seed=5)
     by_exact = measure_mapping(teacher, bytelevel, spiece, recs, max_length=64)
-    by_first = measure_mapping(teacher, bytelevel, spiece, recs, max_length=64, first_token=True)
+    by_first = measure_mapping(teacher, bytelevel, spiece, recs, max_length=64, mapping="first_token")
     assert by_first["mapped_mass"] > by_exact["mapped_mass"] and by_first["map"] == "first_token"
     cfg = DistillSpec(ctkd={"map": "first_token"}, max_steps=2, per_device_train_batch_size=4, report_to=[],
                       bf16=False, save_steps=1000, max_length=64, teacher_signal="online")

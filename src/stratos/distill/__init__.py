@@ -245,20 +245,20 @@ def _cross_tokenizer_signal(teacher: Any, tokenizer: Any, teacher_tokenizer: Any
     from stratos.teachers.signal import hidden_state_signal
 
     t_pad = teacher_tokenizer.pad_token_id if teacher_tokenizer.pad_token_id is not None else teacher_tokenizer.eos_token_id
+    if sampled:  # nothing to pair ahead: the online teacher alone
+        inner, info = hidden_state_signal(teacher, [], cfg, t_pad, cache_root, progress)
+    else:
+        paired = pair_records(records, tokenizer, teacher_tokenizer, cfg.max_length)
+        if [e.input_ids for e in paired.student] != [e.input_ids for e in examples]:
+            raise AssertionError("cross-tokenizer pairing encoded the records unlike encode()")  # a bug, not bad data
+        inner, info = hidden_state_signal(teacher, paired.teacher, cfg, t_pad, cache_root, progress)
+    vmap = VocabMap.build(tokenizer, teacher_tokenizer, student_rows=student.get_output_embeddings().weight.shape[0],
+                          teacher_rows=inner.head.vocab_size, mapping=cfg.ctkd.map)
     if sampled:
         kept = [r for r in records if encode_record(r, tokenizer, cfg.max_length)[0].num_targets]  # as encode keeps
-        inner, info = hidden_state_signal(teacher, [], cfg, t_pad, cache_root, progress)
-        vmap = VocabMap.build(tokenizer, teacher_tokenizer, student_rows=student.get_output_embeddings().weight.shape[0],
-                              teacher_rows=inner.head.vocab_size, first_token=cfg.ctkd.map == "first_token")
         signal = SampledCrossSignal(inner, kept, tokenizer, teacher_tokenizer, vmap, teacher_pad_id=t_pad,
                                     max_length=cfg.max_length, method=cfg.ctkd.method, uld_weight=cfg.ctkd.uld_weight)
         return signal, {**info, "ctkd": {"method": cfg.ctkd.method, "paired": "per batch, as sampled", **vmap.stats}}
-    paired = pair_records(records, tokenizer, teacher_tokenizer, cfg.max_length)
-    if [e.input_ids for e in paired.student] != [e.input_ids for e in examples]:
-        raise AssertionError("cross-tokenizer pairing encoded the records unlike encode()")  # a bug, not bad data
-    inner, info = hidden_state_signal(teacher, paired.teacher, cfg, t_pad, cache_root, progress)
-    vmap = VocabMap.build(tokenizer, teacher_tokenizer, student_rows=student.get_output_embeddings().weight.shape[0],
-                          teacher_rows=inner.head.vocab_size, first_token=cfg.ctkd.map == "first_token")
     signal = CrossTokenizerSignal(inner, paired, vmap, teacher_pad_id=t_pad, method=cfg.ctkd.method,
                                   uld_weight=cfg.ctkd.uld_weight)
     return signal, {**info, "ctkd": {"method": cfg.ctkd.method, **vmap.stats, **paired.stats}}

@@ -230,11 +230,14 @@ class VocabMap:
 
     @classmethod
     def build(cls, student_tok: Any, teacher_tok: Any, *, student_rows: int, teacher_rows: int,
-              first_token: bool = False) -> "VocabMap":
-        """``first_token``: a teacher token with no student token of exactly its bytes maps to the first token
-        of the student's own cut of its text (the teacher's 'Ġword' to the 'Ġwo' of the student's 'Ġwo rd'):
-        where the student splits what the teacher keeps whole, the teacher's mass on the whole goes to the
-        token the student would write first, instead of to ULD (``ctkd.map: first_token``)."""
+              mapping: str = "exact") -> "VocabMap":
+        """``mapping`` (``ctkd.map``): ``exact``, a teacher token maps to the student token of exactly its bytes,
+        if any; ``first_token``, also a teacher token with no such student token maps to the first token of the
+        student's own cut of its text (the teacher's 'Ġword' to the 'Ġwo' of the student's 'Ġwo rd'): where the
+        student splits what the teacher keeps whole, the teacher's mass on the whole goes to the token the
+        student would write first, instead of to ULD."""
+        if mapping not in ("exact", "first_token"):
+            raise ValueError(f"ctkd.map: expected 'exact' or 'first_token', not {mapping!r}")
         s_bytes, t_bytes = token_bytes(student_tok), token_bytes(teacher_tok)
         by_bytes: dict[bytes, int] = {}
         for i, b in enumerate(s_bytes[:student_rows]):
@@ -252,7 +255,7 @@ class VocabMap:
         if teacher_tok.eos_token_id is not None and student_tok.eos_token_id is not None:
             t2s[teacher_tok.eos_token_id] = student_tok.eos_token_id
         exact = int((t2s >= 0).sum())
-        if first_token:
+        if mapping == "first_token":
             t_special = {i for i, t in (getattr(teacher_tok, "added_tokens_decoder", {}) or {}).items() if t.special}
             rest, texts = [], []
             for i, b in enumerate(t_bytes[:teacher_rows]):
@@ -276,7 +279,7 @@ class VocabMap:
                  if b is not None and b not in t_by for k in range(1, len(b)) if b[:k] in t_by and b[k:] in t_by]
         mapped = int((t2s >= 0).sum())
         stats = {"teacher_vocab": len(teacher_tok), "student_vocab": len(student_tok), "mapped_teacher_tokens": mapped,
-                 "exactly_mapped_teacher_tokens": exact, "map": "first_token" if first_token else "exact",
+                 "exactly_mapped_teacher_tokens": exact, "map": mapping,
                  "mapped_student_tokens": int(torch.unique(t2s[t2s >= 0]).numel()),
                  "vocab_overlap": exact / max(1, len(teacher_tok)),  # byte for byte
                  "two_token_student_tokens": len({p[2] for p in pairs})}
@@ -655,20 +658,20 @@ def _with_response(record: dict[str, Any], text: str) -> dict[str, Any]:
 
 @torch.no_grad()
 def measure_mapping(teacher: Any, student_tok: Any, teacher_tok: Any, records: Sequence[dict[str, Any]],
-                    *, max_length: int = 512, batch_size: int = 8, first_token: bool = False) -> dict[str, Any]:
+                    *, max_length: int = 512, batch_size: int = 8, mapping: str = "exact") -> dict[str, Any]:
     """What cross-tokenizer KD would have to work with, measured on ``records`` (the task's answers) through
     the engine's own signal and head (``CrossTokenizerSignal``, ``CrossHead.project``): the vocabulary overlap,
     the share of student targets that start a span, and ``mapped_mass``, the mean share of the teacher's
     probability, at those span starts, that the exact part of the loss matches token for token: its mass on
     tokens that map to a student token plus the chained mass p(a) p(x | a) of student tokens spelt by two
     teacher tokens (``unchained_mass`` leaves the chained part out). The planner compares ``mapped_mass``
-    with ``ctkd.min_mapped_mass``. ``first_token``: with the map ``ctkd.map: first_token`` (``VocabMap.build``)."""
+    with ``ctkd.min_mapped_mass``. ``mapping``: the map, ``ctkd.map`` (``VocabMap.build``)."""
     from stratos.teachers.signal import OnlineTeacher
 
     paired = pair_records(records, student_tok, teacher_tok, max_length)
     online = OnlineTeacher(teacher)
     vmap = VocabMap.build(student_tok, teacher_tok, student_rows=len(student_tok), teacher_rows=online.head.vocab_size,
-                          first_token=first_token)
+                          mapping=mapping)
     t_pad = teacher_tok.pad_token_id if teacher_tok.pad_token_id is not None else teacher_tok.eos_token_id
     s_pad = student_tok.pad_token_id if student_tok.pad_token_id is not None else student_tok.eos_token_id
     signal = CrossTokenizerSignal(online, paired, vmap, teacher_pad_id=t_pad)

@@ -242,7 +242,7 @@ def _measure_mappings(spec, task, teachers, students, loaded, out: Path, device)
                 model, t_tok = loaded.get(t_spec.model) or load(t_spec.model, dtype=t_spec.dtype, device=device,
                                                                 trust_remote_code=t_spec.trust_remote_code)
                 cached[key] = measure_mapping(model, s_tok, t_tok, records, max_length=spec.distill.max_length,
-                                              first_token=spec.distill.ctkd.map == "first_token")
+                                              mapping=spec.distill.ctkd.map)
                 write_json(cache_file, cached)
             result[(ti, si)] = cached[key]
     return result
