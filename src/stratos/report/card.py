@@ -34,6 +34,20 @@ def teacher_gain_sentence(results: dict[str, Any]) -> str:
             f"with the teacher, {g['only_b']} only without): {verdict}.")
 
 
+def _count(n: Any) -> str:
+    """A count as a card writes it; '?' where it was not recorded."""
+    return f"{n:,}" if isinstance(n, int) else "?"
+
+
+def _source(model: str) -> str:
+    """Where a model name points, in words: an alias (a GGUF in a PyPI wheel) says what it is and where from."""
+    from stratos.models.hub import ALIASES
+
+    alias = ALIASES.get(model)
+    return f"`{model}`" + (f": {alias.description}, from the PyPI wheel {alias.package}=={alias.version}"
+                           if alias else "")
+
+
 def model_card(*, role: str, spec: Any = None, plan: dict[str, Any] | None = None,
                results: dict[str, Any] | None = None, stats: dict[str, Any] | None = None,
                distill: dict[str, Any], compress: dict[str, Any] | None = None, device: str,
@@ -60,8 +74,11 @@ def model_card(*, role: str, spec: Any = None, plan: dict[str, Any] | None = Non
     # A teacher took part: through synth's data (a run) or its signal in training.
     t_used = t_spec is not None and (stats is not None or distill.get("signal", "none") != "none")
     task = results.get("task") or (spec.task.name if spec is not None else None)
-    local = Path(s_spec.model).is_absolute() or Path(s_spec.model).exists()  # a folder or file here, not a hub id
-    base = s_spec.model if s_spec.init == "pretrained" and not local else None
+    from stratos.models.hub import ALIASES
+
+    # A hub id only: not a folder or file here, nor an alias (which names a de-quantised GGUF, no hub repository).
+    hub_id = not (Path(s_spec.model).is_absolute() or Path(s_spec.model).exists() or s_spec.model in ALIASES)
+    base = s_spec.model if s_spec.init == "pretrained" and hub_id else None
     front = {"library_name": "transformers", "pipeline_tag": "text-generation", "tags": ["stratos", "distillation"],
              **({"base_model": base} if base else {})}
     init = ("its weights" if s_spec.init == "pretrained" else "its architecture only (weights initialised at random)")
@@ -78,10 +95,10 @@ def model_card(*, role: str, spec: Any = None, plan: dict[str, Any] | None = Non
                  "as the distilled student it was trained beside, but without the teacher's signal, to measure what that signal adds "
                  "(below). It is not the deployed model.")
     if t_used and baseline:
-        teacher_line = (f"- Teacher: {t_spec.label} (`{t_spec.model}`, backend {t_spec.backend}): in the data only "
+        teacher_line = (f"- Teacher: {t_spec.label} ({_source(t_spec.model)}; backend {t_spec.backend}): in the data only "
                         "(what synth kept of its answers); its signal was not used in training.")
     elif t_used:
-        teacher_line = f"- Teacher: {t_spec.label} (`{t_spec.model}`, backend {t_spec.backend})."
+        teacher_line = f"- Teacher: {t_spec.label} ({_source(t_spec.model)}; backend {t_spec.backend})."
     else:
         teacher_line = ("- Teacher: none in this training (teacher signal none: the student learnt the responses "
                         "of its data alone).")
@@ -95,9 +112,9 @@ def model_card(*, role: str, spec: Any = None, plan: dict[str, Any] | None = Non
    (str(leak.get('found')) + ' eval questions appear in the training data: the accuracy below overstates unseen questions.') if leak else ''}"""
     else:
         d = data or {}
-        data_text = (f"- Training records: {d.get('records', '?'):,} ({d.get('source', 'source not recorded')}); "
-                     f"{d.get('kept', '?'):,} kept for training, {d.get('truncated', 0):,} of them cut at max_length, "
-                     f"{d.get('dropped_empty', 0):,} dropped with no response tokens left.")
+        data_text = (f"- Training records: {_count(d.get('records'))} ({d.get('source', 'source not recorded')}); "
+                     f"{_count(d.get('kept'))} kept for training, {_count(d.get('truncated'))} of them cut at "
+                     f"max_length, {_count(d.get('dropped_empty'))} dropped with no response tokens left.")
         if training_eval:
             data_text += (f"\n- Evaluation while training: the first {training_eval['n']} questions of the task's eval "
                           "split; not checked against the training data by this command (`stratos run`'s eval stage "
@@ -174,7 +191,7 @@ from a load test of {bench.get('clients', '?')} concurrent clients.
 ## Base models
 
 {teacher_line}
-- Student: {s_spec.label} (`{s_spec.model}`): {init}.
+- Student: {s_spec.label} ({_source(s_spec.model)}): {init}.
 
 ## Data
 
