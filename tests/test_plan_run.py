@@ -62,7 +62,9 @@ def test_real_probe_of_an_incompetent_teacher_gives_injection(tiny_models):
     t, s = model_shape(TeacherSpec(model=t_path)), model_shape(StudentSpec(model=s_path))
     from stratos.plan.probe import profile_task
 
-    strategy = choose_strategy(probe, profile_task(task, train_size=200), match(t, s))
+    profile = profile_task(task, train_size=200)
+    assert profile.rules_prompt_tokens > profile.prompt_tokens and profile.oracle_seconds > 0  # what synth costs
+    strategy = choose_strategy(probe, profile, match(t, s))
     assert strategy.kind == "injection" and strategy.reverse_synthesis > 0
 
 

@@ -171,6 +171,9 @@ class Workload:
     serve_hours: float = 1.0
     batch: int = 8
     seq: int = 512
+    teacher_prompt_tokens: float = 0.0  # per teacher generation, the rules included when they are in its prompt (0: prompt_tokens)
+    oracle_examples: int = 0  # reverse-synthesised questions the task's oracle answers (synth)
+    oracle_seconds: float = 0.0  # per oracle question, as measured on the planning machine
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -250,18 +253,25 @@ def stage_costs(
         out.append(StageCost(stage, server.name, seconds, seconds * server.price(spot) / 3600 if usd is None else usd, note))
 
     seq_tokens = work.prompt_tokens + work.answer_tokens
+    # The oracle's questions (reverse synthesis) are made by the task's own code, on the CPU of the machine
+    # that runs synth: priced at the rate measured while planning, whatever the server's accelerator.
+    oracle_secs = work.oracle_examples * work.oracle_seconds
+    oracle_note = (f" + {work.oracle_examples:,} oracle questions ({1e3 * work.oracle_seconds:.1f} ms each, measured)"
+                   if oracle_secs else "")
+    t_prompt = work.teacher_prompt_tokens or work.prompt_tokens
     if work.teacher_sequences:
         if teacher.api:
             p = api or ApiPricing()
-            usd = work.teacher_sequences * (work.prompt_tokens * p.input_usd_per_mtok
-                                            + work.answer_tokens * p.output_usd_per_mtok) / 1e6
+            usd = work.teacher_sequences * (t_prompt * p.input_usd_per_mtok + work.answer_tokens * p.output_usd_per_mtok) / 1e6
             secs = work.teacher_sequences * p.latency_s / API_CONCURRENCY
-            add("generation", train, secs, usd + secs * price_t, "API tokens x price; latency from the probe")
+            add("generation", train, secs + oracle_secs, usd + (secs + oracle_secs) * price_t,
+                "API tokens x price; latency from the probe" + oracle_note)
         else:
-            secs = generate_seconds(teacher, work.teacher_sequences, work.prompt_tokens, work.answer_tokens, train, eff_train)
-            add("generation", train, secs, note=f"{work.teacher_sequences} teacher generations")
+            secs = generate_seconds(teacher, work.teacher_sequences, t_prompt, work.answer_tokens, train, eff_train)
+            add("generation", train, secs + oracle_secs,
+                note=f"{work.teacher_sequences} teacher generations of {t_prompt:,.0f}-token prompts" + oracle_note)
     else:
-        add("generation", train, 0.0, note="data from the task's oracle: no teacher generation")
+        add("generation", train, oracle_secs, note="data from the task's oracle: no teacher generation" + oracle_note)
     if work.signal == "logit" and not teacher.api:
         secs = forward_seconds(teacher, work.train_examples * seq_tokens * work.signal_passes, train, eff_train)
         add("signal", train, secs, note="teacher hidden states, computed once and cached" if work.signal_passes <= 1

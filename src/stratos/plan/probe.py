@@ -56,6 +56,8 @@ class TaskProfile:
     verifier: bool  # answers can be checked automatically
     oracle: bool  # new questions with known answers can be made (reverse synthesis)
     train_size: int
+    rules_prompt_tokens: float = 0.0  # a prompt with the task's rules before it (0: not measured, older plans)
+    oracle_seconds: float = 0.0  # to make one question with its worked answer here (0: not measured)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -76,16 +78,19 @@ def _steps(rationale: str) -> int:
 
 
 def profile_task(task: Any, *, train_size: int, tokenizer: Any = None, n: int = 20, seed: int = 0) -> TaskProfile:
-    """Measure prompt, answer and rationale lengths on ``n`` train examples (tokens with ``tokenizer``,
-    else characters / 4, the usual English average)."""
+    """Measure prompt (with and without the rules), answer and rationale lengths on ``n`` train examples
+    (tokens with ``tokenizer``, else characters / 4, the usual English average), and the time this machine
+    takes to make one of them with its worked answer (what reverse synthesis does per question)."""
+    t0 = time.perf_counter()
     examples = task.examples("train", n, seed=seed)
+    rationales = [task.target(ex, rationale=True) for ex in examples]
+    made = (time.perf_counter() - t0) / max(1, len(examples))
 
     def count(text: str) -> float:
         return len(tokenizer(text, add_special_tokens=False)["input_ids"]) if tokenizer is not None else len(text) / 4
 
     prompts = [count(task.prompt(ex)) for ex in examples]
     answers = [count(task.target(ex)) for ex in examples]
-    rationales = [task.target(ex, rationale=True) for ex in examples]
     return TaskProfile(
         name=task.name,
         prompt_tokens=statistics.mean(prompts),
@@ -95,6 +100,8 @@ def profile_task(task: Any, *, train_size: int, tokenizer: Any = None, n: int = 
         verifier=callable(getattr(task, "score", None)),
         oracle=has_oracle(task),
         train_size=train_size,
+        rules_prompt_tokens=statistics.mean(count(task.prompt(ex, rules=True)) for ex in examples),
+        oracle_seconds=made,
     )
 
 
