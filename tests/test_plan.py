@@ -131,6 +131,11 @@ def test_generation_prices_the_rules_in_the_teacher_prompt_and_the_oracles_quest
     assert "+ 8,000 oracle questions (2.0 ms each, measured)" in both.note
     oracle_only = gen(teacher_sequences=0, oracle_examples=8000, oracle_seconds=0.002)
     assert oracle_only.seconds == pytest.approx(16.0) and oracle_only.note.startswith("data from the task's oracle")
+    # A correction learnt from earlier runs scales the predicted teacher work, not the oracle's measured time.
+    corrected = {s.stage: s for s in stage_costs(T8B, S1B, work(teacher_prompt_tokens=1200, oracle_examples=8000,
+                                                                oracle_seconds=0.002), server(), server(), GPU_DEFAULT,
+                                                 GPU_DEFAULT, correction={"generation": 2.0})}["generation"]
+    assert corrected.seconds == pytest.approx(2 * ruled.seconds + 16.0)
     paid = gen(api=ApiPricing(1.0, 4.0, 1.0), teacher=API, price=0.0, teacher_sequences=1000,
                teacher_prompt_tokens=1200, signal="topk")
     assert paid.usd == pytest.approx(1000 * (1200 * 1.0 + 12 * 4.0) / 1e6, rel=1e-3)
@@ -140,13 +145,14 @@ def test_the_workload_sends_the_rules_only_when_the_strategy_puts_them_in_the_pr
     from stratos.plan.planner import workload_for
 
     task = TaskProfile("mahjong:waits", prompt_tokens=120, answer_tokens=12, rationale_tokens=80, reasoning_steps=4,
-                       verifier=True, oracle=True, train_size=1000, rules_prompt_tokens=1000, oracle_seconds=0.001)
+                       verifier=True, oracle=True, train_size=1000, teacher_prompt_tokens=100, rules_prompt_tokens=1000,
+                       oracle_seconds=0.001)
     m = match(T8B, S1B)
     weak = choose_strategy(probe("t", 0.05, 0.30), task, m)  # rules help: they go in the teacher's prompt
     strong = choose_strategy(probe("t", 0.80, 0.81), task, m)
     assert weak.rules_in_prompt and not strong.rules_in_prompt
     inputs = PlanInputs(teachers=[T8B], students=[S1B], probes={}, task=task, servers=[server()], efficiency={})
-    for strat, tokens in ((weak, 1000), (strong, 120)):
+    for strat, tokens in ((weak, 1000), (strong, 100)):
         w = workload_for(strat, m, task, inputs)
         assert w.teacher_prompt_tokens == tokens and w.oracle_seconds == 0.001
         assert w.oracle_examples == strat.reverse_synthesis

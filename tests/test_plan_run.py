@@ -64,6 +64,15 @@ def test_real_probe_of_an_incompetent_teacher_gives_injection(tiny_models):
 
     profile = profile_task(task, train_size=200)
     assert profile.rules_prompt_tokens > profile.prompt_tokens and profile.oracle_seconds > 0  # what synth costs
+    # A teacher's prompts in its own tokens (the tiny byte-level tokenizer: about one token per character).
+    from stratos.models import load_tokenizer
+
+    t_tok = load_tokenizer(t_path)
+    by_teacher = profile_task(task, train_size=200, teacher_tokenizer=t_tok)
+    ex = task.examples("train", 20, seed=0)
+    assert by_teacher.teacher_prompt_tokens == pytest.approx(
+        sum(len(t_tok(task.prompt(e), add_special_tokens=False)["input_ids"]) for e in ex) / 20)
+    assert by_teacher.prompt_tokens == profile.prompt_tokens  # the student's count is unchanged
     strategy = choose_strategy(probe, profile, match(t, s))
     assert strategy.kind == "injection" and strategy.reverse_synthesis > 0
 

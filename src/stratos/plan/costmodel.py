@@ -248,8 +248,10 @@ def stage_costs(
     price_t = train.price(spot) / 3600
     out: list[StageCost] = []
 
-    def add(stage: str, server: Server, seconds: float, usd: float | None = None, note: str = "") -> None:
-        seconds *= corr.get(stage, corr.get(RUNNER_STAGE.get(stage, ""), 1.0))
+    def add(stage: str, server: Server, seconds: float, usd: float | None = None, note: str = "",
+            measured: float = 0.0) -> None:
+        """``measured``: seconds measured here already (the oracle's), added after the correction."""
+        seconds = seconds * corr.get(stage, corr.get(RUNNER_STAGE.get(stage, ""), 1.0)) + measured
         out.append(StageCost(stage, server.name, seconds, seconds * server.price(spot) / 3600 if usd is None else usd, note))
 
     seq_tokens = work.prompt_tokens + work.answer_tokens
@@ -264,14 +266,15 @@ def stage_costs(
             p = api or ApiPricing()
             usd = work.teacher_sequences * (t_prompt * p.input_usd_per_mtok + work.answer_tokens * p.output_usd_per_mtok) / 1e6
             secs = work.teacher_sequences * p.latency_s / API_CONCURRENCY
-            add("generation", train, secs + oracle_secs, usd + (secs + oracle_secs) * price_t,
-                "API tokens x price; latency from the probe" + oracle_note)
+            add("generation", train, secs, usd + (secs + oracle_secs) * price_t,
+                "API tokens x price; latency from the probe" + oracle_note, measured=oracle_secs)
         else:
             secs = generate_seconds(teacher, work.teacher_sequences, t_prompt, work.answer_tokens, train, eff_train)
-            add("generation", train, secs + oracle_secs,
+            add("generation", train, secs, measured=oracle_secs,
                 note=f"{work.teacher_sequences} teacher generations of {t_prompt:,.0f}-token prompts" + oracle_note)
     else:
-        add("generation", train, oracle_secs, note="data from the task's oracle: no teacher generation" + oracle_note)
+        add("generation", train, 0.0, note="data from the task's oracle: no teacher generation" + oracle_note,
+            measured=oracle_secs)
     if work.signal == "logit" and not teacher.api:
         secs = forward_seconds(teacher, work.train_examples * seq_tokens * work.signal_passes, train, eff_train)
         add("signal", train, secs, note="teacher hidden states, computed once and cached" if work.signal_passes <= 1

@@ -288,8 +288,8 @@ def workload_for(strategy: Strategy, m: Match, task: TaskProfile, inputs: PlanIn
         batch=inputs.batch,
         seq=inputs.max_length,
         # The synth stage puts the rules before each teacher prompt when the strategy says so.
-        teacher_prompt_tokens=task.rules_prompt_tokens if strategy.rules_in_prompt and task.rules_prompt_tokens
-        else task.prompt_tokens,
+        teacher_prompt_tokens=(task.rules_prompt_tokens if strategy.rules_in_prompt else task.teacher_prompt_tokens)
+        or task.prompt_tokens,
         oracle_examples=strategy.reverse_synthesis if task.oracle else 0,
         oracle_seconds=task.oracle_seconds,
     )

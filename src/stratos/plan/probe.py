@@ -56,7 +56,9 @@ class TaskProfile:
     verifier: bool  # answers can be checked automatically
     oracle: bool  # new questions with known answers can be made (reverse synthesis)
     train_size: int
-    rules_prompt_tokens: float = 0.0  # a prompt with the task's rules before it (0: not measured, older plans)
+    # A teacher's prompt, plain and with the task's rules before it, in the teacher's tokens (0: not measured)
+    teacher_prompt_tokens: float = 0.0
+    rules_prompt_tokens: float = 0.0
     oracle_seconds: float = 0.0  # to make one question with its worked answer here (0: not measured)
 
     def to_dict(self) -> dict[str, Any]:
@@ -77,17 +79,21 @@ def _steps(rationale: str) -> int:
     return max(0, len(parts) - 1)
 
 
-def profile_task(task: Any, *, train_size: int, tokenizer: Any = None, n: int = 20, seed: int = 0) -> TaskProfile:
-    """Measure prompt (with and without the rules), answer and rationale lengths on ``n`` train examples
-    (tokens with ``tokenizer``, else characters / 4, the usual English average), and the time this machine
-    takes to make one of them with its worked answer (what reverse synthesis does per question)."""
+def profile_task(task: Any, *, train_size: int, tokenizer: Any = None, n: int = 20, seed: int = 0,
+                 teacher_tokenizer: Any = None) -> TaskProfile:
+    """Measure prompt, answer and rationale lengths on ``n`` train examples (tokens with ``tokenizer``, the
+    student's, else characters / 4, the usual English average), a teacher's prompt with and without the
+    rules (in ``teacher_tokenizer``'s tokens, else as the student's), and the time this machine takes to
+    make one question with its worked answer (what reverse synthesis does per question)."""
     t0 = time.perf_counter()
     examples = task.examples("train", n, seed=seed)
     rationales = [task.target(ex, rationale=True) for ex in examples]
     made = (time.perf_counter() - t0) / max(1, len(examples))
 
-    def count(text: str) -> float:
-        return len(tokenizer(text, add_special_tokens=False)["input_ids"]) if tokenizer is not None else len(text) / 4
+    def count(text: str, tok: Any = tokenizer) -> float:
+        return len(tok(text, add_special_tokens=False)["input_ids"]) if tok is not None else len(text) / 4
+
+    t_tok = teacher_tokenizer if teacher_tokenizer is not None else tokenizer
 
     prompts = [count(task.prompt(ex)) for ex in examples]
     answers = [count(task.target(ex)) for ex in examples]
@@ -100,7 +106,8 @@ def profile_task(task: Any, *, train_size: int, tokenizer: Any = None, n: int = 
         verifier=callable(getattr(task, "score", None)),
         oracle=has_oracle(task),
         train_size=train_size,
-        rules_prompt_tokens=statistics.mean(count(task.prompt(ex, rules=True)) for ex in examples),
+        teacher_prompt_tokens=statistics.mean(count(task.prompt(ex), t_tok) for ex in examples),
+        rules_prompt_tokens=statistics.mean(count(task.prompt(ex, rules=True), t_tok) for ex in examples),
         oracle_seconds=made,
     )
 

@@ -110,7 +110,20 @@ def make_plan(
                          else load_tokenizer(first.model, trust_remote_code=first.trust_remote_code))
         except (OSError, ValueError):
             tokenizer = None
-    profile = profile_task(task, train_size=spec.task.train_size, tokenizer=tokenizer, seed=spec.task.seed)
+    # The teacher's prompts in its own tokens (the first local teacher's; synth sends those): a task tokenizer
+    # trained on questions splits the English rules into three times as many tokens.
+    t_first = next((t for t in spec.teachers if t.backend != "openai"), None)
+    t_tok = loaded.get(t_first.model, (None, None))[1] if t_first is not None else None
+    if t_first is not None and t_tok is None:
+        from stratos.errors import ModelError
+        from stratos.models import load_tokenizer
+
+        try:
+            t_tok = load_tokenizer(t_first.model, trust_remote_code=t_first.trust_remote_code)
+        except (OSError, ValueError, ModelError):
+            t_tok = None
+    profile = profile_task(task, train_size=spec.task.train_size, tokenizer=tokenizer, seed=spec.task.seed,
+                           teacher_tokenizer=t_tok)
 
     cal = load_calibration(device=device) if calibration is None else calibration
     if calibration is None and not cal:
