@@ -585,18 +585,30 @@ def test_the_plan_adds_rl_when_the_student_answers_sometimes_and_misses_the_targ
 def test_the_plan_corrects_its_predictions_by_what_earlier_runs_measured():
     from stratos.plan.calibration import accuracy_corrections, corrections
 
-    records = [  # two runs of the task (one eval rerun: its last record counts), one of another task
-        {"kind": "accuracy", "task": "t", "method": "prior", "predicted": 0.8, "measured": 0.5, "error": -0.3, "run": "a"},
-        {"kind": "accuracy", "task": "t", "method": "prior", "predicted": 0.8, "measured": 0.4, "error": -0.4, "run": "b"},
-        {"kind": "accuracy", "task": "t", "method": "prior", "predicted": 0.8, "measured": 0.6, "error": -0.2, "run": "a"},
-        {"kind": "accuracy", "task": "u", "method": "prior", "predicted": 0.1, "measured": 0.9, "error": 0.8, "run": "c"},
+    from stratos.plan.calibration import student_key
+    from stratos.spec import StudentSpec
+
+    me = student_key(StudentSpec(model="m", init="random", config_overrides={"num_hidden_layers": 6}))
+    other = student_key(StudentSpec(model="m", init="random", config_overrides={"num_hidden_layers": 4}))
+    assert me != other and me == student_key(StudentSpec(name="renamed", model="m", init="random",
+                                                         config_overrides={"num_hidden_layers": 6}))
+
+    def rec(task, error, run, student=me):
+        return {"kind": "accuracy", "task": task, "student": student, "method": "prior", "predicted": 0.8,
+                "measured": 0.8 + error, "error": error, "run": run}
+
+    records = [  # two runs of the task with this student (one eval rerun: its last record counts); another
+        rec("t", -0.3, "a"), rec("t", -0.4, "b"), rec("t", -0.2, "a"),  # task's run, another student's, and
+        rec("u", 0.8, "c"), rec("t", 0.5, "d", other), {k: v for k, v in rec("t", 0.6, "e").items() if k != "student"},
         {"stage": "latency", "server": "small", "predicted_s": 10.0, "measured_s": 30.0, "ratio": 3.0},
-    ]
-    corr = accuracy_corrections("t", records)
+    ]  # one written before students were recorded: none of those three counts
+    corr = accuracy_corrections("t", me, records)
     assert corrections("small", records) == {"latency": 3.0}  # accuracy records are not stage times
     assert corr["prior"][1] == 2 and corr["prior"][0] == pytest.approx(-0.3)  # median of -0.4 and -0.2
+    assert accuracy_corrections("t", other, records)["prior"] == (pytest.approx(0.5), 1)
     plain, plain_cands = build_plan(inputs())
-    learnt, learnt_cands = build_plan(inputs(accuracy_corrections=corr, corrections={"small": {"latency": 3.0}}))
+    learnt, learnt_cands = build_plan(inputs(accuracy_corrections={0: corr, 1: corr},
+                                             corrections={"small": {"latency": 3.0}}))
     assert learnt.predicted["accuracy"] == pytest.approx(max(0.0, plain.predicted["accuracy"] - 0.3))
     for a, b in zip(plain_cands, learnt_cands):  # the same candidates, in the same order
         assert b.accuracy == pytest.approx(max(0.0, a.accuracy - 0.3))

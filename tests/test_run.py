@@ -17,6 +17,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from stratos.plan.calibration import student_key
 from stratos.models.tiny import build_tokenizer, save_model, tiny_llama
 from stratos.report import build_report
 from stratos.runner import STAGE_NAMES, RunError, run, select_stages
@@ -234,8 +235,8 @@ def test_a_changed_spec_reruns_only_the_stages_it_affects(tiny_spec, tmp_path, m
 
 def test_a_missed_accuracy_retries_with_the_plans_next_candidate(tiny_spec, tmp_path, monkeypatch):
     """The plan picks the faster of two students (accuracy weighs nothing); it misses min_accuracy, so the
-    retry pins the front's other student, whose predicted accuracy was higher, and plans it although the
-    first attempt's measurement now corrects its prediction below the limit."""
+    retry pins the front's other student, whose predicted accuracy was higher. The first attempt's
+    measurement is that of another student, so it does not correct this one's prediction."""
     from stratos.verdicts import ConstraintsMissed
 
     monkeypatch.setenv("STRATOS_CACHE", str(tmp_path / "cache"))
@@ -260,7 +261,11 @@ def test_a_missed_accuracy_retries_with_the_plans_next_candidate(tiny_spec, tmp_
     assert second["candidate"][1] == "bigger-student"
     plan = json.loads((run_dir / "plan" / "plan.json").read_text())
     assert plan["student"]["name"] == "bigger-student" and plan["counts"]["total"] == 1
-    assert "planned although predicted to miss min_accuracy" in plan["reasons"][0]
+    first_plan = json.loads((run_dir / "attempts" / "1" / "plan" / "plan.json").read_text())
+    assert "corrected by" not in plan["predicted"]["accuracy_reason"] + first_plan["predicted"]["accuracy_reason"]
+    records = [json.loads(x) for x in (run_dir / "attempts" / "1" / "eval" / "plan-measurements.jsonl").open()]
+    assert [r["student"] for r in records if r.get("kind") == "accuracy"] == [
+        student_key(load_spec(spec).students[0])]  # the tiny student's miss, recorded as its own
     assert (run_dir / "attempts" / "1" / "plan" / "plan.json").is_file()  # the first plan, kept
     assert sorted(p.name for p in (run_dir / "attempts" / "1").iterdir()) == [
         "deploy", "distill", "eval", "plan", "stages.json", "synth"]  # the first attempt's folders (compress is off)

@@ -125,21 +125,34 @@ def task_key(task: Any) -> str:
     return f"{task.name} {options}" if options != "{}" else task.name
 
 
-def record_accuracy(task: str, method: str, predicted: float, measured: float, *, run: str,
+def student_key(student: Any) -> str:
+    """A student spec's identity for accuracy records: what decides how well it can learn (the model it is
+    built from, its initialisation, shape overrides and tokenizer), not its name."""
+    return json.dumps({"model": student.model, "init": student.init, "config_overrides": student.config_overrides,
+                       "tokenizer": student.tokenizer,
+                       **({"vocab": student.tokenizer_vocab_size} if student.tokenizer == "task" else {})},
+                      sort_keys=True, default=str)
+
+
+def record_accuracy(task: str, method: str, predicted: float, measured: float, *, run: str, student: str,
                     run_dir: str | Path | None = None, note: str = "") -> dict[str, Any]:
     """Append the plan's predicted accuracy for ``task`` (by ``method``: prior or pilot) and the deployed
-    student's measured one in ``run`` (a run directory: a rerun of its eval replaces its record), to the
-    same logs as ``record_stage``."""
-    return _append({"kind": "accuracy", "task": task, "method": method, "predicted": predicted, "measured": measured,
-                    "error": measured - predicted, "run": run, "note": note}, run_dir)
+    student's measured one in ``run`` (a run directory: a rerun of its eval replaces its record), for the
+    ``student`` (``student_key``), to the same logs as ``record_stage``."""
+    return _append({"kind": "accuracy", "task": task, "student": student, "method": method, "predicted": predicted,
+                    "measured": measured, "error": measured - predicted, "run": run, "note": note}, run_dir)
 
 
-def accuracy_corrections(task: str, records: list[dict[str, Any]] | None = None) -> dict[str, tuple[float, int]]:
+def accuracy_corrections(task: str, student: str, records: list[dict[str, Any]] | None = None
+                         ) -> dict[str, tuple[float, int]]:
     """Per prediction method: the median error (measured - predicted accuracy) of the latest runs of
-    ``task``, and how many runs it comes from; later plans add it to their predictions."""
+    ``task`` with the same ``student`` (``student_key``), and how many runs it comes from; later plans add it
+    to their predictions for that student. Another student's error says little about this one's (a 4-layer
+    student's miss would otherwise lower a 6-layer one's prediction), and records written before students
+    were recorded are not used."""
     latest: dict[str, dict[str, Any]] = {}  # by run: the last record of each
     for r in records if records is not None else read_measurements():
-        if r.get("kind") == "accuracy" and r.get("task") == task:
+        if r.get("kind") == "accuracy" and r.get("task") == task and r.get("student") == student:
             latest.pop(r.get("run", ""), None)
             latest[r.get("run", "")] = r  # re-inserted: dict order stays the order of the latest records
     by_method: dict[str, list[float]] = {}

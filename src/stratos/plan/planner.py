@@ -195,8 +195,9 @@ class PlanInputs:
     # (teacher index, student index) -> what crosstok.measure_mapping measured for a pair of different tokenizers
     mappings: dict[tuple[int, int], dict[str, Any]] = field(default_factory=dict)
     corrections: dict[str, dict[str, float]] = field(default_factory=dict)  # server -> stage -> factor
-    # prediction method (prior, pilot) -> (median measured - predicted accuracy of earlier runs of the task, runs)
-    accuracy_corrections: dict[str, tuple[float, int]] = field(default_factory=dict)
+    # student index -> prediction method (prior, pilot) -> (median measured - predicted accuracy of earlier runs
+    # of the task with that student, runs)
+    accuracy_corrections: dict[int, dict[str, tuple[float, int]]] = field(default_factory=dict)
     recovery_tokens: float = 0.0
     max_length: int = 512
     batch: int = 8
@@ -316,11 +317,12 @@ def decide_pairs(inputs: PlanInputs) -> list[PairDecision]:
             else:
                 acc, why = prior_student_accuracy(probe, inputs.task, m, strat, inputs.student_baseline.get(si, 0.0))
                 method = "prior"
-            if method in inputs.accuracy_corrections:  # learnt from what earlier runs of this task measured
-                err, runs = inputs.accuracy_corrections[method]
+            learnt = inputs.accuracy_corrections.get(si, {})
+            if method in learnt:  # learnt from what earlier runs of this task with this student measured
+                err, runs = learnt[method]
                 acc = min(1.0, max(0.0, acc + err))
                 why += (f"; corrected by {100 * err:+.1f} points, the median error of this task's {method} "
-                        f"predictions in {runs} earlier run(s) (deployed student measured)")
+                        f"predictions for this student in {runs} earlier run(s) (deployed student measured)")
             if not names_algorithm(distill):  # what the spec names is what runs: no RL phase of the plan's own
                 strat, acc, gain = plan_rl(strat, inputs.task, acc, inputs.min_accuracy, distill.num_generations)
                 why += gain

@@ -15,6 +15,7 @@ from stratos.plan.calibration import (
     accuracy_corrections,
     corrections,
     load_calibration,
+    student_key,
     local_efficiency,
     record_stage,
     task_key,
@@ -212,7 +213,8 @@ def _inputs(spec, teachers, students, probes, profile, servers, cal, gpu: bool) 
         weights=weights_of(ps), objective=ps.objective if ps.weights is None else "custom",
         competent_accuracy=ps.competent_accuracy, spot=ps.spot, serve_hours=ps.serve_trial_hours, api_pricing=api,
         corrections={s.name: corrections(s.name) for s in servers}, recovery_tokens=recovery,
-        accuracy_corrections=accuracy_corrections(task_key(spec.task)),
+        accuracy_corrections={si: accuracy_corrections(task_key(spec.task), student_key(s))
+                              for si, s in enumerate(spec.students)},
         max_length=spec.distill.max_length, batch=spec.distill.per_device_train_batch_size,
         teacher_models=[t.model for t in spec.teachers], student_models=[s.model for s in spec.students],
         spec_name=spec.name, spec_values=SpecValues.from_spec(spec), distill=spec.distill,
