@@ -266,7 +266,7 @@ def _baseline_artifacts(ctx: Context, settings: Any) -> dict[str, Any]:
     where = ctx.dir / BASELINE_DIR
     res = json.loads((where / "result.json").read_text())
     return {"sft_baseline": {"model": ctx.rel(where / "model"), "steps": res["steps"],
-                             "training": sft_baseline(settings).training}}
+                             "training": sft_baseline(settings).training, "settings": res["settings"]}}
 
 
 def _distill_processes(ctx: Context, settings: Any) -> dict[str, Any]:
@@ -450,10 +450,10 @@ def stage_eval(ctx: Context) -> dict[str, Any]:
     write_cards({"student": ctx.artifact("distill", "model"), "deployed student": final},
                 distill=stages["distill"].get("artifacts", {}), compress=stages.get("compress", {}).get("artifacts"),
                 **card_facts)
-    if baseline:  # its own training (its result.json), its own row
-        b_res = json.loads((ctx.run_dir / baseline["model"]).parent.joinpath("result.json").read_text())
+    if baseline:  # its own training (the distill stage's artifact), its own row
         write_cards({BASELINE_ROLE: ctx.run_dir / baseline["model"]}, baseline=True,
-                    distill={"steps": b_res["steps"], "signal": "none", "settings": b_res["settings"]}, **card_facts)
+                    distill={"steps": baseline["steps"], "signal": "none", "settings": baseline["settings"]},
+                    **card_facts)
     return {"results_path": ctx.rel(ctx.dir / "results.json"),
             "accuracy": {r["role"]: r["accuracy"] for r in rows},
             "verdicts": [v["line"] for v in results["verdicts"]]}

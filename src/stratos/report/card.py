@@ -41,7 +41,7 @@ def _count(n: Any) -> str:
 
 def _source(model: str) -> str:
     """Where a model name points, in words: an alias (a GGUF in a PyPI wheel) says what it is and where from."""
-    from stratos.models.hub import ALIASES
+    from stratos.models.hub import ALIASES  # lazily: stratos.models imports torch, which the runner defers
 
     alias = ALIASES.get(model)
     return f"`{model}`" + (f": {alias.description}, from the PyPI wheel {alias.package}=={alias.version}"
@@ -92,11 +92,11 @@ def model_card(*, role: str, spec: Any = None, plan: dict[str, Any] | None = Non
                ", on its data alone (no teacher signal)." if alone else "."))
     if baseline:  # distill.sft_baseline's student: it exists to be compared with, and says so first
         what += (" It is the **SFT baseline** (`distill.sft_baseline`): the same student, data, seed and steps "
-                 "as the distilled student it was trained beside, but without the teacher's signal, to measure what that signal adds "
-                 "(below). It is not the deployed model.")
+                 "as the distilled student it was trained beside, but without the teacher's signal, to measure "
+                 "what that signal adds (below). It is not the deployed model.")
     if t_used and baseline:
-        teacher_line = (f"- Teacher: {t_spec.label} ({_source(t_spec.model)}; backend {t_spec.backend}): in the data only "
-                        "(what synth kept of its answers); its signal was not used in training.")
+        teacher_line = (f"- Teacher: {t_spec.label} ({_source(t_spec.model)}; backend {t_spec.backend}): in the data "
+                        "only (what synth kept of its answers); its signal was not used in training.")
     elif t_used:
         teacher_line = f"- Teacher: {t_spec.label} ({_source(t_spec.model)}; backend {t_spec.backend})."
     else:
