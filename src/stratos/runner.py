@@ -452,7 +452,7 @@ def stage_eval(ctx: Context) -> dict[str, Any]:
                 **card_facts)
     if baseline:  # its own training (the distill stage's artifact), its own row
         write_cards({BASELINE_ROLE: ctx.run_dir / baseline["model"]}, baseline=True,
-                    distill={"steps": baseline["steps"], "signal": "none", "settings": baseline["settings"]},
+                    distill={"steps": baseline["steps"], "signal": "none", "settings": baseline.get("settings")},
                     **card_facts)
     return {"results_path": ctx.rel(ctx.dir / "results.json"),
             "accuracy": {r["role"]: r["accuracy"] for r in rows},
