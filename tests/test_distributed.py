@@ -149,7 +149,8 @@ def test_stratos_run_nproc_2_end_to_end(work, tmp_path):
         "plan": {"servers": ["local"], "probe_size": 4, "probe_rules": False, "probe_max_new_tokens": 8},
         "synth": {"samples_per_prompt": 1, "max_new_tokens": 8, "prompts": 4, "reverse_synthesis": 24},
         "distill": {"algorithm": "kd", "loss": "fkl", "kd_ratio": 0.5, "max_steps": 6, "save_steps": 3,
-                    "per_device_train_batch_size": 4, "learning_rate": 1e-3, "max_length": 64, "parallel": "fsdp"},
+                    "per_device_train_batch_size": 4, "learning_rate": 1e-3, "max_length": 64, "parallel": "fsdp",
+                    "sft_baseline": True},
         "eval": {"n": 8, "max_new_tokens": 8, "bench_clients": 2, "bench_requests": 4},
     }
     path = tmp_path / "dist.yaml"
@@ -167,6 +168,12 @@ def test_stratos_run_nproc_2_end_to_end(work, tmp_path):
     # The model two processes trained is what the later stages served and measured.
     rows = json.loads((run_dir / "eval" / "results.json").read_text())["rows"]
     assert rows[-1]["role"] == "deployed student" and rows[-1]["n"] == 8
+    # distill.sft_baseline under torchrun too: the two processes trained it after the student, and eval measured it.
+    baseline = stages["distill"]["artifacts"]["sft_baseline"]
+    assert baseline["steps"] == 6 and (run_dir / baseline["model"] / "README.md").is_file()
+    assert json.loads((run_dir / "distill" / "sft-baseline" / "result.json").read_text())["signal"]["processes"] == \
+        {"world_size": 2, "parallel": "fsdp"}
+    assert any(r["role"] == "SFT baseline" and r["n"] == 8 for r in rows)
 
 
 def test_what_does_not_run_across_processes_yet_is_refused():
