@@ -94,7 +94,11 @@ def apply_lora(model: Any, cfg: DistillSpec) -> Any:
         target_modules=lora.target_modules,
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, config)
+    with warnings.catch_warnings():
+        # peft 0.21 reads `model.is_gradient_checkpointing`, which transformers 5 deprecates (FutureWarning) in
+        # favour of `is_activation_checkpointing`: peft's call, nothing a user can change.
+        warnings.filterwarnings("ignore", r"`is_gradient_checkpointing` is deprecated", FutureWarning)
+        return get_peft_model(model, config)
 
 
 def checkpoint_layers(model: Any) -> None:
