@@ -10,7 +10,8 @@ the eval split is fixed by a hash of each hand, not by the seed).
 
     python benchmarks/mahjong_data_draws.py --seeds 2 3 4 --out runs/mahjong-draws
 
-A draw whose model is already there is scored again, not retrained (delete its folder to retrain).
+A draw whose model is already there (with the same settings) is scored again, not retrained; delete
+its folder to retrain.
 About 7 minutes of training per draw on 2 cores with native bf16. Prints a table per draw, then the
 mean and standard error over the draws.
 """
@@ -40,7 +41,10 @@ def train(seed: int, out: Path, train_size: int, epochs: float) -> Path:
     spec["task"].update(seed=seed, train_size=train_size)
     spec["distill"]["num_train_epochs"] = epochs
     out.mkdir(parents=True, exist_ok=True)
-    (out / "spec.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    text, path = yaml.safe_dump(spec, sort_keys=False), out / "spec.yaml"
+    if (out / "model" / "config.json").is_file() and path.is_file() and path.read_text() != text:
+        raise SystemExit(f"{out}: holds a model trained with other settings ({path}); give another --out")
+    path.write_text(text)
     if not (out / "model" / "config.json").is_file():
         subprocess.run([sys.executable, "-m", "stratos.cli", "distill", str(out / "spec.yaml"), "--out", str(out)],
                        check=True)
@@ -76,7 +80,7 @@ def main() -> None:
         where = args.out / f"seed-{seed}"
         rows[seed] = score(train(seed, where, args.train_size, args.epochs), where)
         (where / "scores.json").write_text(json.dumps(rows[seed], indent=2))
-    print(f"\n{args.train_size} questions per draw, {args.epochs:g} epochs, distill.seed 0")
+    print(f"\n{args.train_size} questions per draw, {args.epochs:g} epoch(s), distill.seed 0")
     print("| task.seed | 400 hands from play | of them read as seven pairs | 200 eval questions |\n|---|---|---|---|")
     for seed, r in rows.items():
         print(f"| {seed} | {r['play']:.1%} | {r['play_seven_pairs']:.1%} | {r['eval']:.1%} |")
