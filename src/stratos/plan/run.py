@@ -15,9 +15,10 @@ from stratos.plan.calibration import (
     accuracy_corrections,
     corrections,
     load_calibration,
-    student_key,
     local_efficiency,
+    read_measurements,
     record_stage,
+    student_key,
     task_key,
 )
 from stratos.plan.catalog import LOCAL, filter_servers, load_catalog
@@ -33,9 +34,7 @@ log = logging.getLogger(__name__)
 
 
 def _probe_key(spec: Any, t: Any, max_new_tokens: int, device: Any) -> str:
-    from stratos.io import sha256_text
-
-    from stratos.io import fingerprint
+    from stratos.io import fingerprint, sha256_text
     from stratos.models import model_identity
 
     weights = model_identity(t.model) if t.backend != "openai" else None
@@ -207,13 +206,14 @@ def _inputs(spec, teachers, students, probes, profile, servers, cal, gpu: bool) 
     recovery = 0.0
     if spec.compress.enabled and spec.compress.recovery_steps:
         recovery = spec.compress.recovery_steps * spec.distill.per_device_train_batch_size * spec.distill.max_length
+    measured = read_measurements()  # what earlier runs measured: read once for every server and student
     return PlanInputs(
         teachers=teachers, students=students, probes=probes, task=profile, servers=servers, efficiency=eff,
         min_accuracy=c.min_accuracy, max_latency_ms=c.max_latency_ms, budget_usd=c.budget_usd,
         weights=weights_of(ps), objective=ps.objective if ps.weights is None else "custom",
         competent_accuracy=ps.competent_accuracy, spot=ps.spot, serve_hours=ps.serve_trial_hours, api_pricing=api,
-        corrections={s.name: corrections(s.name) for s in servers}, recovery_tokens=recovery,
-        accuracy_corrections={si: accuracy_corrections(task_key(spec.task), student_key(s))
+        corrections={s.name: corrections(s.name, measured) for s in servers}, recovery_tokens=recovery,
+        accuracy_corrections={si: accuracy_corrections(task_key(spec.task), student_key(s), measured)
                               for si, s in enumerate(spec.students)},
         max_length=spec.distill.max_length, batch=spec.distill.per_device_train_batch_size,
         teacher_models=[t.model for t in spec.teachers], student_models=[s.model for s in spec.students],
