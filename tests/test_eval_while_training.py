@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from stratos.distill import distill
-from stratos.distill.evaluation import TaskEvaluator, evaluator_for
+from stratos.distill.evaluation import TaskEvaluator, evaluator_for, validation_examples
 from stratos.models.tiny import tiny_llama
 from stratos.spec import DistillSpec, SpecError, TaskSpec, parse_spec
 from stratos.tasks import get_task
@@ -45,11 +45,14 @@ class Scripted:
 
 
 def test_task_evaluator_scores_exactly_eval_samples_examples(tiny_tokenizer):
-    task_spec = TaskSpec(name="arithmetic", options={"digits": 1}, seed=2)
+    task_spec = TaskSpec(name="arithmetic", options={"digits": 2}, seed=2)
     assert evaluator_for(task_spec, tiny_tokenizer, spec(), max_new_tokens=6) is None  # no eval_steps
-    ev = evaluator_for(task_spec, tiny_tokenizer, spec(eval_steps=2, eval_samples=4), max_new_tokens=6, batch_size=4)
+    ev = evaluator_for(task_spec, tiny_tokenizer, spec(eval_steps=2, eval_samples=4), max_new_tokens=6,
+                       held_out=3, batch_size=4)
     assert isinstance(ev, TaskEvaluator) and len(ev.examples) == 4
-    assert [e.id for e in ev.examples] == [e.id for e in get_task("arithmetic", digits=1).examples("eval", 4, seed=2)]
+    # Validation questions: the eval split past the 3 the eval stage scores (arithmetic draws in a fixed order).
+    drawn = get_task("arithmetic", digits=2).examples("eval", 7, seed=2)
+    assert [e.id for e in ev.examples] == [e.id for e in drawn[3:]]
     model = student(tiny_tokenizer)
     model.train()
     before = {n: p.clone() for n, p in model.named_parameters()}
@@ -60,6 +63,39 @@ def test_task_evaluator_scores_exactly_eval_samples_examples(tiny_tokenizer):
     assert model.training, "the model is put back in train mode"
     assert torch.equal(rng, torch.get_rng_state()), "evaluation leaves the training RNG alone"
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_validation_questions_are_never_the_eval_stages(tmp_path, tiny_tokenizer):
+    # Mahjong draws its eval questions in no prefix order: the validation ones are told apart by their text.
+    task = get_task("mahjong:discard")
+    scored = {e.question for e in task.examples("eval", 40, seed=1)}
+    val = validation_examples(task, 16, seed=1, held_out=40)
+    assert len(val) == 16 and len({e.question for e in val}) == 16
+    assert not scored & {e.question for e in val}
+    # The run's default: the spec's task.eval_size questions are the eval stage's.
+    task_spec = TaskSpec(name="mahjong:discard", eval_size=40, seed=1)
+    ev = evaluator_for(task_spec, tiny_tokenizer, spec(eval_steps=2, eval_samples=16), max_new_tokens=6, task=task)
+    assert [e.id for e in ev.examples] == [e.id for e in val]
+
+    # A split too small for both: what is left past the eval stage's, said; none left, an error naming the option.
+    lines = [json.dumps({"prompt": f"What is {i} + 1?", "answer": str(i + 1)}) for i in range(60)]
+    (tmp_path / "qa.jsonl").write_text("\n".join(lines) + "\n")
+    small = get_task("jsonl", path=tmp_path / "qa.jsonl", eval_fraction=0.5)
+    split = len(small.examples("eval"))
+    assert 10 < split < 50
+    with pytest.warns(UserWarning, match=f"holds only {split - 10} questions beyond the 10 the eval stage scores"):
+        val = validation_examples(small, 50, seed=0, held_out=10)
+    assert [e.id for e in val] == [e.id for e in small.examples("eval", seed=0)[10:]]
+    jsonl_spec = TaskSpec(name="jsonl", path=str(tmp_path / "qa.jsonl"), options={"eval_fraction": 0.5})
+    with pytest.raises(ValueError, match=rf"distill.eval_samples \(8\): the task's eval split holds no question "
+                                         rf"beyond the {split} the eval stage scores"):
+        evaluator_for(jsonl_spec, tiny_tokenizer, spec(eval_steps=2, eval_samples=8), max_new_tokens=6,
+                      held_out=split, task=small)
+    # A question space that cannot give both: the error says what was asked of it and why.
+    with pytest.raises(ValueError, match=r"distill.eval_samples \(4\): the eval stage's 8 questions and 4 validation "
+                                         r"questions, 12 in all, are more than the task's eval split gives \(arithmetic"):
+        evaluator_for(TaskSpec(name="arithmetic", options={"digits": 1}, eval_size=8), tiny_tokenizer,
+                      spec(eval_steps=2, eval_samples=4), max_new_tokens=6)
 
 
 def test_eval_rows_every_eval_steps_and_at_the_last_step_without_changing_training(tmp_path, tiny_tokenizer):

@@ -240,7 +240,7 @@ def test_the_run_trains_exactly_the_plans_settings(models, tmp_path, monkeypatch
         # distill.sft_baseline: the same phases with KD made SFT, in OUT/sft-baseline. Its first phase is SFT in
         # both, so it is bitwise the student's: the same initialisation, data and batch order.
         data["distill"].update(sft_baseline=True, eval_steps=2, eval_samples=4)  # and evaluation while training
-        data["eval"] = {"max_new_tokens": 4}
+        data["eval"] = {"max_new_tokens": 4, "n": 2}  # 1-digit sums: the eval split gives 6 (2 + 4 validation)
         (tmp_path / "b.yaml").write_text(yaml.safe_dump(data))
         with pytest.raises(SystemExit) as info:
             main(["distill", str(tmp_path / "b.yaml"), "--plan", str(run_dir / "plan" / "plan.json"),
@@ -260,8 +260,8 @@ def test_the_run_trains_exactly_the_plans_settings(models, tmp_path, monkeypatch
         steps = json.loads((tmp_path / "cli-b" / "result.json").read_text())["steps"]
         card = (tmp_path / "cli-b" / "model" / "README.md").read_text()
         assert ev["step"] == steps and ev["eval_n"] == 4
-        assert (f"Evaluation while training (`distill.eval_steps`): {ev['eval_accuracy']:.1%} of 4 questions of the "
-                "task's eval split answered exactly right, greedy generation of at most 4 new tokens, at step "
+        assert (f"Evaluation while training (`distill.eval_steps`): {ev['eval_accuracy']:.1%} of 4 validation questions (the "
+                "task's eval split without the eval stage's questions) answered exactly right, greedy generation of at most 4 new tokens, at step "
                 f"{steps} of {steps}, the step whose weights this folder holds.") in card
         assert "Accuracy and speed were not measured by `stratos distill`" in card
         # The baseline's folder has its own card, of its own training: no teacher signal, and it says what it is for.

@@ -258,7 +258,7 @@ def distill(
         model, tok = load_student(s_spec, task_spec, device=where, seed=cfg.seed)
         eval_tokens = s.eval.max_new_tokens if s else 64
         evaluator = evaluator_for(task_spec, tok, settings, max_new_tokens=eval_tokens,
-                                  batch_size=s.eval.batch_size if s else 16, task=task)
+                                  held_out=s.eval.n if s else None, batch_size=s.eval.batch_size if s else 16, task=task)
         t_model = t_tok = None
         if settings.needs_teacher_model:
             t_model, t_tok = load(t_spec.model, dtype=t_spec.dtype, trust_remote_code=t_spec.trust_remote_code,

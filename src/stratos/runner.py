@@ -230,7 +230,7 @@ def stage_distill(ctx: Context) -> dict[str, Any]:
         log.info("distill: %s", line)
     task = task_from_spec(spec.task)
     evaluator = evaluator_for(spec.task, tok, settings, max_new_tokens=spec.eval.max_new_tokens,
-                              batch_size=spec.eval.batch_size, task=task)
+                              held_out=spec.eval.n or spec.task.eval_size, batch_size=spec.eval.batch_size, task=task)
     res = run_phases(student, tok, records, settings, ctx.dir, teacher=teacher, teacher_tokenizer=t_tok,
                      resume=ctx.resume, progress=ctx.progress, evaluator=evaluator, task=task)
     from stratos.report.card import write_baseline_card, write_distill_card

@@ -282,11 +282,13 @@ class _TrainingOptions(_Strict):
                          "train on the data's responses (or the teacher's samples, with seq_kd).")
     seq_kd: bool = Field(False, description="Algorithm gkd (TRL's name): the micro-batches that are not on-policy hold "
                          "the teacher's own samples of their prompts (sequence-level KD) instead of the data's responses.")
-    eval_steps: int | None = Field(None, gt=0, description="Score eval_samples examples of the task's eval split "
-                                   "(greedy generation, the task's verifier) every N optimizer steps and at the last "
-                                   "step; logged as eval_accuracy in metrics.jsonl. None: no evaluation while training.")
-    eval_samples: int = Field(64, gt=0, description="Eval examples scored at each evaluation while training "
-                              "(the same ones every time: the first of the task's seeded eval split).")
+    eval_steps: int | None = Field(None, gt=0, description="Score eval_samples validation questions (the task's "
+                                   "eval split without the questions the eval stage scores; greedy generation, the "
+                                   "task's verifier) every N optimizer steps and at the last step; logged as "
+                                   "eval_accuracy in metrics.jsonl. None: no evaluation while training.")
+    eval_samples: int = Field(64, gt=0, description="Validation questions scored at each evaluation while training "
+                              "(the same ones every time; never among the eval stage's eval.n questions, so a "
+                              "checkpoint chosen by them is measured on others).")
     load_best_model_at_end: bool = Field(
         False, description="Keep the checkpoint with the highest eval_accuracy (ties: the earlier) through the "
         "save_total_limit rotation and end with its weights. Needs eval_steps, and save_steps a multiple of it.")

@@ -1,4 +1,4 @@
-"""Evaluation while training: the task's eval split scored every ``eval_steps`` optimizer steps.
+"""Evaluation while training: held-out questions of the task scored every ``eval_steps`` optimizer steps.
 
     evaluator = evaluator_for(spec.task, tokenizer, spec.distill, max_new_tokens=spec.eval.max_new_tokens)
     distill(student, tokenizer, records, spec.distill, out, evaluator=evaluator)
@@ -8,7 +8,12 @@ An evaluator is any callable ``(model, step) -> dict[str, float]`` whose dict ho
 optimizer step at every multiple of ``eval_steps`` and at the last step and logs what it returns in
 metrics.jsonl. :class:`TaskEvaluator` is the one the pipeline uses: greedy generation on a fixed
 sample of the task's eval split, graded by the task's verifier, through ``stratos.evaluate.evaluate``
-(the same scoring as the eval stage, on fewer examples).
+(the same scoring as the eval stage, on other questions).
+
+The questions are *validation* questions: from the eval split (so never trained on), but not among the
+questions the eval stage scores (:func:`validation_examples`). A checkpoint chosen by them
+(``load_best_model_at_end``) is then measured by the eval stage on questions that played no part in
+choosing it, so the reported accuracy is not inflated by the choice.
 """
 
 from __future__ import annotations
@@ -19,10 +24,10 @@ from typing import Any
 
 import torch
 
-from stratos.evaluate import evaluate
+from stratos.evaluate import canonical_text, evaluate
 from stratos.tasks.base import Example, Task
 
-__all__ = ["TaskEvaluator", "evaluator_for"]
+__all__ = ["TaskEvaluator", "evaluator_for", "validation_examples"]
 
 
 class TaskEvaluator:
@@ -84,23 +89,52 @@ def _configs(cfg: Any) -> list[Any]:
     return [cfg]
 
 
+def validation_examples(task: Task, n: int, *, seed: int, held_out: int) -> list[Example]:
+    """``n`` questions of ``task``'s eval split (drawn at ``seed``) that are not among its first ``held_out``,
+    the questions the eval stage scores (``task.examples("eval", held_out, seed=seed)``), compared by their
+    canonical text. Fewer when the split holds fewer beyond them (a warning says so); a ValueError when it
+    holds none, or when the task cannot give ``held_out + n`` eval questions at all."""
+    try:
+        scored = {canonical_text(ex.question) for ex in task.examples("eval", held_out, seed=seed)}
+        drawn = task.examples("eval", held_out + n, seed=seed)
+    except ValueError as e:
+        raise ValueError(f"the eval stage's {held_out} questions and {n} validation questions, {held_out + n} in all, "
+                         f"are more than the task's eval split gives ({e})") from None
+    out: list[Example] = []
+    for ex in drawn:
+        key = canonical_text(ex.question)
+        if key not in scored:
+            scored.add(key)
+            out.append(ex)
+    if not out:
+        raise ValueError(f"the task's eval split holds no question beyond the {held_out} the eval stage scores; "
+                         "lower eval.n or give the task a larger eval split")
+    if len(out) < n:
+        warnings.warn(f"distill.eval_samples ({n}): the task's eval split holds only {len(out)} questions beyond the "
+                      f"{held_out} the eval stage scores; evaluating while training on those {len(out)}", stacklevel=2)
+    return out[:n]
+
+
 def evaluator_for(
     task_spec: Any,
     tokenizer: Any,
     cfg: Any,
     *,
     max_new_tokens: int,
+    held_out: int | None = None,
     batch_size: int = 16,
     task: Any = None,
 ) -> TaskEvaluator | None:
     """The evaluator a run's training options ask for, or None when no phase sets ``eval_steps``.
 
     ``task_spec`` is the spec's ``task`` section (``TaskSpec``); ``cfg`` its ``distill`` section (or
-    the recipe's ``Settings``, or a list of per-phase DistillSpecs). The examples are the first
-    ``eval_samples`` of the task's eval split for ``task_spec.seed``, the split the eval stage draws
-    from; with phases of different ``eval_samples`` the largest is used (one evaluator serves all).
-    Without a task (``task_spec`` None) there is nothing to score: None, with a warning if evaluation
-    was asked. ``task``: the task ``task_spec`` describes, when the caller has built it already."""
+    the recipe's ``Settings``, or a list of per-phase DistillSpecs). The examples are ``eval_samples``
+    validation questions (:func:`validation_examples`): the task's eval split for ``task_spec.seed``
+    without the ``held_out`` questions the eval stage scores (the spec's ``eval.n``; default
+    ``task_spec.eval_size``); with phases of different ``eval_samples`` the largest is used (one
+    evaluator serves all). Without a task (``task_spec`` None) there is nothing to score: None, with a
+    warning if evaluation was asked. ``task``: the task ``task_spec`` describes, when the caller has
+    built it already."""
     asking = [c for c in _configs(cfg) if getattr(c, "eval_steps", None) is not None]
     if not asking:
         return None
@@ -114,7 +148,8 @@ def evaluator_for(
         task = task_from_spec(task_spec)
     n = max(c.eval_samples for c in asking)
     try:
-        examples = task.examples("eval", n, seed=task_spec.seed)
+        examples = validation_examples(task, n, seed=task_spec.seed,
+                                       held_out=task_spec.eval_size if held_out is None else held_out)
     except ValueError as e:  # e.g. a question space whose eval split holds fewer examples
         raise ValueError(f"distill.eval_samples ({n}): {e}") from None
     return TaskEvaluator(task, examples, tokenizer, max_new_tokens=max_new_tokens, batch_size=batch_size)

@@ -187,7 +187,7 @@ def _eval_while_training(metrics: list[dict[str, Any]], final: dict[str, Any]) -
     if not evals:
         return ""
     last = evals[-1]
-    n = f" on {_e(last['eval_n'])} held-out examples" if last.get("eval_n") else ""
+    n = f" on {_e(last['eval_n'])} validation questions (none among the eval stage's)" if last.get("eval_n") else ""
     text = (f"Evaluated {len(evals)} times while training{n}: eval accuracy <b>{last['eval_accuracy']:.3f}</b> "
             f"at the last evaluation (step {_e(last['step'])})")
     best, acc = final.get("best_step"), final.get("best_eval_accuracy")
