@@ -103,6 +103,28 @@ def test_prepare_tokenizer_fills_pad_and_template(tiny_tokenizer):
     assert tok.pad_token == tok.eos_token and tok.chat_template and tok.padding_side == "left"
 
 
+def test_a_tokenizer_without_a_chat_template_is_said_once(tmp_path, tiny_tokenizer, caplog):
+    import copy
+    import logging
+
+    from stratos.models import DEFAULT_CHAT_TEMPLATE, load_tokenizer
+
+    model = tiny_llama(tiny_tokenizer, hidden_size=32, num_hidden_layers=1)
+    with_template = save_model(model, tiny_tokenizer, tmp_path / "with")
+    bare = copy.deepcopy(tiny_tokenizer)
+    bare.chat_template = None
+    save_model(model, bare, tmp_path / "bare")
+    with caplog.at_level(logging.WARNING, logger="stratos.models"):
+        load_tokenizer(with_template)
+        assert not caplog.records
+        for _ in range(2):
+            tok = load_tokenizer(tmp_path / "bare")
+    assert tok.chat_template == DEFAULT_CHAT_TEMPLATE
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 1 and said[0].startswith(f"{tmp_path / 'bare'}: its tokenizer has no chat template, so its "
+                                                 "prompts are written in ChatML")
+
+
 @pytest.mark.slow
 def test_smollm2_alias_cache_and_kd_steps(tmp_path, smollm2):
     """The real SmolLM2-135M-Instruct: loaded via the alias from its converted safetensors cache,

@@ -23,6 +23,9 @@ DEFAULT_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
+log = logging.getLogger("stratos.models")
+_TOLD_NO_TEMPLATE: set[str] = set()  # said once per model location and process
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # transformers imports torchao (the compress stage's quantizer) on every load when it is installed;
@@ -63,6 +66,11 @@ def load_tokenizer(name: str | os.PathLike, *, trust_remote_code: bool = False, 
         tok = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:  # no tokenizer files, or ones transformers cannot read
         raise ModelError(f"{local or name}: cannot load its tokenizer ({str(e).splitlines()[0]})") from None
+    if not getattr(tok, "chat_template", None) and str(location) not in _TOLD_NO_TEMPLATE:
+        _TOLD_NO_TEMPLATE.add(str(location))
+        log.warning("%s: its tokenizer has no chat template, so its prompts are written in ChatML "
+                    "(<|im_start|>user ... <|im_end|>); a base model that never saw ChatML may answer poorly "
+                    "in it (a GGUF of a base model often carries no template)", local or name)
     return prepare_tokenizer(tok, padding_side)
 
 
