@@ -101,6 +101,9 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--responses", default="oracle", choices=["oracle", "teacher"],
+                    help="the records' responses: the oracle's answers, or the teacher's own greedy answers "
+                         "(right or wrong: the data an alignment run distils from)")
     ap.add_argument("--out", type=Path, default=Path("runs/ctkd_vs_sft"))
     args = ap.parse_args()
 
@@ -110,6 +113,13 @@ def main() -> None:
     teacher_acc = accuracy(teacher, t_tok, held_out, max_new_tokens=16)
     print(f"teacher {args.teacher} (de-quantised Q4_1): {teacher_acc:.1%} of {len(held_out)} held-out questions "
           f"({time.perf_counter() - t0:.0f} s)", flush=True)
+    if args.responses == "teacher":
+        outs = generate(teacher, t_tok, [[{"role": "user", "content": r["prompt"]}] for r in train],
+                        max_new_tokens=16, batch_size=32)
+        train = [{**r, "response": o[0].text.strip()} for r, o in zip(train, outs)]
+        right = sum(parse(r["response"]) == r["answer"] for r in train) / len(train)
+        print(f"responses: the teacher's greedy answers, {right:.1%} of the {len(train)} right "
+              f"(e.g. {train[0]['response']!r})", flush=True)
     tok = build_tokenizer([r["prompt"] + " " + r["response"] for r in train], vocab_size=320)
     mapping = measure_mapping(teacher, tok, t_tok, train[:64], max_length=64, mapping=args.map)
     print(f"student tokenizer: {len(tok)} tokens; teacher's: {len(t_tok)}; {mapping['vocab_overlap']:.1%} of the "
@@ -140,7 +150,7 @@ def main() -> None:
     gain = compare({"SFT": results["sft"],
                     f"cross-tokenizer KD ({args.method}, map {args.map}, kd_ratio {args.kd_ratio:g})": results["ctkd"]}, len(held_out),
                    args.first_seed)
-    print(f"\n{gain}; teacher {teacher_acc:.1%}; "
+    print(f"\n{gain}; teacher {teacher_acc:.1%}; responses: {args.responses}'s; "
           f"mapped share {mapping['mapped_mass']:.1%}; {len(held_out)} held-out questions, {args.steps} steps of "
           f"16 examples")
     args.out.mkdir(parents=True, exist_ok=True)

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import argparse
 import random
-from collections import defaultdict
+import re
+from collections import Counter, defaultdict
 from pathlib import Path
 
 from mahjong.shanten import Shanten
@@ -97,6 +98,35 @@ def report(name: str, task: MahjongTask, examples: list[Example], res, rows: lis
     for group, oks in sorted(groups.items()):
         a, b = wilson_interval(sum(oks), len(oks))
         print(f"| {group} | {len(oks)} | {sum(oks) / len(oks):.1%} [{a:.1%}, {b:.1%}] |")
+    wrong = error_kinds(task, examples, rows)
+    if wrong:
+        print(f"\n| where the {sum(wrong.values())} wrong answers went wrong (first line against the oracle's) | n |"
+              "\n|---|---|")
+        for kind, count in wrong.most_common():
+            print(f"| {kind} | {count} |")
+
+
+TILE = re.compile(r"[1-9][mpsz]")
+
+
+def error_kinds(task: MahjongTask, examples: list[Example], rows: list[dict]) -> Counter:
+    """Where the wrong answers went wrong, read off the first line of each answer against the oracle's
+    worked answer (``task.target(ex, rationale=True)``): the kind of reading (``Split`` for a regular
+    hand, ``Seven pairs``, ``Thirteen orphans``) differs; or the reading's tiles are not the hand's (a
+    tile lost or changed on the way); or it holds the hand's tiles, grouped otherwise."""
+    kinds: Counter = Counter()
+    for ex, row in zip(examples, rows):
+        if row["correct"]:
+            continue
+        ref, got = task.target(ex, rationale=True).split("\n")[0], (row.get("output") or "").split("\n")[0]
+        hand = Counter(TILE.findall(row["prompt"].split("\n")[0]))
+        if got.partition(":")[0] != ref.partition(":")[0]:
+            kinds["another kind of reading (regular, seven pairs, thirteen orphans)"] += 1
+        elif Counter(TILE.findall(got.partition(":")[2])) != hand:
+            kinds["a reading that loses or changes a tile of the hand"] += 1
+        else:
+            kinds["the hand's tiles, grouped otherwise"] += 1
+    return kinds
 
 
 def main() -> None:
