@@ -3,7 +3,8 @@
 The task is "What is N + 1?" for N in 10..999 (SmolLM2-135M-Instruct, de-quantised from its Q4_1
 GGUF, answers it correctly about 60% of the time zero-shot; this script measures it on the eval
 questions). The student is a small Llama trained from scratch with its own byte-level BPE tokenizer
-(not the teacher's 49,152-token one), on the same records (the oracle's answers) and the same steps:
+(not the teacher's 49,152-token one), on the same records (the oracle's answers, or with
+``--responses teacher`` the teacher's own greedy answers, right or wrong) and the same steps:
 
 - sft:  cross-entropy on the records;
 - ctkd: kd_ratio x cross-tokenizer KD to the teacher (hybrid: its distribution mapped into the
@@ -15,6 +16,7 @@ exactly-mapped probability share (what the planner measures).
 
     python benchmarks/ctkd_vs_sft.py --steps 560            # 3 seeds: one of the runs docs/benchmarks.md records
     python benchmarks/ctkd_vs_sft.py --seeds 1 --steps 500  # another (the others: --steps 650, --kd-ratio)
+    python benchmarks/ctkd_vs_sft.py --steps 500 --responses teacher   # the teacher's own answers as the data
 """
 
 from __future__ import annotations
