@@ -26,7 +26,8 @@ student's ``generate`` calls timed. Peak RSS is read at the end of the last step
 
 ``--mode grpo``: GRPO, samples/s and reward over ``--seeds`` seeds. Stratos ``algorithm: grpo``
 against ``trl.GRPOTrainer``, the same model (``--model student``: the 8-layer student above;
-``teacher``: the whole SmolLM2-135M-Instruct; ``tiny``: a tiny random Llama, for a smoke run), the
+``teacher``: the whole SmolLM2-135M-Instruct; ``tiny``: a tiny random Llama, for a smoke run;
+``sft-tiny``: a 4-layer Llama SFT'd on other sums first, made once before the sides run), the
 same reward function (``reward_fn`` below: 1 when the completion's first number is a+b, 0.2 for a
 wrong number, 0 for none), the same arithmetic prompts (each seen once per run; the order is each
 side's own seeded shuffle), ``--prompts-per-step`` prompts x ``--num-generations`` completions per
@@ -147,9 +148,33 @@ def load_policy(args: argparse.Namespace):
 
         tok = build_tokenizer([r["prompt"] + " " + r["answer"] for r in arithmetic_records(200)], vocab_size=512)
         return tiny_llama(tok, hidden_size=64, num_hidden_layers=2, seed=0), tok
+    if args.model == "sft-tiny":
+        return load(args.start)
     if args.model == "teacher":
         return load(TEACHER)
     return load(TEACHER, config_overrides={"num_hidden_layers": args.student_layers})
+
+
+def build_sft_start(args: argparse.Namespace, path: Path) -> None:
+    """``--model sft-tiny``'s policy, made once before the sides run: a 4-layer, 128-wide Llama with the
+    ``tiny`` tokenizer, SFT'd by Stratos for 1,500 steps on 500 sums that are not among the GRPO prompts,
+    so that it answers with a number and is sometimes right (a weak start that GRPO can lift)."""
+    from stratos.distill import distill
+    from stratos.models.tiny import build_tokenizer, save_model, tiny_llama
+    from stratos.spec import DistillSpec
+
+    tok = build_tokenizer([r["prompt"] + " " + r["answer"] for r in arithmetic_records(200)], vocab_size=512)
+    grpo = {r["prompt"] for r in arithmetic_records(args.prompts_per_step * args.steps)}
+    sft = [{"prompt": r["prompt"], "response": r["answer"]} for r in arithmetic_records(50 * 50, seed=1)
+           if r["prompt"] not in grpo][:500]
+    if len(sft) < 500:
+        raise SystemExit(f"--model sft-tiny: {args.prompts_per_step} x {args.steps} GRPO prompts leave "
+                         f"{len(sft)} of the 2,500 sums for its SFT start (500 needed)")
+    model = tiny_llama(tok, hidden_size=128, num_hidden_layers=4, seed=0)
+    distill(model, tok, sft, DistillSpec(algorithm="sft", max_steps=1500, per_device_train_batch_size=16,
+                                         learning_rate=3e-3, warmup_ratio=0.0, report_to=[], bf16=False,
+                                         save_steps=10_000, seed=0), path / "sft", progress=False)
+    save_model(model, tok, path / "model")
 
 
 def _first_eos_lengths(new: Any, eos: list[int]) -> list[int]:
@@ -527,6 +552,7 @@ def report_gkd(args: argparse.Namespace, results: dict) -> None:
 def report_grpo(args: argparse.Namespace, results: dict) -> None:
     prec = "bf16 autocast" if args.bf16 else "fp32"
     name = {"tiny": "tiny random Llama", "teacher": "SmolLM2-135M-Instruct",
+            "sft-tiny": "a 4-layer, 128-wide Llama SFT'd on 500 other sums (1,500 steps)",
             "student": f"SmolLM2-135M-Instruct's {args.student_layers}-layer student"}[args.model]
     p, g = args.prompts_per_step, args.num_generations
     print(f"### GRPO: {name}, {p} prompts x {g} completions per step (<= {args.max_completion_length} tokens, "
@@ -565,7 +591,7 @@ def main() -> None:
     g.add_argument("--batch-size", type=int, default=8)
     g.add_argument("--prompt-tokens", type=int, default=60, help="tokens of each user message (before the template)")
     r = p.add_argument_group("grpo")
-    r.add_argument("--model", choices=("student", "teacher", "tiny"), default="student")
+    r.add_argument("--model", choices=("student", "teacher", "tiny", "sft-tiny"), default="student")
     r.add_argument("--seeds", type=int, default=3)
     r.add_argument("--prompts-per-step", type=int, default=4)
     r.add_argument("--num-generations", type=int, default=4)
@@ -573,6 +599,7 @@ def main() -> None:
     p.add_argument("--side", help=argparse.SUPPRESS)
     p.add_argument("--workdir", help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--start", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.steps is None:
         args.steps = 3 if args.mode == "gkd" else 20
@@ -589,10 +616,13 @@ def main() -> None:
 
     from stratos.models import load
 
-    if args.mode == "gkd" or args.model != "tiny":
+    if args.mode == "gkd" or args.model not in ("tiny", "sft-tiny"):
         load(TEACHER, with_tokenizer=False)  # download/convert once, outside the timings
 
     with tempfile.TemporaryDirectory(prefix="on-policy-bench-") as tmp:
+        if args.mode == "grpo" and args.model == "sft-tiny":
+            build_sft_start(args, Path(tmp) / "start")
+            args.start = str(Path(tmp) / "start" / "model")
         jobs = []
         for seed in args.seed_list:
             for side in sides:
@@ -626,7 +656,7 @@ def main() -> None:
         prompts = {s: statistics.mean(r["prompt_tokens"] for r in runs) for s, runs in results.items()}
     if len(set(prompts.values())) > 1:
         print(f"WARNING: the sides' prompts differ in length (mean tokens {prompts}): the work is not equal")
-    used = {k: v for k, v in vars(args).items() if k not in ("side", "workdir", "seed")
+    used = {k: v for k, v in vars(args).items() if k not in ("side", "workdir", "seed", "start")
             and k not in (GRPO_ONLY if args.mode == "gkd" else GKD_ONLY)}
     print(json.dumps({"args": used, "results": results}, default=str))
 
