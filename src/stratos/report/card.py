@@ -116,9 +116,9 @@ def model_card(*, role: str, spec: Any = None, plan: dict[str, Any] | None = Non
                      f"{_count(d.get('kept'))} kept for training, {_count(d.get('truncated'))} of them cut at "
                      f"max_length, {_count(d.get('dropped_empty'))} dropped with no response tokens left.")
         if training_eval:
-            data_text += (f"\n- Evaluation while training: {training_eval['n']} validation questions of the task's eval "
-                          "split, none among the questions its eval stage scores; not checked against the training data by this command (`stratos run`'s eval stage "
-                          "checks).")
+            data_text += (f"\n- Evaluation while training: {training_eval['n']} validation questions of the task's "
+                          "eval split, none among the questions its eval stage scores; not checked against the "
+                          "training data by this command (`stratos run`'s eval stage checks).")
     if plan is not None:
         strategy = f"- Strategy: {plan['strategy']['kind']} (match {plan['match']['mode']}).\n"
     else:
@@ -175,9 +175,10 @@ from a load test of {bench.get('clients', '?')} concurrent clients.
                   f"at step {e['step']} of {e['steps']}; this folder holds the weights of step "
                   f"{e.get('model_step', e['steps'])}, which that figure does not describe")
             measured_text += (f"\nEvaluation while training (`distill.eval_steps`): {e['accuracy']:.1%} of {e['n']} "
-                              "validation questions (the task's eval split without the eval stage's questions) answered "
-                              f"exactly right, greedy generation of at most {e['max_new_tokens']} new tokens, {at}. A check during training on few questions, "
-                              "with no confidence interval: not a measurement of the model.\n")
+                              "validation questions (the task's eval split without the eval stage's questions) "
+                              f"answered exactly right, greedy generation of at most {e['max_new_tokens']} new "
+                              f"tokens, {at}. A check during training on few questions, with no confidence "
+                              "interval: not a measurement of the model.\n")
         limits = ("- Not evaluated by the command that made it (see Measured); no figure here describes its accuracy "
                   "on unseen questions or its speed.\n")
     text = f"""---
