@@ -224,7 +224,9 @@ def _trl_common(args: argparse.Namespace, workdir: Path, seed: int) -> dict:
     return {"output_dir": str(workdir / "trl"), "learning_rate": args.lr, "lr_scheduler_type": "constant",
             "warmup_steps": 0, "weight_decay": 0.0, "max_grad_norm": 1.0, "gradient_accumulation_steps": 1,
             "logging_steps": 1, "save_strategy": "no", "report_to": [], "bf16": bool(args.bf16),
-            "gradient_checkpointing": False, "use_cpu": True, "dataloader_num_workers": 0, "seed": seed,
+            "gradient_checkpointing": bool(args.gradient_checkpointing),
+            "gradient_checkpointing_kwargs": {"use_reentrant": False}, "use_cpu": True, "dataloader_num_workers": 0,
+            "seed": seed,
             "disable_tqdm": True}
 
 
@@ -301,6 +303,7 @@ def gkd_stratos(args: argparse.Namespace, workdir: Path) -> dict:
         max_completion_length=n, per_device_train_batch_size=b, gradient_accumulation_steps=1, max_steps=n_steps,
         learning_rate=args.lr, warmup_ratio=0.0, lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=1.0,
         save_steps=10_000, logging_steps=1, report_to=[], bf16=bool(args.bf16), seed=0,
+        gradient_checkpointing=bool(args.gradient_checkpointing),
     )
     distill(student, tok, records, cfg, workdir / "run", teacher=teacher, cache_root=workdir / "cache", progress=False)
     rows = _stratos_rows(workdir / "run")
@@ -400,7 +403,7 @@ def grpo_stratos(args: argparse.Namespace, workdir: Path) -> dict:
         scale_rewards=True, num_iterations=1, temperature=1.0, per_device_train_batch_size=p * g,
         gradient_accumulation_steps=1, max_steps=args.steps, learning_rate=args.lr, warmup_ratio=0.0,
         lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=1.0, save_steps=10_000, logging_steps=1,
-        report_to=[], bf16=bool(args.bf16), seed=args.seed,
+        report_to=[], bf16=bool(args.bf16), seed=args.seed, gradient_checkpointing=bool(args.gradient_checkpointing),
     )
     distill(model, tok, records, cfg, workdir / "run", progress=False)
     rows = _stratos_rows(workdir / "run")
@@ -532,9 +535,11 @@ def report_gkd(args: argparse.Namespace, results: dict) -> None:
     trl = [s for s in results if s.startswith("trl")]
     base = max(trl, key=lambda s: rate[s]) if trl else None
     prec = "bf16 autocast" if args.bf16 else "fp32"
+    ckpt = ", gradient checkpointing on every side" if args.gradient_checkpointing else ""
     print(f"### On-policy KD (lmbda 1, reverse KL, temperature 1): SmolLM2-135M-Instruct -> "
           f"{args.student_layers}-layer student, batch {args.batch_size}, {args.new_tokens} new tokens per row "
-          f"(EOS ignored), {args.steps} timed steps after {args.warmup} warm-up, {prec}, torch threads {args.threads}")
+          f"(EOS ignored), {args.steps} timed steps after {args.warmup} warm-up, {prec}{ckpt}, "
+          f"torch threads {args.threads}")
     print()
     vs = f"vs {base}" if base else "vs TRL"
     print(f"| side | completion tokens/s | {vs} | step s (mean) | generation s (share) | teacher + student s "
@@ -586,6 +591,9 @@ def main() -> None:
     p.add_argument("--bf16", type=int, default=0, help="1: bf16 autocast on every side; 0: fp32")
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--student-layers", type=int, default=STUDENT_LAYERS)
+    p.add_argument("--gradient-checkpointing", type=int, default=0,
+                   help="1: the student's activations recomputed in the backward on every side (TrainingArguments' "
+                        "gradient_checkpointing, non-reentrant, and distill's); 0: off")
     g = p.add_argument_group("gkd")
     g.add_argument("--new-tokens", type=int, default=128, help="tokens every rollout generates (EOS ignored)")
     g.add_argument("--batch-size", type=int, default=8)
