@@ -339,7 +339,7 @@ def stage_eval(ctx: Context) -> dict[str, Any]:
     """Teacher (zero-shot and with the rules), student, compressed and deployed student on the
     same held-out questions; the deployed one through its HTTP endpoint, with a load test."""
     from stratos.evaluate import evaluate
-    from stratos.models import load, resolve
+    from stratos.models import load, load_tokenizer, resolve
     from stratos.serve import bench_serve, running_server
     from stratos.synth import price_of
     from stratos.tasks import messages, task_from_spec
@@ -404,7 +404,11 @@ def stage_eval(ctx: Context) -> dict[str, Any]:
                             role="deployed student")
         res = evaluate(None, None, task, examples, generate_fn=generate_fn(deployed, progress=ctx.progress),
                        predictions_path=ctx.dir / "predictions-deployed.jsonl", **kw)
-        prompts = [messages(task, ex)[-1]["content"] for ex in examples[:16]]
+        # The load test's prompts are the first eval questions as a chat request carries them: the token ids of
+        # the deployed model's chat template (what the server makes of /v1/chat/completions), not the bare question.
+        d_tok = load_tokenizer(final)
+        prompts = [d_tok(d_tok.apply_chat_template(messages(task, ex), add_generation_prompt=True, tokenize=False),
+                         add_special_tokens=False)["input_ids"] for ex in examples[:16]]
         bench = bench_serve(srv.url, clients=spec.eval.bench_clients, requests=spec.eval.bench_requests,
                             prompts=prompts, max_tokens=spec.eval.max_new_tokens, api_key=srv.api_key)
     price = plan.serving_server.price(False)

@@ -519,7 +519,9 @@ class EvalSpec(_Strict):
     batch_size: int = Field(16, gt=0)
     max_new_tokens: int = Field(64, gt=0)
     bench_clients: int = Field(4, gt=0, description="Concurrent clients of the deployed student's load test.")
-    bench_requests: int = Field(32, gt=0, description="Requests of the deployed student's load test.")
+    bench_requests: int = Field(32, gt=0, description="Requests of the deployed student's load test (the first 16 "
+                                "eval questions in the model's chat template, as a chat request carries them, each "
+                                "asking eval.max_new_tokens tokens).")
 
 
 class ApiPrice(_Strict):

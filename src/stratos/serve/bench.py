@@ -70,7 +70,7 @@ def bench_serve(
     url: str,
     clients: int = 32,
     requests: int = 1000,
-    prompts: str | Sequence[str] = DEFAULT_PROMPTS,
+    prompts: str | Sequence[str | list[int]] = DEFAULT_PROMPTS,
     max_tokens: int = 64,
     api_key: str | None = None,
     *,
@@ -82,7 +82,8 @@ def bench_serve(
 ) -> BenchResult:
     """Run the load test against ``url`` (the server root or its ``/v1``) and return the measurements.
 
-    ``ignore_eos`` asks for exactly ``max_tokens`` tokens (vLLM and our server honour it) so runs
+    ``prompts`` go round-robin to the requests, as text or as token ids (sent as the ``prompt`` of
+    ``/v1/completions``, which both forms are). ``ignore_eos`` asks for exactly ``max_tokens`` tokens (vLLM and our server honour it) so runs
     compare; servers that do not know the field ignore it.
     """
     if clients < 1 or requests < 1:
@@ -95,7 +96,7 @@ def bench_serve(
                               timeout_s, progress))
 
 
-async def _bench(base: str, clients: int, n_requests: int, prompts: list[str], max_tokens: int, api_key: str | None,
+async def _bench(base: str, clients: int, n_requests: int, prompts: list[str | list[int]], max_tokens: int, api_key: str | None,
                  model: str | None, temperature: float, ignore_eos: bool, timeout_s: float,
                  progress: bool) -> BenchResult:
     import httpx
