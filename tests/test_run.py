@@ -136,9 +136,8 @@ def test_pipeline_killed_mid_distill_resumes_to_the_same_result(tiny_spec, tmp_p
     spec = load_spec(tiny_spec)
     task = task_from_spec(spec.task)
     d_tok = load_tokenizer(deployed_dir)
-    asked = [d_tok(d_tok.apply_chat_template(messages(task, ex), add_generation_prompt=True, tokenize=False),
-                   add_special_tokens=False)["input_ids"]
-             for ex in task.examples("eval", spec.eval.n or spec.task.eval_size, seed=spec.task.seed)[:16]]
+    asked = [d_tok.apply_chat_template(messages(task, ex), add_generation_prompt=True, tokenize=True)["input_ids"]
+             for ex in task.examples("eval", spec.eval_questions, seed=spec.task.seed)[:16]]
     assert results["bench"]["prompt_tokens"] == sum(len(asked[i % len(asked)]) for i in range(4))
     html = (killed / "report.html").read_text()
     for needle in ("Results", "deployed student", "Plan", "Training", "Stages: predicted vs measured",

@@ -258,7 +258,7 @@ def distill(
         model, tok = load_student(s_spec, task_spec, device=where, seed=cfg.seed)
         eval_tokens = s.eval.max_new_tokens if s else 64
         evaluator = evaluator_for(task_spec, tok, settings, max_new_tokens=eval_tokens,
-                                  held_out=s.eval.n if s else None, batch_size=s.eval.batch_size if s else 16, task=task)
+                                  held_out=s.eval_questions if s else None, batch_size=s.eval.batch_size if s else 16, task=task)
         t_model = t_tok = None
         if settings.needs_teacher_model:
             t_model, t_tok = load(t_spec.model, dtype=t_spec.dtype, trust_remote_code=t_spec.trust_remote_code,
@@ -448,7 +448,7 @@ def eval_cmd(
         task_spec, eval_spec = s.task, s.eval
     where = resolve_device(_device(device, s))
     task_spec, options = _task_and_options(task_spec, task, option, "no task: pass --task or a spec")
-    count = n or eval_spec.n or (task_spec.eval_size if spec is not None else 200)
+    count = n or (s.eval_questions if s is not None else 200)
     try:
         t = task_from_spec(task_spec.model_copy(update={"options": options}))
         examples = t.examples("eval", count, seed=task_spec.seed if seed is None else seed)

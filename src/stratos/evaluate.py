@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from stratos.io import DataError, write_jsonl
-from stratos.models.generate import Generation, Prompt, generate, render
+from stratos.models.generate import Generation, Prompt, encode_prompt, generate
 from stratos.tasks.base import Example, Task, grade, messages
 
 # (prompts, max_new_tokens=, batch_size=) -> one Generation per prompt
@@ -114,7 +114,7 @@ def check_context(model: Any, tokenizer: Any, task: Task, examples: Sequence[Exa
         return  # the model states no limit
     over = []
     for ex, prompt in zip(examples, prompts):
-        n = len(tokenizer(render(tokenizer, prompt), add_special_tokens=False)["input_ids"])
+        n = len(encode_prompt(tokenizer, prompt))
         if n + max_new_tokens > context:
             over.append((ex, n))
     if not over:

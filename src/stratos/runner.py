@@ -230,7 +230,7 @@ def stage_distill(ctx: Context) -> dict[str, Any]:
         log.info("distill: %s", line)
     task = task_from_spec(spec.task)
     evaluator = evaluator_for(spec.task, tok, settings, max_new_tokens=spec.eval.max_new_tokens,
-                              held_out=spec.eval.n or spec.task.eval_size, batch_size=spec.eval.batch_size, task=task)
+                              held_out=spec.eval_questions, batch_size=spec.eval.batch_size, task=task)
     res = run_phases(student, tok, records, settings, ctx.dir, teacher=teacher, teacher_tokenizer=t_tok,
                      resume=ctx.resume, progress=ctx.progress, evaluator=evaluator, task=task)
     from stratos.report.card import write_baseline_card, write_distill_card
@@ -340,6 +340,7 @@ def stage_eval(ctx: Context) -> dict[str, Any]:
     same held-out questions; the deployed one through its HTTP endpoint, with a load test."""
     from stratos.evaluate import evaluate
     from stratos.models import load, load_tokenizer, resolve
+    from stratos.models.generate import encode_prompt
     from stratos.serve import bench_serve, running_server
     from stratos.synth import price_of
     from stratos.tasks import messages, task_from_spec
@@ -348,7 +349,7 @@ def stage_eval(ctx: Context) -> dict[str, Any]:
     t_start = time.perf_counter()
     spec, plan = ctx.spec, ctx.plan()
     task = task_from_spec(spec.task)
-    n = spec.eval.n or spec.task.eval_size
+    n = spec.eval_questions
     examples = task.examples("eval", n, seed=spec.task.seed)
     kw = {"batch_size": spec.eval.batch_size, "max_new_tokens": spec.eval.max_new_tokens, "progress": ctx.progress}
     rows: list[dict[str, Any]] = []
@@ -404,11 +405,10 @@ def stage_eval(ctx: Context) -> dict[str, Any]:
                             role="deployed student")
         res = evaluate(None, None, task, examples, generate_fn=generate_fn(deployed, progress=ctx.progress),
                        predictions_path=ctx.dir / "predictions-deployed.jsonl", **kw)
-        # The load test's prompts are the first eval questions as a chat request carries them: the token ids of
-        # the deployed model's chat template (what the server makes of /v1/chat/completions), not the bare question.
+        # The load test's prompts are the first eval questions as a chat request carries them: the token ids the
+        # server makes of /v1/chat/completions (encode_prompt, the deployed model's chat template), not bare text.
         d_tok = load_tokenizer(final)
-        prompts = [d_tok(d_tok.apply_chat_template(messages(task, ex), add_generation_prompt=True, tokenize=False),
-                         add_special_tokens=False)["input_ids"] for ex in examples[:16]]
+        prompts = [encode_prompt(d_tok, messages(task, ex)) for ex in examples[:16]]
         bench = bench_serve(srv.url, clients=spec.eval.bench_clients, requests=spec.eval.bench_requests,
                             prompts=prompts, max_tokens=spec.eval.max_new_tokens, api_key=srv.api_key)
     price = plan.serving_server.price(False)

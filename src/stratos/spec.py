@@ -606,6 +606,11 @@ class Spec(_Strict):
     serve: ServeSpec = Field(default_factory=ServeSpec)
     eval: EvalSpec = Field(default_factory=EvalSpec)
 
+    @property
+    def eval_questions(self) -> int:
+        """How many eval-split questions the eval stage scores: ``eval.n``, else ``task.eval_size``."""
+        return self.eval.n or self.task.eval_size
+
     @field_validator("device")
     @classmethod
     def _device_setting(cls, v: str) -> str:

@@ -39,6 +39,12 @@ def render(tokenizer: Any, prompt: Prompt, *, chat: bool = True) -> str:
     return prompt
 
 
+def encode_prompt(tokenizer: Any, prompt: Prompt, *, chat: bool = True) -> list[int]:
+    """The token ids a prompt becomes (``render``'s text). Through the chat template no special tokens are
+    added: the template writes those the model expects, and adding them again would double BOS."""
+    return tokenizer(render(tokenizer, prompt, chat=chat), add_special_tokens=not chat)["input_ids"]
+
+
 def _cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
     cuts = [i for i in (text.find(s) for s in stop) if i >= 0]
     return (text[: min(cuts)], True) if cuts else (text, False)
@@ -69,10 +75,7 @@ def generate(
 
     if not prompts:
         return []
-    texts = [render(tokenizer, p, chat=chat) for p in prompts]
-    # The templates add BOS themselves where the model wants one; adding special tokens again would double it.
-    add_special = not chat
-    encoded = [tokenizer(t, add_special_tokens=add_special)["input_ids"] for t in texts]
+    encoded = [encode_prompt(tokenizer, p, chat=chat) for p in prompts]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]), reverse=True)
 
     eos_ids = _eos_ids(model, tokenizer)

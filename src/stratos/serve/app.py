@@ -25,6 +25,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from stratos.models.generate import encode_prompt
 from stratos.serve.engine import BatchEngine, EngineStopped, FinishEvent, Job, QueueFull, SamplingParams, TokenEvent
 from stratos.serve.protocol import ApiError, ChatRequest, CompletionRequest, parse
 
@@ -321,11 +322,9 @@ def create_app(engine: BatchEngine, model_name: str, *, aliases: tuple[str, ...]
             raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
         try:
-            text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            ids = encode_prompt(tok, messages)
         except Exception as e:  # a template that rejects this conversation (roles, order)
             raise ApiError(400, f"the model's chat template rejected the messages: {e}", param="messages") from None
-        # The template writes the special tokens the model expects; adding them again would double BOS.
-        ids = tok(text, add_special_tokens=False)["input_ids"]
         lens = [len(ids)]
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         params = sampling(req, lens, req.max_completion_tokens or req.max_tokens, logprobs)

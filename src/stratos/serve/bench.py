@@ -83,8 +83,8 @@ def bench_serve(
     """Run the load test against ``url`` (the server root or its ``/v1``) and return the measurements.
 
     ``prompts`` go round-robin to the requests, as text or as token ids (sent as the ``prompt`` of
-    ``/v1/completions``, which both forms are). ``ignore_eos`` asks for exactly ``max_tokens`` tokens (vLLM and our server honour it) so runs
-    compare; servers that do not know the field ignore it.
+    ``/v1/completions``, which both forms are). ``ignore_eos`` asks for exactly ``max_tokens`` tokens
+    (vLLM and our server honour it) so runs compare; servers that do not know the field ignore it.
     """
     if clients < 1 or requests < 1:
         raise ValueError("clients and requests must be at least 1")
@@ -96,8 +96,8 @@ def bench_serve(
                               timeout_s, progress))
 
 
-async def _bench(base: str, clients: int, n_requests: int, prompts: list[str | list[int]], max_tokens: int, api_key: str | None,
-                 model: str | None, temperature: float, ignore_eos: bool, timeout_s: float,
+async def _bench(base: str, clients: int, n_requests: int, prompts: list[str | list[int]], max_tokens: int,
+                 api_key: str | None, model: str | None, temperature: float, ignore_eos: bool, timeout_s: float,
                  progress: bool) -> BenchResult:
     import httpx
 

@@ -122,9 +122,10 @@ class HFTeacher(_LocalTeacher):
         return [[Sample(g.text, g.finish_reason, g.num_tokens) for g in row] for row in gens]
 
     def _prompt_tokens(self, msgs: list[dict[str, str]]) -> int:
+        from stratos.models.generate import encode_prompt
+
         _, tok = self.model_and_tokenizer
-        text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
-        return len(tok(text, add_special_tokens=False)["input_ids"])
+        return len(encode_prompt(tok, msgs))
 
 
 class VLLMTeacher(_LocalTeacher):
