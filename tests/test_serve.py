@@ -207,23 +207,18 @@ def test_32_concurrent_clients_are_batched_and_correct(server, direct):
         return p, r
 
     ask(prompts[0])  # warm-up
-    start = time.perf_counter()
-    for p in prompts[:6]:
-        ask(p)
-    sequential_rps = 6 / (time.perf_counter() - start)
-
-    waves_before = httpx.get(server.url + "/health").json()["waves"]
-    start = time.perf_counter()
+    before = httpx.get(server.url + "/health").json()
     with cf.ThreadPoolExecutor(32) as pool:
         results = list(pool.map(ask, prompts))
-    concurrent_rps = 32 / (time.perf_counter() - start)
-    waves = httpx.get(server.url + "/health").json()["waves"] - waves_before
+    after = httpx.get(server.url + "/health").json()
+    waves, rows = after["waves"] - before["waves"], after["rows_served"] - before["rows_served"]
 
     for p, r in results:  # every answer is its own prompt's greedy continuation
         c = r.choices[0]
         check_against_model(direct, tok(p)["input_ids"], token_ids(c.logprobs.tokens), c.logprobs.token_logprobs, True)
-    assert waves < 32, "requests were not batched"
-    assert concurrent_rps > 1.5 * sequential_rps, (concurrent_rps, sequential_rps)
+    # Batched: the 32 requests went through at least 4 rows a wave on average (one at a time would take 32 waves).
+    # How much faster that is, is a benchmark's business (benchmarks/serve_bench.py), not a timed assertion here.
+    assert rows == 32 and waves <= 8, (waves, rows)
 
 
 def test_bench_serve_measures_the_server(server):
