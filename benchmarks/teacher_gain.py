@@ -9,6 +9,9 @@ little; this script gives each seed's pair, the paired difference per seed, and 
 pooled standard error of the difference (``ctkd_vs_sft.compare``).
 
     python benchmarks/teacher_gain.py runs/alignment-*/ --seeds 3      # docs/benchmarks.md records a run
+    # a variant of the teacher's side against the SFT students of that run (not retrained):
+    python benchmarks/teacher_gain.py runs/alignment-*/ --seeds 3 --set kd_tokens=teacher_right \
+        --out runs/alignment-*/teacher-gain-right --baseline-from runs/alignment-*/teacher-gain
 
 It needs the run's plan and synth stages (the data) and the teacher; the hidden-state cache is built
 once and reused by every seed. Give it the machine: other work changes nothing measured here but time.
@@ -21,6 +24,8 @@ import json
 import time
 from pathlib import Path
 
+import yaml
+
 from ctkd_vs_sft import compare
 
 from stratos.distill import load_records, run_phases
@@ -29,7 +34,7 @@ from stratos.evaluate import evaluate, paired_difference
 from stratos.models import load, load_student
 from stratos.plan.planner import Plan
 from stratos.runner import settings_of
-from stratos.spec import load_spec
+from stratos.spec import DistillSpec, load_spec
 from stratos.tasks import task_from_spec
 
 
@@ -39,24 +44,46 @@ def with_seed(settings: Settings, seed: int) -> Settings:
                     settings.match, settings.signal, settings.reasons, on_policy=settings.on_policy)
 
 
+def with_options(settings: Settings, options: list[str]) -> Settings:
+    """The phases that learn from the teacher with ``KEY=VALUE`` distill options changed (YAML values)."""
+    update = {}
+    for item in options:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set {item!r}: expected KEY=VALUE, e.g. kd_tokens=teacher_right")
+        update[key] = yaml.safe_load(value)
+    phases = []
+    for p in settings.phases:
+        if p.needs_teacher:
+            cfg = DistillSpec.model_validate({**p.config, **update})  # names the bad field, if any
+            p = Phase(p.algorithm, cfg.model_dump(mode="json"), p.needs_teacher, p.reason)
+        phases.append(p)
+    return Settings(phases, settings.match, settings.signal, settings.reasons, on_policy=settings.on_policy)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run_dir", type=Path, help="a `stratos run` directory whose plan and synth stages are done")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--out", type=Path, default=None, help="where the students go (default RUN/teacher-gain)")
+    ap.add_argument("--set", dest="options", action="append", default=[], metavar="KEY=VALUE",
+                    help="a distill option of the phases that learn from the teacher, e.g. kd_tokens=teacher_right")
+    ap.add_argument("--baseline-from", type=Path, default=None, metavar="DIR",
+                    help="score the SFT baseline from DIR's predictions-sft-seedN.jsonl (an earlier --out of this "
+                    "script on the same run) instead of training it again")
     args = ap.parse_args()
 
     run_dir = args.run_dir
     spec = load_spec(run_dir / "spec.yaml")
     plan = Plan.from_json(run_dir / "plan" / "plan.json")
-    settings = settings_of(spec, plan)
+    settings = with_options(settings_of(spec, plan), args.options)
     if settings.signal == "none":
         raise SystemExit(f"{run_dir}: its student learns nothing from the teacher ({settings.summary()}): "
                          "it is its own SFT baseline")
     s_spec, t_spec = spec.students[plan.student["index"]], spec.teachers[plan.teacher["index"]]
     records = load_records(run_dir / "synth" / "data.jsonl")
     task = task_from_spec(spec.task)
-    examples = task.examples("eval", spec.eval.n or spec.task.eval_size, seed=spec.task.seed)
+    examples = task.examples("eval", spec.eval_questions, seed=spec.task.seed)
     teacher, t_tok = load(t_spec.model, dtype=t_spec.dtype, trust_remote_code=t_spec.trust_remote_code)
     out = args.out or run_dir / "teacher-gain"
     kd_name, sft_name = settings.training, sft_baseline(settings).training
@@ -70,6 +97,15 @@ def main() -> None:
         right = {}
         for name, these, uses_teacher in (("with the teacher", seeded, True),
                                           ("SFT baseline", sft_baseline(seeded), False)):
+            if not uses_teacher and args.baseline_from is not None:
+                kept = args.baseline_from / f"predictions-sft-seed{seed}.jsonl"
+                right[name] = [json.loads(x)["correct"] for x in kept.open()]
+                if len(right[name]) != len(examples):
+                    raise SystemExit(f"{kept}: {len(right[name])} predictions, not the {len(examples)} eval questions")
+                acc[name].append(sum(right[name]) / len(right[name]))
+                rows.append({"seed": seed, "method": name, "accuracy": acc[name][-1], "from": str(kept)})
+                print(f"seed {seed} {name:16s}: {acc[name][-1]:.1%} ({kept})", flush=True)
+                continue
             t0 = time.perf_counter()
             student, tok = load_student(s_spec, spec.task, seed=seed)
             res = run_phases(student, tok, records, these, out / f"{'kd' if uses_teacher else 'sft'}-seed{seed}",
