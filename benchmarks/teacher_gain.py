@@ -87,6 +87,8 @@ def main() -> None:
     teacher, t_tok = load(t_spec.model, dtype=t_spec.dtype, trust_remote_code=t_spec.trust_remote_code)
     out = args.out or run_dir / "teacher-gain"
     kd_name, sft_name = settings.training, sft_baseline(settings).training
+    if args.options:  # the phase label names loss and kd_ratio only
+        kd_name += " with " + ", ".join(args.options)
     print(f"{run_dir}: {len(records)} training records, {len(examples)} eval questions\n"
           f"  with the teacher: {kd_name}\n  SFT baseline:     {sft_name}", flush=True)
 

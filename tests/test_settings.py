@@ -42,6 +42,11 @@ def test_alignment_is_one_kd_phase_on_the_teachers_hidden_states():
     s = resolve(DistillSpec(), match="logit", strategy=strategy("alignment", "rkl", 0.9, 2.0))
     assert algos(s) == [("kd", "rkl", 0.9, True)] and s.signal == "hidden" and s.needs_teacher_model
     assert s.phases[0].config["num_train_epochs"] == 2.0 and not s.on_policy
+    assert s.training == "kd (loss rkl, kd_ratio 0.9, 2 epoch(s))"
+    # A temperature other than 1 is part of what trains, so the phase's name says it.
+    s = resolve(DistillSpec(temperature=2.0), match="logit", strategy=strategy("alignment", "fkl", 0.5, 2.0))
+    assert s.training == "kd (loss fkl, kd_ratio 0.5, temperature 2, 2 epoch(s))"
+    assert sft_baseline(s).training == "sft (loss ce, 2 epoch(s))"
 
 
 def test_injection_is_sft_first_then_kd_splitting_the_epochs():

@@ -44,6 +44,8 @@ class Phase:
             what.append("reward " + " + ".join(c.get("reward_funcs") or ["verifier"]))
         if self.needs_teacher or not what:
             what.append(f"loss {c['loss']}" + (f", kd_ratio {c['kd_ratio']:g}" if self.needs_teacher else ""))
+            if self.needs_teacher and c.get("temperature", 1.0) != 1.0:
+                what.append(f"temperature {c['temperature']:g}")
         return f"{self.algorithm} ({', '.join(what)}, {steps})"
 
 
