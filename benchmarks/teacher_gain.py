@@ -9,9 +9,11 @@ little; this script gives each seed's pair, the paired difference per seed, and 
 pooled standard error of the difference (``ctkd_vs_sft.compare``).
 
     python benchmarks/teacher_gain.py runs/alignment-*/ --seeds 3      # docs/benchmarks.md records a run
-    # a variant of the teacher's side against the SFT students of that run (not retrained):
-    python benchmarks/teacher_gain.py runs/alignment-*/ --seeds 3 --set kd_tokens=teacher_right \
-        --out runs/alignment-*/teacher-gain-right --baseline-from runs/alignment-*/teacher-gain
+    # a variant of either side, against the other side of an earlier run of the script (not retrained):
+    python benchmarks/teacher_gain.py runs/alignment-*/ --seeds 3 --set temperature=1 \
+        --out runs/alignment-*/teacher-gain-t1 --baseline-from runs/alignment-*/teacher-gain
+    python benchmarks/teacher_gain.py runs/alignment-*/ --seeds 3 --baseline-set label_smoothing_factor=0.1 \
+        --out runs/alignment-*/teacher-gain-ls --teacher-from runs/alignment-*/teacher-gain
 
 It needs the run's plan and synth stages (the data) and the teacher; the hidden-state cache is built
 once and reused by every seed. Give it the machine: other work changes nothing measured here but time.
@@ -44,17 +46,18 @@ def with_seed(settings: Settings, seed: int) -> Settings:
                     settings.match, settings.signal, settings.reasons, on_policy=settings.on_policy)
 
 
-def with_options(settings: Settings, options: list[str]) -> Settings:
-    """The phases that learn from the teacher with ``KEY=VALUE`` distill options changed (YAML values)."""
+def with_options(settings: Settings, options: list[str], *, teacher_phases: bool = True) -> Settings:
+    """The phases that learn from the teacher (or, with ``teacher_phases=False``, every phase: an SFT
+    baseline's) with ``KEY=VALUE`` distill options changed (YAML values)."""
     update = {}
     for item in options:
         key, sep, value = item.partition("=")
         if not sep:
-            raise SystemExit(f"--set {item!r}: expected KEY=VALUE, e.g. kd_tokens=teacher_right")
+            raise SystemExit(f"{item!r}: expected KEY=VALUE, e.g. temperature=2")
         update[key] = yaml.safe_load(value)
     phases = []
     for p in settings.phases:
-        if p.needs_teacher:
+        if update and (p.needs_teacher or not teacher_phases):
             cfg = DistillSpec.model_validate({**p.config, **update})  # names the bad field, if any
             p = Phase(p.algorithm, cfg.model_dump(mode="json"), p.needs_teacher, p.reason)
         phases.append(p)
@@ -67,10 +70,14 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--out", type=Path, default=None, help="where the students go (default RUN/teacher-gain)")
     ap.add_argument("--set", dest="options", action="append", default=[], metavar="KEY=VALUE",
-                    help="a distill option of the phases that learn from the teacher, e.g. kd_tokens=teacher_right")
+                    help="a distill option of the phases that learn from the teacher, e.g. temperature=2")
+    ap.add_argument("--baseline-set", dest="baseline_options", action="append", default=[], metavar="KEY=VALUE",
+                    help="a distill option of the SFT baseline, e.g. label_smoothing_factor=0.1")
     ap.add_argument("--baseline-from", type=Path, default=None, metavar="DIR",
                     help="score the SFT baseline from DIR's predictions-sft-seedN.jsonl (an earlier --out of this "
                     "script on the same run) instead of training it again")
+    ap.add_argument("--teacher-from", type=Path, default=None, metavar="DIR",
+                    help="likewise the student trained with the teacher, from DIR's predictions-kd-seedN.jsonl")
     args = ap.parse_args()
 
     run_dir = args.run_dir
@@ -87,8 +94,14 @@ def main() -> None:
     teacher, t_tok = load(t_spec.model, dtype=t_spec.dtype, trust_remote_code=t_spec.trust_remote_code)
     out = args.out or run_dir / "teacher-gain"
     kd_name, sft_name = settings.training, sft_baseline(settings).training
-    if args.options:  # the phase label names loss and kd_ratio only
+    if args.options:  # the phase label names loss, kd_ratio and temperature only
         kd_name += " with " + ", ".join(args.options)
+    if args.baseline_options:
+        sft_name += " with " + ", ".join(args.baseline_options)
+    if args.teacher_from:
+        kd_name += f" (from {args.teacher_from})"
+    if args.baseline_from:
+        sft_name += f" (from {args.baseline_from})"
     print(f"{run_dir}: {len(records)} training records, {len(examples)} eval questions\n"
           f"  with the teacher: {kd_name}\n  SFT baseline:     {sft_name}", flush=True)
 
@@ -97,10 +110,11 @@ def main() -> None:
     for seed in range(args.seeds):
         seeded = with_seed(settings, seed)
         right = {}
-        for name, these, uses_teacher in (("with the teacher", seeded, True),
-                                          ("SFT baseline", sft_baseline(seeded), False)):
-            if not uses_teacher and args.baseline_from is not None:
-                kept = args.baseline_from / f"predictions-sft-seed{seed}.jsonl"
+        baseline = with_options(sft_baseline(seeded), args.baseline_options, teacher_phases=False)
+        for name, these, uses_teacher in (("with the teacher", seeded, True), ("SFT baseline", baseline, False)):
+            earlier = args.teacher_from if uses_teacher else args.baseline_from
+            if earlier is not None:
+                kept = earlier / f"predictions-{'kd' if uses_teacher else 'sft'}-seed{seed}.jsonl"
                 right[name] = [json.loads(x)["correct"] for x in kept.open()]
                 if len(right[name]) != len(examples):
                     raise SystemExit(f"{kept}: {len(right[name])} predictions, not the {len(examples)} eval questions")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -163,6 +165,34 @@ def test_closed_form_gradient_equals_autograd(monkeypatch, loss, kd_ratio, tempe
     assert a["loss"] > 0 and (ha.abs().sum() > 0)
     assert torch.allclose(ha, hb, rtol=1e-4, atol=1e-6)
     assert torch.allclose(wa, wb, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("loss,kd_ratio", [("ce", 0.0), ("fkl", 0.5)])
+def test_label_smoothing_is_torchs_on_the_ce_term_in_closed_form_and_by_autograd(loss, kd_ratio):
+    """label_smoothing_factor smooths the CE term as F.cross_entropy(label_smoothing=) does, in the closed-form
+    gradient and through autograd alike (several chunks)."""
+    torch.manual_seed(2)
+    n, d, vocab, f = 150, 16, 200, 0.1
+    w0, t_w = torch.randn(vocab, d) * 0.3, torch.randn(vocab, d) * 0.3
+    h0, t_hidden, targets = torch.randn(n, d), torch.randn(n, d), torch.randint(0, vocab, (n,))
+    obj = Objective(loss=loss, kd_ratio=kd_ratio, label_smoothing=f, chunk_size=64)
+    ref_h, ref_w = h0.clone().requires_grad_(True), torch.nn.Parameter(w0.clone())
+    logits = ref_h @ ref_w.T
+    expected = torch.nn.functional.cross_entropy(logits, targets, reduction="sum", label_smoothing=f)
+    if kd_ratio:
+        p_t = torch.softmax(t_hidden @ t_w.T, -1)
+        kd = (p_t * (p_t.log() - torch.log_softmax(logits, -1))).sum()
+        expected = kd_ratio * kd + (1 - kd_ratio) * expected
+    expected.backward()
+    for weights in (None, torch.ones(n)):  # per-token weights (all 1) take autograd instead of the closed form
+        h, w = h0.clone().requires_grad_(True), torch.nn.Parameter(w0.clone())
+        terms = kd_terms(h, t_hidden, targets, OutputHead(w), OutputHead(t_w), obj, weights=weights)
+        terms["loss"].backward()
+        assert torch.allclose(terms["loss"], expected, rtol=1e-5), weights
+        assert torch.allclose(h.grad, ref_h.grad, rtol=1e-4, atol=1e-6), weights
+        assert torch.allclose(w.grad, ref_w.grad, rtol=1e-4, atol=1e-6), weights
+    unsmoothed = kd_terms(h0, t_hidden, targets, OutputHead(w0), OutputHead(t_w), replace(obj, label_smoothing=0.0))
+    assert not torch.allclose(unsmoothed["loss"], expected.detach(), rtol=1e-3)  # the option changes the loss
 
 
 def test_vocab_padding_differences_are_handled(tiny_tokenizer):

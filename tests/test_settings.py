@@ -47,6 +47,9 @@ def test_alignment_is_one_kd_phase_on_the_teachers_hidden_states():
     s = resolve(DistillSpec(temperature=2.0), match="logit", strategy=strategy("alignment", "fkl", 0.5, 2.0))
     assert s.training == "kd (loss fkl, kd_ratio 0.5, temperature 2, 2 epoch(s))"
     assert sft_baseline(s).training == "sft (loss ce, 2 epoch(s))"
+    s = resolve(DistillSpec(label_smoothing_factor=0.1), match="logit", strategy=strategy("alignment", "fkl", 0.5, 2.0))
+    assert s.training == "kd (loss fkl, kd_ratio 0.5, label smoothing 0.1, 2 epoch(s))"
+    assert sft_baseline(s).training == "sft (loss ce, label smoothing 0.1, 2 epoch(s))"
 
 
 def test_injection_is_sft_first_then_kd_splitting_the_epochs():

@@ -185,6 +185,9 @@ class _TrainingOptions(_Strict):
     temperature: float = Field(1.0, gt=0)
     scale_by_temperature: bool = Field(True, description="Multiply the KD term by T^2 (Hinton et al.).")
     kd_ratio: float = Field(1.0, ge=0, le=1, description="loss = kd_ratio * KD + (1 - kd_ratio) * CE.")
+    label_smoothing_factor: float = Field(0.0, ge=0, lt=1, description="Label smoothing of the CE term (as in "
+                                          "TrainingArguments): the target is (1 - f) x the data's token + f spread "
+                                          "evenly over the vocabulary.")
     teacher_signal: Literal["online", "cached", "topk"] = Field(
         "cached", description="'cached' stores teacher hidden states on disk once and reuses them; 'topk' uses the "
         "top-k log-probs stored in the data (API teachers, synth.top_logprobs)."

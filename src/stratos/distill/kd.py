@@ -30,6 +30,7 @@ class Objective:
     temperature: float = 1.0
     scale_by_temperature: bool = True
     kd_ratio: float = 1.0
+    label_smoothing: float = 0.0  # of the CE term: (1 - f) x the target + f spread over the vocabulary
     chunk_size: int | None = None  # rows of logits per chunk; None: head.chunk_rows chooses by device and vocabulary
 
     @property
@@ -71,10 +72,12 @@ def _chunk_terms(
     ``weights`` [chunk] scales each token's kd and ce (agreement stays a plain count). ``kd_mask``
     [chunk] (cross-tokenizer KD) marks the tokens that have a teacher counterpart; the others get no KD
     term and their whole loss is CE, whose sum is the fourth entry (see ``_combine``)."""
-    ce_tok = F.cross_entropy(s_logits, targets, reduction="none")
+    ce_tok = F.cross_entropy(s_logits, targets, reduction="none", label_smoothing=obj.label_smoothing)
     ce = _wsum(ce_tok, weights)
     kd = agree = ce_free = s_logits.new_zeros(())
-    if not obj.spec.needs_teacher:  # plain CE, or a user's teacher-free loss
+    if obj.spec.fn is cross_entropy:  # plain CE (SFT): the CE term, label smoothing included
+        kd = ce
+    elif not obj.spec.needs_teacher:  # a user's teacher-free loss
         kd = _wsum(obj.spec.fn(F.log_softmax(s_logits, dim=-1), None, targets, **obj.loss_kwargs), weights)
     elif obj.kd_ratio > 0 and topk_ids is not None:  # an API teacher's top-k log-probs (distill/topk.py)
         s_logp, t_logp = topk_log_probs(s_logits, topk_ids, topk_logp, obj.temperature)
@@ -131,7 +134,7 @@ def _closed_form(
     other (the caller falls back to autograd). The formulas (q the student, p the teacher, both at
     temperature T; y the target):
 
-        d CE / d z           = softmax(z) - onehot(y)
+        d CE / d z           = softmax(z) - onehot(y)            (label smoothing f: - (1 - f) onehot(y) - f / V)
         d T^2 KL(p||q) / d z = T (q - p)                      (T^2 scaling on; (q - p) / T without it)
         d T^2 KL(q||p) / d z = T q (log q - log p - KL(q||p))  (the token's reverse KL; / T without T^2)
 
@@ -146,11 +149,17 @@ def _closed_form(
     ce_w = 1.0 if name == "ce" else 1.0 - obj.kd_ratio  # a pure-CE objective's loss is its CE
     z = s_logits.detach().float()
     logp = F.log_softmax(z, dim=-1)
+    smooth = obj.label_smoothing
     ce = -logp.gather(-1, targets.unsqueeze(-1)).sum()
+    if smooth > 0:  # F.cross_entropy's label smoothing, over all of the student's logits
+        ce = (1.0 - smooth) * ce - smooth * logp.mean(-1).sum()
     grad = None
     if ce_w > 0:
         grad = torch.exp(logp).mul_(ce_w)
-        grad.scatter_add_(-1, targets.unsqueeze(-1), torch.full_like(targets, -ce_w, dtype=grad.dtype).unsqueeze(-1))
+        if smooth > 0:
+            grad.sub_(ce_w * smooth / z.shape[-1])
+        grad.scatter_add_(-1, targets.unsqueeze(-1),
+                          torch.full_like(targets, -ce_w * (1.0 - smooth), dtype=grad.dtype).unsqueeze(-1))
     kd = agree = z.new_zeros(())
     if name == "ce":
         kd = ce

@@ -48,6 +48,7 @@ def objective_from(cfg: DistillSpec) -> Objective:
         temperature=cfg.temperature,
         scale_by_temperature=cfg.scale_by_temperature,
         kd_ratio=cfg.kd_ratio,
+        label_smoothing=cfg.label_smoothing_factor,
         chunk_size=cfg.chunk_size,
     )
 
