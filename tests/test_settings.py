@@ -50,6 +50,10 @@ def test_alignment_is_one_kd_phase_on_the_teachers_hidden_states():
     s = resolve(DistillSpec(label_smoothing_factor=0.1), match="logit", strategy=strategy("alignment", "fkl", 0.5, 2.0))
     assert s.training == "kd (loss fkl, kd_ratio 0.5, label smoothing 0.1, 2 epoch(s))"
     assert sft_baseline(s).training == "sft (loss ce, label smoothing 0.1, 2 epoch(s))"
+    for no_ce in (DistillSpec(label_smoothing_factor=0.1, kd_ratio=1.0),
+                  DistillSpec(label_smoothing_factor=0.1, algorithm="grpo")):  # nothing to smooth: said, not ignored
+        with pytest.raises(ValueError, match="label_smoothing_factor 0.1: .* no CE term"):
+            resolve(no_ce, match="logit", strategy=None)
 
 
 def test_injection_is_sft_first_then_kd_splitting_the_epochs():

@@ -176,6 +176,10 @@ def resolve(distill: DistillSpec, *, match: str = "logit", strategy: Any = None,
                 why += ("; SFT instead: an API teacher's only KD signal is the top-k log-probs of its own "
                         "generations, and the data will carry none (synth.top_logprobs 0, or no teacher generations)")
                 needs = False
+        if cfg.label_smoothing_factor and (algo.rewarded or (needs and cfg.kd_ratio == 1 and match != "cross")):
+            raise ValueError(f"distill.label_smoothing_factor {cfg.label_smoothing_factor:g}: {cfg.algorithm} "
+                             + ("trains on rewards" if algo.rewarded else "has kd_ratio 1") + " and has no CE term "
+                             "to smooth; set it to 0, or lower kd_ratio")
         phases.append(Phase(cfg.algorithm, cfg.model_dump(mode="json"), needs, why))
     signal = "none" if not any(p.needs_teacher for p in phases) else "topk" if match == "topk" else "hidden"
     for i, p in enumerate(phases):
