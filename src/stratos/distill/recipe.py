@@ -46,7 +46,7 @@ class Phase:
             what.append(f"loss {c['loss']}" + (f", kd_ratio {c['kd_ratio']:g}" if self.needs_teacher else ""))
             if self.needs_teacher and c.get("temperature", 1.0) != 1.0:
                 what.append(f"temperature {c['temperature']:g}")
-            if c.get("label_smoothing_factor") and (c["loss"] == "ce" or c["kd_ratio"] < 1):  # the CE term is trained
+            if c.get("label_smoothing_factor"):  # resolve refuses it where a phase has no CE term to smooth
                 what.append(f"label smoothing {c['label_smoothing_factor']:g}")
         return f"{self.algorithm} ({', '.join(what)}, {steps})"
 
