@@ -75,7 +75,7 @@ def main() -> None:
                     help="a distill option of the SFT baseline, e.g. label_smoothing_factor=0.1")
     ap.add_argument("--baseline-from", type=Path, default=None, metavar="DIR",
                     help="score the SFT baseline from DIR's predictions-sft-seedN.jsonl (an earlier --out of this "
-                    "script on the same run) instead of training it again")
+                    "script on the same run) instead of training it again; seeds DIR lacks are trained")
     ap.add_argument("--teacher-from", type=Path, default=None, metavar="DIR",
                     help="likewise the student trained with the teacher, from DIR's predictions-kd-seedN.jsonl")
     args = ap.parse_args()
@@ -113,11 +113,16 @@ def main() -> None:
         baseline = with_options(sft_baseline(seeded), args.baseline_options, teacher_phases=False)
         for name, these, uses_teacher in (("with the teacher", seeded, True), ("SFT baseline", baseline, False)):
             earlier = args.teacher_from if uses_teacher else args.baseline_from
-            if earlier is not None:
-                kept = earlier / f"predictions-{'kd' if uses_teacher else 'sft'}-seed{seed}.jsonl"
-                right[name] = [json.loads(x)["correct"] for x in kept.open()]
+            pred = out / f"predictions-{'kd' if uses_teacher else 'sft'}-seed{seed}.jsonl"
+            kept = earlier / pred.name if earlier is not None else None
+            if kept is not None and kept.exists():  # seeds DIR lacks are trained below
+                lines = kept.read_text().splitlines()
+                right[name] = [json.loads(x)["correct"] for x in lines]
                 if len(right[name]) != len(examples):
                     raise SystemExit(f"{kept}: {len(right[name])} predictions, not the {len(examples)} eval questions")
+                if kept.resolve() != pred.resolve():  # OUT holds every seed's predictions, for a later --*-from
+                    pred.parent.mkdir(parents=True, exist_ok=True)
+                    pred.write_text("\n".join(lines) + "\n")
                 acc[name].append(sum(right[name]) / len(right[name]))
                 rows.append({"seed": seed, "method": name, "accuracy": acc[name][-1], "from": str(kept)})
                 print(f"seed {seed} {name:16s}: {acc[name][-1]:.1%} ({kept})", flush=True)
@@ -127,7 +132,6 @@ def main() -> None:
             res = run_phases(student, tok, records, these, out / f"{'kd' if uses_teacher else 'sft'}-seed{seed}",
                              teacher=teacher if uses_teacher else None, teacher_tokenizer=t_tok if uses_teacher else None,
                              resume=False, progress=False)
-            pred = out / f"predictions-{'kd' if uses_teacher else 'sft'}-seed{seed}.jsonl"
             ev = evaluate(student, tok, task, examples, max_new_tokens=spec.eval.max_new_tokens,
                           batch_size=spec.eval.batch_size, predictions_path=pred)
             right[name] = [json.loads(x)["correct"] for x in pred.open()]

@@ -453,8 +453,7 @@ class PairedData:
     first_ids: list[list[int]] = field(default_factory=list)
 
 
-def pair_records(records: Sequence[dict[str, Any]], student_tok: Any, teacher_tok: Any, max_length: int,
-                 *, chat: bool = True) -> PairedData:
+def pair_records(records: Sequence[dict[str, Any]], student_tok: Any, teacher_tok: Any, max_length: int) -> PairedData:
     """Encode each record with both tokenizers (each side's own chat template around the same response
     text) and align the responses by bytes. Records the student side drops (no target left after
     truncation) are dropped on both sides, so ``student`` equals what ``encode`` gives."""
@@ -465,9 +464,9 @@ def pair_records(records: Sequence[dict[str, Any]], student_tok: Any, teacher_to
     spans = aligned = targets = 0
     for i, rec in enumerate(records):
         try:
-            s_ex, _ = encode_record(rec, student_tok, max_length, chat=chat)
+            s_ex, _ = encode_record(rec, student_tok, max_length)
             t_ex, _ = encode_record({k: v for k, v in rec.items() if k not in ("response_ids", "topk")}, teacher_tok,
-                                    max_length, chat=chat)
+                                    max_length)
         except (KeyError, TypeError, ValueError) as e:
             raise DataError(f"{record_location(records, i)}: {e}") from None
         if s_ex.num_targets == 0:

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from stratos.io import DataError, iter_jsonl, json_kind
+from stratos.models.generate import encode_prompt
 
 IGNORE = -100
 
@@ -166,7 +167,7 @@ def _split_messages(rec: dict[str, Any]) -> tuple[list[dict[str, str]], str]:
     return [{"role": "user", "content": rec["prompt"]}], rec["response"]
 
 
-def encode_record(rec: dict[str, Any], tokenizer: Any, max_length: int, *, chat: bool = True) -> tuple[Encoded, bool]:
+def encode_record(rec: dict[str, Any], tokenizer: Any, max_length: int) -> tuple[Encoded, bool]:
     """Tokenise one record (of a shape ``record_problem`` accepts). Returns the example and whether it
     was truncated; ``response_ids`` outside the tokenizer's vocabulary raise ValueError."""
     eos = tokenizer.eos_token_id
@@ -178,11 +179,7 @@ def encode_record(rec: dict[str, Any], tokenizer: Any, max_length: int, *, chat:
             prompt_ids = [bos]  # the first text token needs something to be predicted from
     else:
         context, response = _split_messages(rec)
-        if chat:
-            prompt_text = tokenizer.apply_chat_template(context, add_generation_prompt=True, tokenize=False)
-        else:
-            prompt_text = "\n".join(m["content"] for m in context) + "\n"
-        prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+        prompt_ids = encode_prompt(tokenizer, context)  # as generation and the server encode it
         # "response_ids": the exact tokens a teacher sampled (top-k KD aligns its signal to them).
         ids_given = rec.get("response_ids")
         if ids_given is not None:
@@ -198,7 +195,7 @@ def encode_record(rec: dict[str, Any], tokenizer: Any, max_length: int, *, chat:
     return Encoded(ids[:max_length], labels[:max_length]), truncated
 
 
-def encode(records: Iterable[dict[str, Any]], tokenizer: Any, max_length: int, *, chat: bool = True) -> tuple[list[Encoded], EncodeStats]:
+def encode(records: Iterable[dict[str, Any]], tokenizer: Any, max_length: int) -> tuple[list[Encoded], EncodeStats]:
     """Tokenise records; examples left with no response token are dropped and counted, never silently.
     A bad record raises DataError naming its ``path:line`` (records from ``load_records``) or ``record N``."""
     from jinja2 import TemplateError  # what a chat template raises for messages it refuses
@@ -212,7 +209,7 @@ def encode(records: Iterable[dict[str, Any]], tokenizer: Any, max_length: int, *
         if problem:
             raise DataError(f"{record_location(records, i)}: {problem}")
         try:
-            ex, truncated = encode_record(rec, tokenizer, max_length, chat=chat)
+            ex, truncated = encode_record(rec, tokenizer, max_length)
         except (KeyError, TypeError, ValueError, TemplateError) as e:
             raise DataError(f"{record_location(records, i)}: {e}") from None
         stats.truncated += truncated
