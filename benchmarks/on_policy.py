@@ -27,19 +27,24 @@ student's ``generate`` calls timed. Peak RSS is read at the end of the last step
 ``--mode grpo``: GRPO, samples/s and reward over ``--seeds`` seeds. Stratos ``algorithm: grpo``
 against ``trl.GRPOTrainer``, the same model (``--model student``: the 8-layer student above;
 ``teacher``: the whole SmolLM2-135M-Instruct; ``tiny``: a tiny random Llama, for a smoke run;
-``sft-tiny``: a 4-layer Llama SFT'd on other sums first, made once before the sides run), the
-same reward function (``reward_fn`` below: 1 when the completion's first number is a+b, 0.2 for a
-wrong number, 0 for none), the same arithmetic prompts (each seen once per run; the order is each
+``sft-tiny``: a 4-layer Llama SFT'd first, made once before the sides run), the same reward
+function (``reward_fn`` below: 1 when the completion's first number is a+b, 0.2 for a wrong number,
+0 for none), the same arithmetic prompts (``--task sums``: distinct sums, each seen once per run;
+``--task digits``: the 100 one-digit sums, back every 100 prompts, where ``sft-tiny`` starts from
+two answer forms, one of which the reward counts wrong, so that it has something to teach; the order is each
 side's own seeded shuffle), ``--prompts-per-step`` prompts x ``--num-generations`` completions per
 step of at most ``--max-completion-length`` tokens (ending at EOS), temperature 1 over the full
 vocabulary, beta 0, epsilon 0.2, loss_type grpo, group-scaled advantages, one iteration, one
 generation per optimizer step. Reported per side: samples/s (completions per second of whole
 steps, the ``--warmup`` first excluded), generation's share of that time, the mean completion
-length, and the mean reward over the last 20% of steps, per seed and as mean +- standard error.
+length, and the mean reward over the first and the last 20% of steps (as mean +- standard error over
+seeds; the last also per seed).
 
     python benchmarks/on_policy.py --mode gkd --new-tokens 128
     python benchmarks/on_policy.py --mode gkd --new-tokens 512 --steps 3 --warmup 1
     python benchmarks/on_policy.py --mode grpo --steps 20 --seeds 3
+    python benchmarks/on_policy.py --mode grpo --model sft-tiny --task digits --steps 150 --lr 3e-4 \
+        --num-generations 8 --max-completion-length 8
     python benchmarks/on_policy.py --mode grpo --model tiny --steps 3 --seeds 1    # smoke
 
 Prints the command lines, markdown tables, and a final JSON line with everything.
@@ -100,6 +105,23 @@ def arithmetic_records(n: int, seed: int = 0) -> list[dict]:
     return out
 
 
+def digit_facts_records(n: int, seed: int = 0) -> list[dict]:
+    """``--task digits``: the 100 one-digit sums a+b (a, b in 0..9), in seeded shuffled passes, n prompts
+    in all (the same list for every side and seed; each fact comes back every 100 prompts)."""
+    import random
+
+    rng, facts, out = random.Random(seed), [(a, b) for a in range(10) for b in range(10)], []
+    while len(out) < n:
+        rng.shuffle(facts)
+        out += [{"prompt": f"What is {a}+{b}? Answer with the number only.", "answer": str(a + b)} for a, b in facts]
+    return out[:n]
+
+
+def task_records(args: argparse.Namespace, n: int) -> list[dict]:
+    """The GRPO prompts of ``--task``: distinct sums up to 50+50 (``sums``) or the one-digit facts (``digits``)."""
+    return digit_facts_records(n) if args.task == "digits" else arithmetic_records(n)
+
+
 def kd_prompts(tok: Any, n: int, prompt_tokens: int, seed: int = 0) -> list[str]:
     """User messages of exactly ``prompt_tokens`` tokens ("Explain:" and single-token words), like
     kd_throughput.py's, so every row of every side has the same prompt length."""
@@ -155,21 +177,39 @@ def load_policy(args: argparse.Namespace):
     return load(TEACHER, config_overrides={"num_hidden_layers": args.student_layers})
 
 
-def build_sft_start(args: argparse.Namespace, path: Path) -> None:
-    """``--model sft-tiny``'s policy, made once before the sides run: a 4-layer, 128-wide Llama with the
-    ``tiny`` tokenizer, SFT'd by Stratos for 1,500 steps on 500 sums that are not among the GRPO prompts,
-    so that it answers with a number and is sometimes right (a weak start that GRPO can lift)."""
-    from stratos.distill import distill
-    from stratos.models.tiny import build_tokenizer, save_model, tiny_llama
-    from stratos.spec import DistillSpec
+def sft_start_records(args: argparse.Namespace) -> list[dict]:
+    """The SFT data of ``--model sft-tiny``'s start.
 
-    tok = build_tokenizer([r["prompt"] + " " + r["answer"] for r in arithmetic_records(200)], vocab_size=512)
+    ``--task sums``: 500 sums that are not among the GRPO prompts (right answers), so that the policy
+    answers with a number and is sometimes right. ``--task digits``: each of the 100 one-digit facts
+    twice, answered ``s`` and ``a+b=s``. Both are right, but ``reward_fn`` reads the first number, so the
+    second form scores as a wrong number: the policy samples the paid form about half the time, and the
+    reward has one thing to teach it, which form to keep (a format, as RL after SFT often teaches)."""
+    if args.task == "digits":
+        out = []
+        for r in digit_facts_records(100):
+            sum_form = r["prompt"].removeprefix("What is ").split("?")[0] + "=" + r["answer"]
+            out += [{"prompt": r["prompt"], "response": r["answer"]}, {"prompt": r["prompt"], "response": sum_form}]
+        return out
     grpo = {r["prompt"] for r in arithmetic_records(args.prompts_per_step * args.steps)}
     sft = [{"prompt": r["prompt"], "response": r["answer"]} for r in arithmetic_records(50 * 50, seed=1)
            if r["prompt"] not in grpo][:500]
     if len(sft) < 500:
         raise SystemExit(f"--model sft-tiny: {args.prompts_per_step} x {args.steps} GRPO prompts leave "
                          f"{len(sft)} of the 2,500 sums for its SFT start (500 needed)")
+    return sft
+
+
+def build_sft_start(args: argparse.Namespace, path: Path) -> None:
+    """``--model sft-tiny``'s policy, made once before the sides run: a 4-layer, 128-wide Llama with the
+    ``tiny`` tokenizer, SFT'd by Stratos for 1,500 steps on ``sft_start_records`` (a weak start that GRPO
+    can lift)."""
+    from stratos.distill import distill
+    from stratos.models.tiny import build_tokenizer, save_model, tiny_llama
+    from stratos.spec import DistillSpec
+
+    tok = build_tokenizer([r["prompt"] + " " + r["answer"] for r in arithmetic_records(200)], vocab_size=512)
+    sft = sft_start_records(args)
     model = tiny_llama(tok, hidden_size=128, num_hidden_layers=4, seed=0)
     distill(model, tok, sft, DistillSpec(algorithm="sft", max_steps=1500, per_device_train_batch_size=16,
                                          learning_rate=3e-3, warmup_ratio=0.0, report_to=[], bf16=False,
@@ -385,6 +425,10 @@ def _last_share(values: list[float]) -> float:
     return statistics.mean(values[-k:])
 
 
+def _first_share(values: list[float]) -> float:
+    return _last_share(values[::-1])
+
+
 def grpo_stratos(args: argparse.Namespace, workdir: Path) -> dict:
     from stratos.distill import distill
     from stratos.spec import DistillSpec
@@ -396,7 +440,7 @@ def grpo_stratos(args: argparse.Namespace, workdir: Path) -> dict:
     p, g = args.prompts_per_step, args.num_generations
     # distill() encodes every record (prompt and response) before the source takes over; grpo uses the prompts
     # and the columns only, so the response is an empty placeholder.
-    records = [{**r, "response": ""} for r in arithmetic_records(p * args.steps)]
+    records = [{**r, "response": ""} for r in task_records(args, p * args.steps)]
     cfg = DistillSpec(
         algorithm="grpo", reward_funcs=[f"{HERE}:reward_fn"], num_generations=g,
         max_completion_length=args.max_completion_length, beta=0.0, epsilon=0.2, loss_type="grpo",
@@ -413,7 +457,7 @@ def grpo_stratos(args: argparse.Namespace, workdir: Path) -> dict:
     rewards = [r["reward"] for r in rows]
     return {"seconds": _stratos_window(rows, args.warmup), "samples": p * g * len(timed), "steps": len(timed),
             "generation_s": sum(r["rollout_s"] for r in timed), "rewards": rewards,
-            "reward_last20": _last_share(rewards),
+            "reward_first20": _first_share(rewards), "reward_last20": _last_share(rewards),
             "completion_tokens": statistics.mean(r["rollout_tokens"] / (p * g) for r in rows),
             "prompt_tokens": statistics.mean(x for s in sampled for x in s),
             "peak_rss_mb": rss[0] if rss else _rss_mb()}
@@ -428,7 +472,7 @@ def grpo_trl(args: argparse.Namespace, workdir: Path) -> dict:
     model, tok = load_policy(args)
     p, g = args.prompts_per_step, args.num_generations
     ds = Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}], "answer": r["answer"]}
-                            for r in arithmetic_records(p * args.steps)])
+                            for r in task_records(args, p * args.steps)])
     times: list[float] = []
     rss: list[float] = []
     extra = {"num_generations": g, "max_completion_length": args.max_completion_length, "beta": 0.0, "epsilon": 0.2,
@@ -452,7 +496,7 @@ def grpo_trl(args: argparse.Namespace, workdir: Path) -> dict:
     timed = [c for c in timer.calls if c["step"] >= args.warmup]
     return {"seconds": _trl_window(times, t_start, args.warmup), "samples": p * g * len(timed), "steps": len(timed),
             "generation_s": sum(c["seconds"] for c in timed), "rewards": rewards,
-            "reward_last20": _last_share(rewards),
+            "reward_first20": _first_share(rewards), "reward_last20": _last_share(rewards),
             "completion_tokens": statistics.mean(x for c in timer.calls for x in c["completion_tokens"]),
             "prompt_tokens": statistics.mean(x for c in timer.calls for x in c["prompt_tokens"]),
             "peak_rss_mb": rss[-1],
@@ -480,7 +524,7 @@ def child(args: argparse.Namespace) -> None:
 
 
 GKD_ONLY = ("new_tokens", "batch_size", "prompt_tokens")
-GRPO_ONLY = ("model", "seeds", "prompts_per_step", "num_generations", "max_completion_length")
+GRPO_ONLY = ("model", "task", "seeds", "prompts_per_step", "num_generations", "max_completion_length")
 
 
 def child_cmd(side: str, args: argparse.Namespace, workdir: Path, seed: int | None = None) -> list[str]:
@@ -557,18 +601,22 @@ def report_gkd(args: argparse.Namespace, results: dict) -> None:
 def report_grpo(args: argparse.Namespace, results: dict) -> None:
     prec = "bf16 autocast" if args.bf16 else "fp32"
     name = {"tiny": "tiny random Llama", "teacher": "SmolLM2-135M-Instruct",
-            "sft-tiny": "a 4-layer, 128-wide Llama SFT'd on 500 other sums (1,500 steps)",
+            "sft-tiny": "a 4-layer, 128-wide Llama SFT'd for 1,500 steps on "
+                        + ("each fact answered 's' and 'a+b=s'" if args.task == "digits"
+                           else "500 other sums"),
             "student": f"SmolLM2-135M-Instruct's {args.student_layers}-layer student"}[args.model]
     p, g = args.prompts_per_step, args.num_generations
-    print(f"### GRPO: {name}, {p} prompts x {g} completions per step (<= {args.max_completion_length} tokens, "
+    task = ("the 100 one-digit sums, each back every 100 prompts" if args.task == "digits"
+            else "distinct sums a+b, a and b in 1..50, each prompt once")
+    print(f"### GRPO on {task}: {name}, {p} prompts x {g} completions per step (<= {args.max_completion_length} tokens, "
           f"EOS ends), {args.steps} steps ({args.steps - args.warmup} timed), seeds {args.seed_list}, lr {args.lr}, "
           f"{prec}, torch threads {args.threads}")
     print()
     rates = {s: [r["samples"] / r["seconds"] for r in runs] for s, runs in results.items()}
     base = statistics.mean(rates["trl"]) if "trl" in rates else None
     print("| side | samples/s | vs TRL | generation share | prompt tokens | completion tokens (mean) "
-          "| reward, last 20% of steps | per seed | peak RSS MB |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| reward, first 20% of steps | reward, last 20% of steps | per seed | peak RSS MB |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for s, runs in results.items():
         share = [r["generation_s"] / r["seconds"] for r in runs]
         rew = [r["reward_last20"] for r in runs]
@@ -576,6 +624,7 @@ def report_grpo(args: argparse.Namespace, results: dict) -> None:
               + (f"{statistics.mean(rates[s]) / base:.2f}x" if base else "-")
               + f" | {_pm(share, '.0%')} | {statistics.mean(r['prompt_tokens'] for r in runs):.1f} "
               f"| {statistics.mean(r['completion_tokens'] for r in runs):.1f} "
+              f"| {_pm([r['reward_first20'] for r in runs], '.3f')} "
               f"| {_pm(rew, '.3f')} | {', '.join(f'{x:.3f}' for x in rew)} "
               f"| {max(r['peak_rss_mb'] for r in runs):,.0f} |")
     print()
@@ -600,6 +649,9 @@ def main() -> None:
     g.add_argument("--prompt-tokens", type=int, default=60, help="tokens of each user message (before the template)")
     r = p.add_argument_group("grpo")
     r.add_argument("--model", choices=("student", "teacher", "tiny", "sft-tiny"), default="student")
+    r.add_argument("--task", choices=("sums", "digits"), default="sums",
+                   help="sums: distinct a+b with a, b in 1..50, each prompt seen once; digits: the 100 one-digit "
+                   "facts, seen again every 100 prompts (with --model sft-tiny, a start SFT'd on two answer forms)")
     r.add_argument("--seeds", type=int, default=3)
     r.add_argument("--prompts-per-step", type=int, default=4)
     r.add_argument("--num-generations", type=int, default=4)

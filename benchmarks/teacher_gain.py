@@ -64,6 +64,14 @@ def with_options(settings: Settings, options: list[str], *, teacher_phases: bool
     return Settings(phases, settings.match, settings.signal, settings.reasons, on_policy=settings.on_policy)
 
 
+def earlier_label(out_dir: Path, key: str, default: str) -> str:
+    """What an earlier run of this script called one side (its results.json), else ``default``."""
+    try:
+        return json.loads((out_dir / "results.json").read_text())[key].split(" (from ")[0]
+    except (OSError, ValueError, KeyError):
+        return default
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run_dir", type=Path, help="a `stratos run` directory whose plan and synth stages are done")
@@ -98,10 +106,11 @@ def main() -> None:
         kd_name += " with " + ", ".join(args.options)
     if args.baseline_options:
         sft_name += " with " + ", ".join(args.baseline_options)
+    # A side scored from an earlier run of the script is named as that run named it (its own --set).
     if args.teacher_from:
-        kd_name += f" (from {args.teacher_from})"
+        kd_name = f"{earlier_label(args.teacher_from, 'with_teacher', kd_name)} (from {args.teacher_from})"
     if args.baseline_from:
-        sft_name += f" (from {args.baseline_from})"
+        sft_name = f"{earlier_label(args.baseline_from, 'baseline', sft_name)} (from {args.baseline_from})"
     print(f"{run_dir}: {len(records)} training records, {len(examples)} eval questions\n"
           f"  with the teacher: {kd_name}\n  SFT baseline:     {sft_name}", flush=True)
 
