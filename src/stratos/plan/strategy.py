@@ -107,12 +107,14 @@ def choose_strategy(probe: TeacherProbe, task: TaskProfile, m: Match, *, compete
     if competent:
         kind = "alignment"
         reasons.append(f"knowledge alignment: the teacher is competent ({best:.0%} >= {competent_accuracy:.0%}), so "
-                       "its own answers are good training data and its distribution is worth matching")
+                       "its verified answers are the training data and the student matches its distribution on them "
+                       "(distill.sft_baseline measures whether that beats SFT on the same answers)")
         data = base
         samples = samples_for(best) if task.verifier else 1
         if task.verifier:
             reasons.append(f"{samples} teacher sample(s) per prompt, kept only when the verifier accepts them "
-                           f"(enough for 95% of prompts to get a correct answer at {best:.0%})")
+                           f"(enough for 95% of prompts to get a correct answer at {best:.0%} if its errors were independent; "
+                           "the synth stage counts the prompts solved)")
         kd_ratio = 0.9 if best >= 0.8 else 0.5
         reasons.append(f"kd_ratio {kd_ratio}: " + ("the teacher is reliable, so KD dominates with a small CE anchor"
                                                    if kd_ratio > 0.5 else
