@@ -305,6 +305,10 @@ def test_a_card_names_an_alias_for_what_it_is_and_gives_base_model_only_for_a_hu
     assert f"- Student: smollm2-135m-instruct ({said}): its weights." in by_alias
     assert f"- Teacher: smollm2-135m-instruct ({said}; backend hf)." in by_alias
     assert "\nbase_model: HuggingFaceTB/SmolLM2-135M-Instruct\n" in card("HuggingFaceTB/SmolLM2-135M-Instruct")
+    # A local folder: no base_model, and only its last part (the card travels; the path is this machine's).
+    local = card("/home/someone/models/my-student")
+    assert "- Student: my-student (a local model, `my-student`): its weights." in local
+    assert "/home/someone" not in local and "base_model" not in local
 
 
 def test_a_killed_two_phase_run_resumes_to_the_same_weights(models, tmp_path):

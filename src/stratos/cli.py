@@ -285,7 +285,7 @@ def distill(
 
         from stratos.report.card import write_baseline_card, write_distill_card
 
-        source = (f"from `{data}`" if data is not None else f"the reference answers of the task `{task_spec.name}`'s "
+        source = (f"from `{Path(data).name}`" if data is not None else  # the card travels: no local path f"the reference answers of the task `{task_spec.name}`'s "
                   f"train split{', worked (synth.rationales)' if s and s.synth.rationales else ''}")
         card_facts = dict(max_new_tokens=eval_tokens, source=source, spec=s,
                           plan=json.loads(plan.read_text()) if plan else None, teacher=t_spec, student=s_spec,

@@ -39,10 +39,29 @@ def _count(n: Any) -> str:
     return f"{n:,}" if isinstance(n, int) else "?"
 
 
+def _local(model: str) -> bool:
+    """Whether a model name is a path on this machine rather than a hub id or an alias."""
+    return model.startswith((".", "~", "/")) or Path(model).expanduser().exists()
+
+
+def _ref(model: str) -> str:
+    """A model name as a card writes it: a local path by its last part only (a card travels with the model;
+    the full path is this machine's), anything else as given."""
+    return Path(model).expanduser().name if _local(model) else model
+
+
+def _label(spec: Any) -> str:
+    """A teacher's or student's name as a card shows it: its name, else its model as ``_ref`` writes it."""
+    return spec.name or _ref(spec.model)
+
+
 def _source(model: str) -> str:
-    """Where a model name points, in words: an alias (a GGUF in a PyPI wheel) says what it is and where from."""
+    """Where a model name points, in words: an alias (a GGUF in a PyPI wheel) says what it is and where from,
+    a local path is a local folder (by its last part), anything else a hub id."""
     from stratos.models.hub import ALIASES  # lazily: stratos.models imports torch, which the runner defers
 
+    if _local(model):
+        return f"a local model, `{_ref(model)}`"
     alias = ALIASES.get(model)
     return f"`{model}`" + (f": {alias.description}, from the PyPI wheel {alias.package}=={alias.version}"
                            if alias else "")
@@ -77,7 +96,7 @@ def model_card(*, role: str, spec: Any = None, plan: dict[str, Any] | None = Non
     from stratos.models.hub import ALIASES
 
     # A hub id only: not a folder or file here, nor an alias (which names a de-quantised GGUF, no hub repository).
-    hub_id = not (Path(s_spec.model).is_absolute() or Path(s_spec.model).exists() or s_spec.model in ALIASES)
+    hub_id = not (_local(s_spec.model) or s_spec.model in ALIASES)
     base = s_spec.model if s_spec.init == "pretrained" and hub_id else None
     front = {"library_name": "transformers", "pipeline_tag": "text-generation", "tags": ["stratos", "distillation"],
              **({"base_model": base} if base else {})}
@@ -85,20 +104,20 @@ def model_card(*, role: str, spec: Any = None, plan: dict[str, Any] | None = Non
     phases = " -> ".join(f"{p['algorithm']} (loss {p['config']['loss']}, kd_ratio {p['config'].get('kd_ratio', 0):g})"
                          for p in (distill.get("settings") or {}).get("phases", []))
     alone = not t_used and not measured  # `stratos distill` without a teacher: SFT on the data
-    title = f"{spec.name}: {role}" if spec is not None else f"{s_spec.label}, {'trained' if alone else 'distilled'}"
+    title = f"{spec.name}: {role}" if spec is not None else f"{_label(s_spec)}, {'trained' if alone else 'distilled'}"
     what = (f"A {me.get('params') or params or 0:,}-parameter model {'trained' if alone else 'distilled'} by Stratos"
             + (f" for the task\n`{task}`" if task else "")
-            + (f", from the teacher {t_spec.label} (`{t_spec.model}`)." if t_used else
+            + (f", from the teacher {_label(t_spec)} (`{_ref(t_spec.model)}`)." if t_used else
                ", on its data alone (no teacher signal)." if alone else "."))
     if baseline:  # distill.sft_baseline's student: it exists to be compared with, and says so first
         what += (" It is the **SFT baseline** (`distill.sft_baseline`): the same student, data, seed and steps "
                  "as the distilled student it was trained beside, but without the teacher's signal, to measure "
                  "what that signal adds (below). It is not the deployed model.")
     if t_used and baseline:
-        teacher_line = (f"- Teacher: {t_spec.label} ({_source(t_spec.model)}; backend {t_spec.backend}): in the data "
+        teacher_line = (f"- Teacher: {_label(t_spec)} ({_source(t_spec.model)}; backend {t_spec.backend}): in the data "
                         "only (what synth kept of its answers); its signal was not used in training.")
     elif t_used:
-        teacher_line = f"- Teacher: {t_spec.label} ({_source(t_spec.model)}; backend {t_spec.backend})."
+        teacher_line = f"- Teacher: {_label(t_spec)} ({_source(t_spec.model)}; backend {t_spec.backend})."
     else:
         teacher_line = ("- Teacher: none in this training (teacher signal none: the student learnt the responses "
                         "of its data alone).")
@@ -192,7 +211,7 @@ from a load test of {bench.get('clients', '?')} concurrent clients.
 ## Base models
 
 {teacher_line}
-- Student: {s_spec.label} ({_source(s_spec.model)}): {init}.
+- Student: {_label(s_spec)} ({_source(s_spec.model)}): {init}.
 
 ## Data
 
