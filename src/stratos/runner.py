@@ -236,7 +236,7 @@ def stage_distill(ctx: Context) -> dict[str, Any]:
     from stratos.report.card import write_baseline_card, write_distill_card
 
     # What training knows of the student, in `stratos distill`'s form; the eval stage replaces it with the measured one.
-    card_facts = dict(max_new_tokens=spec.eval.max_new_tokens, source=f"from `{ctx.artifact('synth', 'data_path')}`",
+    card_facts = dict(max_new_tokens=spec.eval.max_new_tokens, source=f"from `{Path(ctx.artifact('synth', 'data_path')).name}`",
                       spec=spec, plan=plan.to_dict(), teacher=t_spec, student=s_spec, device=ctx.runtime.describe(),
                       made_by="run")
     write_distill_card(res, settings=settings, metrics_path=ctx.dir / "metrics.jsonl", **card_facts)

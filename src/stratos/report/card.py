@@ -51,8 +51,9 @@ def _ref(model: str) -> str:
 
 
 def _label(spec: Any) -> str:
-    """A teacher's or student's name as a card shows it: its name, else its model as ``_ref`` writes it."""
-    return spec.name or _ref(spec.model)
+    """A teacher's or student's name as a card shows it, as ``_ref`` writes it (a local model's name
+    defaults to the path the spec gave)."""
+    return _ref(spec.name or spec.model)
 
 
 def _source(model: str) -> str:
