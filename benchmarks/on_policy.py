@@ -43,7 +43,7 @@ seeds; the last also per seed).
     python benchmarks/on_policy.py --mode gkd --new-tokens 128
     python benchmarks/on_policy.py --mode gkd --new-tokens 512 --steps 3 --warmup 1
     python benchmarks/on_policy.py --mode grpo --steps 20 --seeds 3
-    python benchmarks/on_policy.py --mode grpo --model sft-tiny --task digits --steps 150 --lr 3e-4 \
+    python benchmarks/on_policy.py --mode grpo --model sft-tiny --task digits --steps 60 --lr 1e-4 \
         --num-generations 8 --max-completion-length 8
     python benchmarks/on_policy.py --mode grpo --model tiny --steps 3 --seeds 1    # smoke
 
@@ -184,7 +184,7 @@ def sft_start_records(args: argparse.Namespace) -> list[dict]:
     answers with a number and is sometimes right. ``--task digits``: each of the 100 one-digit facts
     twice, answered ``s`` and ``a+b=s``. Both are right, but ``reward_fn`` reads the first number, so the
     second form scores as a wrong number: the policy samples the paid form about half the time, and the
-    reward has one thing to teach it, which form to keep (a format, as RL after SFT often teaches)."""
+    reward has one thing to teach it: which form to keep."""
     if args.task == "digits":
         out = []
         for r in digit_facts_records(100):
