@@ -307,6 +307,11 @@ def test_a_card_names_an_alias_for_what_it_is_and_gives_base_model_only_for_a_hu
     assert f"- Student: smollm2-135m-instruct ({said}): its weights." in by_alias
     assert f"- Teacher: smollm2-135m-instruct ({said}; backend hf)." in by_alias
     assert "\nbase_model: HuggingFaceTB/SmolLM2-135M-Instruct\n" in card("HuggingFaceTB/SmolLM2-135M-Instruct")
+    from stratos.report.card import data_source
+
+    assert data_source("/home/someone/data/train.jsonl", "arithmetic") == "from `train.jsonl`"
+    assert data_source(None, "mahjong:discard", rationales=True) == (
+        "the reference answers of the task `mahjong:discard`'s train split, worked (synth.rationales)")
     # A local folder: no base_model, and only its last part (the card travels; the path is this machine's).
     local = card("/home/someone/models/my-student")
     assert "- Student: my-student (a local model, `my-student`): its weights." in local

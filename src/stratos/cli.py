@@ -283,10 +283,10 @@ def distill(
     if rank == 0:  # a model card in the folder, with what this command knows of the model (no eval of its own)
         import json
 
-        from stratos.report.card import write_baseline_card, write_distill_card
+        from stratos.report.card import data_source, write_baseline_card, write_distill_card
 
-        source = (f"from `{Path(data).name}`" if data is not None else  # the card travels: no local path f"the reference answers of the task `{task_spec.name}`'s "
-                  f"train split{', worked (synth.rationales)' if s and s.synth.rationales else ''}")
+        source = data_source(data, task_spec.name if task_spec is not None else None,
+                             rationales=bool(s and s.synth.rationales))
         card_facts = dict(max_new_tokens=eval_tokens, source=source, spec=s,
                           plan=json.loads(plan.read_text()) if plan else None, teacher=t_spec, student=s_spec,
                           device=rt.describe())

@@ -56,6 +56,14 @@ def _label(spec: Any) -> str:
     return _ref(spec.name or spec.model)
 
 
+def data_source(data: Any, task: str | None, *, rationales: bool = False) -> str:
+    """Where `stratos distill`'s training records came from, as its card says it: a file by its name (the
+    card travels with the model; the path is this machine's), else the task's reference answers."""
+    if data is not None:
+        return f"from `{Path(data).name}`"
+    return f"the reference answers of the task `{task}`'s train split" + (", worked (synth.rationales)" if rationales else "")
+
+
 def _source(model: str) -> str:
     """Where a model name points, in words: an alias (a GGUF in a PyPI wheel) says what it is and where from,
     a local path is a local folder (by its last part), anything else a hub id."""
