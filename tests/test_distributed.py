@@ -54,11 +54,32 @@ def _distill(base: Path, mode: str, out: Path, nproc: int, *extra: str) -> list[
             "--out", str(out), "--nproc", str(nproc), *extra]
 
 
-def _train(base: Path, mode: str, out: Path, nproc: int, *extra: str) -> None:
-    # One thread per process, as torchrun gives each of its processes here: the same float order within a rank.
-    done = subprocess.run(_distill(base, mode, out, nproc, *extra), env={**_env(base), "OMP_NUM_THREADS": "1"},
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+def _start(base: Path, mode: str, out: Path, nproc: int, *extra: str) -> subprocess.Popen:
+    # One thread per process, as torchrun gives each of its processes here: the same float order within a rank,
+    # whatever else runs beside it (the runs below start together: they share the teacher's cache, built once).
+    return subprocess.Popen(_distill(base, mode, out, nproc, *extra), env={**_env(base), "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _finish(*procs: subprocess.Popen) -> None:
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    for p, out in zip(procs, outputs):
+        assert p.returncode == 0, out[-6000:]
+
+
+def _one_process(base: Path, mode: str, out: Path, *extra: str) -> None:
+    """`stratos distill` without --nproc, in this process (a process fewer to start), on one thread as a rank."""
+    from typer.testing import CliRunner
+
+    from stratos.cli import app
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        done = CliRunner().invoke(app, _distill(base, mode, out, 1, *extra)[3:], env=_env(base))
+    finally:
+        torch.set_num_threads(threads)
+    assert done.exit_code == 0, (done.output[-3000:], done.exception)
 
 
 def _losses(out: Path) -> list[float]:
@@ -73,26 +94,19 @@ STEPS = ["--max-steps", "40", "--save-steps", "4"]  # 80 micro-batches of 3: sev
 
 
 @pytest.fixture(scope="module")
-def one_process(work):
-    out = work / "one"
-    _train(work, "ddp", out, 1, *STEPS)  # one process: parallel is not used
-    return out
-
-
-@pytest.fixture(scope="module")
-def two_fsdp(work):
-    """Two processes with FSDP2, uninterrupted: also the reference of the killed run."""
-    out = work / "two-fsdp"
-    _train(work, "fsdp", out, 2, *STEPS)
-    return out
+def trained(work):
+    """One process (parallel is not used), two with DDP and two with FSDP2 (uninterrupted: also the
+    reference of the killed run), the same steps each, started together."""
+    runs = {name: work / f"trained-{name}" for name in ("one", "ddp", "fsdp")}
+    procs = [_start(work, mode, runs[mode], 2, *STEPS) for mode in ("ddp", "fsdp")]
+    _one_process(work, "ddp", runs["one"], *STEPS)  # parallel is not used by one process
+    _finish(*procs)
+    return runs
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-def test_two_processes_train_as_one(work, one_process, two_fsdp, mode):
-    out = two_fsdp
-    if mode == "ddp":
-        out = work / "two-ddp"
-        _train(work, mode, out, 2, *STEPS)
+def test_two_processes_train_as_one(work, trained, mode):
+    one_process, out = trained["one"], trained[mode]
     result = json.loads((out / "result.json").read_text())
     assert result["signal"]["processes"] == {"world_size": 2, "parallel": mode}
     ref, got = _losses(one_process), _losses(out)
@@ -112,8 +126,8 @@ def _weights_of(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(str(folder / "model.safetensors"))
 
 
-def test_a_killed_two_process_run_resumes_to_the_same_weights(work, two_fsdp):
-    steps, full = STEPS, two_fsdp
+def test_a_killed_two_process_run_resumes_to_the_same_weights(work, trained):
+    steps, full = STEPS, trained["fsdp"]
     killed = work / "kill"
     ckpts = killed / "checkpoints"
     proc = subprocess.Popen(_distill(work, "fsdp", killed, 2, *steps), env=_env(work), stdout=subprocess.DEVNULL,
@@ -129,14 +143,17 @@ def test_a_killed_two_process_run_resumes_to_the_same_weights(work, two_fsdp):
     other = work / "kill-one-process"
     shutil.copytree(killed, other)
 
-    _train(work, "fsdp", killed, 2, *steps, "--resume")  # the same world size: bitwise the same weights
+    # Resumed in 2 processes (the same world size) and, from a copy, in 1, side by side.
+    resumed = _start(work, "fsdp", killed, 2, *steps, "--resume")
+    _one_process(work, "fsdp", other, *steps, "--resume")
+    _finish(resumed)
     result = json.loads((killed / "result.json").read_text())
     assert result["resumed_from"] >= 8 and result["steps"] == 40
-    a, b = _weights(full), _weights(killed)
+    a, b = _weights(full), _weights(killed)  # the same world size: bitwise the same weights
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
     # A checkpoint of two processes resumes in one (full state dicts): the same weights up to float order.
-    _train(work, "fsdp", other, 1, *steps, "--resume")
+    assert json.loads((other / "result.json").read_text())["resumed_from"] >= 8
     c = _weights(other)
     assert all(torch.allclose(a[k], c[k], rtol=1e-4, atol=1e-6) for k in a)
 

@@ -207,6 +207,64 @@ def test_vocab_padding_differences_are_handled(tiny_tokenizer):
     assert torch.isfinite(terms["loss"]) and terms["kd"] > 0
 
 
+def test_two_builders_of_one_cache_entry_at_once_both_get_it_whole(tmp_path, tiny_tokenizer, monkeypatch):
+    """Two runs sharing STRATOS_CACHE may build the same entry at once: each writes its own temporary
+    files and publishes them by a rename, so both finish and read the same complete shards; a writer
+    that fails leaves what was there and no temporary file."""
+    import threading
+    import time
+
+    from stratos.io import atomic_save_tensors
+
+    examples, _ = encode(addition_records(40, seed=5), tiny_tokenizer, max_length=64)
+    teacher = tiny_llama(tiny_tokenizer, hidden_size=48, num_hidden_layers=1, seed=1)
+    HiddenStateCache.SHARD_EXAMPLES, old = 8, HiddenStateCache.SHARD_EXAMPLES
+    built, errors = [], []
+
+    def build() -> None:
+        try:
+            built.append(HiddenStateCache.build(teacher, examples, tmp_path, "k", pad_id=tiny_tokenizer.pad_token_id,
+                                                dtype="float32", batch_size=2, progress=False))
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    import safetensors.torch
+
+    save_file = safetensors.torch.save_file
+
+    def slow_save_file(*args, **kwargs):  # each file's write takes a while: the two builders' writes overlap
+        save_file(*args, **kwargs)
+        time.sleep(0.05)
+
+    monkeypatch.setattr("safetensors.torch.save_file", slow_save_file)
+    try:
+        threads = [threading.Thread(target=build) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        HiddenStateCache.SHARD_EXAMPLES = old
+    assert not errors and len(built) == 2
+    idx = list(range(40))
+    batch = collate([examples[i] for i in idx], idx, tiny_tokenizer.pad_token_id)
+    expected = OnlineTeacher(teacher).hidden(batch)
+    assert all(torch.allclose(c.hidden(batch), expected, atol=1e-5) for c in built)
+    assert sorted(p.name for p in built[0].path.iterdir()) == ["head.safetensors", "meta.json"] + [
+        f"shard-{i:05d}.safetensors" for i in range(5)]  # nothing half-written or temporary is left
+
+    shard = built[0].path / "shard-00000.safetensors"
+    before = shard.read_bytes()
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("safetensors.torch.save_file", broken)
+    with pytest.raises(OSError, match="disk full"):
+        atomic_save_tensors({"x": torch.zeros(3)}, shard)
+    assert shard.read_bytes() == before and len(list(built[0].path.iterdir())) == 7
+
+
 def test_cache_matches_online_and_is_reused_and_resumable(tmp_path, tiny_tokenizer):
     examples, _ = encode(addition_records(40, seed=5), tiny_tokenizer, max_length=64)
     teacher = tiny_llama(tiny_tokenizer, hidden_size=48, num_hidden_layers=1, seed=1)

@@ -115,6 +115,24 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         raise
 
 
+def atomic_save_tensors(tensors: dict[str, Any], path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """``safetensors`` ``save_file``, published by a rename from a temporary file of this writer's own: a
+    reader never sees half a file, and two processes writing the same file (two runs building one cache
+    entry at once) each write their own and the last rename wins."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def write_jsonl(path: str | Path, records: Iterable[dict[str, Any]]) -> int:
     lines = [json.dumps(r, ensure_ascii=False) for r in records]
     atomic_write_text(path, "".join(line + "\n" for line in lines))

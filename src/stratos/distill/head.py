@@ -12,9 +12,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
+from stratos.io import atomic_save_tensors
 from stratos.models.arch import backbone
 
 
@@ -127,7 +128,7 @@ class OutputHead(nn.Module):
         if self.bias is not None:
             tensors["bias"] = self.bias.detach().contiguous()
         meta = {"scale": repr(self.scale), "softcap": "" if self.softcap is None else repr(self.softcap)}
-        save_file(tensors, str(path), metadata=meta)
+        atomic_save_tensors(tensors, path, metadata=meta)  # a cache's head: another run may be reading it
 
     @classmethod
     def load(cls, path: str | Path, *, dtype: torch.dtype = torch.float32) -> "OutputHead":

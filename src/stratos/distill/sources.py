@@ -27,7 +27,7 @@ from typing import Any, Protocol
 import torch
 
 from stratos.distill.data import IGNORE, Batch, Encoded, collate, encode
-from stratos.io import read_jsonl, write_jsonl
+from stratos.io import atomic_save_tensors, read_jsonl, write_jsonl
 
 
 class Source(Protocol):
@@ -470,7 +470,6 @@ class GroupSource:
 
 def _save_batches(path: Path, batches: list[Batch]) -> None:
     """Batches (their tensors, weights and per-token values) to one safetensors file, atomically."""
-    from safetensors.torch import save_file
 
     tensors: dict[str, torch.Tensor] = {}
     for m, b in enumerate(batches):
@@ -479,10 +478,7 @@ def _save_batches(path: Path, batches: list[Batch]) -> None:
         if b.weights is not None:
             tensors[f"{m}.weights"] = b.weights
         tensors.update({f"{m}.values.{k}": v for k, v in b.values.items()})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"batches": str(len(batches))})
-    tmp.replace(path)
+    atomic_save_tensors(tensors, path, metadata={"batches": str(len(batches))})
 
 
 def _load_batches(path: Path) -> list[Batch]:

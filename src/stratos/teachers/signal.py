@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,11 +20,10 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from stratos.distill.data import Batch, Encoded, collate
 from stratos.distill.head import OutputHead, last_hidden
-from stratos.io import write_json
+from stratos.io import atomic_save_tensors, write_json
 from stratos.progress import progress_bar
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -149,9 +147,7 @@ class HiddenStateCache:
                     bar.advance(len(batch.indices))
                 hidden = torch.cat(rows).contiguous()
                 total_tokens += hidden.shape[0]
-                tmp = shard_path.with_name(f".tmp-{shard_path.name}")
-                save_file({"hidden": hidden, "offsets": torch.tensor(offsets, dtype=torch.long)}, str(tmp))
-                os.replace(tmp, shard_path)
+                atomic_save_tensors({"hidden": hidden, "offsets": torch.tensor(offsets, dtype=torch.long)}, shard_path)
         write_json(
             path / "meta.json",
             {
