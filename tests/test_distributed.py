@@ -56,9 +56,13 @@ def _distill(base: Path, mode: str, out: Path, nproc: int, *extra: str) -> list[
 
 def _start(base: Path, mode: str, out: Path, nproc: int, *extra: str) -> subprocess.Popen:
     # One thread per process, as torchrun gives each of its processes here: the same float order within a rank,
-    # whatever else runs beside it (the runs below start together: they share the teacher's cache, built once).
-    return subprocess.Popen(_distill(base, mode, out, nproc, *extra), env={**_env(base), "OMP_NUM_THREADS": "1"},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # whatever else runs beside it (some runs below start together: they share the teacher's cache).
+    return _popen(base, _distill(base, mode, out, nproc, *extra))
+
+
+def _popen(base: Path, cmd: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(cmd, env={**_env(base), "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
 
 
 def _finish(*procs: subprocess.Popen) -> None:
@@ -95,12 +99,19 @@ STEPS = ["--max-steps", "40", "--save-steps", "4"]  # 80 micro-batches of 3: sev
 
 @pytest.fixture(scope="module")
 def trained(work):
-    """One process (parallel is not used), two with DDP and two with FSDP2 (uninterrupted: also the
-    reference of the killed run), the same steps each, started together."""
-    runs = {name: work / f"trained-{name}" for name in ("one", "ddp", "fsdp")}
-    procs = [_start(work, mode, runs[mode], 2, *STEPS) for mode in ("ddp", "fsdp")]
+    """One process (parallel is not used), two with DDP, two with FSDP2 (uninterrupted: also the
+    reference of the killed run) and one with FSDP2 under torchrun, the same steps each, started together."""
+    runs = {name: work / f"trained-{name}" for name in ("one", "ddp", "fsdp", "fsdp-one")}
+    # The two one-rank runs side by side; then each two-rank run alone (two ranks that share their cores
+    # with other work spin in their collectives while the other waits for a core).
+    # torchrun itself with one process, as for one GPU (stratos distill --nproc 1 is a plain process):
+    one_rank = _popen(work, [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1",
+                             "-m", "stratos.cli", "distill", str(work / "fsdp.yaml"), "--data",
+                             str(work / "data.jsonl"), "--out", str(runs["fsdp-one"]), *STEPS])
     _one_process(work, "ddp", runs["one"], *STEPS)  # parallel is not used by one process
-    _finish(*procs)
+    _finish(one_rank)
+    for mode in ("ddp", "fsdp"):
+        _finish(_start(work, mode, runs[mode], 2, *STEPS))
     return runs
 
 
@@ -120,6 +131,16 @@ def test_two_processes_train_as_one(work, trained, mode):
     for k in wa:
         assert torch.allclose(wa[k], wb[k], rtol=1e-4, atol=1e-6), k
     assert not torch.equal(wa["model.embed_tokens.weight"], _weights_of(work / "student")["model.embed_tokens.weight"])
+
+
+def test_one_process_under_torchrun_with_fsdp_is_fsdp2_over_one_device(trained):
+    """FSDP2 at world size 1 (what a single GPU with fsdp_cpu_offload runs): the one plain process's steps."""
+    out, one = trained["fsdp-one"], trained["one"]
+    assert json.loads((out / "result.json").read_text())["signal"]["processes"] == {"world_size": 1, "parallel": "fsdp"}
+    ref, got = _losses(one), _losses(out)
+    assert len(got) == 40 and all(abs(a - b) <= 1e-5 * abs(a) for a, b in zip(ref, got)), (ref, got)
+    wa, wb = _weights(one), _weights(out)
+    assert wa.keys() == wb.keys() and all(torch.allclose(wa[k], wb[k], rtol=1e-4, atol=1e-6) for k in wa)
 
 
 def _weights_of(folder: Path) -> dict[str, torch.Tensor]:
@@ -143,10 +164,9 @@ def test_a_killed_two_process_run_resumes_to_the_same_weights(work, trained):
     other = work / "kill-one-process"
     shutil.copytree(killed, other)
 
-    # Resumed in 2 processes (the same world size) and, from a copy, in 1, side by side.
-    resumed = _start(work, "fsdp", killed, 2, *steps, "--resume")
+    # Resumed in 2 processes (the same world size) and, from a copy, in 1.
+    _finish(_start(work, "fsdp", killed, 2, *steps, "--resume"))
     _one_process(work, "fsdp", other, *steps, "--resume")
-    _finish(resumed)
     result = json.loads((killed / "result.json").read_text())
     assert result["resumed_from"] >= 8 and result["steps"] == 40
     a, b = _weights(full), _weights(killed)  # the same world size: bitwise the same weights
@@ -205,6 +225,12 @@ def test_what_does_not_run_across_processes_yet_is_refused():
         _check_distributed(DistillSpec(lora={"r": 4}), get_algorithm("kd"), None)
     with pytest.raises(ValueError, match="distill.eval_steps across processes"):
         _check_distributed(DistillSpec(eval_steps=5), get_algorithm("kd"), object())
+    # One plain process (no torchrun) would ignore FSDP2's offload: refused, saying how to start it.
+    from stratos.distill.parallel import Parallel
+
+    assert Parallel.from_env(DistillSpec(parallel="fsdp")).mode == "none"  # parallel is for torchrun's processes
+    with pytest.raises(ValueError, match="fsdp_cpu_offload is FSDP2's, and FSDP2 runs under torchrun"):
+        Parallel.from_env(DistillSpec(fsdp_cpu_offload=True))
     with pytest.raises(ValueError, match="fsdp_cpu_offload .* needs parallel fsdp \\(or auto\\) and a CUDA device"):
         _check_distributed(DistillSpec(parallel="fsdp", fsdp_cpu_offload=True), get_algorithm("kd"), None,
                            torch.device("cpu"))

@@ -220,10 +220,12 @@ class _TrainingOptions(_Strict):
                            "tokenizer is not the student's.")
     parallel: Literal["auto", "ddp", "fsdp"] = Field(
         "auto", description="Under torchrun (stratos distill --nproc N): 'ddp' replicates the student on each "
-        "process, 'fsdp' shards it (FSDP2 fully_shard per decoder layer and the root); 'auto': DDP where AdamW "
-        "training of the student takes at most half of one device's memory, else FSDP2 (docs/distributed.md).")
+        "process, 'fsdp' shards it (FSDP2 fully_shard per decoder layer and the root; also one process under "
+        "torchrun, FSDP2 over one device); 'auto': DDP where AdamW training of the student takes at most half of "
+        "one device's memory, else FSDP2. One plain process uses neither (docs/distributed.md).")
     fsdp_cpu_offload: bool = Field(False, description="With FSDP2 on GPUs: keep the sharded parameters, gradients "
-                                   "and optimizer state in host memory (not verified on a GPU yet).")
+                                   "and optimizer state in host memory; under torchrun only (one GPU: torchrun "
+                                   "--nproc-per-node=1), refused in one plain process (not verified on a GPU yet).")
     chunk_size: int | None = Field(None, gt=0, description="Tokens per chunk when computing logits and loss. Unset: "
                                    "1024 on a GPU; on CPU as many as keep one [chunk, vocabulary] fp32 matrix within "
                                    "32 MiB (above it every allocation is mapped and page-faulted afresh).")

@@ -1,6 +1,7 @@
 """The student across processes, on PyTorch's own engines: DDP, or FSDP2 (``fully_shard``).
 
-    par = Parallel.from_env(cfg)          # one process unless torchrun started this one (WORLD_SIZE > 1)
+    par = Parallel.from_env(cfg)          # one process unless torchrun started this one (WORLD_SIZE > 1, or
+                                          # one process with parallel fsdp: FSDP2 over one device)
     forward = par.wrap(student, bf16)     # (input_ids, attention_mask) -> last hidden states, through the
                                           # wrapper's hooks (DDP's reducer, FSDP2's all-gathers)
     par.share(idx)                        # this rank's rows of a micro-batch
@@ -77,22 +78,33 @@ class Parallel:
 
     @property
     def distributed(self) -> bool:
-        return self.world > 1
+        """In a process group (torchrun): several processes, or one with FSDP2 over its device."""
+        return self.world > 1 or self.mode != "none"
 
     @classmethod
     def from_env(cls, cfg: Any, model: nn.Module | None = None, device: torch.device | None = None) -> "Parallel":
         """One process, or the rank torchrun started (``WORLD_SIZE``, ``RANK``); joins the process group
         (gloo on the CPU, NCCL on CUDA) the first time."""
         world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world <= 1:
+        # torchrun with one process and FSDP2 asked for (parallel fsdp, or its CPU offload): FSDP2 over one
+        # device, e.g. one GPU whose student needs its optimizer state in host memory.
+        one_shard = "TORCHELASTIC_RUN_ID" in os.environ and (cfg.parallel == "fsdp" or cfg.fsdp_cpu_offload)
+        if world <= 1 and not one_shard:
+            if cfg.fsdp_cpu_offload:
+                raise ValueError("distill.fsdp_cpu_offload is FSDP2's, and FSDP2 runs under torchrun: start this "
+                                 "run with --nproc N, or with torchrun --nproc-per-node=1 for one GPU "
+                                 "(docs/distributed.md); one plain process would ignore it")
             return cls()
         import torch.distributed as dist
 
         if not dist.is_initialized():
-            backend = "nccl" if device is not None and device.type == "cuda" else "gloo"
+            # NCCL for the student's tensors on GPUs, gloo for the small CPU tensors of the reductions.
+            backend = "cpu:gloo,cuda:nccl" if device is not None and device.type == "cuda" else "gloo"
             dist.init_process_group(backend)
         mode = cfg.parallel
-        if mode == "auto":
+        if one_shard:
+            mode = "fsdp"
+        elif mode == "auto":
             mode = "fsdp" if model is not None and not fits_one_device(model, device) else "ddp"
         return cls(rank=dist.get_rank(), world=dist.get_world_size(), mode=mode, cpu_offload=cfg.fsdp_cpu_offload)
 
