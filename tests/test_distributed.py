@@ -234,3 +234,21 @@ def test_what_does_not_run_across_processes_yet_is_refused():
     with pytest.raises(ValueError, match="fsdp_cpu_offload .* needs parallel fsdp \\(or auto\\) and a CUDA device"):
         _check_distributed(DistillSpec(parallel="fsdp", fsdp_cpu_offload=True), get_algorithm("kd"), None,
                            torch.device("cpu"))
+
+
+def test_a_bad_input_is_said_once_per_machine_under_torchrun(work, tmp_path, monkeypatch):
+    """Every rank of a machine reads the same files: its first rank prints the error, the others only exit."""
+    from typer.testing import CliRunner
+
+    from stratos.cli import app
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "1 + 1 ="}\n')
+    args = ["distill", str(work / "ddp.yaml"), "--data", str(bad), "--out", str(tmp_path / "out")]
+    said = {}
+    for rank in ("0", "1"):
+        monkeypatch.setenv("LOCAL_RANK", rank)
+        done = CliRunner().invoke(app, args)
+        assert done.exit_code == 2, done.output
+        said[rank] = done.output
+    assert "bad.jsonl:1: a record with 'prompt' needs 'response' too" in said["0"] and said["1"] == ""

@@ -54,6 +54,10 @@ console = Console(stderr=True)
 def fail(lines: list[str] | str, code: int = 2) -> None:
     from rich.markup import escape
 
+    if os.environ.get("LOCAL_RANK", "0") != "0":
+        # A torchrun rank after the first on its machine: the ranks of one machine read the same spec, data
+        # and models, so their first rank says it once (each machine's first rank says its own).
+        raise typer.Exit(code)
     for line in [lines] if isinstance(lines, str) else lines:  # a message's own [brackets] are text, not markup
         console.print(f"[red]error:[/red] {escape(line)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
