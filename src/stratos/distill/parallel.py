@@ -84,7 +84,9 @@ class Parallel:
     @classmethod
     def from_env(cls, cfg: Any, model: nn.Module | None = None, device: torch.device | None = None) -> "Parallel":
         """One process, or the rank torchrun started (``WORLD_SIZE``, ``RANK``); joins the process group
-        (gloo on the CPU, NCCL on CUDA) the first time."""
+        (gloo on the CPU; on CUDA, NCCL with gloo for CPU tensors) the first time. Under torchrun, one process
+        with ``parallel: fsdp`` or ``fsdp_cpu_offload`` runs FSDP2 over its one device; one plain process
+        refuses ``fsdp_cpu_offload``."""
         world = int(os.environ.get("WORLD_SIZE", "1"))
         # torchrun with one process and FSDP2 asked for (parallel fsdp, or its CPU offload): FSDP2 over one
         # device, e.g. one GPU whose student needs its optimizer state in host memory.

@@ -470,7 +470,6 @@ class GroupSource:
 
 def _save_batches(path: Path, batches: list[Batch]) -> None:
     """Batches (their tensors, weights and per-token values) to one safetensors file, atomically."""
-
     tensors: dict[str, torch.Tensor] = {}
     for m, b in enumerate(batches):
         tensors.update({f"{m}.input_ids": b.input_ids, f"{m}.attention_mask": b.attention_mask,
