@@ -100,11 +100,12 @@ STEPS = ["--max-steps", "40", "--save-steps", "4"]  # 80 micro-batches of 3: sev
 @pytest.fixture(scope="module")
 def trained(work):
     """One process (parallel is not used), two with DDP, two with FSDP2 (uninterrupted: also the
-    reference of the killed run) and one with FSDP2 under torchrun, the same steps each, started together."""
+    reference of the killed run) and one with FSDP2 under torchrun, the same steps each."""
     runs = {name: work / f"trained-{name}" for name in ("one", "ddp", "fsdp", "fsdp-one")}
     # The two one-rank runs side by side; then each two-rank run alone (two ranks that share their cores
     # with other work spin in their collectives while the other waits for a core).
-    # torchrun itself with one process, as for one GPU (stratos distill --nproc 1 is a plain process):
+    # torchrun itself with one process, as for one GPU (stratos distill --nproc 1 is a plain process); no
+    # --nproc after it, which torchrun's parser would take for an abbreviation of its --nproc-per-node:
     one_rank = _popen(work, [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1",
                              "-m", "stratos.cli", "distill", str(work / "fsdp.yaml"), "--data",
                              str(work / "data.jsonl"), "--out", str(runs["fsdp-one"]), *STEPS])

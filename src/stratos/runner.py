@@ -236,7 +236,8 @@ def stage_distill(ctx: Context) -> dict[str, Any]:
     from stratos.report.card import data_source, write_baseline_card, write_distill_card
 
     # What training knows of the student, in `stratos distill`'s form; the eval stage replaces it with the measured one.
-    card_facts = dict(max_new_tokens=spec.eval.max_new_tokens, source=data_source(ctx.artifact('synth', 'data_path'), spec.task.name),
+    card_facts = dict(max_new_tokens=spec.eval.max_new_tokens,
+                      source=data_source(ctx.artifact("synth", "data_path"), spec.task.name),
                       spec=spec, plan=plan.to_dict(), teacher=t_spec, student=s_spec, device=ctx.runtime.describe(),
                       made_by="run")
     write_distill_card(res, settings=settings, metrics_path=ctx.dir / "metrics.jsonl", **card_facts)
