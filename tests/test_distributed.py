@@ -1,6 +1,6 @@
 """The student across processes (stratos.distill.parallel): real torchrun processes on the CPU (gloo,
-fp32) training a tiny Llama with DDP and FSDP2, against one process; a 2-process run SIGKILLed and
-resumed; `stratos run --nproc 2` end to end."""
+fp32) training a tiny Llama with DDP and FSDP2, against one process and against FSDP2 over one process;
+a 2-process run SIGKILLed and resumed; `stratos run --nproc 2` end to end."""
 
 from __future__ import annotations
 
@@ -71,8 +71,9 @@ def _finish(*procs: subprocess.Popen) -> None:
         assert p.returncode == 0, out[-6000:]
 
 
-def _one_process(base: Path, mode: str, out: Path, *extra: str) -> None:
-    """`stratos distill` without --nproc, in this process (a process fewer to start), on one thread as a rank."""
+def _one_process(base: Path, mode: str, out: Path, *extra: str, env: dict[str, str] | None = None) -> None:
+    """`stratos distill` without --nproc, in this process (a process fewer to start), on one thread as a rank;
+    ``env``: more environment for it (torchrun's, for one rank)."""
     from typer.testing import CliRunner
 
     from stratos.cli import app
@@ -80,10 +81,18 @@ def _one_process(base: Path, mode: str, out: Path, *extra: str) -> None:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        done = CliRunner().invoke(app, _distill(base, mode, out, 1, *extra)[3:], env=_env(base))
+        done = CliRunner().invoke(app, _distill(base, mode, out, 1, *extra)[3:], env={**_env(base), **(env or {})})
     finally:
         torch.set_num_threads(threads)
     assert done.exit_code == 0, (done.output[-3000:], done.exception)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _losses(out: Path) -> list[float]:
@@ -100,17 +109,16 @@ STEPS = ["--max-steps", "40", "--save-steps", "4"]  # 80 micro-batches of 3: sev
 @pytest.fixture(scope="module")
 def trained(work):
     """One process (parallel is not used), two with DDP, two with FSDP2 (uninterrupted: also the
-    reference of the killed run) and one with FSDP2 under torchrun, the same steps each."""
+    reference of the killed run) and one with FSDP2 as torchrun's one process, the same steps each."""
     runs = {name: work / f"trained-{name}" for name in ("one", "ddp", "fsdp", "fsdp-one")}
-    # The two one-rank runs side by side; then each two-rank run alone (two ranks that share their cores
-    # with other work spin in their collectives while the other waits for a core).
-    # torchrun itself with one process, as for one GPU (stratos distill --nproc 1 is a plain process); no
-    # --nproc after it, which torchrun's parser would take for an abbreviation of its --nproc-per-node:
-    one_rank = _popen(work, [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1",
-                             "-m", "stratos.cli", "distill", str(work / "fsdp.yaml"), "--data",
-                             str(work / "data.jsonl"), "--out", str(runs["fsdp-one"]), *STEPS])
     _one_process(work, "ddp", runs["one"], *STEPS)  # parallel is not used by one process
-    _finish(one_rank)
+    # The environment torchrun gives its one process (torchrun --standalone --nproc-per-node=1, as for one
+    # GPU; stratos distill --nproc 1 is a plain process): the process group joined, and left at the end.
+    torchrun_env = {"TORCHELASTIC_RUN_ID": "one-rank", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
+                    "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    _one_process(work, "fsdp", runs["fsdp-one"], *STEPS, env=torchrun_env)
+    # Each two-rank run alone (two ranks that share their cores with other work spin in their collectives
+    # while the other waits for a core).
     for mode in ("ddp", "fsdp"):
         _finish(_start(work, mode, runs[mode], 2, *STEPS))
     return runs
@@ -135,7 +143,9 @@ def test_two_processes_train_as_one(work, trained, mode):
 
 
 def test_one_process_under_torchrun_with_fsdp_is_fsdp2_over_one_device(trained):
-    """FSDP2 at world size 1 (what a single GPU with fsdp_cpu_offload runs): the one plain process's steps."""
+    """FSDP2 at world size 1 (what a single GPU with fsdp_cpu_offload runs): the one plain process's steps.
+    The run had torchrun's environment in this process, and left its process group when it ended."""
+    assert not torch.distributed.is_initialized()
     out, one = trained["fsdp-one"], trained["one"]
     assert json.loads((out / "result.json").read_text())["signal"]["processes"] == {"world_size": 1, "parallel": "fsdp"}
     ref, got = _losses(one), _losses(out)

@@ -19,7 +19,7 @@ from stratos.distill.trainer import InFlight
 from stratos.models.tiny import tiny_llama
 from stratos.spec import DistillSpec
 from stratos.teachers import TeacherError
-from stratos.teachers.pool import TeacherPool, split_rows
+from stratos.teachers.pool import ProcessBackend, TeacherPool, split_rows
 from stratos.teachers.signal import HiddenStateCache, OnlineTeacher
 
 
@@ -61,9 +61,35 @@ def _pool(request, teacher, backend, **options):
 
 
 @pytest.fixture(scope="module", params=BACKENDS)
-def pool(request, teacher):
-    with _pool(request, teacher, request.param, workers=2, threads=1) as p:
-        yield p
+def run_pool(request, teacher):
+    """Two workers of one thread, made as a run makes them from its settings (``distill.teacher_backend``),
+    and what the run records about them."""
+    from stratos.teachers.signal import teacher_pool
+
+    if request.param == "ray":
+        request.getfixturevalue("ray_cluster")
+    pool, info = teacher_pool(teacher, DistillSpec(teacher_workers=2, teacher_threads=1,
+                                                   teacher_backend=request.param), None)
+    with pool:
+        yield pool, info
+
+
+@pytest.fixture
+def pool(run_pool):
+    return run_pool[0]
+
+
+def test_a_runs_settings_choose_the_backend(run_pool, examples, tiny_tokenizer):
+    """distill.teacher_backend: the run's pool is worker processes, or Ray actors in the cluster this
+    process has (a given teacher_ray_address is joined the same way), and what the run records says so."""
+    pool, info = run_pool
+    if info["backend"] == "ray":
+        from stratos.teachers.ray_pool import RayBackend
+
+        assert isinstance(pool.backend, RayBackend) and info["ray_address"] == "local cluster"
+    else:
+        assert isinstance(pool.backend, ProcessBackend) and "ray_address" not in info
+    assert info["workers"] == 2 and info["threads_per_worker"] == 1 and info["devices"] == ["cpu", "cpu"]
 
 
 def _batch(examples, idx, pad_id):
@@ -142,6 +168,9 @@ class _DiesInWorker:
 
     def __init__(self, model):
         self.model, self.pid = model, os.getpid()
+
+    def __getstate__(self):  # a worker gets no model (it dies first): it need not import transformers to die
+        return {"pid": self.pid}
 
     def __call__(self):
         if os.getpid() != self.pid:
@@ -302,18 +331,3 @@ def test_worker_settings_are_checked_with_the_spec():
     assert DistillSpec(algorithm="gkd", teacher_workers=2, teacher_devices=["cpu", "cpu"], max_staleness=1)
     with pytest.raises(ValidationError, match="teacher_ray_address is for teacher_backend ray"):
         DistillSpec(teacher_workers=1, teacher_ray_address="auto")
-
-
-@pytest.mark.skipif(not HAVE_RAY, reason="Ray is not installed (pip install 'stratos[ray]')")
-def test_a_runs_settings_choose_the_ray_backend(ray_cluster, teacher, examples, tiny_tokenizer):
-    """distill.teacher_backend ray: the run's pool is Ray actors in the cluster this process has (a given
-    teacher_ray_address is joined the same way), and what the run records says so."""
-    from stratos.teachers.ray_pool import RayBackend
-    from stratos.teachers.signal import teacher_pool
-
-    pool, info = teacher_pool(teacher, DistillSpec(teacher_workers=1, teacher_threads=1, teacher_backend="ray"), None)
-    with pool:
-        assert isinstance(pool.backend, RayBackend)
-        b = _batch(examples, [3, 4], tiny_tokenizer.pad_token_id)
-        assert torch.equal(pool.hidden(b), OnlineTeacher(teacher).hidden(b))
-    assert info["backend"] == "ray" and info["ray_address"] == "local cluster" and info["workers"] == 1
