@@ -539,6 +539,28 @@ def test_the_plan_prices_rollouts_and_the_teacher_in_the_loop():
     assert g2.workload.rollout_sequences == pytest.approx(w.rollout_sequences)
 
 
+def test_the_plan_prices_the_forward_pass_gradient_checkpointing_repeats():
+    """distill.gradient_checkpointing recomputes each decoder layer's forward in the backward: 2 more FLOPs
+    per layer parameter and token on top of 6 per parameter (the output head's are not recomputed), on the
+    training it applies to, and the stage's note says so."""
+    from stratos.plan.costmodel import recomputed_fraction
+    from stratos.spec import DistillSpec
+
+    plain, _ = build_plan(one_pair(distill=DistillSpec(algorithm="kd", teacher_signal="cached")))
+    ckpt, _ = build_plan(one_pair(distill=DistillSpec(algorithm="kd", teacher_signal="cached",
+                                                      gradient_checkpointing=True)))
+    assert plain.workload.recomputed_share == 0.0 and ckpt.workload.recomputed_share == 1.0
+    student = S1B  # one_pair's student: Llama 3.2 1B's shape, whose output head is about a fifth of its parameters
+    layers = 1 - student.vocab * student.hidden / student.params
+    assert 0 < layers < 1 and recomputed_fraction(student) == pytest.approx(layers)
+    assert stage_seconds(ckpt)["training"] == pytest.approx(stage_seconds(plain)["training"] * (1 + layers / 3),
+                                                            rel=1e-6)
+    assert stage_seconds(ckpt)["signal"] == pytest.approx(stage_seconds(plain)["signal"], rel=1e-6)
+    note = next(s.note for s in ckpt.stages if s.stage == "training")
+    assert f"100% of them with gradient checkpointing (the layers' forward again: +{layers / 3:.0%} compute)" in note
+    assert "checkpointing" not in next(s.note for s in plain.stages if s.stage == "training")
+
+
 def test_the_plan_adds_rl_when_the_student_answers_sometimes_and_misses_the_target():
     """A final RL phase against the verifier where it pays: the student's predicted accuracy misses
     min_accuracy and is in the band where most groups of samples get differing rewards. opd for a

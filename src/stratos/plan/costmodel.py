@@ -113,6 +113,14 @@ def _bw(server: Server, gpus: int | None = None) -> float:
     return server.mem_bw_tbs * 1e12 * (gpus or server.gpu_count)
 
 
+def recomputed_fraction(m: ModelShape) -> float:
+    """The share of a training step's 6N FLOPs per token whose forward part gradient checkpointing runs
+    again: the decoder layers' (each layer's forward is recomputed in its backward), not the output
+    head's (2 x vocab x hidden per token). So checkpointing costs 1 + this / 3 times the compute."""
+    head = m.vocab * m.hidden
+    return min(1.0, max(0.0, 1 - head / m.params)) if head and m.params else 1.0
+
+
 def forward_seconds(m: ModelShape, tokens: float, server: Server, eff: Efficiency, gpus: int | None = None) -> float:
     """Forward passes over ``tokens`` tokens (teacher signal, prefill)."""
     return 2 * (m.params + eff.n_half) * tokens / (_flops(server, gpus) * eff.forward)
@@ -167,6 +175,7 @@ class Workload:
     rollout_sequences: float = 0.0  # completions the student samples while training (on-policy KD)
     rollout_tokens: float = 0.0  # at most this many tokens each (max_completion_length)
     train_sequences: float = 1.0  # sequences trained per example and epoch (grpo: a group of samples each)
+    recomputed_share: float = 0.0  # of the trained tokens, the share under gradient checkpointing (a 2nd forward)
     recovery_tokens: float = 0.0  # compression recovery
     serve_hours: float = 1.0
     batch: int = 8
@@ -287,7 +296,11 @@ def stage_costs(
         add("rollouts", train, secs, note=f"{work.rollout_sequences:,.0f} student samples of at most "
                                           f"{work.rollout_tokens:g} tokens (on-policy KD): an upper bound")
     tokens = work.train_examples * seq_tokens * work.epochs * work.train_sequences + work.extra_sft_tokens
-    add("training", train, train_seconds(student, tokens, train, eff_train), note=f"{tokens:,.0f} tokens trained")
+    recompute = 1 + work.recomputed_share * recomputed_fraction(student) / 3
+    add("training", train, train_seconds(student, tokens, train, eff_train) * recompute,
+        note=f"{tokens:,.0f} tokens trained" + (f", {work.recomputed_share:.0%} of them with gradient checkpointing "
+                                               f"(the layers' forward again: +{recompute - 1:.0%} compute)"
+                                               if work.recomputed_share else ""))
     if work.recovery_tokens:
         add("recovery", train, train_seconds(student, work.recovery_tokens, train, eff_train), note="compression recovery")
     add("serving", serve, work.serve_hours * 3600, note=f"{work.serve_hours:g} h trial deployment")
@@ -309,5 +322,5 @@ def with_params(m: ModelShape, params: float) -> ModelShape:
 __all__ = [
     "ApiPricing", "CPU_DEFAULT", "Efficiency", "Feasibility", "GPU_DEFAULT", "ModelShape", "StageCost", "Workload",
     "check_memory", "decode_step_seconds", "forward_seconds", "generate_seconds", "gpus_needed", "inference_bytes",
-    "request_latency_s", "serve_latency_ms", "stage_costs", "train_bytes", "train_seconds", "with_params",
+    "recomputed_fraction", "request_latency_s", "serve_latency_ms", "stage_costs", "train_bytes", "train_seconds", "with_params",
 ]

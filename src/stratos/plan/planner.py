@@ -261,6 +261,7 @@ def workload_for(strategy: Strategy, m: Match, task: TaskProfile, inputs: PlanIn
         signal_passes = sum(sh * strategy.epochs for sh, p in zip(shares, settings.phases)
                             if p.needs_teacher and p.config["teacher_signal"] == "online")
     trained = 0.0  # sequences trained per example and epoch, over the phases (grpo trains a group per prompt)
+    recomputed = 0.0  # of those, the ones whose forward pass is recomputed in the backward (gradient checkpointing)
     students = [settings.phases]
     if inputs.distill is not None and inputs.distill.sft_baseline and settings.signal != "none":
         students.append(sft_baseline(settings).phases)  # a second student, the same length, no teacher
@@ -269,6 +270,7 @@ def workload_for(strategy: Strategy, m: Match, task: TaskProfile, inputs: PlanIn
             algo = get_algorithm(p.algorithm)
             sampled, seqs = algo.rollouts(p.spec) if algo.rollouts else (0.0, 1.0)
             trained += sh * seqs
+            recomputed += sh * seqs * bool(p.config.get("gradient_checkpointing"))
             if sampled:
                 rollouts += sh * strategy.epochs * strategy.data_size * sampled
                 rollout_len = max(rollout_len, p.config["max_completion_length"])
@@ -282,6 +284,7 @@ def workload_for(strategy: Strategy, m: Match, task: TaskProfile, inputs: PlanIn
         extra_sft_tokens=corpus,
         signal_passes=signal_passes,
         train_sequences=trained,
+        recomputed_share=recomputed / trained if trained else 0.0,
         rollout_sequences=rollouts,
         rollout_tokens=rollout_len,
         recovery_tokens=inputs.recovery_tokens,
