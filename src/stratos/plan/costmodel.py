@@ -176,6 +176,7 @@ class Workload:
     rollout_tokens: float = 0.0  # at most this many tokens each (max_completion_length)
     train_sequences: float = 1.0  # sequences trained per example and epoch (grpo: a group of samples each)
     recomputed_share: float = 0.0  # of the trained tokens, the share under gradient checkpointing (a 2nd forward)
+    teacher_workers: int = 0  # distill.teacher_workers: the signal computed in worker processes
     recovery_tokens: float = 0.0  # compression recovery
     serve_hours: float = 1.0
     batch: int = 8
@@ -286,8 +287,12 @@ def stage_costs(
             measured=oracle_secs)
     if work.signal == "logit" and not teacher.api:
         secs = forward_seconds(teacher, work.train_examples * seq_tokens * work.signal_passes, train, eff_train)
-        add("signal", train, secs, note="teacher hidden states, computed once and cached" if work.signal_passes <= 1
-            else f"teacher hidden states, computed in the loop ({work.signal_passes:g} passes over the data)")
+        note = ("teacher hidden states, computed once and cached" if work.signal_passes <= 1
+                else f"teacher hidden states, computed in the loop ({work.signal_passes:g} passes over the data)")
+        if work.teacher_workers:  # the pool's gain depends on the devices it is given, which this does not model
+            note += (f"; by {work.teacher_workers} teacher worker(s), counted in full beside the training: an upper "
+                     "bound where they have devices of their own")
+        add("signal", train, secs, note=note)
     else:
         add("signal", train, 0.0, note="top-k log-probs come with generation" if work.signal == "topk" else "text only")
     if work.rollout_sequences:

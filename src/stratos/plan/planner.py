@@ -285,6 +285,8 @@ def workload_for(strategy: Strategy, m: Match, task: TaskProfile, inputs: PlanIn
         signal_passes=signal_passes,
         train_sequences=trained,
         recomputed_share=recomputed / trained if trained else 0.0,
+        teacher_workers=max((p.config.get("teacher_workers") or 0 for p in settings.phases if p.needs_teacher),
+                            default=0),
         rollout_sequences=rollouts,
         rollout_tokens=rollout_len,
         recovery_tokens=inputs.recovery_tokens,
