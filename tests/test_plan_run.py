@@ -7,6 +7,7 @@ import json
 from dataclasses import replace
 
 import pytest
+import torch
 import yaml
 from typer.testing import CliRunner
 
@@ -209,6 +210,11 @@ def test_profile_calibrates_the_local_machine():
     assert {"profile-train", "profile-forward", "profile-decode"} <= set(corrections("local"))
     local = local_server(0.0, cal)
     assert local.bf16_tflops == pytest.approx(cal["peak_flops"] / 1e12) and local.source.startswith("stratos profile")
+    # Processes that train together (stratos run --nproc): on a CPU they share the cores the calibration
+    # measured, the same machine; on CUDA one GPU each, as many as there are.
+    assert local_server(0.0, cal, device="cpu", processes=4).gpu_count == 1 == local.gpu_count
+    if torch.cuda.is_available():
+        assert local_server(0.0, cal, device="cuda", processes=2).gpu_count == min(2, torch.cuda.device_count())
     from stratos.plan.calibration import _shape, _small_llama, local_efficiency
     from stratos.plan.costmodel import CPU_DEFAULT, train_seconds
 

@@ -172,7 +172,7 @@ def stage_plan(ctx: Context) -> dict[str, Any]:
     from stratos.plan.run import make_plan
 
     plan, _ = make_plan(ctx.spec, ctx.dir, progress=ctx.progress, requests_dir=ctx.requests_dir, device=ctx.device,
-                        cache_dir=ctx.run_dir / "cache")
+                        cache_dir=ctx.run_dir / "cache", processes=ctx.nproc)
     log.info("plan: teacher %s, student %s, strategy %s", plan.teacher["name"], plan.student["name"], plan.strategy.kind)
     return {
         "plan_path": ctx.rel(ctx.dir / "plan.json"),

@@ -134,11 +134,12 @@ def shipped_catalog() -> list[Server]:
 
 
 def local_server(price_per_hour: float = 0.0, calibration: dict[str, Any] | None = None, *,
-                 device: Any = None) -> Server:
+                 device: Any = None, processes: int = 1) -> Server:
     """The machine Stratos runs on, as the device its stages use (``stratos.runtime``; default the
     ``auto`` one): its GPUs when that is CUDA, else its CPU. Measured figures come from ``stratos
     profile`` on that device; without them a deliberately modest guess (a few cores) is used and
-    the plan says so."""
+    the plan says so. ``processes``: how many train the student (``--nproc``): one GPU each, as many
+    as the machine has; on a CPU they share its cores, which the calibration measured together."""
     import torch
 
     from stratos.runtime import resolve_device
@@ -147,7 +148,8 @@ def local_server(price_per_hour: float = 0.0, calibration: dict[str, Any] | None
     device = torch.device(device) if device is not None else resolve_device("auto")
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        gpu, count, mem_gb = props.name, 1, props.total_memory / 1e9  # one process, one device
+        count = max(1, min(processes, torch.cuda.device_count()))  # one device per process
+        gpu, mem_gb = props.name, props.total_memory / 1e9
     else:
         gpu, count, mem_gb = "cpu", 1, _ram_gb()
     measured = "peak_flops" in cal
@@ -176,16 +178,18 @@ def load_catalog(
     local_price: float = 0.0,
     calibration: dict[str, Any] | None = None,
     device: Any = None,
+    processes: int = 1,
 ) -> list[Server]:
     """The offerings a plan chooses from: shipped rows (unless ``mode='replace'``), the user's rows
-    (replacing shipped rows of the same name), and the local machine, always."""
+    (replacing shipped rows of the same name), and the local machine, always (trained by
+    ``processes`` processes: see :func:`local_server`)."""
     rows = [] if (mode == "replace" and path is not None) else shipped_catalog()
     if path is not None:
         own = read_catalog(path)
         names = {s.name for s in own}
         rows = [s for s in rows if s.name not in names] + own
     rows = [s for s in rows if s.name != LOCAL]
-    return [local_server(local_price, calibration, device=device)] + rows
+    return [local_server(local_price, calibration, device=device, processes=processes)] + rows
 
 
 def filter_servers(

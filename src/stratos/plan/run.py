@@ -66,6 +66,7 @@ def make_plan(
     requests_dir: str | Path | None = None,
     device: Any = None,
     cache_dir: str | Path | None = None,
+    processes: int = 1,
 ) -> tuple[Plan, list[Any]]:
     """Plan a run for ``spec`` (a ``stratos.spec.Spec``) into ``out_dir``.
 
@@ -80,6 +81,8 @@ def make_plan(
     teachers are probed and pilots trained there, and its calibration is the one priced.
     ``cache_dir`` (default ``out_dir``) holds ``probes.json`` and ``mappings.json``: the runner keeps
     them outside the plan's folder, so a plan rerun from scratch (a retry's pinned candidate) reuses them.
+    ``processes``: how many train the student on this machine (``stratos run --nproc``): on CUDA the
+    ``local`` server is that many of its GPUs (one each), on a CPU the same machine whatever the count.
     """
     from stratos.io import write_json
     from stratos.runtime import resolve_device
@@ -135,7 +138,7 @@ def make_plan(
         cal = run_profile(quick=True, progress=progress, device=device)
         log.info("plan: calibration stored in %s", calibration_path(device))
     servers = load_catalog(ps.catalog, mode=ps.catalog_mode, local_price=ps.local_price_per_hour, calibration=cal,
-                           device=device)
+                           device=device, processes=processes)
     if ps.servers:
         servers = filter_servers(servers, only=ps.servers)
         if not servers:
