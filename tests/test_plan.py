@@ -561,10 +561,10 @@ def test_the_plan_prices_the_forward_pass_gradient_checkpointing_repeats():
     assert "checkpointing" not in next(s.note for s in plain.stages if s.stage == "training")
 
 
-def test_the_plan_says_teacher_workers_are_counted_in_full():
-    """distill.teacher_workers: the same teacher work, now in worker processes (overlapped with the
-    training where they have devices of their own, which the cost model does not know): the plan counts
-    it in full and its note says so."""
+def test_the_plan_says_how_it_prices_teacher_workers():
+    """distill.teacher_workers: the same teacher work, now in worker processes (split among them and
+    overlapped with the training where they have devices of their own, which the cost model does not
+    know): the plan prices it as before and its note says so."""
     from stratos.spec import DistillSpec
 
     plain, _ = build_plan(one_pair(distill=DistillSpec(algorithm="kd", teacher_signal="online")))
@@ -572,7 +572,7 @@ def test_the_plan_says_teacher_workers_are_counted_in_full():
     assert plain.workload.teacher_workers == 0 and pooled.workload.teacher_workers == 2
     assert stage_seconds(pooled) == pytest.approx(stage_seconds(plain), rel=1e-9)
     note = next(s.note for s in pooled.stages if s.stage == "signal")
-    assert "by 2 teacher worker(s), counted in full beside the training" in note
+    assert "by 2 teacher worker(s), priced as one device's work and not overlapped with the training" in note
     assert "worker" not in next(s.note for s in plain.stages if s.stage == "signal")
 
 

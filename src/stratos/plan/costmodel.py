@@ -290,8 +290,8 @@ def stage_costs(
         note = ("teacher hidden states, computed once and cached" if work.signal_passes <= 1
                 else f"teacher hidden states, computed in the loop ({work.signal_passes:g} passes over the data)")
         if work.teacher_workers:  # the pool's gain depends on the devices it is given, which this does not model
-            note += (f"; by {work.teacher_workers} teacher worker(s), counted in full beside the training: an upper "
-                     "bound where they have devices of their own")
+            note += (f"; by {work.teacher_workers} teacher worker(s), priced as one device's work and not overlapped "
+                     "with the training: an upper bound where they have devices of their own")
         add("signal", train, secs, note=note)
     else:
         add("signal", train, 0.0, note="top-k log-probs come with generation" if work.signal == "topk" else "text only")
@@ -327,5 +327,6 @@ def with_params(m: ModelShape, params: float) -> ModelShape:
 __all__ = [
     "ApiPricing", "CPU_DEFAULT", "Efficiency", "Feasibility", "GPU_DEFAULT", "ModelShape", "StageCost", "Workload",
     "check_memory", "decode_step_seconds", "forward_seconds", "generate_seconds", "gpus_needed", "inference_bytes",
-    "recomputed_fraction", "request_latency_s", "serve_latency_ms", "stage_costs", "train_bytes", "train_seconds", "with_params",
+    "recomputed_fraction", "request_latency_s", "serve_latency_ms", "stage_costs", "train_bytes", "train_seconds",
+    "with_params",
 ]
