@@ -270,3 +270,53 @@ def test_options_and_errors():
         get_task("mahjong:waits", suits="x")
     with pytest.raises(ValueError, match="mixed task needs the example"):
         get_task("mahjong").parse("Answer: 1m")
+
+
+def _split_reward():
+    """benchmarks/mahjong_split_reward.py, whose checker the GRPO figures in docs/engine.md rest on."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "mahjong_split_reward.py"
+    spec = importlib.util.spec_from_file_location("mahjong_split_reward", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("notation", ["spaced", "compact"])
+def test_the_faithful_reading_check_passes_the_oracles_readings_and_fails_broken_ones(notation):
+    """Every oracle reading (not the table fallback) is faithful, in either notation of the hand; a
+    reading that drops, adds or changes a tile, breaks a block, or answers other than its first spare
+    is not; right_and_faithful also needs an optimal answer."""
+    reward = _split_reward()
+    task = get_task("mahjong:discard", notation=notation)
+    checked = 0
+    for ex in task.examples("train", 300, seed=5):
+        prompt, text = task.prompt(ex), task.target(ex, rationale=True)
+        first, answer = text.splitlines()[0], text.splitlines()[-1]
+        if first.startswith("Shanten left by each discard"):
+            assert not reward.faithful(prompt, text)  # no reading to check
+            continue
+        checked += 1
+        assert reward.faithful(prompt, text), text
+        assert reward.right_and_faithful([prompt], [text], [ex.answer]) == [1.0]
+        blocks = first.split(": ", 1)[1].split()
+        tiles = [t for b in blocks for t in re.findall(r"[1-9][mpsz]", b)]
+        broken = [
+            text.replace(first, f"{first.split(': ')[0]}: " + " ".join(blocks[1:])),  # a block dropped
+            text.replace(first, first + " " + tiles[0]),  # a tile added
+            text.replace(answer, "Answer: " + next(t for t in tiles if t not in answer)),  # not the first spare
+        ]
+        for b in broken:
+            assert not reward.faithful(prompt, b), b
+            assert reward.right_and_faithful([prompt], [b], [ex.answer]) == [0.0]
+    assert checked >= 290
+    # A block that is no meld, pair or partial (9s 1p 5z) though every tile is kept, and a wrong answer
+    # from a faithful reading.
+    hand = "Hand (14 tiles): 1m 2m 3m 4p 5p 6p 7s 8s 9s 1p 9s 5z 2z 2z\n"
+    good = "Split: 1m2m3m [1p] 4p5p6p 7s8s9s [9s] [5z] 2z2z\nAnswer: 1p"
+    assert reward.faithful(hand, good)
+    assert not reward.faithful(hand, "Split: 1m2m3m 1p9s5z 4p5p6p 7s8s9s 2z2z\nAnswer: 1p")
+    assert reward.split_faithful([hand], [good]) == [1.0]
+    assert reward.right_and_faithful([hand], [good], ["9s"]) == [0.0]
