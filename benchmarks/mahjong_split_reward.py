@@ -88,13 +88,16 @@ def main() -> None:
     200 validation questions a GRPO spec's evaluation while training scores (docs/engine.md)."""
     import argparse
     import sys
+    import tempfile
+    from pathlib import Path
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from stratos.distill.evaluation import evaluator_for
+    from stratos.evaluate import evaluate
+    from stratos.io import read_jsonl
     from stratos.spec import load_spec
-    from stratos.tasks import grade
 
     ap = argparse.ArgumentParser(description=main.__doc__)
     ap.add_argument("model", help="a model folder (e.g. runs/mahjong-rationale/model)")
@@ -102,24 +105,17 @@ def main() -> None:
     args = ap.parse_args()
     spec = load_spec(args.spec)
     tok = AutoTokenizer.from_pretrained(args.model)
-    tok.padding_side = "left"
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
     ev = evaluator_for(spec.task, tok, spec.distill, max_new_tokens=128)
     if ev is None:
         sys.exit(f"{args.spec}: no distill.eval_steps, so no validation questions")
-    task, examples = ev.task, ev.examples
-    prompts = [task.prompt(e) for e in examples]
-    outs: list[str] = []
-    for i in range(0, len(prompts), 50):  # greedy, in the chat template, as the evaluator decodes
-        chats = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-                 for p in prompts[i:i + 50]]
-        enc = tok(chats, return_tensors="pt", padding=True, add_special_tokens=False)
-        with torch.no_grad():
-            ids = model.generate(**enc, max_new_tokens=128, do_sample=False, pad_token_id=tok.pad_token_id)
-        outs += tok.batch_decode(ids[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
-    right = [grade(task, e, o)[1].correct for e, o in zip(examples, outs)]
-    true = [faithful(p, o) for p, o in zip(prompts, outs)]
-    n, nf = len(examples), sum(true)
+    with tempfile.TemporaryDirectory() as tmp:  # greedy, decoded as evaluation while training decodes
+        predictions = Path(tmp) / "predictions.jsonl"
+        evaluate(model, tok, ev.task, ev.examples, max_new_tokens=128, predictions_path=predictions)
+        rows = read_jsonl(predictions)
+    right = [r["correct"] for r in rows]
+    true = [faithful(r["prompt"], r["output"]) for r in rows]
+    n, nf = len(rows), sum(true)
     rf = sum(r and f for r, f in zip(right, true))
     print(f"{args.model}: {n} validation questions, greedy")
     print(f"  right {sum(right) / n:.1%}; faithful readings {nf / n:.1%}")

@@ -19,6 +19,7 @@ import yaml
 from safetensors.torch import load_file
 
 from stratos.models.tiny import build_tokenizer, save_model, tiny_llama
+from stratos.serve.server import free_port
 from tests.conftest import addition_records
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,14 +88,6 @@ def _one_process(base: Path, mode: str, out: Path, *extra: str, env: dict[str, s
     assert done.exit_code == 0, (done.output[-3000:], done.exception)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _losses(out: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
 
@@ -115,7 +108,7 @@ def trained(work):
     # The environment torchrun gives its one process (torchrun --standalone --nproc-per-node=1, as for one
     # GPU; stratos distill --nproc 1 is a plain process): the process group joined, and left at the end.
     torchrun_env = {"TORCHELASTIC_RUN_ID": "one-rank", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
-                    "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+                    "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
     _one_process(work, "fsdp", runs["fsdp-one"], *STEPS, env=torchrun_env)
     # Each two-rank run alone (two ranks that share their cores with other work spin in their collectives
     # while the other waits for a core).
