@@ -85,7 +85,12 @@ def compare(accuracies: dict[str, list[float]], n: int, first_seed: int = 0) -> 
     for name, accs in accuracies.items():
         m, se = mean_se(accs, n)
         print(f"| {name} | {' | '.join(f'{a:.1%}' for a in accs)} | {m:.1%} | {se:.1%} |")
-    (m0, se0), (m1, se1) = mean_se(base_accs, n), mean_se(last_accs, n)
+    return gain_words(base_accs, last_accs, n)
+
+
+def gain_words(base_accs: list[float], accs: list[float], n: int) -> str:
+    """The mean gain of ``accs`` over ``base_accs`` with the pooled SE of that difference, in words."""
+    (m0, se0), (m1, se1) = mean_se(base_accs, n), mean_se(accs, n)
     gain, pooled = m1 - m0, math.sqrt(se0**2 + se1**2)
     in_se = f"{gain / pooled:.1f} SE" if pooled else "no spread to measure it against"
     return f"gain {100 * gain:+.1f} points; pooled SE of the difference {100 * pooled:.1f} points ({in_se})"

@@ -7,13 +7,17 @@ the same vocabulary, and the student trains on the same oracle records and steps
 
 - sft: cross-entropy on the records;
 - kd:  kd_ratio x forward KL to the teacher's distribution at every answer token (the engine's
-       hidden-state signal, cached once) + the rest cross-entropy.
+       hidden-state signal, cached once) + the rest cross-entropy;
+- gkd (with --methods sft kd gkd): on-policy KD, the same objective, but with probability lmbda a
+       micro-batch holds the student's own answers to its questions (sampled at temperature 1), which
+       the teacher scores token by token: the teacher corrects the splits the student actually writes.
 
 Each is trained with several seeds and scored greedily on the task's 200 held-out discard questions;
 the table gives each seed's accuracy, the means and the pooled standard error of the difference.
 
     python benchmarks/mahjong_kd_vs_sft.py runs/mahjong-demo-*/distill/model              # 3 seeds
     python benchmarks/mahjong_kd_vs_sft.py TEACHER --records 2000 --steps 250 --layers 2 --hidden 192
+    python benchmarks/mahjong_kd_vs_sft.py TEACHER --methods sft gkd --lmbda 0.5
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import time
 from pathlib import Path
 
 import torch
-from ctkd_vs_sft import compare
+from ctkd_vs_sft import compare, gain_words
 
 from stratos.distill import distill
 from stratos.evaluate import evaluate
@@ -39,9 +43,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("teacher", help="a Mahjong model folder on the task tokenizer (the student of an injection run)")
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed + seeds - 1")
     ap.add_argument("--records", type=int, default=2000, help="oracle-answered training questions")
     ap.add_argument("--steps", type=int, default=250)
+    ap.add_argument("--methods", nargs="+", choices=("sft", "kd", "gkd"), default=["sft", "kd"])
     ap.add_argument("--kd-ratio", type=float, default=0.5)
+    ap.add_argument("--gkd-kd-ratio", type=float, default=None, help="gkd's kd_ratio (default: --kd-ratio)")
+    ap.add_argument("--lmbda", type=float, default=0.5, help="gkd: the share of micro-batches on the student's samples")
+    ap.add_argument("--max-completion-length", type=int, default=64, help="gkd: tokens a sampled answer may hold")
     ap.add_argument("--loss", default="fkl")
     ap.add_argument("--hidden", type=int, default=192)
     ap.add_argument("--layers", type=int, default=2)
@@ -62,31 +71,37 @@ def main() -> None:
     print(f"teacher {args.teacher}: {teacher_acc:.1%} of {len(held_out)} held-out questions, {n_teacher / 1e6:.2f}M "
           f"parameters ({time.perf_counter() - t0:.0f} s)", flush=True)
 
-    results: dict[str, list[float]] = {"sft": [], "kd": []}
+    kd_ratio = {"sft": 0.0, "kd": args.kd_ratio,
+                "gkd": args.kd_ratio if args.gkd_kd_ratio is None else args.gkd_kd_ratio}
+    labels = {"sft": "SFT", "kd": f"KD ({args.loss}, kd_ratio {args.kd_ratio:g})",
+              "gkd": f"on-policy KD (gkd, {args.loss}, kd_ratio {kd_ratio['gkd']:g}, lmbda {args.lmbda:g})"}
+    results: dict[str, list[float]] = {m: [] for m in args.methods}
     rows = []
     n_student = None
-    for seed in range(args.seeds):
-        for method in ("sft", "kd"):
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
+        for method in args.methods:
             torch.manual_seed(seed)
             student = tiny_llama(tok, hidden_size=args.hidden, num_hidden_layers=args.layers, seed=seed,
                                  num_attention_heads=4, num_key_value_heads=2, intermediate_size=3 * args.hidden)
             n_student = sum(p.numel() for p in student.parameters())
-            cfg = DistillSpec(algorithm="sft" if method == "sft" else "kd", loss=args.loss,
-                              kd_ratio=args.kd_ratio if method == "kd" else 0.0, max_steps=args.steps,
+            cfg = DistillSpec(algorithm=method, loss=args.loss, kd_ratio=kd_ratio[method], max_steps=args.steps,
+                              lmbda=args.lmbda, max_completion_length=args.max_completion_length,
                               per_device_train_batch_size=16, learning_rate=args.lr, warmup_ratio=0.03,
                               max_length=256, seed=seed, report_to=[], logging_steps=50, bf16=False)
             t = time.perf_counter()
             out = distill(student, tok, train, cfg, args.out / f"{method}-seed{seed}",
-                          teacher=teacher if method == "kd" else None, teacher_tokenizer=tok,
+                          teacher=teacher if method != "sft" else None, teacher_tokenizer=tok,
                           cache_root=args.out / "teacher-cache", resume=False, progress=False)
             acc = evaluate(student, tok, task, held_out, max_new_tokens=96).accuracy
             results[method].append(acc)
             rows.append({"seed": seed, "method": method, "accuracy": acc, "train_s": out.seconds})
             print(f"seed {seed} {method:3s}: {acc:.1%} ({time.perf_counter() - t:.0f} s)", flush=True)
 
-    gain = compare({"SFT": results["sft"], f"KD ({args.loss}, kd_ratio {args.kd_ratio:g})": results["kd"]},
-                   len(held_out))
-    print(f"\n{gain}; teacher {teacher_acc:.1%} at "
+    compare({labels[m]: results[m] for m in args.methods}, len(held_out), args.first_seed)
+    base = args.methods[0]
+    gains = [f"{labels[m]} over {labels[base]}: {gain_words(results[base], results[m], len(held_out))}"
+             for m in args.methods[1:]]
+    print("\n" + "\n".join(gains) + f"\nteacher {teacher_acc:.1%} at "
           f"{n_teacher / 1e6:.2f}M parameters, student {n_student / 1e6:.2f}M; {args.records} records, {args.steps} "
           f"steps of 16; {len(held_out)} held-out questions")
     args.out.mkdir(parents=True, exist_ok=True)
