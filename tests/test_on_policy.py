@@ -69,6 +69,27 @@ def test_gkd_trains_on_its_own_samples_and_resumes_to_the_same_weights(tiny_toke
     assert all(r["on_policy_fraction"] == 0.0 and "rollout_tokens" not in r for r in rows)
 
 
+def test_gkd_trains_the_students_own_samples_on_the_divergence_alone(tiny_tokenizer, tmp_path):
+    """kd_ratio mixes CE into gkd only on the data's responses: the student's own samples are no reference,
+    so on them (lmbda 1: every micro-batch) kd_ratio 0.5 trains exactly as kd_ratio 1. On the data's
+    responses (lmbda 0) the two differ, as in kd."""
+    records = addition_records(24, seed=3)
+    teacher, _ = _models(tiny_tokenizer)
+    weights: dict[tuple[float, float], dict[str, torch.Tensor]] = {}
+    for lmbda in (1.0, 0.0):
+        for ratio in (0.5, 1.0):
+            _, student = _models(tiny_tokenizer)
+            distill(student, tiny_tokenizer, records, _cfg(loss="fkl", kd_ratio=ratio, lmbda=lmbda, max_steps=3),
+                    tmp_path / f"{lmbda}-{ratio}", teacher=teacher, progress=False)
+            weights[lmbda, ratio] = student.state_dict()
+
+    def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+        return all(torch.equal(a[k], b[k]) for k in a)
+
+    assert same(weights[1.0, 0.5], weights[1.0, 1.0])
+    assert not same(weights[0.0, 0.5], weights[0.0, 1.0])
+
+
 def eval_json(line: str) -> dict:
     import json
 

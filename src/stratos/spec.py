@@ -184,7 +184,8 @@ class _TrainingOptions(_Strict):
     loss_kwargs: dict[str, float] = Field(default_factory=dict, description="Extra loss parameters, e.g. {beta: 0.5}.")
     temperature: float = Field(1.0, gt=0)
     scale_by_temperature: bool = Field(True, description="Multiply the KD term by T^2 (Hinton et al.).")
-    kd_ratio: float = Field(1.0, ge=0, le=1, description="loss = kd_ratio * KD + (1 - kd_ratio) * CE.")
+    kd_ratio: float = Field(1.0, ge=0, le=1, description="loss = kd_ratio * KD + (1 - kd_ratio) * CE "
+                            "(gkd: on the data's responses; the student's own samples train on KD alone).")
     label_smoothing_factor: float = Field(0.0, ge=0, lt=1, description="Label smoothing of the CE term (as in "
                                           "TrainingArguments): the target is (1 - f) x the data's token + f spread "
                                           "evenly over the vocabulary.")

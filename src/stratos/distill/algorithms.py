@@ -21,7 +21,7 @@ and name it in the spec (``distill.algorithm: ce_on_long_answers``, or as a phas
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -111,10 +111,13 @@ def responses_needed(algorithms: Any) -> bool:
     return not all(get_algorithm(a).rewarded for a in algorithms)
 
 
-def student_terms(ctx: StepContext, batch: Batch) -> dict[str, torch.Tensor]:
+def student_terms(ctx: StepContext, batch: Batch,
+                  divergence_only: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """The chunked objective on the student's last hidden states at the batch's target positions,
     against the teacher's signal when the objective needs it (hidden states, or an API teacher's
-    top-k log-probs), each token weighted by ``batch.weights`` when the batch carries them."""
+    top-k log-probs), each token weighted by ``batch.weights`` when the batch carries them. The target
+    tokens ``divergence_only`` marks ([num_targets] bool) train on the divergence alone (kd_ratio 1), the
+    others on the objective's mix."""
     obj, device = ctx.objective, ctx.device
     mask = batch.target_mask.to(device)
     t_hidden = ctx.signal.hidden(batch).to(device) if ctx.t_head is not None and ctx.signal is not None else None
@@ -124,10 +127,23 @@ def student_terms(ctx: StepContext, batch: Batch) -> dict[str, torch.Tensor]:
     weights = batch.weights.to(device) if batch.weights is not None else None
     # A cross-tokenizer signal marks the targets with a teacher counterpart (stratos.distill.crosstok).
     kd_mask = ctx.signal.kd_mask(batch).to(device) if t_hidden is not None and hasattr(ctx.signal, "kd_mask") else None
+    targets = batch.targets.to(device)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=ctx.bf16):
-        h = ctx.hidden(batch)
-        return kd_terms(h[:, :-1][mask], t_hidden, batch.targets.to(device), ctx.s_head, ctx.t_head, obj, topk=topk,
-                        weights=weights, kd_mask=kd_mask)
+        h = ctx.hidden(batch)[:, :-1][mask]
+        if divergence_only is None or not obj.needs_teacher or obj.kd_ratio >= 1 or not bool(divergence_only.any()):
+            return kd_terms(h, t_hidden, targets, ctx.s_head, ctx.t_head, obj, topk=topk, weights=weights,
+                            kd_mask=kd_mask)
+        # Two disjoint sets of target tokens, each with its objective; the terms are sums, so they add.
+        alone = divergence_only.to(device)
+        parts = [(alone, replace(obj, kd_ratio=1.0)), (~alone, obj)]
+        terms = [kd_terms(h[sel], _pick(t_hidden, sel), targets[sel], ctx.s_head, ctx.t_head, o,
+                          topk=None if topk is None else tuple(t[sel] for t in topk), weights=_pick(weights, sel),
+                          kd_mask=_pick(kd_mask, sel)) for sel, o in parts if bool(sel.any())]
+        return {k: sum(t[k] for t in terms) for k in terms[0]}
+
+
+def _pick(t: torch.Tensor | None, sel: torch.Tensor) -> torch.Tensor | None:
+    return None if t is None else t[sel]
 
 
 def _kd_needs_teacher(cfg: Any) -> bool:
@@ -182,9 +198,10 @@ def _online_teacher(cfg: Any) -> Any:
 def gkd(ctx: StepContext, batch: Batch) -> dict[str, torch.Tensor]:
     """On-policy KD (GKD; TRL's GKDTrainer): with probability lmbda a micro-batch holds the student's own
     samples of its prompts, which the teacher scores (its hidden states, online) with the registered
-    divergence (jsd with loss_kwargs beta is GKD's; rkl is on-policy reverse KL); kd_ratio mixes in CE on
-    the batch's tokens as in kd."""
-    return student_terms(ctx, batch)
+    divergence (jsd with loss_kwargs beta is GKD's; rkl is on-policy reverse KL), alone: the student's own
+    tokens are no reference to learn by cross-entropy. kd_ratio mixes in CE on the data's responses (and the
+    teacher's samples, with seq_kd) as in kd."""
+    return student_terms(ctx, batch, divergence_only=batch.values["own"].bool() if "own" in batch.values else None)
 
 
 def _group_source(**context: Any) -> Any:
@@ -223,8 +240,6 @@ def _policy_terms(ctx: StepContext, h: torch.Tensor, batch: Batch) -> dict[str, 
 
 def _rl_terms(ctx: StepContext, batch: Batch, *, teacher: bool) -> dict[str, torch.Tensor]:
     """grpo's terms, and opd's: the same plus kd_ratio x the divergence to the teacher on the samples."""
-    from dataclasses import replace
-
     device = ctx.device
     mask = batch.target_mask.to(device)
     t_hidden = ctx.signal.hidden(batch).to(device) if teacher else None
