@@ -8,9 +8,9 @@ the same vocabulary, and the student trains on the same oracle records and steps
 - sft: cross-entropy on the records;
 - kd:  kd_ratio x forward KL to the teacher's distribution at every answer token (the engine's
        hidden-state signal, cached once) + the rest cross-entropy;
-- gkd (with --methods sft kd gkd): on-policy KD, the same objective, but with probability lmbda a
-       micro-batch holds the student's own answers to its questions (sampled at temperature 1), which
-       the teacher scores token by token: the teacher corrects the splits the student actually writes.
+- gkd (with --methods sft kd gkd): on-policy KD: with probability lmbda a micro-batch holds the
+       student's own answers to its questions (sampled at temperature 1), which train on the divergence
+       to the teacher alone, token by token; the other micro-batches train as in kd.
 
 Each is trained with several seeds and scored greedily on the task's 200 held-out discard questions;
 the table gives each seed's accuracy, the means and the pooled standard error of the difference.

@@ -268,12 +268,10 @@ class OnPolicySource:
         batches = [collate(rows, idx, self.pad_id) for rows, idx in zip(micro, indices)]
         # Each target token of the student's own samples is marked (values["own"] 1.0): gkd trains those on the
         # divergence alone, never on cross-entropy against what the student itself just wrote.
-        own_rows: dict[int, set[int]] = {}
-        for m, j in wanted[True]:
-            own_rows.setdefault(m, set()).add(j)
-        for m, rows_own in own_rows.items():
+        own = set(wanted[True])
+        for m in {m for m, _ in own}:
             b = batches[m]
-            row_own = torch.tensor([j in rows_own for j in range(b.input_ids.shape[0])])
+            row_own = torch.tensor([(m, j) in own for j in range(b.input_ids.shape[0])])
             batches[m] = b.with_values(own=row_own[:, None].expand_as(b.target_mask)[b.target_mask].float())
         if path is not None:
             _save_batches(path, batches)  # before they train: a resume reads them
