@@ -17,6 +17,7 @@ exactly-mapped probability share (what the planner measures).
     python benchmarks/ctkd_vs_sft.py --steps 560            # 3 seeds: one of the runs docs/benchmarks.md records
     python benchmarks/ctkd_vs_sft.py --seeds 1 --steps 500  # another (the others: --steps 650, --kd-ratio)
     python benchmarks/ctkd_vs_sft.py --steps 500 --responses teacher   # the teacher's own answers as the data
+    python benchmarks/ctkd_vs_sft.py --steps 500 --methods ctkd --max-chain 99   # without the chain rule
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from pathlib import Path
 import torch
 
 from stratos.distill import distill
+from stratos.distill import crosstok
 from stratos.distill.crosstok import measure_mapping
 from stratos.models import load
 from stratos.models.generate import generate
@@ -105,6 +107,11 @@ def main() -> None:
     ap.add_argument("--kd-ratio", type=float, default=0.2)
     ap.add_argument("--method", default="hybrid", choices=["hybrid", "uld", "shared"])
     ap.add_argument("--map", default="exact", choices=["exact", "first_token"], help="ctkd.map")
+    ap.add_argument("--methods", nargs="+", default=["sft", "ctkd"], choices=["sft", "ctkd"])
+    ap.add_argument("--max-chain", type=int, default=None,
+                    help="span starts whose student token the teacher spells with more tokens than this train on CE "
+                         "(default: the engine's crosstok.MAX_CHAIN, 2; 99 gives the engine before it had the rule, "
+                         "which distilled them against the chain's shorter token)")
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--lr", type=float, default=2e-3)
@@ -114,6 +121,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("runs/ctkd_vs_sft"))
     args = ap.parse_args()
 
+    if args.max_chain is not None:
+        crosstok.MAX_CHAIN = args.max_chain
     train, held_out = questions()
     teacher, t_tok = load(args.teacher)
     t0 = time.perf_counter()
@@ -133,10 +142,10 @@ def main() -> None:
           f"teacher's vocabulary maps byte for byte; {mapping['mapped_mass']:.1%} of its probability at the "
           f"{mapping['positions']} aligned positions of 64 train answers falls on mapped tokens", flush=True)
 
-    results: dict[str, list[float]] = {"sft": [], "ctkd": []}
+    results: dict[str, list[float]] = {m: [] for m in args.methods}
     rows = []
     for seed in range(args.first_seed, args.first_seed + args.seeds):
-        for method in ("sft", "ctkd"):
+        for method in args.methods:
             torch.manual_seed(seed)
             student = tiny_llama(tok, hidden_size=args.hidden, num_hidden_layers=args.layers, seed=seed,
                                  num_attention_heads=4, num_key_value_heads=4)
@@ -154,9 +163,11 @@ def main() -> None:
                          "signal": res.signal.get("ctkd")})
             print(f"seed {seed} {method:5s}: {acc:.1%} ({time.perf_counter() - t:.0f} s)", flush=True)
 
-    gain = compare({"SFT": results["sft"],
-                    f"cross-tokenizer KD ({args.method}, map {args.map}, kd_ratio {args.kd_ratio:g})": results["ctkd"]}, len(held_out),
-                   args.first_seed)
+    names = {"sft": "SFT", "ctkd": f"cross-tokenizer KD ({args.method}, map {args.map}, kd_ratio {args.kd_ratio:g}, "
+                                    f"max chain {crosstok.MAX_CHAIN})"}
+    gain = compare({names[m]: results[m] for m in args.methods}, len(held_out), args.first_seed)
+    if len(args.methods) < 2:
+        gain = "one method, no gain"
     print(f"\n{gain}; teacher {teacher_acc:.1%}; responses: {args.responses}'s; "
           f"mapped share {mapping['mapped_mass']:.1%}; {len(held_out)} held-out questions, {args.steps} steps of "
           f"16 examples")

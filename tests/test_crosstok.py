@@ -52,6 +52,9 @@ def test_align_hand_made_offsets():
     assert al.bounds == [0, 3, 5]
     assert al.student_span == [0, 0, 1] and al.teacher_span == [0, 1, 1]
     assert al.pairs == [(0, 0), (2, 1)]
+    # How the teacher spells the student token that starts each span: 'a' ends inside 'abc' (0: the student
+    # splits it), 'de' is 'd' + 'e' (two teacher tokens).
+    assert al.spelling(0, 0) == 0 and al.spelling(2, 1) == 2
     # A zero-length token (a dummy-prefix '▁') belongs to the span it starts.
     al = align([(0, 0), (0, 2)], [(0, 1), (1, 2)], 2)
     assert al.bounds == [0, 2] and al.student_span == [0, 0] and al.pairs == [(0, 0)]
@@ -66,8 +69,9 @@ def test_byte_offsets_multibyte_and_byte_fallback(bytelevel, spiece):
     assert t_off[:4] == [(0, 1), (1, 2), (2, 3), (3, 6)]  # the dummy-prefix space is no byte of the text
     assert t_pieces[-4:] == ["<0xF0>", "<0x9F>", "<0x80>", "<0x84>"] and t_off[-4:] == [(7, 8), (8, 9), (9, 10), (10, 11)]
     al = align(s_off, t_off, len(text.encode()))
-    # "héllo" is one span: one student token, four teacher tokens; KD pairs their first tokens only.
+    # "héllo" is one span: one student token, four teacher tokens, which spell it together.
     assert al.bounds[:2] == [0, 6] and al.teacher_span[:4] == [0, 0, 0, 0] and al.pairs[0] == (0, 0)
+    assert al.spelling(0, 0) == 4
 
 
 def test_byte_offsets_leading_spaces(bytelevel, spiece):
@@ -103,16 +107,22 @@ def test_spans_cover_every_byte_once_property(bytelevel, spiece):
 
 
 def test_pair_records_templates_and_eos(bytelevel, spiece):
-    """Each side wraps the response in its own prompt; the first response targets and the EOS pair up."""
+    """Each side wraps the response in its own prompt; the first response targets and the EOS pair up. A
+    span start whose student token the teacher spells with more tokens than the chain follows (MAX_CHAIN)
+    trains on CE alone: 'héllo' is one student token and four teacher tokens, so the teacher's mass would
+    stop on a shorter token than the one the student must write."""
     recs = [{"prompt": "2+3=", "response": "héllo 5"}, {"text": "hello world"}]
     paired = pair_records(recs, bytelevel, spiece, max_length=64)
     s_ex, t_ex = encode(recs, bytelevel, 64)[0], encode(recs, spiece, 64)[0]
     assert [e.input_ids for e in paired.student] == [e.input_ids for e in s_ex]
     assert [e.input_ids for e in paired.teacher] == [e.input_ids for e in t_ex]
-    row = paired.target_map[0]
-    assert len(row) == s_ex[0].num_targets
-    assert row[0] == 0 and row[-1] == t_ex[0].num_targets - 1  # first response token, and EOS <-> EOS
-    assert -1 not in row[:1] and all(b > a for a, b in zip([x for x in row if x >= 0], [x for x in row if x >= 0][1:]))
+    for row, s, t in zip(paired.target_map, s_ex, t_ex):
+        assert len(row) == s.num_targets
+        assert row[-1] == t.num_targets - 1  # EOS <-> EOS
+        kept = [x for x in row if x >= 0]
+        assert all(b > a for a, b in zip(kept, kept[1:]))
+    assert paired.target_map[0][0] == -1 and paired.target_map[1][0] == 0  # 'héllo' (four) / 'hello' (one)
+    assert paired.stats["beyond_chain"] == 1
 
 
 # ------------------------------------------------------------------------------------------ the map and the loss
@@ -279,7 +289,10 @@ def test_sampled_rows_pair_as_the_same_text_paired_up_front(bytelevel, spiece):
     b2 = collate([Encoded(prompt + response, [-100] * len(prompt) + response)], [1], bytelevel.pad_token_id)
     mask = sampled.kd_mask(b2)
     assert sampled.hidden(b2).shape[0] == len(response) == mask.numel()
-    assert bool(mask[0]) and not bool(mask[-1])  # 'héllo' starts a span; the lone byte of 'ö' has no partner
+    # 'héllo' starts a span but is four teacher tokens (CE alone, as up front); ' ' starts the next one; the
+    # lone byte of 'ö' has no partner.
+    assert not bool(mask[0]) and bool(mask[1]) and not bool(mask[-1])
+    assert sampled.stats["beyond_chain"] == 3  # 'héllo' here; 'héllo' and 'wörld' in the first batch
     assert sampled.stats["unpaired_rows"] == 0
 
 

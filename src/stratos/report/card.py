@@ -72,7 +72,7 @@ def _source(model: str) -> str:
     if _local(model):
         return f"a local model, `{_ref(model)}`"
     alias = ALIASES.get(model)
-    return f"`{model}`" + (f": {alias.description}, from the PyPI wheel {alias.package}=={alias.version}"
+    return f"`{model}`" + (f": {alias.description}, from {alias.source}"
                            if alias else "")
 
 
