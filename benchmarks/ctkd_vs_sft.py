@@ -119,7 +119,11 @@ def main() -> None:
                     help="the records' responses: the oracle's answers, or the teacher's own greedy answers "
                          "(right or wrong: the data an alignment run distils from)")
     ap.add_argument("--out", type=Path, default=Path("runs/ctkd_vs_sft"))
+    ap.add_argument("--pool", type=Path, nargs="+", metavar="OUT",
+                    help="train nothing: pool the seeds of earlier runs' OUT/results.json into one table")
     args = ap.parse_args()
+    if args.pool:
+        return pool(args.pool)
 
     if args.max_chain is not None:
         crosstok.MAX_CHAIN = args.max_chain
@@ -173,8 +177,34 @@ def main() -> None:
           f"16 examples")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps({"teacher_accuracy": teacher_acc, "mapping": mapping,
-                                                       "rows": rows, "args": {k: str(v) for k, v in vars(args).items()}},
+                                                       "rows": rows, "max_chain": crosstok.MAX_CHAIN,
+                                                       "held_out": len(held_out),
+                                                       "args": {k: str(v) for k, v in vars(args).items()}},
                                                       indent=2))
+
+
+def pool(outs: list[Path]) -> None:
+    """One table over the seeds of several runs (``--first-seed`` 0, 3, 6, ...): SFT, and CTKD by the
+    ``--max-chain`` it ran with; the gain of each CTKD row over SFT, paired by seed, with its pooled SE."""
+    by: dict[str, dict[int, float]] = {}
+    n = 250
+    for out in outs:
+        res = json.loads((out / "results.json").read_text())
+        n = res.get("held_out", n)
+        for row in res["rows"]:
+            name = "SFT" if row["method"] == "sft" else f"CTKD, max chain {res['max_chain']}"
+            by.setdefault(name, {})[row["seed"]] = row["accuracy"]
+    seeds = sorted(by.get("SFT", {}))
+    if not seeds or seeds != list(range(seeds[0], seeds[0] + len(seeds))) or \
+            any(sorted(accs) != seeds for accs in by.values()):
+        raise SystemExit("the runs must cover the same consecutive seeds on every side: "
+                         f"{ {k: sorted(v) for k, v in by.items()} }")
+    table = {"SFT": [by["SFT"][s] for s in seeds],
+             **{k: [v[s] for s in seeds] for k, v in sorted(by.items()) if k != "SFT"}}
+    compare(table, n, seeds[0])
+    for name, accs in table.items():
+        if name != "SFT":
+            print(f"{name} against SFT over seeds {seeds[0]}-{seeds[-1]}: {gain_words(table['SFT'], accs, n)}")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,9 @@ a span have no teacher counterpart and train on cross-entropy alone.
 
 The distributions live in different vocabularies. ``VocabMap`` maps each teacher token whose bytes
 equal one student token's bytes exactly (their probability mass summed when several do); the share
-of the teacher's mass that maps this way is what the planner measures (``mapped_mass``). Per span
+of the teacher's mass that maps this way is what the planner measures (``mapped_mass``). A student
+token that two teacher tokens spell gets their chained mass p(a) p(x | a) (``CrossHead.project``); a span
+start whose student token takes more teacher tokens than that (``MAX_CHAIN``) trains on CE alone. Per span
 start, the ``ctkd.method``:
 
 - ``hybrid`` (default): the registered divergence (``loss``) on the mapped part, both distributions
