@@ -71,8 +71,8 @@ ALIASES: dict[str, Alias] = {
                          "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3",
                          "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72",
                          "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38"))),
-        description="Gemma 3 270M, the pre-trained base model (Gemma 3, 262,144-token SentencePiece vocab), "
-                    "de-quantised from Q4_K_M",
+        description="Gemma 3 270M under Gemma's terms of use, the pre-trained base model (262,144-token "
+                    "SentencePiece vocab), de-quantised from Q4_K_M",
         gguf_sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
     ),
 }
