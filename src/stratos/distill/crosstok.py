@@ -685,8 +685,9 @@ def measure_mapping(teacher: Any, student_tok: Any, teacher_tok: Any, records: S
                     *, max_length: int = 512, batch_size: int = 8, mapping: str = "exact") -> dict[str, Any]:
     """What cross-tokenizer KD would have to work with, measured on ``records`` (the task's answers) through
     the engine's own signal and head (``CrossTokenizerSignal``, ``CrossHead.project``): the vocabulary overlap,
-    the share of student targets that start a span, and ``mapped_mass``, the mean share of the teacher's
-    probability, at those span starts, that the exact part of the loss matches token for token: its mass on
+    the share of student targets KD applies at (span starts whose student token is at most ``MAX_CHAIN``
+    teacher tokens), and ``mapped_mass``, the mean share of the teacher's probability, at those span
+    starts, that the exact part of the loss matches token for token: its mass on
     tokens that map to a student token plus the chained mass p(a) p(x | a) of student tokens spelt by two
     teacher tokens (``unchained_mass`` leaves the chained part out). The planner compares ``mapped_mass``
     with ``ctkd.min_mapped_mass``. ``mapping``: the map, ``ctkd.map`` (``VocabMap.build``)."""
