@@ -35,10 +35,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def spelling(records, student_tok, teacher_tok, max_length: int) -> dict[str, int]:
-    """How many teacher tokens spell the student's token at each span start of the records' responses
-    (the student targets KD applies at), by the byte alignment the engine uses (``crosstok.align``):
-    ``1``, ``2``, ``3+`` (the student's token ends where the k-th teacher token of the span ends), or
-    ``split`` (it ends inside the span's first teacher token)."""
+    """How many teacher tokens spell the student's token at each span start of the records' responses, by
+    the engine's byte alignment (``crosstok.align``, ``Alignment.spelling``): ``1``, ``2``, ``3+``, or
+    ``split`` (it ends inside a teacher token: the student splits what the teacher keeps whole)."""
     from stratos.distill.crosstok import _response_text, align, byte_offsets, token_bytes
 
     s_pieces, t_pieces = token_bytes(student_tok), token_bytes(teacher_tok)
@@ -51,14 +50,8 @@ def spelling(records, student_tok, teacher_tok, max_length: int) -> dict[str, in
         t_off = byte_offsets(teacher_tok, text, t_ids, t_pieces)
         al = align(s_off, t_off, len(text.encode()))
         for s_i, t_i in al.pairs:
-            end, k = s_off[s_i][1], t_i
-            while k < len(t_off) and t_off[k][1] < end:
-                k += 1
-            if k == len(t_off) or t_off[k][1] != end:
-                counts["split"] += 1
-            else:
-                n = k - t_i + 1
-                counts["1" if n == 1 else "2" if n == 2 else "3+"] += 1
+            n = al.spelling(s_i, t_i)
+            counts["split" if n == 0 else "1" if n == 1 else "2" if n == 2 else "3+"] += 1
     return counts
 
 

