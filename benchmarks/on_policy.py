@@ -150,15 +150,42 @@ def _setup(args: argparse.Namespace) -> None:
 
 
 def _rss_mb() -> float:
+    """The process's peak memory so far: on a GPU (``--device cuda``), the CUDA memory torch allocated
+    (MB), else the peak RSS (MB)."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def load_pair(layers: int):
+def _random_model(folder: str, layers: int | None, seed: int):
+    """SmolLM2's architecture from ``folder``'s config.json with seeded random weights (``--random-init``)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(folder)
+    if layers is not None:
+        config.num_hidden_layers = layers
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config)
+
+
+def load_pair(args: argparse.Namespace):
+    """The gkd teacher (SmolLM2-135M-Instruct) and its ``--student-layers`` student on ``--device``; with
+    ``--random-init DIR``, both with random weights and DIR's config and tokenizer."""
     from stratos.models import load
 
-    teacher, tok = load(TEACHER)
-    student, _ = load(TEACHER, config_overrides={"num_hidden_layers": layers})
-    return teacher, student, tok
+    layers = args.student_layers
+    if args.random_init:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(args.random_init)
+        teacher, student = _random_model(args.random_init, None, 0), _random_model(args.random_init, layers, 1)
+    else:
+        teacher, tok = load(TEACHER)
+        student, _ = load(TEACHER, config_overrides={"num_hidden_layers": layers})
+    return teacher.to(args.device), student.to(args.device), tok
 
 
 def load_policy(args: argparse.Namespace):
@@ -265,8 +292,8 @@ def _trl_common(args: argparse.Namespace, workdir: Path, seed: int) -> dict:
             "warmup_steps": 0, "weight_decay": 0.0, "max_grad_norm": 1.0, "gradient_accumulation_steps": 1,
             "logging_steps": 1, "save_strategy": "no", "report_to": [], "bf16": bool(args.bf16),
             "gradient_checkpointing": bool(args.gradient_checkpointing),
-            "gradient_checkpointing_kwargs": {"use_reentrant": False}, "use_cpu": True, "dataloader_num_workers": 0,
-            "seed": seed,
+            "gradient_checkpointing_kwargs": {"use_reentrant": False}, "use_cpu": args.device == "cpu",
+            "dataloader_num_workers": 0, "seed": seed,
             "disable_tqdm": True}
 
 
@@ -335,7 +362,7 @@ def gkd_stratos(args: argparse.Namespace, workdir: Path) -> dict:
     rss: list[float] = []
     _patch_rss_at_save(rss)
 
-    teacher, student, tok = load_pair(args.student_layers)
+    teacher, student, tok = load_pair(args)
     n_steps, b, n = args.warmup + args.steps, args.batch_size, args.new_tokens
     records = [{"prompt": p, "response": "ok"} for p in kd_prompts(tok, b * n_steps, args.prompt_tokens)]
     cfg = DistillSpec(
@@ -366,7 +393,7 @@ def gkd_trl(args: argparse.Namespace, workdir: Path, kind: str) -> dict:
 
     from stratos.models.generate import _eos_ids
 
-    teacher, student, tok = load_pair(args.student_layers)
+    teacher, student, tok = load_pair(args)
     n_steps, b, n = args.warmup + args.steps, args.batch_size, args.new_tokens
     prompts = kd_prompts(tok, b * n_steps, args.prompt_tokens)
     times: list[float] = []
@@ -519,6 +546,8 @@ def child(args: argparse.Namespace) -> None:
     else:
         out = grpo_stratos(args, workdir) if args.side == "stratos" else grpo_trl(args, workdir)
     out["threads"] = torch.get_num_threads()
+    if args.device == "cuda":
+        out["device_name"] = torch.cuda.get_device_name()
     out["process_peak_rss_mb"] = _rss_mb()
     print("RESULT " + json.dumps(out, default=str), flush=True)
 
@@ -580,14 +609,17 @@ def report_gkd(args: argparse.Namespace, results: dict) -> None:
     base = max(trl, key=lambda s: rate[s]) if trl else None
     prec = "bf16 autocast" if args.bf16 else "fp32"
     ckpt = ", gradient checkpointing on every side" if args.gradient_checkpointing else ""
-    print(f"### On-policy KD (lmbda 1, reverse KL, temperature 1): SmolLM2-135M-Instruct -> "
+    where = (f"on {results[next(iter(results))].get('device_name', 'a GPU')}" if args.device == "cuda"
+             else f"torch threads {args.threads}")
+    weights = " (random weights of its shapes)" if args.random_init else ""
+    print(f"### On-policy KD (lmbda 1, reverse KL, temperature 1): SmolLM2-135M-Instruct{weights} -> "
           f"{args.student_layers}-layer student, batch {args.batch_size}, {args.new_tokens} new tokens per row "
-          f"(EOS ignored), {args.steps} timed steps after {args.warmup} warm-up, {prec}{ckpt}, "
-          f"torch threads {args.threads}")
+          f"(EOS ignored), {args.steps} timed steps after {args.warmup} warm-up, {prec}{ckpt}, {where}")
     print()
     vs = f"vs {base}" if base else "vs TRL"
+    memory = "peak GPU memory allocated MB" if args.device == "cuda" else "peak RSS MB"
     print(f"| side | completion tokens/s | {vs} | step s (mean) | generation s (share) | teacher + student s "
-          f"| prompt tokens | peak RSS MB | {vs} |")
+          f"| prompt tokens | {memory} | {vs} |")
     print("|---|---|---|---|---|---|---|---|---|")
     for s, r in results.items():
         gen, rest = r["generation_s"], r["seconds"] - r["generation_s"]
@@ -640,6 +672,11 @@ def main() -> None:
     p.add_argument("--bf16", type=int, default=0, help="1: bf16 autocast on every side; 0: fp32")
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--student-layers", type=int, default=STUDENT_LAYERS)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="gkd: where every side trains (cuda: memory is torch's peak CUDA allocation, not RSS)")
+    p.add_argument("--random-init", metavar="DIR",
+                   help="gkd: teacher and student with seeded random weights, SmolLM2's config and tokenizer from DIR "
+                        "(with EOS ignored the work is the same as with its trained weights)")
     p.add_argument("--gradient-checkpointing", type=int, default=0,
                    help="1: the student's activations recomputed in the backward on every side (TrainingArguments' "
                         "gradient_checkpointing, non-reentrant, and distill's); 0: off")
@@ -663,6 +700,8 @@ def main() -> None:
     args = p.parse_args()
     if args.steps is None:
         args.steps = 3 if args.mode == "gkd" else 20
+    if args.mode == "grpo" and (args.device != "cpu" or args.random_init):
+        p.error("--device and --random-init are for --mode gkd")
     if args.mode == "grpo" and args.warmup >= args.steps:
         p.error("grpo: --warmup must be below --steps (the timing spans steps warmup+1..steps)")
     if args.side:
@@ -676,7 +715,7 @@ def main() -> None:
 
     from stratos.models import load
 
-    if args.mode == "gkd" or args.model not in ("tiny", "sft-tiny"):
+    if not args.random_init if args.mode == "gkd" else args.model not in ("tiny", "sft-tiny"):
         load(TEACHER, with_tokenizer=False)  # download/convert once, outside the timings
 
     with tempfile.TemporaryDirectory(prefix="on-policy-bench-") as tmp:
@@ -699,6 +738,7 @@ def main() -> None:
             # still carries the previous child's own work for a minute).
             busy = _busy_cores()
             out = {**run_child(cmd, args.threads), "busy_cores_before": busy}
+            print(f"{side} (seed {seed}) done: " + json.dumps(out, default=str), file=sys.stderr, flush=True)
             if busy > max(0.25, (os.cpu_count() or 1) - args.threads):
                 print(f"WARNING: {side} (seed {seed}): {busy:.1f} of {os.cpu_count()} cores were busy with other "
                       f"work just before it started with {args.threads} threads; its timings are not to be "

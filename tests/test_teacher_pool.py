@@ -331,3 +331,11 @@ def test_worker_settings_are_checked_with_the_spec():
     assert DistillSpec(algorithm="gkd", teacher_workers=2, teacher_devices=["cpu", "cpu"], max_staleness=1)
     with pytest.raises(ValidationError, match="teacher_ray_address is for teacher_backend ray"):
         DistillSpec(teacher_workers=1, teacher_ray_address="auto")
+
+
+def test_gpu_workers_are_spawned_and_cpu_workers_forked_from_the_forkserver():
+    from stratos.teachers.pool import start_method
+
+    assert start_method(["cpu", "cpu"]) == "forkserver"
+    assert start_method(["cpu", "cuda:1"]) == "spawn"  # a forked process cannot use CUDA once it is initialised
+    assert start_method(["cuda"]) == "spawn"

@@ -31,7 +31,7 @@ TeacherError; one that raises an error (a bug, a bad input) stops it with the wo
 Backends. The pool's bookkeeping (splitting, jobs, restarts) is written once against a small
 protocol (:class:`Backend`): start worker ``rank``, send it a job, wait for finished jobs and dead
 workers, close. :class:`ProcessBackend` (``backend="process"``, the default) runs workers as local
-processes (forked from a forkserver, one per GPU or several on the CPU with their threads set);
+processes (one per GPU, spawned, or several on the CPU with their threads set, forked from a forkserver);
 ``stratos.teachers.ray_pool.RayBackend`` (``backend="ray"``, Ray installed) runs them as Ray actors,
 on this machine or a cluster's nodes.
 """
@@ -231,19 +231,33 @@ class _Buffer:
     tensor: torch.Tensor  # [capacity, d] float32 in shared memory
 
 
+def start_method(devices: Sequence[str]) -> str:
+    """How local workers start: ``forkserver`` where every worker runs on the CPU, ``spawn`` where any
+    runs on a GPU.
+
+    A forkserver's workers fork from a clean single-threaded server that imported torch and the
+    teacher's model code once, so a worker (re)starts in well under a second, without the OpenMP
+    threads of the training process (as a plain fork would have) and without importing everything
+    again (as spawn does). But a process forked after CUDA was initialised cannot use CUDA, and on an
+    H200 (torch 2.11, transformers 5.25) forkserver workers failed with "Cannot re-initialize CUDA in
+    forked subprocess" as they unpickled the teacher's CUDA weights: something the server imported had
+    initialised it (which import was not traced). So GPU workers start fresh interpreters, which costs
+    seconds per (re)start instead."""
+    return "spawn" if any(torch.device(d).type == "cuda" for d in devices) else "forkserver"
+
+
 class ProcessBackend:
-    """Workers as local processes, forked from a forkserver (see __init__)."""
+    """Workers as local processes: forked from a forkserver on the CPU, spawned for GPUs (start_method)."""
 
     def __init__(self, load: Callable[[], torch.nn.Module], *, hidden_size: int, threads: int, devices: list[str],
                  autocast_dtype: torch.dtype | None):
         import torch.multiprocessing as mp
 
-        # forkserver: workers fork from a clean single-threaded server that has imported torch and this
-        # module once, so a worker (re)starts in well under a second, without the OpenMP threads of this
-        # process (fork) and without importing everything again (spawn); safe with CUDA for the same reason.
-        self._ctx = mp.get_context("forkserver")
-        self._ctx.set_forkserver_preload(["stratos.teachers.pool", "stratos.teachers.signal",
-                                          *([load.model.__class__.__module__] if isinstance(load, SharedModel) else [])])
+        self._ctx = mp.get_context(start_method(devices))
+        if self._ctx.get_start_method() == "forkserver":
+            self._ctx.set_forkserver_preload(["stratos.teachers.pool", "stratos.teachers.signal",
+                                              *([load.model.__class__.__module__] if isinstance(load, SharedModel)
+                                                else [])])
         self._load, self._d, self._threads, self._devices = load, hidden_size, threads, devices
         self.local_threads = threads * sum(torch.device(d).type == "cpu" for d in devices)
         self._autocast = autocast_dtype
