@@ -16,6 +16,10 @@ full vocabulary. Sides:
   trl-distillation  ``trl.DistillationTrainer``: DistillationConfig(beta=1 (reverse KL), temperature=1,
                     top_k=0, top_p=1, max_completion_length=N)
 
+``--device cuda`` trains every side on the GPU and reports torch's peak CUDA allocation instead of
+RSS; ``--random-init DIR`` builds teacher and student from DIR's config and tokenizer (SmolLM2's) with
+seeded random weights, for a machine without the trained weights: with EOS ignored the work is the same.
+
 Every row gets exactly ``--new-tokens`` N new tokens, EOS ignored, so the work is equal: Stratos'
 sampler is called with ``ignore_eos`` (``stratos.models.generate.sample_ids`` wrapped in the child
 process), TRL's ``generate`` gets ``min_new_tokens=N``; each child checks that every completion it
@@ -42,6 +46,7 @@ seeds; the last also per seed).
 
     python benchmarks/on_policy.py --mode gkd --new-tokens 128
     python benchmarks/on_policy.py --mode gkd --new-tokens 512 --steps 3 --warmup 1
+    python benchmarks/on_policy.py --mode gkd --device cuda --bf16 1 --random-init DIR   # on a GPU, no weights
     python benchmarks/on_policy.py --mode grpo --steps 20 --seeds 3
     python benchmarks/on_policy.py --mode grpo --model sft-tiny --task digits --steps 60 --lr 1e-4 \
         --num-generations 8 --max-completion-length 8
