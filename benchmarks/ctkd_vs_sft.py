@@ -17,7 +17,7 @@ exactly-mapped probability share (what the planner measures).
     python benchmarks/ctkd_vs_sft.py --steps 560            # 3 seeds: one of the runs docs/benchmarks.md records
     python benchmarks/ctkd_vs_sft.py --seeds 1 --steps 500  # another (the others: --steps 650, --kd-ratio)
     python benchmarks/ctkd_vs_sft.py --steps 500 --responses teacher   # the teacher's own answers as the data
-    python benchmarks/ctkd_vs_sft.py --steps 500 --methods ctkd --max-chain 2    # chains of two, CE beyond
+    python benchmarks/ctkd_vs_sft.py --steps 500 --methods ctkd --max-chain 4    # chains of up to four
 """
 
 from __future__ import annotations
@@ -111,8 +111,8 @@ def main() -> None:
     ap.add_argument("--max-chain", type=int, default=None,
                     help="the longest chain of teacher tokens whose mass reaches one student token; span starts "
                          "whose student token the teacher spells with more train on CE (default: the engine's "
-                         "crosstok.MAX_CHAIN, 4). The docs' runs without the rule (chains of two, no CE beyond) "
-                         "were made at commit ab87ba2 with --max-chain 99")
+                         "ctkd.max_chain, 2). The docs' runs without the rule (chains of two, no CE beyond) were "
+                         "made at commit ab87ba2 with --max-chain 99")
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--lr", type=float, default=2e-3)
@@ -126,8 +126,7 @@ def main() -> None:
     if args.pool:
         return pool(args.pool)
 
-    if args.max_chain is not None:
-        crosstok.MAX_CHAIN = args.max_chain
+    max_chain = args.max_chain if args.max_chain is not None else crosstok.MAX_CHAIN
     train, held_out = questions()
     teacher, t_tok = load(args.teacher)
     t0 = time.perf_counter()
@@ -142,7 +141,7 @@ def main() -> None:
         print(f"responses: the teacher's greedy answers, {right:.1%} of the {len(train)} right "
               f"(e.g. {train[0]['response']!r})", flush=True)
     tok = build_tokenizer([r["prompt"] + " " + r["response"] for r in train], vocab_size=320)
-    mapping = measure_mapping(teacher, tok, t_tok, train[:64], max_length=64, mapping=args.map)
+    mapping = measure_mapping(teacher, tok, t_tok, train[:64], max_length=64, mapping=args.map, max_chain=max_chain)
     print(f"student tokenizer: {len(tok)} tokens; teacher's: {len(t_tok)}; {mapping['vocab_overlap']:.1%} of the "
           f"teacher's vocabulary maps byte for byte; {mapping['mapped_mass']:.1%} of its probability at the "
           f"{mapping['positions']} aligned positions of 64 train answers falls on mapped tokens", flush=True)
@@ -155,7 +154,8 @@ def main() -> None:
             student = tiny_llama(tok, hidden_size=args.hidden, num_hidden_layers=args.layers, seed=seed,
                                  num_attention_heads=4, num_key_value_heads=4)
             cfg = DistillSpec(algorithm="sft" if method == "sft" else "kd", loss="fkl", kd_ratio=args.kd_ratio,
-                              ctkd={"method": args.method, "map": args.map}, max_steps=args.steps, per_device_train_batch_size=16,
+                              ctkd={"method": args.method, "map": args.map, "max_chain": max_chain},
+                              max_steps=args.steps, per_device_train_batch_size=16,
                               learning_rate=args.lr, warmup_ratio=0.05, max_length=64, seed=seed, report_to=[],
                               logging_steps=50, bf16=False)
             t = time.perf_counter()
@@ -169,7 +169,7 @@ def main() -> None:
             print(f"seed {seed} {method:5s}: {acc:.1%} ({time.perf_counter() - t:.0f} s)", flush=True)
 
     names = {"sft": "SFT", "ctkd": f"cross-tokenizer KD ({args.method}, map {args.map}, kd_ratio {args.kd_ratio:g}, "
-                                    f"max chain {crosstok.MAX_CHAIN})"}
+                                    f"max chain {max_chain})"}
     gain = compare({names[m]: results[m] for m in args.methods}, len(held_out), args.first_seed)
     if len(args.methods) < 2:
         gain = "one method, no gain"
@@ -178,7 +178,7 @@ def main() -> None:
           f"16 examples")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps({"teacher_accuracy": teacher_acc, "mapping": mapping,
-                                                       "rows": rows, "max_chain": crosstok.MAX_CHAIN,
+                                                       "rows": rows, "max_chain": max_chain,
                                                        "held_out": len(held_out),
                                                        "args": {k: str(v) for k, v in vars(args).items()}},
                                                       indent=2))

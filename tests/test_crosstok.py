@@ -251,6 +251,27 @@ def test_chained_mass_follows_the_teachers_tokens_level_by_level():
     assert torch.allclose(rest, torch.tensor([[0.5 - 0.3, 0.2, 0.2, 0.1]]))
 
 
+def test_longer_chains_train_end_to_end(bytelevel, spiece):
+    """With chains of four, 'héllo' (four teacher tokens) is distilled: its category exists only where a
+    chain reaches it, the KD term is finite and its gradient reaches the student."""
+    teacher = tiny_llama(spiece, seed=5)
+    student = tiny_llama(bytelevel, seed=6)
+    recs = [{"prompt": "say it", "response": "héllo 5"}, {"prompt": "2+3=", "response": "the answer is 5"}]
+    paired = pair_records(recs, bytelevel, spiece, 64, max_chain=4)
+    vm = VocabMap.build(bytelevel, spiece, student_rows=len(bytelevel), teacher_rows=len(spiece))
+    sig = CrossTokenizerSignal(OnlineTeacher(teacher), paired, vm, teacher_pad_id=spiece.pad_token_id)
+    assert sig.head.levels == 4 and bool(sig.head.chained_only.any())
+    batch = collate(paired.student, [0, 1], bytelevel.pad_token_id)
+    mask = sig.kd_mask(batch)
+    assert bool(mask[0])  # 'héllo' starts a span KD applies at
+    h = student.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+    out = kd_terms(h[:, :-1][batch.target_mask], sig.hidden(batch), batch.targets, OutputHead.from_model(student),
+                   sig.head, Objective(loss="fkl"), kd_mask=mask)
+    assert torch.isfinite(out["loss"]) and float(out["kd"]) > 0
+    out["loss"].backward()
+    assert student.model.embed_tokens.weight.grad.abs().sum() > 0
+
+
 def test_chain_table_by_bytes(bytelevel, spiece):
     """Every entry of the table spells its student token: its prefix's bytes and then one teacher token's,
     for student tokens that no single teacher token spells."""

@@ -170,6 +170,10 @@ class CtkdSpec(_Strict):
         "exact", description="Which teacher tokens the exact part matches: 'exact', those with the bytes of one "
         "student token; 'first_token', also every other token with a text, on the first token of the student's "
         "own cut of it (the teacher's 'Ġword' on the student's 'Ġwo' of 'Ġwo rd'), so less mass is left to ULD.")
+    max_chain: int = Field(2, ge=1, le=8, description="The longest chain of teacher tokens whose probability "
+                           "reaches one student token (p(t_1) p(t_2 | t_1) ..., along the text's own teacher tokens); "
+                           "a span start whose student token the teacher spells with more trains on CE alone. 2 is "
+                           "what measured best (docs/benchmarks.md); longer chains follow the teacher further.")
     min_mapped_mass: float = Field(0.5, ge=0, le=1, description="The plan distils logits across tokenizers when at "
                                    "least this share of the teacher's probability (measured on the task's answers) "
                                    "falls on tokens that map exactly; below it, the teacher teaches through its text.")

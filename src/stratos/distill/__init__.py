@@ -248,7 +248,7 @@ def _cross_tokenizer_signal(teacher: Any, tokenizer: Any, teacher_tokenizer: Any
     if sampled:  # nothing to pair ahead: the online teacher alone
         inner, info = hidden_state_signal(teacher, [], cfg, t_pad, cache_root, progress)
     else:
-        paired = pair_records(records, tokenizer, teacher_tokenizer, cfg.max_length)
+        paired = pair_records(records, tokenizer, teacher_tokenizer, cfg.max_length, cfg.ctkd.max_chain)
         if [e.input_ids for e in paired.student] != [e.input_ids for e in examples]:
             raise AssertionError("cross-tokenizer pairing encoded the records unlike encode()")  # a bug, not bad data
         inner, info = hidden_state_signal(teacher, paired.teacher, cfg, t_pad, cache_root, progress)
@@ -257,7 +257,8 @@ def _cross_tokenizer_signal(teacher: Any, tokenizer: Any, teacher_tokenizer: Any
     if sampled:
         kept = [r for r in records if encode_record(r, tokenizer, cfg.max_length)[0].num_targets]  # as encode keeps
         signal = SampledCrossSignal(inner, kept, tokenizer, teacher_tokenizer, vmap, teacher_pad_id=t_pad,
-                                    max_length=cfg.max_length, method=cfg.ctkd.method, uld_weight=cfg.ctkd.uld_weight)
+                                    max_length=cfg.max_length, method=cfg.ctkd.method, uld_weight=cfg.ctkd.uld_weight,
+                                    max_chain=cfg.ctkd.max_chain)
         return signal, {**info, "ctkd": {"method": cfg.ctkd.method, "paired": "per batch, as sampled", **vmap.stats}}
     signal = CrossTokenizerSignal(inner, paired, vmap, teacher_pad_id=t_pad, method=cfg.ctkd.method,
                                   uld_weight=cfg.ctkd.uld_weight)

@@ -239,6 +239,8 @@ class VocabMap:
     chain: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 3, dtype=torch.long))
     prefixes: dict[bytes, int] = field(default_factory=dict)
     teacher_bytes: list[bytes | None] = field(default_factory=list)
+    # Per prefix id: whether one teacher token spells the prefix (its entries are two-token spellings).
+    single_prefix: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.bool))
 
     def prefix_ids(self, tokens: torch.Tensor) -> torch.Tensor:
         """``tokens`` [T, L]: per row, a path of teacher tokens (-1 after its end) -> [T, L]: the id of the
@@ -317,12 +319,13 @@ class VocabMap:
                  "mapped_student_tokens": int(torch.unique(t2s[t2s >= 0]).numel()),
                  "vocab_overlap": exact / max(1, len(teacher_tok)),  # byte for byte
                  "chained_student_tokens": len({e[2] for e in chain})}
+        single = torch.tensor([b in t_by for b in prefixes], dtype=torch.bool)  # dicts keep insertion order
         return cls(t2s, student_rows, stats, torch.tensor(chain, dtype=torch.long).reshape(-1, 3), prefixes,
-                   list(t_bytes[:teacher_rows]))
+                   list(t_bytes[:teacher_rows]), single)
 
     def to(self, device: Any) -> "VocabMap":
         return VocabMap(self.t2s.to(device), self.student_rows, self.stats, self.chain.to(device), self.prefixes,
-                        self.teacher_bytes)
+                        self.teacher_bytes, self.single_prefix.to(device))
 
 
 def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -368,20 +371,26 @@ class CrossHead(nn.Module):
         self.head, self.method, self.uld_weight, self.stats = head, method, float(uld_weight), vmap.stats
         self.levels = levels
         t2s = vmap.t2s
-        # The categories: every student token that a teacher token, or a chain of them, spells.
-        image = torch.unique(torch.cat([t2s[t2s >= 0], vmap.chain[:, 2]]))
+        # The categories: every student token that a teacher token, or a chain of at most ``levels`` of them,
+        # spells. Those of one or two teacher tokens are categories at every position; the longer ones only
+        # where a position's chain reaches them (``chained_only``, below).
+        two = vmap.single_prefix[vmap.chain[:, 0]] if vmap.single_prefix.numel() else \
+            torch.ones(vmap.chain.shape[0], dtype=torch.bool)
+        chain = vmap.chain if levels > 2 else vmap.chain[two]
+        static = torch.unique(torch.cat([t2s[t2s >= 0], vmap.chain[two, 2]]))
+        image = torch.unique(torch.cat([static, chain[:, 2]]))
         col = torch.full((vmap.student_rows,), -1, dtype=torch.long)
         col[image] = torch.arange(image.numel())
         s_rest = torch.ones(vmap.student_rows, dtype=torch.bool)
         s_rest[image] = False
         # Each teacher row's column among [categories..., other].
         where = torch.where(t2s >= 0, col[t2s.clamp_min(0)], torch.full_like(t2s, image.numel()))
-        # Categories that only a chain reaches: a row whose chain does not reach one gives it no teacher mass,
-        # and the student's mass there counts as "other", as for a student token outside the categories.
+        # Categories that only a chain of three or more reaches: a row whose chain does not reach one gives it no
+        # teacher mass, and the student's mass there counts as "other", as for a student token outside them.
         chained_only = torch.ones(image.numel(), dtype=torch.bool)
-        chained_only[col[t2s[t2s >= 0]]] = False
+        chained_only[col[static]] = False
         for name, t in (("t2s", t2s), ("image", image), ("where", where), ("s_rest", s_rest), ("t_rest", t2s < 0),
-                        ("chain", vmap.chain), ("chain_col", col[vmap.chain[:, 2]]), ("chained_only", chained_only),
+                        ("chain", chain), ("chain_col", col[chain[:, 2]]), ("chained_only", chained_only),
                         # The student tokens ULD may compare: those outside the categories, then the chained-only.
                         ("rest_ids", torch.cat([torch.nonzero(s_rest).flatten(), image[chained_only]]))):
             self.register_buffer(name, t, persistent=False)
@@ -458,19 +467,25 @@ class CrossHead(nn.Module):
         del t_logits  # [n, V_t]: freed before the projection allocates its own
         p_cat, p_rest = self.project(p, rows, temperature)
         tiny = torch.finfo(p.dtype).tiny
-        # The student's rest: the tokens outside the categories, and the chained-only ones this row's chain
-        # did not reach (no teacher mass there).
-        unreached = self.chained_only & (p_cat[:, :-1] == 0)  # [n, categories]
         s_mapped = s_logp[:, self.image]
-        s_other = torch.logsumexp(torch.cat([s_logp[:, self.s_rest], s_mapped.masked_fill(~unreached, -math.inf)],
-                                            dim=-1), dim=-1, keepdim=True)
+        chained = bool(self.chained_only.any())
+        if chained:  # the student's rest: outside the categories, and the chained-only ones this row did not reach
+            unreached = self.chained_only & (p_cat[:, :-1] == 0)  # [n, categories]
+            s_other = torch.logsumexp(torch.cat([s_logp[:, self.s_rest], s_mapped.masked_fill(~unreached, -math.inf)],
+                                                dim=-1), dim=-1, keepdim=True)
+            s_mapped = s_mapped.masked_fill(unreached, -math.inf)
+        else:
+            s_other = (torch.logsumexp(s_logp[:, self.s_rest], dim=-1, keepdim=True) if bool(self.s_rest.any())
+                       else s_logp.new_full((s_logp.shape[0], 1), float("-inf")))
         # Both sides floored at the smallest float alike, so an empty "other" bucket adds nothing.
-        s_cat = torch.cat([s_mapped.masked_fill(unreached, -math.inf), s_other], dim=-1).clamp_min(math.log(tiny))
+        s_cat = torch.cat([s_mapped, s_other], dim=-1).clamp_min(math.log(tiny))
         per_token = fn(s_cat, torch.log(p_cat.clamp_min(tiny)), None, **kwargs)
         if self.method == "hybrid":  # ULD on the unmapped tokens: the mapped ones zeroed in place, not copied out
-            plain = self.rest_ids.numel() - int(self.chained_only.sum())
-            keep = torch.cat([unreached.new_ones(unreached.shape[0], plain), unreached[:, self.chained_only]], dim=-1)
-            rest = torch.exp(s_logp[:, self.rest_ids]).masked_fill(~keep, 0.0)
+            rest = torch.exp(s_logp[:, self.rest_ids])
+            if chained:  # the chained-only tokens a row reached are categories there, not ULD's
+                plain = self.rest_ids.numel() - int(self.chained_only.sum())
+                keep = torch.cat([unreached.new_ones(unreached.shape[0], plain), unreached[:, self.chained_only]], -1)
+                rest = rest.masked_fill(~keep, 0.0)
             per_token = per_token + self.uld_weight * uld_distance(rest, p_rest.masked_fill_(~self.t_rest, 0.0))
         top = p_cat.argmax(-1)
         agree = (top < self.image.numel()) & (s_logits.argmax(-1) == self.image[top.clamp_max(self.image.numel() - 1)])
@@ -497,7 +512,7 @@ def _target_tokens(ex: Encoded) -> list[int]:
 
 # The longest chain of teacher tokens whose probability reaches one student token (CrossHead.project:
 # p(t_1) p(t_2 | t_1) ... ); a span start whose student token takes more trains on CE alone.
-MAX_CHAIN = 4
+MAX_CHAIN = 2
 
 
 def _pair_targets(s_targets: Sequence[int], n_student: int, t_ex: Encoded, t_ids: Sequence[int],
