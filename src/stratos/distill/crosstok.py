@@ -12,8 +12,9 @@ The distributions live in different vocabularies. ``VocabMap`` maps each teacher
 equal one student token's bytes exactly (their probability mass summed when several do); the share
 of the teacher's mass that maps this way is what the planner measures (``mapped_mass``). A student
 token that several teacher tokens spell gets their chained mass p(a) p(b | a) ... p(x | a b ...)
-along the teacher's own tokens of the text (``CrossHead.project``), up to ``MAX_CHAIN`` teacher tokens; a
-span start whose student token takes more trains on CE alone. Per span start, the ``ctkd.method``:
+along the teacher's own tokens of the text (``CrossHead.project``), up to ``ctkd.max_chain`` teacher tokens
+(``MAX_CHAIN``, 2, by default); a span start whose student token takes more trains on CE alone. Per span
+start, the ``ctkd.method``:
 
 - ``hybrid`` (default): the registered divergence (``loss``) on the mapped part, both distributions
   over the mapped student tokens plus one "other" bucket holding the rest of each side's mass, plus

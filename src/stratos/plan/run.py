@@ -252,7 +252,8 @@ def _measure_mappings(spec, task, teachers, students, loaded, out: Path, device)
             except (OSError, ValueError):
                 continue
             key = sha256_text("mapping-v2", model_identity(t_spec.model), tokenizer_identity(s_tok),
-                              spec.task.model_dump(mode="json"), spec.synth.rationales, spec.distill.ctkd.map)[:16]
+                              spec.task.model_dump(mode="json"), spec.synth.rationales, spec.distill.ctkd.map,
+                              spec.distill.ctkd.max_chain)[:16]
             if key not in cached:
                 if records is None:
                     records = to_records(task, task.examples("train", 32, seed=spec.task.seed + 3),
@@ -260,7 +261,7 @@ def _measure_mappings(spec, task, teachers, students, loaded, out: Path, device)
                 model, t_tok = loaded.get(t_spec.model) or load(t_spec.model, dtype=t_spec.dtype, device=device,
                                                                 trust_remote_code=t_spec.trust_remote_code)
                 cached[key] = measure_mapping(model, s_tok, t_tok, records, max_length=spec.distill.max_length,
-                                              mapping=spec.distill.ctkd.map)
+                                              mapping=spec.distill.ctkd.map, max_chain=spec.distill.ctkd.max_chain)
                 write_json(cache_file, cached)
             result[(ti, si)] = cached[key]
     return result
