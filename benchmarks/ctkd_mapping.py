@@ -17,9 +17,9 @@ student's (the ``gemma3-270m`` alias: a one-time 240 MB download from PyPI).
 
 A second table says how the student's token at each span start is spelt by the teacher's tokens there:
 by one (the exact map reaches it), by two, three or four (the chained mass p(t_1) p(t_2 | t_1) ... reaches
-it: the engine follows chains of up to ``crosstok.MAX_CHAIN``, 4, teacher tokens), by five or more (CE
-alone there), or by part of one teacher token (the student splits what the teacher keeps whole:
-``ctkd.map: first_token``'s case).
+it up to ``ctkd.max_chain`` teacher tokens, 2 by default: CE alone beyond), by five or more, or by part of
+one teacher token (the student splits what the teacher keeps whole: ``ctkd.map: first_token``'s case).
+The first table's measures use the default chain.
 
     python benchmarks/ctkd_mapping.py            # add --gemma for the Gemma 3 rows
 
