@@ -303,7 +303,7 @@ def test_distill_across_tokenizers_learns_the_teacher(tmp_path, bytelevel, spiec
     res = distill(student, bytelevel, recs, cfg, tmp_path / "run", teacher=teacher, teacher_tokenizer=spiece,
                   cache_root=tmp_path / "cache", progress=False)
     info = res.signal["ctkd"]
-    assert res.signal["mode"] == "cached" and info["method"] == "hybrid"
+    assert res.signal["mode"] == "cached" and info["method"] == "hybrid" and info["max_chain"] == 2
     assert 0 < info["aligned_share"] < 1 and info["mapped_teacher_tokens"] > 0
 
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

@@ -259,10 +259,12 @@ def _cross_tokenizer_signal(teacher: Any, tokenizer: Any, teacher_tokenizer: Any
         signal = SampledCrossSignal(inner, kept, tokenizer, teacher_tokenizer, vmap, teacher_pad_id=t_pad,
                                     max_length=cfg.max_length, method=cfg.ctkd.method, uld_weight=cfg.ctkd.uld_weight,
                                     max_chain=cfg.ctkd.max_chain)
-        return signal, {**info, "ctkd": {"method": cfg.ctkd.method, "paired": "per batch, as sampled", **vmap.stats}}
+        return signal, {**info, "ctkd": {"method": cfg.ctkd.method, "max_chain": cfg.ctkd.max_chain,
+                                         "paired": "per batch, as sampled", **vmap.stats}}
     signal = CrossTokenizerSignal(inner, paired, vmap, teacher_pad_id=t_pad, method=cfg.ctkd.method,
                                   uld_weight=cfg.ctkd.uld_weight)
-    return signal, {**info, "ctkd": {"method": cfg.ctkd.method, **vmap.stats, **paired.stats}}
+    return signal, {**info, "ctkd": {"method": cfg.ctkd.method, "max_chain": cfg.ctkd.max_chain, **vmap.stats,
+                                     **paired.stats}}
 
 
 def run_phases(
