@@ -154,7 +154,7 @@ def _setup(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
 
 
-def _rss_mb() -> float:
+def _peak_mb() -> float:
     """The process's peak memory so far: on a GPU (``--device cuda``), the CUDA memory torch allocated
     (MB), else the peak RSS (MB)."""
     import torch
@@ -286,7 +286,7 @@ def _clock(times: list[float], rss: list[float]):
     class Clock(TrainerCallback):
         def on_step_end(self, *a: Any, **k: Any) -> None:
             times.append(time.perf_counter())
-            rss.append(_rss_mb())
+            rss.append(_peak_mb())
 
     return Clock()
 
@@ -328,7 +328,7 @@ def _patch_rss_at_save(rss: list[float]) -> None:
 
     def save_checkpoint(*a: Any, **kw: Any) -> Any:
         if not rss:
-            rss.append(_rss_mb())
+            rss.append(_peak_mb())
         return orig(*a, **kw)
 
     trainer.save_checkpoint = save_checkpoint
@@ -390,7 +390,7 @@ def gkd_stratos(args: argparse.Namespace, workdir: Path) -> dict:
             "generation_s": sum(r["rollout_s"] for r in timed),
             "step_s": _step_seconds(rows)[args.warmup:],
             "prompt_tokens": statistics.mean(x for s in sampled[args.warmup:] for x in s),
-            "peak_rss_mb": rss[0] if rss else _rss_mb()}
+            "peak_rss_mb": rss[0] if rss else _peak_mb()}
 
 
 def gkd_trl(args: argparse.Namespace, workdir: Path, kind: str) -> dict:
@@ -492,7 +492,7 @@ def grpo_stratos(args: argparse.Namespace, workdir: Path) -> dict:
             "reward_first20": _first_share(rewards), "reward_last20": _last_share(rewards),
             "completion_tokens": statistics.mean(r["rollout_tokens"] / (p * g) for r in rows),
             "prompt_tokens": statistics.mean(x for s in sampled for x in s),
-            "peak_rss_mb": rss[0] if rss else _rss_mb()}
+            "peak_rss_mb": rss[0] if rss else _peak_mb()}
 
 
 def grpo_trl(args: argparse.Namespace, workdir: Path) -> dict:
@@ -553,7 +553,9 @@ def child(args: argparse.Namespace) -> None:
     out["threads"] = torch.get_num_threads()
     if args.device == "cuda":
         out["device_name"] = torch.cuda.get_device_name()
-    out["process_peak_rss_mb"] = _rss_mb()
+    out["process_peak_rss_mb"] = _peak_mb()
+    # What every peak_*_mb figure here is: RSS, or torch's CUDA allocation with --device cuda.
+    out["memory"] = "torch.cuda.max_memory_allocated" if args.device == "cuda" else "peak RSS (ru_maxrss)"
     print("RESULT " + json.dumps(out, default=str), flush=True)
 
 

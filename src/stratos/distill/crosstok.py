@@ -50,6 +50,7 @@ from torch import nn
 
 from stratos.distill.data import IGNORE, Batch, Encoded, collate, encode_record, record_location
 from stratos.distill.head import OutputHead
+from stratos.spec import CtkdSpec
 
 METHODS = ("hybrid", "uld", "shared")
 
@@ -375,6 +376,7 @@ class CrossHead(nn.Module):
         # The categories: every student token that a teacher token, or a chain of at most ``levels`` of them,
         # spells. Those of one or two teacher tokens are categories at every position; the longer ones only
         # where a position's chain reaches them (``chained_only``, below).
+        # (A map built without ``single_prefix``, by hand, counts every entry as a two-token spelling.)
         two = vmap.single_prefix[vmap.chain[:, 0]] if vmap.single_prefix.numel() else \
             torch.ones(vmap.chain.shape[0], dtype=torch.bool)
         chain = vmap.chain if levels > 2 else vmap.chain[two]
@@ -390,6 +392,7 @@ class CrossHead(nn.Module):
         # teacher mass, and the student's mass there counts as "other", as for a student token outside them.
         chained_only = torch.ones(image.numel(), dtype=torch.bool)
         chained_only[col[static]] = False
+        self._chained, self._plain_rest = bool(chained_only.any()), int(s_rest.sum())
         for name, t in (("t2s", t2s), ("image", image), ("where", where), ("s_rest", s_rest), ("t_rest", t2s < 0),
                         ("chain", chain), ("chain_col", col[chain[:, 2]]), ("chained_only", chained_only),
                         # The student tokens ULD may compare: those outside the categories, then the chained-only.
@@ -469,7 +472,7 @@ class CrossHead(nn.Module):
         p_cat, p_rest = self.project(p, rows, temperature)
         tiny = torch.finfo(p.dtype).tiny
         s_mapped = s_logp[:, self.image]
-        chained = bool(self.chained_only.any())
+        chained = self._chained
         if chained:  # the student's rest: outside the categories, and the chained-only ones this row did not reach
             unreached = self.chained_only & (p_cat[:, :-1] == 0)  # [n, categories]
             s_other = torch.logsumexp(torch.cat([s_logp[:, self.s_rest], s_mapped.masked_fill(~unreached, -math.inf)],
@@ -484,8 +487,8 @@ class CrossHead(nn.Module):
         if self.method == "hybrid":  # ULD on the unmapped tokens: the mapped ones zeroed in place, not copied out
             rest = torch.exp(s_logp[:, self.rest_ids])
             if chained:  # the chained-only tokens a row reached are categories there, not ULD's
-                plain = self.rest_ids.numel() - int(self.chained_only.sum())
-                keep = torch.cat([unreached.new_ones(unreached.shape[0], plain), unreached[:, self.chained_only]], -1)
+                keep = torch.cat([unreached.new_ones(unreached.shape[0], self._plain_rest),
+                                  unreached[:, self.chained_only]], -1)
                 rest = rest.masked_fill(~keep, 0.0)
             per_token = per_token + self.uld_weight * uld_distance(rest, p_rest.masked_fill_(~self.t_rest, 0.0))
         top = p_cat.argmax(-1)
@@ -512,8 +515,9 @@ def _target_tokens(ex: Encoded) -> list[int]:
 
 
 # The longest chain of teacher tokens whose probability reaches one student token (CrossHead.project:
-# p(t_1) p(t_2 | t_1) ... ); a span start whose student token takes more trains on CE alone.
-MAX_CHAIN = 2
+# p(t_1) p(t_2 | t_1) ... ); a span start whose student token takes more trains on CE alone. The default is
+# the spec's (``ctkd.max_chain``), read from there so that the two cannot differ.
+MAX_CHAIN: int = CtkdSpec.model_fields["max_chain"].default
 
 
 def _pair_targets(s_targets: Sequence[int], n_student: int, t_ex: Encoded, t_ids: Sequence[int],
@@ -625,7 +629,7 @@ class CrossTokenizerSignal:
         self._with_prefixes(paired)
         # Teacher batches sent ahead, by the student batch's tensor (as TeacherPool keys its own).
         self._sent: dict[int, tuple[torch.Tensor, Batch]] = {}
-        self._last: tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
+        self._last: tuple[torch.Tensor, tuple[torch.Tensor, ...]] | None = None
         if hasattr(inner, "submit"):  # a teacher service: batches may be sent ahead (trainer.InFlight)
             self.submit = self._submit
 
