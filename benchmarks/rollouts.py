@@ -4,8 +4,11 @@
 The same model (SmolLM2-135M-Instruct's 8 evenly spaced layers, the student of the KD benchmarks),
 the same random prompts, temperature 1 over the full vocabulary, and exactly ``--new-tokens`` tokens
 per row on every side (EOS ignored: ``ignore_eos`` for ours, ``min_new_tokens`` for transformers), so
-the work is equal. Back to back in one process, each side ``--repeats`` times; the table gives the
-median of its runs. Sampled tokens differ between sides (different samplers), not their number.
+the work is equal. Ours runs twice: with ``decode_layout`` (its default on the CPU: decode steps multiply
+transposed copies of the fp32 weights) and with ``STRATOS_DECODE_LAYOUT=0`` (the weights as stored, as
+``generate`` uses them). Back to back in one process, interleaved, each side ``--repeats`` times; the table
+gives the median of its runs. Sampled tokens differ between sides (different samplers, or float rounding),
+not their number.
 
     python benchmarks/rollouts.py                       # batch 16 and 64, 64 new tokens
     python benchmarks/rollouts.py --batch 16 --new-tokens 128
@@ -17,6 +20,7 @@ docs/benchmarks.md records a run.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -54,9 +58,13 @@ def main() -> None:
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=cfg)
         return out.shape[0] * (out.shape[1] - ids.shape[1])
 
-    def ours(ids: torch.Tensor) -> int:
-        out = sample_ids(model, ids.tolist(), max_new_tokens=n, temperature=1.0, seed=0, pad_id=pad, eos_ids=eos,
-                         ignore_eos=True)
+    def ours(ids: torch.Tensor, layout: bool = True) -> int:
+        os.environ["STRATOS_DECODE_LAYOUT"] = "1" if layout else "0"  # decode_layout reads it on each call
+        try:
+            out = sample_ids(model, ids.tolist(), max_new_tokens=n, temperature=1.0, seed=0, pad_id=pad,
+                             eos_ids=eos, ignore_eos=True)
+        finally:
+            os.environ.pop("STRATOS_DECODE_LAYOUT")
         return sum(len(o) for o in out)
 
     if args.profile:
@@ -83,7 +91,8 @@ def main() -> None:
                             generator=torch.Generator().manual_seed(batch))
         sides = {"transformers generate (dynamic cache)": lambda: hf(ids, False),
                  "transformers generate (static cache)": lambda: hf(ids, True),
-                 "stratos sample_ids": lambda: ours(ids)}
+                 "stratos sample_ids, weights as stored (STRATOS_DECODE_LAYOUT=0)": lambda: ours(ids, False),
+                 "stratos sample_ids (decode_layout)": lambda: ours(ids)}
         rates: dict[str, list[float]] = {k: [] for k in sides}
         for _ in range(args.repeats):  # interleaved, so drift in the machine hits every side alike
             for name, fn in sides.items():

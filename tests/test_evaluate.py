@@ -195,3 +195,36 @@ def test_accuracy_per_question_group_in_results_and_report():
     html = _by_group({"rows": [{"role": "student", **res.to_dict()}]})
     assert "Accuracy by question group" in html and "100.0% of" in html and "0.0% of" in html
     assert _by_group({"rows": [{"role": "student", "per_group": {}}]}) == ""
+
+
+def test_decode_layout_takes_the_copies_for_few_rows_and_restores_the_layers(tiny_tokenizer, monkeypatch):
+    """Decode steps (at most DECODE_ROWS rows) go through transposed copies of the fp32 weights; wider inputs
+    through the weights themselves. Zeroing the weights inside the context shows which path each took."""
+    import torch
+    from torch import nn
+
+    from stratos.models.generate import DECODE_ROWS, decode_layout
+    from stratos.models.tiny import tiny_llama
+
+    model = tiny_llama(tiny_tokenizer, initializer_range=0.3).eval()
+    ids = torch.tensor([tiny_tokenizer("12+34=")["input_ids"]])
+    assert ids.numel() <= DECODE_ROWS
+    with torch.no_grad():
+        plain = model(input_ids=ids).logits
+        with decode_layout(model):
+            patched = [m for m in model.modules() if "forward" in vars(m)]
+            fast = model(input_ids=ids).logits
+            for m in patched:
+                if m.weight is not model.get_input_embeddings().weight:  # a tied head: the embedding too
+                    m.weight.zero_()
+            from_copies = model(input_ids=ids).logits
+            wide = model(input_ids=ids.repeat(DECODE_ROWS, 1)).logits
+    linears = [m for m in model.modules() if type(m) is nn.Linear]
+    assert patched and len(patched) == len(linears)
+    assert not any("forward" in vars(m) for m in model.modules())  # restored on exit
+    assert torch.allclose(fast, plain, rtol=1e-4, atol=1e-5)
+    assert torch.equal(from_copies, fast)  # few rows: the copies, made on entry
+    assert not torch.allclose(wide[:1], plain, rtol=1e-2, atol=1e-2)  # many rows: the (zeroed) weights
+    monkeypatch.setenv("STRATOS_DECODE_LAYOUT", "0")
+    with decode_layout(model):
+        assert not any("forward" in vars(m) for m in model.modules())

@@ -62,7 +62,7 @@ def decode_speed(model: Any, tokenizer: Any, prompt: str, *, new_tokens: int = 3
     """Greedy tokens/s at batch size 1 with the KV cache, best of ``repeats`` after a warm-up:
     per wall-clock second, and per CPU second of this process (all its threads). On a shared
     machine the second is the steadier measure of the work a model needs."""
-    from stratos.models.generate import render
+    from stratos.models.generate import decode_layout, render
 
     ids = tokenizer(render(tokenizer, [{"role": "user", "content": prompt}], chat=True), return_tensors="pt",
                     add_special_tokens=False)
@@ -72,16 +72,17 @@ def decode_speed(model: Any, tokenizer: Any, prompt: str, *, new_tokens: int = 3
     from stratos.runtime import synchronize
 
     device = next(model.parameters()).device
-    model.generate(**ids, **{**kw, "min_new_tokens": 2, "max_new_tokens": 2})  # warm-up
     wall = cpu = 0.0
-    for _ in range(repeats):
-        synchronize(device)
-        t0, c0 = time.perf_counter(), time.process_time()
-        out = model.generate(**ids, **kw)
-        synchronize(device)
-        dt, dc = time.perf_counter() - t0, time.process_time() - c0
-        n = out.shape[1] - ids["input_ids"].shape[1]
-        wall, cpu = max(wall, n / dt), max(cpu, n / max(dc, 1e-9))
+    with decode_layout(model, rows=1):  # as the server decodes
+        model.generate(**ids, **{**kw, "min_new_tokens": 2, "max_new_tokens": 2})  # warm-up
+        for _ in range(repeats):
+            synchronize(device)
+            t0, c0 = time.perf_counter(), time.process_time()
+            out = model.generate(**ids, **kw)
+            synchronize(device)
+            dt, dc = time.perf_counter() - t0, time.process_time() - c0
+            n = out.shape[1] - ids["input_ids"].shape[1]
+            wall, cpu = max(wall, n / dt), max(cpu, n / max(dc, 1e-9))
     return wall, cpu
 
 

@@ -41,7 +41,7 @@ import math
 import re
 from bisect import bisect_right
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -624,9 +624,9 @@ class CrossTokenizerSignal:
 
     def __init__(self, inner: Any, paired: PairedData, vmap: VocabMap, *, teacher_pad_id: int, method: str = "hybrid",
                  uld_weight: float = 1.0):
-        self.inner, self.paired, self.pad_id, self.vmap = inner, paired, teacher_pad_id, vmap
+        self.inner, self.pad_id, self.vmap = inner, teacher_pad_id, vmap
+        self.paired = self._with_prefixes(paired)
         self.head = CrossHead(inner.head, vmap, method, uld_weight, levels=paired.max_chain)
-        self._with_prefixes(paired)
         # Teacher batches sent ahead, by the student batch's tensor (as TeacherPool keys its own).
         self._sent: dict[int, tuple[torch.Tensor, Batch]] = {}
         self._last: tuple[torch.Tensor, tuple[torch.Tensor, ...]] | None = None
@@ -634,9 +634,9 @@ class CrossTokenizerSignal:
             self.submit = self._submit
 
     def _with_prefixes(self, paired: PairedData) -> PairedData:
-        """``paired`` with the prefix ids of its chains (``VocabMap.prefix_ids``), computed once."""
-        paired.chain_prefixes = [self.vmap.prefix_ids(t) for t in paired.chain_tokens]
-        return paired
+        """A copy of ``paired`` with the prefix ids of its chains (``VocabMap.prefix_ids``), computed once; the
+        caller's ``paired`` is left as it was (it may be shared with another signal)."""
+        return replace(paired, chain_prefixes=[self.vmap.prefix_ids(t) for t in paired.chain_tokens])
 
     def _pairing(self, batch: Batch) -> tuple[PairedData, Sequence[int]]:
         """The paired data of ``batch``'s rows and their indices in it: the records' own, paired up front."""

@@ -7,11 +7,14 @@ left-padded through ``model.generate`` (KV cache), and returned in the caller's 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
+from torch import nn
 
 from stratos.progress import progress_bar
 
@@ -48,6 +51,63 @@ def encode_prompt(tokenizer: Any, prompt: Prompt, *, chat: bool = True) -> list[
 def _cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
     cuts = [i for i in (text.find(s) for s in stop) if i >= 0]
     return (text[: min(cuts)], True) if cuts else (text, False)
+
+
+# At most this many rows (batch x new positions) go through a linear layer's transposed weight copy while
+# decoding: measured on a 2-core Xeon (MKL, fp32), x @ W.T from W as stored ran 1.2-11x slower than from a
+# contiguous copy of W.T up to 32 rows, and level from 64 on (benchmarks/rollouts.py, docs/benchmarks.md).
+DECODE_ROWS = 32
+
+
+@contextmanager
+def decode_layout(model: Any, rows: int | None = None) -> Iterator[None]:
+    """While open, every fp32 ``nn.Linear`` of ``model`` on the CPU computes inputs of at most ``DECODE_ROWS``
+    rows (a decode step of a small batch) from a contiguous copy of its transposed weight, which MKL
+    multiplies far faster at a few rows than the weight as stored; larger inputs (a prefill, training) take
+    the usual path. The same product summed in another order: results agree to float rounding, not bit for
+    bit. ``rows``: the batch the caller will decode, if it knows it; above ``DECODE_ROWS`` nothing is done
+    (no step would use the copies, and making them costs a pass over the weights).
+
+    Left alone: other devices and dtypes, autocast, quantized (tensor-subclass) weights, subclasses of
+    ``nn.Linear`` and layers whose ``forward`` someone already replaced. The copies take the size of those
+    weights once more while the context is open (tied weights are copied once); when that would exceed an
+    eighth of the machine's memory nothing is done. The weights must not change inside the context.
+    ``STRATOS_DECODE_LAYOUT=0`` turns it off."""
+    layers = [] if (rows is not None and rows > DECODE_ROWS) or os.environ.get("STRATOS_DECODE_LAYOUT") == "0" \
+        else [m for m in model.modules() if _decodes_faster_transposed(m)]
+    weights = {id(m.weight): m.weight for m in layers}
+    if sum(w.numel() * w.element_size() for w in weights.values()) > _physical_memory() / 8:
+        layers, weights = [], {}
+    copies = {key: w.detach().t().contiguous() for key, w in weights.items()}
+    for mod in layers:
+        mod.forward = _decode_forward(mod, copies[id(mod.weight)])
+    try:
+        yield
+    finally:
+        for mod in layers:
+            del mod.forward
+
+
+def _decodes_faster_transposed(mod: nn.Module) -> bool:
+    w = getattr(mod, "weight", None)
+    return type(mod) is nn.Linear and "forward" not in vars(mod) and type(w) is nn.Parameter \
+        and w.dtype == torch.float32 and w.device.type == "cpu"
+
+
+def _physical_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not on this platform: assume 8 GiB
+        return 8 << 30
+
+
+def _decode_forward(mod: nn.Linear, wt: torch.Tensor) -> Any:
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        if x.numel() > DECODE_ROWS * x.shape[-1] or torch.is_autocast_enabled("cpu") or x.dtype != wt.dtype:
+            return nn.functional.linear(x, mod.weight, mod.bias)
+        y = x.matmul(wt)
+        return y if mod.bias is None else y + mod.bias
+    return forward
 
 
 @torch.inference_mode()
@@ -98,7 +158,8 @@ def generate(
     model.eval()
     # A private RNG state: sampling is reproducible from `seed` and the caller's RNG is left alone.
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
-            progress_bar("generating", len(prompts), enabled=progress) as bar:
+            progress_bar("generating", len(prompts), enabled=progress) as bar, \
+            decode_layout(model, rows=min(batch_size, len(prompts)) * n):
         torch.manual_seed(seed)
         try:
             for start in range(0, len(order), batch_size):
@@ -130,8 +191,9 @@ def sample_ids(model: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens: 
     ``temperature`` (no top-k or top-p cut) by inverse CDF, one uniform number per row, where
     ``torch.multinomial`` would draw one per vocabulary entry. Each completion ends at (and keeps) its
     first EOS, or runs to ``max_new_tokens`` with ``ignore_eos`` (benchmarks). Seeded by ``seed`` on a
-    private generator: the same call gives the same tokens, and the caller's RNG is left alone.
-    ``benchmarks/rollouts.py`` measures it against ``model.generate`` and a static cache."""
+    private generator: the same call gives the same tokens, and the caller's RNG is left alone. Decode steps
+    run in ``decode_layout``. ``benchmarks/rollouts.py`` measures it against ``model.generate`` and a static
+    cache."""
     from transformers import DynamicCache
 
     from stratos.models.arch import cache_arg
@@ -147,31 +209,32 @@ def sample_ids(model: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens: 
     out: list[list[int]] = [[] for _ in prompts]
     was_training = model.training
     model.eval()
-    try:
-        cache = DynamicCache()
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                       logits_to_keep=1, **cache_arg(model, cache)).logits[:, -1]
-        positions = positions[:, -1:]
-        for t in range(max_new_tokens):
-            nxt = _sample_rows(logits, temperature, gen)
-            tokens = nxt.tolist()
-            for r, tok in zip(rows, tokens):
-                out[r].append(tok)
-            ended = torch.isin(nxt, eos)
-            if t == max_new_tokens - 1 or bool(ended.all()):
-                break
-            if bool(ended.any()):  # finished rows leave the batch and the cache
-                keep = (~ended).nonzero()[:, 0]
-                cache.batch_select_indices(keep)
-                rows = [rows[i] for i in keep.tolist()]
-                nxt, mask, positions = nxt[keep], mask[keep], positions[keep]
-            mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1)
-            positions = positions + 1
-            logits = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=positions, use_cache=True,
-                           **cache_arg(model, cache)).logits[:, -1]
-    finally:
-        model.train(was_training)
+    with decode_layout(model, rows=len(prompts)):
+        try:
+            cache = DynamicCache()
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                           logits_to_keep=1, **cache_arg(model, cache)).logits[:, -1]
+            positions = positions[:, -1:]
+            for t in range(max_new_tokens):
+                nxt = _sample_rows(logits, temperature, gen)
+                tokens = nxt.tolist()
+                for r, tok in zip(rows, tokens):
+                    out[r].append(tok)
+                ended = torch.isin(nxt, eos)
+                if t == max_new_tokens - 1 or bool(ended.all()):
+                    break
+                if bool(ended.any()):  # finished rows leave the batch and the cache
+                    keep = (~ended).nonzero()[:, 0]
+                    cache.batch_select_indices(keep)
+                    rows = [rows[i] for i in keep.tolist()]
+                    nxt, mask, positions = nxt[keep], mask[keep], positions[keep]
+                mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1)
+                positions = positions + 1
+                logits = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=positions, use_cache=True,
+                               **cache_arg(model, cache)).logits[:, -1]
+        finally:
+            model.train(was_training)
     return out
 
 

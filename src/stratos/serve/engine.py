@@ -29,6 +29,7 @@ import torch
 from transformers import DynamicCache
 
 from stratos.models.arch import cache_arg
+from stratos.models.generate import decode_layout
 
 log = logging.getLogger("stratos.serve")
 
@@ -173,19 +174,21 @@ class BatchEngine:
     # ------------------------------------------------------------------ the loop
 
     def _loop(self) -> None:
-        while True:
-            jobs = self._collect()
-            if not jobs:
-                if self._stopping.is_set() and self.waiting == 0:
-                    return
-                continue
-            try:
-                self._run_wave(jobs)
-            except Exception as e:  # one bad wave must not kill the server
-                log.exception("generation failed")
-                for job in jobs:
-                    for _, index in job.rows:
-                        job.emit(FinishEvent(index, "", "error", 0, error=f"generation failed: {type(e).__name__}"))
+        with decode_layout(self.model):  # the weights stay fixed while serving: their decode copies too
+            while True:
+                jobs = self._collect()
+                if not jobs:
+                    if self._stopping.is_set() and self.waiting == 0:
+                        return
+                    continue
+                try:
+                    self._run_wave(jobs)
+                except Exception as e:  # one bad wave must not kill the server
+                    log.exception("generation failed")
+                    for job in jobs:
+                        for _, index in job.rows:
+                            job.emit(FinishEvent(index, "", "error", 0,
+                                                 error=f"generation failed: {type(e).__name__}"))
 
     def _take(self, timeout: float) -> Job | None:
         if self._carry:
