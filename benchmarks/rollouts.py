@@ -13,6 +13,7 @@ not their number.
     python benchmarks/rollouts.py                       # batch 16 and 64, 64 new tokens
     python benchmarks/rollouts.py --batch 16 --new-tokens 128
     python benchmarks/rollouts.py --batch 16 --repeats 1 --profile    # where generate's time goes
+    python benchmarks/rollouts.py --layouts                 # x @ W.T from W as stored vs from a transposed copy
 
 docs/benchmarks.md records a run.
 """
@@ -37,8 +38,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--profile", action="store_true", help="also print where transformers' generate spends its "
                     "time (torch.profiler, the first batch size): the share of each op")
+    ap.add_argument("--layouts", action="store_true", help="only time one linear layer of each of the student's "
+                    "shapes at a few rows: x @ W.T with W as stored ([out, in], nn.Linear) against a contiguous "
+                    "transposed copy ([in, out], decode_layout)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.layouts:
+        return layouts()
 
     from transformers import GenerationConfig
 
@@ -104,6 +110,36 @@ def main() -> None:
         for name, r in rates.items():
             m = statistics.median(r)
             print(f"| {batch} | {name} | {m:,.0f} | {m / base:.2f}x |")
+
+
+def layouts(rows: tuple[int, ...] = (1, 8, 16, 32, 64, 128)) -> None:
+    """Milliseconds per product for SmolLM2-135M's linear shapes (random fp32 weights), best of 3 runs of 20."""
+    shapes = {"q, o (576 x 576)": (576, 576), "k, v (192 x 576)": (192, 576), "gate, up (1536 x 576)": (1536, 576),
+              "down (576 x 1536)": (576, 1536), "head (49152 x 576)": (49152, 576)}
+
+    def ms(fn) -> float:
+        fn()
+        best = float("inf")
+        for _ in range(3):
+            t0 = time.perf_counter()
+            for _ in range(20):
+                fn()
+            best = min(best, (time.perf_counter() - t0) / 20 * 1e3)
+        return best
+
+    print(f"{torch.get_num_threads()} threads; ms per product, weights as stored / transposed copy (speed-up)")
+    print()
+    print(f"| layer | {' | '.join(f'{r} rows' for r in rows)} |")
+    print(f"|---|{'---|' * len(rows)}")
+    for name, (out_f, in_f) in shapes.items():
+        w = torch.randn(out_f, in_f)
+        wt = w.t().contiguous()
+        cells = []
+        for r in rows:
+            x = torch.randn(r, in_f)
+            a, b = ms(lambda: torch.nn.functional.linear(x, w)), ms(lambda: x @ wt)
+            cells.append(f"{a:.3f} / {b:.3f} ({a / b:.2f}x)")
+        print(f"| {name} | {' | '.join(cells)} |")
 
 
 if __name__ == "__main__":

@@ -54,8 +54,8 @@ def _cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
 
 
 # At most this many rows (batch x new positions) go through a linear layer's transposed weight copy while
-# decoding: measured on a 2-core Xeon (MKL, fp32), x @ W.T from W as stored ran 1.2-11x slower than from a
-# contiguous copy of W.T up to 32 rows, and level from 64 on (benchmarks/rollouts.py, docs/benchmarks.md).
+# decoding: measured on a 2-core Xeon (MKL, fp32), x @ W.T from W as stored ran 1.8-10x slower than from a
+# contiguous copy of W.T at 8 to 32 rows, and level from 64 on (benchmarks/rollouts.py --layouts).
 DECODE_ROWS = 32
 
 
@@ -78,7 +78,7 @@ def decode_layout(model: Any, rows: int | None = None) -> Iterator[None]:
     weights = {id(m.weight): m.weight for m in layers}
     if sum(w.numel() * w.element_size() for w in weights.values()) > _physical_memory() / 8:
         layers, weights = [], {}
-    copies = {key: w.detach().t().contiguous() for key, w in weights.items()}
+    copies = _transposed_copies(weights)
     for mod in layers:
         mod.forward = _decode_forward(mod, copies[id(mod.weight)])
     try:
@@ -92,6 +92,19 @@ def _decodes_faster_transposed(mod: nn.Module) -> bool:
     w = getattr(mod, "weight", None)
     return type(mod) is nn.Linear and "forward" not in vars(mod) and type(w) is nn.Parameter \
         and w.dtype == torch.float32 and w.device.type == "cpu"
+
+
+def _transposed_copies(weights: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+    """Each weight's transpose, contiguous, all in one buffer: for a model of any size one block that glibc
+    maps and unmaps whole (above 32 MiB it always does). Many separate blocks of a few MB would come from
+    its heap and leave it to trim and fault back in on the next training step (measured: the gkd step's
+    training part ran 16-29% slower that way)."""
+    flat = torch.empty(sum(w.numel() for w in weights.values()), dtype=torch.float32)
+    copies, at = {}, 0
+    for key, w in weights.items():
+        copies[key] = flat[at:at + w.numel()].view(w.shape[1], w.shape[0]).copy_(w.detach().t())
+        at += w.numel()
+    return copies
 
 
 def _physical_memory() -> int:
