@@ -23,8 +23,8 @@ seeded random weights, for a machine without the trained weights: with EOS ignor
 Every row gets exactly ``--new-tokens`` N new tokens, EOS ignored, so the work is equal: Stratos'
 sampler is called with ``ignore_eos`` (``stratos.models.generate.sample_ids`` wrapped in the child
 process; on the CPU it decodes through ``decode_layout``, its default, unless ``STRATOS_DECODE_LAYOUT=0``
-is in the environment, which the children inherit), TRL's ``generate`` gets ``min_new_tokens=N``; each child checks that every completion it
-trained on had N tokens and fails otherwise. Throughput is completion tokens trained per second of
+is in the environment, which the children inherit), TRL's ``generate`` gets ``min_new_tokens=N``; each
+child checks that every completion it trained on had N tokens and fails otherwise. Throughput is completion tokens trained per second of
 whole optimizer steps (generation, teacher, student forward and backward, optimizer), the
 ``--warmup`` first steps excluded; generation time is Stratos' ``rollout_s`` and, for TRL, the
 student's ``generate`` calls timed. Peak RSS is read at the end of the last step (before any save).

@@ -65,12 +65,16 @@ def main() -> None:
         return out.shape[0] * (out.shape[1] - ids.shape[1])
 
     def ours(ids: torch.Tensor, layout: bool = True) -> int:
+        before = os.environ.get("STRATOS_DECODE_LAYOUT")
         os.environ["STRATOS_DECODE_LAYOUT"] = "1" if layout else "0"  # decode_layout reads it on each call
         try:
             out = sample_ids(model, ids.tolist(), max_new_tokens=n, temperature=1.0, seed=0, pad_id=pad,
                              eos_ids=eos, ignore_eos=True)
         finally:
-            os.environ.pop("STRATOS_DECODE_LAYOUT")
+            if before is None:
+                os.environ.pop("STRATOS_DECODE_LAYOUT")
+            else:
+                os.environ["STRATOS_DECODE_LAYOUT"] = before
         return sum(len(o) for o in out)
 
     if args.profile:

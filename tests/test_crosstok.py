@@ -207,7 +207,8 @@ def test_signal_with_one_tokenizer_is_the_online_teacher(bytelevel):
     vm = VocabMap.build(bytelevel, bytelevel, student_rows=len(bytelevel), teacher_rows=len(bytelevel))
     online = OnlineTeacher(teacher)
     sig = CrossTokenizerSignal(online, paired, vm, teacher_pad_id=bytelevel.pad_token_id)
-    assert paired.chain_prefixes == [] and len(sig.paired.chain_prefixes) == len(paired.student)  # the caller's untouched
+    assert paired.chain_prefixes == []  # the caller's paired data is left as it was; the signal holds a copy
+    assert len(sig.paired.chain_prefixes) == len(paired.student)
     batch = collate(paired.student[:4], [0, 1, 2, 3], bytelevel.pad_token_id)
     rows, d = sig.hidden(batch), teacher.config.hidden_size
     assert torch.equal(rows[:, :d], online.hidden(batch))  # the span starts: every target, one to one

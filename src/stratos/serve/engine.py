@@ -145,7 +145,7 @@ class BatchEngine:
     # ------------------------------------------------------------------ public
 
     def start(self) -> "BatchEngine":
-        self._thread = threading.Thread(target=self._loop, name="stratos-engine", daemon=True)
+        self._thread = threading.Thread(target=self._serve, name="stratos-engine", daemon=True)
         self._thread.start()
         return self
 
@@ -173,22 +173,24 @@ class BatchEngine:
 
     # ------------------------------------------------------------------ the loop
 
-    def _loop(self) -> None:
+    def _serve(self) -> None:
         with decode_layout(self.model):  # the weights stay fixed while serving: their decode copies too
-            while True:
-                jobs = self._collect()
-                if not jobs:
-                    if self._stopping.is_set() and self.waiting == 0:
-                        return
-                    continue
-                try:
-                    self._run_wave(jobs)
-                except Exception as e:  # one bad wave must not kill the server
-                    log.exception("generation failed")
-                    for job in jobs:
-                        for _, index in job.rows:
-                            job.emit(FinishEvent(index, "", "error", 0,
-                                                 error=f"generation failed: {type(e).__name__}"))
+            self._loop()
+
+    def _loop(self) -> None:
+        while True:
+            jobs = self._collect()
+            if not jobs:
+                if self._stopping.is_set() and self.waiting == 0:
+                    return
+                continue
+            try:
+                self._run_wave(jobs)
+            except Exception as e:  # one bad wave must not kill the server
+                log.exception("generation failed")
+                for job in jobs:
+                    for _, index in job.rows:
+                        job.emit(FinishEvent(index, "", "error", 0, error=f"generation failed: {type(e).__name__}"))
 
     def _take(self, timeout: float) -> Job | None:
         if self._carry:
