@@ -14,7 +14,9 @@ computed here with the `mahjong` package's `Shanten` directly, not through `stra
 Prints accuracy with a 95% Wilson interval, per group (ready or one from ready after the best
 discard; regular hand, seven pairs or thirteen orphans as the best reading), and, with --run, how
 many of the hands appear in that run's training data (the leakage check of the eval stage; such
-hands are still scored). --eval-split scores the task's 200 eval questions the same way.
+hands are still scored). --eval-split scores the task's 200 eval questions the same way, and
+--validation N the first N validation questions (the task's eval split past those 200: what
+``distill.eval_samples`` scores while training), a larger sample for comparing two students.
 """
 
 from __future__ import annotations
@@ -135,6 +137,9 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=400)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-split", action="store_true", help="also score the task's 200 eval questions")
+    ap.add_argument("--validation", type=int, default=0, metavar="N",
+                    help="also score N validation questions: the eval split past the eval stage's 200, the ones "
+                    "distill.eval_samples scores while training (a larger sample than the 200)")
     ap.add_argument("--run", help="a run directory: count hands found in its training data (RUN/synth/data.jsonl)")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--out", type=Path, default=Path("runs/near-ready"), help="predictions go here (jsonl)")
@@ -149,6 +154,11 @@ def main() -> None:
              as_examples(near_ready_hands(args.n, args.seed)))]
     if args.eval_split:
         sets.append(("the task's 200 eval questions", "eval-split", task.examples("eval", 200, seed=0)))
+    if args.validation:
+        from stratos.distill.evaluation import validation_examples
+
+        sets.append((f"{args.validation} validation questions", "validation",
+                     validation_examples(task, args.validation, seed=0, held_out=200)))
     for name, slug, examples in sets:
         path = args.out / f"{slug}.jsonl"
         res = evaluate(model, tok, task, examples, max_new_tokens=args.max_new_tokens, predictions_path=path)
