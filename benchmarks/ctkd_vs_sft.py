@@ -119,6 +119,8 @@ def main() -> None:
     ap.add_argument("--responses", default="oracle", choices=["oracle", "teacher"],
                     help="the records' responses: the oracle's answers, or the teacher's own greedy answers "
                          "(right or wrong: the data an alignment run distils from)")
+    ap.add_argument("--train-size", type=int, default=600,
+                    help="train on the first N of the 600 train questions (the same 250 held out)")
     ap.add_argument("--out", type=Path, default=Path("runs/ctkd_vs_sft"))
     ap.add_argument("--pool", type=Path, nargs="+", metavar="OUT",
                     help="train nothing: pool the seeds of earlier runs' OUT/results.json into one table")
@@ -128,6 +130,9 @@ def main() -> None:
 
     max_chain = args.max_chain if args.max_chain is not None else crosstok.MAX_CHAIN
     train, held_out = questions()
+    if not 0 < args.train_size <= len(train):
+        raise SystemExit(f"--train-size {args.train_size}: give 1 to {len(train)}")
+    train = train[:args.train_size]
     teacher, t_tok = load(args.teacher)
     t0 = time.perf_counter()
     teacher_acc = accuracy(teacher, t_tok, held_out, max_new_tokens=16)
@@ -174,8 +179,8 @@ def main() -> None:
     if len(args.methods) < 2:
         gain = "one method, no gain"
     print(f"\n{gain}; teacher {teacher_acc:.1%}; responses: {args.responses}'s; "
-          f"mapped share {mapping['mapped_mass']:.1%}; {len(held_out)} held-out questions, {args.steps} steps of "
-          f"16 examples")
+          f"mapped share {mapping['mapped_mass']:.1%}; {len(train)} train and {len(held_out)} held-out questions, "
+          f"{args.steps} steps of 16 examples")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps({"teacher_accuracy": teacher_acc, "mapping": mapping,
                                                        "rows": rows, "max_chain": max_chain,
