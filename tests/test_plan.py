@@ -611,8 +611,20 @@ def test_the_plan_adds_rl_when_the_student_answers_sometimes_and_misses_the_targ
     free = decide_pairs(one_pair(student_accuracy={(0, 0): (0.4, "pilot", "given")}, min_accuracy=0.6,
                                  task=no_verifier))
     assert [ph.algorithm for ph in free[0].settings.phases] == ["kd"]  # nothing to reward with
-    weak = plan_with(0.4, 0.6, probes={"teacher-8b": probe("teacher-8b", 0.05)})  # injection: sft, kd, grpo
-    assert [ph.algorithm for ph in weak.settings.phases] == ["sft", "kd", "grpo"]
+    # Injection from the oracle's answers: more SFT beat RL in the same minutes (Mahjong), so no RL phase,
+    # and the plan says why; injection from the teacher's verified answers (no oracle): sft, kd, grpo.
+    weak = {"teacher-8b": probe("teacher-8b", 0.05)}
+    oracle = decide_pairs(one_pair(student_accuracy={(0, 0): (0.4, "pilot", "given")}, min_accuracy=0.6,
+                                   task=simple, probes=weak))[0]
+    assert [ph.algorithm for ph in oracle.settings.phases] == ["sft", "kd"] and not oracle.strategy.rl
+    assert oracle.accuracy == pytest.approx(0.4)  # and no RL gain predicted
+    assert any(r.startswith("no RL phase, though the student is predicted to answer 40%, short of min_accuracy 60%: "
+                            f"{oracle.strategy.reverse_synthesis} of its") for r in oracle.strategy.reasons)
+    assert not any(r.startswith("no RL phase") for r in rl.strategy.reasons)
+    no_oracle = TaskProfile("sums", 40, 4, 4, 1, True, False, 1000)
+    taught = plan_with(0.4, 0.6, probes=weak, task=no_oracle)
+    assert not taught.strategy.reverse_synthesis and taught.strategy.teacher_generates
+    assert [ph.algorithm for ph in taught.settings.phases] == ["sft", "kd", "grpo"]
     written = decide_pairs(one_pair(student_accuracy={(0, 0): (0.4, "pilot", "given")}, min_accuracy=0.6,
                                     task=simple, distill=DistillSpec(algorithm="kd")))
     assert [ph.algorithm for ph in written[0].settings.phases] == ["kd"]  # what the spec names wins
