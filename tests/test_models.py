@@ -228,11 +228,14 @@ def test_a_student_on_a_task_tokenizer_is_small_and_reads_tiles_whole(tmp_path, 
     monkeypatch.setenv("STRATOS_CACHE", str(tmp_path / "cache"))
     base = save_model(tiny_llama(tiny_tokenizer, hidden_size=32, num_hidden_layers=1), tiny_tokenizer, tmp_path / "base")
     task = TaskSpec(name="mahjong:discard", train_size=64, options={"notation": "spaced"})
-    spec = StudentSpec(model=str(base), init="random", tokenizer="task", tokenizer_vocab_size=320,
+    spec = StudentSpec(model=str(base), init="random", tokenizer="task", tokenizer_vocab_size=400,
                        config_overrides={"hidden_size": 48})
     model, tok = load_student(spec, task)
     assert model.config.vocab_size == len(tok) and model.config.hidden_size == 48
-    assert tok.tokenize("1m 9p 7z") == ["1m", "Ġ", "9p", "Ġ", "7z"]
+    # Tiles are whole, with their space too; the template's role words are whole (the BPE saw them).
+    assert tok.tokenize("1m 9p 7z") == ["1m", " 9p", " 7z"] and tok.decode(tok("1m 9p 7z")["input_ids"]) == "1m 9p 7z"
+    chat = tok.apply_chat_template([{"role": "user", "content": "Hand: 1m"}], tokenize=False, add_generation_prompt=True)
+    assert tok.tokenize(chat)[:3] == ["<|im_start|>", "user", "Ċ"] and tok.tokenize(chat)[-2:] == ["assistant", "Ċ"]
     assert model.config.eos_token_id == tok.eos_token_id == tok.convert_tokens_to_ids("<|im_end|>")
     # The tokenizer is built once: a second student (another process, another stage) gets the same ids.
     # Its weights come from the seed, not from the process's random state (stratos run has planned and

@@ -128,7 +128,8 @@ class StudentSpec(_Strict):
     tokenizer: Literal["model", "task"] = Field(
         "model",
         description="'model': the model's own tokenizer. 'task': a small BPE tokenizer trained on the task's text, "
-        "its domain symbols (e.g. Mahjong tiles) kept whole; needs init 'random'.",
+        "in the chat template's role lines, its domain symbols (e.g. Mahjong tiles) kept whole, also with a space "
+        "before them; needs init 'random'.",
     )
     tokenizer_vocab_size: int = Field(512, ge=300, description="BPE vocabulary of a 'task' tokenizer.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"

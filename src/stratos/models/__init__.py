@@ -157,6 +157,12 @@ def task_tokenizer(task_spec: Any, vocab_size: int = 512) -> Any:
     Mahjong tiles) as whole tokens. A from-scratch student on it is small (a few hundred rows of
     embeddings instead of ~50k) and sees a tile as one symbol instead of a digit and a letter.
 
+    The BPE learns from the text as the student reads it: each prompt and answer inside the chat
+    template's role lines (its special tokens are tokens of their own already), so ``assistant`` is
+    one token, not seven. Each domain symbol is also a whole token with a space before it, as a
+    space-separated question writes it (`` 4m``): on the Mahjong demo the two make a training row
+    about a quarter shorter (``benchmarks/task_tokenizer.py``).
+
     Built once per task definition and vocabulary size, and cached, so every stage and process
     gets the same ids."""
     import shutil
@@ -170,14 +176,15 @@ def task_tokenizer(task_spec: Any, vocab_size: int = 512) -> Any:
 
     dumped = task_spec.model_dump(mode="json", exclude={"train_size", "eval_size"})
     data = fingerprint(task_spec.path) if task_spec.path is not None and Path(task_spec.path).is_file() else None
-    path = cache_dir() / "tokenizers" / sha256_text("task-tokenizer-v3", dumped, data, vocab_size)[:16]
+    path = cache_dir() / "tokenizers" / sha256_text("task-tokenizer-v4", dumped, data, vocab_size)[:16]
     if not (path / "tokenizer.json").is_file():
         task = task_from_spec(task_spec)
         examples = task.examples("train", min(task_spec.train_size, 2000), seed=task_spec.seed)
-        texts = [task.describe()] + [r["prompt"] + "\n" + r["response"]
+        # The ChatML template's text (build_tokenizer's) without its special tokens.
+        texts = [task.describe()] + [f"user\n{r['prompt']}\nassistant\n{r['response']}"
                                      for r in to_records(task, examples, rationale=True)]
         domain = getattr(task, "domain_tokens", lambda: [])()
-        tok = build_tokenizer(texts, vocab_size, added_tokens=domain)
+        tok = build_tokenizer(texts, vocab_size, added_tokens=[*domain, *(" " + d for d in domain)])
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=path.parent))
         tok.save_pretrained(tmp)
