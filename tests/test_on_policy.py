@@ -402,3 +402,34 @@ def test_scale_rewards_group_batch_and_none_are_trls():
     assert torch.equal(advantages(r, "none", batch_std)[0], centred)
     assert DistillSpec(scale_rewards=True).scale_rewards == "group"
     assert DistillSpec(scale_rewards=False).scale_rewards == "none"
+
+
+def test_verifier_exact_rewards_a_correct_answer_only():
+    """reward_funcs 'verifier' pays the task's partial credit (Mahjong: 0.5 for a discard a step worse);
+    'verifier_exact' pays 1 for a correct answer and 0 otherwise, so a policy cannot live on partial credit."""
+    import pytest
+
+    from stratos.distill.rewards import Rewards
+    from stratos.distill.sources import record_example
+    from stratos.errors import TrainingError
+    from stratos.tasks import get_task, grade, to_records
+
+    task = get_task("mahjong:discard", notation="spaced")
+    records = to_records(task, task.examples("train", 20))
+    pairs = []  # (record, completion) with partial credit, and with full credit
+    for r in records:
+        ex = record_example(r)
+        for tile in dict.fromkeys(task.prompt(ex).split("\n")[0].split(":")[1].split()):
+            g = grade(task, ex, f"Answer: {tile}")[1]
+            if 0 < g.credit < 1 or g.correct:
+                pairs.append((r, f"Answer: {tile}", g))
+    partial = next(p for p in pairs if 0 < p[2].credit < 1)
+    full = next(p for p in pairs if p[2].correct)
+    rewards = Rewards.from_config(DistillSpec(algorithm="grpo", reward_funcs=["verifier", "verifier_exact"],
+                                              reward_weights=[1.0, 10.0]), task)
+    total, means = rewards([partial[0], full[0]], [partial[1], full[1]])
+    assert means["reward/verifier"] == pytest.approx((partial[2].credit + 1.0) / 2)
+    assert means["reward/verifier_exact"] == pytest.approx(0.5)  # the partial answer earns nothing
+    assert total == pytest.approx([partial[2].credit, 1.0 + 10.0])
+    with pytest.raises(TrainingError, match="rewards with the task's verifier"):
+        Rewards.from_config(DistillSpec(algorithm="grpo", reward_funcs=["verifier_exact"]), None)

@@ -284,7 +284,8 @@ class _TrainingOptions(_Strict):
                                 "each batch of rollouts, the ratio to the policy that sampled them clipped by epsilon.")
     reward_funcs: list[str] = Field(
         default_factory=lambda: ["verifier"], min_length=1, description="Algorithms grpo and opd: the rewards, summed "
-        "(weighted by reward_weights): 'verifier' (the task's verifier, its credit: 1/0 or partial) or "
+        "(weighted by reward_weights): 'verifier' (the task's verifier, its credit: 1/0 or partial), "
+        "'verifier_exact' (the same, 1/0 for correct: no partial credit) or "
         "'module:function' / 'path/to/file.py:function' called as TRL calls a reward function: "
         "fn(prompts=[...], completions=[...], **columns) -> list of floats, the records' other fields as columns.")
     reward_weights: list[float] | None = Field(None, description="Weights of reward_funcs, in order (None: all 1).")
@@ -348,8 +349,8 @@ class _TrainingOptions(_Strict):
     @classmethod
     def _reward_names(cls, v: list[str] | None) -> list[str] | None:
         for i, name in enumerate(v or []):
-            if name != "verifier" and name.count(":") != 1:
-                raise ValueError(f"reward_funcs[{i}] {name!r}: use 'verifier' or 'module:function' "
+            if name not in ("verifier", "verifier_exact") and name.count(":") != 1:
+                raise ValueError(f"reward_funcs[{i}] {name!r}: use 'verifier', 'verifier_exact' or 'module:function' "
                                  "(or 'path/to/file.py:function')")
         return v
 

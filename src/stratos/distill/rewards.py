@@ -4,6 +4,9 @@
 
 - ``verifier``: the task's verifier (``stratos.tasks.grade``), its credit for the completion: 1 or 0,
   or partial credit where the task gives it;
+- ``verifier_exact``: the same verifier, 1 for a correct answer and 0 otherwise, no partial credit
+  (a policy can learn to collect partial credit with a cheap answer: on Mahjong, discarding the
+  hand's first tile, docs/engine.md);
 - ``module:function`` or ``path/to/file.py:function``: a function called as TRL's GRPOTrainer calls
   a reward function, ``fn(prompts=[...], completions=[...], **columns)``, one value per completion,
   where ``columns`` are the records' other fields (``answer``, ``type``, ...), one list each::
@@ -28,6 +31,7 @@ from typing import Any
 from stratos.errors import TrainingError
 
 RewardFn = Callable[..., Sequence[float]]
+VERIFIERS = {"verifier", "verifier_exact"}  # the task's own verifier: its credit, or 1/0 for correct
 
 
 def load_reward_function(name: str) -> RewardFn:
@@ -63,10 +67,10 @@ class Rewards:
     @classmethod
     def from_config(cls, cfg: Any, task: Any) -> "Rewards":
         names = list(cfg.reward_funcs)
-        if "verifier" in names and task is None:
+        if VERIFIERS & set(names) and task is None:
             raise TrainingError(f"algorithm {cfg.algorithm} rewards with the task's verifier: run it from a spec "
                                 "(stratos run, or stratos distill SPEC), or name reward_funcs of your own")
-        fns = [None if n == "verifier" else load_reward_function(n) for n in names]
+        fns = [None if n in VERIFIERS else load_reward_function(n) for n in names]
         return cls(names, fns, list(cfg.reward_weights or [1.0] * len(names)), task)
 
     def __call__(self, records: Sequence[dict[str, Any]], completions: Sequence[str]) -> tuple[list[float], dict[str, float]]:
@@ -77,7 +81,8 @@ class Rewards:
         means: dict[str, float] = {}
         for name, fn, w in zip(self.names, self.functions, self.weights):
             if fn is None:
-                values = [float(grade(self.task, record_example(r), c)[1].credit) for r, c in zip(records, completions)]
+                graded = [grade(self.task, record_example(r), c)[1] for r, c in zip(records, completions)]
+                values = [float(g.correct if name == "verifier_exact" else g.credit) for g in graded]
             else:
                 columns = {k: [r.get(k) for r in records] for k in {k for r in records for k in r} - {"prompt"}}
                 values = self._checked(name, fn(prompts=[r["prompt"] for r in records], completions=list(completions),

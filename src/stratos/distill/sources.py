@@ -353,11 +353,11 @@ class GroupSource:
                  out_dir: Path | None = None, student: torch.nn.Module | None = None):
         import copy
 
-        from stratos.distill.rewards import Rewards
+        from stratos.distill.rewards import VERIFIERS, Rewards
         from stratos.errors import TrainingError
 
         self.rewards = Rewards.from_config(cfg, task)
-        needs_answer = "verifier" in cfg.reward_funcs
+        needs_answer = bool(VERIFIERS & set(cfg.reward_funcs))
         self.prompts = [r for r in records if "prompt" in r and ("answer" in r or not needs_answer)]
         if not self.prompts:
             raise TrainingError(f"algorithm {cfg.algorithm} needs records with a prompt"
