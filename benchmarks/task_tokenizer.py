@@ -7,9 +7,10 @@ token a letter (``assistant`` was 7 tokens) in every row, and a space-separated 
 domain symbol as two tokens (a space, then the symbol). It now learns from the text inside the
 template's role lines and keeps every domain symbol whole with a space before it too. This script
 builds both on the same train examples and prints, for each, the vocabulary, the mean prompt, answer and
-row length in tokens, and the mean time of a training step of the spec's student on batches of those
-rows (forward, backward and AdamW, the rows padded to the batch's longest), run back to back in one
-process, with the ratio.
+row length in tokens (encoded as training encodes them, ``stratos.distill.data.encode_record``), and the
+mean time of a training step of the spec's student on batches of those rows (``collate``: padded to the
+batch's longest; forward, backward and AdamW, CE on the answers), run back to back in one process, with
+the ratio.
 
     python benchmarks/task_tokenizer.py examples/mahjong.yaml --steps 40
 
@@ -24,6 +25,7 @@ import time
 
 import torch
 
+from stratos.distill.data import IGNORE, Encoded, collate, encode_record
 from stratos.models import load, task_tokenizer
 from stratos.models.tiny import build_tokenizer
 from stratos.spec import load_spec
@@ -36,20 +38,12 @@ def before(task, records: list[dict], vocab_size: int) -> object:
     return build_tokenizer(texts, vocab_size, added_tokens=getattr(task, "domain_tokens", lambda: [])())
 
 
-def rows(tok, records: list[dict]) -> tuple[list[list[int]], list[int], list[int]]:
-    ids, prompts, answers = [], [], []
-    for r in records:
-        p = tok.apply_chat_template([{"role": "user", "content": r["prompt"]}], tokenize=False,
-                                    add_generation_prompt=True)
-        pi = tok(p, add_special_tokens=False)["input_ids"]
-        ai = tok(r["response"] + tok.eos_token, add_special_tokens=False)["input_ids"]
-        ids.append(pi + ai)
-        prompts.append(len(pi))
-        answers.append(len(ai))
-    return ids, prompts, answers
+def rows(tok, records: list[dict]) -> list[Encoded]:
+    """The records as training encodes them (chat template, response and EOS; targets on the response)."""
+    return [encode_record(r, tok, max_length=10**6)[0] for r in records]
 
 
-def step_seconds(spec, tok, ids: list[list[int]], steps: int, batch: int) -> float:
+def step_seconds(spec, tok, rows: list[Encoded], steps: int, batch: int) -> float:
     student = spec.students[0]
     over = {**student.config_overrides, "vocab_size": len(tok), "pad_token_id": tok.pad_token_id,
             "eos_token_id": tok.eos_token_id, "bos_token_id": tok.bos_token_id}
@@ -59,16 +53,10 @@ def step_seconds(spec, tok, ids: list[list[int]], steps: int, batch: int) -> flo
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     times = []
     for s in range(steps + 2):  # two warm-up steps, not timed
-        chunk = ids[(s * batch) % len(ids):][:batch]
-        width = max(map(len, chunk))
-        x = torch.full((len(chunk), width), tok.pad_token_id)
-        mask = torch.zeros_like(x)
-        for i, r in enumerate(chunk):
-            x[i, :len(r)] = torch.tensor(r)
-            mask[i, :len(r)] = 1
-        labels = x.masked_fill(mask == 0, -100)
+        start = (s * batch) % len(rows)
+        b = collate(rows[start:start + batch], range(start, start + batch), tok.pad_token_id)
         t = time.perf_counter()
-        loss = model(input_ids=x, attention_mask=mask, labels=labels).loss
+        loss = model(input_ids=b.input_ids, attention_mask=b.attention_mask, labels=b.labels).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -94,10 +82,12 @@ def main() -> None:
     results = []
     for name, tok in (("before (bare text)", before(task, records, vocab)),
                       ("task_tokenizer", task_tokenizer(spec.task, vocab))):
-        ids, prompts, answers = rows(tok, records)
-        sec = step_seconds(spec, tok, ids, args.steps, args.batch_size)
-        results.append((name, len(tok), statistics.mean(prompts), statistics.mean(answers),
-                        statistics.mean(map(len, ids)), sec))
+        encoded = rows(tok, records)
+        prompts = [e.labels.count(IGNORE) for e in encoded]
+        lengths = [len(e.input_ids) for e in encoded]
+        sec = step_seconds(spec, tok, encoded, args.steps, args.batch_size)
+        results.append((name, len(tok), statistics.mean(prompts), statistics.mean(lengths) - statistics.mean(prompts),
+                        statistics.mean(lengths), sec))
     print(f"{spec.task.name}: {len(records)} train rows, student {student.label}, batch {args.batch_size}, "
           f"{args.steps} timed steps each, {torch.get_num_threads()} threads, fp32")
     print("| tokenizer | vocabulary | prompt tokens | answer tokens | row tokens | s/step | vs before |")
@@ -105,6 +95,7 @@ def main() -> None:
     base = results[0][-1]
     for name, v, p, a, r, sec in results:
         print(f"| {name} | {v} | {p:.1f} | {a:.1f} | {r:.1f} | {sec:.3f} | {sec / base:.2f}x |")
+
 
 if __name__ == "__main__":
     main()

@@ -180,6 +180,10 @@ class CtkdSpec(_Strict):
                                    "falls on tokens that map exactly; below it, the teacher teaches through its text.")
 
 
+# reward_funcs names of the task's own verifier: its credit (partial where the task gives it), or 1/0 for correct.
+VERIFIER_REWARDS = ("verifier", "verifier_exact")
+
+
 class _TrainingOptions(_Strict):
     """Options of the training engine. Names follow Hugging Face TrainingArguments where one exists."""
 
@@ -349,7 +353,7 @@ class _TrainingOptions(_Strict):
     @classmethod
     def _reward_names(cls, v: list[str] | None) -> list[str] | None:
         for i, name in enumerate(v or []):
-            if name not in ("verifier", "verifier_exact") and name.count(":") != 1:
+            if name not in VERIFIER_REWARDS and name.count(":") != 1:
                 raise ValueError(f"reward_funcs[{i}] {name!r}: use 'verifier', 'verifier_exact' or 'module:function' "
                                  "(or 'path/to/file.py:function')")
         return v

@@ -29,9 +29,9 @@ from pathlib import Path
 from typing import Any
 
 from stratos.errors import TrainingError
+from stratos.spec import VERIFIER_REWARDS
 
 RewardFn = Callable[..., Sequence[float]]
-VERIFIERS = {"verifier", "verifier_exact"}  # the task's own verifier: its credit, or 1/0 for correct
 
 
 def load_reward_function(name: str) -> RewardFn:
@@ -67,10 +67,10 @@ class Rewards:
     @classmethod
     def from_config(cls, cfg: Any, task: Any) -> "Rewards":
         names = list(cfg.reward_funcs)
-        if VERIFIERS & set(names) and task is None:
+        if set(VERIFIER_REWARDS) & set(names) and task is None:
             raise TrainingError(f"algorithm {cfg.algorithm} rewards with the task's verifier: run it from a spec "
                                 "(stratos run, or stratos distill SPEC), or name reward_funcs of your own")
-        fns = [None if n in VERIFIERS else load_reward_function(n) for n in names]
+        fns = [None if n in VERIFIER_REWARDS else load_reward_function(n) for n in names]
         return cls(names, fns, list(cfg.reward_weights or [1.0] * len(names)), task)
 
     def __call__(self, records: Sequence[dict[str, Any]], completions: Sequence[str]) -> tuple[list[float], dict[str, float]]:
@@ -79,9 +79,10 @@ class Rewards:
 
         total = [0.0] * len(completions)
         means: dict[str, float] = {}
+        graded = None  # the verifier's results, once for both of its rewards
         for name, fn, w in zip(self.names, self.functions, self.weights):
             if fn is None:
-                graded = [grade(self.task, record_example(r), c)[1] for r, c in zip(records, completions)]
+                graded = graded or [grade(self.task, record_example(r), c)[1] for r, c in zip(records, completions)]
                 values = [float(g.correct if name == "verifier_exact" else g.credit) for g in graded]
             else:
                 columns = {k: [r.get(k) for r in records] for k in {k for r in records for k in r} - {"prompt"}}

@@ -353,11 +353,12 @@ class GroupSource:
                  out_dir: Path | None = None, student: torch.nn.Module | None = None):
         import copy
 
-        from stratos.distill.rewards import VERIFIERS, Rewards
+        from stratos.distill.rewards import Rewards
         from stratos.errors import TrainingError
+        from stratos.spec import VERIFIER_REWARDS
 
         self.rewards = Rewards.from_config(cfg, task)
-        needs_answer = bool(VERIFIERS & set(cfg.reward_funcs))
+        needs_answer = bool(set(VERIFIER_REWARDS) & set(cfg.reward_funcs))
         self.prompts = [r for r in records if "prompt" in r and ("answer" in r or not needs_answer)]
         if not self.prompts:
             raise TrainingError(f"algorithm {cfg.algorithm} needs records with a prompt"

@@ -159,9 +159,10 @@ def task_tokenizer(task_spec: Any, vocab_size: int = 512) -> Any:
 
     The BPE learns from the text as the student reads it: each prompt and answer inside the chat
     template's role lines (its special tokens are tokens of their own already), so the role words get
-    merges of their own (on the demo's tokenizer ``assistant`` is one token, not seven). Each domain symbol is also a whole token with a space before it, as a
-    space-separated question writes it (`` 4m``): on the Mahjong demo the two make a training row
-    about a quarter shorter (``benchmarks/task_tokenizer.py``).
+    merges of their own (on the demo's tokenizer ``assistant`` is one token, not seven). Each domain
+    symbol is also a whole token with a space before it, as a space-separated question writes it
+    (`` 4m``): on the Mahjong demo the two make a training row about a quarter shorter
+    (``benchmarks/task_tokenizer.py``).
 
     Built once per task definition and vocabulary size, and cached, so every stage and process
     gets the same ids."""
