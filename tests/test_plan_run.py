@@ -172,6 +172,42 @@ def test_make_plan_with_pilot_writes_everything(tiny_models, tmp_path, monkeypat
     assert with_records["training"] == pytest.approx(without["training"] * recorded["training"], rel=1e-9)
 
 
+def test_a_pilot_trains_and_scores_the_student_on_the_prompt_it_is_served_with(tiny_models, tmp_path, monkeypatch):
+    """With the rules in the teacher's prompts (knowledge_injection), the pilot's student still trains and is
+    scored on the plain prompt, as the run's student is: the rules are the teacher's context, not the student's."""
+    import stratos.distill
+    import stratos.evaluate
+    from stratos.plan.pilot import PILOT_POINTS
+
+    t_path, s_path = tiny_models
+    path = write_spec(tmp_path / "spec.yaml", t_path, s_path, pilot=True, pilot_steps=3)
+    data = yaml.safe_load(path.read_text())
+    data["synth"] = {"knowledge_injection": True}
+    path.write_text(yaml.safe_dump(data))
+    spec = load_spec(path)
+    trained, scored = [], []
+    real_distill, real_evaluate = stratos.distill.distill, stratos.evaluate.evaluate
+
+    def distill_spy(model, tok, records, *a, **kw):
+        trained.extend(r["prompt"] for r in records)
+        return real_distill(model, tok, records, *a, **kw)
+
+    def evaluate_spy(model, tok, task, examples, **kw):
+        if model is not None and model.config.hidden_size == 32:  # the student's (the probes score the teacher)
+            scored.append(kw.get("rules", False))
+        return real_evaluate(model, tok, task, examples, **kw)
+
+    monkeypatch.setattr(stratos.distill, "distill", distill_spy)
+    monkeypatch.setattr(stratos.evaluate, "evaluate", evaluate_spy)
+    plan, _ = make_plan(spec, tmp_path / "plan", progress=False, calibration={})
+    assert plan.strategy.rules_in_prompt and plan.predicted["accuracy_method"] == "pilot"
+    task = get_task("arithmetic", digits=2)
+    rules = task.describe()
+    assert trained and not any(rules in p for p in trained)
+    assert all(p.startswith("What is ") for p in trained)
+    assert len(scored) == PILOT_POINTS and not any(scored)  # each pilot evaluation without the rules
+
+
 def test_plan_command_and_binding_constraint(tiny_models, tmp_path):
     from stratos.cli import app
 

@@ -68,8 +68,8 @@ def run_pilot(
 ) -> PilotResult:
     """Train ``student_spec`` for ``steps`` steps with the run's own settings (``settings``, from
     ``stratos.distill.recipe.resolve``: the main phase's algorithm, loss, kd_ratio, learning rate and
-    batch size) on the task's checked data, formatted as the run formats it (rules in the prompt,
-    rationales), evaluating ``PILOT_POINTS`` times, and extrapolate to the run's planned steps.
+    batch size) on the task's checked data, formatted as the run formats the student's records (the plain
+    prompt, rationales), evaluating ``PILOT_POINTS`` times, and extrapolate to the run's planned steps.
     ``teacher`` = (model, tokenizer) when the settings need the teacher's hidden states. A student built
     here goes to ``device``; a given one trains where it is."""
     from stratos.distill import distill
@@ -86,8 +86,8 @@ def run_pilot(
     real = main.spec
     batch = real.per_device_train_batch_size * real.gradient_accumulation_steps
     n_train = min(strategy.data_size, steps * batch)
-    records = to_records(task, task.examples("train", n_train, seed=seed), rules=strategy.rules_in_prompt,
-                         rationale=rationale)
+    # The student trains and is served on the plain prompt; rules_in_prompt is the teacher's (synth's) prompt.
+    records = to_records(task, task.examples("train", n_train, seed=seed), rationale=rationale)
     use_teacher = main.needs_teacher and main.config.get("teacher_signal") != "topk" and teacher is not None
     seg = max(1, steps // PILOT_POINTS)
     cfg = real.model_copy(update={
@@ -111,8 +111,7 @@ def run_pilot(
                           teacher_tokenizer=teacher[1] if use_teacher else None, resume=True, progress=False,
                           stop_after=seg)
             seconds += time.perf_counter() - t0
-            r = evaluate(model, tok, task, eval_examples, batch_size=16, max_new_tokens=max_new_tokens,
-                         rules=strategy.rules_in_prompt)
+            r = evaluate(model, tok, task, eval_examples, batch_size=16, max_new_tokens=max_new_tokens)
             done.append(res.steps)
             accs.append(r.accuracy)
     # Tokens through the model (prompt and response), what the cost model's 6N-per-token counts.
