@@ -155,8 +155,9 @@ def test_a_killed_two_process_run_resumes_to_the_same_weights(work, trained):
     steps, full = STEPS, trained["fsdp"]
     killed = work / "kill"
     ckpts = killed / "checkpoints"
-    proc = subprocess.Popen(_distill(work, "fsdp", killed, 2, *steps), env=_env(work), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    # One thread per rank, as the runs it is compared with: torchrun sets that only where OMP_NUM_THREADS is unset.
+    proc = subprocess.Popen(_distill(work, "fsdp", killed, 2, *steps), env={**_env(work), "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 240
     while not any(p.name >= "step-0000008" for p in ckpts.glob("step-*")):
         assert proc.poll() is None, "the run ended before it could be killed"
