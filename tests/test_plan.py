@@ -631,6 +631,35 @@ def test_the_plan_adds_rl_when_the_student_answers_sometimes_and_misses_the_targ
     assert written[0].accuracy == 0.4 and not written[0].strategy.rl  # and no RL gain is predicted for it
 
 
+def test_shipped_accuracy_records_correct_a_fresh_install_for_the_same_task_and_student(tmp_path, monkeypatch):
+    """The demo's runs measured by the authors ship with Stratos: a plan on a machine with no records of its own
+    corrects the demo student's prior by them, and only that task and student's; the machine's own runs join them."""
+    import statistics
+    from pathlib import Path as P
+
+    from stratos.plan.calibration import (accuracy_corrections, record_accuracy, shipped_measurements, student_key,
+                                          task_key)
+    from stratos.spec import load_spec
+
+    monkeypatch.setenv("STRATOS_CACHE", str(tmp_path / "cache"))  # no records of this machine's
+    shipped = shipped_measurements()
+    assert shipped and all(r["kind"] == "accuracy" and r["shipped"] and r["run"].startswith("stratos:")
+                           for r in shipped)
+    assert all(r["error"] == pytest.approx(r["measured"] - r["predicted"]) for r in shipped)
+    demo = load_spec(P(__file__).resolve().parent.parent / "examples" / "mahjong.yaml")
+    task, student = task_key(demo.task), student_key(demo.students[0])
+    mine = [r for r in shipped if r["task"] == task and r["student"] == student]
+    assert len(mine) >= 2  # the README's fresh-clone runs: every one ships
+    err, runs, from_shipped = accuracy_corrections(task, student)["prior"]
+    assert (runs, from_shipped) == (len(mine), len(mine))
+    assert err == pytest.approx(statistics.median(r["error"] for r in mine)) and err > 0  # the prior was low
+    assert accuracy_corrections(task + " other options", student) == {}
+    # This machine's own run of the same task and student counts beside them.
+    record_accuracy(task, "prior", 0.5, 0.5 + err + 0.5, run="here", student=student)
+    err2, runs2, shipped2 = accuracy_corrections(task, student)["prior"]
+    assert (runs2, shipped2) == (runs + 1, from_shipped) and err2 > err
+
+
 def test_the_plan_corrects_its_predictions_by_what_earlier_runs_measured():
     from stratos.plan.calibration import accuracy_corrections, corrections
 
@@ -654,7 +683,7 @@ def test_the_plan_corrects_its_predictions_by_what_earlier_runs_measured():
     corr = accuracy_corrections("t", me, records)
     assert corrections("small", records) == {"latency": 3.0}  # accuracy records are not stage times
     assert corr["prior"][1] == 2 and corr["prior"][0] == pytest.approx(-0.3)  # median of -0.4 and -0.2
-    assert accuracy_corrections("t", other, records)["prior"] == (pytest.approx(0.5), 1)
+    assert accuracy_corrections("t", other, records)["prior"] == (pytest.approx(0.5), 1, 0)
     plain, plain_cands = build_plan(inputs())
     learnt, learnt_cands = build_plan(inputs(accuracy_corrections={0: corr, 1: corr},
                                              corrections={"small": {"latency": 3.0}}))

@@ -143,22 +143,35 @@ def record_accuracy(task: str, method: str, predicted: float, measured: float, *
                     "measured": measured, "error": measured - predicted, "run": run, "note": note}, run_dir)
 
 
+def shipped_measurements() -> list[dict[str, Any]]:
+    """Accuracy records of runs that Stratos' authors measured (``stratos/data/accuracy_records.jsonl``; each
+    says in ``shipped`` how it was run): plans on a fresh install learn from them as from its own runs, for the
+    same task and student only. They come first, so a machine's own runs take their place in the window."""
+    return read_measurements(Path(__file__).resolve().parent.parent / "data" / "accuracy_records.jsonl")
+
+
 def accuracy_corrections(task: str, student: str, records: list[dict[str, Any]] | None = None
-                         ) -> dict[str, tuple[float, int]]:
+                         ) -> dict[str, tuple[float, int, int]]:
     """Per prediction method: the median error (measured - predicted accuracy) of the latest runs of
-    ``task`` with the same ``student`` (``student_key``), and how many runs it comes from; later plans add it
-    to their predictions for that student. Another student's error says little about this one's (a 4-layer
-    student's miss would otherwise lower a 6-layer one's prediction), and records written before students
-    were recorded are not used."""
+    ``task`` with the same ``student`` (``student_key``), how many runs it comes from, and how many of those
+    are shipped (``shipped_measurements``); later plans add it to their predictions for that student.
+    ``records`` defaults to the shipped records, then this machine's. Another student's error says little
+    about this one's (a 4-layer student's miss would otherwise lower a 6-layer one's prediction), and records
+    written before students were recorded are not used."""
     latest: dict[str, dict[str, Any]] = {}  # by run: the last record of each
-    for r in records if records is not None else read_measurements():
+    for r in records if records is not None else shipped_measurements() + read_measurements():
         if r.get("kind") == "accuracy" and r.get("task") == task and r.get("student") == student:
             latest.pop(r.get("run", ""), None)
             latest[r.get("run", "")] = r  # re-inserted: dict order stays the order of the latest records
-    by_method: dict[str, list[float]] = {}
+    by_method: dict[str, list[dict[str, Any]]] = {}
     for r in latest.values():
-        by_method.setdefault(r["method"], []).append(float(r["error"]))
-    return {m: (statistics.median(v[-CORRECTION_WINDOW:]), len(v[-CORRECTION_WINDOW:])) for m, v in by_method.items()}
+        by_method.setdefault(r["method"], []).append(r)
+    out = {}
+    for m, rs in by_method.items():
+        window = rs[-CORRECTION_WINDOW:]
+        out[m] = (statistics.median(float(r["error"]) for r in window), len(window),
+                  sum(1 for r in window if r.get("shipped")))
+    return out
 
 
 # --------------------------------------------------------------------------- profiling

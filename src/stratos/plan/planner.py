@@ -196,8 +196,8 @@ class PlanInputs:
     mappings: dict[tuple[int, int], dict[str, Any]] = field(default_factory=dict)
     corrections: dict[str, dict[str, float]] = field(default_factory=dict)  # server -> stage -> factor
     # student index -> prediction method (prior, pilot) -> (median measured - predicted accuracy of earlier runs
-    # of the task with that student, runs)
-    accuracy_corrections: dict[int, dict[str, tuple[float, int]]] = field(default_factory=dict)
+    # of the task with that student, runs, how many of those runs are shipped records)
+    accuracy_corrections: dict[int, dict[str, tuple[float, int, int]]] = field(default_factory=dict)
     recovery_tokens: float = 0.0
     max_length: int = 512
     batch: int = 8
@@ -324,10 +324,12 @@ def decide_pairs(inputs: PlanInputs) -> list[PairDecision]:
                 method = "prior"
             learnt = inputs.accuracy_corrections.get(si, {})
             if method in learnt:  # learnt from what earlier runs of this task with this student measured
-                err, runs = learnt[method]
+                err, runs, shipped = learnt[method]
                 acc = min(1.0, max(0.0, acc + err))
                 why += (f"; corrected by {100 * err:+.1f} points, the median error of this task's {method} "
-                        f"predictions for this student in {runs} earlier run(s) (deployed student measured)")
+                        f"predictions for this student in {runs} earlier run(s) (deployed student measured"
+                        + (f"; {shipped} of them measured by Stratos' authors, shipped in "
+                           "stratos/data/accuracy_records.jsonl" if shipped else "") + ")")
             if not names_algorithm(distill):  # what the spec names is what runs: no RL phase of the plan's own
                 strat, acc, gain = plan_rl(strat, inputs.task, acc, inputs.min_accuracy, distill.num_generations)
                 why += gain
