@@ -236,8 +236,8 @@ def plan_rl(s: Strategy, task: TaskProfile, accuracy: float, min_accuracy: float
         why = (f"no RL phase, though the student is predicted to answer {accuracy:.0%}, short of min_accuracy "
                f"{min_accuracy:.0%}: {s.reverse_synthesis} of its ~{s.data_size} training examples are the oracle's "
                "answers, and on the task measured, more SFT on such data taught more than a GRPO phase in the same "
-               "minutes (Mahjong, of 1,000 validation questions: SFT alone 87.9% at 488 s, SFT then GRPO 33.7-58.9% "
-               "at 471-568 s over three seeds; docs/engine.md)")
+               "minutes (Mahjong, of 1,000 validation questions: SFT alone 87.9% at 488 s, SFT then GRPO 39.2-61.5% "
+               "at 561-634 s over three seeds; docs/engine.md)")
         return replace(s, rl="", reasons=[*s.reasons, why]), accuracy, ""
     pass_at_g = 1.0 - (1.0 - accuracy) ** num_generations
     after = accuracy + RL_GAIN * (pass_at_g - accuracy)
