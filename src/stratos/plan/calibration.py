@@ -91,12 +91,15 @@ def _append(rec: dict[str, Any], run_dir: str | Path | None) -> dict[str, Any]:
 
 def read_measurements(path: str | Path | None = None) -> list[dict[str, Any]]:
     p = Path(path) if path else measurements_path()
-    out = []
     try:
-        lines = p.read_text().splitlines()
+        return _parse_records(p.read_text())
     except OSError:
         return []
-    for line in lines:
+
+
+def _parse_records(text: str) -> list[dict[str, Any]]:
+    out = []
+    for line in text.splitlines():
         try:
             out.append(json.loads(line))
         except ValueError:
@@ -147,7 +150,9 @@ def shipped_measurements() -> list[dict[str, Any]]:
     """Accuracy records of runs that Stratos' authors measured (``stratos/data/accuracy_records.jsonl``; each
     says in ``shipped`` how it was run): plans on a fresh install learn from them as from its own runs, for the
     same task and student only. They come first, so a machine's own runs take their place in the window."""
-    return read_measurements(Path(__file__).resolve().parent.parent / "data" / "accuracy_records.jsonl")
+    from importlib import resources
+
+    return _parse_records(resources.files("stratos").joinpath("data/accuracy_records.jsonl").read_text(encoding="utf-8"))
 
 
 def accuracy_corrections(task: str, student: str, records: list[dict[str, Any]] | None = None
