@@ -46,6 +46,26 @@ def test_faults_give_exactly_the_clean_rows_and_a_rerun_sends_nothing(tiny_serve
     assert again.stats["usage"]["cached"] == 8
 
 
+def test_unverified_synth_keeps_every_distinct_sample_and_grades_it(tiny_served, tmp_path):
+    server, _ = tiny_served
+    cache = tmp_path / "requests"
+    verified = run_synth(coin_spec(api(server.base_url, server.model)), tmp_path / "v", requests_dir=cache,
+                         progress=False)
+    spec = coin_spec(api(server.base_url, server.model), verify=False)
+    unverified = run_synth(spec, tmp_path / "u", requests_dir=cache, progress=False)
+    assert unverified.stats["usage"]["requests"] == 0  # the same samples, from the shared cache
+    rows, kept = read_jsonl(unverified.data_path), read_jsonl(verified.data_path)
+    task = CoinTask()
+    wrong = [r for r in rows if not task.score(None, r["response"]).correct]
+    # The verified rows are the unverified ones the verifier accepts, in the same order; the rest are kept
+    # too, each graded (score 0) and counted in the statistics as the verified run counts them.
+    assert [r for r in rows if r not in wrong] == kept
+    assert wrong and all(r["score"] == 0.0 for r in wrong)
+    assert unverified.stats["by_type"] == verified.stats["by_type"] | {
+        t: {**c, "kept": c["kept"] + sum(r["type"] == t for r in wrong)} for t, c in verified.stats["by_type"].items()}
+    assert not unverified.stats["verified"] and verified.stats["verified"]
+
+
 def test_budget_stops_before_the_request_that_could_cross_it(tiny_served, tmp_path):
     server, _ = tiny_served
     # $1000 per million output tokens: a request's worst case is 2 samples x 4 tokens = $0.008.

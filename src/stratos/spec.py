@@ -444,6 +444,11 @@ class SynthSpec(_Strict):
     top_p: float = Field(0.95, gt=0, le=1)
     max_new_tokens: int = Field(256, gt=0)
     stop: list[str] = Field(default_factory=list, description="Stop strings of teacher generation.")
+    verify: bool = Field(
+        True, description="Keep only teacher samples the task's verifier accepts (rejection sampling). False keeps "
+        "every distinct sample, right or wrong, as a task without a verifier would: the student learns from the "
+        "teacher alone (the verifier still grades them for the statistics)."
+    )
     reverse_synthesis: int = Field(0, ge=0, description="Oracle-checked reverse-synthesised examples to add.")
     rationales: bool = Field(
         False, description="Oracle examples answer with the task's step-by-step rationale before the answer "

@@ -5,6 +5,8 @@
 1. **Rejection sampling.** ``synth.prompts`` train questions (default: all of ``task.train_size``) go
    to the teacher, ``samples_per_prompt`` samples each; every sample is graded by the task's
    verifier and only correct ones are kept, each distinct response once (best-of-n when n > 1).
+   With ``verify: false`` every distinct sample is kept, right or wrong (the grade is still
+   recorded, in each record's ``score`` and in the statistics).
    With ``knowledge_injection`` (or the plan's ``rules_in_prompt``) the teacher sees the task's
    rules in its prompt; the student's record keeps the plain prompt it will be served with.
 2. **Reverse synthesis.** ``reverse_synthesis: N`` adds N oracle-answered train questions.
@@ -132,10 +134,10 @@ def run_synth(spec: Spec, out_dir: str | Path, *, plan: Any = None, progress: bo
             prompt = task.prompt(ex)  # what the student is served with: no rules
             for j, s in enumerate(got):
                 _, score = grade(task, ex, s.text)
-                if not score.correct:
+                c["correct"] += score.correct
+                solved = solved or score.correct
+                if cfg.verify and not score.correct:
                     continue
-                c["correct"] += 1
-                solved = True
                 key = (prompt, s.text.strip())
                 if key in seen:
                     duplicates += 1
@@ -181,6 +183,7 @@ def run_synth(spec: Spec, out_dir: str | Path, *, plan: Any = None, progress: bo
         "prompts": len(examples),
         "samples_per_prompt": cfg.samples_per_prompt,
         "rules_in_teacher_prompt": rules,
+        "verified": cfg.verify,
         "acceptance": correct_total / samples_total if samples_total else None,
         "by_type": {
             t: {**dict(c), "acceptance": c["correct"] / c["samples"] if c["samples"] else None}
