@@ -48,3 +48,14 @@ def test_spending_counts_api_compute_at_each_servers_price_and_the_planned_trial
     assert abs(total - (0.25 + 4.0 + 0.5 + 2.0)) < 1e-9
     assert "60.0 min of plan to compress at $4.00/h" in how and "2 h at $1.00/h, planned" in how
     assert ConstraintsMissed("x").exit_code == 3
+
+
+def test_the_reports_constraints_table_says_the_plans_latency_is_one_request_at_a_time():
+    from stratos.report import _constraints
+
+    c = Constraints(min_accuracy=0.8, max_latency_ms=1000)
+    results = _results(0.87, 366.0, 599.0) | {"verdicts": [v.to_dict() for v in judge(c, _results(0.87, 366.0, 599.0))]}
+    html = _constraints(results, {"accuracy": 0.872, "latency_ms": 82.0})
+    # The measured p50 is under 4 concurrent clients; the prediction beside it is for one request alone.
+    assert "366 ms" in html and "at 4 concurrent clients" in html
+    assert "82 ms (one request at a time)" in html and "87.2%<" in html
