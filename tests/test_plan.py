@@ -631,14 +631,15 @@ def test_the_plan_adds_rl_when_the_student_answers_sometimes_and_misses_the_targ
     assert written[0].accuracy == 0.4 and not written[0].strategy.rl  # and no RL gain is predicted for it
 
 
-def test_shipped_accuracy_records_correct_a_fresh_install_for_the_same_task_and_student(tmp_path, monkeypatch):
+def test_shipped_accuracy_records_correct_a_fresh_install_for_the_same_task_student_and_recipe(tmp_path, monkeypatch):
     """The demo's runs measured by the authors ship with Stratos: a plan on a machine with no records of its own
-    corrects the demo student's prior by them, and only that task and student's; the machine's own runs join them."""
+    corrects the demo student's prior by them, and only that task, student and recipe's (the demo as written: a
+    user who cuts its data gets no correction learnt on 8,000 examples); the machine's own runs join them."""
     import statistics
     from pathlib import Path as P
 
-    from stratos.plan.calibration import (accuracy_corrections, record_accuracy, shipped_measurements, student_key,
-                                          task_key)
+    from stratos.plan.calibration import (accuracy_corrections, accuracy_records, read_measurements, recipe_key,
+                                          record_accuracy, shipped_measurements, student_key, task_key)
     from stratos.spec import load_spec
 
     monkeypatch.setenv("STRATOS_CACHE", str(tmp_path / "cache"))  # no records of this machine's
@@ -648,51 +649,72 @@ def test_shipped_accuracy_records_correct_a_fresh_install_for_the_same_task_and_
     assert all(r["error"] == pytest.approx(r["measured"] - r["predicted"]) for r in shipped)
     demo = load_spec(P(__file__).resolve().parent.parent / "examples" / "mahjong.yaml")
     task, student = task_key(demo.task), student_key(demo.students[0])
-    mine = [r for r in shipped if r["task"] == task and r["student"] == student]
+    # The demo's recipe as the plan makes it: the teacher (5% on the probe) is not competent, so injection, with
+    # the spec's values applied (8 teacher prompts + 8,000 reverse-synthesised, 3 epochs, loss ce).
+    profile = TaskProfile(task, 300, 60, 0, 1, verifier=True, oracle=True, train_size=demo.task.train_size)
+    strategy = apply_spec(choose_strategy(probe("smollm2-135m", 0.05), profile, match(T8B, S135)),
+                          SpecValues.from_spec(demo), profile)
+    recipe = recipe_key(strategy, demo.teachers[0].model)
+    assert recipe == "8008 examples x 3 epochs, loss ce, teacher smollm2-135m-instruct"
+    mine = [r for r in shipped if r["task"] == task and r["student"] == student and r["recipe"] == recipe]
     assert len(mine) >= 2  # the README's fresh-clone runs: every one ships
-    err, runs, from_shipped = accuracy_corrections(task, student)["prior"]
+    records = accuracy_records(task, student, shipped + read_measurements())
+    err, runs, from_shipped = accuracy_corrections(records, recipe)["prior"]
     assert (runs, from_shipped) == (len(mine), len(mine))
     assert err == pytest.approx(statistics.median(r["error"] for r in mine)) and err > 0  # the prior was low
-    assert accuracy_corrections(task + " other options", student) == {}
-    # This machine's own run of the same task and student counts beside them.
-    record_accuracy(task, "prior", 0.5, 0.5 + err + 0.5, run="here", student=student)
-    err2, runs2, shipped2 = accuracy_corrections(task, student)["prior"]
+    assert accuracy_records(task + " other options", student, shipped) == []
+    smaller = apply_spec(strategy, replace(SpecValues.from_spec(demo), reverse_synthesis=800), profile)
+    assert accuracy_corrections(records, recipe_key(smaller, demo.teachers[0].model)) == {}
+    # This machine's own run of the same task, student and recipe counts beside them.
+    record_accuracy(task, "prior", 0.5, 0.5 + err + 0.5, run="here", student=student, recipe=recipe)
+    records = accuracy_records(task, student, shipped + read_measurements())
+    err2, runs2, shipped2 = accuracy_corrections(records, recipe)["prior"]
     assert (runs2, shipped2) == (runs + 1, from_shipped) and err2 > err
 
 
 def test_the_plan_corrects_its_predictions_by_what_earlier_runs_measured():
-    from stratos.plan.calibration import accuracy_corrections, corrections
-
-    from stratos.plan.calibration import student_key
+    from stratos.plan.calibration import accuracy_corrections, accuracy_records, corrections, recipe_key, student_key
+    from stratos.plan.planner import decide_pairs
     from stratos.spec import StudentSpec
 
     me = student_key(StudentSpec(model="m", init="random", config_overrides={"num_hidden_layers": 6}))
     other = student_key(StudentSpec(model="m", init="random", config_overrides={"num_hidden_layers": 4}))
     assert me != other and me == student_key(StudentSpec(name="renamed", model="m", init="random",
                                                          config_overrides={"num_hidden_layers": 6}))
+    # The recipe each student of inputs() is planned with (the teacher's model: its name, no model id given).
+    recipes = {pd.student_index: recipe_key(pd.strategy, "teacher-8b") for pd in decide_pairs(inputs())}
+    assert recipes == {0: "1000 examples x 3 epochs, loss fkl, teacher teacher-8b",  # the same tokenizer: KD
+                       1: "1000 examples x 3 epochs, loss ce, teacher teacher-8b"}  # another: its answers' text
+    recipe = recipes[0]
 
-    def rec(task, error, run, student=me):
-        return {"kind": "accuracy", "task": task, "student": student, "method": "prior", "predicted": 0.8,
-                "measured": 0.8 + error, "error": error, "run": run}
+    def rec(task, error, run, student=me, recipe=recipe):
+        return {"kind": "accuracy", "task": task, "student": student, "recipe": recipe, "method": "prior",
+                "predicted": 0.8, "measured": 0.8 + error, "error": error, "run": run}
 
-    records = [  # two runs of the task with this student (one eval rerun: its last record counts); another
-        rec("t", -0.3, "a"), rec("t", -0.4, "b"), rec("t", -0.2, "a"),  # task's run, another student's, and
-        rec("u", 0.8, "c"), rec("t", 0.5, "d", other), {k: v for k, v in rec("t", 0.6, "e").items() if k != "student"},
-        {"stage": "latency", "server": "small", "predicted_s": 10.0, "measured_s": 30.0, "ratio": 3.0},
-    ]  # one written before students were recorded: none of those three counts
-    corr = accuracy_corrections("t", me, records)
+    records = [  # two runs of the task with this student and recipe (one eval rerun: its last record counts);
+        rec("t", -0.3, "a"), rec("t", -0.4, "b"), rec("t", -0.2, "a"),  # another task's run, another student's,
+        rec("u", 0.8, "c"), rec("t", 0.5, "d", other), rec("t", 0.7, "f", me, "80 examples x 3 epochs, loss ce"),
+        {k: v for k, v in rec("t", 0.6, "e").items() if k != "student"},  # another recipe's, and one written
+        {k: v for k, v in rec("t", 0.6, "g").items() if k != "recipe"},  # before students, or recipes, were
+        {"stage": "latency", "server": "small", "predicted_s": 10.0, "measured_s": 30.0, "ratio": 3.0},  # recorded
+    ]  # none of those five counts
+    mine = accuracy_records("t", me, records)
+    corr = accuracy_corrections(mine, recipe)
     assert corrections("small", records) == {"latency": 3.0}  # accuracy records are not stage times
     assert corr["prior"][1] == 2 and corr["prior"][0] == pytest.approx(-0.3)  # median of -0.4 and -0.2
-    assert accuracy_corrections("t", other, records)["prior"] == (pytest.approx(0.5), 1, 0)
+    assert accuracy_corrections(accuracy_records("t", other, records), recipe)["prior"] == (pytest.approx(0.5), 1, 0)
     plain, plain_cands = build_plan(inputs())
-    learnt, learnt_cands = build_plan(inputs(accuracy_corrections={0: corr, 1: corr},
+    # Each student's own runs: the same errors, recorded for the recipe it is planned with.
+    theirs = [{**r, "recipe": recipes[1]} for r in mine if r.get("recipe") == recipe]
+    learnt, learnt_cands = build_plan(inputs(accuracy_records={0: mine, 1: theirs},
                                              corrections={"small": {"latency": 3.0}}))
     assert learnt.predicted["accuracy"] == pytest.approx(max(0.0, plain.predicted["accuracy"] - 0.3))
     for a, b in zip(plain_cands, learnt_cands):  # the same candidates, in the same order
         assert b.accuracy == pytest.approx(max(0.0, a.accuracy - 0.3))
         assert b.latency_ms == pytest.approx(a.latency_ms * (3.0 if a.serving_server == "small" else 1.0))
     assert {c.serving_server for c in plain_cands} == {"big", "small"}
-    assert "corrected by -30.0 points" in learnt.predicted["accuracy_reason"]
+    assert f"corrected by -30.0 points, the median error of this task's prior predictions for this student " \
+           f"trained the same way ({recipe}) in 2 earlier run(s)" in learnt.predicted["accuracy_reason"]
     assert not any("median of p50" in r for r in plain.reasons)
     served_on_gpu, _ = build_plan(inputs(corrections={s.name: {"latency": 3.0} for s in inputs().servers}))
     assert any("x3.00: the median of p50 latency under load" in r for r in served_on_gpu.reasons)

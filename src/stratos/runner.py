@@ -736,7 +736,7 @@ def _learn(ctx: Context, seconds: float, predicted_s: float | None, *, resumed: 
     their predictions by it): the stage's time against the plan's prediction, when it ran whole on the
     machine the plan priced; after the eval, the deployed student's accuracy and latency against the
     plan's predictions (latency only when served on the plan's serving server)."""
-    from stratos.plan.calibration import record_accuracy, record_stage, student_key, task_key
+    from stratos.plan.calibration import recipe_key, record_accuracy, record_stage, student_key, task_key
 
     if predicted_s and not resumed:
         record_stage(ctx.stage, "local", predicted_s, seconds, run_dir=ctx.dir, note=f"run {ctx.run_dir.name}")
@@ -752,6 +752,7 @@ def _learn(ctx: Context, seconds: float, predicted_s: float | None, *, resumed: 
     run = str(ctx.run_dir.resolve()) + (f"#attempt-{attempt['number']}" if attempt["number"] > 1 else "")
     record_accuracy(task_key(ctx.spec.task), pred["accuracy_method"], pred["accuracy"], final["accuracy"],
                     run=run, run_dir=ctx.dir, student=student_key(ctx.spec.students[plan.student["index"]]),
+                    recipe=recipe_key(_strategy(ctx.spec, plan), plan.teacher["model"]),
                     note=f"{plan.student['name']} from {plan.teacher['name']}, {final['n']} questions")
     p50 = (final.get("latency_ms") or {}).get("p50")
     if plan.serving_server.is_local and p50 and pred.get("latency_ms"):

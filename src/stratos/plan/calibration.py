@@ -137,35 +137,50 @@ def student_key(student: Any) -> str:
                       sort_keys=True, default=str)
 
 
+def recipe_key(strategy: Any, teacher_model: str) -> str:
+    """How a student is trained, as far as its accuracy goes (``stratos.plan.strategy.Strategy``, the spec's
+    values applied): the data's size, the epochs, the loss, and the teacher where it gives data or signal.
+    An accuracy record corrects only plans of the same recipe: the prior does not see the data's size, so a
+    run on 8,000 examples says nothing of one on 800."""
+    key = f"{strategy.data_size} examples x {strategy.epochs:g} epochs, loss {strategy.loss}"
+    return key + (f", teacher {teacher_model}" if strategy.teacher_generates or strategy.loss != "ce" else "")
+
+
 def record_accuracy(task: str, method: str, predicted: float, measured: float, *, run: str, student: str,
-                    run_dir: str | Path | None = None, note: str = "") -> dict[str, Any]:
+                    recipe: str, run_dir: str | Path | None = None, note: str = "") -> dict[str, Any]:
     """Append the plan's predicted accuracy for ``task`` (by ``method``: prior or pilot) and the deployed
     student's measured one in ``run`` (a run directory: a rerun of its eval replaces its record), for the
-    ``student`` (``student_key``), to the same logs as ``record_stage``."""
-    return _append({"kind": "accuracy", "task": task, "student": student, "method": method, "predicted": predicted,
-                    "measured": measured, "error": measured - predicted, "run": run, "note": note}, run_dir)
+    ``student`` (``student_key``) trained by ``recipe`` (``recipe_key``), to the same logs as ``record_stage``."""
+    return _append({"kind": "accuracy", "task": task, "student": student, "recipe": recipe, "method": method,
+                    "predicted": predicted, "measured": measured, "error": measured - predicted, "run": run,
+                    "note": note}, run_dir)
 
 
 def shipped_measurements() -> list[dict[str, Any]]:
     """Accuracy records of runs that Stratos' authors measured (``stratos/data/accuracy_records.jsonl``; each
     says in ``shipped`` how it was run): plans on a fresh install learn from them as from its own runs, for the
-    same task and student only. They come first, so a machine's own runs take their place in the window."""
+    same task, student and recipe only. They come first, so a machine's own runs take their place in the window."""
     from importlib import resources
 
     return _parse_records(resources.files("stratos").joinpath("data/accuracy_records.jsonl").read_text(encoding="utf-8"))
 
 
-def accuracy_corrections(task: str, student: str, records: list[dict[str, Any]] | None = None
-                         ) -> dict[str, tuple[float, int, int]]:
-    """Per prediction method: the median error (measured - predicted accuracy) of the latest runs of
-    ``task`` with the same ``student`` (``student_key``), how many runs it comes from, and how many of those
-    are shipped (``shipped_measurements``); later plans add it to their predictions for that student.
-    ``records`` defaults to the shipped records, then this machine's. Another student's error says little
-    about this one's (a 4-layer student's miss would otherwise lower a 6-layer one's prediction), and records
-    written before students were recorded are not used."""
+def accuracy_records(task: str, student: str, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The accuracy records of ``task`` with ``student`` (``student_key``) among ``records`` (the planner
+    passes the shipped ones, then this machine's), in order. Another student's error says little about this
+    one's (a 4-layer student's miss would otherwise lower a 6-layer one's prediction), and records written
+    before students were recorded are not used."""
+    return [r for r in records if r.get("kind") == "accuracy" and r.get("task") == task and r.get("student") == student]
+
+
+def accuracy_corrections(records: list[dict[str, Any]], recipe: str) -> dict[str, tuple[float, int, int]]:
+    """Per prediction method: the median error (measured - predicted accuracy) of the latest runs among
+    ``records`` (``accuracy_records``: one task and student) trained by ``recipe`` (``recipe_key``), how many
+    runs it comes from, and how many of those are shipped (``shipped_measurements``); a plan adds it to its
+    prediction for that student and recipe. Records written before recipes were recorded are not used."""
     latest: dict[str, dict[str, Any]] = {}  # by run: the last record of each
-    for r in records if records is not None else shipped_measurements() + read_measurements():
-        if r.get("kind") == "accuracy" and r.get("task") == task and r.get("student") == student:
+    for r in records:
+        if r.get("recipe") == recipe:
             latest.pop(r.get("run", ""), None)
             latest[r.get("run", "")] = r  # re-inserted: dict order stays the order of the latest records
     by_method: dict[str, list[dict[str, Any]]] = {}

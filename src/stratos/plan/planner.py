@@ -29,6 +29,7 @@ from stratos.plan.costmodel import (
     serve_latency_ms,
     stage_costs,
 )
+from stratos.plan.calibration import accuracy_corrections, recipe_key
 from stratos.plan.matching import Match, against_pilot, match
 from stratos.plan.pareto import deployment_scores, pareto_front
 from stratos.plan.probe import TaskProfile, TeacherProbe
@@ -195,9 +196,9 @@ class PlanInputs:
     # (teacher index, student index) -> what crosstok.measure_mapping measured for a pair of different tokenizers
     mappings: dict[tuple[int, int], dict[str, Any]] = field(default_factory=dict)
     corrections: dict[str, dict[str, float]] = field(default_factory=dict)  # server -> stage -> factor
-    # student index -> prediction method (prior, pilot) -> (median measured - predicted accuracy of earlier runs
-    # of the task with that student, runs, how many of those runs are shipped records)
-    accuracy_corrections: dict[int, dict[str, tuple[float, int, int]]] = field(default_factory=dict)
+    # student index -> the accuracy records of earlier runs of the task with that student (calibration.
+    # accuracy_records: shipped, then this machine's); each pair's plan is corrected by those of its recipe
+    accuracy_records: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
     recovery_tokens: float = 0.0
     max_length: int = 512
     batch: int = 8
@@ -322,12 +323,14 @@ def decide_pairs(inputs: PlanInputs) -> list[PairDecision]:
             else:
                 acc, why = prior_student_accuracy(probe, inputs.task, m, strat, inputs.student_baseline.get(si, 0.0))
                 method = "prior"
-            learnt = inputs.accuracy_corrections.get(si, {})
-            if method in learnt:  # learnt from what earlier runs of this task with this student measured
+            recipe = recipe_key(strat, inputs.teacher_models[ti] if ti < len(inputs.teacher_models) else t.name)
+            learnt = accuracy_corrections(inputs.accuracy_records.get(si, []), recipe)
+            if method in learnt:  # learnt from what earlier runs of this task, student and recipe measured
                 err, runs, shipped = learnt[method]
                 acc = min(1.0, max(0.0, acc + err))
                 why += (f"; corrected by {100 * err:+.1f} points, the median error of this task's {method} "
-                        f"predictions for this student in {runs} earlier run(s) (deployed student measured"
+                        f"predictions for this student trained the same way ({recipe}) in {runs} earlier run(s) "
+                        "(deployed student measured"
                         + (f"; {shipped} of them measured by Stratos' authors, shipped in "
                            "stratos/data/accuracy_records.jsonl" if shipped else "") + ")")
             if not names_algorithm(distill):  # what the spec names is what runs: no RL phase of the plan's own

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from stratos.plan.calibration import (
-    accuracy_corrections,
+    accuracy_records,
     corrections,
     load_calibration,
     local_efficiency,
@@ -211,15 +211,15 @@ def _inputs(spec, teachers, students, probes, profile, servers, cal, gpu: bool) 
     if spec.compress.enabled and spec.compress.recovery_steps:
         recovery = spec.compress.recovery_steps * spec.distill.per_device_train_batch_size * spec.distill.max_length
     measured = read_measurements()  # what earlier runs measured: read once for every server and student
-    accuracy_records = shipped_measurements() + measured  # and the runs measured by Stratos' authors
+    records = shipped_measurements() + measured  # and, for accuracy, the runs measured by Stratos' authors
     return PlanInputs(
         teachers=teachers, students=students, probes=probes, task=profile, servers=servers, efficiency=eff,
         min_accuracy=c.min_accuracy, max_latency_ms=c.max_latency_ms, budget_usd=c.budget_usd,
         weights=weights_of(ps), objective=ps.objective if ps.weights is None else "custom",
         competent_accuracy=ps.competent_accuracy, spot=ps.spot, serve_hours=ps.serve_trial_hours, api_pricing=api,
         corrections={s.name: corrections(s.name, measured) for s in servers}, recovery_tokens=recovery,
-        accuracy_corrections={si: accuracy_corrections(task_key(spec.task), student_key(s), accuracy_records)
-                              for si, s in enumerate(spec.students)},
+        accuracy_records={si: accuracy_records(task_key(spec.task), student_key(s), records)
+                          for si, s in enumerate(spec.students)},
         max_length=spec.distill.max_length, batch=spec.distill.per_device_train_batch_size,
         teacher_models=[t.model for t in spec.teachers], student_models=[s.model for s in spec.students],
         spec_name=spec.name, spec_values=SpecValues.from_spec(spec), distill=spec.distill,
