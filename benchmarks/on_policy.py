@@ -46,6 +46,7 @@ length, and the mean reward over the first and the last 20% of steps (as mean +-
 seeds; the last also per seed).
 
     python benchmarks/on_policy.py --mode gkd --new-tokens 128
+    python benchmarks/on_policy.py --mode gkd --new-tokens 128 --rounds 3   # 3 rounds, sides in rotating order
     python benchmarks/on_policy.py --mode gkd --new-tokens 512 --steps 3 --warmup 1
     python benchmarks/on_policy.py --mode gkd --device cuda --bf16 1 --random-init DIR   # on a GPU, no weights
     python benchmarks/on_policy.py --mode grpo --steps 20 --seeds 3
@@ -560,7 +561,7 @@ def child(args: argparse.Namespace) -> None:
     print("RESULT " + json.dumps(out, default=str), flush=True)
 
 
-GKD_ONLY = ("new_tokens", "batch_size", "prompt_tokens")
+GKD_ONLY = ("new_tokens", "batch_size", "prompt_tokens", "rounds")
 GRPO_ONLY = ("model", "task", "seeds", "prompts_per_step", "num_generations", "max_completion_length")
 
 
@@ -611,10 +612,36 @@ def _pm(xs: list[float], fmt: str) -> str:
     return format(m, fmt) + ("" if math.isnan(se) else " ± " + format(se, fmt))
 
 
-def report_gkd(args: argparse.Namespace, results: dict) -> None:
-    rate = {s: r["tokens"] / r["seconds"] for s, r in results.items()}
+def faster_trl(results: dict) -> str | None:
+    """The TRL side with the higher completion tokens/s among one round's ``results`` (side -> child's output)."""
     trl = [s for s in results if s.startswith("trl")]
-    base = max(trl, key=lambda s: rate[s]) if trl else None
+    return max(trl, key=lambda s: results[s]["tokens"] / results[s]["seconds"]) if trl else None
+
+
+def report_rounds(rounds: dict[int, dict]) -> None:
+    """Across rounds: each side's ratios to that round's faster TRL side, their median and range."""
+    sides = list(rounds[0])
+    print(f"### Across the {len(rounds)} rounds: each side against the faster TRL side of the same round")
+    print()
+    print("| side | completion tokens/s per round | speed vs faster TRL: per round | median | peak RSS vs faster TRL: "
+          "per round | median |")
+    print("|---|---|---|---|---|---|")
+    for s in sides:
+        rate = [r[s]["tokens"] / r[s]["seconds"] for r in rounds.values()]
+        speed, memory = [], []
+        for r in rounds.values():
+            base = faster_trl(r)
+            speed.append(r[s]["tokens"] / r[s]["seconds"] / (r[base]["tokens"] / r[base]["seconds"]))
+            memory.append(r[s]["peak_rss_mb"] / r[base]["peak_rss_mb"])
+        print(f"| {s} | {', '.join(f'{x:,.1f}' for x in rate)} | {', '.join(f'{x:.2f}x' for x in speed)} "
+              f"| {statistics.median(speed):.2f}x | {', '.join(f'{x:.2f}x' for x in memory)} "
+              f"| {statistics.median(memory):.2f}x |")
+    print()
+
+
+def report_gkd(args: argparse.Namespace, results: dict, title: str = "") -> None:
+    rate = {s: r["tokens"] / r["seconds"] for s, r in results.items()}
+    base = faster_trl(results)
     prec = "bf16 autocast" if args.bf16 else "fp32"
     ckpt = ", gradient checkpointing on every side" if args.gradient_checkpointing else ""
     where = (f"on {results[next(iter(results))].get('device_name', 'a GPU')}" if args.device == "cuda"
@@ -622,7 +649,8 @@ def report_gkd(args: argparse.Namespace, results: dict) -> None:
     weights = " (random weights of its shapes)" if args.random_init else ""
     print(f"### On-policy KD (lmbda 1, reverse KL, temperature 1): SmolLM2-135M-Instruct{weights} -> "
           f"{args.student_layers}-layer student, batch {args.batch_size}, {args.new_tokens} new tokens per row "
-          f"(EOS ignored), {args.steps} timed steps after {args.warmup} warm-up, {prec}{ckpt}, {where}")
+          f"(EOS ignored), {args.steps} timed steps after {args.warmup} warm-up, {prec}{ckpt}, {where}"
+          + (f"; {title}" if title else ""))
     print()
     vs = f"vs {base}" if base else "vs TRL"
     memory = "peak GPU memory allocated MB" if args.device == "cuda" else "peak RSS MB"
@@ -691,6 +719,8 @@ def main() -> None:
     g = p.add_argument_group("gkd")
     g.add_argument("--new-tokens", type=int, default=128, help="tokens every rollout generates (EOS ignored)")
     g.add_argument("--batch-size", type=int, default=8)
+    g.add_argument("--rounds", type=int, default=1, help="run every side this many times, each round starting one "
+                   "side later; a table per round and the ratios' median across rounds")
     g.add_argument("--prompt-tokens", type=int, default=60, help="tokens of each user message (before the template)")
     r = p.add_argument_group("grpo")
     r.add_argument("--model", choices=("student", "teacher", "tiny", "sft-tiny"), default="student")
@@ -730,12 +760,17 @@ def main() -> None:
         if args.mode == "grpo" and args.model == "sft-tiny":
             build_sft_start(args, Path(tmp) / "start")
             args.start = str(Path(tmp) / "start" / "model")
-        jobs = []
+        jobs = []  # (side, seed for grpo or round for gkd, command)
         for seed in args.seed_list:
             for side in sides:
                 wd = Path(tmp) / f"{side}-{seed}"
                 wd.mkdir()
                 jobs.append((side, seed, child_cmd(side, args, wd, seed if args.mode == "grpo" else None)))
+        if args.mode == "gkd":
+            # Rounds of every side, each round starting one side later, so that no side always runs first
+            # and a slower or faster hour of the machine falls on every side alike.
+            jobs = [(side, r, cmd) for r in range(args.rounds)
+                    for side, _, cmd in jobs[r % len(jobs):] + jobs[:r % len(jobs)]]
         print("$ python " + shlex.join([os.path.relpath(HERE)] + sys.argv[1:]))
         for _, _, cmd in jobs:
             print("$ " + shlex.join(["python", os.path.relpath(HERE)] + cmd[2:]))
@@ -746,19 +781,25 @@ def main() -> None:
             # still carries the previous child's own work for a minute).
             busy = _busy_cores()
             out = {**run_child(cmd, args.threads), "busy_cores_before": busy}
-            print(f"{side} (seed {seed}) done: " + json.dumps(out, default=str), file=sys.stderr, flush=True)
+            what = f"round {seed + 1}" if args.mode == "gkd" else f"seed {seed}"
+            print(f"{side} ({what}) done: " + json.dumps(out, default=str), file=sys.stderr, flush=True)
             if busy > max(0.25, (os.cpu_count() or 1) - args.threads):
-                print(f"WARNING: {side} (seed {seed}): {busy:.1f} of {os.cpu_count()} cores were busy with other "
+                print(f"WARNING: {side} ({what}): {busy:.1f} of {os.cpu_count()} cores were busy with other "
                       f"work just before it started with {args.threads} threads; its timings are not to be "
                       "trusted", flush=True)
             if args.mode == "gkd":
-                results[side] = out
+                results.setdefault(seed, {})[side] = out
             else:
                 results.setdefault(side, []).append({"seed": seed, **out})
 
     if args.mode == "gkd":
-        report_gkd(args, results)
-        prompts = {s: r["prompt_tokens"] for s, r in results.items()}
+        for r, by_side in results.items():
+            report_gkd(args, by_side, f"round {r + 1} of {args.rounds}" if args.rounds > 1 else "")
+        if args.rounds > 1:
+            report_rounds(results)
+        prompts = {s: o["prompt_tokens"] for by_side in results.values() for s, o in by_side.items()}
+        if args.rounds == 1:
+            results = results[0]
     else:
         report_grpo(args, results)
         prompts = {s: statistics.mean(r["prompt_tokens"] for r in runs) for s, runs in results.items()}
