@@ -760,17 +760,17 @@ def main() -> None:
         if args.mode == "grpo" and args.model == "sft-tiny":
             build_sft_start(args, Path(tmp) / "start")
             args.start = str(Path(tmp) / "start" / "model")
-        jobs = []  # (side, seed for grpo or round for gkd, command)
-        for seed in args.seed_list:
-            for side in sides:
-                wd = Path(tmp) / f"{side}-{seed}"
-                wd.mkdir()
-                jobs.append((side, seed, child_cmd(side, args, wd, seed if args.mode == "grpo" else None)))
+        jobs = []  # (side, seed for grpo or round for gkd, command), each in a folder of its own
         if args.mode == "gkd":
             # Rounds of every side, each round starting one side later, so that no side always runs first
             # and a slower or faster hour of the machine falls on every side alike.
-            jobs = [(side, r, cmd) for r in range(args.rounds)
-                    for side, _, cmd in jobs[r % len(jobs):] + jobs[:r % len(jobs)]]
+            runs = [(side, r) for r in range(args.rounds) for side in sides[r % len(sides):] + sides[:r % len(sides)]]
+        else:
+            runs = [(side, seed) for seed in args.seed_list for side in sides]
+        for side, n in runs:
+            wd = Path(tmp) / f"{side}-{n}"
+            wd.mkdir()
+            jobs.append((side, n, child_cmd(side, args, wd, n if args.mode == "grpo" else None)))
         print("$ python " + shlex.join([os.path.relpath(HERE)] + sys.argv[1:]))
         for _, _, cmd in jobs:
             print("$ " + shlex.join(["python", os.path.relpath(HERE)] + cmd[2:]))

@@ -398,6 +398,24 @@ def test_spec_values_resize_the_workload_and_cut_the_predictions():
     assert stage_seconds(plan)["generation"] > 0 == stage_seconds(own)["generation"]
 
 
+def test_unverified_teacher_data_written_in_the_spec_changes_what_the_plan_says_and_sizes():
+    """With synth.verify false every teacher sample is kept: the plan's lines about verified answers are marked
+    as replaced, and the data is sized as prompts x samples, not one verified answer per prompt."""
+    competent = {"teacher-8b": probe("teacher-8b", 0.7)}
+    own, _ = build_plan(one_pair(probes=competent))
+    assert own.strategy.kind == "alignment" and own.strategy.verify
+    verified = [r for r in own.reasons if "verified answers" in r or "kept only when the verifier" in r]
+    assert len(verified) >= 2
+    plan, _ = build_plan(one_pair(probes=competent, spec_values=SpecValues(verify=False, samples_per_prompt=4)))
+    st = plan.strategy
+    assert not st.verify and st.data_size == 4 * st.prompts == 4 * own.strategy.prompts
+    mark = "[the plan's own choice; the spec's value replaces it, below]"
+    assert all(r + " " + mark in plan.reasons for r in verified)
+    said = next(r for r in plan.reasons if r.startswith("from the spec"))
+    assert "synth.verify false (plan: true)" in said and "x 4 sample(s), every one kept" in said
+    assert f"= {st.data_size} examples x" in said
+
+
 def test_a_spec_that_writes_nothing_leaves_the_plan_as_it_was():
     from stratos.spec import parse_spec
 

@@ -51,6 +51,7 @@ class Strategy:
     prompts: int = 0  # train prompts sent to the teacher (0 when it does not generate)
     top_logprobs: int = 0  # top-k log-probs synth asks an API teacher for, per generated token (top-k KD)
     rl: str = ""  # why a final RL phase against the verifier pays (``plan_rl``); empty: no RL phase
+    verify: bool = True  # synth keeps only the teacher samples the verifier accepts (the spec's synth.verify)
     # The plan's own values of the fields the spec overrode (``apply_spec``), restored before it applies again.
     planned: dict[str, Any] = field(default_factory=dict)
 
@@ -260,6 +261,7 @@ class SpecValues:
     knowledge_injection: bool | None = None
     rationales: bool | None = None  # synth.rationales: oracle answers with their worked rationale
     top_logprobs: int | None = None  # synth.top_logprobs
+    verify: bool | None = None  # synth.verify
     epochs: float | None = None  # distill.num_train_epochs
     max_steps: int | None = None  # distill.max_steps (wins over epochs)
     loss: str | None = None
@@ -285,7 +287,7 @@ class SpecValues:
             needs = get_loss(loss).needs_teacher
         return cls(prompts=prompts, samples_per_prompt=given(s, "samples_per_prompt"),
                    reverse_synthesis=given(s, "reverse_synthesis"), knowledge_injection=given(s, "knowledge_injection"),
-                   rationales=given(s, "rationales"), top_logprobs=given(s, "top_logprobs"),
+                   rationales=given(s, "rationales"), top_logprobs=given(s, "top_logprobs"), verify=given(s, "verify"),
                    epochs=given(d, "num_train_epochs"),
                    max_steps=given(d, "max_steps"), loss=loss, kd_ratio=given(d, "kd_ratio"), loss_needs_teacher=needs,
                    train_batch=d.per_device_train_batch_size * d.gradient_accumulation_steps)
@@ -298,15 +300,17 @@ class SpecValues:
 # SpecValues field -> its name in the spec, and the Strategy attribute holding the plan's own value.
 _SPEC_NAMES = {"prompts": "synth.prompts", "samples_per_prompt": "synth.samples_per_prompt",
                "reverse_synthesis": "synth.reverse_synthesis", "knowledge_injection": "synth.knowledge_injection",
-               "top_logprobs": "synth.top_logprobs", "epochs": "distill.num_train_epochs", "max_steps": "distill.max_steps", "loss": "distill.loss",
+               "top_logprobs": "synth.top_logprobs", "verify": "synth.verify", "epochs": "distill.num_train_epochs", "max_steps": "distill.max_steps", "loss": "distill.loss",
                "kd_ratio": "distill.kd_ratio"}
 _PLAN_VALUE = {"prompts": "teacher_prompts", "samples_per_prompt": "samples_per_prompt",
                "reverse_synthesis": "reverse_synthesis", "knowledge_injection": "knowledge_injection",
-               "top_logprobs": "top_logprobs", "epochs": "epochs", "loss": "loss", "kd_ratio": "kd_ratio"}
+               "top_logprobs": "top_logprobs", "verify": "verify", "epochs": "epochs", "loss": "loss",
+               "kd_ratio": "kd_ratio"}
 
 
 def _fmt(v: Any) -> str:
-    return f"{v:g}" if isinstance(v, float) else str(v)
+    """A spec value as the user wrote it in YAML."""
+    return str(v).lower() if isinstance(v, bool) else f"{v:g}" if isinstance(v, float) else str(v)
 
 
 # Which of choose_strategy's reason lines states each value the spec can replace (by how the line starts or
@@ -315,6 +319,7 @@ _REASON_OF = {
     "loss": lambda r, s: r.startswith("loss "),
     "kd_ratio": lambda r, s: r.startswith("kd_ratio "),
     "samples_per_prompt": lambda r, s: "teacher sample(s) per prompt" in r,
+    "verify": lambda r, s: "verified answers" in r or "kept only when the verifier accepts them" in r,
     "reverse_synthesis": lambda r, s: "reverse-synthesised examples (answer first" in r,
     "data_size": lambda r, s: r.startswith(f"{s.data_size} examples x "),
     "epochs": lambda r, s: r.startswith(f"{s.data_size} examples x "),
@@ -347,7 +352,7 @@ def apply_spec(strategy: Strategy, values: SpecValues, task: TaskProfile) -> Str
     if not written:
         return strategy
     new: dict[str, Any] = {}
-    for name in ("loss", "kd_ratio", "samples_per_prompt", "knowledge_injection", "top_logprobs"):
+    for name in ("loss", "kd_ratio", "samples_per_prompt", "knowledge_injection", "top_logprobs", "verify"):
         if getattr(values, name) is not None:
             new[name] = getattr(values, name)
     if values.top_logprobs is None and values.loss_needs_teacher is False:
@@ -371,6 +376,9 @@ def apply_spec(strategy: Strategy, values: SpecValues, task: TaskProfile) -> Str
         data = round(prompts + rev - prompts * rev / task.train_size)
     else:
         data = prompts + rev
+    samples = new.get("samples_per_prompt", strategy.samples_per_prompt)
+    if values.verify is False:  # every sample is kept, not about one verified answer per prompt (at most: distinct)
+        data += prompts * (samples - 1)
     epochs = strategy.epochs if values.epochs is None else float(values.epochs)
     if values.epochs is None and data != strategy.data_size:
         epochs = epochs_for(data, strategy.kind)  # the plan's rule, for the size that will run
@@ -392,8 +400,8 @@ def apply_spec(strategy: Strategy, values: SpecValues, task: TaskProfile) -> Str
         parts.append(f"{spec_name} {_fmt(value)}{note}")
     sizes = []
     if generates:
-        sizes.append(f"{prompts} teacher prompt(s) x {new.get('samples_per_prompt', strategy.samples_per_prompt)} "
-                     "sample(s)")
+        sizes.append(f"{prompts} teacher prompt(s) x {samples} sample(s)"
+                     + (", every one kept" if values.verify is False else ""))
     if rev:
         sizes.append(f"{rev} reverse-synthesised")
     reasons = _mark_replaced(strategy, changed) + [
