@@ -6,7 +6,8 @@ the same random prompts, temperature 1 over the full vocabulary, and exactly ``-
 per row on every side (EOS ignored: ``ignore_eos`` for ours, ``min_new_tokens`` for transformers), so
 the work is equal. Ours runs twice: with ``decode_layout`` (its default on the CPU: decode steps multiply
 transposed copies of the fp32 weights) and with ``STRATOS_DECODE_LAYOUT=0`` (the weights as stored, as
-``generate`` uses them). Back to back in one process, interleaved, each side ``--repeats`` times; the table
+``generate`` uses them; decode_layout puts the vocabulary head on oneDNN, ``STRATOS_DECODE_ONEDNN=0`` keeps it on a
+transposed copy). Back to back in one process, interleaved, each side ``--repeats`` times; the table
 gives the median of its runs. Sampled tokens differ between sides (different samplers, or float rounding),
 not their number.
 
@@ -40,7 +41,7 @@ def main() -> None:
                     "time (torch.profiler, the first batch size): the share of each op")
     ap.add_argument("--layouts", action="store_true", help="only time one linear layer of each of the student's "
                     "shapes at a few rows: x @ W.T with W as stored ([out, in], nn.Linear) against a contiguous "
-                    "transposed copy ([in, out], decode_layout)")
+                    "transposed copy ([in, out]) and a oneDNN copy (decode_layout's two kinds)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.layouts:
@@ -131,18 +132,25 @@ def layouts(rows: tuple[int, ...] = (1, 8, 16, 32, 64, 128)) -> None:
             best = min(best, (time.perf_counter() - t0) / 20 * 1e3)
         return best
 
-    print(f"{torch.get_num_threads()} threads; ms per product, weights as stored / transposed copy (speed-up)")
+    onednn = torch.backends.mkldnn.is_available()
+    print(f"{torch.get_num_threads()} threads; ms per product: weights as stored (MKL) / transposed copy (MKL)"
+          + (" / oneDNN copy (its input and output converted each call, as decode_layout does)" if onednn else "")
+          + "; the best of them in bold")
     print()
     print(f"| layer | {' | '.join(f'{r} rows' for r in rows)} |")
     print(f"|---|{'---|' * len(rows)}")
     for name, (out_f, in_f) in shapes.items():
         w = torch.randn(out_f, in_f)
         wt = w.t().contiguous()
+        wm = w.to_mkldnn() if onednn else None
         cells = []
         for r in rows:
             x = torch.randn(r, in_f)
-            a, b = ms(lambda: torch.nn.functional.linear(x, w)), ms(lambda: x @ wt)
-            cells.append(f"{a:.3f} / {b:.3f} ({a / b:.2f}x)")
+            times = [ms(lambda: torch.nn.functional.linear(x, w)), ms(lambda: x @ wt)]
+            if onednn:
+                times.append(ms(lambda: torch._C._nn.mkldnn_linear(x.to_mkldnn(), wm).to_dense()))
+            best = min(times)
+            cells.append(" / ".join(f"**{t:.3f}**" if t == best else f"{t:.3f}" for t in times))
         print(f"| {name} | {' | '.join(cells)} |")
 
 

@@ -197,14 +197,22 @@ def test_accuracy_per_question_group_in_results_and_report():
     assert _by_group({"rows": [{"role": "student", "per_group": {}}]}) == ""
 
 
-def test_decode_layout_takes_the_copies_for_few_rows_and_restores_the_layers(tiny_tokenizer, monkeypatch):
-    """Decode steps (at most DECODE_ROWS rows) go through transposed copies of the fp32 weights; wider inputs
-    through the weights themselves. Zeroing the weights inside the context shows which path each took."""
+@pytest.mark.parametrize("head", ["transposed", "onednn"])
+def test_decode_layout_takes_the_copies_for_few_rows_and_restores_the_layers(tiny_tokenizer, monkeypatch, head):
+    """Decode steps (at most DECODE_ROWS rows) go through copies of the fp32 weights made on entry (transposed,
+    or oneDNN's for a weight as large as a vocabulary head: here every weight, by lowering the size); wider
+    inputs through the weights themselves. Zeroing the weights inside the context shows which path each took."""
     import torch
     from torch import nn
 
+    from stratos.models import generate
     from stratos.models.generate import DECODE_ROWS, decode_layout
     from stratos.models.tiny import tiny_llama
+
+    if head == "onednn":
+        if not torch.backends.mkldnn.is_available():
+            pytest.skip("this torch has no oneDNN")
+        monkeypatch.setattr(generate, "ONEDNN_MIN_WEIGHT", 1)
 
     model = tiny_llama(tiny_tokenizer, initializer_range=0.3).eval()
     ids = torch.tensor([tiny_tokenizer("12+34=")["input_ids"]])
@@ -213,6 +221,7 @@ def test_decode_layout_takes_the_copies_for_few_rows_and_restores_the_layers(tin
         plain = model(input_ids=ids).logits
         with decode_layout(model):
             patched = [m for m in model.modules() if "forward" in vars(m)]
+            kinds = {m.forward.__qualname__.split(".")[0] for m in patched}
             fast = model(input_ids=ids).logits
             for m in patched:
                 if m.weight is not model.get_input_embeddings().weight:  # a tied head: the embedding too
@@ -221,6 +230,7 @@ def test_decode_layout_takes_the_copies_for_few_rows_and_restores_the_layers(tin
             wide = model(input_ids=ids.repeat(DECODE_ROWS, 1)).logits
     linears = [m for m in model.modules() if type(m) is nn.Linear]
     assert patched and len(patched) == len(linears)
+    assert kinds == {"_onednn_forward" if head == "onednn" else "_decode_forward"}
     assert not any("forward" in vars(m) for m in model.modules())  # restored on exit
     assert torch.allclose(fast, plain, rtol=1e-4, atol=1e-5)
     assert torch.allclose(from_copies, fast, rtol=1e-6, atol=1e-6)  # few rows: the copies, made on entry

@@ -58,29 +58,42 @@ def _cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
 # contiguous copy of W.T at 8 to 32 rows, and level from 64 on (benchmarks/rollouts.py --layouts).
 DECODE_ROWS = 32
 
+# A weight this large (elements: a vocabulary head; SmolLM2's is 28M) decodes through oneDNN's fp32 matrix
+# product instead (``torch._C._nn.mkldnn_linear`` on a oneDNN copy), where torch has it: on a 2-core AMD
+# EPYC, SmolLM2's head took 8.4 ms at 8 rows where MKL took 16.7 (as stored) and 19.7 (transposed copy), and
+# 4.4 against 9.9 and 5.1 at one row; at the layers' own shapes oneDNN was no faster (its conversions cost
+# more than they save) (benchmarks/rollouts.py --layouts). Fixed by size, not timed per run, so that a
+# killed run resumes on the same kernels and samples the same tokens.
+ONEDNN_MIN_WEIGHT = 1 << 24
+
 
 @contextmanager
 def decode_layout(model: Any, rows: int | None = None) -> Iterator[None]:
     """While open, every fp32 ``nn.Linear`` of ``model`` on the CPU computes inputs of at most ``DECODE_ROWS``
-    rows (a decode step of a small batch) from a contiguous copy of its transposed weight, which MKL
-    multiplies far faster at a few rows than the weight as stored; larger inputs (a prefill, training) take
-    the usual path. The same product summed in another order: results agree to float rounding, not bit for
-    bit. ``rows``: the batch the caller will decode, if it knows it; above ``DECODE_ROWS`` nothing is done
-    (no step would use the copies, and making them costs a pass over the weights).
+    rows (a decode step of a small batch) from a copy of its weight made for it: a contiguous copy of its
+    transposed weight, which MKL multiplies far faster at a few rows than the weight as stored, or, for a
+    weight of at least ``ONEDNN_MIN_WEIGHT`` elements (the vocabulary head) where torch has oneDNN, a oneDNN
+    copy that oneDNN's product reads faster still. Larger inputs (a prefill, training) take the usual path.
+    The same product summed in another order: results agree to float rounding, not bit for bit. ``rows``:
+    the batch the caller will decode, if it knows it; above ``DECODE_ROWS`` nothing is done (no step would
+    use the copies, and making them costs a pass over the weights).
 
     Left alone: other devices and dtypes, autocast, quantized (tensor-subclass) weights, subclasses of
     ``nn.Linear`` and layers whose ``forward`` someone already replaced. The copies take the size of those
     weights once more while the context is open (tied weights are copied once); when that would exceed an
     eighth of the machine's memory nothing is done. The weights must not change inside the context.
-    ``STRATOS_DECODE_LAYOUT=0`` turns it off."""
+    ``STRATOS_DECODE_LAYOUT=0`` turns it off; ``STRATOS_DECODE_ONEDNN=0`` keeps the head on a transposed copy."""
     layers = [] if (rows is not None and rows > DECODE_ROWS) or os.environ.get("STRATOS_DECODE_LAYOUT") == "0" \
         else [m for m in model.modules() if _decodes_faster_transposed(m)]
     weights = {id(m.weight): m.weight for m in layers}
     if sum(w.numel() * w.element_size() for w in weights.values()) > _physical_memory() / 8:
         layers, weights = [], {}
-    copies = _transposed_copies(weights)
+    onednn = {key: w for key, w in weights.items() if w.numel() >= ONEDNN_MIN_WEIGHT and _onednn()}
+    copies = _transposed_copies({key: w for key, w in weights.items() if key not in onednn})
+    heads = {key: w.detach().to_mkldnn() for key, w in onednn.items()}
     for mod in layers:
-        mod.forward = _decode_forward(mod, copies[id(mod.weight)])
+        key = id(mod.weight)
+        mod.forward = _onednn_forward(mod, heads[key]) if key in heads else _decode_forward(mod, copies[key])
     try:
         yield
     finally:
@@ -114,11 +127,30 @@ def _physical_memory() -> int:
         return 8 << 30
 
 
+def _onednn() -> bool:
+    return os.environ.get("STRATOS_DECODE_ONEDNN") != "0" and torch.backends.mkldnn.is_available()
+
+
+def _decodes_here(x: torch.Tensor) -> bool:
+    """A decode step's input, to go through the copies: few rows, fp32, no autocast."""
+    return x.numel() <= DECODE_ROWS * x.shape[-1] and not torch.is_autocast_enabled("cpu") and x.dtype == torch.float32
+
+
 def _decode_forward(mod: nn.Linear, wt: torch.Tensor) -> Any:
     def forward(x: torch.Tensor) -> torch.Tensor:
-        if x.numel() > DECODE_ROWS * x.shape[-1] or torch.is_autocast_enabled("cpu") or x.dtype != wt.dtype:
+        if not _decodes_here(x):
             return nn.functional.linear(x, mod.weight, mod.bias)
         y = x.matmul(wt)
+        return y if mod.bias is None else y + mod.bias
+    return forward
+
+
+def _onednn_forward(mod: nn.Linear, wm: torch.Tensor) -> Any:
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        if not _decodes_here(x) or (torch.is_grad_enabled() and x.requires_grad):
+            return nn.functional.linear(x, mod.weight, mod.bias)
+        y = torch._C._nn.mkldnn_linear(x.reshape(-1, x.shape[-1]).to_mkldnn(), wm).to_dense()
+        y = y.view(*x.shape[:-1], y.shape[-1])
         return y if mod.bias is None else y + mod.bias
     return forward
 
