@@ -58,13 +58,14 @@ def _cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
 # contiguous copy of W.T at 8 to 32 rows, and level from 64 on (benchmarks/rollouts.py --layouts).
 DECODE_ROWS = 32
 
-# A weight this large (elements: a vocabulary head; SmolLM2's is 28M) decodes through oneDNN's fp32 matrix
-# product instead (``torch._C._nn.mkldnn_linear`` on a oneDNN copy), where torch has it: on a 2-core AMD
-# EPYC, SmolLM2's head took 8.4 ms at 8 rows where MKL took 16.7 (as stored) and 19.7 (transposed copy), and
-# 4.4 against 9.9 and 5.1 at one row; at the layers' own shapes oneDNN was no faster (its conversions cost
-# more than they save) (benchmarks/rollouts.py --layouts). Fixed by size, not timed per run, so that a
-# killed run resumes on the same kernels and samples the same tokens.
-ONEDNN_MIN_WEIGHT = 1 << 24
+# A weight this large (elements: a vocabulary head, SmolLM2's is 28M; a 1B model's MLP) decodes through
+# oneDNN's fp32 matrix product instead (``torch._C._nn.mkldnn_linear`` on a oneDNN copy), where torch has it.
+# On a 2-core AMD EPYC at 8 rows: SmolLM2's head 6.8 ms against MKL's 16.2 (as stored) and 17.4 (transposed
+# copy); 8192 x 576 0.87 against 1.83; 2048 x 8192 3.2 against 6.3; 49152 x 256 4.8 against 5.9; but
+# 49152 x 128 (6.3M) 3.1 against 2.7, and below about 4M elements (SmolLM2's layers) oneDNN's conversions
+# cost what it saves (benchmarks/rollouts.py --layouts). Fixed by size, not timed per run, so that a killed
+# run resumes on the same kernels and samples the same tokens.
+ONEDNN_MIN_WEIGHT = 1 << 22
 
 
 @contextmanager
