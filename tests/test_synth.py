@@ -64,6 +64,12 @@ def test_unverified_synth_keeps_every_distinct_sample_and_grades_it(tiny_served,
     assert unverified.stats["by_type"] == verified.stats["by_type"] | {
         t: {**c, "kept": c["kept"] + sum(r["type"] == t for r in wrong)} for t, c in verified.stats["by_type"].items()}
     assert not unverified.stats["verified"] and verified.stats["verified"]
+    # The report says what was kept: the verifier's share, not "kept by the verifier", when every answer was kept.
+    from stratos.report import _data_tables
+
+    html = _data_tables(unverified.stats, unverified.stats_path, tmp_path)
+    assert "every answer kept: synth.verify false" in html and "kept by the verifier" not in html
+    assert "kept by the verifier" in _data_tables(verified.stats, verified.stats_path, tmp_path)
 
 
 def test_budget_stops_before_the_request_that_could_cross_it(tiny_served, tmp_path):
@@ -151,6 +157,12 @@ def test_cli_flags_form_with_a_local_teacher(tiny_served, tmp_path):
     assert stats["prompts"] == 4 and stats["usage"]["requests"] == 1 and stats["rows"]["oracle"] == 5
     r = CliRunner().invoke(app, args)  # resumed from the cache: the model is not even loaded
     assert r.exit_code == 0 and json.loads((out / "stats.json").read_text())["usage"]["cached"] == 4
+    assert json.loads((out / "stats.json").read_text())["verified"]
+    r = CliRunner().invoke(app, args + ["--no-verify"])  # the same samples, every one kept
+    stats = json.loads((out / "stats.json").read_text())
+    assert r.exit_code == 0 and not stats["verified"] and stats["usage"]["cached"] == 4
+    kept, correct = (sum(c[k] for c in stats["by_type"].values()) for k in ("kept", "correct"))
+    assert stats["rows"]["teacher"] == kept >= correct
     bad = CliRunner().invoke(app, ["synth", "--teacher", str(path), "--task", "arithmetic", "--n", "0"])
     assert bad.exit_code == 2 and "synth.samples_per_prompt" in bad.output
 

@@ -375,6 +375,8 @@ def synth(
     knowledge_injection: Optional[bool] = typer.Option(None, "--knowledge-injection/--no-knowledge-injection",
                                                        help="Rules in the teacher's prompt plus the rules corpus."),
     top_logprobs: Optional[int] = typer.Option(None, help="Store the teacher's top-k log-probs (top-k KD)."),
+    verify: Optional[bool] = typer.Option(None, "--verify/--no-verify",
+                                          help="Keep only samples the task's verifier accepts (default), or every one."),
     budget: Optional[float] = typer.Option(None, "--budget", help="Most to spend on API requests, in $."),
     out: Path = typer.Option(Path("runs/synth"), "--out", "-o", help="Output folder: data.jsonl, stats.json, requests/."),
     device: Optional[str] = DEVICE_OPTION,
@@ -406,7 +408,7 @@ def synth(
     data["synth"] = {**data.get("synth", {}), **_overrides(
         samples_per_prompt=n, prompts=prompts, temperature=temperature, max_new_tokens=max_new_tokens,
         reverse_synthesis=reverse_synthesis, knowledge_injection=knowledge_injection, top_logprobs=top_logprobs,
-        budget_usd=budget)}
+        verify=verify, budget_usd=budget)}
     if device is not None:
         data["device"] = device
     s = checked(parse_spec(data, source=str(spec or "command line")), source=str(spec or "command line"))

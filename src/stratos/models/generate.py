@@ -89,9 +89,8 @@ def decode_layout(model: Any, rows: int | None = None) -> Iterator[None]:
     weights = {id(m.weight): m.weight for m in layers}
     if sum(w.numel() * w.element_size() for w in weights.values()) > _physical_memory() / 8:
         layers, weights = [], {}
-    onednn = {key: w for key, w in weights.items() if w.numel() >= ONEDNN_MIN_WEIGHT and _onednn()}
-    copies = _transposed_copies({key: w for key, w in weights.items() if key not in onednn})
-    heads = {key: w.detach().to_mkldnn() for key, w in onednn.items()}
+    heads = _onednn_copies({key: w for key, w in weights.items() if w.numel() >= ONEDNN_MIN_WEIGHT})
+    copies = _transposed_copies({key: w for key, w in weights.items() if key not in heads})
     for mod in layers:
         key = id(mod.weight)
         mod.forward = _onednn_forward(mod, heads[key]) if key in heads else _decode_forward(mod, copies[key])
@@ -128,8 +127,18 @@ def _physical_memory() -> int:
         return 8 << 30
 
 
-def _onednn() -> bool:
-    return os.environ.get("STRATOS_DECODE_ONEDNN") != "0" and torch.backends.mkldnn.is_available()
+def _onednn_copies(weights: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+    """oneDNN copies of ``weights`` with a product that runs on them; none (they take transposed copies) where
+    torch has no oneDNN, its product fails on this build, or ``STRATOS_DECODE_ONEDNN=0``."""
+    if not weights or os.environ.get("STRATOS_DECODE_ONEDNN") == "0" or not torch.backends.mkldnn.is_available():
+        return {}
+    try:
+        copies = {key: w.detach().to_mkldnn() for key, w in weights.items()}
+        w = next(iter(copies.values()))
+        torch._C._nn.mkldnn_linear(torch.zeros(1, w.shape[1]).to_mkldnn(), w).to_dense()
+    except (RuntimeError, AttributeError):
+        return {}
+    return copies
 
 
 def _decodes_here(x: torch.Tensor) -> bool:

@@ -276,7 +276,8 @@ def _data_tables(stats: dict[str, Any], path: Path, run_dir: Path) -> str:
     facts = _table(["", ""], [
         ["teacher", _e(stats.get("teacher"))],
         ["teacher prompts x samples", f"{_fmt(stats.get('prompts'))} x {_fmt(stats.get('samples_per_prompt'))}"],
-        ["teacher answers kept by the verifier",
+        ["teacher answers kept by the verifier" if stats.get("verified", True) else
+         "teacher answers the verifier accepts (every answer kept: synth.verify false)",
          f"{stats['acceptance']:.1%}" if isinstance(stats.get("acceptance"), (int, float)) else "–"],
         ["rows", ", ".join(f"{_e(k)} {_fmt(v)}" for k, v in rows.items()) or "–"],
         ["duplicates dropped", _fmt(stats.get("duplicates_dropped"))],

@@ -133,8 +133,10 @@ def model_card(*, role: str, spec: Any = None, plan: dict[str, Any] | None = Non
     if stats is not None:
         leak = results.get("leakage") or {}
         data_rows = ", ".join(f"{k} {v:,}" for k, v in (stats.get("rows") or {}).items() if k != "total")
-        data_text = f"""- Training records: {stats.get('rows', {}).get('total', '?'):,} ({data_rows}); teacher answers kept by the
-  task's verifier: {stats.get('acceptance', 0):.1%} of {stats.get('prompts', 0)} prompts x {stats.get('samples_per_prompt', 0)} samples.
+        kept = ("teacher answers kept by the task's verifier" if stats.get("verified", True) else
+                "teacher answers the task's verifier accepts (every answer kept, right or wrong: synth.verify false)")
+        data_text = f"""- Training records: {stats.get('rows', {}).get('total', '?'):,} ({data_rows}); {kept}: \
+{stats.get('acceptance', 0):.1%} of {stats.get('prompts', 0)} prompts x {stats.get('samples_per_prompt', 0)} samples.
 - Evaluation: {results.get('n')} held-out questions of the task's eval split.
   {('No eval question appears in the training data (' + leak['how'] + ').') if leak and not leak.get('found') else
    (str(leak.get('found')) + ' eval questions appear in the training data: the accuracy below overstates unseen questions.') if leak else ''}"""
