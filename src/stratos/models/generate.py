@@ -85,7 +85,7 @@ def decode_layout(model: Any, rows: int | None = None) -> Iterator[None]:
     eighth of the machine's memory nothing is done. The weights must not change inside the context.
     ``STRATOS_DECODE_LAYOUT=0`` turns it off; ``STRATOS_DECODE_ONEDNN=0`` keeps the head on a transposed copy."""
     layers = [] if (rows is not None and rows > DECODE_ROWS) or os.environ.get("STRATOS_DECODE_LAYOUT") == "0" \
-        else [m for m in model.modules() if _decodes_faster_transposed(m)]
+        else [m for m in model.modules() if _decodes_with_copy(m)]
     weights = {id(m.weight): m.weight for m in layers}
     if sum(w.numel() * w.element_size() for w in weights.values()) > _physical_memory() / 8:
         layers, weights = [], {}
@@ -101,7 +101,7 @@ def decode_layout(model: Any, rows: int | None = None) -> Iterator[None]:
             del mod.forward
 
 
-def _decodes_faster_transposed(mod: nn.Module) -> bool:
+def _decodes_with_copy(mod: nn.Module) -> bool:
     w = getattr(mod, "weight", None)
     return type(mod) is nn.Linear and "forward" not in vars(mod) and type(w) is nn.Parameter \
         and w.dtype == torch.float32 and w.device.type == "cpu"
