@@ -62,7 +62,7 @@ DECODE_ROWS = 32
 # oneDNN's fp32 matrix product instead (``torch._C._nn.mkldnn_linear`` on a oneDNN copy), where torch has it.
 # On a 2-core AMD EPYC at 8 rows: SmolLM2's head 6.8 ms against MKL's 16.2 (as stored) and 17.4 (transposed
 # copy); 8192 x 576 0.87 against 1.83; 2048 x 8192 3.2 against 6.3; 49152 x 256 4.8 against 5.9; but
-# 49152 x 128 (6.3M) 3.1 against 2.7, and at SmolLM2's layers (under 1M) at best 10% faster, up to 4x slower
+# 49152 x 128 (6.3M) 3.1 against 2.7, and at SmolLM2's layers (under 1M) at best 10% faster, up to 4.5x slower
 # at the smallest, its conversions costing about what it saves (benchmarks/rollouts.py --layouts). Fixed by size, not timed per run, so that a killed
 # run resumes on the same kernels and samples the same tokens.
 ONEDNN_MIN_WEIGHT = 1 << 22
