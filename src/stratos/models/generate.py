@@ -7,6 +7,7 @@ left-padded through ``model.generate`` (KV cache), and returned in the caller's 
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -62,9 +63,9 @@ DECODE_ROWS = 32
 # oneDNN's fp32 matrix product instead (``torch._C._nn.mkldnn_linear`` on a oneDNN copy), where torch has it.
 # On a 2-core AMD EPYC at 8 rows: SmolLM2's head 6.8 ms against MKL's 16.2 (as stored) and 17.4 (transposed
 # copy); 8192 x 576 0.87 against 1.83; 2048 x 8192 3.2 against 6.3; 49152 x 256 4.8 against 5.9; but
-# 49152 x 128 (6.3M) 3.1 against 2.7, and at SmolLM2's layers (under 1M) at best 10% faster, up to 4.5x slower
-# at the smallest, its conversions costing about what it saves (benchmarks/rollouts.py --layouts). Fixed by size, not timed per run, so that a killed
-# run resumes on the same kernels and samples the same tokens.
+# 49152 x 128 (6.3M) 3.1 against 2.7, and at SmolLM2's layers (under 1M) at best 10% faster, up to 4.5x
+# slower at the smallest, its conversions costing about what it saves (benchmarks/rollouts.py --layouts).
+# Fixed by size, not timed per run, so that a killed run resumes on the same kernels and samples the same tokens.
 ONEDNN_MIN_WEIGHT = 1 << 22
 
 
@@ -128,17 +129,23 @@ def _physical_memory() -> int:
 
 
 def _onednn_copies(weights: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
-    """oneDNN copies of ``weights`` with a product that runs on them; none (they take transposed copies) where
-    torch has no oneDNN, its product fails on this build, or ``STRATOS_DECODE_ONEDNN=0``."""
-    if not weights or os.environ.get("STRATOS_DECODE_ONEDNN") == "0" or not torch.backends.mkldnn.is_available():
+    """oneDNN copies of ``weights``; none (they take transposed copies) where this torch cannot multiply
+    by them (``_onednn_works``) or ``STRATOS_DECODE_ONEDNN=0``."""
+    if not weights or os.environ.get("STRATOS_DECODE_ONEDNN") == "0" or not _onednn_works():
         return {}
+    return {key: w.detach().to_mkldnn() for key, w in weights.items()}
+
+
+@functools.cache
+def _onednn_works() -> bool:
+    """Whether this torch has oneDNN and its fp32 linear product runs (checked once, on a tiny weight)."""
+    if not torch.backends.mkldnn.is_available():
+        return False
     try:
-        copies = {key: w.detach().to_mkldnn() for key, w in weights.items()}
-        w = next(iter(copies.values()))
-        torch._C._nn.mkldnn_linear(torch.zeros(1, w.shape[1]).to_mkldnn(), w).to_dense()
+        torch._C._nn.mkldnn_linear(torch.ones(1, 4).to_mkldnn(), torch.ones(2, 4).to_mkldnn()).to_dense()
     except (RuntimeError, AttributeError):
-        return {}
-    return copies
+        return False
+    return True
 
 
 def _decodes_here(x: torch.Tensor) -> bool:

@@ -112,6 +112,7 @@ def run_synth(spec: Spec, out_dir: str | Path, *, plan: Any = None, progress: bo
     records: list[dict[str, Any]] = []
     by_type: dict[str, Counter] = {}
     seen: set[tuple[str, str]] = set()
+    solved_prompts: set[str] = set()  # the student's prompts of the questions a teacher sample answered right
     duplicates = 0
     if examples:
         own = teacher is None
@@ -151,6 +152,8 @@ def run_synth(spec: Spec, out_dir: str | Path, *, plan: Any = None, progress: bo
                     rec["topk"] = topk
                 records.append(rec)
             c["solved"] += solved
+            if solved:
+                solved_prompts.add(prompt)
         usage = teacher.usage.to_dict()
         if teacher.usage.budget_stopped:
             answered = sum(1 for g in samples if g)
@@ -160,10 +163,10 @@ def run_synth(spec: Spec, out_dir: str | Path, *, plan: Any = None, progress: bo
     n_teacher = len(records)
     if cfg.reverse_synthesis:
         # Another draw than the teacher's prompts (seed + 1). A question the teacher already solved keeps
-        # only the teacher's answers; one it failed gets the oracle's, so nothing it could not do is lost.
-        solved = {r["prompt"] for r in records}
+        # only the teacher's answers; one it failed gets the oracle's (beside its wrong answers when they are
+        # kept, verify false), so nothing it could not do is lost.
         oracle = [ex for ex in task.examples("train", cfg.reverse_synthesis, seed=spec.task.seed + 1)
-                  if task.prompt(ex) not in solved]
+                  if task.prompt(ex) not in solved_prompts]
         for rec in to_records(task, oracle, rationale=cfg.rationales):
             key = (rec["prompt"], rec["response"].strip())
             if key not in seen:
