@@ -28,6 +28,8 @@ child checks that every completion it trained on had N tokens and fails otherwis
 whole optimizer steps (generation, teacher, student forward and backward, optimizer), the
 ``--warmup`` first steps excluded; generation time is Stratos' ``rollout_s`` and, for TRL, the
 student's ``generate`` calls timed. Peak RSS is read at the end of the last step (before any save).
+``--memory-trace 1`` also prints each side's RSS and peak RSS before and after every rollout and optimizer
+step, which shows where a step's memory goes.
 
 ``--mode grpo``: GRPO, samples/s and reward over ``--seeds`` seeds. Stratos ``algorithm: grpo``
 against ``trl.GRPOTrainer``, the same model (``--model student``: the 8-layer student above;
@@ -164,6 +166,37 @@ def _peak_mb() -> float:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _trace_memory(events: list[dict]) -> None:
+    """Append the process's RSS and peak RSS (MB, from /proc/self/status) to ``events`` before and after every
+    optimizer step (any torch optimizer: every side's) and around every rollout (Stratos' sampler; TRL's
+    ``generate``): where a step's memory goes (``--memory-trace``)."""
+    import re
+
+    import torch.optim.optimizer as optim
+    import transformers
+
+    import stratos.models.generate as gen
+
+    def mark(event: str) -> None:
+        status = Path("/proc/self/status").read_text()
+        rss, hwm = (int(re.search(k + r":\s+(\d+)", status).group(1)) / 1024 for k in ("VmRSS", "VmHWM"))
+        events.append({"event": event, "rss_mb": round(rss), "peak_mb": round(hwm)})
+
+    def around(fn: Any, name: str) -> Any:
+        def wrapped(*a: Any, **kw: Any) -> Any:
+            mark(f"before {name}")
+            out = fn(*a, **kw)
+            mark(f"after {name}")
+            return out
+        return wrapped
+
+    mark("start (libraries imported, no model yet)")
+    gen.sample_ids = around(gen.sample_ids, "rollout")
+    transformers.GenerationMixin.generate = around(transformers.GenerationMixin.generate, "rollout")
+    optim.register_optimizer_step_pre_hook(lambda *_: mark("before optimizer step"))
+    optim.register_optimizer_step_post_hook(lambda *_: mark("after optimizer step"))
 
 
 def _random_model(folder: str, layers: int | None, seed: int):
@@ -548,6 +581,9 @@ def child(args: argparse.Namespace) -> None:
     import torch
 
     workdir = Path(args.workdir)
+    events: list[dict] = []
+    if args.memory_trace:
+        _trace_memory(events)
     if args.mode == "gkd":
         out = gkd_stratos(args, workdir) if args.side == "stratos" else gkd_trl(args, workdir, args.side)
     else:
@@ -556,6 +592,8 @@ def child(args: argparse.Namespace) -> None:
     if args.device == "cuda":
         out["device_name"] = torch.cuda.get_device_name()
     out["process_peak_rss_mb"] = _peak_mb()
+    if events:
+        out["memory_trace"] = events
     # What every peak_*_mb figure here is: RSS, or torch's CUDA allocation with --device cuda.
     out["memory"] = "torch.cuda.max_memory_allocated" if args.device == "cuda" else "peak RSS (ru_maxrss)"
     print("RESULT " + json.dumps(out, default=str), flush=True)
@@ -610,6 +648,16 @@ def _mean_se(xs: list[float]) -> tuple[float, float]:
 def _pm(xs: list[float], fmt: str) -> str:
     m, se = _mean_se(xs)
     return format(m, fmt) + ("" if math.isnan(se) else " ± " + format(se, fmt))
+
+
+def print_memory_trace(title: str, events: list[dict]) -> None:
+    print(f"### Memory of {title}: RSS and the peak so far (MB)")
+    print()
+    print("| # | event | RSS | peak so far |")
+    print("|---|---|---|---|")
+    for i, e in enumerate(events):
+        print(f"| {i} | {e['event']} | {e['rss_mb']:,} | {e['peak_mb']:,} |")
+    print()
 
 
 def faster_trl(results: dict) -> str | None:
@@ -713,6 +761,8 @@ def main() -> None:
     p.add_argument("--random-init", metavar="DIR",
                    help="gkd: teacher and student with seeded random weights, SmolLM2's config and tokenizer from DIR "
                         "(with EOS ignored the work is the same as with its trained weights)")
+    p.add_argument("--memory-trace", type=int, default=0,
+                   help="1: also print each side's RSS and peak RSS around every rollout and optimizer step (CPU)")
     p.add_argument("--gradient-checkpointing", type=int, default=0,
                    help="1: the student's activations recomputed in the backward on every side (TrainingArguments' "
                         "gradient_checkpointing, non-reentrant, and distill's); 0: off")
@@ -742,6 +792,8 @@ def main() -> None:
         p.error("--device and --random-init are for --mode gkd")
     if args.mode == "grpo" and args.warmup >= args.steps:
         p.error("grpo: --warmup must be below --steps (the timing spans steps warmup+1..steps)")
+    if args.memory_trace and not Path("/proc/self/status").exists():
+        p.error("--memory-trace reads /proc/self/status (Linux)")
     if args.side:
         return child(args)
 
@@ -787,6 +839,8 @@ def main() -> None:
                 print(f"WARNING: {side} ({what}): {busy:.1f} of {os.cpu_count()} cores were busy with other "
                       f"work just before it started with {args.threads} threads; its timings are not to be "
                       "trusted", flush=True)
+            if out.get("memory_trace"):
+                print_memory_trace(f"{side} ({what})", out["memory_trace"])
             if args.mode == "gkd":
                 results.setdefault(seed, {})[side] = out
             else:

@@ -20,7 +20,7 @@ from stratos.distill.crosstok import (
     measure_mapping,
     uld_distance,
 )
-from stratos.distill.data import collate, encode
+from stratos.distill.data import IGNORE, collate, encode
 from stratos.models.tiny import build_tokenizer, tiny_llama
 from stratos.spec import DistillSpec
 from stratos.teachers.signal import OnlineTeacher
@@ -499,6 +499,29 @@ def test_measure_mapping_and_the_matchs_two_branches(bytelevel, spiece):
     assert resolve(DistillSpec(), match="text").phases[0].algorithm == "sft"
     # On-policy KD across tokenizers: the teacher scores the student's samples, paired as they come.
     assert resolve(DistillSpec(algorithm="gkd"), match="cross").phases[0].algorithm == "gkd"
+
+
+def test_measure_mapping_says_how_far_the_teacher_agrees_with_the_data(bytelevel):
+    """With one tokenizer every token maps to itself, so target_mass is the teacher's mean probability of each
+    labelled token of the records and target_top the share it ranks first: here computed by a plain forward
+    over the records as the engine encodes them."""
+    from stratos.distill.data import encode_record
+
+    teacher = tiny_llama(bytelevel, seed=3)
+    recs = [{"prompt": f"{a}+1=", "response": f"the answer is {a + 1}"} for a in range(6)]
+    got = measure_mapping(teacher, bytelevel, bytelevel, recs, max_length=64)
+    probs, tops = [], []
+    for rec in recs:
+        ex, _ = encode_record(rec, bytelevel, 64)
+        with torch.no_grad():
+            p = torch.softmax(teacher(torch.tensor([ex.input_ids])).logits[0].float(), -1)
+        for i in range(1, len(ex.labels)):
+            if ex.labels[i] != IGNORE:
+                probs.append(float(p[i - 1, ex.labels[i]]))
+                tops.append(int(p[i - 1].argmax()) == ex.labels[i])
+    assert got["positions"] == len(probs) and got["mapped_mass"] > 0.999
+    assert abs(got["target_mass"] - sum(probs) / len(probs)) < 1e-5
+    assert got["target_top"] == sum(tops) / len(tops)
 
 
 # ------------------------------------------------------------------------------ an API teacher's top-k

@@ -510,8 +510,13 @@ def _response_text(rec: dict[str, Any]) -> str:
 def _target_tokens(ex: Encoded) -> list[int]:
     """For each target of ``ex`` (in order), the index of its token in the response (which the labels
     hold from the first labelled position on; position 0 is never a target)."""
-    first = next((i for i, x in enumerate(ex.labels) if x != IGNORE), len(ex.labels))
+    first = _first_label(ex)
     return [i - first for i in range(max(1, first), len(ex.labels)) if ex.labels[i] != IGNORE]
+
+
+def _first_label(ex: Encoded) -> int:
+    """The position of ``ex``'s first labelled token."""
+    return next((i for i, x in enumerate(ex.labels) if x != IGNORE), len(ex.labels))
 
 
 # The longest chain of teacher tokens whose probability reaches one student token (CrossHead.project:
@@ -801,7 +806,9 @@ def measure_mapping(teacher: Any, student_tok: Any, teacher_tok: Any, records: S
     starts, that the exact part of the loss matches token for token: its mass on
     tokens that map to a student token plus the chained mass p(t_1) p(t_2 | t_1) ... of student tokens spelt
     by several teacher tokens (``unchained_mass`` leaves the chained part out). The planner compares ``mapped_mass``
-    with ``ctkd.min_mapped_mass``. ``mapping``: the map, ``ctkd.map`` (``VocabMap.build``); ``max_chain``:
+    with ``ctkd.min_mapped_mass``. How far the teacher agrees with the data there: ``target_mass``, its mean
+    mapped probability on the records' own student token, and ``target_top``, the share of those targets where
+    that token is its most likely category. ``mapping``: the map, ``ctkd.map`` (``VocabMap.build``); ``max_chain``:
     the longest chain followed (default ``MAX_CHAIN``)."""
     from stratos.teachers.signal import OnlineTeacher
 
@@ -813,17 +820,28 @@ def measure_mapping(teacher: Any, student_tok: Any, teacher_tok: Any, records: S
     s_pad = student_tok.pad_token_id if student_tok.pad_token_id is not None else student_tok.eos_token_id
     signal = CrossTokenizerSignal(online, paired, vmap, teacher_pad_id=t_pad)
     head = signal.head.to(online.head.weight.device)
-    exact = unchained = 0.0
-    n = 0
+    category = torch.full((vmap.student_rows,), head.image.numel(), dtype=torch.long)  # "other" unless mapped
+    category[head.image.cpu()] = torch.arange(head.image.numel())
+    exact = unchained = on_target = 0.0
+    n = top_is_target = 0
     for start in range(0, len(paired.student), batch_size):
         idx = list(range(start, min(start + batch_size, len(paired.student))))
         batch = collate([paired.student[i] for i in idx], idx, s_pad)
-        rows = signal.hidden(batch)[signal.kd_mask(batch).to(online.head.weight.device)].float()
+        kd = signal.kd_mask(batch)
+        rows = signal.hidden(batch)[kd.to(online.head.weight.device)].float()
         p = torch.softmax(head(rows), dim=-1)
         unchained += float((p * (head.t2s >= 0)).sum())
         p_cat, _ = head.project(p, rows, 1.0)  # consumes p
         exact += float(p_cat[:, :-1].sum())  # every category but "other"
+        # The data's own student token at each of these targets (in order: _target_tokens), as a category.
+        targets = torch.cat([torch.tensor(e.labels)[[k + _first_label(e) for k in _target_tokens(e)]]
+                             for e in (paired.student[i] for i in idx)])
+        cat = category[targets[kd]].to(p_cat.device)
+        on_target += float(p_cat.gather(1, cat[:, None]).masked_fill((cat == head.image.numel())[:, None], 0).sum())
+        top_is_target += int(((p_cat.argmax(-1) == cat) & (cat < head.image.numel())).sum())
         n += rows.shape[0]
     return {"mapped_mass": exact / max(1, n), "unchained_mass": unchained / max(1, n),
+            "target_mass": on_target / max(1, n), "target_top": top_is_target / max(1, n),
             "vocab_overlap": vmap.stats["vocab_overlap"], "aligned_share": paired.stats["aligned_share"],
             "positions": n, "examples": len(paired.teacher), "map": vmap.stats["map"]}
+
