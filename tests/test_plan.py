@@ -691,7 +691,8 @@ def test_shipped_accuracy_records_correct_a_fresh_install_for_the_same_task_stud
 
 
 def test_the_plan_corrects_its_predictions_by_what_earlier_runs_measured():
-    from stratos.plan.calibration import accuracy_corrections, accuracy_records, corrections, recipe_key, student_key
+    from stratos.plan.calibration import (accuracy_corrections, accuracy_records, corrections, machine_id,
+                                         recipe_key, student_key)
     from stratos.plan.planner import decide_pairs
     from stratos.spec import StudentSpec
 
@@ -719,6 +720,11 @@ def test_the_plan_corrects_its_predictions_by_what_earlier_runs_measured():
     mine = accuracy_records("t", me, records)
     corr = accuracy_corrections(mine, recipe)
     assert corrections("small", records) == {"latency": 3.0}  # accuracy records are not stage times
+    # A stage time measured on another machine (a cache shared over a network drive) corrects nothing here;
+    # one of this machine's does.
+    timed = {"stage": "latency", "server": "small", "predicted_s": 10.0, "measured_s": 20.0, "ratio": 2.0}
+    assert corrections("small", [{**timed, "machine": "Another CPU, 64 cores"}]) == {}
+    assert corrections("small", [{**timed, "machine": machine_id()}]) == {"latency": 2.0}
     assert corr["prior"][1] == 2 and corr["prior"][0] == pytest.approx(-0.3)  # median of -0.4 and -0.2
     assert accuracy_corrections(accuracy_records("t", other, records), recipe)["prior"] == (pytest.approx(0.5), 1, 0)
     plain, plain_cands = build_plan(inputs())

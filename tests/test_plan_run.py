@@ -282,7 +282,7 @@ def test_profile_calibrates_the_local_machine():
 def test_a_plan_on_an_uncalibrated_machine_measures_it_first(tiny_models, tmp_path, monkeypatch):
     """No stored calibration: make_plan runs a quick profile, stores it, and plans with the measured
     factors instead of the CPU guesses; the next plan reuses the stored one."""
-    from stratos.plan.calibration import calibration_path
+    from stratos.plan.calibration import calibration_path, machine_id
 
     monkeypatch.setenv("STRATOS_CACHE", str(tmp_path / "cache"))
     t_path, s_path = tiny_models
@@ -295,3 +295,11 @@ def test_a_plan_on_an_uncalibrated_machine_measures_it_first(tiny_models, tmp_pa
     stamp = calibration_path().stat().st_mtime_ns
     make_plan(spec, tmp_path / "plan", progress=False)
     assert calibration_path().stat().st_mtime_ns == stamp  # measured once, not at every plan
+    # A cache shared with another machine (a home folder on a network drive): its calibration is not used
+    # here; the plan measures this machine and stores it in its place.
+    assert cal["machine_id"] == machine_id()
+    calibration_path().write_text(json.dumps({**cal, "machine_id": "Another CPU, 64 cores", "peak_flops": 1.0}))
+    assert load_calibration() == {}
+    make_plan(spec, tmp_path / "plan", progress=False)
+    again = load_calibration()
+    assert again["machine_id"] == machine_id() and again["peak_flops"] > 1.0

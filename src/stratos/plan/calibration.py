@@ -5,7 +5,9 @@ training steps, forward passes and KV-cache decoding of a small Llama) and deriv
 FLOP/s, the bandwidth and the efficiency factors the cost model uses for the ``local`` offering.
 It measures on the device the stages run on (``stratos.runtime``) and stores them in
 ``<cache>/plan/calibration.json`` (``calibration-cuda.json`` for a GPU), so a plan for this machine
-predicts for the device its stages will really use.
+predicts for the device its stages will really use. The file names the machine it measured
+(``machine_id``): a cache shared by several machines (a home folder on a network drive) gives none of
+them another's figures; a plan on another machine measures its own.
 
 Every run can also ``record_stage`` the predicted and the measured time of a stage, and after its
 eval the deployed student's latency (``record_stage("latency", ...)``) and accuracy
@@ -17,7 +19,9 @@ measured/predicted) and per-task accuracy offsets (median measured - predicted) 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
+import logging
 import os
 import platform
 import statistics
@@ -27,6 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from stratos.plan.costmodel import CPU_DEFAULT, GPU_DEFAULT, Efficiency, ModelShape
+
+log = logging.getLogger(__name__)
 
 CORRECTION_WINDOW = 20  # most recent records per (server, stage) used for a correction
 
@@ -47,14 +53,42 @@ def measurements_path() -> Path:
     return plan_cache() / "measurements.jsonl"
 
 
+def machine_id(device: Any = "cpu") -> str:
+    """What a calibration and a stage's timing are only good for: the device's model (a GPU's name; for the
+    CPU its model name and core count)."""
+    kind = getattr(device, "type", None) or str(device).partition(":")[0]
+    if kind == "cuda":
+        import torch
+
+        return torch.cuda.get_device_name(device)
+    return f"{_cpu_model()}, {os.cpu_count()} cores"
+
+
+@functools.cache
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
 def load_calibration(path: str | Path | None = None, *, device: Any = "cpu") -> dict[str, Any]:
-    """The stored calibration of ``device``'s type, or {} when ``stratos profile`` has not measured it
-    (or the file is unreadable)."""
+    """The stored calibration of ``device``'s type, or {} when ``stratos profile`` has not measured it on
+    this machine (another machine's, named by its ``machine_id``, is left alone) or the file is unreadable."""
     p = Path(path) if path else calibration_path(device)
     try:
-        return json.loads(p.read_text())
+        cal = json.loads(p.read_text())
     except (OSError, ValueError):
         return {}
+    here = machine_id(device)
+    if cal.get("machine_id", here) != here:
+        log.info("plan: the calibration in %s was measured on %s, not on this machine (%s): not used", p,
+                 cal["machine_id"], here)
+        return {}
+    return cal
 
 
 def local_efficiency(cal: dict[str, Any], has_gpu: bool = False) -> Efficiency:
@@ -73,9 +107,9 @@ def record_stage(stage: str, server: str, predicted_s: float, measured_s: float,
     """Append one predicted-vs-measured record to the cache (and to ``run_dir/plan-measurements.jsonl``).
     ``run``: what the record measures once (a run's eval): a later record of the same stage and run
     replaces it in the corrections."""
-    return _append({"stage": stage, "server": server, "predicted_s": predicted_s, "measured_s": measured_s,
-                    "ratio": measured_s / predicted_s if predicted_s > 0 else None, "note": note,
-                    **({"run": run} if run else {})}, run_dir)
+    return _append({"stage": stage, "server": server, "machine": machine_id(), "predicted_s": predicted_s,
+                    "measured_s": measured_s, "ratio": measured_s / predicted_s if predicted_s > 0 else None,
+                    "note": note, **({"run": run} if run else {})}, run_dir)
 
 
 def _append(rec: dict[str, Any], run_dir: str | Path | None) -> dict[str, Any]:
@@ -108,11 +142,13 @@ def _parse_records(text: str) -> list[dict[str, Any]]:
 
 
 def corrections(server: str, records: list[dict[str, Any]] | None = None) -> dict[str, float]:
-    """Per stage: the median measured/predicted ratio of the latest records on ``server`` (stage
-    ``latency``: the deployed student's p50 under the eval's load over the plan's batch-1 prediction)."""
+    """Per stage: the median measured/predicted ratio of the latest records on ``server`` made on this
+    machine (``machine_id``; records written before they named one count too) (stage ``latency``: the
+    deployed student's p50 under the eval's load over the plan's batch-1 prediction)."""
     latest: dict[tuple[str, Any], dict[str, Any]] = {}  # a record with a run replaces that run's earlier one
+    here = machine_id()
     for i, r in enumerate(records if records is not None else read_measurements()):
-        if r.get("server") == server and r.get("ratio") and "stage" in r:
+        if r.get("server") == server and r.get("ratio") and "stage" in r and r.get("machine", here) == here:
             key = (r["stage"], r.get("run") or i)
             latest.pop(key, None)
             latest[key] = r  # re-inserted: dict order stays the order of the latest records
@@ -372,8 +408,8 @@ def run_profile(*, quick: bool = False, progress: bool = True, out: str | Path |
                                  for sh, moved, t in dec_pts)
     results = {
         "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": (f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}" if gpu else
-                    f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"),
+        "machine": f"{machine_id(device)}, torch {torch.__version__}",
+        "machine_id": machine_id(device),
         "device": device.type,
         "threads": torch.get_num_threads(),
         "dtype": str(dtype).removeprefix("torch."),
