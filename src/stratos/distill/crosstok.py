@@ -844,4 +844,3 @@ def measure_mapping(teacher: Any, student_tok: Any, teacher_tok: Any, records: S
             "target_mass": on_target / max(1, n), "target_top": top_is_target / max(1, n),
             "vocab_overlap": vmap.stats["vocab_overlap"], "aligned_share": paired.stats["aligned_share"],
             "positions": n, "examples": len(paired.teacher), "map": vmap.stats["map"]}
-
