@@ -107,6 +107,15 @@ def test_cost_monotone_in_price(price, factor):
     assert total(price * factor) > total(price)
 
 
+def test_training_on_several_gpus_says_it_assumes_linear_scaling():
+    one = {s.stage: s for s in stage_costs(T8B, S1B, work(), server(), server(), GPU_DEFAULT, GPU_DEFAULT)}["training"]
+    eight = {s.stage: s for s in stage_costs(T8B, S1B, work(), server(count=8), server(), GPU_DEFAULT,
+                                             GPU_DEFAULT)}["training"]
+    assert eight.seconds == pytest.approx(one.seconds / 8)
+    assert "on all 8 GPUs at 8x one GPU's speed (linear scaling: an upper bound" in eight.note
+    assert "GPUs" not in one.note
+
+
 def test_recorded_corrections_scale_stage_times():
     plain = {s.stage: s.seconds for s in stage_costs(T8B, S1B, work(), server(), server(), GPU_DEFAULT, GPU_DEFAULT)}
     fixed = {s.stage: s.seconds for s in stage_costs(T8B, S1B, work(), server(), server(), GPU_DEFAULT, GPU_DEFAULT,

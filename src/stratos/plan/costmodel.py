@@ -305,7 +305,9 @@ def stage_costs(
     add("training", train, train_seconds(student, tokens, train, eff_train) * recompute,
         note=f"{tokens:,.0f} tokens trained" + (f", {work.recomputed_share:.0%} of them with gradient checkpointing "
                                                f"(the layers' forward again: +{recompute - 1:.0%} compute)"
-                                               if work.recomputed_share else ""))
+                                               if work.recomputed_share else "")
+        + (f"; on all {train.gpu_count} GPUs at {train.gpu_count}x one GPU's speed (linear scaling: an upper bound, "
+           "the gradients' all-reduce not counted)" if train.gpu_count > 1 else ""))
     if work.recovery_tokens:
         add("recovery", train, train_seconds(student, work.recovery_tokens, train, eff_train), note="compression recovery")
     add("serving", serve, work.serve_hours * 3600, note=f"{work.serve_hours:g} h trial deployment")
