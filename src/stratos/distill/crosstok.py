@@ -510,13 +510,8 @@ def _response_text(rec: dict[str, Any]) -> str:
 def _target_tokens(ex: Encoded) -> list[int]:
     """For each target of ``ex`` (in order), the index of its token in the response (which the labels
     hold from the first labelled position on; position 0 is never a target)."""
-    first = _first_label(ex)
+    first = next((i for i, x in enumerate(ex.labels) if x != IGNORE), len(ex.labels))
     return [i - first for i in range(max(1, first), len(ex.labels)) if ex.labels[i] != IGNORE]
-
-
-def _first_label(ex: Encoded) -> int:
-    """The position of ``ex``'s first labelled token."""
-    return next((i for i, x in enumerate(ex.labels) if x != IGNORE), len(ex.labels))
 
 
 # The longest chain of teacher tokens whose probability reaches one student token (CrossHead.project:
@@ -833,9 +828,9 @@ def measure_mapping(teacher: Any, student_tok: Any, teacher_tok: Any, records: S
         unchained += float((p * (head.t2s >= 0)).sum())
         p_cat, _ = head.project(p, rows, 1.0)  # consumes p
         exact += float(p_cat[:, :-1].sum())  # every category but "other"
-        # The data's own student token at each of these targets (in order: _target_tokens), as a category.
-        targets = torch.cat([torch.tensor(e.labels)[[k + _first_label(e) for k in _target_tokens(e)]]
-                             for e in (paired.student[i] for i in idx)])
+        # The data's own student token at each of these targets (the labelled positions after the first, in
+        # order, as _target_tokens counts them), as a category.
+        targets = torch.tensor([x for i in idx for x in paired.student[i].labels[1:] if x != IGNORE])
         cat = category[targets[kd]].to(p_cat.device)
         on_target += float(p_cat.gather(1, cat[:, None]).masked_fill((cat == head.image.numel())[:, None], 0).sum())
         top_is_target += int(((p_cat.argmax(-1) == cat) & (cat < head.image.numel())).sum())
