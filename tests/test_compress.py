@@ -107,6 +107,18 @@ def test_pruning_meets_the_parameter_target(tiny_tokenizer, batches, tmp_path, m
         assert plain.config.hidden_size < 64
 
 
+def test_width_pruning_of_the_hidden_size_keeps_a_config_transformers_accepts(tiny_tokenizer, batches, tmp_path):
+    # SmolLM2's shape: 3 key/value groups of 3 query heads. A hidden size that is a multiple of 8 but not
+    # of the query heads left makes save_pretrained refuse the config (transformers validates it).
+    model = tiny_llama(tiny_tokenizer, hidden_size=144, num_hidden_layers=2, num_attention_heads=9,
+                       num_key_value_heads=3, head_dim=16)
+    for ratio in (0.55, 0.7, 0.8):
+        small, _ = prune(model, batches, method="width", prune_ratio=ratio, axes=["mlp", "heads", "hidden"])
+        assert small.config.hidden_size % small.config.num_attention_heads == 0, ratio
+        plain = AutoModelForCausalLM.from_pretrained(save_model(small, tiny_tokenizer, tmp_path / f"m{ratio}"))
+        assert plain.config.hidden_size == small.config.hidden_size < 144
+
+
 def test_wanda_unstructured_and_2_4(tiny_tokenizer, batches):
     for pattern in ("unstructured", "2:4"):
         model = tiny_llama(tiny_tokenizer, hidden_size=64, num_hidden_layers=2)

@@ -260,6 +260,8 @@ def plan_width(model: Any, imp: Importance, target_params: int, axes: Sequence[s
         d = _width_dims(cfg, step / 100, axes)
         if tuple(d.values()) in seen:  # nearby factors round to the same shape
             continue
+        if d["hidden"] % d["heads"]:  # transformers' configs refuse it (save_pretrained validates), head_dim or not
+            continue
         seen.add(tuple(d.values()))
         cand = smaller_config(cfg, intermediate=d["intermediate"], heads=d["heads"], kv_heads=d["kv_heads"],
                               hidden=d["hidden"])
