@@ -53,6 +53,46 @@ def test_random_init_from_overrides(tmp_path, tiny_tokenizer):
         load(path, config_overrides={"hiden_size": 32}, init="random")
 
 
+def test_a_pruned_student_is_the_shape_the_plan_sizes_and_the_same_every_time(tmp_path, tiny_tokenizer):
+    from pydantic import ValidationError
+    from transformers import AutoModelForCausalLM
+
+    from conftest import addition_records
+    from stratos.compress.prune import count_params
+    from stratos.models import load_student
+    from stratos.plan.shapes import model_shape
+    from stratos.spec import StudentSpec
+
+    full = tiny_llama(tiny_tokenizer, hidden_size=96, num_hidden_layers=3, num_attention_heads=6,
+                      num_key_value_heads=2, seed=5)
+    path = save_model(full, tiny_tokenizer, tmp_path / "m")
+    spec = StudentSpec(model=str(path), init="pruned", prune={"keep": 0.5})
+    records = addition_records(40)
+    student, tok = load_student(spec, calibration=records)
+    again, _ = load_student(spec, calibration=records)
+    n = count_params(student)
+    assert n <= 0.5 * count_params(full) < 1.3 * n and student.config.hidden_size < 96  # hidden narrowed by default
+    # The plan sizes the student before any weight is loaded: the same shape.
+    shape = model_shape(spec)
+    assert shape.params == n and shape.hidden == student.config.hidden_size and shape.pretrained
+    # Ranked on the records, deterministically: the SFT baseline and a resumed run start from this student.
+    for (k, a), b in zip(student.state_dict().items(), again.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+    # Its weights are the model's own: each kept hidden channel is one of the original's embedding columns.
+    kept, orig = student.model.embed_tokens.weight.T, full.model.embed_tokens.weight.T
+    assert (kept[:, None, :] == orig[None, :, :]).all(-1).any(1).all()
+    plain = AutoModelForCausalLM.from_pretrained(save_model(student, tok, tmp_path / "small"))
+    ids = tok("12+3=", return_tensors="pt").input_ids
+    torch.testing.assert_close(plain(ids).logits, student(ids).logits)
+    with pytest.raises(ValueError, match="training records"):
+        load_student(spec)
+    for bad, words in (({"init": "pruned"}, "needs prune"), ({"prune": {"keep": 0.5}}, "needs init 'pruned'"),
+                       ({"init": "pruned", "prune": {"keep": 0.5}, "config_overrides": {"num_hidden_layers": 2}},
+                        "drop config_overrides"), ({"init": "pruned", "prune": {"keep": 1.5}}, "keep")):
+        with pytest.raises(ValidationError, match=words):
+            StudentSpec(model=str(path), **bad)
+
+
 def test_missing_paths_are_clear_errors(tmp_path, tiny_tokenizer):
     with pytest.raises(ModelError, match="no such GGUF file"):
         resolve(tmp_path / "nope.gguf")

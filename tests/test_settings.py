@@ -316,6 +316,14 @@ def test_a_card_names_an_alias_for_what_it_is_and_gives_base_model_only_for_a_hu
     local = card("/home/someone/models/my-student")
     assert "- Student: my-student (a local model, `my-student`): its weights." in local
     assert "/home/someone" not in local and "base_model" not in local
+    # A student pruned from a hub model: that model is its base, and the card says how it was cut.
+    pruned = model_card(role="student", teacher=TeacherSpec(model="smollm2-135m-instruct"),
+                        student=StudentSpec(model="HuggingFaceTB/SmolLM2-135M-Instruct", init="pruned",
+                                            prune={"keep": 0.25, "calibration_samples": 32}),
+                        distill={"steps": 3, "signal": "cached"}, device="cpu", params=10)
+    assert "\nbase_model: HuggingFaceTB/SmolLM2-135M-Instruct\n" in pruned
+    assert (": its weights pruned to 25% of its parameters before training (every layer narrowed: MLP channels, "
+            "attention heads, hidden size, ranked on 32 training records).") in pruned
 
 
 def test_a_killed_two_phase_run_resumes_to_the_same_weights(models, tmp_path):

@@ -259,7 +259,7 @@ def distill(
             torch.cuda.set_device(where)
         say(f"  device: {rt.describe()}" + (f", {os.environ['WORLD_SIZE']} processes" if "WORLD_SIZE" in os.environ
                                             else ""), highlight=False)
-        model, tok = load_student(s_spec, task_spec, device=where, seed=cfg.seed)
+        model, tok = load_student(s_spec, task_spec, device=where, seed=cfg.seed, calibration=records)
         eval_tokens = s.eval.max_new_tokens if s else 64
         evaluator = evaluator_for(task_spec, tok, settings, max_new_tokens=eval_tokens,
                                   held_out=s.eval_questions if s else None, batch_size=s.eval.batch_size if s else 16, task=task)
@@ -275,7 +275,7 @@ def distill(
         baseline = None
         if cfg.sft_baseline:  # the same student without the teacher, in OUT/sft-baseline
             del model, t_model
-            baseline = train_sft_baseline(lambda: load_student(s_spec, task_spec, device=where, seed=cfg.seed)[0],
+            baseline = train_sft_baseline(lambda: load_student(s_spec, task_spec, device=where, seed=cfg.seed, calibration=records)[0],
                                           tok, records, settings, out, resume=resume, evaluator=evaluator, task=task)
     except (DataError, FileNotFoundError, KeyError, ValueError) as e:
         fail(str(e).strip('"'))

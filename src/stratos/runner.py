@@ -221,7 +221,8 @@ def stage_distill(ctx: Context) -> dict[str, Any]:
     s_spec = spec.students[plan.student["index"]]
     t_spec = spec.teachers[plan.teacher["index"]]
     records = load_records(ctx.artifact("synth", "data_path"))
-    student, tok = load_student(s_spec, spec.task, device=ctx.device, seed=spec.distill.seed)
+    student, tok = load_student(s_spec, spec.task, device=ctx.device, seed=spec.distill.seed,
+                                calibration=records)
     teacher = t_tok = None
     if settings.needs_teacher_model:
         teacher, t_tok = load(t_spec.model, dtype=t_spec.dtype, trust_remote_code=t_spec.trust_remote_code,
@@ -249,7 +250,8 @@ def stage_distill(ctx: Context) -> dict[str, Any]:
     if spec.distill.sft_baseline:
         # The same student, data, seed and batch order without the teacher: what eval compares the student with.
         del student, teacher
-        b_res = train_sft_baseline(lambda: load_student(s_spec, spec.task, device=ctx.device, seed=spec.distill.seed)[0],
+        b_res = train_sft_baseline(lambda: load_student(s_spec, spec.task, device=ctx.device, seed=spec.distill.seed,
+                                                        calibration=records)[0],
                                    tok, records, settings, ctx.dir, resume=ctx.resume, progress=ctx.progress,
                                    evaluator=evaluator, task=task)
         if b_res is not None:

@@ -112,14 +112,33 @@ class TeacherSpec(_Strict):
         return self.name or self.model
 
 
+class StudentPrune(_Strict):
+    """How ``init: pruned`` makes the student: its ``model`` pruned to a share of its parameters before
+    training (layers, channels and heads ranked on the run's first training records), then trained by the
+    run's distillation: prune, then distil (Minitron; "From Large to Super-Tiny")."""
+
+    keep: float = Field(gt=0, lt=1, description="Fraction of the model's parameters the student keeps.")
+    method: Literal["depth", "width"] = Field(
+        "width", description="'width' narrows every layer (the axes below); 'depth' drops whole layers."
+    )
+    width_axes: list[Literal["mlp", "heads", "hidden"]] = Field(
+        default_factory=lambda: ["mlp", "heads", "hidden"],
+        description="What 'width' narrows: MLP channels, attention heads (GQA groups kept), the hidden size "
+        "(with it, the embeddings shrink too).",
+    )
+    calibration_samples: int = Field(64, gt=0, description="Training records that rank layers, channels and heads.")
+
+
 class StudentSpec(_Strict):
-    """A candidate student. It may be a pretrained model or one built from a (shrunk) config."""
+    """A candidate student: a pretrained model, one pruned from it, or one built from a (shrunk) config."""
 
     name: str | None = None
     model: str = Field(description="HF hub id, local folder, .gguf file or alias; also the source of the tokenizer.")
-    init: Literal["pretrained", "random"] = Field(
-        "pretrained", description="'random' builds a fresh model from the config (after overrides)."
+    init: Literal["pretrained", "random", "pruned"] = Field(
+        "pretrained", description="'random' builds a fresh model from the config (after overrides); 'pruned' "
+        "prunes the pretrained model as 'prune' says, before training."
     )
+    prune: StudentPrune | None = Field(None, description="How 'init: pruned' shrinks the model.")
     config_overrides: dict[str, Any] = Field(
         default_factory=dict,
         description="Config fields to change. With init 'pretrained' only num_hidden_layers (evenly spaced "
@@ -141,6 +160,10 @@ class StudentSpec(_Strict):
     def _check_tokenizer(self) -> "StudentSpec":
         if self.tokenizer == "task" and self.init != "random":
             raise ValueError("tokenizer 'task' builds a new vocabulary: set init: random")
+        if (self.init == "pruned") != (self.prune is not None):
+            raise ValueError("init 'pruned' needs prune (e.g. prune: {keep: 0.25}), and prune needs init 'pruned'")
+        if self.init == "pruned" and self.config_overrides:
+            raise ValueError("init 'pruned' takes its shape from prune: drop config_overrides")
         return self
 
     @property

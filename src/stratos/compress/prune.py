@@ -37,10 +37,12 @@ Batch = tuple[torch.Tensor, torch.Tensor]  # input_ids, attention_mask
 
 
 def check_supported(model: Any) -> None:
-    kind = getattr(model.config, "model_type", None)
+    """Raise ValueError unless ``model`` (or a config) is of a family structured pruning handles."""
+    cfg = getattr(model, "config", model)
+    kind = getattr(cfg, "model_type", None)
     if kind not in SUPPORTED:
         raise ValueError(f"structured pruning supports {sorted(SUPPORTED)} models, not {kind!r}")
-    if getattr(model.config, "num_local_experts", None) or getattr(model.config, "num_experts", None):
+    if getattr(cfg, "num_local_experts", None) or getattr(cfg, "num_experts", None):
         raise ValueError("structured pruning of mixture-of-experts models is not supported")
 
 
@@ -219,17 +221,21 @@ def smaller_config(config: Any, *, layers: Sequence[int] | None = None, intermed
     return cfg
 
 
+def depth_layers(config: Any, target_params: int) -> int:
+    """How many layers depth pruning keeps: the most that fit ``target_params``."""
+    for keep in range(config.num_hidden_layers, 0, -1):
+        if count_params(smaller_config(config, layers=list(range(keep)))) <= target_params:
+            return keep
+    raise ValueError(f"even one layer exceeds the target of {target_params:,} parameters (embeddings alone?)")
+
+
 def plan_depth(model: Any, imp: Importance, target_params: int) -> PrunePlan:
     """Drop the least influential layers until the model has at most ``target_params``."""
-    cfg = model.config
-    L = cfg.num_hidden_layers
+    L = model.config.num_hidden_layers
+    keep = depth_layers(model.config, target_params)
     order = torch.argsort(imp.layers, descending=True).tolist()  # most important first
-    for keep in range(L, 0, -1):
-        if count_params(smaller_config(cfg, layers=list(range(keep)))) <= target_params:
-            kept = sorted(order[:keep])
-            dropped = sorted(set(range(L)) - set(kept))
-            return PrunePlan(layers=kept, notes={"dropped_layers": dropped})
-    raise ValueError(f"even one layer exceeds the target of {target_params:,} parameters (embeddings alone?)")
+    kept = sorted(order[:keep])
+    return PrunePlan(layers=kept, notes={"dropped_layers": sorted(set(range(L)) - set(kept))})
 
 
 def _width_dims(cfg: Any, f: float, axes: Sequence[str]) -> dict[str, int]:
@@ -248,13 +254,12 @@ def _width_dims(cfg: Any, f: float, axes: Sequence[str]) -> dict[str, int]:
     return dims
 
 
-def plan_width(model: Any, imp: Importance, target_params: int, axes: Sequence[str] = ("mlp", "heads")) -> PrunePlan:
-    """Narrow every layer by one shared factor over ``axes`` (mlp, heads, hidden), the largest factor
-    that meets ``target_params``; within each layer keep the most important channels and heads."""
+def width_dims(cfg: Any, target_params: int, axes: Sequence[str] = ("mlp", "heads")) -> dict[str, int]:
+    """The sizes width pruning narrows every layer to: one shared factor over ``axes`` (mlp, heads,
+    hidden), the largest that meets ``target_params``."""
     unknown = set(axes) - {"mlp", "heads", "hidden"}
     if unknown or not axes:
         raise ValueError(f"width_axes must be a non-empty subset of mlp, heads, hidden; got {list(axes)}")
-    cfg = model.config
     dims, seen = None, set()
     for step in range(100, 0, -1):
         d = _width_dims(cfg, step / 100, axes)
@@ -270,7 +275,25 @@ def plan_width(model: Any, imp: Importance, target_params: int, axes: Sequence[s
             break
     if dims is None:
         raise ValueError(f"width pruning over {list(axes)} cannot reach {target_params:,} parameters; add axes or use depth")
-    return plan_from_dims(model, imp, **dims)
+    return dims
+
+
+def plan_width(model: Any, imp: Importance, target_params: int, axes: Sequence[str] = ("mlp", "heads")) -> PrunePlan:
+    """Narrow every layer to ``width_dims``; within each layer keep the most important channels and heads."""
+    return plan_from_dims(model, imp, **width_dims(model.config, target_params, axes))
+
+
+def pruned_config(config: Any, target_params: int, method: str = "width", axes: Sequence[str] = ("mlp", "heads")) -> Any:
+    """The config ``prune`` would give a model of ``config`` (its shape; which layers, channels and heads
+    survive depends on the calibration data): sizes and costs known before any weight is loaded."""
+    check_supported(config)
+    if method == "depth":
+        return smaller_config(config, layers=list(range(depth_layers(config, target_params))))
+    if method == "width":
+        d = width_dims(config, target_params, axes)
+        return smaller_config(config, intermediate=d["intermediate"], heads=d["heads"], kv_heads=d["kv_heads"],
+                              hidden=d["hidden"])
+    raise ValueError(f"prune method must be 'depth' or 'width', not {method!r}")
 
 
 def plan_from_dims(model: Any, imp: Importance, *, intermediate: int, heads: int, kv_heads: int, hidden: int) -> PrunePlan:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -151,6 +152,27 @@ def _build(location: str, torch_dtype: torch.dtype, trust_remote_code: bool, ove
     return model
 
 
+def pruned_student(spec: Any, calibration: Sequence[dict[str, Any]] | None, *,
+                   device: str | torch.device = "cpu") -> tuple[Any, Any]:
+    """``init: pruned``: the pretrained ``spec.model`` pruned to ``spec.prune.keep`` of its parameters
+    (``stratos.compress.prune``: layers, MLP channels, heads and hidden channels ranked by what they
+    contribute on the first ``prune.calibration_samples`` of ``calibration``, the run's training
+    records). Deterministic: the same records give the same student, so an SFT baseline or a resumed
+    run starts from the one the run trained."""
+    from stratos.compress.prune import calibration_batches, count_params, prune
+
+    if not calibration:
+        raise ValueError(f"student {spec.label}: init 'pruned' ranks the model's layers, channels and heads on "
+                         "training records, and none were given")
+    model, tok = load(spec.model, dtype=spec.dtype, trust_remote_code=spec.trust_remote_code, device=device)
+    p = spec.prune
+    batches = calibration_batches(tok, calibration, p.calibration_samples, max_length=1024)
+    small, _ = prune(model, batches, method=p.method, target_params=int(count_params(model) * p.keep),
+                     axes=p.width_axes)
+    del model
+    return small, tok
+
+
 def task_tokenizer(task_spec: Any, vocab_size: int = 512) -> Any:
     """A byte-level BPE tokenizer trained on the task's own text (its rules and train-split
     prompts and answers), with the task's domain symbols (``task.domain_tokens()``, e.g. the 34
@@ -198,13 +220,18 @@ def task_tokenizer(task_spec: Any, vocab_size: int = 512) -> Any:
     return prepare_tokenizer(AutoTokenizer.from_pretrained(path))
 
 
-def load_student(spec: Any, task_spec: Any = None, *, device: str | torch.device = "cpu", seed: int = 0) -> tuple[Any, Any]:
-    """``(model, tokenizer)`` for a ``StudentSpec``: pretrained (possibly shallower), or built from a
-    config, on the model's tokenizer or on one trained on the task (``tokenizer: task``).
+def load_student(spec: Any, task_spec: Any = None, *, device: str | torch.device = "cpu", seed: int = 0,
+                 calibration: Sequence[dict[str, Any]] | None = None) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` for a ``StudentSpec``: pretrained (possibly shallower), pruned from a
+    pretrained model, or built from a config, on the model's tokenizer or on one trained on the task
+    (``tokenizer: task``).
 
     New weights (``init: random``) are drawn from ``seed`` (the spec's ``distill.seed``), not from
     whatever the process's random state is by then: ``stratos run`` (after planning and synthesis in
-    the same process) and ``stratos distill`` build the same student."""
+    the same process) and ``stratos distill`` build the same student. ``init: pruned`` ranks what it
+    keeps on ``calibration``, the training records (their first ``prune.calibration_samples``)."""
+    if spec.init == "pruned":
+        return pruned_student(spec, calibration, device=device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if spec.tokenizer == "task":

@@ -169,7 +169,8 @@ def student_key(student: Any) -> str:
     built from, its initialisation, shape overrides and tokenizer), not its name."""
     return json.dumps({"model": student.model, "init": student.init, "config_overrides": student.config_overrides,
                        "tokenizer": student.tokenizer,
-                       **({"vocab": student.tokenizer_vocab_size} if student.tokenizer == "task" else {})},
+                       **({"vocab": student.tokenizer_vocab_size} if student.tokenizer == "task" else {}),
+                       **({"prune": student.prune.model_dump(mode="json")} if student.init == "pruned" else {})},
                       sort_keys=True, default=str)
 
 

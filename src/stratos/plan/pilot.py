@@ -76,11 +76,6 @@ def run_pilot(
     from stratos.evaluate import evaluate
     from stratos.tasks import to_records
 
-    if student is None:
-        from stratos.models import load_student
-
-        student = load_student(student_spec, task_spec, device=device)
-    model, tok = student
     # The phase that trains longest is the one whose curve predicts the result.
     main = max(settings.phases, key=lambda p: p.config.get("max_steps") or p.config["num_train_epochs"])
     real = main.spec
@@ -88,6 +83,11 @@ def run_pilot(
     n_train = min(strategy.data_size, steps * batch)
     # The student trains and is served on the plain prompt; rules_in_prompt is the teacher's (synth's) prompt.
     records = to_records(task, task.examples("train", n_train, seed=seed), rationale=rationale)
+    if student is None:
+        from stratos.models import load_student
+
+        student = load_student(student_spec, task_spec, device=device, calibration=records)
+    model, tok = student
     use_teacher = main.needs_teacher and main.config.get("teacher_signal") != "topk" and teacher is not None
     seg = max(1, steps // PILOT_POINTS)
     cfg = real.model_copy(update={

@@ -53,6 +53,14 @@ def model_shape(spec: Any, *, api_params_b: float | None = None) -> ModelShape:
         if not hasattr(config, key):
             raise ModelError(f"{spec.label}: config_overrides: {type(config).__name__} has no field {key!r}")
         setattr(config, key, value)
+    if getattr(spec, "init", None) == "pruned":  # the shape pruning gives (which channels survive needs data, not this)
+        from stratos.compress.prune import count_params, pruned_config
+
+        p = spec.prune
+        try:
+            config = pruned_config(config, int(count_params(config) * p.keep), p.method, p.width_axes)
+        except ValueError as e:
+            raise ModelError(f"{spec.label}: prune: {e}") from None
     pretrained = getattr(spec, "init", "pretrained") != "random"
     if getattr(spec, "tokenizer", "model") == "task":
         # Its own vocabulary, trained on the task: about this many rows, and never a teacher's.

@@ -50,6 +50,14 @@ def _ref(model: str) -> str:
     return Path(model).expanduser().name if _local(model) else model
 
 
+def _pruning(p: Any) -> str:
+    """How ``init: pruned`` shrank the student, in words."""
+    what = ("whole layers dropped" if p.method == "depth" else
+            "every layer narrowed: " + ", ".join({"mlp": "MLP channels", "heads": "attention heads",
+                                                  "hidden": "hidden size"}[a] for a in p.width_axes))
+    return f"{what}, ranked on {p.calibration_samples} training records"
+
+
 def _label(spec: Any) -> str:
     """A teacher's or student's name as a card shows it, as ``_ref`` writes it (a local model's name
     defaults to the path the spec gave)."""
@@ -106,10 +114,12 @@ def model_card(*, role: str, spec: Any = None, plan: dict[str, Any] | None = Non
 
     # A hub id only: not a folder or file here, nor an alias (which names a de-quantised GGUF, no hub repository).
     hub_id = not (_local(s_spec.model) or s_spec.model in ALIASES)
-    base = s_spec.model if s_spec.init == "pretrained" and hub_id else None
+    base = s_spec.model if s_spec.init != "random" and hub_id else None
     front = {"library_name": "transformers", "pipeline_tag": "text-generation", "tags": ["stratos", "distillation"],
              **({"base_model": base} if base else {})}
-    init = ("its weights" if s_spec.init == "pretrained" else "its architecture only (weights initialised at random)")
+    init = ("its weights" if s_spec.init == "pretrained" else
+            f"its weights pruned to {s_spec.prune.keep:.0%} of its parameters before training ({_pruning(s_spec.prune)})"
+            if s_spec.init == "pruned" else "its architecture only (weights initialised at random)")
     phases = " -> ".join(f"{p['algorithm']} (loss {p['config']['loss']}, kd_ratio {p['config'].get('kd_ratio', 0):g})"
                          for p in (distill.get("settings") or {}).get("phases", []))
     alone = not t_used and not measured  # `stratos distill` without a teacher: SFT on the data
