@@ -137,7 +137,7 @@ def main() -> None:
                 print(f"seed {seed} {name:16s}: {acc[name][-1]:.1%} ({kept})", flush=True)
                 continue
             t0 = time.perf_counter()
-            student, tok = load_student(s_spec, spec.task, seed=seed)
+            student, tok = load_student(s_spec, spec.task, seed=seed, calibration=records)
             res = run_phases(student, tok, records, these, out / f"{'kd' if uses_teacher else 'sft'}-seed{seed}",
                              teacher=teacher if uses_teacher else None, teacher_tokenizer=t_tok if uses_teacher else None,
                              resume=False, progress=False)
