@@ -171,8 +171,8 @@ def choose_strategy(probe: TeacherProbe, task: TaskProfile, m: Match, *, compete
         loss = "fkl"
         reasons.append(f"loss fkl (forward KL), not the reverse KL a {m.capacity_ratio:,.0f}x gap would get: the student "
                        "starts from random weights, and reverse KL weighs each token by the student's own probability, "
-                       "which from scratch is spread thin (on the alignment example it trained a student that learnt "
-                       "no answer, 0.5%, docs/benchmarks.md)")
+                       "which from scratch is spread thin (on the alignment example's former from-scratch student it "
+                       "learnt no answer, 0.5%, docs/benchmarks.md)")
     else:
         loss = "fkl"
         reasons.append(f"loss fkl (forward KL): at a {m.capacity_ratio:,.1f}x gap the student can match the teacher's "
