@@ -275,7 +275,8 @@ def distill(
         baseline = None
         if cfg.sft_baseline:  # the same student without the teacher, in OUT/sft-baseline
             del model, t_model
-            baseline = train_sft_baseline(lambda: load_student(s_spec, task_spec, device=where, seed=cfg.seed, calibration=records)[0],
+            baseline = train_sft_baseline(lambda: load_student(s_spec, task_spec, device=where, seed=cfg.seed,
+                                                               calibration=records)[0],
                                           tok, records, settings, out, resume=resume, evaluator=evaluator, task=task)
     except (DataError, FileNotFoundError, KeyError, ValueError) as e:
         fail(str(e).strip('"'))

@@ -260,19 +260,23 @@ def width_dims(cfg: Any, target_params: int, axes: Sequence[str] = ("mlp", "head
     unknown = set(axes) - {"mlp", "heads", "hidden"}
     if unknown or not axes:
         raise ValueError(f"width_axes must be a non-empty subset of mlp, heads, hidden; got {list(axes)}")
-    dims, seen = None, set()
-    for step in range(100, 0, -1):
-        d = _width_dims(cfg, step / 100, axes)
-        if tuple(d.values()) in seen:  # nearby factors round to the same shape
-            continue
-        if d["hidden"] % d["heads"]:  # transformers' configs refuse it (save_pretrained validates), head_dim or not
-            continue
-        seen.add(tuple(d.values()))
-        cand = smaller_config(cfg, intermediate=d["intermediate"], heads=d["heads"], kv_heads=d["kv_heads"],
-                              hidden=d["hidden"])
-        if count_params(cand) <= target_params:
-            dims = d
-            break
+
+    def at(step: int) -> dict[str, int]:
+        return _width_dims(cfg, step / 100, axes)
+
+    def fits(d: dict[str, int]) -> bool:
+        return count_params(smaller_config(cfg, intermediate=d["intermediate"], heads=d["heads"],
+                                           kv_heads=d["kv_heads"], hidden=d["hidden"])) <= target_params
+
+    # Every size grows with the factor, so the parameters do: bisect for the largest step that fits (each
+    # test builds a model on the meta device; a scan of all 100 costs seconds on a large config).
+    lo, hi = 0, 101  # fits(at(lo)) holds (step 0 standing in for "none"), fits(at(hi)) does not
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(at(mid)) else (lo, mid)
+    # Below it every step fits; the first shape transformers accepts (save_pretrained refuses a hidden
+    # size that is not a multiple of the query heads, head_dim or not).
+    dims = next((d for d in map(at, range(lo, 0, -1)) if d["hidden"] % d["heads"] == 0), None)
     if dims is None:
         raise ValueError(f"width pruning over {list(axes)} cannot reach {target_params:,} parameters; add axes or use depth")
     return dims

@@ -166,7 +166,7 @@ def task_key(task: Any) -> str:
 
 def student_key(student: Any) -> str:
     """A student spec's identity for accuracy records: what decides how well it can learn (the model it is
-    built from, its initialisation, shape overrides and tokenizer), not its name."""
+    built from, its initialisation and pruning, shape overrides and tokenizer), not its name."""
     return json.dumps({"model": student.model, "init": student.init, "config_overrides": student.config_overrides,
                        "tokenizer": student.tokenizer,
                        **({"vocab": student.tokenizer_vocab_size} if student.tokenizer == "task" else {}),
