@@ -64,6 +64,16 @@ def with_options(settings: Settings, options: list[str], *, teacher_phases: bool
     return Settings(phases, settings.match, settings.signal, settings.reasons, on_policy=settings.on_policy)
 
 
+# What Phase.label shows of a phase's settings; an option among these is named there already.
+LABELLED = {"loss", "kd_ratio", "temperature", "label_smoothing_factor", "num_train_epochs", "max_steps"}
+
+
+def unlabelled(options: list[str]) -> str:
+    """`` with KEY=VALUE, ...`` for the ``--set`` options a phase's label does not show, else ``""``."""
+    extra = [o for o in options if o.partition("=")[0] not in LABELLED]
+    return " with " + ", ".join(extra) if extra else ""
+
+
 def earlier_label(out_dir: Path, key: str, default: str) -> str:
     """What an earlier run of this script called one side (its results.json), else ``default``."""
     try:
@@ -102,10 +112,8 @@ def main() -> None:
     teacher, t_tok = load(t_spec.model, dtype=t_spec.dtype, trust_remote_code=t_spec.trust_remote_code)
     out = args.out or run_dir / "teacher-gain"
     kd_name, sft_name = settings.training, sft_baseline(settings).training
-    if args.options:  # the phase label names loss, kd_ratio and temperature only
-        kd_name += " with " + ", ".join(args.options)
-    if args.baseline_options:
-        sft_name += " with " + ", ".join(args.baseline_options)
+    kd_name += unlabelled(args.options)
+    sft_name += unlabelled(args.baseline_options)
     # A side scored from an earlier run of the script is named as that run named it (its own --set).
     if args.teacher_from:
         kd_name = f"{earlier_label(args.teacher_from, 'with_teacher', kd_name)} (from {args.teacher_from})"

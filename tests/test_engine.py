@@ -111,6 +111,37 @@ def test_distill_holds_only_the_teacher_head_it_made_in_bf16(tmp_path, tiny_toke
     assert len(held) == 1 and mine.head.weight.dtype == torch.float32
 
 
+def test_a_wide_head_on_cpu_runs_few_row_counts_with_the_same_logits_and_gradients(monkeypatch):
+    """On CPU, oneDNN keeps a primitive (with head-sized buffers) per matmul shape for the process's life, so a
+    wide head pads its rows to a power of two: the logits and gradients are those of the unpadded head, and
+    row counts 1 to 1024 run on 7 shapes. A narrow head (a task tokenizer's) runs its rows as they are."""
+    from stratos.distill.head import PAD_VOCAB, chunk_rows
+
+    linear = torch.nn.functional.linear
+    seen: list[int] = []
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda x, w, b=None: seen.append(x.shape[0]) or linear(x, w, b))
+    torch.manual_seed(0)
+    for vocab, padded in ((PAD_VOCAB, True), (300, False)):
+        weight = torch.nn.Parameter(torch.randn(vocab, 16) * 0.1)
+        head = OutputHead(scale=0.5, live=torch.nn.Linear(16, vocab, bias=False))
+        head.live.weight = weight
+        seen.clear()
+        for rows in (1, 3, 17, 100, 129, 1000):
+            h = torch.randn(rows, 16, requires_grad=True)
+            probe = torch.randn(rows, vocab)
+            logits = head(h)
+            assert logits.shape == (rows, vocab)
+            got = torch.autograd.grad((logits * probe).sum(), [h, weight])
+            ref_logits = linear(h, weight) * 0.5
+            want = torch.autograd.grad((ref_logits * probe).sum(), [h, weight])
+            assert torch.allclose(logits, ref_logits, atol=1e-5)
+            assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(got, want))
+        assert seen == ([16, 16, 32, 128, 256, 1024] if padded else [1, 3, 17, 100, 129, 1000])
+    # A chunk is a power of two on CPU, so full chunks run unpadded; one the user sets is kept.
+    assert chunk_rows(None, 49152, "cpu") == 128 and chunk_rows(None, 151936, "cpu") == 32
+    assert chunk_rows(None, 300, "cpu") == 1024 and chunk_rows(100, 49152, "cpu") == 100
+
+
 @pytest.mark.parametrize("loss", ["fkl", "jsd", "akl"])
 def test_chunked_equals_unchunked_loss_and_gradients(tiny_tokenizer, loss):
     _, batch = _batch(tiny_tokenizer, n=8)

@@ -92,7 +92,12 @@ class OutputHead(nn.Module):
             hidden = hidden.to(weight.dtype)  # e.g. bf16 cached hidden states into an fp32 head
         elif not weight.requires_grad and weight.dtype != torch.get_autocast_dtype(device):
             weight, bias = self._frozen_cast(torch.get_autocast_dtype(device))
-        logits = F.linear(hidden, weight, bias).float()
+        rows = hidden.shape[0]
+        padded = device == "cpu" and hidden.dim() == 2 and self.vocab_size >= PAD_VOCAB
+        width = padded_rows(rows) if padded else rows
+        if width != rows:  # zero rows first, dropped from the logits: see padded_rows
+            hidden = F.pad(hidden, (0, 0, width - rows, 0))
+        logits = F.linear(hidden, weight, bias)[width - rows:].float()
         if self.scale != 1.0:
             logits = logits * self.scale
         if self.softcap is not None:
@@ -154,16 +159,36 @@ def last_hidden(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tenso
 # every allocation; a chunk's [rows, V] fp32 matrices are kept under it (benchmarks/ctkd_throughput.py).
 CPU_CHUNK_BYTES = 32 << 20
 GPU_CHUNK_ROWS = 1024
+# Heads this wide are chunked under 1024 rows on CPU, and their row counts padded (``padded_rows``); a
+# narrower head (a task tokenizer's few hundred tokens) is cheap to build primitives for and runs unpadded.
+PAD_VOCAB = CPU_CHUNK_BYTES // (4 * GPU_CHUNK_ROWS)
 
 
 def chunk_rows(chunk_size: int | None, vocab: int, device: Any) -> int:
-    """Rows of one chunk of logits: ``chunk_size`` when set; unset, 1024 on an accelerator and, on CPU, as
-    many as keep one [rows, vocab] fp32 matrix within ``CPU_CHUNK_BYTES`` (16 to 1024)."""
+    """Rows of one chunk of logits: ``chunk_size`` when set; unset, 1024 on an accelerator and, on CPU, the
+    largest power of two (16 to 1024) that keeps one [rows, vocab] fp32 matrix within ``CPU_CHUNK_BYTES``
+    (a power of two, so the head runs a full chunk unpadded: ``padded_rows``)."""
     if chunk_size:
         return int(chunk_size)
     if getattr(device, "type", device) != "cpu":
         return GPU_CHUNK_ROWS
-    return max(16, min(GPU_CHUNK_ROWS, CPU_CHUNK_BYTES // (4 * max(1, vocab))))
+    fits = max(16, min(GPU_CHUNK_ROWS, CPU_CHUNK_BYTES // (4 * max(1, vocab))))
+    return 1 << (fits.bit_length() - 1)
+
+
+def padded_rows(rows: int) -> int:
+    """The rows an output head of ``PAD_VOCAB`` tokens or more computes on CPU for ``rows`` rows of hidden
+    states: the next power of two, at least 16 (up to 1024 rows; more run as they are).
+
+    oneDNN keeps a primitive for each matmul shape a process runs (up to 1,024 of them, for the process's
+    life), and an output head's primitives hold buffers of about the head's own size. Chunked KD ends each
+    batch with a chunk of whatever rows remain, so over a run the heads met nearly every row count from 1 to
+    the chunk's: on examples/alignment.yaml (V 49,152, bf16) the process grew to 9.3 GB. Padded to a power
+    of two, the heads meet at most 8 row counts; the padding costs less than building a primitive per count
+    (``benchmarks/head_shapes.py``)."""
+    if rows == 0 or rows > GPU_CHUNK_ROWS:
+        return rows
+    return max(16, 1 << max(0, rows - 1).bit_length())
 
 
 def token_logps(head: OutputHead, hidden: torch.Tensor, targets: torch.Tensor, chunk_size: int | None) -> torch.Tensor:
