@@ -29,16 +29,8 @@ import resource
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 SIDES = ("unpadded", "padded")
-
-
-def rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def unpadded_chunk_rows(chunk_size: int | None, vocab: int, device) -> int:
@@ -51,6 +43,7 @@ def unpadded_chunk_rows(chunk_size: int | None, vocab: int, device) -> int:
 def run_side(args: argparse.Namespace) -> dict:
     import torch
 
+    from stratos.compress.measure import rss_mb
     from stratos.distill import head, kd
     from stratos.distill.head import OutputHead
     from stratos.runtime import bf16_supported

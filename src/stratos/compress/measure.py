@@ -35,6 +35,12 @@ def _status_kb(field: str) -> int | None:
     return None
 
 
+def rss_mb() -> float:
+    """The process's resident memory now, in MiB (NaN where not on Linux)."""
+    kb = _status_kb("VmRSS")
+    return float("nan") if kb is None else kb / 1024
+
+
 def reset_peak_memory() -> int | None:
     """Reset the peak-RSS counter; returns the current RSS in KiB (None where not on Linux)."""
     gc.collect()
