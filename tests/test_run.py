@@ -161,6 +161,11 @@ def test_pipeline_killed_mid_distill_resumes_to_the_same_result(tiny_spec, tmp_p
     second = json.loads((killed / "plan" / "plan.json").read_text())["predicted"]
     assert "corrected by" in second["accuracy_reason"] and "1 earlier run(s)" in second["accuracy_reason"]
     assert second["accuracy"] == pytest.approx(min(1.0, max(0.0, acc_rec["predicted"] + acc_rec["error"])))
+    # The killed run records its error against the prior, not against the corrected prediction: else the next
+    # plan's correction would be the median of +e and ~0, however far off the prior stays.
+    assert second["accuracy"] - second["accuracy_correction"] == pytest.approx(acc_rec["predicted"])
+    again = [json.loads(x) for x in (killed / "eval" / "plan-measurements.jsonl").read_text().splitlines()]
+    assert next(r for r in again if r.get("kind") == "accuracy")["predicted"] == pytest.approx(acc_rec["predicted"])
 
     # The spec's one constraint (budget_usd 5) judged from what was measured: met, and shown first.
     assert [v["constraint"] for v in results["verdicts"]] == ["budget_usd"] and results["verdicts"][0]["met"]

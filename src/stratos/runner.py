@@ -752,7 +752,10 @@ def _learn(ctx: Context, seconds: float, predicted_s: float | None, *, resumed: 
     pred = plan.predicted
     # One record per run and attempt: a rerun of the same eval replaces its record.
     run = str(ctx.run_dir.resolve()) + (f"#attempt-{attempt['number']}" if attempt["number"] > 1 else "")
-    record_accuracy(task_key(ctx.spec.task), pred["accuracy_method"], pred["accuracy"], final["accuracy"],
+    # The method's own prediction: an error measured against a corrected one would shrink the next correction
+    # towards 0 however far off the method is (a plan.json written before 2026-12-05's fix holds no correction).
+    uncorrected = pred["accuracy"] - pred.get("accuracy_correction", 0.0)
+    record_accuracy(task_key(ctx.spec.task), pred["accuracy_method"], uncorrected, final["accuracy"],
                     run=run, run_dir=ctx.dir, student=student_key(ctx.spec.students[plan.student["index"]]),
                     recipe=recipe_key(_strategy(ctx.spec, plan), plan.teacher["model"]),
                     note=f"{plan.student['name']} from {plan.teacher['name']}, {final['n']} questions")

@@ -89,6 +89,9 @@ class PairDecision:
     accuracy: float
     accuracy_method: str
     accuracy_reason: str
+    # What earlier runs' errors added to the method's own prediction (``accuracy`` includes it): a run's
+    # accuracy record stores the prediction without it, so corrections keep learning the method's error.
+    accuracy_correction: float = 0.0
 
 
 @dataclass
@@ -325,9 +328,11 @@ def decide_pairs(inputs: PlanInputs) -> list[PairDecision]:
                 method = "prior"
             recipe = recipe_key(strat, inputs.teacher_models[ti] if ti < len(inputs.teacher_models) else t.name)
             learnt = accuracy_corrections(inputs.accuracy_records.get(si, []), recipe)
+            correction = 0.0
             if method in learnt:  # learnt from what earlier runs of this task, student and recipe measured
                 err, runs, shipped = learnt[method]
-                acc = min(1.0, max(0.0, acc + err))
+                correction = min(1.0, max(0.0, acc + err)) - acc
+                acc += correction
                 why += (f"; corrected by {100 * err:+.1f} points, the median error of this task's {method} "
                         f"predictions for this student trained the same way ({recipe}) in {runs} earlier run(s) "
                         "(deployed student measured"
@@ -338,7 +343,7 @@ def decide_pairs(inputs: PlanInputs) -> list[PairDecision]:
                 why += gain
             settings = settings_for(strat, m, inputs)
             out.append(PairDecision(ti, si, m, strat, settings, workload_for(strat, m, inputs.task, inputs, settings),
-                                    acc, method, why))
+                                    acc, method, why, correction))
     return out
 
 
@@ -491,7 +496,8 @@ def build_plan(inputs: PlanInputs) -> tuple[Plan, list[Candidate]]:
         task=inputs.task,
         workload=pd.workload,
         predicted={"accuracy": best.accuracy, "accuracy_method": best.accuracy_method,
-                   "accuracy_reason": pd.accuracy_reason, "latency_ms": best.latency_ms, "cost_usd": best.cost_usd,
+                   "accuracy_reason": pd.accuracy_reason, "accuracy_correction": pd.accuracy_correction,
+                   "latency_ms": best.latency_ms, "cost_usd": best.cost_usd,
                    "train_hours": best.train_hours},
         stages=best.stages,
         probes=list(inputs.probes.values()),
