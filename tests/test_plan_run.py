@@ -237,6 +237,23 @@ def test_servers_command_filters(tmp_path):
     assert runner.invoke(app, ["servers", "--provider", "nowhere"]).exit_code == 1
 
 
+def test_a_profile_taken_while_the_cpu_is_busy_says_so(monkeypatch, caplog, tmp_path):
+    """The calibration is measured once and reused by every later plan: measured while other work holds the
+    cores, its speeds are low for good, so the profile records the load it ran under and warns."""
+    import os
+
+    monkeypatch.setattr(os, "getloadavg", lambda: (float(os.cpu_count() or 1), 0.0, 0.0))
+    with caplog.at_level("WARNING", logger="stratos.plan.calibration"):
+        cal = run_profile(progress=False, sizes=[(64, 1)], seconds=0.02, device="cpu", out=tmp_path / "cal.json")
+    assert cal["busy_cores"] == float(os.cpu_count() or 1)
+    assert "the CPU was busy while it was profiled" in caplog.text and "stratos profile" in caplog.text
+    caplog.clear()
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    with caplog.at_level("WARNING", logger="stratos.plan.calibration"):
+        run_profile(progress=False, sizes=[(64, 1)], seconds=0.02, device="cpu", out=tmp_path / "cal.json")
+    assert "busy" not in caplog.text
+
+
 def test_profile_calibrates_the_local_machine():
     # One small Llama and short timings: the test checks the wiring, `stratos profile` measures properly.
     cal = run_profile(progress=False, sizes=[(64, 1)], seconds=0.02)
@@ -244,6 +261,7 @@ def test_profile_calibrates_the_local_machine():
     assert load_calibration() == json.loads(json.dumps(cal))
     assert {c["stage"] for c in cal["checks"]} == {"train", "forward", "decode"}
     assert {"profile-train", "profile-forward", "profile-decode"} <= set(corrections("local"))
+    assert "busy_cores" in cal
     local = local_server(0.0, cal)
     assert local.bf16_tflops == pytest.approx(cal["peak_flops"] / 1e12) and local.source.startswith("stratos profile")
     # Processes that train together (stratos run --nproc): on a CPU they share the cores the calibration

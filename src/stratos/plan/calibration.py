@@ -337,6 +337,18 @@ def _fit_n_half(points: list[tuple[float, float]], default: float) -> float:
     return float(min(max(h, 0.0), 1e10))
 
 
+# A CPU profiled while other work holds this share of its cores or more is said to have been busy.
+BUSY_SHARE = 0.5
+
+
+def busy_cores() -> float | None:
+    """The 1-minute load average: about how many cores other work kept busy (None where the OS has none)."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
 def run_profile(*, quick: bool = False, progress: bool = True, out: str | Path | None = None,
                 sizes: list[tuple[int, int]] | None = None, seconds: float | None = None,
                 device: Any = None) -> dict[str, Any]:
@@ -355,6 +367,7 @@ def run_profile(*, quick: bool = False, progress: bool = True, out: str | Path |
     from stratos.runtime import bf16_supported, resolve_device
 
     seconds = seconds or (0.3 if quick else 1.0)
+    busy = busy_cores()  # other work sharing the CPU makes every speed below look slower than it is
     device = torch.device(device) if device is not None else resolve_device("auto")
     gpu = device.type == "cuda"
     bf16 = bf16_supported(device)
@@ -413,6 +426,7 @@ def run_profile(*, quick: bool = False, progress: bool = True, out: str | Path |
         "machine_id": machine_id(device),
         "device": device.type,
         "threads": torch.get_num_threads(),
+        "busy_cores": busy,
         "dtype": str(dtype).removeprefix("torch."),
         "peak_flops": peak,
         "bandwidth": bandwidth,
@@ -423,6 +437,11 @@ def run_profile(*, quick: bool = False, progress: bool = True, out: str | Path |
     }
     path = Path(out) if out else calibration_path(device)
     write_json(path, results)
+    cores = os.cpu_count() or 1
+    if device.type == "cpu" and busy is not None and busy >= BUSY_SHARE * cores:
+        log.warning("the CPU was busy while it was profiled (1-minute load average %.1f on %d cores): the speeds in "
+                    "%s are low, and every later plan on this machine predicts stages slower than they run; rerun "
+                    "`stratos profile` when nothing else runs", busy, cores, path)
     for c in checks:
         record_stage(f"profile-{c['stage']}", "local", c["predicted_s"], c["measured_s"], note=f"{c['params']:.0f} params")
     return results
