@@ -106,18 +106,17 @@ def main() -> None:
         print(json.dumps(run_side(args)), flush=True)
         return
 
-    passed = [a for a in sys.argv[1:]]
     results = {}
     for side in SIDES:
-        out = subprocess.run([sys.executable, __file__, *passed, "--side", side], capture_output=True, text=True)
+        out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--side", side], capture_output=True, text=True)
         if out.returncode:
             raise SystemExit(f"{side} failed:\n{out.stderr[-3000:]}")
         results[side] = json.loads(out.stdout.strip().splitlines()[-1])
     first = results["unpadded"]
     print(f"\n### The KD objective's output heads over {args.batches} batches of {args.rows_min}-{args.rows_max} "
           f"target tokens: V {args.vocab:,}, student d {args.student_dim}, teacher d {args.teacher_dim}, "
-          f"chunks of {first['chunk']} rows unpadded, {results['padded']['chunk']} padded, {'bf16 autocast' if first['bf16'] else 'fp32'}, torch threads "
-          f"{args.threads}\n")
+          f"chunks of {first['chunk']} rows unpadded, {results['padded']['chunk']} padded, "
+          f"{'bf16 autocast' if first['bf16'] else 'fp32'}, torch threads {args.threads}\n")
     print("| cut | head row counts | RSS after batch 1 MB | RSS at the end MB | growth MB | peak RSS MB "
           "| s per batch | vs unpadded |")
     print("|---|---|---|---|---|---|---|---|")

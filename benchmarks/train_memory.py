@@ -21,12 +21,20 @@ from pathlib import Path
 
 from teacher_gain import with_options
 
-from stratos.compress.measure import rss_mb
 from stratos.distill import load_records, run_phases
 from stratos.models import load, load_student
 from stratos.plan.planner import Plan
 from stratos.runner import settings_of
 from stratos.spec import load_spec
+
+
+def rss_mb() -> float:
+    """Resident memory now, in MiB. Read here, not through ``stratos.compress.measure.rss_mb``, so the script
+    runs against the commits before that helper too (``PYTHONPATH=OLD/src``)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def main() -> None:

@@ -183,8 +183,8 @@ def padded_rows(rows: int) -> int:
     oneDNN keeps a primitive for each matmul shape a process runs (up to 1,024 of them, for the process's
     life), and an output head's primitives hold buffers of about the head's own size. Chunked KD ends each
     batch with a chunk of whatever rows remain, so over a run the heads met nearly every row count from 1 to
-    the chunk's: on examples/alignment.yaml (V 49,152, bf16) the process grew to 9.3 GB. Padded to a power
-    of two, the heads meet at most 8 row counts; the padding costs less than building a primitive per count
+    the chunk's: on examples/alignment.yaml (V 49,152, bf16) training grew to 8.3 GB. Padded to a power
+    of two, the heads meet at most 7 row counts (16 to 1024); the padding costs less than building a primitive per count
     (``benchmarks/head_shapes.py``)."""
     if rows == 0 or rows > GPU_CHUNK_ROWS:
         return rows
