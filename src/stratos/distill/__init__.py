@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from stratos.distill.algorithms import ALGORITHMS, get_algorithm, register_algorithm, responses_needed
-from stratos.distill.data import Records, collate, encode, encode_record, load_records
+from stratos.distill.data import Records, collate, encode, encode_record, load_records, teacher_prompts
 from stratos.distill.head import OutputHead, last_hidden
 from stratos.distill.kd import Objective, kd_terms
 from stratos.distill.losses import LOSSES, get_loss, register_loss
@@ -151,16 +151,14 @@ def distill(
     if made_signal:
         if teacher is None:
             raise ValueError(f"loss {cfg.loss!r} (kd_ratio {cfg.kd_ratio}) needs a teacher")
-        from stratos.teachers.signal import hidden_state_signal
-
         root = Path(cache_root) if cache_root else None
         if cross:
             signal, signal_info = par.in_turn(lambda: _cross_tokenizer_signal(
                 teacher, tokenizer, teacher_tokenizer, records, examples, cfg, student, root, progress and par.is_main,
                 sampled=algo.on_policy))
         else:  # a cache is built by rank 0 and read by the others
-            signal, signal_info = par.in_turn(lambda: hidden_state_signal(
-                teacher, examples, cfg, tokenizer.pad_token_id, root, progress and par.is_main))
+            signal, signal_info = par.in_turn(lambda: _same_tokenizer_signal(
+                teacher, tokenizer, records, examples, cfg, root, progress and par.is_main))
         from stratos.runtime import resolve_bf16
 
         head = getattr(signal, "head", None)
@@ -232,6 +230,25 @@ def _check_distributed(cfg: DistillSpec, algo: Any, evaluator: Any, device: Any 
     if cfg.teacher_workers:
         raise ValueError("distill.teacher_workers across processes (--nproc, torchrun) is not supported yet: each "
                          "rank computes its own rows' teacher signal")
+
+
+def _same_tokenizer_signal(teacher: Any, tokenizer: Any, records: Sequence[dict[str, Any]], examples: Sequence[Any],
+                           cfg: DistillSpec, cache_root: Path | None, progress: bool) -> tuple[Any, dict[str, Any]]:
+    """The teacher's hidden-state signal on the student's tokens; where records carry ``teacher_messages``,
+    on the teacher's own prompts with the same responses (``PromptedSignal``: context distillation)."""
+    from stratos.distill.signal import PromptedSignal, prompted_example
+    from stratos.teachers.signal import hidden_state_signal
+
+    pad = tokenizer.pad_token_id
+    prompts = teacher_prompts(records, tokenizer)
+    if prompts is None:
+        return hidden_state_signal(teacher, examples, cfg, pad, cache_root, progress)
+    t_examples = [prompted_example(e, prompts) for e in examples]  # what a cache holds: the teacher's view
+    inner, info = hidden_state_signal(teacher, t_examples, cfg, pad, cache_root, progress)
+    changed = [(t, e) for t, e in zip(t_examples, examples) if t is not e]
+    extra = sum(len(t.input_ids) - len(e.input_ids) for t, e in changed) / max(1, len(changed))
+    return PromptedSignal(inner, prompts, pad), {**info, "teacher_prompts": {
+        "examples": len(changed), "of": len(examples), "extra_prompt_tokens": round(extra, 1)}}
 
 
 def _cross_tokenizer_signal(teacher: Any, tokenizer: Any, teacher_tokenizer: Any, records: Sequence[dict[str, Any]],
@@ -384,9 +401,11 @@ def kl_to_teacher(
     loss: str = "fkl",
 ) -> float:
     """Mean per-token divergence (forward KL by default) of the student to the teacher on the
-    response tokens of ``records``, at temperature 1."""
+    response tokens of ``records``, at temperature 1. Where records carry ``teacher_messages`` the teacher
+    reads those (as it taught: context distillation), the student its own prompt."""
     examples, _ = encode(records, tokenizer, max_length)
-    return _mean_divergence(student, teacher, examples, tokenizer.pad_token_id, loss, batch_size)
+    return _mean_divergence(student, teacher, examples, tokenizer.pad_token_id, loss, batch_size,
+                            teacher_prompts(records, tokenizer))
 
 
 @torch.no_grad()
@@ -404,7 +423,8 @@ def kl_on_own_samples(
 ) -> float:
     """Mean per-token divergence (reverse KL by default) of the student to the teacher on completions
     the student samples itself for the prompts of ``records``: the quantity on-policy KD lowers, measured
-    where the student really goes rather than on the data's responses (``kl_to_teacher``)."""
+    where the student really goes rather than on the data's responses (``kl_to_teacher``); the teacher reads
+    the records' ``teacher_messages`` where they have them."""
     from stratos.distill.data import IGNORE, Encoded
     from stratos.distill.sources import prompt_ids
     from stratos.models.generate import _eos_ids, sample_ids
@@ -417,15 +437,20 @@ def kl_on_own_samples(
         outs = sample_ids(student, chunk, max_new_tokens=max_new_tokens, temperature=temperature, pad_id=pad,
                           eos_ids=eos, seed=seed * 1_000_003 + start)
         examples += [Encoded(p + c, [IGNORE] * len(p) + c) for p, c in zip(chunk, outs)]
-    return _mean_divergence(student, teacher, examples, pad, loss, batch_size)
+    return _mean_divergence(student, teacher, examples, pad, loss, batch_size, teacher_prompts(records, tokenizer))
 
 
 def _mean_divergence(student: Any, teacher: Any, examples: Sequence[Any], pad_id: int, loss: str,
-                     batch_size: int) -> float:
-    """The registered divergence ``loss`` of the student to the teacher, per target token of ``examples``."""
+                     batch_size: int, prompts: dict[tuple[int, ...], list[int]] | None = None) -> float:
+    """The registered divergence ``loss`` of the student to the teacher, per target token of ``examples``;
+    with ``prompts`` (``teacher_prompts``) the teacher reads its own prompts."""
+    from stratos.distill.signal import PromptedSignal
     from stratos.teachers.signal import OnlineTeacher
 
-    signal, s_head, obj = OnlineTeacher(teacher), OutputHead.from_model(student), Objective(loss=loss)
+    signal: Any = OnlineTeacher(teacher)
+    if prompts:
+        signal = PromptedSignal(signal, prompts, pad_id)
+    s_head, obj = OutputHead.from_model(student), Objective(loss=loss)
     total, tokens = 0.0, 0
     was_training = student.training
     student.eval()

@@ -48,8 +48,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stratos.distill.data import IGNORE, Batch, Encoded, collate, encode_record, record_location
+from stratos.distill.data import IGNORE, Batch, Encoded, collate, encode_record, record_location, teacher_record
 from stratos.distill.head import OutputHead
+from stratos.distill.signal import TeacherView
 from stratos.spec import CtkdSpec
 
 METHODS = ("hybrid", "uld", "shared")
@@ -588,8 +589,8 @@ def pair_records(records: Sequence[dict[str, Any]], student_tok: Any, teacher_to
     for i, rec in enumerate(records):
         try:
             s_ex, _ = encode_record(rec, student_tok, max_length)
-            t_ex, _ = encode_record({k: v for k, v in rec.items() if k not in ("response_ids", "topk")}, teacher_tok,
-                                    max_length)
+            own = {k: v for k, v in rec.items() if k not in ("response_ids", "topk")}  # the student's tokens
+            t_ex, _ = encode_record(teacher_record(own), teacher_tok, max_length)
         except (KeyError, TypeError, ValueError) as e:
             raise DataError(f"{record_location(records, i)}: {e}") from None
         if s_ex.num_targets == 0:
@@ -614,7 +615,7 @@ def pair_records(records: Sequence[dict[str, Any]], student_tok: Any, teacher_to
     return PairedData(out_s, out_t, maps, stats, max_chain, chain_targets, chain_tokens)
 
 
-class CrossTokenizerSignal:
+class CrossTokenizerSignal(TeacherView):
     """A teacher signal in the student's tokens, from a teacher-side signal in the teacher's.
 
     ``inner`` is any signal (OnlineTeacher, HiddenStateCache, TeacherPool) over ``paired.teacher``;
@@ -624,14 +625,11 @@ class CrossTokenizerSignal:
 
     def __init__(self, inner: Any, paired: PairedData, vmap: VocabMap, *, teacher_pad_id: int, method: str = "hybrid",
                  uld_weight: float = 1.0):
-        self.inner, self.pad_id, self.vmap = inner, teacher_pad_id, vmap
+        super().__init__(inner)
+        self.pad_id, self.vmap = teacher_pad_id, vmap
         self.paired = self._with_prefixes(paired)
         self.head = CrossHead(inner.head, vmap, method, uld_weight, levels=paired.max_chain)
-        # Teacher batches sent ahead, by the student batch's tensor (as TeacherPool keys its own).
-        self._sent: dict[int, tuple[torch.Tensor, Batch]] = {}
         self._last: tuple[torch.Tensor, tuple[torch.Tensor, ...]] | None = None
-        if hasattr(inner, "submit"):  # a teacher service: batches may be sent ahead (trainer.InFlight)
-            self.submit = self._submit
 
     def _with_prefixes(self, paired: PairedData) -> PairedData:
         """A copy of ``paired`` with the prefix ids of its chains (``VocabMap.prefix_ids``), computed once; the
@@ -664,14 +662,8 @@ class CrossTokenizerSignal:
         self._last = (batch.input_ids, index)
         return index
 
-    def _submit(self, batch: Batch) -> None:
-        t_batch = self._teacher_batch(batch)
-        self._sent[id(batch.input_ids)] = (batch.input_ids, t_batch)
-        self.inner.submit(t_batch)
-
     def hidden(self, batch: Batch) -> torch.Tensor:
-        sent = self._sent.pop(id(batch.input_ids), None)
-        h = self.inner.hidden(sent[1] if sent is not None else self._teacher_batch(batch))
+        h = self.teacher_hidden(batch)
         rows, nxt, tokens, prefixes = (t.to(h.device) for t in self._index(batch))
         # One row per student target: [span start | each chain level's position | tokens | prefix ids]
         # (CrossHead reads them; ids as floats are exact in float32 up to 2^24).
@@ -680,15 +672,6 @@ class CrossTokenizerSignal:
 
     def kd_mask(self, batch: Batch) -> torch.Tensor:
         return self._index(batch)[0] >= 0
-
-    def close(self) -> None:
-        if hasattr(self.inner, "close"):
-            self.inner.close()
-
-    def __getattr__(self, name: str) -> Any:  # restarts, path, ... of the inner signal
-        if name == "inner":
-            raise AttributeError(name)
-        return getattr(self.inner, name)
 
 
 class SampledCrossSignal(CrossTokenizerSignal):
@@ -760,7 +743,7 @@ class SampledCrossSignal(CrossTokenizerSignal):
         except UnicodeDecodeError:
             text = None
         rec = _with_response(record, text or "")
-        t_ex, _ = encode_record(rec, self.teacher_tok, self.max_length)
+        t_ex, _ = encode_record(teacher_record(rec), self.teacher_tok, self.max_length)
         if text is None or "text" in record:  # a text row: no prompt sampled
             return t_ex, None
         t_ids = self.teacher_tok(text, add_special_tokens=False)["input_ids"]

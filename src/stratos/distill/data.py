@@ -5,6 +5,11 @@ A record is one of
   {"messages": [...]}                 the last assistant message is the response;
   {"text": str}                       plain text, every token is a target (knowledge-injection corpora).
 Only response tokens (plus the EOS that ends them) carry loss.
+
+A prompt or messages record may also carry ``"teacher_messages": [...]``: the chat the teacher answered
+(ending with the user's turn), where it saw more than the student will (worked examples, the task's
+rules, a system prompt). The teacher's signal is then computed on those messages followed by the same
+response, the student's on its own prompt: context distillation (``teacher_record``).
 """
 
 from __future__ import annotations
@@ -65,19 +70,38 @@ def record_location(records: Any, i: int) -> str:
     return where[i] if where and i < len(where) else f"record {i + 1}"
 
 
-def _messages_problem(msgs: Any) -> str | None:
+def _chat_problem(msgs: Any, name: str) -> str | None:
+    """What is wrong with a list of chat messages in field ``name``, or None."""
     if not isinstance(msgs, list):
-        return f"'messages' must be a list of {{role, content}} objects, got {json_kind(msgs)}"
-    if not msgs:
-        return "'messages' is empty; it needs the prompt and then an assistant message (the response)"
+        return f"'{name}' must be a list of {{role, content}} objects, got {json_kind(msgs)}"
     for j, m in enumerate(msgs):
         if not isinstance(m, dict):
-            return f"'messages[{j}]' must be an object with 'role' and 'content', got {json_kind(m)}"
+            return f"'{name}[{j}]' must be an object with 'role' and 'content', got {json_kind(m)}"
         for key in ("role", "content"):
             if key not in m:
-                return f"'messages[{j}]' has no '{key}'"
+                return f"'{name}[{j}]' has no '{key}'"
             if not isinstance(m[key], str):
-                return f"'messages[{j}].{key}' must be a string, got {json_kind(m[key])}"
+                return f"'{name}[{j}].{key}' must be a string, got {json_kind(m[key])}"
+    return None
+
+
+def _teacher_messages_problem(rec: dict[str, Any]) -> str | None:
+    msgs = rec["teacher_messages"]
+    if "messages" not in rec and "prompt" not in rec:
+        return "'teacher_messages' needs a 'prompt' or 'messages' record: it replaces the prompt on the teacher's side"
+    if problem := _chat_problem(msgs, "teacher_messages"):
+        return problem
+    if not msgs or msgs[-1]["role"] != "user":
+        return ("'teacher_messages' must end with a user message (the response follows it), "
+                + (f"the last is {msgs[-1]['role']!r}" if msgs else "it is empty"))
+    return None
+
+
+def _messages_problem(msgs: Any) -> str | None:
+    if problem := _chat_problem(msgs, "messages"):
+        return problem
+    if not msgs:
+        return "'messages' is empty; it needs the prompt and then an assistant message (the response)"
     if msgs[-1]["role"] != "assistant":
         return f"'messages' must end with an assistant message (the response); the last is {msgs[-1]['role']!r}"
     if len(msgs) == 1:
@@ -140,6 +164,8 @@ def record_problem(rec: dict[str, Any], *, need_response: bool = True) -> str | 
         for j, t in enumerate(ids):
             if isinstance(t, bool) or not isinstance(t, int) or t < 0:
                 return f"'response_ids[{j}]' must be a token id (an integer >= 0), got {t!r}"
+    if "teacher_messages" in rec and (problem := _teacher_messages_problem(rec)):
+        return problem
     if rec.get("topk"):
         return _topk_problem(rec["topk"])
     return None
@@ -165,6 +191,33 @@ def _split_messages(rec: dict[str, Any]) -> tuple[list[dict[str, str]], str]:
         msgs = rec["messages"]
         return msgs[:-1], msgs[-1]["content"]
     return [{"role": "user", "content": rec["prompt"]}], rec["response"]
+
+
+def teacher_record(rec: dict[str, Any]) -> dict[str, Any]:
+    """``rec`` as its teacher was asked: its ``teacher_messages`` then the same response, as a messages
+    record (no ``response_ids`` or ``topk``: they belong to the student's tokens); ``rec`` itself when it
+    has none."""
+    if "teacher_messages" not in rec:
+        return rec
+    _, response = _split_messages(rec)
+    return {"messages": [*rec["teacher_messages"], {"role": "assistant", "content": response}]}
+
+
+def teacher_prompts(records: Iterable[dict[str, Any]], tokenizer: Any) -> dict[tuple[int, ...], list[int]] | None:
+    """The teacher's prompt ids by the student's, for the records that carry ``teacher_messages`` (None when
+    none does): what ``stratos.teachers.signal.PromptedSignal`` puts before a response for the teacher, for
+    every row with that prompt (the data's own and the student's samples). A student prompt asked of the
+    teacher two ways raises DataError naming the record."""
+    out: dict[tuple[int, ...], list[int]] = {}
+    for i, rec in enumerate(records):
+        if "teacher_messages" not in rec:
+            continue
+        student = tuple(encode_prompt(tokenizer, _split_messages(rec)[0]))
+        teacher = encode_prompt(tokenizer, rec["teacher_messages"])
+        if out.setdefault(student, teacher) != teacher:
+            raise DataError(f"{record_location(records, i)}: its prompt appears in another record with other "
+                            "'teacher_messages'; the teacher's side of a prompt must be one chat")
+    return out or None
 
 
 def encode_record(rec: dict[str, Any], tokenizer: Any, max_length: int) -> tuple[Encoded, bool]:
