@@ -140,6 +140,31 @@ def test_oracle_rows_corpus_and_rules_in_the_teacher_prompt(tiny_served, tmp_pat
     cached = [json.loads(p.read_text()) for p in (tmp_path / "requests").glob("*/*.json")]
     assert len(cached) == 4
     assert all("Rules" not in r["prompt"] for r in rows if r["source"] != "corpus")
+    # ... and KD will read the teacher as it answered: with the rules (context distillation).
+    teacher_rows = [r for r in rows if r["source"] == "teacher"]
+    assert teacher_rows and all(r["teacher_messages"] == [{"role": "user", "content": "Rules: say anything.\n"
+                                                           + r["prompt"]}] for r in teacher_rows)
+    assert all("teacher_messages" not in r for r in rows if r["source"] != "teacher")
+
+
+def test_few_shot_shows_the_teacher_worked_examples_the_student_never_sees(tiny_served, tmp_path):
+    server, _ = tiny_served
+    plain = run_synth(coin_spec(api(server.base_url, server.model), train_size=5), tmp_path / "plain", progress=False)
+    res = run_synth(coin_spec(api(server.base_url, server.model), train_size=5, few_shot=2), tmp_path / "shots",
+                    progress=False)
+    assert res.stats["few_shot"] == 2 and plain.stats["few_shot"] == 0
+    rows, plain_rows = read_jsonl(res.data_path), read_jsonl(plain.data_path)
+    # The same questions as without worked examples; the examples are a draw of their own (seed 2) without them.
+    assert {r["prompt"] for r in rows} <= {f"Toss {i} with seed 0" for i in range(5)}
+    assert {r["id"] for r in plain_rows} | {r["id"] for r in rows} <= {f"train-0-{i}" for i in range(5)}
+    shots = [{"role": "user", "content": "Toss 0 with seed 2"}, {"role": "assistant", "content": "0"},
+             {"role": "user", "content": "Toss 1 with seed 2"}, {"role": "assistant", "content": "0"}]
+    assert rows and all(r["teacher_messages"] == [*shots, {"role": "user", "content": r["prompt"]}] for r in rows)
+    assert all("teacher_messages" not in r for r in plain_rows)
+    # What the API was sent: the server counted the worked examples' tokens in every prompt.
+    sent = {k: sorted(json.loads(p.read_text())["prompt_tokens"] for p in (tmp_path / k / "requests").glob("*/*.json"))
+            for k in ("plain", "shots")}
+    assert len(sent["shots"]) == 5 and all(a > b + 10 for a, b in zip(sent["shots"], sent["plain"])), sent
 
 
 def test_cli_flags_form_with_a_local_teacher(tiny_served, tmp_path):
@@ -228,3 +253,16 @@ def test_topk_buckets_are_distributions_and_full_k_is_exact_kd():
     s_all, t_all = topk_log_probs(s_logits, full.indices, full.values)
     exact = forward_kl(s_logits.log_softmax(-1), t_logp)
     assert torch.allclose(forward_kl(s_all, t_all), exact, atol=1e-4)
+
+
+def test_worked_examples_are_train_questions_the_prompts_do_not_ask():
+    from stratos.synth import worked_examples
+    from stratos.tasks.arithmetic import ArithmeticTask
+
+    task = ArithmeticTask(digits=2, b=1, eval_fraction=0.4)  # 100 questions, about 60 of them train
+    prompts = task.examples("train", 28, seed=0)
+    shots = worked_examples(task, 4, 0, prompts)
+    evals = {ex.question for ex in task.examples("eval", 15, seed=0)}
+    assert len({ex.question for ex in shots}) == 4
+    assert not {ex.question for ex in shots} & ({ex.question for ex in prompts} | evals)
+    assert worked_examples(task, 0, 0, prompts) == []

@@ -376,6 +376,8 @@ def synth(
     knowledge_injection: Optional[bool] = typer.Option(None, "--knowledge-injection/--no-knowledge-injection",
                                                        help="Rules in the teacher's prompt plus the rules corpus."),
     top_logprobs: Optional[int] = typer.Option(None, help="Store the teacher's top-k log-probs (top-k KD)."),
+    few_shot: Optional[int] = typer.Option(None, "--few-shot", help="Worked examples before every teacher prompt; "
+                                           "the student's records keep the plain question (context distillation)."),
     verify: Optional[bool] = typer.Option(None, "--verify/--no-verify",
                                           help="Keep only samples the task's verifier accepts (default), or every one."),
     budget: Optional[float] = typer.Option(None, "--budget", help="Most to spend on API requests, in $."),
@@ -409,7 +411,7 @@ def synth(
     data["synth"] = {**data.get("synth", {}), **_overrides(
         samples_per_prompt=n, prompts=prompts, temperature=temperature, max_new_tokens=max_new_tokens,
         reverse_synthesis=reverse_synthesis, knowledge_injection=knowledge_injection, top_logprobs=top_logprobs,
-        verify=verify, budget_usd=budget)}
+        verify=verify, budget_usd=budget, few_shot=few_shot)}
     if device is not None:
         data["device"] = device
     s = checked(parse_spec(data, source=str(spec or "command line")), source=str(spec or "command line"))

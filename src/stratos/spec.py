@@ -478,6 +478,12 @@ class SynthSpec(_Strict):
         "(chain-of-thought targets: denser supervision, longer generations)."
     )
     knowledge_injection: bool = Field(False, description="Add the task's rules corpus and put rules in teacher prompts.")
+    few_shot: int = Field(
+        0, ge=0, le=64, description="Worked examples (train questions the prompts do not ask, with the task's "
+        "oracle answer and its rationale) shown to the teacher as earlier turns of every prompt; the student "
+        "trains on its plain prompt, and KD reads the teacher with the examples in view (context distillation: "
+        "each record's teacher_messages)."
+    )
     top_logprobs: int = Field(
         0, ge=0, le=20, description="Store the teacher's top-k log-probs per response token (top-k KD; API teachers)."
     )

@@ -19,7 +19,7 @@ import yaml
 
 from stratos.io import atomic_write_text
 from stratos.report import plots
-from stratos.report.card import teacher_gain_sentence
+from stratos.report.card import teacher_context, teacher_gain_sentence
 
 __all__ = ["build_report", "results_table"]
 
@@ -279,6 +279,7 @@ def _data_tables(stats: dict[str, Any], path: Path, run_dir: Path) -> str:
         ["teacher answers kept by the verifier" if stats.get("verified", True) else
          "teacher answers the verifier accepts (every answer kept: synth.verify false)",
          f"{stats['acceptance']:.1%}" if isinstance(stats.get("acceptance"), (int, float)) else "–"],
+        ["what the teacher saw beyond the student's prompt", _e(teacher_context(stats) or "nothing")],
         ["rows", ", ".join(f"{_e(k)} {_fmt(v)}" for k, v in rows.items()) or "–"],
         ["duplicates dropped", _fmt(stats.get("duplicates_dropped"))],
         ["API spend ($)", _fmt(usage.get("cost_usd"), 4) + (" (stopped by the budget)" if usage.get("budget_stopped")

@@ -15,6 +15,17 @@ import yaml
 BASELINE_ROLE = "SFT baseline"
 
 
+def teacher_context(stats: dict[str, Any]) -> str | None:
+    """From the synth stage's statistics: what the teacher saw in its prompts that the student's do not hold,
+    in words (None: nothing)."""
+    parts = ([f"{stats['few_shot']} worked example(s) (synth.few_shot)"] if stats.get("few_shot") else []) + (
+        ["the task's rules"] if stats.get("rules_in_teacher_prompt") else [])
+    if not parts:
+        return None
+    return (" and ".join(parts) + " before each question; the student's prompts hold the question alone (a KD "
+            "term reads the teacher with them in view: context distillation)")
+
+
 def _pct(row: dict[str, Any]) -> str:
     return f"{row['accuracy']:.1%} [{row['ci_low']:.1%}, {row['ci_high']:.1%}]"
 
@@ -146,7 +157,8 @@ def model_card(*, role: str, spec: Any = None, plan: dict[str, Any] | None = Non
         kept = ("teacher answers kept by the task's verifier" if stats.get("verified", True) else
                 "teacher answers the task's verifier accepts (every answer kept, right or wrong: synth.verify false)")
         data_text = f"""- Training records: {stats.get('rows', {}).get('total', '?'):,} ({data_rows}); {kept}: \
-{stats.get('acceptance', 0):.1%} of {stats.get('prompts', 0)} prompts x {stats.get('samples_per_prompt', 0)} samples.
+{stats.get('acceptance', 0):.1%} of {stats.get('prompts', 0)} prompts x {stats.get('samples_per_prompt', 0)} samples.\
+{(' The teacher saw ' + context + '.') if (context := teacher_context(stats)) else ''}
 - Evaluation: {results.get('n')} held-out questions of the task's eval split.
   {('No eval question appears in the training data (' + leak['how'] + ').') if leak and not leak.get('found') else
    (str(leak.get('found')) + ' eval questions appear in the training data: the accuracy below overstates unseen questions.') if leak else ''}"""

@@ -8,7 +8,10 @@
    With ``verify: false`` every distinct sample is kept, right or wrong (the grade is still
    recorded, in each record's ``score`` and in the statistics).
    With ``knowledge_injection`` (or the plan's ``rules_in_prompt``) the teacher sees the task's
-   rules in its prompt; the student's record keeps the plain prompt it will be served with.
+   rules in its prompt, and with ``few_shot: k`` k worked examples before it (train questions
+   the prompts do not ask, answered by the task's oracle with its rationale: ``worked_examples``); the student's record
+   keeps the plain prompt it will be served with, and ``teacher_messages`` what the teacher was
+   asked, so KD reads the teacher as it answered (context distillation, ``stratos.distill.data``).
 2. **Reverse synthesis.** ``reverse_synthesis: N`` adds N oracle-answered train questions.
 3. **Knowledge injection.** ``knowledge_injection: true`` adds the task's rules corpus as text records.
 
@@ -80,6 +83,19 @@ def _topk_field(s: Sample) -> dict[str, Any] | None:
     return {"tokens": s.tokens, "top": [[[t, round(max(lp, FLOOR), 5)] for t, lp in pos] for pos in s.top]}
 
 
+def worked_examples(task: Any, k: int, seed: int, prompts: list[Any]) -> list[Any]:
+    """``k`` train questions for the teacher's worked examples (``synth.few_shot``), none of them among the
+    ``prompts``: a draw of their own (seed + 2; reverse synthesis draws with seed + 1)."""
+    if not k:
+        return []
+    asked = {ex.question for ex in prompts}
+    drawn = [ex for ex in task.examples("train", 4 * k + 8, seed=seed + 2) if ex.question not in asked]
+    if len(drawn) < k:
+        raise SynthError(f"synth.few_shot {k}: only {len(drawn)} train questions found that the prompts do not ask; "
+                         "lower few_shot or synth.prompts")
+    return drawn[:k]
+
+
 def run_synth(spec: Spec, out_dir: str | Path, *, plan: Any = None, progress: bool = True,
               teacher: Teacher | None = None, requests_dir: str | Path | None = None) -> SynthResult:
     """Build the stage's dataset in ``out_dir`` (``data.jsonl``, ``stats.json``, and the request cache
@@ -106,6 +122,9 @@ def run_synth(spec: Spec, out_dir: str | Path, *, plan: Any = None, progress: bo
                          f"plan.api_prices.{t_spec.label} (input_usd_per_mtok, output_usd_per_mtok)")
 
     examples = task.examples("train", n_prompts, seed=spec.task.seed) if n_prompts else []
+    shots = worked_examples(task, cfg.few_shot, spec.task.seed, examples) if examples else []
+    context = [m for ex in shots for m in ({"role": "user", "content": task.prompt(ex, rules=rules)},
+                                           {"role": "assistant", "content": task.target(ex, rationale=True)})]
     params = GenParams(n=cfg.samples_per_prompt, temperature=cfg.temperature, top_p=cfg.top_p,
                        max_tokens=cfg.max_new_tokens, stop=tuple(cfg.stop), seed=spec.seed, top_logprobs=cfg.top_logprobs)
     usage: dict[str, Any] = {}
@@ -123,16 +142,19 @@ def run_synth(spec: Spec, out_dir: str | Path, *, plan: Any = None, progress: bo
             teacher = make_teacher(t_spec, cache_dir=cache, price=price, budget=Budget(limit),
                                    device=resolve_device(spec.device))
         try:
-            samples = teacher.generate([task.prompt(ex, rules=rules) for ex in examples], params, progress=progress)
+            asked = [[*context, {"role": "user", "content": task.prompt(ex, rules=rules)}] for ex in examples]
+            samples = teacher.generate(asked if context else [m[-1]["content"] for m in asked], params,
+                                       progress=progress)
         finally:
             if own:
                 teacher.close()
-        for ex, got in zip(examples, samples):
+        for ex, got, msgs in zip(examples, samples, asked):
             c = by_type.setdefault(ex.type, Counter())
             c["prompts"] += 1
             c["samples"] += len(got)
             solved = False
-            prompt = task.prompt(ex)  # what the student is served with: no rules
+            prompt = task.prompt(ex)  # what the student is served with: no rules, no worked examples
+            seen_by_teacher = {"teacher_messages": msgs} if context or rules else {}
             for j, s in enumerate(got):
                 _, score = grade(task, ex, s.text)
                 c["correct"] += score.correct
@@ -147,7 +169,7 @@ def run_synth(spec: Spec, out_dir: str | Path, *, plan: Any = None, progress: bo
                 c["kept"] += 1
                 rec = {"prompt": prompt, "response": s.text, "answer": ex.answer, "type": ex.type, "id": ex.id,
                        "source": "teacher", "teacher": teacher.label, "sample": j, "score": score.credit,
-                       **({"meta": ex.meta} if ex.meta else {})}
+                       **seen_by_teacher, **({"meta": ex.meta} if ex.meta else {})}
                 if (topk := _topk_field(s)) is not None:
                     rec["topk"] = topk
                 records.append(rec)
@@ -186,6 +208,7 @@ def run_synth(spec: Spec, out_dir: str | Path, *, plan: Any = None, progress: bo
         "prompts": len(examples),
         "samples_per_prompt": cfg.samples_per_prompt,
         "rules_in_teacher_prompt": rules,
+        "few_shot": len(shots),
         "verified": cfg.verify,
         "acceptance": correct_total / samples_total if samples_total else None,
         "by_type": {
@@ -213,6 +236,8 @@ def print_stats(stats: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from stratos.report.card import teacher_context
+
     table = Table(title=f"synth: teacher {stats['teacher']}", title_justify="left")
     for col in ("type", "prompts", "samples", "correct", "kept", "solved", "acceptance"):
         table.add_column(col, justify="left" if col == "type" else "right")
@@ -231,4 +256,6 @@ def print_stats(stats: dict[str, Any]) -> None:
                  f"${u['cost_usd']:.4f} (${u['cost_usd_now']:.4f} this run)")
         if u.get("budget_stopped"):
             line += f"\n[yellow]stopped by the budget (${stats['budget_usd']:g}); the data so far is kept[/yellow]"
+    if (context := teacher_context(stats)) is not None:
+        line += f"\nthe teacher saw {context}"
     console.print(line, highlight=False)
