@@ -4,7 +4,8 @@ KD adds to SFT what the teacher's distribution holds beyond the data's token. On
 questions with one right answer, the mass it puts elsewhere at the answer's digits is mass on wrong
 digits: this script measures how much there is. For a `stratos run` directory whose plan and synth
 stages are done, it runs the run's teacher over the run's `synth/data.jsonl` (each record as the
-engine encodes it) and prints, over all response tokens and over the digit tokens alone: the mean
+engine encodes it for the teacher: with its ``teacher_messages`` where the teacher saw worked examples or
+rules) and prints, over all response tokens and over the digit tokens alone: the mean
 probability of the data's token, the share of tokens where it is below 0.5, the share where the
 teacher ranks another token first, and a few such tokens in context.
 
@@ -23,7 +24,7 @@ from pathlib import Path
 import torch
 
 from stratos.distill import load_records
-from stratos.distill.data import IGNORE, encode_record
+from stratos.distill.data import IGNORE, encode_record, teacher_record
 from stratos.models import load
 from stratos.plan.planner import Plan
 from stratos.spec import load_spec
@@ -47,7 +48,7 @@ def main() -> None:
     stats = {"all": [], "digits": []}  # (p of the data's token, teacher's top is another token)
     shown = []
     for rec in records:
-        enc, _ = encode_record(rec, tok, spec.distill.max_length)
+        enc, _ = encode_record(teacher_record(rec), tok, spec.distill.max_length)  # as KD reads the teacher
         with torch.no_grad():
             logp = torch.log_softmax(teacher(torch.tensor([enc.input_ids])).logits[0].float(), dim=-1)
         for t in range(1, len(enc.labels)):

@@ -96,6 +96,9 @@ def main() -> None:
                     "script on the same run) instead of training it again; seeds DIR lacks are trained")
     ap.add_argument("--teacher-from", type=Path, default=None, metavar="DIR",
                     help="likewise the student trained with the teacher, from DIR's predictions-kd-seedN.jsonl")
+    ap.add_argument("--no-teacher-context", action="store_true",
+                    help="drop the records' teacher_messages: KD reads the teacher on the student's own prompt, not "
+                    "with the worked examples or rules it answered with (what context distillation adds)")
     args = ap.parse_args()
 
     run_dir = args.run_dir
@@ -107,12 +110,15 @@ def main() -> None:
                          "it is its own SFT baseline")
     s_spec, t_spec = spec.students[plan.student["index"]], spec.teachers[plan.teacher["index"]]
     records = load_records(run_dir / "synth" / "data.jsonl")
+    if args.no_teacher_context:
+        records = [{k: v for k, v in r.items() if k != "teacher_messages"} for r in records]
     task = task_from_spec(spec.task)
     examples = task.examples("eval", spec.eval_questions, seed=spec.task.seed)
     teacher, t_tok = load(t_spec.model, dtype=t_spec.dtype, trust_remote_code=t_spec.trust_remote_code)
     out = args.out or run_dir / "teacher-gain"
     kd_name, sft_name = settings.training, sft_baseline(settings).training
-    kd_name += unlabelled(args.options)
+    kd_name += unlabelled(args.options) + (" (the teacher on the student's prompts: --no-teacher-context)"
+                                           if args.no_teacher_context else "")
     sft_name += unlabelled(args.baseline_options)
     # A side scored from an earlier run of the script is named as that run named it (its own --set).
     if args.teacher_from:

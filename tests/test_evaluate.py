@@ -122,6 +122,18 @@ def test_evaluate_local_model_and_cli(noisy_model, tiny_tokenizer, tmp_path):
     assert res.mean_latency_s == pytest.approx(res.total_s / 12)  # no request latencies: wall time per example
     assert not res.per_request  # so the report shows no latency for it
 
+    # Worked examples before every question (what synth.few_shot shows a teacher): scored on that chat.
+    from stratos.synth import worked_context, worked_examples
+
+    context = worked_context(task, worked_examples(task, 2, 0, []))
+    assert [m["role"] for m in context] == ["user", "assistant"] * 2
+    res = evaluate(noisy_model, tiny_tokenizer, task, exs[:4], max_new_tokens=4, context=context,
+                   predictions_path=tmp_path / "shots.jsonl")
+    direct = [generate(noisy_model, tiny_tokenizer, [[*context, *messages(task, e)]], max_new_tokens=4)[0][0]
+              for e in exs[:4]]
+    rows = [json.loads(line) for line in (tmp_path / "shots.jsonl").read_text().splitlines()]
+    assert [r["output"] for r in rows] == [g.text for g in direct]
+
     # The CLI loads a model folder like any other.
     folder = tmp_path / "model"
     noisy_model.save_pretrained(folder)
@@ -133,6 +145,10 @@ def test_evaluate_local_model_and_cli(noisy_model, tiny_tokenizer, tmp_path):
                                  "--json", str(tmp_path / "m.json")])
     assert r.exit_code == 0, r.output
     assert json.loads((tmp_path / "m.json").read_text())["n"] == 6
+    r = CliRunner().invoke(app, ["eval", "--model", str(folder), "--task", "arithmetic", "-O", "digits=2", "--n", "2",
+                                 "--max-new-tokens", "3", "--few-shot", "2", "--json", str(tmp_path / "m.json")])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "m.json").read_text())["few_shot"] == 2
     r = CliRunner().invoke(app, ["eval", "--model", str(folder), "--task", "nope"])
     assert r.exit_code == 2 and "unknown task" in r.output
 

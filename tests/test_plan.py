@@ -425,6 +425,20 @@ def test_unverified_teacher_data_written_in_the_spec_changes_what_the_plan_says_
     assert f"= {st.data_size} examples x" in said
 
 
+def test_worked_examples_for_the_teacher_are_said_where_the_teacher_signal_is():
+    """synth.few_shot: the teacher answers with worked examples the student never sees, and KD reads it with them:
+    the plan says so in its teacher-signal line (the probe asked without them)."""
+    competent = {"teacher-8b": probe("teacher-8b", 0.7)}
+    own, _ = build_plan(one_pair(probes=competent))
+    assert own.strategy.few_shot == 0 and not any("context distillation" in r for r in own.reasons)
+    plan, _ = build_plan(one_pair(probes=competent, spec_values=SpecValues(few_shot=4)))
+    assert plan.strategy.few_shot == 4
+    assert "synth.few_shot 4 (plan: 0)" in next(r for r in plan.reasons if r.startswith("from the spec"))
+    signal = next(r for r in plan.reasons if r.startswith("teacher signal: its last hidden states"))
+    assert "the teacher reads 4 worked example(s) (synth.few_shot) before each question" in signal
+    assert "(context distillation)" in signal
+
+
 def test_a_spec_that_writes_nothing_leaves_the_plan_as_it_was():
     from stratos.spec import parse_spec
 

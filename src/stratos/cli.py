@@ -434,6 +434,8 @@ def eval_cmd(
     n: Optional[int] = typer.Option(None, "--n", help="Eval examples (default: spec eval.n or task.eval_size, else 200)."),
     option: list[str] = typer.Option([], "--option", "-O", help="Task option KEY=VALUE (YAML value), repeatable."),
     rules: bool = typer.Option(False, "--rules", help="Put the task's rules in the prompt (knowledge injection)."),
+    few_shot: int = typer.Option(0, "--few-shot", min=0, help="Worked examples before every question, as "
+                                 "synth.few_shot shows the teacher (with a spec: the same examples)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Prompts per generation batch."),
     max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="Generation limit per answer."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the eval split."),
@@ -461,15 +463,27 @@ def eval_cmd(
     try:
         t = task_from_spec(task_spec.model_copy(update={"options": options}))
         examples = t.examples("eval", count, seed=task_spec.seed if seed is None else seed)
+        context = []
+        if few_shot:
+            from stratos.synth import worked_context, worked_examples
+
+            # The examples synth shows the teacher: none of the spec's synth prompts (without a spec, none excluded).
+            asked = s.synth.prompts or s.task.train_size if s is not None else 0
+            shots = worked_examples(t, few_shot, task_spec.seed, t.examples("train", asked, seed=task_spec.seed)
+                                    if asked else [])
+            context = worked_context(t, shots, rules=rules)
         m, tok = load(model, device=where)
         result = evaluate(m, tok, t, examples, batch_size=batch_size or eval_spec.batch_size,
                           max_new_tokens=max_new_tokens or eval_spec.max_new_tokens, rules=rules,
-                          predictions_path=out, progress=True)
+                          predictions_path=out, progress=True, context=context)
     except (KeyError, DataError, FileNotFoundError, ValueError) as e:
         fail(str(e).strip('"'))
-    Console().print(result_table(result, title=f"{model} on {task_spec.name}{' (rules in prompt)' if rules else ''}"))
+    shown = " (rules in prompt)" if rules else ""
+    shown += f" ({few_shot} worked examples before each question)" if few_shot else ""
+    Console().print(result_table(result, title=f"{model} on {task_spec.name}{shown}"))
     if json_out:
-        write_json(json_out, {"model": model, "task": task_spec.name, "rules": rules, **result.to_dict()})
+        write_json(json_out, {"model": model, "task": task_spec.name, "rules": rules, "few_shot": few_shot,
+                              **result.to_dict()})
     if out:
         console.print(f"predictions written to {out}", highlight=False)
 

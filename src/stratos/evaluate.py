@@ -151,15 +151,17 @@ def evaluate(
     predictions_path: str | Path | None = None,
     generate_fn: GenerateFn | None = None,
     progress: bool = False,
+    context: Sequence[dict[str, str]] = (),
 ) -> EvalResult:
-    """Score ``model`` on ``examples`` of ``task``; see the module doc. ``rules`` puts the task's rules in the prompt."""
+    """Score ``model`` on ``examples`` of ``task``; see the module doc. ``rules`` puts the task's rules in the prompt;
+    ``context`` is chat turns before every question (worked examples: ``stratos.synth.worked_context``)."""
     if not examples:
         raise ValueError("evaluate: no examples")
     if generate_fn is None:
         if model is None or tokenizer is None:
             raise ValueError("evaluate: pass a model and tokenizer, or a generate_fn")
         generate_fn = local_generate_fn(model, tokenizer, progress=progress)
-    prompts = [messages(task, ex, rules=rules) for ex in examples]
+    prompts = [[*context, *messages(task, ex, rules=rules)] for ex in examples]
     if model is not None and tokenizer is not None:
         check_context(model, tokenizer, task, examples, prompts, max_new_tokens)
     t0 = time.perf_counter()

@@ -107,6 +107,19 @@ def _split(cfg: DistillSpec, share: float) -> tuple[dict[str, Any], dict[str, An
     return {"num_train_epochs": cfg.num_train_epochs * share}, {"num_train_epochs": cfg.num_train_epochs * (1 - share)}
 
 
+def _context_clause(strategy: Any) -> str:
+    """What the teacher reads that the student does not (context distillation), as a clause of the teacher-signal
+    reason; empty when the teacher answers the student's own prompts. Only where it generates the data."""
+    if strategy is None or not getattr(strategy, "teacher_generates", False):
+        return ""
+    seen = ([f"{strategy.few_shot} worked example(s) (synth.few_shot)"] if getattr(strategy, "few_shot", 0) else []) + (
+        ["the task's rules"] if strategy.rules_in_prompt else [])
+    if not seen:
+        return ""
+    return (f"; the teacher reads {' and '.join(seen)} before each question, as it did when it answered, the student "
+            "the question alone (context distillation)")
+
+
 def resolve(distill: DistillSpec, *, match: str = "logit", strategy: Any = None, topk_data: bool = False) -> Settings:
     """The settings a run trains with.
 
@@ -188,7 +201,7 @@ def resolve(distill: DistillSpec, *, match: str = "logit", strategy: Any = None,
     if signal == "hidden":
         first = next(p.config for p in phases if p.needs_teacher)
         reasons.append(f"teacher signal: its last hidden states ({first['teacher_signal']}), exact logits recomputed "
-                       "on the student side" + ("" if match != "cross" else
+                       "on the student side" + _context_clause(strategy) + ("" if match != "cross" else
                                                 f", then mapped into the student's vocabulary (cross-tokenizer KD, "
                                                 f"ctkd.method {first['ctkd']['method']}: responses aligned by bytes)"))
     elif signal == "topk":

@@ -52,6 +52,7 @@ class Strategy:
     top_logprobs: int = 0  # top-k log-probs synth asks an API teacher for, per generated token (top-k KD)
     rl: str = ""  # why a final RL phase against the verifier pays (``plan_rl``); empty: no RL phase
     verify: bool = True  # synth keeps only the teacher samples the verifier accepts (the spec's synth.verify)
+    few_shot: int = 0  # worked examples before every teacher prompt (the spec's synth.few_shot; the plan adds none)
     # The plan's own values of the fields the spec overrode (``apply_spec``), restored before it applies again.
     planned: dict[str, Any] = field(default_factory=dict)
 
@@ -262,6 +263,7 @@ class SpecValues:
     rationales: bool | None = None  # synth.rationales: oracle answers with their worked rationale
     top_logprobs: int | None = None  # synth.top_logprobs
     verify: bool | None = None  # synth.verify
+    few_shot: int | None = None  # synth.few_shot
     epochs: float | None = None  # distill.num_train_epochs
     max_steps: int | None = None  # distill.max_steps (wins over epochs)
     loss: str | None = None
@@ -288,6 +290,7 @@ class SpecValues:
         return cls(prompts=prompts, samples_per_prompt=given(s, "samples_per_prompt"),
                    reverse_synthesis=given(s, "reverse_synthesis"), knowledge_injection=given(s, "knowledge_injection"),
                    rationales=given(s, "rationales"), top_logprobs=given(s, "top_logprobs"), verify=given(s, "verify"),
+                   few_shot=given(s, "few_shot"),
                    epochs=given(d, "num_train_epochs"),
                    max_steps=given(d, "max_steps"), loss=loss, kd_ratio=given(d, "kd_ratio"), loss_needs_teacher=needs,
                    train_batch=d.per_device_train_batch_size * d.gradient_accumulation_steps)
@@ -300,11 +303,13 @@ class SpecValues:
 # SpecValues field -> its name in the spec, and the Strategy attribute holding the plan's own value.
 _SPEC_NAMES = {"prompts": "synth.prompts", "samples_per_prompt": "synth.samples_per_prompt",
                "reverse_synthesis": "synth.reverse_synthesis", "knowledge_injection": "synth.knowledge_injection",
-               "top_logprobs": "synth.top_logprobs", "verify": "synth.verify", "epochs": "distill.num_train_epochs", "max_steps": "distill.max_steps", "loss": "distill.loss",
+               "top_logprobs": "synth.top_logprobs", "verify": "synth.verify", "few_shot": "synth.few_shot",
+               "epochs": "distill.num_train_epochs", "max_steps": "distill.max_steps", "loss": "distill.loss",
                "kd_ratio": "distill.kd_ratio"}
 _PLAN_VALUE = {"prompts": "teacher_prompts", "samples_per_prompt": "samples_per_prompt",
                "reverse_synthesis": "reverse_synthesis", "knowledge_injection": "knowledge_injection",
-               "top_logprobs": "top_logprobs", "verify": "verify", "epochs": "epochs", "loss": "loss",
+               "top_logprobs": "top_logprobs", "verify": "verify", "few_shot": "few_shot", "epochs": "epochs",
+               "loss": "loss",
                "kd_ratio": "kd_ratio"}
 
 
@@ -352,7 +357,7 @@ def apply_spec(strategy: Strategy, values: SpecValues, task: TaskProfile) -> Str
     if not written:
         return strategy
     new: dict[str, Any] = {}
-    for name in ("loss", "kd_ratio", "samples_per_prompt", "knowledge_injection", "top_logprobs", "verify"):
+    for name in ("loss", "kd_ratio", "samples_per_prompt", "knowledge_injection", "top_logprobs", "verify", "few_shot"):
         if getattr(values, name) is not None:
             new[name] = getattr(values, name)
     if values.top_logprobs is None and values.loss_needs_teacher is False:

@@ -96,6 +96,13 @@ def worked_examples(task: Any, k: int, seed: int, prompts: list[Any]) -> list[An
     return drawn[:k]
 
 
+def worked_context(task: Any, shots: list[Any], *, rules: bool = False) -> list[dict[str, str]]:
+    """The worked examples as earlier chat turns: each question as the teacher is asked it, then the task's
+    oracle answer with its rationale."""
+    return [m for ex in shots for m in ({"role": "user", "content": task.prompt(ex, rules=rules)},
+                                        {"role": "assistant", "content": task.target(ex, rationale=True)})]
+
+
 def run_synth(spec: Spec, out_dir: str | Path, *, plan: Any = None, progress: bool = True,
               teacher: Teacher | None = None, requests_dir: str | Path | None = None) -> SynthResult:
     """Build the stage's dataset in ``out_dir`` (``data.jsonl``, ``stats.json``, and the request cache
@@ -123,8 +130,7 @@ def run_synth(spec: Spec, out_dir: str | Path, *, plan: Any = None, progress: bo
 
     examples = task.examples("train", n_prompts, seed=spec.task.seed) if n_prompts else []
     shots = worked_examples(task, cfg.few_shot, spec.task.seed, examples) if examples else []
-    context = [m for ex in shots for m in ({"role": "user", "content": task.prompt(ex, rules=rules)},
-                                           {"role": "assistant", "content": task.target(ex, rationale=True)})]
+    context = worked_context(task, shots, rules=rules)
     params = GenParams(n=cfg.samples_per_prompt, temperature=cfg.temperature, top_p=cfg.top_p,
                        max_tokens=cfg.max_new_tokens, stop=tuple(cfg.stop), seed=spec.seed, top_logprobs=cfg.top_logprobs)
     usage: dict[str, Any] = {}
