@@ -167,6 +167,11 @@ def test_leakage_finds_an_eval_question_inside_a_training_prompt_whatever_its_ca
     leaked = train + [{"prompt": "RULES: add.\n\n" + "  ".join(evals[3].question.upper().split()) + "\nAnswer:"}]
     found = leakage(task, evals, leaked)
     assert found["found"] == 1 and found["found_ids"] == [evals[3].id]
+    # An eval question shown to the teacher as a worked example (its teacher_messages) is found too.
+    shown = train + [{**train[0], "teacher_messages": [{"role": "user", "content": task.prompt(evals[5])},
+                                                       {"role": "assistant", "content": "x"},
+                                                       {"role": "user", "content": train[0]["prompt"]}]}]
+    assert leakage(task, evals, shown)["found_ids"] == [evals[5].id]
 
 
 def test_leakage_compares_questions_as_the_model_reads_them():

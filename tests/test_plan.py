@@ -437,6 +437,10 @@ def test_worked_examples_for_the_teacher_are_said_where_the_teacher_signal_is():
     signal = next(r for r in plan.reasons if r.startswith("teacher signal: its last hidden states"))
     assert "the teacher reads 4 worked example(s) (synth.few_shot) before each question" in signal
     assert "(context distillation)" in signal
+    # Other data: accuracy records of runs without the examples do not correct this plan, nor its those.
+    from stratos.plan.calibration import recipe_key
+
+    assert recipe_key(plan.strategy, "t") == recipe_key(own.strategy, "t") + ", the teacher shown 4 worked examples"
 
 
 def test_a_spec_that_writes_nothing_leaves_the_plan_as_it_was():

@@ -260,17 +260,19 @@ def canonical_text(text: str) -> str:
 def leakage(task: Task, examples: Sequence[Example], records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Which eval questions appear in the training data: an eval example's question, as stored or as the
     model reads it (``task.prompt(ex)``, which may render it in another notation; both ``canonical_text``),
-    found inside any training record's prompt or text (a teacher's prompt may wrap it in the rules, a
-    reverse-synthesised record may have regenerated it). Returns the counts, the first few ids found,
+    found inside any training record's prompt or text, or the ``teacher_messages`` its teacher answered (a
+    teacher's prompt may wrap it in the rules or show it as a worked example, a reverse-synthesised record
+    may have regenerated it). Returns the counts, the first few ids found,
     and how it was checked, for results.json and the report."""
     texts = [canonical_text(str(r.get("prompt") or r.get("text") or "")) for r in records]
-    if any("messages" in r for r in records):
-        texts += [canonical_text(" ".join(str(m.get("content", "")) for m in r.get("messages", []))) for r in records]
+    for key in ("messages", "teacher_messages"):  # a conversation, and what the teacher saw (worked examples)
+        if any(key in r for r in records):
+            texts += [canonical_text(" ".join(str(m.get("content", "")) for m in r.get(key) or [])) for r in records]
     haystack = "\x00".join(texts)  # one search per question; \x00 never occurs in a canonical question
     found = [ex.id for ex in examples
              if canonical_text(ex.question) in haystack or canonical_text(task.prompt(ex)) in haystack]
     return {"eval_questions": len(examples), "training_records": len(records), "found": len(found),
             "found_ids": found[:5],
             "how": "each eval question, as stored and as the model reads it, case folded and its whitespace "
-                   "collapsed, searched for inside every training record's prompt (or text, or messages), the same "
-                   "way canonicalised"}
+                   "collapsed, searched for inside every training record's prompt (or text, or messages) and the "
+                   "messages its teacher saw, the same way canonicalised"}
