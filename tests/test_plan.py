@@ -433,6 +433,11 @@ def test_worked_examples_for_the_teacher_are_said_where_the_teacher_signal_is():
     assert own.strategy.few_shot == 0 and not any("context distillation" in r for r in own.reasons)
     plan, _ = build_plan(one_pair(probes=competent, spec_values=SpecValues(few_shot=4)))
     assert plan.strategy.few_shot == 4
+    # The teacher reads them: its prompts are priced five questions and four worked answers long.
+    w, t = plan.workload, TASK
+    assert w.teacher_prompt_tokens == pytest.approx(5 * (t.teacher_prompt_tokens or t.prompt_tokens)
+                                                    + 4 * t.rationale_tokens)
+    assert stage_seconds(plan)["generation"] > stage_seconds(own)["generation"]
     assert "synth.few_shot 4 (plan: 0)" in next(r for r in plan.reasons if r.startswith("from the spec"))
     signal = next(r for r in plan.reasons if r.startswith("teacher signal: its last hidden states"))
     assert "the teacher reads 4 worked example(s) (synth.few_shot) before each question" in signal

@@ -297,9 +297,11 @@ def workload_for(strategy: Strategy, m: Match, task: TaskProfile, inputs: PlanIn
         serve_hours=inputs.serve_hours,
         batch=inputs.batch,
         seq=inputs.max_length,
-        # The synth stage puts the rules before each teacher prompt when the strategy says so.
-        teacher_prompt_tokens=(task.rules_prompt_tokens if strategy.rules_in_prompt else task.teacher_prompt_tokens)
-        or task.prompt_tokens,
+        # The synth stage puts the rules before each teacher prompt when the strategy says so, and the worked
+        # examples (synth.few_shot) before that: each one a question and its worked answer.
+        teacher_prompt_tokens=((task.rules_prompt_tokens if strategy.rules_in_prompt else task.teacher_prompt_tokens)
+                               or task.prompt_tokens) * (1 + strategy.few_shot)
+        + strategy.few_shot * task.rationale_tokens,
         oracle_examples=strategy.reverse_synthesis if task.oracle else 0,
         oracle_seconds=task.oracle_seconds,
     )
