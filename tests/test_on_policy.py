@@ -356,6 +356,26 @@ def test_seq_kd_trains_on_the_teachers_own_samples(tiny_tokenizer):
         assert row[: len(p) + len(c)] == p + c
     assert any(c != examples[i].input_ids[len(p):] for i, p, c in zip(batch.indices, prompts, expected))
 
+    # Records that gave the teacher worked examples (teacher_messages): it samples from those, and its answer
+    # trains after the student's own prompt.
+    from stratos.distill.data import teacher_prompts
+
+    plain = expected
+
+    shown = [{**r, "teacher_messages": [{"role": "user", "content": "1+1="}, {"role": "assistant", "content": "2"},
+                                        {"role": "user", "content": r["prompt"]}]} for r in addition_records(8, seed=3)]
+    asked = teacher_prompts(shown, tiny_tokenizer)
+    source = OnPolicySource(examples, tiny_tokenizer, cfg, tiny_tokenizer.pad_token_id, teacher=teacher,
+                            teacher_prompts=asked)
+    source.prepare(1, student)
+    batch = source.micro_batches(1)[0]
+    expected = sample_ids(teacher, [asked[tuple(p)] for p in prompts], max_new_tokens=cfg.max_completion_length,
+                          temperature=cfg.temperature, seed=(cfg.seed * 1_000_003 + 1) * 2,
+                          pad_id=tiny_tokenizer.pad_token_id, eos_ids=_eos_ids(teacher, tiny_tokenizer))
+    for row, p, c in zip(batch.input_ids.tolist(), prompts, expected):
+        assert row[: len(p) + len(c)] == p + c
+    assert expected != plain  # the worked examples changed what it wrote
+
 
 def test_rl_takes_prompt_only_records_and_the_verifier_sees_their_meta(tiny_tokenizer, tmp_path):
     """RL's data is prompts (with what the verifier needs): grpo trains on records without a response,

@@ -183,10 +183,12 @@ def rft(ctx: StepContext, batch: Batch) -> dict[str, torch.Tensor]:
 
 
 def _on_policy_source(**context: Any) -> Any:
+    from stratos.distill.data import teacher_prompts
     from stratos.distill.sources import OnPolicySource
 
     return OnPolicySource(context["examples"], context["tokenizer"], context["cfg"], context["pad_id"],
-                          teacher=context["teacher"], out_dir=context["out_dir"])
+                          teacher=context["teacher"], out_dir=context["out_dir"],
+                          teacher_prompts=teacher_prompts(context["records"], context["tokenizer"]))
 
 
 def _online_teacher(cfg: Any) -> Any:

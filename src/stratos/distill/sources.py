@@ -197,7 +197,9 @@ class OnPolicySource:
     ending at the student's EOS). The algorithm then scores those tokens against the teacher.
 
     With ``seq_kd`` the other micro-batches hold the teacher's samples of their prompts (sequence-level KD,
-    Kim & Rush 2016; TRL's ``seq_kd``) instead of the data's responses.
+    Kim & Rush 2016; TRL's ``seq_kd``) instead of the data's responses; where the records gave the teacher
+    its own prompts (``teacher_prompts``: worked examples, rules), it samples from those, and its answer
+    trains after the student's prompt (context distillation).
 
     Which micro-batches go on-policy is seeded by (seed, step, micro-batch), the samples by (seed, step),
     all of a step's in one batched generation per sampler, drawn from the weights that train on them,
@@ -209,7 +211,7 @@ class OnPolicySource:
     they are used: a resumed run reads the rollouts its checkpoint's weights could no longer draw."""
 
     def __init__(self, examples: Sequence[Encoded], tokenizer: Any, cfg: Any, pad_id: int, teacher: Any = None,
-                 out_dir: Path | None = None):
+                 out_dir: Path | None = None, teacher_prompts: dict[tuple[int, ...], list[int]] | None = None):
         from stratos.errors import TrainingError
 
         if cfg.seq_kd and teacher is None:
@@ -217,6 +219,7 @@ class OnPolicySource:
         self.fixed = FixedSource(examples, cfg, pad_id)
         self.examples, self.tokenizer, self.cfg, self.pad_id = examples, tokenizer, cfg, pad_id
         self.teacher = teacher if cfg.seq_kd else None
+        self.teacher_prompts = teacher_prompts or {}  # the teacher's prompt ids by the student's
         self.total_steps = self.fixed.total_steps
         self.dir = Path(out_dir) / "rollouts" if out_dir is not None and cfg.max_staleness else None
         self._ready: dict[int, list[Batch]] = {}  # prepared steps' batches: this step's, and the next with staleness
@@ -259,7 +262,8 @@ class OnPolicySource:
             sampler = model if on_policy else self.teacher
             eos = _eos_ids(sampler, self.tokenizer)
             prompts = [self._prompt(micro[m][j]) for m, j in where]
-            outs = sample_ids(sampler, prompts, max_new_tokens=self.cfg.max_completion_length,
+            asked = prompts if on_policy else [self.teacher_prompts.get(tuple(p), p) for p in prompts]
+            outs = sample_ids(sampler, asked, max_new_tokens=self.cfg.max_completion_length,
                               temperature=self.cfg.temperature, pad_id=self.pad_id, eos_ids=eos,
                               seed=(self.cfg.seed * 1_000_003 + step) * 2 + on_policy)
             for (m, j), p, c in zip(where, prompts, outs):
