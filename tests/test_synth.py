@@ -145,6 +145,11 @@ def test_oracle_rows_corpus_and_rules_in_the_teacher_prompt(tiny_served, tmp_pat
     assert teacher_rows and all(r["teacher_messages"] == [{"role": "user", "content": "Rules: say anything.\n"
                                                            + r["prompt"]}] for r in teacher_rows)
     assert all("teacher_messages" not in r for r in rows if r["source"] != "teacher")
+    # A run that sends the teacher no prompt (oracle data only) shows it nothing, rules or not.
+    from stratos.report.card import teacher_context
+
+    assert teacher_context(res.stats).startswith("the task's rules before each question")
+    assert teacher_context({**res.stats, "prompts": 0}) is None
 
 
 def test_few_shot_shows_the_teacher_worked_examples_the_student_never_sees(tiny_served, tmp_path):

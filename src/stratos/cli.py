@@ -465,10 +465,10 @@ def eval_cmd(
         examples = t.examples("eval", count, seed=task_spec.seed if seed is None else seed)
         context = []
         if few_shot:
-            from stratos.synth import worked_context, worked_examples
+            from stratos.synth import prompt_count, worked_context, worked_examples
 
             # The examples synth shows the teacher: none of the spec's synth prompts (without a spec, none excluded).
-            asked = s.synth.prompts or s.task.train_size if s is not None else 0
+            asked = prompt_count(s) if s is not None else 0
             shots = worked_examples(t, few_shot, task_spec.seed, t.examples("train", asked, seed=task_spec.seed)
                                     if asked else [])
             context = worked_context(t, shots, rules=rules)

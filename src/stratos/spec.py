@@ -492,6 +492,14 @@ class SynthSpec(_Strict):
     )
 
 
+def teacher_context_words(few_shot: int, rules: bool) -> str | None:
+    """What a teacher's prompts hold beyond the student's (``synth.few_shot``, the task's rules), in words for
+    plan reasons, reports and model cards; None when nothing."""
+    parts = ([f"{few_shot} worked example(s) (synth.few_shot)"] if few_shot else []) + (
+        ["the task's rules"] if rules else [])
+    return " and ".join(parts) or None
+
+
 class CompressSpec(_Strict):
     """Options of the compress stage: structured pruning, KD recovery, sparsity, quantization, export."""
 

@@ -140,6 +140,7 @@ def distill(
     examples, stats = encode(records, tokenizer, cfg.max_length)
     if not examples:
         raise DataError(f"no usable training examples: {stats.summary()}")
+    prompts = teacher_prompts(records, tokenizer)  # what the teacher reads in place of the student's prompts
     signal_info: dict[str, Any] = {}
     if topk:
         signal = TopKSignal.from_records(records, tokenizer, cfg.max_length)
@@ -158,7 +159,7 @@ def distill(
                 sampled=algo.on_policy))
         else:  # a cache is built by rank 0 and read by the others
             signal, signal_info = par.in_turn(lambda: _same_tokenizer_signal(
-                teacher, tokenizer, records, examples, cfg, root, progress and par.is_main))
+                teacher, tokenizer.pad_token_id, prompts, examples, cfg, root, progress and par.is_main))
         from stratos.runtime import resolve_bf16
 
         head = getattr(signal, "head", None)
@@ -172,7 +173,8 @@ def distill(
     source = None
     if algo.source is not None:  # e.g. rft's rounds of student samples checked by the task's verifier
         source = algo.source(records=records, examples=examples, tokenizer=tokenizer, cfg=cfg, out_dir=out_dir,
-                             task=task, pad_id=tokenizer.pad_token_id, student=student, teacher=teacher)
+                             task=task, pad_id=tokenizer.pad_token_id, student=student, teacher=teacher,
+                             teacher_prompts=prompts)
     t0 = time.perf_counter()
     try:
         res: TrainResult = train(
@@ -232,15 +234,15 @@ def _check_distributed(cfg: DistillSpec, algo: Any, evaluator: Any, device: Any 
                          "rank computes its own rows' teacher signal")
 
 
-def _same_tokenizer_signal(teacher: Any, tokenizer: Any, records: Sequence[dict[str, Any]], examples: Sequence[Any],
-                           cfg: DistillSpec, cache_root: Path | None, progress: bool) -> tuple[Any, dict[str, Any]]:
-    """The teacher's hidden-state signal on the student's tokens; where records carry ``teacher_messages``,
-    on the teacher's own prompts with the same responses (``PromptedSignal``: context distillation)."""
+def _same_tokenizer_signal(teacher: Any, pad: int, prompts: dict[tuple[int, ...], list[int]] | None,
+                           examples: Sequence[Any], cfg: DistillSpec, cache_root: Path | None,
+                           progress: bool) -> tuple[Any, dict[str, Any]]:
+    """The teacher's hidden-state signal on the student's tokens; with ``prompts`` (``teacher_prompts``: records
+    that carry ``teacher_messages``), on the teacher's own prompts with the same responses (``PromptedSignal``:
+    context distillation)."""
     from stratos.distill.signal import PromptedSignal, prompted_example
     from stratos.teachers.signal import hidden_state_signal
 
-    pad = tokenizer.pad_token_id
-    prompts = teacher_prompts(records, tokenizer)
     if prompts is None:
         return hidden_state_signal(teacher, examples, cfg, pad, cache_root, progress)
     t_examples = [prompted_example(e, prompts) for e in examples]  # what a cache holds: the teacher's view

@@ -66,7 +66,8 @@ class Algorithm:
     description: str
     # Where its batches come from (stratos.distill.sources), built from keyword arguments records,
     # examples, tokenizer, cfg, out_dir, task, pad_id, student (as the run starts, before a resume loads its
-    # checkpoint), teacher (the model, or None); None: the fixed training data.
+    # checkpoint), teacher (the model, or None), teacher_prompts (``stratos.distill.data.teacher_prompts``:
+    # the teacher's prompt ids by the student's, or None); None: the fixed training data.
     source: Callable[..., Any] | None = None
     # The teacher scores sequences the student makes while training: it must run beside the loop (its
     # hidden states online), never from a cache or an API's log-probs of its own generations.
@@ -183,12 +184,11 @@ def rft(ctx: StepContext, batch: Batch) -> dict[str, torch.Tensor]:
 
 
 def _on_policy_source(**context: Any) -> Any:
-    from stratos.distill.data import teacher_prompts
     from stratos.distill.sources import OnPolicySource
 
     return OnPolicySource(context["examples"], context["tokenizer"], context["cfg"], context["pad_id"],
                           teacher=context["teacher"], out_dir=context["out_dir"],
-                          teacher_prompts=teacher_prompts(context["records"], context["tokenizer"]))
+                          teacher_prompts=context["teacher_prompts"])
 
 
 def _online_teacher(cfg: Any) -> Any:

@@ -110,13 +110,14 @@ def _split(cfg: DistillSpec, share: float) -> tuple[dict[str, Any], dict[str, An
 def _context_clause(strategy: Any) -> str:
     """What the teacher reads that the student does not (context distillation), as a clause of the teacher-signal
     reason; empty when the teacher answers the student's own prompts. Only where it generates the data."""
-    if strategy is None or not getattr(strategy, "teacher_generates", False):
+    from stratos.spec import teacher_context_words
+
+    if strategy is None or not strategy.teacher_generates:
         return ""
-    seen = ([f"{strategy.few_shot} worked example(s) (synth.few_shot)"] if getattr(strategy, "few_shot", 0) else []) + (
-        ["the task's rules"] if strategy.rules_in_prompt else [])
-    if not seen:
+    seen = teacher_context_words(strategy.few_shot, strategy.rules_in_prompt)
+    if seen is None:
         return ""
-    return (f"; the teacher reads {' and '.join(seen)} before each question, as it did when it answered, the student "
+    return (f"; the teacher reads {seen} before each question, as it did when it answered, the student "
             "the question alone (context distillation)")
 
 

@@ -184,7 +184,7 @@ def recipe_key(strategy: Any, teacher_model: str) -> str:
     key += f", teacher {teacher_model}" if strategy.teacher_generates or strategy.loss != "ce" else ""
     # Worked examples before the teacher's questions make other data (and another teacher signal).
     return key + (f", the teacher shown {strategy.few_shot} worked examples"
-                  if getattr(strategy, "few_shot", 0) and strategy.teacher_generates else "")
+                  if strategy.few_shot and strategy.teacher_generates else "")
 
 
 def record_accuracy(task: str, method: str, predicted: float, measured: float, *, run: str, student: str,

@@ -147,7 +147,8 @@ def choose_strategy(probe: TeacherProbe, task: TaskProfile, m: Match, *, compete
         kd_ratio = round(min(0.5, max(0.1, best)), 2) if m.mode != "text" else 0.0
         on_policy = False
         rules = True
-        reasons.append("the task's rules go in every prompt (teacher and student data)")
+        reasons.append("the task's rules go in every teacher prompt (the student's prompts stay as it will be "
+                       "served; knowledge injection adds the rules corpus to its data)")
 
     if kind == "alignment" and rules:
         reasons.append(f"the rules go in the teacher's prompts: they raise its probe accuracy by {probe.rules_help:.0%}")

@@ -18,12 +18,13 @@ BASELINE_ROLE = "SFT baseline"
 def teacher_context(stats: dict[str, Any]) -> str | None:
     """From the synth stage's statistics: what the teacher saw in its prompts that the student's do not hold,
     in words (None: nothing)."""
-    parts = ([f"{stats['few_shot']} worked example(s) (synth.few_shot)"] if stats.get("few_shot") else []) + (
-        ["the task's rules"] if stats.get("rules_in_teacher_prompt") else [])
-    if not parts:
+    from stratos.spec import teacher_context_words
+
+    seen = teacher_context_words(stats.get("few_shot") or 0, bool(stats.get("rules_in_teacher_prompt")))
+    if seen is None or not stats.get("prompts"):  # no teacher prompt sent (oracle data only): it saw nothing
         return None
-    return (" and ".join(parts) + " before each question; the student's prompts hold the question alone (a KD "
-            "term reads the teacher with them in view: context distillation)")
+    return (seen + " before each question; the student's prompts hold the question alone (a KD term reads the "
+            "teacher with them in view: context distillation)")
 
 
 def _pct(row: dict[str, Any]) -> str:

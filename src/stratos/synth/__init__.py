@@ -83,6 +83,12 @@ def _topk_field(s: Sample) -> dict[str, Any] | None:
     return {"tokens": s.tokens, "top": [[[t, round(max(lp, FLOOR), 5)] for t, lp in pos] for pos in s.top]}
 
 
+def prompt_count(spec: Spec) -> int:
+    """The train prompts the spec sends its teacher (``synth.prompts``, default ``task.train_size``), before a
+    plan that uses no teacher generations sends none."""
+    return spec.synth.prompts if spec.synth.prompts is not None else spec.task.train_size
+
+
 def worked_examples(task: Any, k: int, seed: int, prompts: list[Any]) -> list[Any]:
     """``k`` train questions for the teacher's worked examples (``synth.few_shot``), none of them among the
     ``prompts``: a draw of their own (seed + 2; reverse synthesis draws with seed + 1)."""
@@ -119,7 +125,7 @@ def run_synth(spec: Spec, out_dir: str | Path, *, plan: Any = None, progress: bo
     t_spec = teacher_of(spec, plan)
     strategy = getattr(plan, "strategy", None)
     rules = cfg.knowledge_injection or bool(getattr(strategy, "rules_in_prompt", False))
-    n_prompts = cfg.prompts if cfg.prompts is not None else spec.task.train_size
+    n_prompts = prompt_count(spec)
     if strategy is not None and not strategy.teacher_generates and "prompts" not in cfg.model_fields_set:
         n_prompts = 0  # the planner found the teacher's own answers not worth asking for
         log.info("synth: the plan does not use teacher generations (knowledge injection)")
@@ -149,6 +155,7 @@ def run_synth(spec: Spec, out_dir: str | Path, *, plan: Any = None, progress: bo
                                    device=resolve_device(spec.device))
         try:
             asked = [[*context, {"role": "user", "content": task.prompt(ex, rules=rules)}] for ex in examples]
+            # Without worked examples a prompt stays one string, as before: the request cache keeps answering it.
             samples = teacher.generate(asked if context else [m[-1]["content"] for m in asked], params,
                                        progress=progress)
         finally:
