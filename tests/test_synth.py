@@ -150,6 +150,8 @@ def test_oracle_rows_corpus_and_rules_in_the_teacher_prompt(tiny_served, tmp_pat
 
     assert teacher_context(res.stats).startswith("the task's rules before each question")
     assert teacher_context({**res.stats, "prompts": 0}) is None
+    assert teacher_context({**res.stats, "rows": {**res.stats["rows"], "teacher": 0}}).endswith(
+        "none of its answers was kept, so the training data holds none")
 
 
 def test_few_shot_shows_the_teacher_worked_examples_the_student_never_sees(tiny_served, tmp_path):

@@ -23,6 +23,8 @@ def teacher_context(stats: dict[str, Any]) -> str | None:
     seen = teacher_context_words(stats.get("few_shot") or 0, bool(stats.get("rules_in_teacher_prompt")))
     if seen is None or not stats.get("prompts"):  # no teacher prompt sent (oracle data only): it saw nothing
         return None
+    if not (stats.get("rows") or {}).get("teacher"):  # asked, but none of its answers is in the data
+        return seen + " before each question; none of its answers was kept, so the training data holds none"
     return (seen + " before each question; the student's prompts hold the question alone (a KD term reads the "
             "teacher with them in view: context distillation)")
 
