@@ -425,6 +425,50 @@ def test_unverified_teacher_data_written_in_the_spec_changes_what_the_plan_says_
     assert f"= {st.data_size} examples x" in said
 
 
+def test_the_plan_puts_worked_examples_in_the_teachers_prompts_where_the_probe_shows_they_help():
+    """plan.probe_few_shot: the probe asks the teacher a third time with worked examples. Where they lift it by
+    RULES_HELP or more the plan puts them in synth's teacher prompts, and sizes the samples, sets kd_ratio and
+    predicts from the teacher so asked; where they do not, it says so and asks as before."""
+    plain = {"teacher-8b": probe("teacher-8b", 0.65)}
+    helped = {"teacher-8b": replace(probe("teacher-8b", 0.65), shots=4, accuracy_shots=0.85)}
+    flat = {"teacher-8b": replace(probe("teacher-8b", 0.65), shots=4, accuracy_shots=0.67)}
+    own, _ = build_plan(one_pair(probes=plain))
+    plan, _ = build_plan(one_pair(probes=helped))
+    st = plan.strategy
+    assert own.strategy.few_shot == 0 and st.few_shot == 4 and st.kind == own.strategy.kind == "alignment"
+    assert "teacher teacher-8b probe: 65% zero-shot, 85% with 4 worked example(s) before each question (n=50)" \
+        in plan.reasons
+    said = next(r for r in plan.reasons if r.startswith("worked examples: "))
+    assert said.startswith("worked examples: 4 before each teacher prompt (synth.few_shot), which raise its probe "
+                           "accuracy from 65% to 85%")
+    # Sized, weighted and predicted from the teacher as synth will ask it: 85%, not the zero-shot 65%.
+    assert (st.samples_per_prompt, own.strategy.samples_per_prompt) == (samples_for(0.85), samples_for(0.65)) == (2, 3)
+    assert (st.kd_ratio, own.strategy.kd_ratio) == (0.9, 0.5)
+    assert "prior: ceiling 85% (teacher probe)" in plan.predicted["accuracy_reason"]
+    assert plan.predicted["accuracy"] > own.predicted["accuracy"]
+    # ... and synth pays for the examples: longer teacher prompts than the plan without them.
+    assert plan.workload.teacher_prompt_tokens > own.workload.teacher_prompt_tokens
+    from stratos.plan.calibration import recipe_key
+
+    assert recipe_key(st, "t").endswith(", the teacher shown 4 worked examples") and "(kd_ratio 0.9)" in recipe_key(st, "t")
+    # Examples that do not help: none in the prompts, and the line says by how much they moved it.
+    plan, _ = build_plan(one_pair(probes=flat))
+    assert plan.strategy.few_shot == 0 and plan.strategy.samples_per_prompt == 3
+    assert ("worked examples: none in the teacher's prompts; 4 of them changed its probe accuracy by +2 points, "
+            "short of the 5 that would pay for their tokens") in plan.reasons
+    # What the spec writes wins, and the plan's line says it was replaced.
+    plan, _ = build_plan(one_pair(probes=helped, spec_values=SpecValues(few_shot=0)))
+    assert plan.strategy.few_shot == 0
+    assert next(r for r in plan.reasons if r.startswith("worked examples: ")).endswith(
+        "[the plan's own choice; the spec's value replaces it, below]")
+    assert "synth.few_shot 0 (plan: 4)" in next(r for r in plan.reasons if r.startswith("from the spec"))
+    # A teacher that does not generate (injection with an oracle) is shown no examples, however they helped.
+    weak = {"teacher-8b": replace(probe("teacher-8b", 0.1), shots=4, accuracy_shots=0.3)}
+    plan, _ = build_plan(one_pair(probes=weak))
+    assert plan.strategy.kind == "injection" and plan.strategy.few_shot == 0
+    assert not any(r.startswith("worked examples: ") for r in plan.reasons)
+
+
 def test_worked_examples_for_the_teacher_are_said_where_the_teacher_signal_is():
     """synth.few_shot: the teacher answers with worked examples the student never sees, and KD reads it with them:
     the plan says so in its teacher-signal line (the probe asked without them)."""
@@ -446,6 +490,7 @@ def test_worked_examples_for_the_teacher_are_said_where_the_teacher_signal_is():
     from stratos.plan.calibration import recipe_key
 
     assert recipe_key(plan.strategy, "t") == recipe_key(own.strategy, "t") + ", the teacher shown 4 worked examples"
+    assert recipe_key(own.strategy, "t").startswith(f"{own.strategy.data_size} examples x 3 epochs, loss fkl (kd_ratio 0.5)")
 
 
 def test_a_spec_that_writes_nothing_leaves_the_plan_as_it_was():
@@ -734,7 +779,7 @@ def test_the_plan_corrects_its_predictions_by_what_earlier_runs_measured():
                                                          config_overrides={"num_hidden_layers": 6}))
     # The recipe each student of inputs() is planned with (the teacher's model: its name, no model id given).
     recipes = {pd.student_index: recipe_key(pd.strategy, "teacher-8b") for pd in decide_pairs(inputs())}
-    assert recipes == {0: "1000 examples x 3 epochs, loss fkl, teacher teacher-8b",  # the same tokenizer: KD
+    assert recipes == {0: "1000 examples x 3 epochs, loss fkl (kd_ratio 0.9), teacher teacher-8b",  # the same tokenizer: KD
                        1: "1000 examples x 3 epochs, loss ce, teacher teacher-8b"}  # another: its answers' text
     recipe = recipes[0]
 

@@ -129,6 +129,45 @@ def write_spec(path, t_path, s_path, **plan_extra):
     return path
 
 
+def test_the_probe_asks_the_teacher_as_synth_will(tiny_models, tmp_path):
+    """A spec whose synth shows the teacher worked examples gets a probe with those same examples (a third
+    run, stratos.synth.spec_context), and plan.probe_few_shot: 0 turns that run off; each is its own cache
+    entry. The probe's prediction of its own time prices the longer prompts."""
+    from stratos.evaluate import evaluate
+    from stratos.models import load
+    from stratos.synth import spec_context
+    from stratos.tasks import task_from_spec
+
+    t_path, s_path = tiny_models
+    data = yaml.safe_load(write_spec(tmp_path / "spec.yaml", t_path, s_path, probe_rules=False).read_text())
+    data["synth"] = {"few_shot": 2}
+    (tmp_path / "shots.yaml").write_text(yaml.safe_dump(data))
+    spec = load_spec(tmp_path / "shots.yaml")
+    assert spec.probe_shots == 2
+    plan, _ = make_plan(spec, tmp_path / "plan", progress=False, calibration={})
+    (probe,) = plan.probes
+    task = task_from_spec(spec.task)
+    examples = task.examples("eval", spec.plan.probe_size, seed=spec.task.seed + 1)
+    model, tok = load(t_path)
+    shown = evaluate(model, tok, task, examples, context=spec_context(spec, task, 2), max_new_tokens=6)
+    plain = evaluate(model, tok, task, examples, max_new_tokens=6)
+    assert (probe.shots, probe.accuracy_shots, probe.accuracy) == (2, shown.accuracy, plain.accuracy)
+    assert probe.accuracy_rules is None
+    assert any(r.startswith(f"teacher tiny-teacher probe: {probe.words()}") for r in plan.reasons)
+    assert "with 2 worked example(s) before each question (n=4)" in probe.words()
+    # Two runs predicted (the second with two worked examples before each question): longer than the first alone.
+    rec = next(r for r in read_measurements(tmp_path / "plan" / "plan-measurements.jsonl") if r["stage"] == "generation")
+    profile = plan.task
+    assert profile.probe_prompts(probe) == [profile.teacher_prompt(), profile.teacher_prompt(few_shot=2)]
+    assert profile.teacher_prompt(few_shot=2) > 3 * profile.teacher_prompt() and rec["predicted_s"] > 0
+    # probe_few_shot 0: no third run, and the cached probe with examples is not taken for it.
+    data["plan"]["probe_few_shot"] = 0
+    (tmp_path / "none.yaml").write_text(yaml.safe_dump(data))
+    plan, _ = make_plan(load_spec(tmp_path / "none.yaml"), tmp_path / "plan", progress=False, calibration={})
+    assert plan.probes[0].accuracy_shots is None and plan.probes[0].shots == 0
+    assert len(json.loads((tmp_path / "plan" / "probes.json").read_text())) == 2
+
+
 def test_make_plan_with_pilot_writes_everything(tiny_models, tmp_path, monkeypatch):
     t_path, s_path = tiny_models
     spec = load_spec(write_spec(tmp_path / "spec.yaml", t_path, s_path, pilot=True, pilot_steps=3))

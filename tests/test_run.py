@@ -32,7 +32,9 @@ def tiny_spec(tmp_path_factory):
     """A spec over two tiny local Llamas sharing a byte-level tokenizer, on 2-digit arithmetic."""
     base = tmp_path_factory.mktemp("run-models")
     tok = build_tokenizer(vocab_size=260)
-    teacher = save_model(tiny_llama(tok, hidden_size=64, num_hidden_layers=2, seed=1), tok, base / "teacher")
+    # A longer context than the student's: the teacher reads two worked examples and the rules (synth.few_shot).
+    teacher = save_model(tiny_llama(tok, hidden_size=64, num_hidden_layers=2, seed=1, max_position_embeddings=1024), tok,
+                         base / "teacher")
     student = save_model(tiny_llama(tok, hidden_size=32, num_hidden_layers=1, seed=2), tok, base / "student")
     spec = {
         "name": "tiny",
@@ -41,7 +43,7 @@ def tiny_spec(tmp_path_factory):
         "teachers": [{"model": str(teacher), "name": "tiny-teacher"}],
         "students": [{"model": str(student), "name": "tiny-student"}],
         "plan": {"servers": ["local"], "probe_size": 6, "probe_rules": False, "probe_max_new_tokens": 8},
-        "synth": {"samples_per_prompt": 1, "max_new_tokens": 8, "prompts": 8, "reverse_synthesis": 48},
+        "synth": {"samples_per_prompt": 1, "max_new_tokens": 8, "prompts": 8, "reverse_synthesis": 48, "few_shot": 2},
         "distill": {"algorithm": "kd", "loss": "fkl", "kd_ratio": 0.5, "max_steps": 24, "save_steps": 4, "per_device_train_batch_size": 8,
                     "learning_rate": 1e-3, "max_length": 64, "report_to": []},
         "compress": {"enabled": True, "prune_ratio": 0.25, "prune": "width", "eval_size": 0, "speed_tokens": 4},
@@ -122,7 +124,8 @@ def test_pipeline_killed_mid_distill_resumes_to_the_same_result(tiny_spec, tmp_p
     # Every stage's artifacts are there and the report renders what they hold.
     results = json.loads((killed / "eval" / "results.json").read_text())
     roles = [r["role"] for r in results["rows"]]
-    assert roles[:2] == ["teacher (zero-shot)", "teacher (rules in prompt)"] and roles[-1] == "deployed student"
+    assert roles[:3] == ["teacher (zero-shot)", "teacher (rules in prompt)", "teacher (2 worked examples and the rules)"]
+    assert roles[-1] == "deployed student"
     deployed = results["rows"][-1]
     assert deployed["n"] == 12 and deployed["latency_ms"]["p50"] > 0
     # No eval question among the training records (checked against what synth wrote), and the report says so.
@@ -139,7 +142,21 @@ def test_pipeline_killed_mid_distill_resumes_to_the_same_result(tiny_spec, tmp_p
     asked = [d_tok.apply_chat_template(messages(task, ex), add_generation_prompt=True, tokenize=True)["input_ids"]
              for ex in task.examples("eval", spec.eval_questions, seed=spec.task.seed)[:16]]
     assert results["bench"]["prompt_tokens"] == sum(len(asked[i % len(asked)]) for i in range(4))
+    # The teacher as synth asked it (synth.few_shot 2; the plan put the rules in): the same worked examples and
+    # rules before each eval question.
+    from stratos.evaluate import evaluate
+    from stratos.models import load
+    from stratos.synth import spec_context
+
+    teacher, t_tok = load(spec.teachers[0].model)
+    shown = evaluate(teacher, t_tok, task, task.examples("eval", 12, seed=spec.task.seed), max_new_tokens=8,
+                     context=spec_context(spec, task, 2, rules=True), rules=True)
+    row = results["rows"][2]
+    assert (row["accuracy"], row["n"], row["few_shot"]) == (shown.accuracy, 12, 2)
     html = (killed / "report.html").read_text()
+    assert (f"Asked as synth asked it for the training data, 2 worked examples and the rules before each question, the "
+            f"teacher "
+            f"answers <b>{shown.accuracy:.1%}</b> of 12.") in html
     for needle in ("Results", "deployed student", "Plan", "Training", "Stages: predicted vs measured",
                    "No eval question appears in the training data: 12 questions checked",
                    "Example predictions", "data:image/png;base64,"):
@@ -149,6 +166,9 @@ def test_pipeline_killed_mid_distill_resumes_to_the_same_result(tiny_spec, tmp_p
     card = (deployed_dir / "README.md").read_text()
     assert card.startswith("---\nlibrary_name: transformers") and "# tiny: deployed student" in card
     assert f"| deployed student | {deployed['accuracy']:.1%}" in card and "## Limits" in card
+    assert ("Asked as synth asked it for the training data (2 worked examples and the rules before each question), it "
+            "answers "
+            f"{shown.accuracy:.1%}") in card
     assert "# tiny: student" in (killed / after["distill"]["artifacts"]["model"] / "README.md").read_text()
     # The planner learns from what it measured: the killed run's plan came after the full run's eval, which
     # recorded its predicted and measured accuracy; the same prediction corrected by that error is the
@@ -220,7 +240,8 @@ def test_a_changed_spec_reruns_only_the_stages_it_affects(tiny_spec, tmp_path, m
     sft = load_file(str(run_dir / baseline["model"] / "model.safetensors"))
     assert kd.keys() == sft.keys() and any(not torch.equal(kd[k], sft[k]) for k in kd)
     results = json.loads((run_dir / "eval" / "results.json").read_text())
-    assert [r["role"] for r in results["rows"]][:3] == ["teacher (zero-shot)", "student", "SFT baseline"]
+    assert [r["role"] for r in results["rows"]][:4] == ["teacher (zero-shot)", "teacher (2 worked examples and the rules)",
+                                                        "student", "SFT baseline"]
     right = {role: [json.loads(x)["correct"] for x in (run_dir / "eval" / f"predictions-{role}.jsonl").open()]
              for role in ("student", "SFT-baseline")}
     gain = results["teacher_gain"]

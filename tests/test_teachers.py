@@ -115,6 +115,26 @@ def test_hf_teacher_caches_and_never_loads_for_a_cached_rerun(tiny_tokenizer, tm
         again.generate(prompts, GenParams(top_logprobs=2))
 
 
+def test_hf_teacher_refuses_prompts_past_its_context(tiny_tokenizer, tmp_path):
+    """Worked examples (synth.few_shot) lengthen a teacher's prompts: one that, with the tokens to generate,
+    runs past the model's context is refused with the lengths, before any generation; one that fits answers."""
+    from stratos.models.generate import encode_prompt
+    from stratos.models.tiny import tiny_llama
+
+    model = tiny_llama(tiny_tokenizer, max_position_embeddings=64)
+    spec = TeacherSpec(model=str(tmp_path / "not-there"))
+    teacher = HFTeacher(spec, cache_dir=tmp_path / "c", model_and_tokenizer=(model, tiny_tokenizer))
+    worked = [{"role": "user", "content": "1+2="}, {"role": "assistant", "content": "3"}] * 8
+    long = [*worked, {"role": "user", "content": "3+4="}]
+    n = len(encode_prompt(tiny_tokenizer, long))
+    assert n + 4 > 64
+    with pytest.raises(TeacherError, match=f"a prompt of {n} tokens plus 4 to generate runs past its context of 64 "
+                                           "tokens; lower synth.few_shot"):
+        teacher.generate([long], GenParams(max_tokens=4))
+    assert teacher.usage.requests == 0 and not list((tmp_path / "c").rglob("*.json"))
+    assert [len(x) for x in teacher.generate([long[-3:]], GenParams(max_tokens=4))] == [1]
+
+
 def test_hf_teacher_cache_is_keyed_by_the_weights_not_the_path(tiny_tokenizer, tmp_path):
     """A teacher folder retrained in place is a new teacher: nothing is answered from the old cache."""
     from stratos.models.tiny import save_model, tiny_llama

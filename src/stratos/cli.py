@@ -465,13 +465,11 @@ def eval_cmd(
         examples = t.examples("eval", count, seed=task_spec.seed if seed is None else seed)
         context = []
         if few_shot:
-            from stratos.synth import prompt_count, worked_context, worked_examples
+            from stratos.synth import spec_context, worked_context, worked_examples
 
             # The examples synth shows the teacher: none of the spec's synth prompts (without a spec, none excluded).
-            asked = prompt_count(s) if s is not None else 0
-            shots = worked_examples(t, few_shot, task_spec.seed, t.examples("train", asked, seed=task_spec.seed)
-                                    if asked else [])
-            context = worked_context(t, shots, rules=rules)
+            context = (spec_context(s, t, few_shot, rules=rules) if s is not None else
+                       worked_context(t, worked_examples(t, few_shot, task_spec.seed, []), rules=rules))
         m, tok = load(model, device=where)
         result = evaluate(m, tok, t, examples, batch_size=batch_size or eval_spec.batch_size,
                           max_new_tokens=max_new_tokens or eval_spec.max_new_tokens, rules=rules,

@@ -102,15 +102,21 @@ def example_location(task: Task, ex: Example) -> str:
     return f"{path}:{line}" if line is not None and path is not None else f"example {ex.id!r}"
 
 
+def model_context(model: Any) -> int | None:
+    """The longest sequence ``model`` takes (``config.max_position_embeddings``); None where it states none."""
+    cfg = getattr(model, "config", None)
+    context = getattr(cfg, "max_position_embeddings", None) or getattr(getattr(cfg, "text_config", None),
+                                                                       "max_position_embeddings", None)
+    return context if isinstance(context, int) and context > 0 else None
+
+
 def check_context(model: Any, tokenizer: Any, task: Task, examples: Sequence[Example], prompts: Sequence[Prompt],
                   max_new_tokens: int) -> None:
     """Raise DataError when a rendered prompt plus ``max_new_tokens`` does not fit the model's context
     (``config.max_position_embeddings``): past it a model with learned positions fails outright and a
     rotary one degrades, after the whole batch was allocated. Measured as ``generate`` renders them."""
-    cfg = getattr(model, "config", None)
-    context = getattr(cfg, "max_position_embeddings", None) or getattr(getattr(cfg, "text_config", None),
-                                                                       "max_position_embeddings", None)
-    if not isinstance(context, int) or context <= 0:
+    context = model_context(model)
+    if context is None:
         return  # the model states no limit
     over = []
     for ex, prompt in zip(examples, prompts):

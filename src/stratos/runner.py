@@ -27,7 +27,7 @@ from typing import Any
 
 from stratos.errors import UserError
 from stratos.io import read_jsonl, sha256_text, write_json
-from stratos.report.card import BASELINE_ROLE
+from stratos.report.card import BASELINE_ROLE, shots_role
 from stratos.spec import Spec
 
 log = logging.getLogger("stratos.run")
@@ -152,7 +152,7 @@ def settings_of(spec: Spec, plan: Any) -> Any:
 
 def _effective(spec: Spec, plan: Any) -> Spec:
     """The spec with the strategy's data settings filled in: reverse synthesis, samples per prompt,
-    knowledge injection. What the user wrote always wins: ``_strategy`` already holds their values,
+    knowledge injection, worked examples. What the user wrote always wins: ``_strategy`` already holds their values,
     so the strategy is written out as it stands. (The training settings are ``settings_of``'s.)"""
     st = _strategy(spec, plan)
     spec = spec.model_copy(deep=True)
@@ -162,6 +162,7 @@ def _effective(spec: Spec, plan: Any) -> Spec:
         ("top_logprobs", st.top_logprobs),
         ("reverse_synthesis", st.reverse_synthesis),
         ("knowledge_injection", st.knowledge_injection),
+        ("few_shot", st.few_shot),
     ):
         if getattr(s, field) != value:
             setattr(s, field, value)
@@ -339,8 +340,9 @@ def _model_facts(model: Any, folder: Path | None) -> dict[str, Any]:
 
 
 def stage_eval(ctx: Context) -> dict[str, Any]:
-    """Teacher (zero-shot and with the rules), student, compressed and deployed student on the
-    same held-out questions; the deployed one through its HTTP endpoint, with a load test."""
+    """Teacher (zero-shot, with the rules, and with the worked examples synth showed it), student,
+    compressed and deployed student on the same held-out questions; the deployed one through its HTTP
+    endpoint, with a load test."""
     from stratos.evaluate import evaluate
     from stratos.models import load, load_tokenizer, resolve
     from stratos.models.generate import encode_prompt
@@ -378,6 +380,16 @@ def stage_eval(ctx: Context) -> dict[str, Any]:
         res = evaluate(teacher, t_tok, task, subset, rules=rules, generate_fn=gen,
                        predictions_path=ctx.dir / f"predictions-teacher{'-rules' if rules else ''}.jsonl", **kw)
         record(role, t_spec.label, res, facts)
+    synth_stats = json.loads(Path(ctx.artifact("synth", "stats_path")).read_text())
+    shots, rules = synth_stats.get("few_shot") or 0, bool(synth_stats.get("rules_in_teacher_prompt"))
+    if shots and spec.eval.few_shot_n != 0:  # the teacher as synth asked it, the one KD reads (context distillation)
+        from stratos.synth import spec_context
+
+        subset = examples[: spec.eval.few_shot_n] if spec.eval.few_shot_n else examples
+        res = evaluate(teacher, t_tok, task, subset, rules=rules, generate_fn=gen,
+                       context=spec_context(spec, task, shots, rules=rules),
+                       predictions_path=ctx.dir / "predictions-teacher-shots.jsonl", **kw)
+        record(shots_role(shots, rules), t_spec.label, res, facts, few_shot=shots, rules=rules)
     api_usd = 0.0
     if client is not None:
         api_usd = client.usage.cost_usd
@@ -440,7 +452,6 @@ def stage_eval(ctx: Context) -> dict[str, Any]:
     from stratos.verdicts import judge, spent_usd
 
     api_usd += sum(getattr(p, "cost_usd", 0.0) for p in plan.probes)  # the plan's probes of API teachers
-    synth_stats = json.loads(Path(ctx.artifact("synth", "stats_path")).read_text())
     api_usd += float((synth_stats.get("usage") or {}).get("cost_usd") or 0.0)
     earlier = sum(float(a.get("compute_usd") or 0.0) for a in ctx.manifest.data.get("attempts", [])[:-1])
     spent = spent_usd(ctx.manifest.data, plan.training_server.price(bool(spec.plan.spot)), price, api_usd,

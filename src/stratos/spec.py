@@ -574,6 +574,11 @@ class EvalSpec(_Strict):
         None, ge=0, description="Examples for the teacher with the rules in its prompt (long prompts; default: n; "
         "0: no such row)."
     )
+    few_shot_n: int | None = Field(
+        None, ge=0, description="Examples for the teacher asked as synth asked it, with the worked examples it was "
+        "shown (synth.few_shot) before each question: the teacher KD reads (default: n where synth showed any; "
+        "0: no such row)."
+    )
     batch_size: int = Field(16, gt=0)
     max_new_tokens: int = Field(64, gt=0)
     bench_clients: int = Field(4, gt=0, description="Concurrent clients of the deployed student's load test.")
@@ -625,6 +630,11 @@ class PlanSpec(_Strict):
     probe_size: int = Field(50, gt=0, description="Eval examples used to probe each teacher.")
     probe_rules: bool = Field(True, description="Probe each teacher a second time with the task's rules in the prompt.")
     probe_max_new_tokens: int | None = Field(None, gt=0, description="Generation limit of the probe (default: eval.max_new_tokens).")
+    probe_few_shot: int | None = Field(
+        None, ge=0, le=64, description="Probe each teacher again with this many worked examples before each question "
+        "(the ones synth.few_shot shows it); the plan puts them in the teacher's synth prompts when they raise its "
+        "probe accuracy by 5 points or more. Default: synth.few_shot where the spec writes it, so the plan rests on "
+        "the teacher as it will be asked; else 0 (not probed).")
     competent_accuracy: float = Field(
         0.5, ge=0, le=1, description="Probe accuracy at which a teacher counts as competent (alignment, not injection)."
     )
@@ -668,6 +678,14 @@ class Spec(_Strict):
     def eval_questions(self) -> int:
         """How many eval-split questions the eval stage scores: ``eval.n``, else ``task.eval_size``."""
         return self.eval.n or self.task.eval_size
+
+    @property
+    def probe_shots(self) -> int:
+        """Worked examples the plan's probe shows each teacher (``plan.probe_few_shot``, else the
+        ``synth.few_shot`` the spec writes; 0: that run is not made)."""
+        if self.plan.probe_few_shot is not None:
+            return self.plan.probe_few_shot
+        return self.synth.few_shot if "few_shot" in self.synth.model_fields_set else 0
 
     @field_validator("device")
     @classmethod

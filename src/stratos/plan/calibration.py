@@ -176,11 +176,12 @@ def student_key(student: Any) -> str:
 
 def recipe_key(strategy: Any, teacher_model: str) -> str:
     """How a student is trained, as far as its accuracy goes (``stratos.plan.strategy.Strategy``, the spec's
-    values applied): the data's size, the epochs, the loss, the teacher where it gives data or signal, and the
-    worked examples it was shown (``synth.few_shot``).
+    values applied): the data's size, the epochs, the loss and its weight against CE (``kd_ratio``), the teacher
+    where it gives data or signal, and the worked examples it was shown (``synth.few_shot``).
     An accuracy record corrects only plans of the same recipe: the prior does not see the data's size, so a
-    run on 8,000 examples says nothing of one on 800."""
+    run on 8,000 examples says nothing of one on 800, nor one at kd_ratio 0.5 of one at 0.9."""
     key = f"{strategy.data_size} examples x {strategy.epochs:g} epochs, loss {strategy.loss}"
+    key += f" (kd_ratio {strategy.kd_ratio:g})" if strategy.loss != "ce" else ""
     key += f", teacher {teacher_model}" if strategy.teacher_generates or strategy.loss != "ce" else ""
     # Worked examples before the teacher's questions make other data (and another teacher signal).
     return key + (f", the teacher shown {strategy.few_shot} worked examples"

@@ -299,9 +299,7 @@ def workload_for(strategy: Strategy, m: Match, task: TaskProfile, inputs: PlanIn
         seq=inputs.max_length,
         # The synth stage puts the rules before each teacher prompt when the strategy says so, and the worked
         # examples (synth.few_shot) before that: each one a question and its worked answer.
-        teacher_prompt_tokens=((task.rules_prompt_tokens if strategy.rules_in_prompt else task.teacher_prompt_tokens)
-                               or task.prompt_tokens) * (1 + strategy.few_shot)
-        + strategy.few_shot * task.rationale_tokens,
+        teacher_prompt_tokens=task.teacher_prompt(rules=strategy.rules_in_prompt, few_shot=strategy.few_shot),
         oracle_examples=strategy.reverse_synthesis if task.oracle else 0,
         oracle_seconds=task.oracle_seconds,
     )
@@ -353,8 +351,8 @@ def _probe_stage(probe: TeacherProbe, teacher: ModelShape, local: Server | None,
                  task: TaskProfile) -> StageCost:
     usd = probe.seconds * (local.on_demand_usd_hr if local else 0.0) / 3600
     if teacher.api and pricing:
-        calls = probe.n * (2 if probe.accuracy_rules is not None else 1)
-        usd += calls * (task.prompt_tokens * pricing.input_usd_per_mtok + task.answer_tokens * pricing.output_usd_per_mtok) / 1e6
+        usd += sum(probe.n * (prompt * pricing.input_usd_per_mtok + task.answer_tokens * pricing.output_usd_per_mtok)
+                   for prompt in task.probe_prompts(probe)) / 1e6
     return StageCost("probe", "local", probe.seconds, usd, "measured" if probe.source == "measured" else f"{probe.source} (not measured here)")
 
 

@@ -27,14 +27,37 @@ class TeacherProbe:
     seconds: float = 0.0  # wall time of the whole probe
     source: str = "measured"  # 'measured' or 'given'
     cost_usd: float = 0.0  # an API teacher's requests at its price (cached answers included: what the probe cost)
+    shots: int = 0  # worked examples before each question in the third run (0: not probed)
+    accuracy_shots: float | None = None  # with ``shots`` worked examples, as synth.few_shot asks (None: not probed)
 
     @property
     def best(self) -> float:
-        return max(self.accuracy, self.accuracy_rules or 0.0)
+        return max(self.accuracy, self.accuracy_rules or 0.0, self.accuracy_shots or 0.0)
 
     @property
     def rules_help(self) -> float:
         return (self.accuracy_rules or 0.0) - self.accuracy if self.accuracy_rules is not None else 0.0
+
+    @property
+    def shots_help(self) -> float:
+        return (self.accuracy_shots or 0.0) - self.accuracy if self.accuracy_shots is not None else 0.0
+
+    def asked(self, *, rules: bool, few_shot: int) -> float:
+        """The probe's accuracy of the teacher asked as synth will ask it: with ``few_shot`` worked examples
+        when the probe measured that many, else with the rules when they go in and were probed, else
+        zero-shot (the zero-shot figure when the way it is asked was not probed)."""
+        if few_shot and few_shot == self.shots and self.accuracy_shots is not None:
+            return self.accuracy_shots
+        if rules and self.accuracy_rules is not None:
+            return self.accuracy_rules
+        return self.accuracy
+
+    def words(self) -> str:
+        """The probe's figures in words, for plan reasons."""
+        extra = ([f"{self.accuracy_rules:.0%} with the rules in the prompt"] if self.accuracy_rules is not None
+                 else []) + ([f"{self.accuracy_shots:.0%} with {self.shots} worked example(s) before each question"]
+                             if self.accuracy_shots is not None else [])
+        return f"{self.accuracy:.0%} zero-shot" + "".join(f", {e}" for e in extra) + f" (n={self.n})"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -60,6 +83,19 @@ class TaskProfile:
     teacher_prompt_tokens: float = 0.0
     rules_prompt_tokens: float = 0.0
     oracle_seconds: float = 0.0  # to make one question with its worked answer here (0: not measured)
+
+    def teacher_prompt(self, *, rules: bool = False, few_shot: int = 0) -> float:
+        """A teacher's prompt in tokens: the question (with the task's rules when they go in) after
+        ``few_shot`` worked examples, each a question and its worked answer (``synth.few_shot``)."""
+        one = (self.rules_prompt_tokens if rules else self.teacher_prompt_tokens) or self.prompt_tokens
+        return one * (1 + few_shot) + few_shot * self.rationale_tokens
+
+    def probe_prompts(self, probe: "TeacherProbe") -> list[float]:
+        """The prompt length, in the teacher's tokens, of each run the probe made (zero-shot, with the
+        rules, with worked examples)."""
+        return [self.teacher_prompt()] + ([self.teacher_prompt(rules=True)] if probe.accuracy_rules is not None
+                                          else []) + ([self.teacher_prompt(few_shot=probe.shots)]
+                                                      if probe.accuracy_shots is not None else [])
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -115,8 +151,10 @@ def profile_task(task: Any, *, train_size: int, tokenizer: Any = None, n: int = 
 def probe_teacher(teacher: Any, task: Any, examples: Sequence[Any], *, rules: bool = True, batch_size: int = 16,
                   max_new_tokens: int = 64, model_and_tokenizer: tuple[Any, Any] | None = None,
                   device: str | None = None, cache_dir: str | Path | None = None, price: Any = None,
-                  progress: bool = False) -> TeacherProbe:
-    """Probe one teacher on ``examples``: zero-shot, then with the rules in the prompt.
+                  progress: bool = False, context: Sequence[dict[str, str]] = ()) -> TeacherProbe:
+    """Probe one teacher on ``examples``: zero-shot, then with the rules in the prompt, then (``context``:
+    worked examples as chat turns, ``stratos.synth.spec_context``) with the worked examples before each
+    question.
 
     ``teacher`` is a ``TeacherSpec`` or a ``stratos.teachers.Teacher``. A teacher object, and an API
     teacher's spec (backend ``openai``, built with ``make_teacher`` on the request cache ``cache_dir``
@@ -148,6 +186,7 @@ def probe_teacher(teacher: Any, task: Any, examples: Sequence[Any], *, rules: bo
     try:
         zero = evaluate(model, tok, task, examples, rules=False, **kw)
         with_rules = evaluate(model, tok, task, examples, rules=True, **kw) if rules else None
+        shown = evaluate(model, tok, task, examples, context=context, **kw) if context else None
         cost = client.usage.cost_usd - spent_before if client is not None else 0.0
     finally:
         if own:
@@ -156,5 +195,6 @@ def probe_teacher(teacher: Any, task: Any, examples: Sequence[Any], *, rules: bo
         teacher=teacher.label, n=zero.n, accuracy=zero.accuracy,
         accuracy_rules=with_rules.accuracy if with_rules else None,
         latency_s=zero.mean_latency_s, tokens_per_s=zero.tokens_per_s, seconds=time.perf_counter() - t0,
-        cost_usd=cost,
+        cost_usd=cost, shots=len(context) // 2 if shown else 0,
+        accuracy_shots=shown.accuracy if shown else None,
     )

@@ -28,7 +28,7 @@ from stratos.plan.planner import Plan, PlanInputs, build_plan
 from stratos.plan.probe import TeacherProbe, probe_teacher, profile_task
 from stratos.plan.shapes import model_shape
 from stratos.plan.strategy import SpecValues
-from stratos.synth import price_of
+from stratos.synth import price_of, spec_context
 from stratos.tasks import task_from_spec
 
 log = logging.getLogger(__name__)
@@ -41,8 +41,9 @@ def _probe_key(spec: Any, t: Any, max_new_tokens: int, device: Any) -> str:
     weights = model_identity(t.model) if t.backend != "openai" else None
     data = fingerprint(spec.task.path) if spec.task.path is not None and spec.task.path.is_file() else None
     where = str(device) if t.backend != "openai" else None  # a local probe's speed is the device's
+    shots = [spec.probe_shots, spec.synth.prompts] if spec.probe_shots else []  # which worked examples it is shown
     return sha256_text(t.model_dump(), weights, spec.task.model_dump(mode="json"), data, spec.plan.probe_size,
-                       spec.plan.probe_rules, max_new_tokens, where)[:16]
+                       spec.plan.probe_rules, max_new_tokens, where, *shots)[:16]
 
 
 def _api_params(spec: Any, label: str, model: str) -> Any:
@@ -163,21 +164,21 @@ def make_plan(
             continue
         if examples is None:
             examples = task.examples("eval", ps.probe_size, seed=spec.task.seed + 1)
+            # The worked examples synth would show the teacher (plan.probe_few_shot, synth.few_shot).
+            context = spec_context(spec, task, spec.probe_shots) if spec.probe_shots else []
         probe = probe_teacher(t_spec, task, examples, rules=ps.probe_rules, batch_size=spec.eval.batch_size,
                               max_new_tokens=max_new, model_and_tokenizer=loaded.get(t_spec.model), device=device,
                               cache_dir=requests_dir if requests_dir is not None else out / "requests",
-                              price=price_of(spec, t_spec), progress=progress)
+                              price=price_of(spec, t_spec), progress=progress, context=context)
         probes[t_shape.name] = probe
         cached[key] = probe.to_dict()
         write_json(cache_file, cached)
         if not t_shape.api and local is not None:
             # The probe is a real generation run: record the model's prediction of it, so its error shows.
             # Predict what the probe actually did: its prompts and the tokens the teacher really generated.
-            runs = 2 if ps.probe_rules else 1
             generated = max(1.0, probe.tokens_per_s * probe.latency_s)
-            predicted = runs * generate_seconds(t_shape, probe.n, profile.prompt_tokens, generated, local,
-                                                local_efficiency(cal, gpu),
-                                                batch=spec.eval.batch_size)
+            predicted = sum(generate_seconds(t_shape, probe.n, prompt, generated, local, local_efficiency(cal, gpu),
+                                             batch=spec.eval.batch_size) for prompt in profile.probe_prompts(probe))
             record_stage("generation", LOCAL, predicted, probe.seconds, run_dir=out, note=f"probe of {t_shape.name}")
 
     # ----------------------------------------------------------------- pilots (optional, measured)

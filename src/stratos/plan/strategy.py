@@ -52,7 +52,8 @@ class Strategy:
     top_logprobs: int = 0  # top-k log-probs synth asks an API teacher for, per generated token (top-k KD)
     rl: str = ""  # why a final RL phase against the verifier pays (``plan_rl``); empty: no RL phase
     verify: bool = True  # synth keeps only the teacher samples the verifier accepts (the spec's synth.verify)
-    few_shot: int = 0  # worked examples before every teacher prompt (the spec's synth.few_shot; the plan adds none)
+    few_shot: int = 0  # worked examples before every teacher prompt (synth.few_shot; the plan's where the probe
+    # showed them help: plan.probe_few_shot)
     # The plan's own values of the fields the spec overrode (``apply_spec``), restored before it applies again.
     planned: dict[str, Any] = field(default_factory=dict)
 
@@ -92,18 +93,15 @@ def epochs_for(data: int, kind: str) -> float:
 def choose_strategy(probe: TeacherProbe, task: TaskProfile, m: Match, *, competent_accuracy: float = 0.5) -> Strategy:
     """Alignment or injection for this teacher, student and task, with settings and reasons."""
     reasons: list[str] = []
-    best = probe.best
-    competent = best >= competent_accuracy
     complex_ = is_complex(task)
     rules = probe.rules_help >= RULES_HELP - 1e-9
+    shots = probe.shots if probe.shots_help >= RULES_HELP - 1e-9 else 0
+    best = probe.best
+    competent = best >= competent_accuracy
     desc = (f"answers of ~{task.answer_tokens:.0f} tokens, ~{task.reasoning_steps:.0f} reasoning step(s), "
             f"{'a verifier' if task.verifier else 'no verifier'}, {'an oracle' if task.oracle else 'no oracle'}")
     reasons.append(f"task {task.name}: {desc}; {'complex' if complex_ else 'simple'}")
-    if probe.accuracy_rules is not None:
-        reasons.append(f"teacher {probe.teacher} probe: {probe.accuracy:.0%} zero-shot, {probe.accuracy_rules:.0%} with "
-                       f"the rules in the prompt (n={probe.n})")
-    else:
-        reasons.append(f"teacher {probe.teacher} probe: {probe.accuracy:.0%} zero-shot (n={probe.n})")
+    reasons.append(f"teacher {probe.teacher} probe: {probe.words()}")
 
     base = 2000 if task.answer_tokens <= 8 else 5000 if task.answer_tokens <= 64 else 10000
     if competent:
@@ -112,12 +110,14 @@ def choose_strategy(probe: TeacherProbe, task: TaskProfile, m: Match, *, compete
                        "its verified answers are the training data and the student matches its distribution on them "
                        "(distill.sft_baseline measures whether that beats SFT on the same answers)")
         data = base
-        samples = samples_for(best) if task.verifier else 1
+        # The teacher as synth will ask it (with the worked examples or the rules that help): what its data will be.
+        asked = probe.asked(rules=rules, few_shot=shots)
+        samples = samples_for(asked) if task.verifier else 1
         if task.verifier:
             reasons.append(f"{samples} teacher sample(s) per prompt, kept only when the verifier accepts them "
-                           f"(enough for 95% of prompts to get a correct answer at {best:.0%} if its errors were independent; "
-                           "the synth stage counts the prompts solved)")
-        kd_ratio = 0.9 if best >= 0.8 else 0.5
+                           f"(enough for 95% of prompts to get a correct answer at {asked:.0%} if its errors were "
+                           "independent; the synth stage counts the prompts solved)")
+        kd_ratio = 0.9 if asked >= 0.8 else 0.5
         reasons.append(f"kd_ratio {kd_ratio}: " + ("the teacher is reliable, so KD dominates with a small CE anchor"
                                                    if kd_ratio > 0.5 else
                                                    "the teacher errs often, so KD is balanced with CE on verified answers"))
@@ -154,6 +154,16 @@ def choose_strategy(probe: TeacherProbe, task: TaskProfile, m: Match, *, compete
         reasons.append(f"the rules go in the teacher's prompts: they raise its probe accuracy by {probe.rules_help:.0%}")
     elif kind == "alignment":
         reasons.append("no rules in the prompts: they did not help the teacher on the probe")
+    if not teacher_generates:
+        shots = 0
+    elif shots:
+        reasons.append(f"worked examples: {shots} before each teacher prompt (synth.few_shot), which raise its probe "
+                       f"accuracy from {probe.accuracy:.0%} to {probe.accuracy_shots:.0%}; the student's prompts stay "
+                       "the bare question")
+    elif probe.accuracy_shots is not None:
+        reasons.append(f"worked examples: none in the teacher's prompts; {probe.shots} of them changed its probe "
+                       f"accuracy by {probe.shots_help * 100:+.0f} points, short of the {RULES_HELP * 100:.0f} that "
+                       "would pay for their tokens")
 
     if m.mode == "text":
         loss, kd_ratio = "ce", 0.0
@@ -201,7 +211,7 @@ def choose_strategy(probe: TeacherProbe, task: TaskProfile, m: Match, *, compete
         reasons.append(f"{data} examples x {epochs:g} epochs: sized by answer length"
                        + (", doubled and one more epoch for injection" if kind == "injection" else ""))
     return Strategy(kind, loss, kd_ratio, on_policy, rules, injection, rev, samples, teacher_generates, data, epochs,
-                    reasons, prompts=prompts, top_logprobs=top_logprobs)
+                    reasons, prompts=prompts, top_logprobs=top_logprobs, few_shot=shots)
 
 
 def mixed_group_share(accuracy: float, group: int) -> float:
@@ -328,6 +338,7 @@ _REASON_OF = {
     "verify": lambda r, s: "verified answers" in r or "kept only when the verifier accepts them" in r,
     "reverse_synthesis": lambda r, s: "reverse-synthesised examples (answer first" in r,
     "data_size": lambda r, s: r.startswith(f"{s.data_size} examples x "),
+    "few_shot": lambda r, s: r.startswith("worked examples: "),
     "epochs": lambda r, s: r.startswith(f"{s.data_size} examples x "),
 }
 
@@ -428,8 +439,7 @@ def prior_student_accuracy(probe: TeacherProbe, task: TaskProfile, m: Match, s: 
     The ceiling is what the training data teaches: the teacher's best probe accuracy for
     alignment, or, for injection with an oracle, the better of that and ORACLE_CEILING. The
     student keeps a share of it that falls with the capacity ratio; complex tasks cost 15% more."""
-    teacher_best = probe.accuracy_rules if s.rules_in_prompt and probe.accuracy_rules is not None else probe.accuracy
-    teacher_best = max(teacher_best, probe.accuracy)
+    teacher_best = max(probe.asked(rules=s.rules_in_prompt, few_shot=s.few_shot), probe.accuracy)
     ceiling = teacher_best
     if s.kind == "injection" and task.oracle:
         ceiling = max(teacher_best, ORACLE_CEILING)

@@ -15,6 +15,22 @@ import yaml
 BASELINE_ROLE = "SFT baseline"
 
 
+def shots_words(shots: int, rules: bool) -> str:
+    """What the teacher was shown before each question for the training data: ``shots`` worked examples, and
+    the task's rules where synth put them in."""
+    return f"{shots} worked examples{' and the rules' if rules else ''}"
+
+
+def shots_role(shots: int, rules: bool) -> str:
+    """The eval row (role) of the teacher asked as synth asked it (``shots_words``)."""
+    return f"teacher ({shots_words(shots, rules)})"
+
+
+def shots_row(results: dict[str, Any]) -> dict[str, Any] | None:
+    """The eval row of the teacher with its worked examples (None: the run has none)."""
+    return next((r for r in results.get("rows", []) if r.get("few_shot")), None)
+
+
 def teacher_context(stats: dict[str, Any]) -> str | None:
     """From the synth stage's statistics: what the teacher saw in its prompts that the student's do not hold,
     in words (None: nothing)."""
@@ -202,6 +218,12 @@ def model_card(*, role: str, spec: Any = None, plan: dict[str, Any] | None = Non
                          + (f"{lat['p50']:,.0f} / {lat['p95']:,.0f} ms |" if lat.get("p50") is not None else "– |")
                          if r.get("params") else
                          f"| {r['role']} | {_pct(r)} | – | {r.get('tokens_per_s', 0):,.0f} | – |")
+        shown = shots_row(results)
+        shown_line = ""
+        if shown:
+            asked = shots_words(shown["few_shot"], shown.get("rules", False))
+            shown_line = (f" Asked as synth asked it for the training data ({asked} before each question), it "
+                          f"answers {_pct(shown)} of {shown['n']}.")
         groups = [f"- {g}: {_pct(v)} of {v['n']}" for g, v in (me.get("per_group") or {}).items()]
         by_group = ("\nThis model by question group:\n\n" + "\n".join(groups) + "\n") if len(groups) > 1 else ""
         measured_text = f"""On {results.get('n')} held-out questions, on {device}. tokens/s: batched greedy generation in the eval
@@ -212,7 +234,7 @@ from a load test of {bench.get('clients', '?')} concurrent clients.
 {by_group}"""
         limits = f"""- Measured on this task's questions only; nothing else was evaluated.
 - Speed figures are this machine's ({device}); another device gives other figures.
-- {('The teacher answers ' + _pct(rows['teacher (zero-shot)']) + ' zero-shot on the same questions.') if 'teacher (zero-shot)' in rows else ''}
+- {('The teacher answers ' + _pct(rows['teacher (zero-shot)']) + ' zero-shot on the same questions.') if 'teacher (zero-shot)' in rows else ''}{shown_line}
 """
     else:
         how = ("`stratos eval SPEC --model FOLDER` (with the spec this model was trained from)" if spec is not None

@@ -40,7 +40,8 @@ from stratos.teachers import Budget, GenParams, Price, Sample, Teacher, make_tea
 
 log = logging.getLogger("stratos.synth")
 
-__all__ = ["SynthError", "SynthResult", "budget_of", "price_of", "run_synth", "teacher_of"]
+__all__ = ["SynthError", "SynthResult", "budget_of", "price_of", "prompt_count", "run_synth", "spec_context",
+           "teacher_of", "worked_context", "worked_examples"]
 
 
 class SynthError(UserError):
@@ -107,6 +108,15 @@ def worked_context(task: Any, shots: list[Any], *, rules: bool = False) -> list[
     oracle answer with its rationale."""
     return [m for ex in shots for m in ({"role": "user", "content": task.prompt(ex, rules=rules)},
                                         {"role": "assistant", "content": task.target(ex, rationale=True)})]
+
+
+def spec_context(spec: Spec, task: Any, k: int, *, rules: bool = False) -> list[dict[str, str]]:
+    """The ``k`` worked examples synth shows ``spec``'s teacher, as chat turns before a question: none of the
+    train prompts the spec sends (``prompt_count``). The plan's probe, the eval stage's teacher row and
+    ``stratos eval --few-shot`` ask the teacher with these, so each measures the teacher that answered."""
+    asked = prompt_count(spec)
+    prompts = task.examples("train", asked, seed=spec.task.seed) if asked else []
+    return worked_context(task, worked_examples(task, k, spec.task.seed, prompts), rules=rules)
 
 
 def run_synth(spec: Spec, out_dir: str | Path, *, plan: Any = None, progress: bool = True,

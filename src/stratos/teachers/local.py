@@ -116,6 +116,7 @@ class HFTeacher(_LocalTeacher):
         from stratos.models.generate import generate
 
         model, tok = self.model_and_tokenizer
+        self._check_context(model, tok, prompts, params.max_tokens)
         gens = generate(model, tok, prompts, max_new_tokens=params.max_tokens, batch_size=len(prompts),
                         temperature=params.temperature, top_p=params.top_p, n=params.n, seed=seed,
                         stop=list(params.stop) or None)
@@ -126,6 +127,19 @@ class HFTeacher(_LocalTeacher):
 
         _, tok = self.model_and_tokenizer
         return len(encode_prompt(tok, msgs))
+
+    def _check_context(self, model: Any, tok: Any, prompts: list[list[dict[str, str]]], max_tokens: int) -> None:
+        """Refuse prompts that, with ``max_tokens`` to generate, run past the teacher's context: past it a
+        rotary model's answers degrade without an error (worked examples, synth.few_shot, lengthen them)."""
+        from stratos.evaluate import model_context
+        from stratos.models.generate import encode_prompt
+
+        context = model_context(model)
+        longest = max((len(encode_prompt(tok, m)) for m in prompts), default=0)
+        if context is not None and longest + max_tokens > context:
+            raise TeacherError(f"teacher {self.label}: a prompt of {longest} tokens plus {max_tokens} to generate "
+                               f"runs past its context of {context} tokens; lower synth.few_shot or "
+                               "synth.max_new_tokens, or shorten the task's prompts")
 
 
 class VLLMTeacher(_LocalTeacher):
