@@ -154,9 +154,8 @@ def test_pipeline_killed_mid_distill_resumes_to_the_same_result(tiny_spec, tmp_p
     row = results["rows"][2]
     assert (row["accuracy"], row["n"], row["few_shot"]) == (shown.accuracy, 12, 2)
     html = (killed / "report.html").read_text()
-    assert (f"Asked as synth asked it for the training data, 2 worked examples and the rules before each question, the "
-            f"teacher "
-            f"answers <b>{shown.accuracy:.1%}</b> of 12.") in html
+    assert ("Asked as synth asked it for the training data (2 worked examples and the rules before each question), the "
+            f"teacher answers <b>{shown.accuracy:.1%}</b> of 12.") in html
     for needle in ("Results", "deployed student", "Plan", "Training", "Stages: predicted vs measured",
                    "No eval question appears in the training data: 12 questions checked",
                    "Example predictions", "data:image/png;base64,"):
@@ -166,8 +165,8 @@ def test_pipeline_killed_mid_distill_resumes_to_the_same_result(tiny_spec, tmp_p
     card = (deployed_dir / "README.md").read_text()
     assert card.startswith("---\nlibrary_name: transformers") and "# tiny: deployed student" in card
     assert f"| deployed student | {deployed['accuracy']:.1%}" in card and "## Limits" in card
-    assert ("Asked as synth asked it for the training data (2 worked examples and the rules before each question), it "
-            "answers "
+    assert ("Asked as synth asked it for the training data (2 worked examples and the rules before each question), the "
+            "teacher answers "
             f"{shown.accuracy:.1%}") in card
     assert "# tiny: student" in (killed / after["distill"]["artifacts"]["model"] / "README.md").read_text()
     # The planner learns from what it measured: the killed run's plan came after the full run's eval, which

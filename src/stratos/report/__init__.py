@@ -19,7 +19,7 @@ import yaml
 
 from stratos.io import atomic_write_text
 from stratos.report import plots
-from stratos.report.card import shots_row, shots_words, teacher_context, teacher_gain_sentence
+from stratos.report.card import asked_teacher_sentence, teacher_context, teacher_gain_sentence
 
 __all__ = ["build_report", "results_table"]
 
@@ -117,12 +117,8 @@ def _headline(results: dict[str, Any]) -> str:
     # A ratio only where it means something: x / 0 is no multiple, and 0 / 0 is none at all.
     compare = (f"<b>{final['accuracy'] / teacher['accuracy']:.1f}x</b> and {points}" if teacher["accuracy"] > 0
                else points)
-    shown = shots_row(results)
-    shown_text = ""
-    if shown:
-        what = shots_words(shown["few_shot"], shown.get("rules", False))
-        shown_text = (f" Asked as synth asked it for the training data, {_e(what)} before each question, the "
-                      f'teacher answers <b>{shown["accuracy"]:.1%}</b> of {shown["n"]}.')
+    shown = asked_teacher_sentence(results, lambda r: f"<b>{r['accuracy']:.1%}</b>")
+    shown_text = " " + shown if shown else ""
     return (f'<p class="headline">The {_e(final["role"])} answers <b>{final["accuracy"]:.1%}</b> of '
             f'{results.get("n", "?")} held-out <code>{_e(results.get("task", ""))}</code> questions correctly, '
             f'against <b>{teacher["accuracy"]:.1%}</b> for the teacher zero-shot: {compare}{size}.{shown_text}</p>')

@@ -5,6 +5,7 @@ comes from the run's own files; a card of `stratos distill` alone, which measure
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,17 @@ def shots_role(shots: int, rules: bool) -> str:
 def shots_row(results: dict[str, Any]) -> dict[str, Any] | None:
     """The eval row of the teacher with its worked examples (None: the run has none)."""
     return next((r for r in results.get("rows", []) if r.get("few_shot")), None)
+
+
+def asked_teacher_sentence(results: dict[str, Any], accuracy: Callable[[dict[str, Any]], str]) -> str:
+    """The teacher's accuracy asked as synth asked it (``shots_row``), in a sentence for the report's headline and
+    the model card, ``accuracy`` formatting the row's; empty where the run has no such row."""
+    shown = shots_row(results)
+    if not shown:
+        return ""
+    asked = shots_words(shown["few_shot"], shown.get("rules", False))
+    return (f"Asked as synth asked it for the training data ({asked} before each question), the teacher answers "
+            f"{accuracy(shown)} of {shown['n']}.")
 
 
 def teacher_context(stats: dict[str, Any]) -> str | None:
@@ -218,12 +230,7 @@ def model_card(*, role: str, spec: Any = None, plan: dict[str, Any] | None = Non
                          + (f"{lat['p50']:,.0f} / {lat['p95']:,.0f} ms |" if lat.get("p50") is not None else "– |")
                          if r.get("params") else
                          f"| {r['role']} | {_pct(r)} | – | {r.get('tokens_per_s', 0):,.0f} | – |")
-        shown = shots_row(results)
-        shown_line = ""
-        if shown:
-            asked = shots_words(shown["few_shot"], shown.get("rules", False))
-            shown_line = (f" Asked as synth asked it for the training data ({asked} before each question), it "
-                          f"answers {_pct(shown)} of {shown['n']}.")
+        shown_line = " " + asked_teacher_sentence(results, _pct) if shots_row(results) else ""
         groups = [f"- {g}: {_pct(v)} of {v['n']}" for g, v in (me.get("per_group") or {}).items()]
         by_group = ("\nThis model by question group:\n\n" + "\n".join(groups) + "\n") if len(groups) > 1 else ""
         measured_text = f"""On {results.get('n')} held-out questions, on {device}. tokens/s: batched greedy generation in the eval
