@@ -309,7 +309,8 @@ def test_incompetent_teacher_gets_injection_competent_gets_alignment():
     assert any("not competent" in r for r in weak.reasons)
     strong = choose_strategy(probe("teacher-8b", 0.92, 0.93), TASK, m)
     assert strong.kind == "alignment"
-    assert strong.teacher_generates and strong.reverse_synthesis == 0 and strong.kd_ratio > 0.5
+    assert strong.teacher_generates and strong.reverse_synthesis == 0
+    assert strong.kd_ratio == 0.5  # the verifier's answers keep half the weight, however sure the teacher
     assert not strong.rules_in_prompt  # rules gave only +1%
     # Rules that help the teacher a lot go into its prompts.
     assert choose_strategy(probe("teacher-8b", 0.55, 0.8), TASK, m).rules_in_prompt
@@ -443,14 +444,18 @@ def test_the_plan_puts_worked_examples_in_the_teachers_prompts_where_the_probe_s
                            "accuracy from 65% to 85%")
     # Sized, weighted and predicted from the teacher as synth will ask it: 85%, not the zero-shot 65%.
     assert (st.samples_per_prompt, own.strategy.samples_per_prompt) == (samples_for(0.85), samples_for(0.65)) == (2, 3)
-    assert (st.kd_ratio, own.strategy.kd_ratio) == (0.9, 0.5)
+    assert (st.kd_ratio, own.strategy.kd_ratio) == (0.5, 0.5)  # verified answers keep half the weight on CE
+    # Without a verifier the teacher's answers are the data as they come: a reliable one (85%) gets KD's weight.
+    unchecked = replace(TASK, verifier=False)
+    assert build_plan(one_pair(probes=helped, task=unchecked))[0].strategy.kd_ratio == 0.9
+    assert build_plan(one_pair(probes=plain, task=unchecked))[0].strategy.kd_ratio == 0.5
     assert "prior: ceiling 85% (teacher probe)" in plan.predicted["accuracy_reason"]
     assert plan.predicted["accuracy"] > own.predicted["accuracy"]
     # ... and synth pays for the examples: longer teacher prompts than the plan without them.
     assert plan.workload.teacher_prompt_tokens > own.workload.teacher_prompt_tokens
     from stratos.plan.calibration import recipe_key
 
-    assert recipe_key(st, "t").endswith(", the teacher shown 4 worked examples") and "(kd_ratio 0.9)" in recipe_key(st, "t")
+    assert recipe_key(st, "t").endswith(", the teacher shown 4 worked examples") and "(kd_ratio 0.5)" in recipe_key(st, "t")
     # Examples that do not help: none in the prompts, and the line says by how much they moved it.
     plan, _ = build_plan(one_pair(probes=flat))
     assert plan.strategy.few_shot == 0 and plan.strategy.samples_per_prompt == 3
@@ -779,7 +784,7 @@ def test_the_plan_corrects_its_predictions_by_what_earlier_runs_measured():
                                                          config_overrides={"num_hidden_layers": 6}))
     # The recipe each student of inputs() is planned with (the teacher's model: its name, no model id given).
     recipes = {pd.student_index: recipe_key(pd.strategy, "teacher-8b") for pd in decide_pairs(inputs())}
-    assert recipes == {0: "1000 examples x 3 epochs, loss fkl (kd_ratio 0.9), teacher teacher-8b",  # the same tokenizer: KD
+    assert recipes == {0: "1000 examples x 3 epochs, loss fkl (kd_ratio 0.5), teacher teacher-8b",  # the same tokenizer: KD
                        1: "1000 examples x 3 epochs, loss ce, teacher teacher-8b"}  # another: its answers' text
     recipe = recipes[0]
 
