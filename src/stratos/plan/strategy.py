@@ -107,7 +107,8 @@ def choose_strategy(probe: TeacherProbe, task: TaskProfile, m: Match, *, compete
     if competent:
         kind = "alignment"
         reasons.append(f"knowledge alignment: the teacher is competent ({best:.0%} >= {competent_accuracy:.0%}), so "
-                       "its verified answers are the training data and the student matches its distribution on them "
+                       f"its {'verified ' if task.verifier else ''}answers are the training data and the student "
+                       "matches its distribution on them "
                        "(distill.sft_baseline measures whether that beats SFT on the same answers)")
         data = base
         # The teacher as synth will ask it (with the worked examples or the rules that help): what its data will be.
