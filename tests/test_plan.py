@@ -424,6 +424,18 @@ def test_unverified_teacher_data_written_in_the_spec_changes_what_the_plan_says_
     said = next(r for r in plan.reasons if r.startswith("from the spec"))
     assert "synth.verify false (plan: true)" in said and "x 4 sample(s), every one kept" in said
     assert f"= {st.data_size} examples x" in said
+    assert st.kd_ratio == own.strategy.kd_ratio == 0.5  # a teacher at 70%: KD balanced with CE, checked or not
+    # A reliable teacher (85%): kd_ratio 0.5 on verified answers, 0.9 where every sample is kept unchecked, and
+    # the plan says why; a kd_ratio the spec writes wins over both.
+    reliable = {"teacher-8b": probe("teacher-8b", 0.85)}
+    own, _ = build_plan(one_pair(probes=reliable))
+    plan, _ = build_plan(one_pair(probes=reliable, spec_values=SpecValues(verify=False)))
+    assert (own.strategy.kd_ratio, plan.strategy.kd_ratio, plan.strategy.teacher_accuracy) == (0.5, 0.9, 0.85)
+    assert next(r for r in plan.reasons if r.startswith("kd_ratio 0.5: ")).endswith(mark)
+    said = next(r for r in plan.reasons if r.startswith("from the spec"))
+    assert ("synth.verify false (plan: true), so kd_ratio 0.9 (plan: 0.5), the rule for answers no verifier "
+            "checks, for a teacher at 85%") in said
+    assert build_plan(one_pair(probes=reliable, spec_values=SpecValues(verify=False, kd_ratio=0.3)))[0].strategy.kd_ratio == 0.3
 
 
 def test_the_plan_puts_worked_examples_in_the_teachers_prompts_where_the_probe_shows_they_help():

@@ -54,6 +54,7 @@ class Strategy:
     verify: bool = True  # synth keeps only the teacher samples the verifier accepts (the spec's synth.verify)
     few_shot: int = 0  # worked examples before every teacher prompt (synth.few_shot; the plan's where the probe
     # showed them help: plan.probe_few_shot)
+    teacher_accuracy: float = 0.0  # alignment: the probe's accuracy of the teacher as synth asks it (0: injection)
     # The plan's own values of the fields the spec overrode (``apply_spec``), restored before it applies again.
     planned: dict[str, Any] = field(default_factory=dict)
 
@@ -90,6 +91,12 @@ def epochs_for(data: int, kind: str) -> float:
     return (3.0 if data < 3000 else 2.0) + (1.0 if kind == "injection" else 0.0)
 
 
+def unchecked_kd_ratio(teacher_accuracy: float) -> float:
+    """kd_ratio where no verifier checks the teacher's answers (a task without one, or synth.verify false): the
+    data are its answers as they come, so a reliable teacher's distribution gets most of the weight."""
+    return 0.9 if teacher_accuracy >= 0.8 else 0.5
+
+
 def choose_strategy(probe: TeacherProbe, task: TaskProfile, m: Match, *, competent_accuracy: float = 0.5) -> Strategy:
     """Alignment or injection for this teacher, student and task, with settings and reasons."""
     reasons: list[str] = []
@@ -98,6 +105,7 @@ def choose_strategy(probe: TeacherProbe, task: TaskProfile, m: Match, *, compete
     shots = probe.shots if probe.shots_help >= RULES_HELP - 1e-9 else 0
     best = probe.best
     competent = best >= competent_accuracy
+    asked = 0.0  # alignment's: the teacher as synth will ask it
     desc = (f"answers of ~{task.answer_tokens:.0f} tokens, ~{task.reasoning_steps:.0f} reasoning step(s), "
             f"{'a verifier' if task.verifier else 'no verifier'}, {'an oracle' if task.oracle else 'no oracle'}")
     reasons.append(f"task {task.name}: {desc}; {'complex' if complex_ else 'simple'}")
@@ -127,7 +135,7 @@ def choose_strategy(probe: TeacherProbe, task: TaskProfile, m: Match, *, compete
                            "examples/alignment.yaml's data, with its teacher at 81%, more weight on KD scored lower: "
                            "kd_ratio 0.9 90.0%, 0.5 92.3%, SFT alone 98.5%, 2 seeds each)")
         else:
-            kd_ratio = 0.9 if asked >= 0.8 else 0.5
+            kd_ratio = unchecked_kd_ratio(asked)
             reasons.append(f"kd_ratio {kd_ratio}: " + ("the teacher is reliable and no verifier checks its answers, so "
                                                        "KD dominates with a small CE anchor" if kd_ratio > 0.5 else
                                                        "the teacher errs often, so KD is balanced with CE on its "
@@ -222,7 +230,7 @@ def choose_strategy(probe: TeacherProbe, task: TaskProfile, m: Match, *, compete
         reasons.append(f"{data} examples x {epochs:g} epochs: sized by answer length"
                        + (", doubled and one more epoch for injection" if kind == "injection" else ""))
     return Strategy(kind, loss, kd_ratio, on_policy, rules, injection, rev, samples, teacher_generates, data, epochs,
-                    reasons, prompts=prompts, top_logprobs=top_logprobs, few_shot=shots)
+                    reasons, prompts=prompts, top_logprobs=top_logprobs, few_shot=shots, teacher_accuracy=asked)
 
 
 def mixed_group_share(accuracy: float, group: int) -> float:
@@ -383,6 +391,12 @@ def apply_spec(strategy: Strategy, values: SpecValues, task: TaskProfile) -> Str
     for name in ("loss", "kd_ratio", "samples_per_prompt", "knowledge_injection", "top_logprobs", "verify", "few_shot"):
         if getattr(values, name) is not None:
             new[name] = getattr(values, name)
+    # Every teacher sample kept (verify false): nothing checks the answers KD is weighed against, so the rule for
+    # unchecked answers sets kd_ratio, unless the spec writes it.
+    unchecked = (values.verify is False and values.kd_ratio is None and strategy.kind == "alignment"
+                 and strategy.loss != "ce")
+    if unchecked:
+        new["kd_ratio"] = unchecked_kd_ratio(strategy.teacher_accuracy)
     if values.top_logprobs is None and values.loss_needs_teacher is False:
         new["top_logprobs"] = 0  # the written loss (ce) has no use for the teacher's log-probs
     if values.knowledge_injection:
@@ -426,6 +440,9 @@ def apply_spec(strategy: Strategy, values: SpecValues, task: TaskProfile) -> Str
         if f == "max_steps":
             note = f" (= {epochs:.3g} epochs)"
         parts.append(f"{spec_name} {_fmt(value)}{note}")
+    if unchecked and "kd_ratio" in changed:
+        parts.append(f"so kd_ratio {_fmt(changed['kd_ratio'])} (plan: {_fmt(strategy.kd_ratio)}), the rule for "
+                     f"answers no verifier checks, for a teacher at {strategy.teacher_accuracy:.0%}")
     sizes = []
     if generates:
         sizes.append(f"{prompts} teacher prompt(s) x {samples} sample(s)"
