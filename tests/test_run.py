@@ -151,6 +151,8 @@ def test_pipeline_killed_mid_distill_resumes_to_the_same_result(tiny_spec, tmp_p
     teacher, t_tok = load(spec.teachers[0].model)
     shown = evaluate(teacher, t_tok, task, task.examples("eval", 12, seed=spec.task.seed), max_new_tokens=8,
                      context=spec_context(spec, task, 2, rules=True), rules=True)
+    stats = json.loads((killed / "synth" / "stats.json").read_text())
+    assert stats["worked_examples"] == spec_context(spec, task, 2, rules=True)  # eval asks with synth's own
     row = results["rows"][2]
     assert (row["accuracy"], row["n"], row["few_shot"]) == (shown.accuracy, 12, 2)
     html = (killed / "report.html").read_text()

@@ -382,12 +382,10 @@ def stage_eval(ctx: Context) -> dict[str, Any]:
         record(role, t_spec.label, res, facts)
     synth_stats = json.loads(Path(ctx.artifact("synth", "stats_path")).read_text())
     shots, rules = synth_stats.get("few_shot") or 0, bool(synth_stats.get("rules_in_teacher_prompt"))
-    if shots and spec.eval.few_shot_n != 0:  # the teacher as synth asked it, the one KD reads (context distillation)
-        from stratos.synth import spec_context
-
+    context = synth_stats.get("worked_examples")  # what synth showed the teacher before each question
+    if shots and context and spec.eval.few_shot_n != 0:  # the teacher as synth asked it, the one KD reads
         subset = examples[: spec.eval.few_shot_n] if spec.eval.few_shot_n else examples
-        res = evaluate(teacher, t_tok, task, subset, rules=rules, generate_fn=gen,
-                       context=spec_context(spec, task, shots, rules=rules),
+        res = evaluate(teacher, t_tok, task, subset, rules=rules, generate_fn=gen, context=context,
                        predictions_path=ctx.dir / "predictions-teacher-shots.jsonl", **kw)
         record(shots_role(shots, rules), t_spec.label, res, facts, few_shot=shots, rules=rules)
     api_usd = 0.0

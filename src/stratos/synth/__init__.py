@@ -232,6 +232,7 @@ def run_synth(spec: Spec, out_dir: str | Path, *, plan: Any = None, progress: bo
         "samples_per_prompt": cfg.samples_per_prompt,
         "rules_in_teacher_prompt": rules,
         "few_shot": len(shots),
+        "worked_examples": context,  # the chat turns before each teacher question (what eval asks it with again)
         "verified": cfg.verify,
         "acceptance": correct_total / samples_total if samples_total else None,
         "by_type": {
