@@ -210,6 +210,35 @@ def test_feasible_candidates_meet_every_constraint():
     assert all(r["violations"] == {} for r in plan.pareto)
 
 
+def test_the_plan_predicts_latency_for_the_load_the_eval_judges_it_under():
+    from stratos.plan.costmodel import LoadTest, decode_step_seconds, forward_seconds
+
+    h100 = server()
+    # With clients concurrent, a request waits for every client's prefill once and decodes its tokens in a
+    # batch of that many sequences; one client is the request served alone.
+    alone = request_latency_s(S135, 50, 64, h100, GPU_DEFAULT)
+    under_load = request_latency_s(S135, 50, 64, h100, GPU_DEFAULT, clients=4)
+    assert under_load == pytest.approx(forward_seconds(S135, 4 * 50, h100, GPU_DEFAULT)
+                                       + 64 * decode_step_seconds(S135, 4, 50 + 32, h100, GPU_DEFAULT))
+    assert alone < under_load
+    load = LoadTest(clients=4, new_tokens=64)
+    plan_alone, _ = build_plan(inputs())  # the default: one client, the task's answer length
+    plan, cands = build_plan(inputs(load=load))
+    assert plan.predicted["latency_load"] == {"clients": 4, "new_tokens": 64}
+    assert plan.predicted["latency_ms"] > plan_alone.predicted["latency_ms"]
+    assert any(f"the p50 of the eval's load test that max_latency_ms is judged on (4 concurrent clients, each "
+               f"request {TASK.prompt_tokens:.0f} prompt + 64 new tokens)" in r for r in plan.reasons)
+    # The constraint is checked against that load: a limit between the two predictions rules out what a
+    # prediction for one request alone would have let through.
+    one = dict(students=[S135], servers=[h100])
+    alone_ms, load_ms = (build_plan(inputs(**one, load=x))[0].predicted["latency_ms"] for x in (LoadTest(), load))
+    assert alone_ms < load_ms
+    limit = (alone_ms + load_ms) / 2
+    assert build_plan(inputs(**one, max_latency_ms=limit))[0].predicted["latency_ms"] == alone_ms
+    with pytest.raises(NoFeasiblePlan, match="max_latency_ms"):
+        build_plan(inputs(**one, load=load, max_latency_ms=limit))
+
+
 def test_binding_constraint_is_named_when_nothing_is_left():
     with pytest.raises(NoFeasiblePlan) as err:
         build_plan(inputs(budget_usd=0.01))
@@ -785,8 +814,8 @@ def test_shipped_accuracy_records_correct_a_fresh_install_for_the_same_task_stud
 
 
 def test_the_plan_corrects_its_predictions_by_what_earlier_runs_measured():
-    from stratos.plan.calibration import (accuracy_corrections, accuracy_records, corrections, machine_id,
-                                         recipe_key, student_key)
+    from stratos.plan.calibration import (LATENCY_BASIS, accuracy_corrections, accuracy_records, corrections,
+                                         machine_id, recipe_key, student_key)
     from stratos.plan.planner import decide_pairs
     from stratos.spec import StudentSpec
 
@@ -809,14 +838,19 @@ def test_the_plan_corrects_its_predictions_by_what_earlier_runs_measured():
         rec("u", 0.8, "c"), rec("t", 0.5, "d", other), rec("t", 0.7, "f", me, "80 examples x 3 epochs, loss ce"),
         {k: v for k, v in rec("t", 0.6, "e").items() if k != "student"},  # another recipe's, and one written
         {k: v for k, v in rec("t", 0.6, "g").items() if k != "recipe"},  # before students, or recipes, were
-        {"stage": "latency", "server": "small", "predicted_s": 10.0, "measured_s": 30.0, "ratio": 3.0},  # recorded
+        {"stage": "latency", "server": "small", "predicted_s": 10.0, "measured_s": 30.0, "ratio": 3.0,  # recorded
+         "basis": LATENCY_BASIS},
     ]  # none of those five counts
     mine = accuracy_records("t", me, records)
     corr = accuracy_corrections(mine, recipe)
     assert corrections("small", records) == {"latency": 3.0}  # accuracy records are not stage times
+    # A latency record written before plans predicted the eval's load (its prediction was for one request
+    # alone, of the answer's length) sets the p50 under load over another quantity: it corrects nothing.
+    assert corrections("small", [{k: v for k, v in records[-1].items() if k != "basis"}]) == {}
     # A stage time measured on another machine (a cache shared over a network drive) corrects nothing here;
     # one of this machine's does.
-    timed = {"stage": "latency", "server": "small", "predicted_s": 10.0, "measured_s": 20.0, "ratio": 2.0}
+    timed = {"stage": "latency", "server": "small", "predicted_s": 10.0, "measured_s": 20.0, "ratio": 2.0,
+             "basis": LATENCY_BASIS}
     assert corrections("small", [{**timed, "machine": "Another CPU, 64 cores"}]) == {}
     assert corrections("small", [{**timed, "machine": machine_id()}]) == {"latency": 2.0}
     assert corr["prior"][1] == 2 and corr["prior"][0] == pytest.approx(-0.3)  # median of -0.4 and -0.2
@@ -833,9 +867,9 @@ def test_the_plan_corrects_its_predictions_by_what_earlier_runs_measured():
     assert {c.serving_server for c in plain_cands} == {"big", "small"}
     assert f"corrected by -30.0 points, the median error of this task's prior predictions for this student " \
            f"trained the same way ({recipe}) in 2 earlier run(s)" in learnt.predicted["accuracy_reason"]
-    assert not any("median of p50" in r for r in plain.reasons)
+    assert not any("median of measured over predicted p50" in r for r in plain.reasons)
     served_on_gpu, _ = build_plan(inputs(corrections={s.name: {"latency": 3.0} for s in inputs().servers}))
-    assert any("x3.00: the median of p50 latency under load" in r for r in served_on_gpu.reasons)
+    assert any("x3.00: the median of measured over predicted p50 in earlier evals" in r for r in served_on_gpu.reasons)
 
 
 def test_cross_tokenizer_kd_needs_the_teacher_to_beat_the_students_pilot():

@@ -50,12 +50,16 @@ def test_spending_counts_api_compute_at_each_servers_price_and_the_planned_trial
     assert ConstraintsMissed("x").exit_code == 3
 
 
-def test_the_reports_constraints_table_says_the_plans_latency_is_one_request_at_a_time():
+def test_the_reports_constraints_table_says_what_load_the_plans_latency_is_for():
     from stratos.report import _constraints
 
     c = Constraints(min_accuracy=0.8, max_latency_ms=1000)
     results = _results(0.87, 366.0, 599.0) | {"verdicts": [v.to_dict() for v in judge(c, _results(0.87, 366.0, 599.0))]}
-    html = _constraints(results, {"accuracy": 0.872, "latency_ms": 82.0})
-    # The measured p50 is under 4 concurrent clients; the prediction beside it is for one request alone.
+    html = _constraints(results, {"accuracy": 0.872, "latency_ms": 341.0,
+                                  "latency_load": {"clients": 4, "new_tokens": 64}})
+    # The measured p50 is under 4 concurrent clients, and so is the plan's prediction beside it.
     assert "366 ms" in html and "at 4 concurrent clients" in html
-    assert "82 ms (one request at a time)" in html and "87.2%<" in html
+    assert "341 ms (p50 of 4 concurrent clients, 64 new tokens each)" in html and "87.2%<" in html
+    # A plan written before plans predicted the eval's load predicted one request alone: the cell says so.
+    old = _constraints(results, {"accuracy": 0.872, "latency_ms": 82.0})
+    assert "82 ms (one request at a time)" in old

@@ -102,14 +102,21 @@ def local_efficiency(cal: dict[str, Any], has_gpu: bool = False) -> Efficiency:
 # --------------------------------------------------------------------------- measurement records
 
 
+# What a ``latency`` record's prediction was of. Records written before 2026-12-05 set the p50 under the eval's
+# load test over a prediction for one request served alone, of the task's answer length (a ratio of 3-11 on
+# the examples): unlike things, so the corrections leave them out.
+LATENCY_BASIS = "eval load test"
+
+
 def record_stage(stage: str, server: str, predicted_s: float, measured_s: float, *,
-                 run_dir: str | Path | None = None, note: str = "", run: str | None = None) -> dict[str, Any]:
+                 run_dir: str | Path | None = None, note: str = "", run: str | None = None,
+                 basis: str | None = None) -> dict[str, Any]:
     """Append one predicted-vs-measured record to the cache (and to ``run_dir/plan-measurements.jsonl``).
     ``run``: what the record measures once (a run's eval): a later record of the same stage and run
-    replaces it in the corrections."""
+    replaces it in the corrections. ``basis``: what the prediction was of (``LATENCY_BASIS``)."""
     return _append({"stage": stage, "server": server, "machine": machine_id(), "predicted_s": predicted_s,
                     "measured_s": measured_s, "ratio": measured_s / predicted_s if predicted_s > 0 else None,
-                    "note": note, **({"run": run} if run else {})}, run_dir)
+                    "note": note, **({"run": run} if run else {}), **({"basis": basis} if basis else {})}, run_dir)
 
 
 def _append(rec: dict[str, Any], run_dir: str | Path | None) -> dict[str, Any]:
@@ -144,10 +151,13 @@ def _parse_records(text: str) -> list[dict[str, Any]]:
 def corrections(server: str, records: list[dict[str, Any]] | None = None) -> dict[str, float]:
     """Per stage: the median measured/predicted ratio of the latest records on ``server`` made on this
     machine (``machine_id``; records written before they named one count too) (stage ``latency``: the
-    deployed student's p50 under the eval's load over the plan's batch-1 prediction)."""
+    deployed student's p50 under the eval's load test over the plan's prediction for that load; records of
+    another ``basis`` are left out)."""
     latest: dict[tuple[str, Any], dict[str, Any]] = {}  # a record with a run replaces that run's earlier one
     here = machine_id()
     for i, r in enumerate(records if records is not None else read_measurements()):
+        if r.get("stage") == "latency" and r.get("basis") != LATENCY_BASIS:
+            continue
         if r.get("server") == server and r.get("ratio") and "stage" in r and r.get("machine", here) == here:
             key = (r["stage"], r.get("run") or i)
             latest.pop(key, None)

@@ -152,9 +152,12 @@ def generate_seconds(m: ModelShape, sequences: float, prompt_tokens: float, new_
 
 
 def request_latency_s(m: ModelShape, prompt_tokens: float, new_tokens: float, server: Server, eff: Efficiency,
-                      gpus: int | None = None) -> float:
-    """Latency of one request served alone (batch 1): prefill plus one decoding step per new token."""
-    return generate_seconds(m, 1, prompt_tokens, new_tokens, server, eff, batch=1, gpus=gpus)
+                      gpus: int | None = None, *, clients: int = 1) -> float:
+    """Latency of one request while ``clients`` clients keep a request each in flight (1: served alone), as a
+    server with continuous batching runs them: over its life a request waits for its own prefill and, on
+    average, one of each other client's (each starts its next request about once in that time), and decodes
+    ``new_tokens`` steps of a batch of ``clients`` sequences."""
+    return generate_seconds(m, clients, prompt_tokens, new_tokens, server, eff, batch=clients, gpus=gpus)
 
 
 # --------------------------------------------------------------------------- stages
@@ -314,11 +317,28 @@ def stage_costs(
     return out
 
 
+@dataclass(frozen=True)
+class LoadTest:
+    """The load under which the eval judges ``max_latency_ms`` (``eval.bench_clients`` concurrent clients, each
+    request asking for exactly ``eval.max_new_tokens`` tokens): what the plan predicts latency for."""
+
+    clients: int = 1
+    new_tokens: float | None = None  # None: the task's answer length
+
+    def words(self, prompt_tokens: float, answer_tokens: float) -> str:
+        new = self.new_tokens if self.new_tokens is not None else answer_tokens
+        who = f"{self.clients} concurrent clients" if self.clients > 1 else "one client"
+        return f"{who}, each request {prompt_tokens:.0f} prompt + {new:.0f} new tokens"
+
+
 def serve_latency_ms(student: ModelShape, work: Workload, serve: Server, eff: Efficiency,
-                     correction: float = 1.0) -> float:
-    need = inference_bytes(student, batch=1, context=work.seq)
+                     correction: float = 1.0, load: LoadTest = LoadTest()) -> float:
+    """The p50 request latency of ``load`` on ``serve``, in ms, times ``correction`` (learnt from earlier evals)."""
+    need = inference_bytes(student, batch=load.clients, context=work.seq)
     gpus = gpus_needed(need, serve) or serve.gpu_count
-    return 1000 * correction * request_latency_s(student, work.prompt_tokens, work.answer_tokens, serve, eff, gpus)
+    new = load.new_tokens if load.new_tokens is not None else work.answer_tokens
+    return 1000 * correction * request_latency_s(student, work.prompt_tokens, new, serve, eff, gpus,
+                                                 clients=load.clients)
 
 
 def with_params(m: ModelShape, params: float) -> ModelShape:
@@ -329,6 +349,6 @@ def with_params(m: ModelShape, params: float) -> ModelShape:
 __all__ = [
     "ApiPricing", "CPU_DEFAULT", "Efficiency", "Feasibility", "GPU_DEFAULT", "ModelShape", "StageCost", "Workload",
     "check_memory", "decode_step_seconds", "forward_seconds", "generate_seconds", "gpus_needed", "inference_bytes",
-    "recomputed_fraction", "request_latency_s", "serve_latency_ms", "stage_costs", "train_bytes", "train_seconds",
+    "LoadTest", "recomputed_fraction", "request_latency_s", "serve_latency_ms", "stage_costs", "train_bytes", "train_seconds",
     "with_params",
 ]

@@ -22,6 +22,7 @@ from stratos.plan.catalog import Server
 from stratos.plan.costmodel import (
     ApiPricing,
     Efficiency,
+    LoadTest,
     ModelShape,
     StageCost,
     Workload,
@@ -193,6 +194,7 @@ class PlanInputs:
     competent_accuracy: float = 0.5
     spot: bool = False
     serve_hours: float = 1.0
+    load: LoadTest = LoadTest()  # the eval's load test, under which max_latency_ms is judged
     api_pricing: dict[str, ApiPricing] = field(default_factory=dict)  # by teacher name
     student_accuracy: dict[tuple[int, int], tuple[float, str, str]] = field(default_factory=dict)  # pilots
     student_baseline: dict[int, float] = field(default_factory=dict)
@@ -380,7 +382,7 @@ def enumerate_candidates(inputs: PlanInputs, pairs: list[PairDecision]) -> list[
                 stages = [probe_cost] + stage_costs(t, s, work, train, serve, _eff(inputs, train), _eff(inputs, serve),
                                                     spot=inputs.spot, api=pricing, correction=corr)
                 latency = serve_latency_ms(s, work, serve, _eff(inputs, serve),
-                                           inputs.corrections.get(serve.name, {}).get("latency", 1.0))
+                                           inputs.corrections.get(serve.name, {}).get("latency", 1.0), inputs.load)
                 cost = sum(st.usd for st in stages)
                 hours = sum(st.seconds for st in stages if st.stage != "serving") / 3600
                 if inputs.min_accuracy is not None and pd.accuracy < inputs.min_accuracy:
@@ -468,10 +470,11 @@ def build_plan(inputs: PlanInputs) -> tuple[Plan, list[Candidate]]:
         f"teacher {best.teacher}, student {best.student}: predicted accuracy {best.accuracy:.1%} ({pd.accuracy_reason})",
         f"train on {train.name} ({train.gpu_count}x {train.gpu}, ${train.price(inputs.spot):,.2f}/h): "
         f"{best.train_hours * 60:,.1f} min until the student exists",
-        f"serve on {serve.name} ({serve.gpu_count}x {serve.gpu}): {best.latency_ms:,.1f} ms per request "
-        f"({inputs.task.prompt_tokens:.0f} prompt + {pd.workload.answer_tokens:.0f} answer tokens, batch 1"
-        + (f", x{lat_corr:.2f}: the median of p50 latency under load over this prediction in earlier evals on "
-           f"{serve.name})" if lat_corr != 1.0 else ")"),
+        f"serve on {serve.name} ({serve.gpu_count}x {serve.gpu}): {best.latency_ms:,.1f} ms per request, the p50 "
+        f"of the eval's load test that max_latency_ms is judged on ("
+        + inputs.load.words(inputs.task.prompt_tokens, pd.workload.answer_tokens)
+        + (f"; x{lat_corr:.2f}: the median of measured over predicted p50 in earlier evals on {serve.name})"
+           if lat_corr != 1.0 else ")"),
         f"total cost ${best.cost_usd:,.2f} (probe, teacher work, training and {inputs.serve_hours:g} h of serving)",
     ] + pd.match.reasons + pd.strategy.reasons + pd.settings.reasons
     if inputs.pin is not None:
@@ -497,7 +500,7 @@ def build_plan(inputs: PlanInputs) -> tuple[Plan, list[Candidate]]:
         workload=pd.workload,
         predicted={"accuracy": best.accuracy, "accuracy_method": best.accuracy_method,
                    "accuracy_reason": pd.accuracy_reason, "accuracy_correction": pd.accuracy_correction,
-                   "latency_ms": best.latency_ms, "cost_usd": best.cost_usd,
+                   "latency_ms": best.latency_ms, "latency_load": asdict(inputs.load), "cost_usd": best.cost_usd,
                    "train_hours": best.train_hours},
         stages=best.stages,
         probes=list(inputs.probes.values()),

@@ -23,7 +23,7 @@ from stratos.plan.calibration import (
     task_key,
 )
 from stratos.plan.catalog import LOCAL, filter_servers, load_catalog
-from stratos.plan.costmodel import ApiPricing, generate_seconds
+from stratos.plan.costmodel import ApiPricing, LoadTest, generate_seconds
 from stratos.plan.planner import Plan, PlanInputs, build_plan
 from stratos.plan.probe import TeacherProbe, probe_teacher, profile_task
 from stratos.plan.shapes import model_shape
@@ -218,6 +218,7 @@ def _inputs(spec, teachers, students, probes, profile, servers, cal, gpu: bool) 
         min_accuracy=c.min_accuracy, max_latency_ms=c.max_latency_ms, budget_usd=c.budget_usd,
         weights=weights_of(ps), objective=ps.objective if ps.weights is None else "custom",
         competent_accuracy=ps.competent_accuracy, spot=ps.spot, serve_hours=ps.serve_trial_hours, api_pricing=api,
+        load=LoadTest(clients=spec.eval.bench_clients, new_tokens=spec.eval.max_new_tokens),
         corrections={s.name: corrections(s.name, measured) for s in servers}, recovery_tokens=recovery,
         accuracy_records={si: accuracy_records(task_key(spec.task), student_key(s), records)
                           for si, s in enumerate(spec.students)},

@@ -218,23 +218,32 @@ def _constraints(results: dict[str, Any], predicted: dict[str, Any]) -> str:
         state = ("<span class='muted'>not measured</span>" if v["met"] is None else
                  "<b class='ok'>met</b>" if v["met"] else f"<b class='bad'>missed</b>: {_e(v['shortfall'])}")
         pred = predicted.get(pred_key[v["constraint"]])
-        # The plan predicts latency for one request at a time, the eval measures it under load: say so in the
-        # cell, not only in the footnote, so the two figures side by side are not read as like for like.
-        alone = " (one request at a time)" if v["constraint"] == "max_latency_ms" else ""
+        # What load the plan's latency is for, in the cell: a plan written before 2026-12-05 predicted one
+        # request alone, which is not like for like with the p50 under the eval's load.
+        load = f" ({_predicted_load(predicted)})" if v["constraint"] == "max_latency_ms" else ""
         rows.append([f"<code>{_e(v['constraint'])}</code>", _e(f(v["limit"])), state,
                      _e(f(v["measured"])) if v["measured"] is not None else "–",
-                     _e(f(pred)) + alone if isinstance(pred, (int, float)) else "–", _e(v["how"])])
+                     _e(f(pred) + load) if isinstance(pred, (int, float)) else "–", _e(v["how"])])
     n_missed = sum(1 for v in verdicts if v["met"] is False)
     summary = (f"<p class='headline bad'>The deployed student misses {n_missed} of the spec's {len(verdicts)} "
                "constraint(s): <code>stratos run</code> exits 3 on it.</p>" if n_missed else
                f"<p class='headline ok'>The deployed student meets all {len(verdicts)} of the spec's constraints, "
                "measured.</p>")
-    note = ("<p class='muted'>Predicted: the plan's prediction for the chosen teacher, student and servers (the "
-            "plan's latency is one request at a time on the serving server; the measured one is under the eval's "
-            "load test).</p>")
+    note = ("<p class='muted'>Predicted: the plan's prediction for the chosen teacher, student and servers (its "
+            "latency is the p50 it predicts for the eval's load test on the serving server).</p>")
     return ("<h2>Constraints</h2>" + summary
             + _table(["constraint", "limit", "verdict", "measured", "predicted by the plan", "how it was measured"],
                      rows) + note)
+
+
+def _predicted_load(predicted: dict[str, Any]) -> str:
+    """The load the plan predicted latency for (``costmodel.LoadTest``), in words."""
+    load = predicted.get("latency_load")
+    if not load:
+        return "one request at a time"
+    clients = load["clients"]
+    return (f"p50 of {clients} concurrent client{'s' * (clients != 1)}, "
+            + (f"{load['new_tokens']:g} new tokens each" if load.get("new_tokens") is not None else "an answer each"))
 
 
 def _attempts(manifest: dict[str, Any]) -> str:
@@ -366,7 +375,7 @@ def build_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
             ["serving server", _e(plan["serving_server"].get("name"))],
             ["predicted accuracy", _fmt(pred.get("accuracy")) + _measured(results, "accuracy")],
             ["predicted cost ($)", _fmt(pred.get("cost_usd"), 2)],
-            [f"predicted latency (ms) on {_e(plan['serving_server'].get('name'))}, one request at a time",
+            [f"predicted latency (ms) on {_e(plan['serving_server'].get('name'))}, {_e(_predicted_load(pred))}",
              _fmt(pred.get("latency_ms"), 0) + _measured(results, "latency")],
             ["candidates (total / feasible / on the front)",
              " / ".join(str(plan.get("counts", {}).get(k, "?")) for k in ("total", "feasible", "front"))],
