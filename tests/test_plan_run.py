@@ -320,11 +320,17 @@ def test_profile_calibrates_the_local_machine():
     assert eff["n_half"] == CPU_DEFAULT.n_half
     assert eff["train"] == pytest.approx(min(1.0, 6 * (params + eff["n_half"]) * tokens / m["train_step_s"] / peak))
     assert eff["forward"] == pytest.approx(min(1.0, 2 * (params + eff["n_half"]) * tokens / m["forward_s"] / peak))
-    config = _small_llama(64, 1).config
+    # Decoding: the small model and a wide shallow one (decoding only) fit the bandwidth efficiency and the
+    # per-layer cost; where the two points separate them, the cost model reproduces both measured steps.
+    from stratos.plan.calibration import WIDE_DECODE
+    from stratos.plan.costmodel import decode_step_seconds
+
     bpp = 2 if cal["dtype"] == "bfloat16" else 4
-    kv_per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * bpp
-    moved = (params + eff["n_half"]) * bpp + 80 * kv_per_token
-    assert eff["decode"] == pytest.approx(min(1.0, moved / cal["bandwidth"] / m["decode_step_s"]))
+    assert 0 < eff["decode"] <= 1 and eff["decode_layer_s"] >= 0
+    if eff["decode_layer_s"] > 0:
+        for (hidden, layers), step in (((64, 1), m["decode_step_s"]), (WIDE_DECODE, cal["decode_only"][0]["decode_step_s"])):
+            shape = _shape(_small_llama(hidden, layers), bpp)
+            assert decode_step_seconds(shape, 1, 80, local, local_efficiency(cal)) == pytest.approx(step, rel=1e-6)
     # Calibrated on one model, the cost model reproduces that model's measured training step. When the
     # measured efficiency had to be capped at 100% of the measured peak (a timing faster than the
     # matmul peak, as happens on a busy or turbo-boosting machine), the model runs at the peak and so
@@ -334,6 +340,33 @@ def test_profile_calibrates_the_local_machine():
         assert predicted == pytest.approx(m["train_step_s"], rel=1e-6)
     else:
         assert predicted >= m["train_step_s"]
+
+
+def test_the_decoding_fit_separates_bandwidth_from_each_layers_fixed_cost():
+    from stratos.plan.calibration import _fit_decode
+
+    # Steps made by a known machine (a 0.4 share of the bandwidth, 0.5 ms per layer) are fitted back exactly.
+    made = [(layers, s, layers * 5e-4 + s / 0.4) for layers, s in ((4, 2e-4), (6, 3e-4), (2, 2e-3), (30, 3e-3))]
+    e, d = _fit_decode(made)
+    assert e == pytest.approx(0.4) and d == pytest.approx(5e-4)
+    # One point, or points the fit cannot explain with a cost per layer (deeper is faster), leave no per-layer
+    # cost: the efficiency is then the mean share of the bandwidth, as before it was modelled.
+    assert _fit_decode(made[:1]) == (pytest.approx(2e-4 / made[0][2]), 0.0)
+    assert _fit_decode([(2, 1e-3, 4e-3), (8, 1e-3, 2e-3)])[1] == 0.0
+
+
+def test_a_calibration_without_the_per_layer_decoding_cost_is_measured_again(tmp_path, monkeypatch):
+    monkeypatch.setenv("STRATOS_CACHE", str(tmp_path))
+    from stratos.plan.calibration import calibration_path, machine_id
+
+    old = {"machine_id": machine_id(), "peak_flops": 1e12, "bandwidth": 1e10,
+           "efficiency": {"train": 0.3, "forward": 0.4, "decode": 0.2, "n_half": 2e6}}
+    calibration_path().parent.mkdir(parents=True)
+    calibration_path().write_text(json.dumps(old))
+    assert load_calibration() == {}  # so the next plan profiles this machine again (a few seconds)
+    old["efficiency"]["decode_layer_s"] = 5e-4
+    calibration_path().write_text(json.dumps(old))
+    assert load_calibration() == old
 
 
 def test_a_plan_on_an_uncalibrated_machine_measures_it_first(tiny_models, tmp_path, monkeypatch):

@@ -821,7 +821,8 @@ def profile(
     view = Console()
     view.print(f"{r['machine']}, {r['threads']} threads, {r['dtype']}: peak {r['peak_flops'] / 1e9:,.1f} GFLOP/s, "
                f"bandwidth {r['bandwidth'] / 1e9:,.1f} GB/s; efficiency train {e['train']:.2f}, forward "
-               f"{e['forward']:.2f}, decode {e['decode']:.2f}, n_half {e['n_half']:,.0f} params", highlight=False)
+               f"{e['forward']:.2f}, decode {e['decode']:.2f} (+{1e3 * e['decode_layer_s']:.2f} ms per layer and step), "
+               f"n_half {e['n_half']:,.0f} params", highlight=False)
     table = Table(title="cost model before this calibration: predicted vs measured")
     for col in ("stage", "params", "predicted s", "measured s", "error"):
         table.add_column(col, justify="left" if col == "stage" else "right")

@@ -84,6 +84,9 @@ def load_calibration(path: str | Path | None = None, *, device: Any = "cpu") -> 
     except (OSError, ValueError):
         return {}
     here = machine_id(device)
+    if "decode_layer_s" not in cal.get("efficiency", {"decode_layer_s": 0}):
+        log.info("plan: the calibration in %s predates the per-layer decoding cost: measured again", p)
+        return {}
     if cal.get("machine_id", here) != here:
         log.info("plan: the calibration in %s was measured on %s, not on this machine (%s): not used", p,
                  cal["machine_id"], here)
@@ -95,6 +98,7 @@ def local_efficiency(cal: dict[str, Any], has_gpu: bool = False) -> Efficiency:
     if "efficiency" in cal:
         e = cal["efficiency"]
         return Efficiency(train=e["train"], forward=e["forward"], decode=e["decode"], n_half=e["n_half"],
+                          decode_layer_s=e.get("decode_layer_s", 0.0),
                           source=f"calibrated by stratos profile on {cal.get('measured_at', '?')[:10]}")
     return GPU_DEFAULT if has_gpu else CPU_DEFAULT
 
@@ -292,11 +296,14 @@ def _shape(model, dtype_bytes: float) -> ModelShape:
     c = model.config
     return ModelShape(name="profile", params=float(sum(p.numel() for p in model.parameters())), hidden=c.hidden_size,
                       layers=c.num_hidden_layers, vocab=c.vocab_size,
-                      kv_dim=c.num_key_value_heads * (c.hidden_size // c.num_attention_heads), bytes_per_param=dtype_bytes)
+                      kv_dim=c.num_key_value_heads * (getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads),
+                      bytes_per_param=dtype_bytes)
 
 
-def _measure_model(model, *, bf16: bool, batch: int, seq: int, decode_steps: int, seconds: float) -> dict[str, float]:
-    """Seconds per training step, per forward pass and per decoding step of one small model, on its device."""
+def _measure_model(model, *, bf16: bool, batch: int, seq: int, decode_steps: int, seconds: float,
+                   decode_batch: int = 1) -> dict[str, float]:
+    """Seconds per training step, per forward pass and per decoding step (of ``decode_batch`` sequences) of one
+    small model, on its device."""
     import torch
 
     device = next(model.parameters()).device
@@ -317,26 +324,36 @@ def _measure_model(model, *, bf16: bool, batch: int, seq: int, decode_steps: int
         with torch.no_grad(), autocast():
             model(input_ids=ids)
 
-    prompt = ids[:1, :16]
-
-    def decode():
-        # Greedy decoding with the KV cache, batch 1: the regime of serving latency.
-        from transformers import DynamicCache
-
-        from stratos.models.arch import cache_arg
-
-        with torch.no_grad(), autocast():
-            cache = DynamicCache()  # filled in place by every forward
-            tok = model(input_ids=prompt, use_cache=True, **cache_arg(model, cache)).logits[:, -1:].argmax(-1)
-            for _ in range(decode_steps):
-                tok = model(input_ids=tok, use_cache=True, **cache_arg(model, cache)).logits[:, -1:].argmax(-1)
-
     model.train()
     t_train = _timed(train_step, seconds, device=device)
     model.eval()
     t_fwd = _timed(forward, seconds / 2, device=device)
-    t_dec = _timed(decode, seconds / 2, device=device) / (decode_steps + 1)
-    return {"train_step_s": t_train, "forward_s": t_fwd, "decode_step_s": t_dec, "tokens": batch * seq}
+    return {"train_step_s": t_train, "forward_s": t_fwd, "tokens": batch * seq,
+            "decode_step_s": _decode_step_s(model, bf16=bf16, steps=decode_steps, seconds=seconds / 2,
+                                            batch=decode_batch)}
+
+
+def _decode_step_s(model, *, bf16: bool, steps: int, seconds: float, batch: int = 1) -> float:
+    """Seconds per greedy decoding step with the KV cache, after a 16-token prompt, of ``batch`` sequences."""
+    import torch
+    from transformers import DynamicCache
+
+    from stratos.models.arch import cache_arg
+
+    device = next(model.parameters()).device
+    prompt = torch.randint(0, model.config.vocab_size, (batch, 16), device=device)
+    def autocast():
+        return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+    def decode():
+        with torch.no_grad(), autocast():
+            cache = DynamicCache()  # filled in place by every forward
+            tok = model(input_ids=prompt, use_cache=True, **cache_arg(model, cache)).logits[:, -1:].argmax(-1)
+            for _ in range(steps):
+                tok = model(input_ids=tok, use_cache=True, **cache_arg(model, cache)).logits[:, -1:].argmax(-1)
+
+    model.eval()
+    return _timed(decode, seconds, device=device) / (steps + 1)
 
 
 def _fit_n_half(points: list[tuple[float, float]], default: float) -> float:
@@ -350,6 +367,35 @@ def _fit_n_half(points: list[tuple[float, float]], default: float) -> float:
         return default
     h = (f2 - f1) / denom
     return float(min(max(h, 0.0), 1e10))
+
+
+# (hidden, layers) of the model whose decoding alone is timed beside the others': wide and shallow.
+WIDE_DECODE = (1024, 2)
+
+
+def _fit_decode(points: list[tuple[int, float, float]]) -> tuple[float, float]:
+    """Fit t = layers x d + s / e through (layers, s, t) points, ``s`` the seconds moving the step's bytes at the
+    full measured bandwidth and ``t`` the measured step: the bandwidth efficiency ``e`` (at most 1) and the
+    per-layer seconds ``d`` (at least 0), by least squares. Where the points do not separate the two (one
+    point, or a fit outside those bounds), d is 0 and e the mean of s / t, as before the per-layer cost."""
+    def plain() -> tuple[float, float]:
+        return statistics.mean(min(1.0, s / t) for _, s, t in points), 0.0
+
+    if len(points) < 2:
+        return plain()
+    # Least squares in (d, k = 1/e): minimise sum (L d + s k - t)^2.
+    a11 = sum(L * L for L, _, _ in points)
+    a12 = sum(L * s for L, s, _ in points)
+    a22 = sum(s * s for _, s, _ in points)
+    b1 = sum(L * t for L, _, t in points)
+    b2 = sum(s * t for _, s, t in points)
+    det = a11 * a22 - a12 * a12
+    if det <= 0:
+        return plain()
+    d, k = (a22 * b1 - a12 * b2) / det, (a11 * b2 - a12 * b1) / det
+    if d < 0 or k < 1:  # no per-layer cost to see, or faster than the bandwidth allows
+        return plain()
+    return 1 / k, d
 
 
 # A CPU profiled while other work holds this share of its cores or more is said to have been busy.
@@ -391,7 +437,7 @@ def run_profile(*, quick: bool = False, progress: bool = True, out: str | Path |
     prev_server = local_server(0.0, previous, device=device)
     prev_eff = local_efficiency(previous, gpu)
     sizes = sizes or ([(256, 4)] if quick else [(128, 2), (384, 6)])
-    steps = 2 + len(sizes)
+    steps = 3 + len(sizes)
     results: dict[str, Any] = {}
     with progress_bar("profiling", steps, enabled=progress) as bar:
         # Peak: the faster of fp32 and bf16 matmul (bf16 autocast leaves some ops in fp32, and CPUs
@@ -410,6 +456,13 @@ def run_profile(*, quick: bool = False, progress: bool = True, out: str | Path |
             models.append((_shape(model, 2.0 if bf16 else 4.0), m))
             del model
             bar.advance()
+        # Decoding alone, of a wide shallow model: its step is mostly moving weights, where the small models'
+        # are mostly their layers' fixed cost; the two kinds together separate bandwidth from per-layer cost.
+        wide = _small_llama(*WIDE_DECODE).to(device)
+        dec_only = [(_shape(wide, 2.0 if bf16 else 4.0),
+                     _decode_step_s(wide, bf16=bf16, steps=16, seconds=seconds / 2))]
+        del wide
+        bar.advance()
     cal_server = local_server(0.0, {"peak_flops": peak, "bandwidth": bandwidth}, device=device)
     train_pts, fwd_pts, dec_pts, checks = [], [], [], []
     for shape, m in models:
@@ -432,9 +485,12 @@ def run_profile(*, quick: bool = False, progress: bool = True, out: str | Path |
         # Undo the small-model penalty at each measured size; average over sizes.
         return statistics.mean(min(1.0, f * (p + n_half) / p) for p, f in points)
 
-    # Decoding moves the weights, the KV cache and the fixed overhead (n_half parameters' worth of bytes).
-    decode_eff = statistics.mean(min(1.0, (moved + n_half * sh.bytes_per_param) / bandwidth / t)
-                                 for sh, moved, t in dec_pts)
+    # Decoding moves the weights, the KV cache and the fixed overhead (n_half parameters' worth of bytes), and
+    # each layer costs a fixed time besides.
+    for sh, t in dec_only:
+        dec_pts.append((sh, sh.params * sh.bytes_per_param + 80 * sh.kv_bytes_per_token(sh.bytes_per_param), t))
+    decode_eff, decode_layer_s = _fit_decode([(sh.layers, (moved + n_half * sh.bytes_per_param) / bandwidth, t)
+                                              for sh, moved, t in dec_pts])
     results = {
         "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{machine_id(device)}, torch {torch.__version__}",
@@ -446,8 +502,10 @@ def run_profile(*, quick: bool = False, progress: bool = True, out: str | Path |
         "peak_flops": peak,
         "bandwidth": bandwidth,
         "memory_gb": cal_server.gpu_memory_gb,
-        "efficiency": {"train": eff_max(train_pts), "forward": eff_max(fwd_pts), "decode": decode_eff, "n_half": n_half},
+        "efficiency": {"train": eff_max(train_pts), "forward": eff_max(fwd_pts), "decode": decode_eff, "n_half": n_half,
+                       "decode_layer_s": decode_layer_s},
         "models": [{"params": s.params, **m} for s, m in models],
+        "decode_only": [{"params": sh.params, "layers": sh.layers, "decode_step_s": t} for sh, t in dec_only],
         "checks": checks,
     }
     path = Path(out) if out else calibration_path(device)

@@ -6,7 +6,9 @@ from memory, so at small batch it is bound by bandwidth, not compute. Each estim
 of the compute time and the memory time, divided by an efficiency factor: the fraction of the
 datasheet peak real code reaches. Small models reach less, because kernel launches and Python
 cost the same whatever the size: modelled as a fixed overhead worth ``n_half`` parameters per
-token, so the effective efficiency is ``eff * N / (N + n_half)`` and time stays monotone in N.
+token, so the effective efficiency is ``eff * N / (N + n_half)`` and time stays monotone in N. A
+decoding step also pays a fixed time per layer (``decode_layer_s``), so that a deep narrow model (a
+pruned one) is not predicted as fast as a shallow one of its size.
 
 The factors default to typical values (GPU training reaches ~40% of peak on large models) and are
 calibrated on the local machine by ``stratos profile``; measured stage times recorded by runs
@@ -64,6 +66,9 @@ class Efficiency:
     forward: float = 0.50  # of peak FLOP/s in prefill / teacher forward passes
     decode: float = 0.60  # of peak bandwidth when decoding
     n_half: float = 3e8  # parameters at which a model reaches half of the above
+    # Seconds each decoder layer adds to a decoding step whatever its width: eager PyTorch's per-layer work
+    # (Python, kernel launches), which a deep narrow model pays in full. Measured by `stratos profile`.
+    decode_layer_s: float = 0.0
     source: str = "default (typical GPU figures)"
 
     def scaled(self, kind: str, params: float) -> float:
@@ -133,11 +138,12 @@ def train_seconds(m: ModelShape, tokens: float, server: Server, eff: Efficiency,
 
 def decode_step_seconds(m: ModelShape, batch: int, context: float, server: Server, eff: Efficiency,
                         gpus: int | None = None) -> float:
-    """One decoding step of ``batch`` sequences: compute-bound or bandwidth-bound, whichever is slower."""
+    """One decoding step of ``batch`` sequences: compute-bound or bandwidth-bound, whichever is slower, plus
+    each layer's fixed cost (``Efficiency.decode_layer_s``)."""
     compute = 2 * (m.params + eff.n_half) * batch / (_flops(server, gpus) * eff.forward)
     moved = (m.params + eff.n_half) * m.bytes_per_param + batch * context * m.kv_bytes_per_token()
     memory = moved / (_bw(server, gpus) * eff.decode)
-    return max(compute, memory)
+    return max(compute, memory) + m.layers * eff.decode_layer_s
 
 
 def generate_seconds(m: ModelShape, sequences: float, prompt_tokens: float, new_tokens: float, server: Server,

@@ -118,7 +118,8 @@ def _steps(rationale: str) -> int:
 def profile_task(task: Any, *, train_size: int, tokenizer: Any = None, n: int = 20, seed: int = 0,
                  teacher_tokenizer: Any = None) -> TaskProfile:
     """Measure prompt, answer and rationale lengths on ``n`` train examples (tokens with ``tokenizer``, the
-    student's, else characters / 4, the usual English average), a teacher's prompt with and without the
+    student's, else characters / 4, the usual English average; the prompt as the student trains on it and is
+    served it, through its chat template where it has one), a teacher's prompt with and without the
     rules (in ``teacher_tokenizer``'s tokens, else as the student's), and the time this machine takes to
     make one question with its worked answer (what reverse synthesis does per question)."""
     t0 = time.perf_counter()
@@ -131,7 +132,14 @@ def profile_task(task: Any, *, train_size: int, tokenizer: Any = None, n: int = 
 
     t_tok = teacher_tokenizer if teacher_tokenizer is not None else tokenizer
 
-    prompts = [count(task.prompt(ex)) for ex in examples]
+    if tokenizer is not None and getattr(tokenizer, "chat_template", None):
+        from stratos.models.generate import encode_prompt
+        from stratos.tasks.base import messages
+
+        # The template's own tokens (a system prompt, role markers) are a third of a short question's and more.
+        prompts = [float(len(encode_prompt(tokenizer, messages(task, ex)))) for ex in examples]
+    else:
+        prompts = [count(task.prompt(ex)) for ex in examples]
     answers = [count(task.target(ex)) for ex in examples]
     return TaskProfile(
         name=task.name,
