@@ -36,15 +36,19 @@ def pareto_table(plan: Any, limit: int = 15) -> Any:
 
     t = Table(title=f"Pareto front ({plan.counts['front']} of {plan.counts['feasible']} feasible, "
                     f"{plan.counts['total']} combinations); * = chosen")
-    for col in ("", "teacher", "student", "train on", "serve on", "accuracy", "latency ms", "train min", "cost $", "score"):
-        t.add_column(col, justify="right" if col in ("accuracy", "latency ms", "train min", "cost $", "score") else "left")
+    for col in ("", "teacher", "student", "train on", "serve on", "accuracy", "p50 ms (load)", "train min", "cost $", "score"):
+        t.add_column(col, justify="right" if col in ("accuracy", "p50 ms (load)", "train min", "cost $", "score") else "left")
     for i, r in enumerate(plan.pareto[:limit]):
         t.add_row("*" if i == 0 else "", r["teacher"], r["student"], r["training_server"], r["serving_server"],
                   f"{r['accuracy']:.1%} ({r['accuracy_method']})", f"{r['latency_ms']:,.1f}",
                   f"{r['train_hours'] * 60:,.1f}", f"{r['cost_usd']:,.2f}",
                   "" if r["score"] is None else f"{r['score']:.3f}")
+    load = plan.predicted.get("latency_load")
+    notes = ([f"p50 ms (load): request latency predicted for the eval's load test ({load['clients']} concurrent "
+              f"client(s), {load['new_tokens']:g} new tokens each)"] if load and load.get("new_tokens") else [])
     if len(plan.pareto) > limit:
-        t.caption = f"{len(plan.pareto) - limit} more front points in plan.json"
+        notes.append(f"{len(plan.pareto) - limit} more front points in plan.json")
+    t.caption = "; ".join(notes) or None
     return t
 
 
