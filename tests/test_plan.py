@@ -803,17 +803,18 @@ def test_shipped_accuracy_records_correct_a_fresh_install_for_the_same_task_stud
     mine = [r for r in shipped if r["task"] == task and r["student"] == student and r["recipe"] == recipe]
     assert len(mine) >= 2  # the README's fresh-clone runs: every one ships
     records = accuracy_records(task, student, shipped + read_measurements())
-    err, runs, from_shipped = accuracy_corrections(records, recipe)["prior"]
+    err, measured, runs, from_shipped = accuracy_corrections(records, recipe)["prior"]
     assert (runs, from_shipped) == (len(mine), len(mine))
     assert err == pytest.approx(statistics.median(r["error"] for r in mine)) and err > 0  # the prior was low
+    assert measured == pytest.approx(statistics.median(r["measured"] for r in mine))
     assert accuracy_records(task + " other options", student, shipped) == []
     smaller = apply_spec(strategy, replace(SpecValues.from_spec(demo), reverse_synthesis=800), profile)
     assert accuracy_corrections(records, recipe_key(smaller, demo.teachers[0].model)) == {}
     # This machine's own run of the same task, student and recipe counts beside them.
     record_accuracy(task, "prior", 0.5, 0.5 + err + 0.5, run="here", student=student, recipe=recipe)
     records = accuracy_records(task, student, shipped + read_measurements())
-    err2, runs2, shipped2 = accuracy_corrections(records, recipe)["prior"]
-    assert (runs2, shipped2) == (runs + 1, from_shipped) and err2 > err
+    err2, measured2, runs2, shipped2 = accuracy_corrections(records, recipe)["prior"]
+    assert (runs2, shipped2) == (runs + 1, from_shipped) and err2 > err and measured2 > measured
 
 
 def test_the_plan_corrects_its_predictions_by_what_earlier_runs_measured():
@@ -856,20 +857,33 @@ def test_the_plan_corrects_its_predictions_by_what_earlier_runs_measured():
              "basis": LATENCY_BASIS}
     assert corrections("small", [{**timed, "machine": "Another CPU, 64 cores"}]) == {}
     assert corrections("small", [{**timed, "machine": machine_id()}]) == {"latency": 2.0}
-    assert corr["prior"][1] == 2 and corr["prior"][0] == pytest.approx(-0.3)  # median of -0.4 and -0.2
-    assert accuracy_corrections(accuracy_records("t", other, records), recipe)["prior"] == (pytest.approx(0.5), 1, 0)
+    assert corr["prior"][2] == 2 and corr["prior"][0] == pytest.approx(-0.3)  # median of -0.4 and -0.2
+    assert corr["prior"][1] == pytest.approx(0.5)  # measured 0.4 and 0.6
+    assert accuracy_corrections(accuracy_records("t", other, records), recipe)["prior"] == \
+        (pytest.approx(0.5), pytest.approx(1.3), 1, 0)
     plain, plain_cands = build_plan(inputs())
     # Each student's own runs: the same errors, recorded for the recipe it is planned with.
     theirs = [{**r, "recipe": recipes[1]} for r in mine if r.get("recipe") == recipe]
     learnt, learnt_cands = build_plan(inputs(accuracy_records={0: mine, 1: theirs},
                                              corrections={"small": {"latency": 3.0}}))
-    assert learnt.predicted["accuracy"] == pytest.approx(max(0.0, plain.predicted["accuracy"] - 0.3))
+    # A prior is replaced by what those runs measured (the median of 0.4 and 0.6), whatever the prior said.
+    assert learnt.predicted["accuracy"] == pytest.approx(0.5)
     for a, b in zip(plain_cands, learnt_cands):  # the same candidates, in the same order
-        assert b.accuracy == pytest.approx(max(0.0, a.accuracy - 0.3))
+        assert b.accuracy == pytest.approx(0.5) and a.accuracy != pytest.approx(0.5)
         assert b.latency_ms == pytest.approx(a.latency_ms * (3.0 if a.serving_server == "small" else 1.0))
     assert {c.serving_server for c in plain_cands} == {"big", "small"}
-    assert f"corrected by -30.0 points, the median error of this task's prior predictions for this student " \
-           f"trained the same way ({recipe}) in 2 earlier run(s)" in learnt.predicted["accuracy_reason"]
+    prior = next(a.accuracy for a in plain_cands if a.student == learnt.student["name"])  # the chosen pair's
+    assert learnt.predicted["accuracy_correction"] == pytest.approx(0.5 - prior)
+    assert f"corrected by {100 * (0.5 - prior):+.1f} points to 50.0%, the median accuracy of " \
+           f"this student trained the same way ({recipes[learnt.student['index']]}) on this task in 2 earlier run(s)" \
+           in learnt.predicted["accuracy_reason"]
+    # A pilot's prediction is corrected by its median error instead: it measured this plan's own student.
+    piloted = {(0, si): (0.7, "pilot", "pilot: 70%") for si in (0, 1)}
+    pilot_recs = [{**r, "method": "pilot"} for r in mine]
+    pd = next(p for p in decide_pairs(inputs(student_accuracy=piloted, accuracy_records={0: pilot_recs}))
+              if p.student_index == 0)
+    assert pd.accuracy == pytest.approx(0.7 - 0.3) and "the median error of this task's pilot predictions" in \
+        pd.accuracy_reason
     assert not any("median of measured over predicted p50" in r for r in plain.reasons)
     served_on_gpu, _ = build_plan(inputs(corrections={s.name: {"latency": 3.0} for s in inputs().servers}))
     assert any("x3.00: the median of measured over predicted p50 in earlier evals" in r for r in served_on_gpu.reasons)

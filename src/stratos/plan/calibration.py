@@ -99,7 +99,9 @@ def local_efficiency(cal: dict[str, Any], has_gpu: bool = False) -> Efficiency:
         e = cal["efficiency"]
         return Efficiency(train=e["train"], forward=e["forward"], decode=e["decode"], n_half=e["n_half"],
                           decode_layer_s=e.get("decode_layer_s", 0.0),
-                          source=f"calibrated by stratos profile on {cal.get('measured_at', '?')[:10]}")
+                          source=f"calibrated by stratos profile on {cal.get('measured_at', '?')[:10]}"
+                          + (f", while other work kept {cal['busy_cores']:.1f} cores busy: its speeds are low"
+                             if cal.get("busy") else ""))
     return GPU_DEFAULT if has_gpu else CPU_DEFAULT
 
 
@@ -229,11 +231,13 @@ def accuracy_records(task: str, student: str, records: list[dict[str, Any]]) -> 
     return [r for r in records if r.get("kind") == "accuracy" and r.get("task") == task and r.get("student") == student]
 
 
-def accuracy_corrections(records: list[dict[str, Any]], recipe: str) -> dict[str, tuple[float, int, int]]:
-    """Per prediction method: the median error (measured - predicted accuracy) of the latest runs among
-    ``records`` (``accuracy_records``: one task and student) trained by ``recipe`` (``recipe_key``), how many
-    runs it comes from, and how many of those are shipped (``shipped_measurements``); a plan adds it to its
-    prediction for that student and recipe. Records written before recipes were recorded are not used."""
+def accuracy_corrections(records: list[dict[str, Any]], recipe: str) -> dict[str, tuple[float, float, int, int]]:
+    """Per prediction method: the median error (measured - predicted accuracy) and the median measured accuracy
+    of the latest runs among ``records`` (``accuracy_records``: one task and student) trained by ``recipe``
+    (``recipe_key``), how many runs they come from, and how many of those are shipped
+    (``shipped_measurements``). A plan predicts that student and recipe's accuracy from them (the planner: a
+    prior is replaced by the measured median, a pilot's prediction corrected by the error). Records written
+    before recipes were recorded are not used."""
     latest: dict[str, dict[str, Any]] = {}  # by run: the last record of each
     for r in records:
         if r.get("recipe") == recipe:
@@ -245,7 +249,8 @@ def accuracy_corrections(records: list[dict[str, Any]], recipe: str) -> dict[str
     out = {}
     for m, rs in by_method.items():
         window = rs[-CORRECTION_WINDOW:]
-        out[m] = (statistics.median(float(r["error"]) for r in window), len(window),
+        out[m] = (statistics.median(float(r["error"]) for r in window),
+                  statistics.median(float(r["measured"]) for r in window), len(window),
                   sum(1 for r in window if r.get("shipped")))
     return out
 
@@ -402,23 +407,50 @@ def _fit_decode(points: list[tuple[int, float, float]]) -> tuple[float, float]:
 BUSY_SHARE = 0.5
 
 
-def busy_cores() -> float | None:
-    """The 1-minute load average: about how many cores other work kept busy (None where the OS has none)."""
+def _cpu_seconds() -> tuple[float, float, float] | None:
+    """(wall clock, CPU seconds every process on the machine has used (hypervisor steal included: a neighbour's
+    work slows ours too), CPU seconds of this process and its children), or None without ``/proc/stat``."""
     try:
-        return os.getloadavg()[0]
-    except (AttributeError, OSError):
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    except (OSError, ValueError):
         return None
+    user, nice, system, _idle, _iowait, irq, softirq, *steal = fields
+    t = os.times()
+    return (time.perf_counter(), (user + nice + system + irq + softirq + sum(steal)) / os.sysconf("SC_CLK_TCK"),
+            t.user + t.system + t.children_user + t.children_system)
+
+
+class OtherWork:
+    """How many cores other processes kept busy between ``start()`` and ``cores()``: the machine's CPU time
+    (``/proc/stat``) less this process's, over the wall time. Where ``/proc/stat`` is missing, the 1-minute load
+    average, a lagging figure that counts this process too (after ``pip install`` it still reads 1.1-1.3 on an
+    idle 2-core machine, which is why it is not the first choice)."""
+
+    def start(self) -> "OtherWork":
+        self._t0 = _cpu_seconds()
+        return self
+
+    def cores(self) -> float | None:
+        end = _cpu_seconds()
+        if self._t0 is None or end is None or end[0] <= self._t0[0]:
+            try:
+                return os.getloadavg()[0]
+            except (AttributeError, OSError):
+                return None
+        wall, machine, mine = (b - a for a, b in zip(self._t0, end))
+        return max(0.0, (machine - mine) / wall)
 
 
 def run_profile(*, quick: bool = False, progress: bool = True, out: str | Path | None = None,
                 sizes: list[tuple[int, int]] | None = None, seconds: float | None = None,
-                device: Any = None) -> dict[str, Any]:
+                device: Any = None, store_busy: bool = True) -> dict[str, Any]:
     """Measure this machine's ``device`` (a torch device; default: the ``auto`` one of
     ``stratos.runtime``) and store its calibration. Returns it, with a ``checks`` list of
     predicted (with the previous calibration or defaults) vs measured times per stage.
 
     ``sizes`` are (hidden, layers) of the Llamas timed (default: one in quick mode, two otherwise,
-    so the small-model overhead can be fitted); ``seconds`` is the minimum time per measurement."""
+    so the small-model overhead can be fitted); ``seconds`` is the minimum time per measurement.
+    ``store_busy`` False: a CPU measured busy (``busy``) is not stored, so the next plan measures it again."""
     import torch
 
     from stratos.io import write_json
@@ -428,7 +460,7 @@ def run_profile(*, quick: bool = False, progress: bool = True, out: str | Path |
     from stratos.runtime import bf16_supported, resolve_device
 
     seconds = seconds or (0.3 if quick else 1.0)
-    busy = busy_cores()  # other work sharing the CPU makes every speed below look slower than it is
+    others = OtherWork().start()  # other work sharing the CPU makes every speed below look slower than it is
     device = torch.device(device) if device is not None else resolve_device("auto")
     gpu = device.type == "cuda"
     bf16 = bf16_supported(device)
@@ -463,6 +495,7 @@ def run_profile(*, quick: bool = False, progress: bool = True, out: str | Path |
                      _decode_step_s(wide, bf16=bf16, steps=16, seconds=seconds / 2))]
         del wide
         bar.advance()
+    busy = others.cores()
     cal_server = local_server(0.0, {"peak_flops": peak, "bandwidth": bandwidth}, device=device)
     train_pts, fwd_pts, dec_pts, checks = [], [], [], []
     for shape, m in models:
@@ -509,10 +542,17 @@ def run_profile(*, quick: bool = False, progress: bool = True, out: str | Path |
         "checks": checks,
     }
     path = Path(out) if out else calibration_path(device)
-    write_json(path, results)
     cores = os.cpu_count() or 1
-    if device.type == "cpu" and busy is not None and busy >= BUSY_SHARE * cores:
-        log.warning("the CPU was busy while it was profiled (1-minute load average %.1f on %d cores): the speeds in "
+    results["busy"] = device.type == "cpu" and busy is not None and busy >= BUSY_SHARE * cores
+    if results["busy"] and not store_busy:
+        log.warning("the CPU was busy while it was profiled (other work kept %.1f of its %d cores busy): its speeds "
+                    "are low (a layer's fixed cost in decoding measured up to 10x its quiet value on 2 cores), so "
+                    "this plan predicts stages and latency slower than they run; not stored: the next plan measures "
+                    "it again (or run `stratos profile` when nothing else runs)", busy, cores)
+        return results
+    write_json(path, results)
+    if results["busy"]:
+        log.warning("the CPU was busy while it was profiled (other work kept %.1f of its %d cores busy): the speeds in "
                     "%s are low, and every later plan on this machine predicts stages slower than they run; rerun "
                     "`stratos profile` when nothing else runs", busy, cores, path)
     for c in checks:

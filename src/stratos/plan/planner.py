@@ -332,14 +332,24 @@ def decide_pairs(inputs: PlanInputs) -> list[PairDecision]:
             learnt = accuracy_corrections(inputs.accuracy_records.get(si, []), recipe)
             correction = 0.0
             if method in learnt:  # learnt from what earlier runs of this task, student and recipe measured
-                err, runs, shipped = learnt[method]
-                correction = min(1.0, max(0.0, acc + err)) - acc
+                err, measured, runs, shipped = learnt[method]
+                source = (f"in {runs} earlier run(s) (deployed student measured"
+                          + (f"; {shipped} of them measured by Stratos' authors, shipped in "
+                             "stratos/data/accuracy_records.jsonl" if shipped else "") + ")")
+                if method == "prior":
+                    # The prior is a formula of the probe and the capacity ratio; the same task, student and
+                    # recipe train the same student, so what those runs measured is the prediction. An error
+                    # added to the prior would carry over wrong once the prior's inputs change (a probe asked
+                    # with worked examples since: 65% -> 81% on the alignment example, and a +17-point error
+                    # learnt against the zero-shot prior then predicted 100%).
+                    correction = min(1.0, max(0.0, measured)) - acc
+                    why += (f"; corrected by {100 * correction:+.1f} points to {measured:.1%}, the median accuracy "
+                            f"of this student trained the same way ({recipe}) on this task {source}")
+                else:  # a pilot measures this plan's own student: its bias is what carries over
+                    correction = min(1.0, max(0.0, acc + err)) - acc
+                    why += (f"; corrected by {100 * err:+.1f} points, the median error of this task's {method} "
+                            f"predictions for this student trained the same way ({recipe}) {source}")
                 acc += correction
-                why += (f"; corrected by {100 * err:+.1f} points, the median error of this task's {method} "
-                        f"predictions for this student trained the same way ({recipe}) in {runs} earlier run(s) "
-                        "(deployed student measured"
-                        + (f"; {shipped} of them measured by Stratos' authors, shipped in "
-                           "stratos/data/accuracy_records.jsonl" if shipped else "") + ")")
             if not names_algorithm(distill):  # what the spec names is what runs: no RL phase of the plan's own
                 strat, acc, gain = plan_rl(strat, inputs.task, acc, inputs.min_accuracy, distill.num_generations)
                 why += gain

@@ -137,8 +137,9 @@ def make_plan(
         from stratos.plan.calibration import calibration_path, run_profile
 
         log.info("plan: this machine has no calibration yet; measuring it (stratos profile --quick)")
-        cal = run_profile(quick=True, progress=progress, device=device)
-        log.info("plan: calibration stored in %s", calibration_path(device))
+        cal = run_profile(quick=True, progress=progress, device=device, store_busy=False)
+        if not cal["busy"]:
+            log.info("plan: calibration stored in %s", calibration_path(device))
     servers = load_catalog(ps.catalog, mode=ps.catalog_mode, local_price=ps.local_price_per_hour, calibration=cal,
                            device=device, processes=processes)
     if ps.servers:
