@@ -851,6 +851,13 @@ def test_the_plan_corrects_its_predictions_by_what_earlier_runs_measured():
     # A latency record written before plans predicted the eval's load (its prediction was for one request
     # alone, of the answer's length) sets the p50 under load over another quantity: it corrects nothing.
     assert corrections("small", [{k: v for k, v in records[-1].items() if k != "basis"}]) == {}
+    # The runner writes the basis only where the eval ran the load the plan predicted for: not for an old
+    # plan, nor after eval.bench_clients was edited (which reruns the eval alone).
+    from stratos.plan.calibration import latency_basis
+
+    predicted = {"latency_ms": 300.0, "latency_load": {"clients": 4, "new_tokens": 64}}
+    assert latency_basis(predicted, 4, 64) == LATENCY_BASIS
+    assert latency_basis(predicted, 8, 64) is None and latency_basis({"latency_ms": 82.0}, 4, 64) is None
     # A stage time measured on another machine (a cache shared over a network drive) corrects nothing here;
     # one of this machine's does.
     timed = {"stage": "latency", "server": "small", "predicted_s": 10.0, "measured_s": 20.0, "ratio": 2.0,

@@ -747,7 +747,7 @@ def _learn(ctx: Context, seconds: float, predicted_s: float | None, *, resumed: 
     their predictions by it): the stage's time against the plan's prediction, when it ran whole on the
     machine the plan priced; after the eval, the deployed student's accuracy and latency against the
     plan's predictions (latency only when served on the plan's serving server)."""
-    from stratos.plan.calibration import LATENCY_BASIS, recipe_key, record_accuracy, record_stage, student_key, task_key
+    from stratos.plan.calibration import latency_basis, recipe_key, record_accuracy, record_stage, student_key, task_key
 
     if predicted_s and not resumed:
         record_stage(ctx.stage, "local", predicted_s, seconds, run_dir=ctx.dir, note=f"run {ctx.run_dir.name}")
@@ -771,11 +771,7 @@ def _learn(ctx: Context, seconds: float, predicted_s: float | None, *, resumed: 
     p50 = (final.get("latency_ms") or {}).get("p50")
     if plan.serving_server.is_local and p50 and pred.get("latency_ms"):
         record_stage("latency", plan.serving_server.name, pred["latency_ms"], p50, run_dir=ctx.dir, run=run,
-                     # the plan's prediction was for this eval's load (a plan written before it predicted one
-                     # request alone; eval.bench_clients or max_new_tokens changed since make another load)
-                     basis=LATENCY_BASIS if pred.get("latency_load") == {"clients": ctx.spec.eval.bench_clients,
-                                                                          "new_tokens": ctx.spec.eval.max_new_tokens}
-                     else None,
+                     basis=latency_basis(pred, ctx.spec.eval.bench_clients, ctx.spec.eval.max_new_tokens),
                      note=f"p50 at {ctx.spec.eval.bench_clients} clients over the plan's prediction (ms)")
 
 

@@ -114,6 +114,13 @@ def local_efficiency(cal: dict[str, Any], has_gpu: bool = False) -> Efficiency:
 LATENCY_BASIS = "eval load test"
 
 
+def latency_basis(predicted: dict[str, Any], clients: int, new_tokens: int) -> str | None:
+    """``LATENCY_BASIS`` where a plan's ``predicted`` latency was for the load the eval ran (``clients``
+    concurrent clients, ``new_tokens`` each), else None: a plan written before plans predicted the load test,
+    or an eval whose ``bench_clients`` was edited since (it does not rerun the plan), predicted another load."""
+    return LATENCY_BASIS if predicted.get("latency_load") == {"clients": clients, "new_tokens": new_tokens} else None
+
+
 def record_stage(stage: str, server: str, predicted_s: float, measured_s: float, *,
                  run_dir: str | Path | None = None, note: str = "", run: str | None = None,
                  basis: str | None = None) -> dict[str, Any]:
