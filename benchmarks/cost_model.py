@@ -47,7 +47,7 @@ def main() -> None:
 
     import torch
 
-    from stratos.plan.calibration import _measure_model, _shape, load_calibration, local_efficiency, run_profile
+    from stratos.plan.calibration import _decode_step_s, _measure_model, _shape, load_calibration, local_efficiency, run_profile
     from stratos.plan.catalog import local_server
     from stratos.plan.costmodel import decode_step_seconds, forward_seconds, train_seconds
     from stratos.runtime import bf16_supported, resolve_device
@@ -70,13 +70,12 @@ def main() -> None:
         model = build(*SHAPES[name]).to(device)
         shape = _shape(model, 2.0 if bf16 else 4.0)
         m = _measure_model(model, bf16=bf16, batch=args.batch, seq=args.seq, decode_steps=32, seconds=args.seconds)
-        wide = _measure_model(model, bf16=bf16, batch=args.clients, seq=args.seq, decode_steps=32,
-                              seconds=args.seconds, decode_batch=args.clients)
+        wide = _decode_step_s(model, bf16=bf16, steps=32, seconds=args.seconds / 2, batch=args.clients)
         tok = args.batch * args.seq
         cells = [(m["train_step_s"], train_seconds(shape, tok, server, eff)),
                  (m["forward_s"], forward_seconds(shape, tok, server, eff)),
                  (m["decode_step_s"], decode_step_seconds(shape, 1, 32, server, eff)),
-                 (wide["decode_step_s"], decode_step_seconds(shape, args.clients, 32, server, eff))]
+                 (wide, decode_step_seconds(shape, args.clients, 32, server, eff))]
         print(f"{name:<14}{shape.params / 1e6:>7.1f}M{shape.layers:>7}  "
               + "".join(f"{1e3 * got:>14,.1f} ({got / want:>5.2f}x)  " for got, want in cells))
         del model

@@ -239,7 +239,7 @@ def test_the_plan_predicts_latency_for_the_load_the_eval_judges_it_under():
         build_plan(inputs(**one, load=load, max_latency_ms=limit))
     from stratos.plan.render import pareto_table
 
-    assert "predicted for the eval's load test (4 concurrent client(s), 64 new tokens each)" in pareto_table(plan).caption
+    assert "predicted for the eval's load test (4 concurrent clients, 64 new tokens each)" in pareto_table(plan).caption
 
 
 def test_binding_constraint_is_named_when_nothing_is_left():

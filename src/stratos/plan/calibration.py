@@ -312,28 +312,35 @@ def _shape(model, dtype_bytes: float) -> ModelShape:
                       bytes_per_param=dtype_bytes)
 
 
-def _measure_model(model, *, bf16: bool, batch: int, seq: int, decode_steps: int, seconds: float,
-                   decode_batch: int = 1) -> dict[str, float]:
-    """Seconds per training step, per forward pass and per decoding step (of ``decode_batch`` sequences) of one
-    small model, on its device."""
+def _autocast(device: Any, bf16: bool) -> Any:
+    import torch
+
+    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+
+def _decode_bytes(shape: ModelShape) -> float:
+    """What a decoding step of the profile moves: the weights and the KV cache of 80 tokens."""
+    return shape.params * shape.bytes_per_param + 80 * shape.kv_bytes_per_token(shape.bytes_per_param)
+
+
+def _measure_model(model, *, bf16: bool, batch: int, seq: int, decode_steps: int, seconds: float) -> dict[str, float]:
+    """Seconds per training step, per forward pass and per decoding step (batch 1) of one small model, on its
+    device."""
     import torch
 
     device = next(model.parameters()).device
     ids = torch.randint(0, model.config.vocab_size, (batch, seq), device=device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
-    def autocast():
-        return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-
     def train_step():
-        with autocast():
+        with _autocast(device, bf16):
             loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
     def forward():
-        with torch.no_grad(), autocast():
+        with torch.no_grad(), _autocast(device, bf16):
             model(input_ids=ids)
 
     model.train()
@@ -341,8 +348,7 @@ def _measure_model(model, *, bf16: bool, batch: int, seq: int, decode_steps: int
     model.eval()
     t_fwd = _timed(forward, seconds / 2, device=device)
     return {"train_step_s": t_train, "forward_s": t_fwd, "tokens": batch * seq,
-            "decode_step_s": _decode_step_s(model, bf16=bf16, steps=decode_steps, seconds=seconds / 2,
-                                            batch=decode_batch)}
+            "decode_step_s": _decode_step_s(model, bf16=bf16, steps=decode_steps, seconds=seconds / 2)}
 
 
 def _decode_step_s(model, *, bf16: bool, steps: int, seconds: float, batch: int = 1) -> float:
@@ -354,11 +360,9 @@ def _decode_step_s(model, *, bf16: bool, steps: int, seconds: float, batch: int 
 
     device = next(model.parameters()).device
     prompt = torch.randint(0, model.config.vocab_size, (batch, 16), device=device)
-    def autocast():
-        return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
     def decode():
-        with torch.no_grad(), autocast():
+        with torch.no_grad(), _autocast(device, bf16):
             cache = DynamicCache()  # filled in place by every forward
             tok = model(input_ids=prompt, use_cache=True, **cache_arg(model, cache)).logits[:, -1:].argmax(-1)
             for _ in range(steps):
@@ -509,8 +513,7 @@ def run_profile(*, quick: bool = False, progress: bool = True, out: str | Path |
         tok = m["tokens"]
         train_pts.append((shape.params, 6 * shape.params * tok / m["train_step_s"] / peak))
         fwd_pts.append((shape.params, 2 * shape.params * tok / m["forward_s"] / peak))
-        moved = shape.params * shape.bytes_per_param + 80 * shape.kv_bytes_per_token(shape.bytes_per_param)
-        dec_pts.append((shape, moved, m["decode_step_s"]))
+        dec_pts.append((shape, m["decode_step_s"]))
         # What the model predicted for these measurements before this calibration.
         for stage, predicted, measured in (
             ("train", train_seconds(shape, tok, prev_server, prev_eff), m["train_step_s"]),
@@ -527,10 +530,8 @@ def run_profile(*, quick: bool = False, progress: bool = True, out: str | Path |
 
     # Decoding moves the weights, the KV cache and the fixed overhead (n_half parameters' worth of bytes), and
     # each layer costs a fixed time besides.
-    for sh, t in dec_only:
-        dec_pts.append((sh, sh.params * sh.bytes_per_param + 80 * sh.kv_bytes_per_token(sh.bytes_per_param), t))
-    decode_eff, decode_layer_s = _fit_decode([(sh.layers, (moved + n_half * sh.bytes_per_param) / bandwidth, t)
-                                              for sh, moved, t in dec_pts])
+    decode_eff, decode_layer_s = _fit_decode([(sh.layers, (_decode_bytes(sh) + n_half * sh.bytes_per_param) / bandwidth, t)
+                                              for sh, t in dec_pts + dec_only])
     results = {
         "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{machine_id(device)}, torch {torch.__version__}",
@@ -551,17 +552,19 @@ def run_profile(*, quick: bool = False, progress: bool = True, out: str | Path |
     path = Path(out) if out else calibration_path(device)
     cores = os.cpu_count() or 1
     results["busy"] = device.type == "cpu" and busy is not None and busy >= BUSY_SHARE * cores
-    if results["busy"] and not store_busy:
-        log.warning("the CPU was busy while it was profiled (other work kept %.1f of its %d cores busy): its speeds "
-                    "are low (a layer's fixed cost in decoding measured up to 10x its quiet value on 2 cores), so "
-                    "this plan predicts stages and latency slower than they run; not stored: the next plan measures "
-                    "it again (or run `stratos profile` when nothing else runs)", busy, cores)
-        return results
-    write_json(path, results)
+    stored = not (results["busy"] and not store_busy)
+    if stored:
+        write_json(path, results)
     if results["busy"]:
-        log.warning("the CPU was busy while it was profiled (other work kept %.1f of its %d cores busy): the speeds in "
-                    "%s are low, and every later plan on this machine predicts stages slower than they run; rerun "
-                    "`stratos profile` when nothing else runs", busy, cores, path)
+        then = (f"every later plan on this machine predicts stages slower than they run; stored in {path}: rerun "
+                "`stratos profile` when nothing else runs" if stored else
+                "this plan predicts stages and latency slower than they run; not stored: the next plan measures it "
+                "again (or run `stratos profile` when nothing else runs)")
+        log.warning("the CPU was busy while it was profiled (other work kept %.1f of its %d cores busy): its speeds "
+                    "are low (a layer's fixed cost in decoding measured up to 10x its quiet value on 2 cores), so %s",
+                    busy, cores, then)
+    if not stored:
+        return results
     for c in checks:
         record_stage(f"profile-{c['stage']}", "local", c["predicted_s"], c["measured_s"], note=f"{c['params']:.0f} params")
     return results

@@ -331,10 +331,18 @@ class LoadTest:
     clients: int = 1
     new_tokens: float | None = None  # None: the task's answer length
 
+    def _who(self) -> str:
+        return f"{self.clients} concurrent clients" if self.clients > 1 else "one client"
+
     def words(self, prompt_tokens: float, answer_tokens: float) -> str:
+        """The load in the plan's reason, with the request's length."""
         new = self.new_tokens if self.new_tokens is not None else answer_tokens
-        who = f"{self.clients} concurrent clients" if self.clients > 1 else "one client"
-        return f"{who}, each request {prompt_tokens:.0f} prompt + {new:.0f} new tokens"
+        return f"{self._who()}, each request {prompt_tokens:.0f} prompt + {new:.0f} new tokens"
+
+    def label(self) -> str:
+        """The load beside a predicted figure (plan.json's ``predicted.latency_load``, the report, ``stratos plan``)."""
+        return f"{self._who()}, " + (f"{self.new_tokens:g} new tokens each" if self.new_tokens is not None
+                                     else "an answer each")
 
 
 def serve_latency_ms(student: ModelShape, work: Workload, serve: Server, eff: Efficiency,

@@ -43,9 +43,11 @@ def pareto_table(plan: Any, limit: int = 15) -> Any:
                   f"{r['accuracy']:.1%} ({r['accuracy_method']})", f"{r['latency_ms']:,.1f}",
                   f"{r['train_hours'] * 60:,.1f}", f"{r['cost_usd']:,.2f}",
                   "" if r["score"] is None else f"{r['score']:.3f}")
+    from stratos.plan.costmodel import LoadTest
+
     load = plan.predicted.get("latency_load")
-    notes = ([f"p50 ms (load): request latency predicted for the eval's load test ({load['clients']} concurrent "
-              f"client(s), {load['new_tokens']:g} new tokens each)"] if load and load.get("new_tokens") else [])
+    notes = ([f"p50 ms (load): request latency predicted for the eval's load test ({LoadTest(**load).label()})"]
+             if load else [])
     if len(plan.pareto) > limit:
         notes.append(f"{len(plan.pareto) - limit} more front points in plan.json")
     t.caption = "; ".join(notes) or None

@@ -238,12 +238,10 @@ def _constraints(results: dict[str, Any], predicted: dict[str, Any]) -> str:
 
 def _predicted_load(predicted: dict[str, Any]) -> str:
     """The load the plan predicted latency for (``costmodel.LoadTest``), in words."""
+    from stratos.plan.costmodel import LoadTest
+
     load = predicted.get("latency_load")
-    if not load:
-        return "one request at a time"
-    clients = load["clients"]
-    return (f"p50 of {clients} concurrent client{'s' * (clients != 1)}, "
-            + (f"{load['new_tokens']:g} new tokens each" if load.get("new_tokens") is not None else "an answer each"))
+    return f"p50 of {LoadTest(**load).label()}" if load else "one request at a time"
 
 
 def _attempts(manifest: dict[str, Any]) -> str:
