@@ -468,6 +468,15 @@ def test_unverified_teacher_data_written_in_the_spec_changes_what_the_plan_says_
     assert ("synth.verify false (plan: true), so kd_ratio 0.9 (plan: 0.5), the rule for answers no verifier "
             "checks, for a teacher at 85%") in said
     assert build_plan(one_pair(probes=reliable, spec_values=SpecValues(verify=False, kd_ratio=0.3)))[0].strategy.kd_ratio == 0.3
+    # Other data: accuracy records of runs on verified answers do not correct this plan, even at one sample per
+    # prompt and the same kd_ratio, where the data's size and the loss are the same.
+    from stratos.plan.calibration import recipe_key
+
+    one = build_plan(one_pair(probes=reliable, spec_values=SpecValues(verify=False, kd_ratio=0.5,
+                                                                      samples_per_prompt=1)))[0].strategy
+    checked = build_plan(one_pair(probes=reliable, spec_values=SpecValues(samples_per_prompt=1)))[0].strategy
+    assert (one.data_size, one.kd_ratio) == (checked.data_size, checked.kd_ratio)
+    assert recipe_key(one, "t") == recipe_key(checked, "t") + ", every sample kept unchecked"
 
 
 def test_the_plan_puts_worked_examples_in_the_teachers_prompts_where_the_probe_shows_they_help():

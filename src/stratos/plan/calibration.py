@@ -200,15 +200,19 @@ def student_key(student: Any) -> str:
 def recipe_key(strategy: Any, teacher_model: str) -> str:
     """How a student is trained, as far as its accuracy goes (``stratos.plan.strategy.Strategy``, the spec's
     values applied): the data's size, the epochs, the loss and its weight against CE (``kd_ratio``), the teacher
-    where it gives data or signal, and the worked examples it was shown (``synth.few_shot``).
+    where it gives data or signal, the worked examples it was shown (``synth.few_shot``), and whether its
+    samples were kept unchecked (``synth.verify: false``).
     An accuracy record corrects only plans of the same recipe: the prior does not see the data's size, so a
-    run on 8,000 examples says nothing of one on 800, nor one at kd_ratio 0.5 of one at 0.9."""
+    run on 8,000 examples says nothing of one on 800, nor one at kd_ratio 0.5 of one at 0.9, nor one on
+    verified answers of one on answers right or wrong."""
     key = f"{strategy.data_size} examples x {strategy.epochs:g} epochs, loss {strategy.loss}"
     key += f" (kd_ratio {strategy.kd_ratio:g})" if strategy.loss != "ce" else ""
     key += f", teacher {teacher_model}" if strategy.teacher_generates or strategy.loss != "ce" else ""
     # Worked examples before the teacher's questions make other data (and another teacher signal).
-    return key + (f", the teacher shown {strategy.few_shot} worked examples"
-                  if strategy.few_shot and strategy.teacher_generates else "")
+    if strategy.few_shot and strategy.teacher_generates:
+        key += f", the teacher shown {strategy.few_shot} worked examples"
+    # Every sample kept, right or wrong: other data than the verified answers of the same prompts.
+    return key + (", every sample kept unchecked" if strategy.teacher_generates and not strategy.verify else "")
 
 
 def record_accuracy(task: str, method: str, predicted: float, measured: float, *, run: str, student: str,
