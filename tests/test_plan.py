@@ -454,8 +454,8 @@ def test_unverified_teacher_data_written_in_the_spec_changes_what_the_plan_says_
     mark = "[the plan's own choice; the spec's value replaces it, below]"
     assert all(r + " " + mark in plan.reasons for r in verified)
     said = next(r for r in plan.reasons if r.startswith("from the spec"))
-    assert "synth.verify false (plan: true)" in said and "x 4 sample(s), every one kept" in said
-    assert f"= {st.data_size} examples x" in said
+    assert "synth.verify false (plan: true)" in said and "x 4 sample(s), every distinct one kept" in said
+    assert f"= at most {st.data_size} examples x" in said and "identical samples once" in said
     assert st.kd_ratio == own.strategy.kd_ratio == 0.5  # a teacher at 70%: KD balanced with CE, checked or not
     # A reliable teacher (85%): kd_ratio 0.5 on verified answers, 0.9 where every sample is kept unchecked, and
     # the plan says why; a kd_ratio the spec writes wins over both.

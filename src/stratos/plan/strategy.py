@@ -446,13 +446,15 @@ def apply_spec(strategy: Strategy, values: SpecValues, task: TaskProfile) -> Str
     sizes = []
     if generates:
         sizes.append(f"{prompts} teacher prompt(s) x {samples} sample(s)"
-                     + (", every one kept" if values.verify is False else ""))
+                     + (", every distinct one kept" if values.verify is False else ""))
     if rev:
         sizes.append(f"{rev} reverse-synthesised")
     reasons = _mark_replaced(strategy, changed) + [
         "from the spec (what the user wrote wins over the plan): " + ", ".join(parts) + "; the data is "
-        + (" + ".join(sizes) or "none") + f" = {data} examples x {epochs:g} epochs{capped}, and the predictions "
-        "are for that"
+        + (" + ".join(sizes) or "none") + f" = {'at most ' if values.verify is False else ''}{data} examples x "
+        f"{epochs:g} epochs{capped}"
+        + (" (synth keeps a prompt's identical samples once)" if values.verify is False else "")
+        + ", and the predictions are for that"
         + ("" if data else "; with no teacher prompts and no reverse synthesis only the rules corpus is left to "
            "train on")
     ]
