@@ -158,6 +158,10 @@ def test_pipeline_killed_mid_distill_resumes_to_the_same_result(tiny_spec, tmp_p
     html = (killed / "report.html").read_text()
     assert ("Asked as synth asked it for the training data (2 worked examples and the rules before each question), the "
             f"teacher answers <b>{shown.accuracy:.1%}</b> of 12.") in html
+    # Each example prediction shows the task's reference answer beside what the model parsed.
+    wrong = next(json.loads(x) for x in (killed / "eval" / "predictions-deployed.jsonl").read_text().splitlines()
+                 if not json.loads(x)["correct"])
+    assert f"<td>{wrong['parsed']}</td><td>{wrong['answer']}</td>" in html
     for needle in ("Results", "deployed student", "Plan", "Training", "Stages: predicted vs measured",
                    "No eval question appears in the training data: 12 questions checked",
                    "Example predictions", "data:image/png;base64,"):

@@ -172,9 +172,9 @@ def _examples(eval_dir: Path, k: int = 4) -> str:
         right = [r for r in rows if r.get("correct")][:k]
         wrong = [r for r in rows if not r.get("correct")][:k]
         table = _table(
-            ["", "question", "output", "parsed", "reference"],
+            ["", "question", "output", "parsed", "reference answer"],
             [["✓" if r.get("correct") else "✗", f"<pre>{_e(r.get('prompt', ''))[:600]}</pre>",
-              f"<pre>{_e(r.get('output', ''))[:400]}</pre>", _e(r.get("parsed")), _e(r.get("reference"))]
+              f"<pre>{_e(r.get('output', ''))[:400]}</pre>", _e(r.get("parsed")), _e(r.get("answer"))]
              for r in right + wrong], cls="examples")
         name = path.stem.removeprefix("predictions-").replace("-", " ")
         parts.append(f"<details><summary>{_e(name)}: {len(right)} right and {len(wrong)} wrong of "
