@@ -132,6 +132,36 @@ def test_pair_records_templates_and_eos(bytelevel, spiece):
     assert paired.stats["beyond_chain"] == 1
 
 
+def test_a_teacher_prompt_longer_than_max_length_still_reads_the_whole_response(bytelevel, spiece):
+    """max_length bounds the student's example; the teacher reads the same response whatever its own prompt's
+    length (context distillation: worked examples in teacher_messages, here several times max_length). Every
+    student target pairs as it does without the context, and the teacher's example ends at its EOS target;
+    on-policy pairing (SampledCrossSignal) reads the same teacher rows."""
+    from stratos.distill.crosstok import SampledCrossSignal
+
+    shots = []
+    for a in range(6):
+        shots += [{"role": "user", "content": f"what is {a} + 1?"}, {"role": "assistant", "content": f"the answer is {a + 1}"}]
+    plain = [{"prompt": "what is 11 + 1?", "response": "the answer is 12"}]
+    ctx = [{**plain[0], "teacher_messages": [*shots, {"role": "user", "content": "what is 11 + 1?"}]}]
+    s_len = len(encode(plain, bytelevel, 10**6)[0][0].input_ids)
+    with_ctx, without = pair_records(ctx, bytelevel, spiece, s_len), pair_records(plain, bytelevel, spiece, s_len)
+    assert len(encode([{"messages": [*ctx[0]["teacher_messages"], {"role": "assistant", "content": "x"}]}],
+                      spiece, 10**6)[0][0].input_ids) > 3 * s_len
+    assert with_ctx.target_map == without.target_map and with_ctx.stats["aligned_share"] > 0.5
+    t_ex = with_ctx.teacher[0]
+    assert t_ex.labels[-1] == spiece.eos_token_id and t_ex.num_targets == without.teacher[0].num_targets
+    assert t_ex.input_ids[-t_ex.num_targets:] == without.teacher[0].input_ids[-t_ex.num_targets:]
+    vm = VocabMap.build(bytelevel, spiece, student_rows=len(bytelevel), teacher_rows=len(spiece))
+    online = OnlineTeacher(tiny_llama(spiece, seed=3))
+    up_front = CrossTokenizerSignal(online, with_ctx, vm, teacher_pad_id=spiece.pad_token_id)
+    sampled = SampledCrossSignal(online, ctx, bytelevel, spiece, vm, teacher_pad_id=spiece.pad_token_id,
+                                 max_length=s_len)
+    batch = collate(with_ctx.student, [0], bytelevel.pad_token_id)
+    assert torch.equal(sampled.hidden(batch), up_front.hidden(batch))
+    assert sampled.paired.teacher == [] and sampled._paired[1].teacher[0].input_ids == t_ex.input_ids
+
+
 # ------------------------------------------------------------------------------------------ the map and the loss
 
 

@@ -39,6 +39,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 from bisect import bisect_right
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -552,6 +553,24 @@ def _pair_targets(s_targets: Sequence[int], n_student: int, t_ex: Encoded, t_ids
     return row, chain_targets, chain_tokens, too_long
 
 
+def _teacher_example(rec: dict[str, Any], teacher_tok: Any) -> Encoded:
+    """``rec`` as its teacher reads it (``teacher_record``), encoded whole: the student's ``max_length`` bounds
+    what the student trains on, and the teacher must see the same response whatever its own prompt's length
+    (its chat template's system turn, or a context-distillation prompt with worked examples, can be several
+    times the student's). ``_read_up_to`` then cuts it after the last target read."""
+    return encode_record(teacher_record(rec), teacher_tok, sys.maxsize)[0]
+
+
+def _read_up_to(t_ex: Encoded, row: Sequence[int], chain_targets: Sequence[Sequence[int]]) -> Encoded:
+    """``t_ex`` cut after the last of its targets that ``row`` or ``chain_targets`` (indices among its targets,
+    -1 none) read, so the teacher computes no position past what the student's kept targets pair with; with
+    none read, its prompt and first response token."""
+    last = max([x for x in row if x >= 0] + [x for r in chain_targets for x in r if x >= 0], default=-1)
+    first = next((i for i, x in enumerate(t_ex.labels) if x != IGNORE), len(t_ex.labels))
+    end = first + _target_tokens(t_ex)[last] + 1 if last >= 0 else min(len(t_ex.labels), first + 1)
+    return Encoded(t_ex.input_ids[:end], t_ex.labels[:end])
+
+
 def _chain_tensor(rows: list[list[int]], width: int) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.long).reshape(len(rows), width)
 
@@ -590,7 +609,7 @@ def pair_records(records: Sequence[dict[str, Any]], student_tok: Any, teacher_to
         try:
             s_ex, _ = encode_record(rec, student_tok, max_length)
             own = {k: v for k, v in rec.items() if k not in ("response_ids", "topk")}  # the student's tokens
-            t_ex, _ = encode_record(teacher_record(own), teacher_tok, max_length)
+            t_ex = _teacher_example(own, teacher_tok)
         except (KeyError, TypeError, ValueError) as e:
             raise DataError(f"{record_location(records, i)}: {e}") from None
         if s_ex.num_targets == 0:
@@ -603,7 +622,7 @@ def pair_records(records: Sequence[dict[str, Any]], student_tok: Any, teacher_to
         row, at, tokens, too_long = _pair_targets(_target_tokens(s_ex), len(s_ids), t_ex, t_ids, al, max_chain)
         beyond_chain += too_long
         out_s.append(s_ex)
-        out_t.append(t_ex)
+        out_t.append(_read_up_to(t_ex, row, at))
         maps.append(row)
         chain_targets.append(_chain_tensor(at, max_chain - 1))
         chain_tokens.append(_chain_tensor(tokens, max_chain - 1))
@@ -743,9 +762,9 @@ class SampledCrossSignal(CrossTokenizerSignal):
         except UnicodeDecodeError:
             text = None
         rec = _with_response(record, text or "")
-        t_ex, _ = encode_record(teacher_record(rec), self.teacher_tok, self.max_length)
+        t_ex = _teacher_example(rec, self.teacher_tok)
         if text is None or "text" in record:  # a text row: no prompt sampled
-            return t_ex, None
+            return _read_up_to(t_ex, [], []), None
         t_ids = self.teacher_tok(text, add_special_tokens=False)["input_ids"]
         try:
             t_offsets = byte_offsets(self.teacher_tok, text, t_ids, self.t_pieces)
@@ -757,7 +776,8 @@ class SampledCrossSignal(CrossTokenizerSignal):
             pos += len(p)
         al = align(s_offsets, t_offsets, cut)
         # The special token that ended the text (index ``stop``) pairs with the teacher's EOS.
-        return t_ex, _pair_targets(range(len(response)), stop, t_ex, t_ids, al, self.paired.max_chain)
+        paired = _pair_targets(range(len(response)), stop, t_ex, t_ids, al, self.paired.max_chain)
+        return _read_up_to(t_ex, paired[0], paired[1]), paired
 
 
 def _with_response(record: dict[str, Any], text: str) -> dict[str, Any]:
