@@ -175,6 +175,44 @@ def test_vocab_map_by_bytes(bytelevel, spiece):
     assert 0 < vm.stats["vocab_overlap"] < 1
 
 
+def test_the_map_sends_mass_to_the_token_the_student_writes(bytelevel, spiece, tmp_path):
+    """A byte-fallback vocabulary (Gemma's, Llama 2's) spells a character twice: '<0x3A>' and ':'. The map, the
+    chain table and the top-k table take the token the tokenizer writes, never the byte-fallback piece where a
+    token of its own exists (a student taught the piece writes text its tokenizer never does: a pretrained
+    Gemma student so taught answered nothing). Trained by KD alone from a teacher of another tokenizer, the
+    student's top token at the data's positions is then never such a piece."""
+    from stratos.distill.crosstok import ids_by_bytes
+    from stratos.teachers.topk import vocab_by_bytes
+
+    fallback = {i for piece, i in spiece.get_vocab().items() if piece.startswith("<0x")}
+    s_vocab, t_vocab = spiece.get_vocab(), bytelevel.get_vocab()
+    assert {"h", "4", ":"} <= s_vocab.keys() and s_vocab["<0x68>"] < s_vocab["h"]  # the piece has the lower id
+    vm = VocabMap.build(spiece, bytelevel, student_rows=len(spiece), teacher_rows=len(bytelevel))
+    for ch in ("h", "4"):
+        assert vm.t2s[t_vocab[ch]] == s_vocab[ch] and vocab_by_bytes(spiece)[ch.encode()] == s_vocab[ch]
+    assert vm.t2s[t_vocab["Ã"]] == s_vocab["<0xC3>"]  # part of a character: the piece is the only token
+    table = ids_by_bytes(spiece)
+    assert not any(i in fallback for b, i in table.items() if len(b) == 1 and b[0] < 0x80 and
+                   any(j not in fallback for j, x in enumerate(token_bytes(spiece)) if x == b))
+    # A real run: KD alone (kd_ratio 1) from a bytelevel teacher that knows the answers.
+    recs = [{"prompt": f"{a}+{b}=", "response": f"h:{a + b}"} for a in range(10) for b in range(4)]
+    opts = dict(per_device_train_batch_size=8, learning_rate=3e-3, logging_steps=10, report_to=[], bf16=False,
+                warmup_ratio=0.0)
+    teacher = tiny_llama(bytelevel, seed=3, hidden_size=48)
+    distill(teacher, bytelevel, recs, DistillSpec(algorithm="sft", max_steps=40, **opts), tmp_path / "t", progress=False)
+    student = tiny_llama(spiece, seed=4, hidden_size=48)
+    distill(student, spiece, recs, DistillSpec(loss="fkl", kd_ratio=1.0, max_steps=40, **opts), tmp_path / "s",
+            teacher=teacher, teacher_tokenizer=bytelevel, progress=False)
+    examples, _ = encode(recs, spiece, 64)
+    batch = collate(examples, list(range(len(examples))), spiece.pad_token_id)
+    with torch.no_grad():
+        top = student(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1].argmax(-1)
+    written = top[batch.target_mask]
+    assert not any(int(t) in fallback for t in written)  # the map before: 80 of these 164 were pieces
+    second = batch.target_mask & (batch.target_mask.cumsum(1) == 2)  # each row's ':', as the data writes it
+    assert (top[second] == s_vocab[":"]).all() and (batch.labels[:, 1:][second] == s_vocab[":"]).all()
+
+
 def test_uld_distance_is_sorted_l1():
     q = torch.tensor([[0.7, 0.2, 0.1]])
     p = torch.tensor([[0.05, 0.15, 0.5, 0.3]])

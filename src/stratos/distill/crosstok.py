@@ -122,6 +122,40 @@ def token_bytes(tokenizer: Any) -> list[bytes | None]:
     return out
 
 
+def ids_by_bytes(tokenizer: Any, pieces: Sequence[bytes | None] | None = None, rows: int | None = None
+                 ) -> dict[bytes, int]:
+    """Each byte string a token of ``tokenizer`` spells -> the token it writes for those bytes (ids below
+    ``rows``). Where several spell the same bytes (a byte-fallback vocabulary's ``<0x3A>`` and its ``:``), the
+    one its own cut of that text is, when that is a single token; else the lowest id that is not a
+    byte-fallback piece; else the lowest. A student is never taught a token its tokenizer does not write:
+    Gemma's ``<0x3A>``, mapped to from a teacher's ``:``, drove a pretrained student to answer nothing
+    (docs/engine.md, "the map")."""
+    pieces = token_bytes(tokenizer) if pieces is None else pieces
+    rows = len(pieces) if rows is None else min(rows, len(pieces))
+    by: dict[bytes, list[int]] = {}
+    for i, b in enumerate(pieces[:rows]):
+        if b is not None:
+            by.setdefault(b, []).append(i)
+    out = {b: ids[0] for b, ids in by.items()}
+    dupes = []
+    for b, ids in by.items():
+        if len(ids) > 1:
+            try:
+                dupes.append((b, b.decode()))
+            except UnicodeDecodeError:  # part of a character: no text of its own to cut
+                dupes.append((b, None))
+    if not dupes:
+        return out
+    fallback = {i for piece, i in tokenizer.get_vocab().items() if _BYTE_FALLBACK.fullmatch(piece)}
+    texts = [t for _, t in dupes if t is not None]
+    cuts = iter(tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
+    for b, text in dupes:
+        cut = next(cuts) if text is not None else []
+        ids = by[b]
+        out[b] = cut[0] if len(cut) == 1 and cut[0] in ids else next((i for i in ids if i not in fallback), ids[0])
+    return out
+
+
 # ---------------------------------------------------------------------------------------- alignment
 
 
@@ -277,10 +311,7 @@ class VocabMap:
         if mapping not in ("exact", "first_token"):
             raise ValueError(f"ctkd.map: expected 'exact' or 'first_token', not {mapping!r}")
         s_bytes, t_bytes = token_bytes(student_tok), token_bytes(teacher_tok)
-        by_bytes: dict[bytes, int] = {}
-        for i, b in enumerate(s_bytes[:student_rows]):
-            if b is not None and b not in by_bytes:
-                by_bytes[b] = i
+        by_bytes = ids_by_bytes(student_tok, s_bytes, student_rows)
         t2s = torch.full((teacher_rows,), -1, dtype=torch.long)
         for i, b in enumerate(t_bytes[:teacher_rows]):
             if b is not None and b in by_bytes:
@@ -309,10 +340,7 @@ class VocabMap:
                     if ids and ids[0] < student_rows and s_bytes[ids[0]] is not None and \
                             t_bytes[i].startswith(s_bytes[ids[0]]):
                         t2s[i] = ids[0]
-        t_by: dict[bytes, int] = {}
-        for i, b in enumerate(t_bytes[:teacher_rows]):
-            if b is not None and b not in t_by:
-                t_by[b] = i
+        t_by = ids_by_bytes(teacher_tok, t_bytes, teacher_rows)
         prefixes: dict[bytes, int] = {}
         chain = [(prefixes.setdefault(b[:k], len(prefixes)), t_by[b[k:]], i)
                  for i, b in enumerate(s_bytes[:student_rows]) if b is not None and b not in t_by

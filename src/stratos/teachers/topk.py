@@ -34,16 +34,16 @@ from stratos.distill.topk import FLOOR
 
 
 def vocab_by_bytes(tokenizer: Any) -> dict[bytes, int]:
-    """Each token's raw bytes -> its id (the lowest id where several spell the same bytes), read as
-    cross-tokenizer KD reads them (``stratos.distill.crosstok.token_bytes``); special tokens by their
-    text, as an API may return them."""
-    from stratos.distill.crosstok import token_bytes
+    """Each token's raw bytes -> its id, read as cross-tokenizer KD reads them (``stratos.distill.crosstok``:
+    where several spell the same bytes, the one the tokenizer writes, ``ids_by_bytes``); special tokens by
+    their text, as an API may return them."""
+    from stratos.distill.crosstok import ids_by_bytes, token_bytes
 
     pieces = token_bytes(tokenizer)
-    out: dict[bytes, int] = {}
+    out = ids_by_bytes(tokenizer, pieces)
     for tok, i in sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1]):
-        raw = pieces[i] if pieces[i] is not None else tok.encode()
-        out.setdefault(raw, i)
+        if pieces[i] is None:
+            out.setdefault(tok.encode(), i)
     return out
 
 
