@@ -73,7 +73,7 @@ def main() -> None:
     teacher, t_tok = load(ctkd_throughput.TEACHER)
     bench = argparse.Namespace(steps=22, warmup=2, batch_size=8, seq_len=128, student_vocab=8192, epochs=1)
     words = ctkd_throughput._records(bench)
-    train, _ = ctkd_vs_sft.questions()
+    train = ctkd_vs_sft.questions()[0]
     task = get_task("mahjong:discard", notation="spaced")
     mahjong = [{"prompt": task.prompt(ex), "response": task.target(ex, rationale=True)}
                for ex in task.examples("train", 200)]

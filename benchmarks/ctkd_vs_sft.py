@@ -19,6 +19,10 @@ exactly-mapped probability share (what the planner measures).
     python benchmarks/ctkd_vs_sft.py --steps 500 --responses teacher   # the teacher's own answers as the data
     python benchmarks/ctkd_vs_sft.py --steps 500 --methods ctkd --max-chain 4    # chains of up to four
     python benchmarks/ctkd_vs_sft.py --steps 500 --tune-teacher 40   # a teacher fine-tuned on the train answers first
+    # the teacher sampled with 4 worked examples in view, every distinct sample kept unchecked (the alignment
+    # example's data), KD at the plan's kd_ratio for such data; a pretrained student of another tokenizer:
+    python benchmarks/ctkd_vs_sft.py --responses sampled --kd-ratio 0.9 --student gemma3-270m --steps 40 \
+        --lr 5e-5 --bf16 --seeds 1
 """
 
 from __future__ import annotations
@@ -50,7 +54,7 @@ def questions(seed: int = 0) -> tuple[list[dict], list[dict]]:
     random.Random(seed).shuffle(ns)
     recs = [{"prompt": f"What is {n} + 1? Reply with 'Answer: <number>'.", "response": f"Answer: {n + 1}",
              "answer": n + 1} for n in ns]
-    return recs[:600], recs[600:850]
+    return recs[:600], recs[600:850], recs[850:]
 
 
 def parse(text: str) -> int | None:
@@ -114,12 +118,22 @@ def main() -> None:
                          "whose student token the teacher spells with more train on CE (default: the engine's "
                          "ctkd.max_chain, 2). The docs' runs without the rule (chains of two, no CE beyond) were "
                          "made at commit ab87ba2 with --max-chain 99")
+    ap.add_argument("--student", default=None, metavar="MODEL",
+                    help="a pretrained student with its own tokenizer (an alias, e.g. gemma3-270m, or a path) in "
+                         "place of the from-scratch Llama; --hidden, --layers do not apply")
+    ap.add_argument("--bf16", action="store_true", help="train the student under bf16 autocast (default fp32)")
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--responses", default="oracle", choices=["oracle", "teacher"],
-                    help="the records' responses: the oracle's answers, or the teacher's own greedy answers "
-                         "(right or wrong: the data an alignment run distils from)")
+    ap.add_argument("--responses", default="oracle", choices=["oracle", "teacher", "sampled"],
+                    help="the records' responses: the oracle's answers; the teacher's own greedy answers "
+                         "(right or wrong); or 'sampled': the teacher asked with --shots worked examples before "
+                         "each question, --samples samples per question at temperature 0.8 (top_p 0.95, synth's "
+                         "defaults), every distinct one kept unchecked, and KD reading the teacher with the "
+                         "examples in view (the alignment example's data: synth.verify false, synth.few_shot)")
+    ap.add_argument("--shots", type=int, default=4, help="with --responses sampled: worked examples shown the "
+                    "teacher (the oracle's answers to questions neither trained on nor held out)")
+    ap.add_argument("--samples", type=int, default=2, help="with --responses sampled: samples per question")
     ap.add_argument("--tune-teacher", type=int, default=0, metavar="STEPS",
                     help="first fine-tune the teacher by SFT on the 600 train questions' oracle answers for STEPS steps "
                          "of 16 (lr 5e-5; saved under OUT/teacher-tuned and reused from there)")
@@ -133,7 +147,7 @@ def main() -> None:
         return pool(args.pool)
 
     max_chain = args.max_chain if args.max_chain is not None else crosstok.MAX_CHAIN
-    train, held_out = questions()
+    train, held_out, _ = questions()
     if not 0 < args.train_size <= len(train):
         raise SystemExit(f"--train-size {args.train_size}: give 1 to {len(train)}")
     train = train[:args.train_size]
@@ -153,7 +167,15 @@ def main() -> None:
         right = sum(parse(r["response"]) == r["answer"] for r in train) / len(train)
         print(f"responses: the teacher's greedy answers, {right:.1%} of the {len(train)} right "
               f"(e.g. {train[0]['response']!r})", flush=True)
-    tok = build_tokenizer([r["prompt"] + " " + r["response"] for r in train], vocab_size=320)
+    elif args.responses == "sampled":
+        train = sampled(teacher, t_tok, train, held_out, args.shots, args.samples,
+                        args.out / f"sampled-{args.teacher}-{len(train)}q-{args.shots}shots-{args.samples}x.jsonl")
+    if args.student:
+        from stratos.models import load_tokenizer
+
+        tok = load_tokenizer(args.student)
+    else:
+        tok = build_tokenizer([r["prompt"] + " " + r["response"] for r in train], vocab_size=320)
     mapping = measure_mapping(teacher, tok, t_tok, train[:64], max_length=64, mapping=args.map, max_chain=max_chain)
     print(f"student tokenizer: {len(tok)} tokens; teacher's: {len(t_tok)}; {mapping['vocab_overlap']:.1%} of the "
           f"teacher's vocabulary maps byte for byte; {mapping['mapped_mass']:.1%} of its probability at the "
@@ -166,13 +188,16 @@ def main() -> None:
     for seed in range(args.first_seed, args.first_seed + args.seeds):
         for method in args.methods:
             torch.manual_seed(seed)
-            student = tiny_llama(tok, hidden_size=args.hidden, num_hidden_layers=args.layers, seed=seed,
-                                 num_attention_heads=4, num_key_value_heads=4)
+            if args.student:
+                student = load(args.student, with_tokenizer=False)
+            else:
+                student = tiny_llama(tok, hidden_size=args.hidden, num_hidden_layers=args.layers, seed=seed,
+                                     num_attention_heads=4, num_key_value_heads=4)
             cfg = DistillSpec(algorithm="sft" if method == "sft" else "kd", loss="fkl", kd_ratio=args.kd_ratio,
                               ctkd={"method": args.method, "map": args.map, "max_chain": max_chain},
                               max_steps=args.steps, per_device_train_batch_size=16,
                               learning_rate=args.lr, warmup_ratio=0.05, max_length=64, seed=seed, report_to=[],
-                              logging_steps=50, bf16=False)
+                              logging_steps=50, bf16=args.bf16)
             t = time.perf_counter()
             res = distill(student, tok, train, cfg, args.out / f"{method}-seed{seed}", teacher=teacher,
                           teacher_tokenizer=t_tok, cache_root=args.out / "teacher-cache", resume=False,
@@ -197,6 +222,48 @@ def main() -> None:
                                                        "held_out": len(held_out),
                                                        "args": {k: str(v) for k, v in vars(args).items()}},
                                                       indent=2))
+
+
+def sampled(teacher, t_tok, train: list[dict], held_out: list[dict], shots: int, samples: int,
+            saved: Path) -> list[dict]:
+    """``train``'s questions answered by the teacher with ``shots`` worked examples before each (the oracle's
+    answers to questions after the held-out ones: neither trained on nor scored), ``samples`` per question at
+    temperature 0.8, top_p 0.95; every distinct answer kept, right or wrong, each record carrying the chat the
+    teacher answered (``teacher_messages``: KD reads the teacher with the examples in view). Prints the teacher's
+    greedy accuracy on ``held_out`` with the examples and the share of samples that are right. Kept in
+    ``saved`` (JSON lines; its first line the figures printed) and read back from there by a later run."""
+    if saved.is_file():
+        head, *rows = saved.read_text().splitlines()
+        print(f"{json.loads(head)['words']} (read back from {saved})", flush=True)
+        return [json.loads(r) for r in rows]
+    context = []
+    for r in questions()[2][:shots]:
+        context += [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["response"]}]
+    asked = [[*context, {"role": "user", "content": r["prompt"]}] for r in held_out]
+    outs = generate(teacher, t_tok, asked, max_new_tokens=16, batch_size=32)
+    acc = sum(parse(o[0].text) == r["answer"] for o, r in zip(outs, held_out)) / len(held_out)
+    print(f"teacher with {shots} worked examples: {acc:.1%} of {len(held_out)} held-out questions (greedy)", flush=True)
+    msgs = [[*context, {"role": "user", "content": r["prompt"]}] for r in train]
+    outs = generate(teacher, t_tok, msgs, max_new_tokens=16, batch_size=32, temperature=0.8, top_p=0.95, n=samples,
+                    seed=0)
+    out, drawn, right = [], 0, 0
+    for r, m, gens in zip(train, msgs, outs):
+        seen = set()
+        for g in gens:
+            drawn += 1
+            right += parse(g.text) == r["answer"]
+            text = g.text.strip()
+            if text and text not in seen:
+                seen.add(text)
+                out.append({**r, "response": text, "teacher_messages": m})
+    kept_right = sum(parse(r["response"]) == r["answer"] for r in out)
+    words = (f"teacher with {shots} worked examples: {acc:.1%} of {len(held_out)} held-out questions (greedy); "
+             f"responses: {drawn} teacher samples, {right / drawn:.1%} right; {len(out)} distinct kept unchecked, "
+             f"{kept_right / len(out):.1%} of them right (e.g. {out[0]['response']!r})")
+    print(words.split("; ", 1)[1], flush=True)
+    saved.parent.mkdir(parents=True, exist_ok=True)
+    saved.write_text("\n".join(json.dumps(x) for x in [{"words": words}, *out]) + "\n")
+    return out
 
 
 def tuned_teacher(teacher, tok, records: list[dict], steps: int, out: Path):

@@ -256,7 +256,8 @@ def _measure_mappings(spec, task, teachers, students, loaded, out: Path, device)
                          else load_tokenizer(s_spec.model, trust_remote_code=s_spec.trust_remote_code))
             except (OSError, ValueError):
                 continue
-            key = sha256_text("mapping-v3", model_identity(t_spec.model), tokenizer_identity(s_tok),
+            # v4: the teacher side read whole (context distillation) and byte-fallback duplicates resolved
+            key = sha256_text("mapping-v4", model_identity(t_spec.model), tokenizer_identity(s_tok),
                               spec.task.model_dump(mode="json"), spec.synth.rationales, spec.distill.ctkd.map,
                               spec.distill.ctkd.max_chain)[:16]
             if key not in cached:
