@@ -207,6 +207,7 @@ def main() -> None:
             rows.append({"seed": seed, "method": method, "accuracy": acc, "train_s": res.seconds,
                          "signal": res.signal.get("ctkd")})
             print(f"seed {seed} {method:5s}: {acc:.1%} ({time.perf_counter() - t:.0f} s)", flush=True)
+            save(args, teacher_acc, mapping, rows, max_chain, len(held_out))  # after every run: a crash loses no seed
 
     names = {"sft": "SFT", "ctkd": f"cross-tokenizer KD ({args.method}, map {args.map}, kd_ratio {args.kd_ratio:g}, "
                                     f"max chain {max_chain})"}
@@ -216,10 +217,13 @@ def main() -> None:
     print(f"\n{gain}; teacher {teacher_acc:.1%}; responses: {args.responses}'s; "
           f"mapped share {mapping['mapped_mass']:.1%}; {len(train)} train and {len(held_out)} held-out questions, "
           f"{args.steps} steps of 16 examples")
+
+
+def save(args, teacher_acc: float, mapping: dict, rows: list[dict], max_chain: int, held_out: int) -> None:
+    """``OUT/results.json``: the runs so far (``--pool`` reads it)."""
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps({"teacher_accuracy": teacher_acc, "mapping": mapping,
-                                                       "rows": rows, "max_chain": max_chain,
-                                                       "held_out": len(held_out),
+                                                       "rows": rows, "max_chain": max_chain, "held_out": held_out,
                                                        "args": {k: str(v) for k, v in vars(args).items()}},
                                                       indent=2))
 
