@@ -155,8 +155,7 @@ def test_a_teacher_prompt_longer_than_max_length_still_reads_the_whole_response(
     vm = VocabMap.build(bytelevel, spiece, student_rows=len(bytelevel), teacher_rows=len(spiece))
     online = OnlineTeacher(tiny_llama(spiece, seed=3))
     up_front = CrossTokenizerSignal(online, with_ctx, vm, teacher_pad_id=spiece.pad_token_id)
-    sampled = SampledCrossSignal(online, ctx, bytelevel, spiece, vm, teacher_pad_id=spiece.pad_token_id,
-                                 max_length=s_len)
+    sampled = SampledCrossSignal(online, ctx, bytelevel, spiece, vm, teacher_pad_id=spiece.pad_token_id)
     batch = collate(with_ctx.student, [0], bytelevel.pad_token_id)
     assert torch.equal(sampled.hidden(batch), up_front.hidden(batch))
     assert sampled.paired.teacher == [] and sampled._paired[1].teacher[0].input_ids == t_ex.input_ids
@@ -397,7 +396,7 @@ def test_sampled_rows_pair_as_the_same_text_paired_up_front(bytelevel, spiece):
     paired = pair_records(recs, bytelevel, spiece, 64, max_chain=3)
     up_front = CrossTokenizerSignal(online, paired, vm, teacher_pad_id=spiece.pad_token_id)
     sampled = SampledCrossSignal(online, recs, bytelevel, spiece, vm, teacher_pad_id=spiece.pad_token_id,
-                                 max_length=64, max_chain=3)
+                                 max_chain=3)
     batch = collate(paired.student, [0, 1], bytelevel.pad_token_id)
     assert torch.equal(sampled.hidden(batch), up_front.hidden(batch))
     assert torch.equal(sampled.kd_mask(batch), up_front.kd_mask(batch)) and bool(sampled.kd_mask(batch).any())

@@ -276,7 +276,7 @@ def _cross_tokenizer_signal(teacher: Any, tokenizer: Any, teacher_tokenizer: Any
     if sampled:
         kept = [r for r in records if encode_record(r, tokenizer, cfg.max_length)[0].num_targets]  # as encode keeps
         signal = SampledCrossSignal(inner, kept, tokenizer, teacher_tokenizer, vmap, teacher_pad_id=t_pad,
-                                    max_length=cfg.max_length, method=cfg.ctkd.method, uld_weight=cfg.ctkd.uld_weight,
+                                    method=cfg.ctkd.method, uld_weight=cfg.ctkd.uld_weight,
                                     max_chain=cfg.ctkd.max_chain)
         return signal, {**info, "ctkd": {"method": cfg.ctkd.method, "max_chain": cfg.ctkd.max_chain,
                                          "paired": "per batch, as sampled", **vmap.stats}}

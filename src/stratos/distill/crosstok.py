@@ -733,12 +733,12 @@ class SampledCrossSignal(CrossTokenizerSignal):
     its expected gradient is zero (E_y~q grad log q(y) = 0), so it adds noise, not a pull."""
 
     def __init__(self, inner: Any, prompts: Sequence[dict[str, Any]], student_tok: Any, teacher_tok: Any,
-                 vmap: VocabMap, *, teacher_pad_id: int, max_length: int, method: str = "hybrid",
+                 vmap: VocabMap, *, teacher_pad_id: int, method: str = "hybrid",
                  uld_weight: float = 1.0, max_chain: int | None = None):
         chain = MAX_CHAIN if max_chain is None else max_chain
         super().__init__(inner, PairedData([], [], [], {}, chain), vmap, teacher_pad_id=teacher_pad_id,
                          method=method, uld_weight=uld_weight)
-        self.prompts, self.teacher_tok, self.max_length = prompts, teacher_tok, max_length
+        self.prompts, self.teacher_tok = prompts, teacher_tok
         self.s_pieces, self.t_pieces = token_bytes(student_tok), token_bytes(teacher_tok)
         self._paired: tuple[torch.Tensor, PairedData] | None = None
         self.stats = {"rows": 0, "unpaired_rows": 0, "student_targets": 0, "aligned_targets": 0, "beyond_chain": 0}
