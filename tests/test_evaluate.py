@@ -48,6 +48,48 @@ def test_stop_strings_end_generation(noisy_model, tiny_tokenizer):
     assert cut.finish_reason == "stop"
 
 
+def test_a_turn_written_in_chatml_as_text_ends_there():
+    """A base model on the ChatML fallback whose vocabulary lacks <|im_end|> (Gemma 3 270M's GGUF) closes its
+    turn by writing the string, never its EOS token; generation ends there rather than at the length limit."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from stratos.models import DEFAULT_CHAT_TEMPLATE, prepare_tokenizer, template_stops
+    from stratos.models.generate import encode_prompt
+    from stratos.models.tiny import tiny_llama
+
+    turn = "ok<|im_end|>\n<|im_start|>user\nmore please"
+    raw = Tokenizer(models.BPE(unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    raw.train_from_iterator([turn, "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"] * 5,
+                            trainer=trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "</s>", "<unk>"],
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = prepare_tokenizer(PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="<pad>", eos_token="</s>",
+                                                    unk_token="<unk>"))
+    assert tok.chat_template == DEFAULT_CHAT_TEMPLATE and template_stops(tok) == ("<|im_end|>",)
+    assert "<|im_end|>" not in tok.get_vocab() and len(tok("<|im_end|>")["input_ids"]) > 1
+
+    # A model that has learnt to answer "hi" by writing `turn`: its turn's end as text, then an invented next turn.
+    model = tiny_llama(tok, hidden_size=32, num_hidden_layers=1)
+    prompt = encode_prompt(tok, "hi")
+    ids = torch.tensor([prompt + tok(turn)["input_ids"]])
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(150):
+        opt.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+    free = generate(model, tok, [tok.decode(prompt)], max_new_tokens=20, chat=False)[0][0]
+    assert free.text.startswith("ok<|im_end|>") and "more" in free.text  # what it writes, left unstopped
+    out = generate(model, tok, ["hi"], max_new_tokens=20)[0][0]
+    assert (out.text, out.finish_reason) == ("ok", "stop")
+    # A vocabulary that has <|im_end|> as a token stops at its EOS token instead: no stop string is added.
+    from stratos.models.tiny import build_tokenizer
+
+    assert template_stops(build_tokenizer(["hi"], vocab_size=300)) == ()
+
+
 def test_wilson_interval():
     lo, hi = wilson_interval(0, 10)
     assert lo == 0.0 and 0.25 < hi < 0.35

@@ -14,7 +14,8 @@ import torch
 from stratos.errors import ModelError
 from stratos.models.hub import ALIASES, cache_dir, check_hub, model_identity, resolve
 
-__all__ = ["ALIASES", "cache_dir", "model_identity", "load", "load_tokenizer", "prepare_tokenizer", "resolve", "DEFAULT_CHAT_TEMPLATE"]
+__all__ = ["ALIASES", "cache_dir", "model_identity", "load", "load_tokenizer", "prepare_tokenizer", "resolve",
+           "DEFAULT_CHAT_TEMPLATE", "template_stops"]
 
 # ChatML, used only when a tokenizer ships without a chat template of its own.
 DEFAULT_CHAT_TEMPLATE = (
@@ -23,6 +24,19 @@ DEFAULT_CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+
+CHATML_END = "<|im_end|>"
+
+
+def template_stops(tok: Any) -> tuple[str, ...]:
+    """Strings that end a generated turn besides EOS: ``<|im_end|>`` when the tokenizer is on our ChatML
+    fallback and that string is not one of its tokens. A base model prompted in ChatML (a GGUF without a
+    template, such as Gemma 3 270M's) closes its turn by writing ``<|im_end|>`` as text, in several pieces,
+    never its EOS token, and would otherwise run on to the length limit into an invented next turn."""
+    if getattr(tok, "chat_template", None) == DEFAULT_CHAT_TEMPLATE and CHATML_END not in tok.get_vocab():
+        return (CHATML_END,)
+    return ()
+
 
 log = logging.getLogger("stratos.models")
 _TOLD_NO_TEMPLATE: set[str] = set()  # said once per model location and process
@@ -71,7 +85,9 @@ def load_tokenizer(name: str | os.PathLike, *, trust_remote_code: bool = False, 
         _TOLD_NO_TEMPLATE.add(str(location))
         log.warning("%s: its tokenizer has no chat template, so its prompts are written in ChatML "
                     "(<|im_start|>user ... <|im_end|>); a base model that never saw ChatML may answer poorly "
-                    "in it (a GGUF of a base model often carries no template)", local or name)
+                    "in it (a GGUF of a base model often carries no template)%s", local or name,
+                    "" if CHATML_END in tok.get_vocab() else
+                    "; <|im_end|> is not one of its tokens, so generation also stops where it writes it as text")
     return prepare_tokenizer(tok, padding_side)
 
 

@@ -17,6 +17,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from stratos.models import template_stops
 from stratos.progress import progress_bar
 
 Prompt = str | list[dict[str, str]]
@@ -191,13 +192,16 @@ def generate(
     """Generate ``n`` completions per prompt; ``out[i]`` holds prompt i's completions.
 
     ``temperature=0`` is greedy decoding (then ``n`` copies would be identical, so use n=1).
-    ``stop`` strings end a completion early; the stop string itself is not part of the text.
+    ``stop`` strings end a completion early; the stop string itself is not part of the text. Through the chat
+    template, the template's own end of turn where it is text (``template_stops``) is one of them.
     """
     from transformers import GenerationConfig
 
     if not prompts:
         return []
     encoded = [encode_prompt(tokenizer, p, chat=chat) for p in prompts]
+    if chat and (ends := [s for s in template_stops(tokenizer) if s not in (stop or ())]):
+        stop = [*(stop or ()), *ends]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]), reverse=True)
 
     eos_ids = _eos_ids(model, tokenizer)
