@@ -132,6 +132,29 @@ def test_pair_records_templates_and_eos(bytelevel, spiece):
     assert paired.stats["beyond_chain"] == 1
 
 
+def test_a_teacher_that_ends_its_turn_in_text_leaves_the_students_eos_to_ce(bytelevel):
+    """A base model's tokenizer on the ChatML fallback (no <|im_end|> token: Gemma 3 270M's GGUF) closes a turn
+    by writing '<|im_end|>' as text, so its distribution at the response's end says nothing about its EOS: the
+    student's EOS is left to CE (-1), on the records' pairing and on on-policy samples alike; every other
+    target pairs as with a teacher whose EOS ends its turn."""
+    from stratos.distill.crosstok import SampledCrossSignal, pairs_eos
+
+    base = build_tokenizer(CORPUS, vocab_size=300, chatml=False)
+    assert not pairs_eos(base) and pairs_eos(bytelevel)
+    recs = [{"prompt": "2+3=", "response": "the answer is 5"}, {"prompt": "hi", "response": "hello world"}]
+    text_end = pair_records(recs, bytelevel, base, max_length=64)
+    with_eos = pair_records(recs, bytelevel, bytelevel, max_length=64)
+    for row, same in zip(text_end.target_map, with_eos.target_map):
+        assert row[-1] == -1 and same[-1] >= 0
+        assert row[:-1] == same[:-1] and all(x >= 0 for x in row[:-1])
+    teacher = OnlineTeacher(tiny_llama(base, hidden_size=32, num_hidden_layers=1))
+    vmap = VocabMap.build(bytelevel, base, student_rows=len(bytelevel), teacher_rows=len(base))
+    sampled = SampledCrossSignal(teacher, recs, bytelevel, base, vmap, teacher_pad_id=base.pad_token_id)
+    ids = bytelevel("hello world", add_special_tokens=False)["input_ids"] + [bytelevel.eos_token_id]
+    _, paired = sampled._pair_row(recs[1], ids)
+    assert paired[0][-1] == -1 and all(x >= 0 for x in paired[0][:-1])
+
+
 def test_a_teacher_prompt_longer_than_max_length_still_reads_the_whole_response(bytelevel, spiece):
     """max_length bounds the student's example; the teacher reads the same response whatever its own prompt's
     length (context distillation: worked examples in teacher_messages, here several times max_length). Every

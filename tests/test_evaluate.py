@@ -52,22 +52,13 @@ def test_a_turn_written_in_chatml_as_text_ends_there():
     """A base model on the ChatML fallback whose vocabulary lacks <|im_end|> (Gemma 3 270M's GGUF) closes its
     turn by writing the string, never its EOS token; generation ends there rather than at the length limit."""
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
-    from stratos.models import DEFAULT_CHAT_TEMPLATE, prepare_tokenizer, template_stops
+    from stratos.models import DEFAULT_CHAT_TEMPLATE, template_stops
     from stratos.models.generate import encode_prompt
-    from stratos.models.tiny import tiny_llama
+    from stratos.models.tiny import build_tokenizer, tiny_llama
 
     turn = "ok<|im_end|>\n<|im_start|>user\nmore please"
-    raw = Tokenizer(models.BPE(unk_token="<unk>"))
-    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    raw.decoder = decoders.ByteLevel()
-    raw.train_from_iterator([turn, "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"] * 5,
-                            trainer=trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "</s>", "<unk>"],
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok = prepare_tokenizer(PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="<pad>", eos_token="</s>",
-                                                    unk_token="<unk>"))
+    tok = build_tokenizer([turn] * 5, vocab_size=300, chatml=False)
     assert tok.chat_template == DEFAULT_CHAT_TEMPLATE and template_stops(tok) == ("<|im_end|>",)
     assert "<|im_end|>" not in tok.get_vocab() and len(tok("<|im_end|>")["input_ids"]) > 1
 
@@ -85,8 +76,6 @@ def test_a_turn_written_in_chatml_as_text_ends_there():
     out = generate(model, tok, ["hi"], max_new_tokens=20)[0][0]
     assert (out.text, out.finish_reason) == ("ok", "stop")
     # A vocabulary that has <|im_end|> as a token stops at its EOS token instead: no stop string is added.
-    from stratos.models.tiny import build_tokenizer
-
     assert template_stops(build_tokenizer(["hi"], vocab_size=300)) == ()
 
 

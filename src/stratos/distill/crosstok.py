@@ -52,6 +52,7 @@ from torch import nn
 from stratos.distill.data import IGNORE, Batch, Encoded, collate, encode_record, record_location, teacher_record
 from stratos.distill.head import OutputHead
 from stratos.distill.signal import TeacherView
+from stratos.models import template_stops
 from stratos.spec import CtkdSpec
 
 METHODS = ("hybrid", "uld", "shared")
@@ -550,8 +551,17 @@ def _target_tokens(ex: Encoded) -> list[int]:
 MAX_CHAIN: int = CtkdSpec.model_fields["max_chain"].default
 
 
+def pairs_eos(teacher_tok: Any) -> bool:
+    """Whether the teacher's EOS is where it ends its turn, so that the student's EOS can be distilled against it.
+    Not for a teacher on our ChatML fallback whose vocabulary lacks ``<|im_end|>`` (``template_stops``; a base
+    model's GGUF, such as Gemma 3 270M's): it closes a turn by writing that string as text, so at the response's
+    end its distribution is on the string's first piece, which the map would send to a text token of the
+    student's, teaching it not to stop. Its EOS probability there says nothing, and the student's EOS takes CE."""
+    return not template_stops(teacher_tok)
+
+
 def _pair_targets(s_targets: Sequence[int], n_student: int, t_ex: Encoded, t_ids: Sequence[int],
-                  al: Alignment, max_chain: int) -> tuple[list[int], list[list[int]], list[list[int]], int]:
+                  al: Alignment, max_chain: int, eos: bool = True) -> tuple[list[int], list[list[int]], list[list[int]], int]:
     """For each student target (its index among the response tokens; ``n_student``, one past the text,
     is the EOS): the teacher target starting the same span (-1: none); the chain's levels 1 ..
     ``max_chain`` - 1: the teacher targets at the span's next positions while the teacher's span goes on,
@@ -560,8 +570,9 @@ def _pair_targets(s_targets: Sequence[int], n_student: int, t_ex: Encoded, t_ids
     tokens. The teacher's mass cannot reach such a token (it would stop on a shorter one, the student's
     ' 9' for a ' 97' it must write), so KD there would pull away from the data: those positions train on
     CE, as positions inside a span do. The EOS each side appends after the text is one more span, pairing
-    the two EOS tokens."""
-    partner = {**dict(al.pairs), n_student: len(t_ids)}
+    the two EOS tokens, unless ``eos`` is False (``pairs_eos``: the teacher ends its turn in text, not with
+    its EOS token): the student's EOS then trains on CE."""
+    partner = {**dict(al.pairs), n_student: len(t_ids)} if eos else dict(al.pairs)
     t_target = {tok: j for j, tok in enumerate(_target_tokens(t_ex))}
     row, chain_targets, chain_tokens, too_long = [], [], [], 0
     for k in s_targets:
@@ -647,7 +658,8 @@ def pair_records(records: Sequence[dict[str, Any]], student_tok: Any, teacher_to
         t_ids = teacher_tok(text, add_special_tokens=False)["input_ids"]
         al = align(byte_offsets(student_tok, text, s_ids, s_pieces), byte_offsets(teacher_tok, text, t_ids, t_pieces),
                    len(text.encode()))
-        row, at, tokens, too_long = _pair_targets(_target_tokens(s_ex), len(s_ids), t_ex, t_ids, al, max_chain)
+        row, at, tokens, too_long = _pair_targets(_target_tokens(s_ex), len(s_ids), t_ex, t_ids, al, max_chain,
+                                                  pairs_eos(teacher_tok))
         beyond_chain += too_long
         out_s.append(s_ex)
         out_t.append(_read_up_to(t_ex, row, at))
@@ -728,7 +740,7 @@ class SampledCrossSignal(CrossTokenizerSignal):
     and aligned by bytes as ``pair_records`` aligns a record, when the batch comes. ``prompts[i]`` is the
     record of example i (the rows' ``batch.indices``). A response whose bytes are not valid UTF-8 is cut
     at the last whole character. The text ends at the first special token (the student's end token, or
-    one sampled mid-text), which pairs with the teacher's EOS; nothing after it has a counterpart.
+    one sampled mid-text), which pairs with the teacher's EOS (``pairs_eos``); nothing after it has a counterpart.
     Targets without one train on CE, as inside a span: on the student's own samples at temperature 1
     its expected gradient is zero (E_y~q grad log q(y) = 0), so it adds noise, not a pull."""
 
@@ -803,8 +815,9 @@ class SampledCrossSignal(CrossTokenizerSignal):
             s_offsets.append((min(pos, cut), min(pos + len(p), cut)))
             pos += len(p)
         al = align(s_offsets, t_offsets, cut)
-        # The special token that ended the text (index ``stop``) pairs with the teacher's EOS.
-        paired = _pair_targets(range(len(response)), stop, t_ex, t_ids, al, self.paired.max_chain)
+        # The special token that ended the text (index ``stop``) pairs with the teacher's EOS (``pairs_eos``).
+        paired = _pair_targets(range(len(response)), stop, t_ex, t_ids, al, self.paired.max_chain,
+                               pairs_eos(self.teacher_tok))
         return _read_up_to(t_ex, paired[0], paired[1]), paired
 
 

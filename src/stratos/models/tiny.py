@@ -18,30 +18,33 @@ _DEFAULT_CORPUS = [
 
 
 def build_tokenizer(corpus: Iterable[str] = (), vocab_size: int = 512, added_tokens: Iterable[str] = (),
-                    style: str = "bytelevel") -> Any:
+                    style: str = "bytelevel", chatml: bool = True) -> Any:
     """Train a small BPE tokenizer on ``corpus`` and wrap it for transformers.
 
     ``style`` is how it spells text: ``bytelevel`` (GPT-2's byte alphabet, as SmolLM2, Llama 3 and Qwen)
     or ``sentencepiece`` ('▁' for a space prepended to the text, characters outside the learnt alphabet
     as ``<0xNN>`` byte-fallback tokens, as Llama 2 and Gemma). It has ChatML special tokens and
     template, ``<|im_end|>`` as EOS and ``<pad>`` as pad, so it behaves like the instruct tokenizers
-    users bring. ``added_tokens`` (a domain's symbols, e.g. Mahjong tiles) are always kept whole.
+    users bring; with ``chatml=False`` it is a base model's instead: no ChatML tokens, ``</s>`` as EOS and no
+    template (``prepare_tokenizer`` gives it our ChatML fallback, whose turns it then writes as text).
+    ``added_tokens`` (a domain's symbols, e.g. Mahjong tiles) are always kept whole.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     texts = list(corpus) + _DEFAULT_CORPUS
+    specials = SPECIAL_TOKENS if chatml else ["<pad>", "</s>", "<unk>"]
     if style == "bytelevel":
         tok = Tokenizer(models.BPE(unk_token="<unk>"))
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
-        special, alphabet = SPECIAL_TOKENS, pre_tokenizers.ByteLevel.alphabet()
+        special, alphabet = specials, pre_tokenizers.ByteLevel.alphabet()
     elif style == "sentencepiece":
         tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
         tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
         tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
                                          decoders.Strip(" ", 1, 0)])
-        special = SPECIAL_TOKENS + [f"<0x{b:02X}>" for b in range(256)]
+        special = specials + [f"<0x{b:02X}>" for b in range(256)]
         alphabet = sorted({c for t in texts for c in t if ord(c) < 128} | {"▁"})
     else:
         raise ValueError(f"style must be 'bytelevel' or 'sentencepiece', got {style!r}")
@@ -51,11 +54,11 @@ def build_tokenizer(corpus: Iterable[str] = (), vocab_size: int = 512, added_tok
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         pad_token="<pad>",
-        eos_token="<|im_end|>",
-        bos_token="<|im_start|>",
+        eos_token="<|im_end|>" if chatml else "</s>",
+        bos_token="<|im_start|>" if chatml else None,
         unk_token="<unk>",
     )
-    fast.chat_template = DEFAULT_CHAT_TEMPLATE
+    fast.chat_template = DEFAULT_CHAT_TEMPLATE if chatml else None
     if added := list(added_tokens):
         fast.add_tokens(added)
     return prepare_tokenizer(fast)
