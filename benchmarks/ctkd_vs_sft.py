@@ -2,7 +2,7 @@
 
 The task is "What is N + 1?" for N in 10..999 (SmolLM2-135M-Instruct, de-quantised from its Q4_1
 GGUF, answers it correctly about 60% of the time zero-shot; this script measures it on the eval
-questions). The student is a small Llama trained from scratch with its own byte-level BPE tokenizer
+questions), or with ``--task title`` a word written with a capital first letter (``questions``). The student is a small Llama trained from scratch with its own byte-level BPE tokenizer
 (not the teacher's 49,152-token one), on the same records (the oracle's answers, or with
 ``--responses teacher`` the teacher's own greedy answers, right or wrong) and the same steps:
 
@@ -23,6 +23,10 @@ exactly-mapped probability share (what the planner measures).
     # example's data), KD at the plan's kd_ratio for such data; a pretrained student of another tokenizer:
     python benchmarks/ctkd_vs_sft.py --responses sampled --kd-ratio 0.9 --student gemma3-270m --steps 40 \
         --lr 5e-5 --bf16 --seeds 1
+    # the other way round, on words (--task title), where Gemma's larger vocabulary keeps whole what
+    # SmolLM2's splits, so that part of the teacher's probability maps to no student token (ULD's part):
+    python benchmarks/ctkd_vs_sft.py --task title --teacher gemma3-270m --student smollm2-135m-instruct \
+        --responses sampled --kd-ratio 0.9 --train-size 200 --steps 150 --lr 5e-5 --bf16
 """
 
 from __future__ import annotations
@@ -49,11 +53,28 @@ from stratos.tasks.base import answer_span
 INT = re.compile(r"-?\d+")
 
 
-def questions(seed: int = 0) -> tuple[list[dict], list[dict]]:
-    ns = list(range(10, 1000))
-    random.Random(seed).shuffle(ns)
-    recs = [{"prompt": f"What is {n} + 1? Reply with 'Answer: <number>'.", "response": f"Answer: {n + 1}",
-             "answer": n + 1} for n in ns]
+def questions(seed: int = 0, task: str = "add1") -> tuple[list[dict], list[dict], list[dict]]:
+    """The task's records, shuffled by ``seed``: 600 to train on, 250 held out, the rest for worked examples.
+
+    - ``add1``: "What is N + 1?" for N in 10..999, answered "Answer: N+1";
+    - ``title``: "Write the word 'w' with a capital first letter.", answered "W" (the word capitalised): the
+      words are every run of 5 to 9 lowercase ASCII letters that SmolLM2's vocabulary holds as one token after
+      a space (13,796: mostly English words, some fragments such as 'tantal'); capitalised and at the start of
+      the answer, a larger vocabulary keeps more of them whole."""
+    if task == "title":
+        from stratos.models import load_tokenizer
+
+        vocab = load_tokenizer("smollm2-135m-instruct").get_vocab()
+        words = sorted({w[1:] for w in vocab if w[:1] == "\u0120" and w[1:].isalpha() and w[1:].isascii()
+                        and w[1:].islower() and 5 <= len(w) - 1 <= 9})
+        random.Random(seed).shuffle(words)
+        recs = [{"prompt": f"Write the word '{w}' with a capital first letter.", "response": w.capitalize(),
+                 "answer": w.capitalize()} for w in words]
+    else:
+        ns = list(range(10, 1000))
+        random.Random(seed).shuffle(ns)
+        recs = [{"prompt": f"What is {n} + 1? Reply with 'Answer: <number>'.", "response": f"Answer: {n + 1}",
+                 "answer": n + 1} for n in ns]
     return recs[:600], recs[600:850], recs[850:]
 
 
@@ -65,10 +86,17 @@ def parse(text: str) -> int | None:
     return int(nums[0] if span is not text else nums[-1])
 
 
+def correct(text: str, rec: dict) -> bool:
+    """Whether a model's text answers ``rec``: the number (``add1``) or the text's first line, exactly."""
+    if isinstance(rec["answer"], str):
+        return text.strip().split("\n")[0].strip() == rec["answer"]
+    return parse(text) == rec["answer"]
+
+
 def accuracy(model, tok, recs, max_new_tokens: int) -> float:
     outs = generate(model, tok, [[{"role": "user", "content": r["prompt"]}] for r in recs],
                     max_new_tokens=max_new_tokens, batch_size=32)
-    return sum(parse(o[0].text) == r["answer"] for o, r in zip(outs, recs)) / len(recs)
+    return sum(correct(o[0].text, r) for o, r in zip(outs, recs)) / len(recs)
 
 
 def mean_se(xs: list[float], n: int) -> tuple[float, float]:
@@ -106,6 +134,8 @@ def gain_words(base_accs: list[float], accs: list[float], n: int) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--teacher", default="smollm2-135m-instruct")
+    ap.add_argument("--task", default="add1", choices=["add1", "title"],
+                    help="add1: 'What is N + 1?'; title: a word written with a capital first letter (questions())")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed + seeds - 1")
     ap.add_argument("--steps", type=int, default=560)
@@ -121,6 +151,9 @@ def main() -> None:
     ap.add_argument("--student", default=None, metavar="MODEL",
                     help="a pretrained student with its own tokenizer (an alias, e.g. gemma3-270m, or a path) in "
                          "place of the from-scratch Llama; --hidden, --layers do not apply")
+    ap.add_argument("--student-layers", type=int, default=None, metavar="N",
+                    help="with --student: keep N evenly spaced pretrained layers of it (config_overrides "
+                         "num_hidden_layers, as a spec shrinks a student)")
     ap.add_argument("--bf16", action="store_true", help="train the student under bf16 autocast (default fp32)")
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--layers", type=int, default=4)
@@ -147,14 +180,14 @@ def main() -> None:
         return pool(args.pool)
 
     max_chain = args.max_chain if args.max_chain is not None else crosstok.MAX_CHAIN
-    train, held_out, _ = questions()
+    train, held_out, _ = questions(task=args.task)
     if not 0 < args.train_size <= len(train):
         raise SystemExit(f"--train-size {args.train_size}: give 1 to {len(train)}")
     train = train[:args.train_size]
     teacher, t_tok = load(args.teacher)
     about = " (de-quantised Q4_1)" if args.teacher == "smollm2-135m-instruct" else ""
     if args.tune_teacher:
-        teacher = tuned_teacher(teacher, t_tok, questions()[0], args.tune_teacher, args.out / "teacher-tuned")
+        teacher = tuned_teacher(teacher, t_tok, questions(task=args.task)[0], args.tune_teacher, args.out / "teacher-tuned")
         about += f", fine-tuned {args.tune_teacher} steps on the train questions' oracle answers"
     t0 = time.perf_counter()
     teacher_acc = accuracy(teacher, t_tok, held_out, max_new_tokens=16)
@@ -164,12 +197,12 @@ def main() -> None:
         outs = generate(teacher, t_tok, [[{"role": "user", "content": r["prompt"]}] for r in train],
                         max_new_tokens=16, batch_size=32)
         train = [{**r, "response": o[0].text.strip()} for r, o in zip(train, outs)]
-        right = sum(parse(r["response"]) == r["answer"] for r in train) / len(train)
+        right = sum(correct(r["response"], r) for r in train) / len(train)
         print(f"responses: the teacher's greedy answers, {right:.1%} of the {len(train)} right "
               f"(e.g. {train[0]['response']!r})", flush=True)
     elif args.responses == "sampled":
-        train = sampled(teacher, t_tok, train, held_out, args.shots, args.samples,
-                        args.out / f"sampled-{args.teacher}-{len(train)}q-{args.shots}shots-{args.samples}x.jsonl")
+        train = sampled(teacher, t_tok, train, held_out, questions(task=args.task)[2][:args.shots], args.samples,
+                        args.out / f"sampled-{args.task}-{args.teacher}-{len(train)}q-{args.shots}shots-{args.samples}x.jsonl")
     if args.student:
         from stratos.models import load_tokenizer
 
@@ -189,7 +222,8 @@ def main() -> None:
         for method in args.methods:
             torch.manual_seed(seed)
             if args.student:
-                student = load(args.student, with_tokenizer=False)
+                layers = {"num_hidden_layers": args.student_layers} if args.student_layers else None
+                student = load(args.student, with_tokenizer=False, config_overrides=layers)
             else:
                 student = tiny_llama(tok, hidden_size=args.hidden, num_hidden_layers=args.layers, seed=seed,
                                      num_attention_heads=4, num_key_value_heads=4)
@@ -228,7 +262,7 @@ def save(args, teacher_acc: float, mapping: dict, rows: list[dict], max_chain: i
                                                       indent=2))
 
 
-def sampled(teacher, t_tok, train: list[dict], held_out: list[dict], shots: int, samples: int,
+def sampled(teacher, t_tok, train: list[dict], held_out: list[dict], shots: list[dict], samples: int,
             saved: Path) -> list[dict]:
     """``train``'s questions answered by the teacher with ``shots`` worked examples before each (the oracle's
     answers to questions after the held-out ones: neither trained on nor scored), ``samples`` per question at
@@ -241,12 +275,12 @@ def sampled(teacher, t_tok, train: list[dict], held_out: list[dict], shots: int,
         print(f"{json.loads(head)['words']} (read back from {saved})", flush=True)
         return [json.loads(r) for r in rows]
     context = []
-    for r in questions()[2][:shots]:
+    for r in shots:
         context += [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["response"]}]
     asked = [[*context, {"role": "user", "content": r["prompt"]}] for r in held_out]
     outs = generate(teacher, t_tok, asked, max_new_tokens=16, batch_size=32)
-    acc = sum(parse(o[0].text) == r["answer"] for o, r in zip(outs, held_out)) / len(held_out)
-    print(f"teacher with {shots} worked examples: {acc:.1%} of {len(held_out)} held-out questions (greedy)", flush=True)
+    acc = sum(correct(o[0].text, r) for o, r in zip(outs, held_out)) / len(held_out)
+    print(f"teacher with {len(shots)} worked examples: {acc:.1%} of {len(held_out)} held-out questions (greedy)", flush=True)
     msgs = [[*context, {"role": "user", "content": r["prompt"]}] for r in train]
     outs = generate(teacher, t_tok, msgs, max_new_tokens=16, batch_size=32, temperature=0.8, top_p=0.95, n=samples,
                     seed=0)
@@ -255,13 +289,13 @@ def sampled(teacher, t_tok, train: list[dict], held_out: list[dict], shots: int,
         seen = set()
         for g in gens:
             drawn += 1
-            right += parse(g.text) == r["answer"]
+            right += correct(g.text, r)
             text = g.text.strip()
             if text and text not in seen:
                 seen.add(text)
                 out.append({**r, "response": text, "teacher_messages": m})
-    kept_right = sum(parse(r["response"]) == r["answer"] for r in out)
-    words = (f"teacher with {shots} worked examples: {acc:.1%} of {len(held_out)} held-out questions (greedy); "
+    kept_right = sum(correct(r["response"], r) for r in out)
+    words = (f"teacher with {len(shots)} worked examples: {acc:.1%} of {len(held_out)} held-out questions (greedy); "
              f"responses: {drawn} teacher samples, {right / drawn:.1%} right; {len(out)} distinct kept unchecked, "
              f"{kept_right / len(out):.1%} of them right (e.g. {out[0]['response']!r})")
     print(words.split("; ", 1)[1], flush=True)

@@ -256,8 +256,9 @@ def _measure_mappings(spec, task, teachers, students, loaded, out: Path, device)
                          else load_tokenizer(s_spec.model, trust_remote_code=s_spec.trust_remote_code))
             except (OSError, ValueError):
                 continue
-            # v4: the teacher side read whole (context distillation) and byte-fallback duplicates resolved
-            key = sha256_text("mapping-v4", model_identity(t_spec.model), tokenizer_identity(s_tok),
+            # v4: the teacher side read whole (context distillation) and byte-fallback duplicates resolved;
+            # v5: no EOS pairing with a teacher that ends its turn in text (crosstok.pairs_eos)
+            key = sha256_text("mapping-v5", model_identity(t_spec.model), tokenizer_identity(s_tok),
                               spec.task.model_dump(mode="json"), spec.synth.rationales, spec.distill.ctkd.map,
                               spec.distill.ctkd.max_chain)[:16]
             if key not in cached:
