@@ -38,6 +38,12 @@ def spiece():
     return build_tokenizer(CORPUS, vocab_size=400, style="sentencepiece")
 
 
+@pytest.fixture(scope="module")
+def gemma_like():
+    """SentencePiece with byte fallback and no dummy prefix, as Gemma's."""
+    return build_tokenizer(CORPUS, vocab_size=400, style="sentencepiece", dummy_prefix=False)
+
+
 def _offsets(tok, text):
     ids = tok(text, add_special_tokens=False)["input_ids"]
     return tok.convert_ids_to_tokens(ids), byte_offsets(tok, text, ids)
@@ -106,21 +112,21 @@ def test_spans_cover_every_byte_once_property(bytelevel, spiece):
         assert len(al.pairs) == len(al.bounds) - 1  # every span has a first token on both sides
 
 
-def test_pair_records_templates_and_eos(bytelevel, spiece):
+def test_pair_records_templates_and_eos(bytelevel, gemma_like):
     """Each side wraps the response in its own prompt; the first response targets and the EOS pair up. A
     span start whose student token the teacher spells with more tokens than the chain follows (max_chain)
     trains on CE alone: 'héllo' is one student token and four teacher tokens, so with a chain of three the
     teacher's mass would stop on a shorter token than the one the student must write; with four it is
     followed, and the chain holds the span's next three teacher positions and its first three tokens."""
     recs = [{"prompt": "2+3=", "response": "héllo 5"}, {"text": "hello world"}]
-    followed = pair_records(recs, bytelevel, spiece, max_length=64, max_chain=4)
+    followed = pair_records(recs, bytelevel, gemma_like, max_length=64, max_chain=4)
     assert followed.target_map[0][0] >= 0 and followed.stats["beyond_chain"] == 0
-    t_ids = spiece("héllo 5", add_special_tokens=False)["input_ids"]
+    t_ids = gemma_like("héllo 5", add_special_tokens=False)["input_ids"]
     start = followed.target_map[0][0]
     assert followed.chain_targets[0][0].tolist() == [start + 1, start + 2, start + 3]
     assert followed.chain_tokens[0][0].tolist() == t_ids[:3]
-    paired = pair_records(recs, bytelevel, spiece, max_length=64, max_chain=3)
-    s_ex, t_ex = encode(recs, bytelevel, 64)[0], encode(recs, spiece, 64)[0]
+    paired = pair_records(recs, bytelevel, gemma_like, max_length=64, max_chain=3)
+    s_ex, t_ex = encode(recs, bytelevel, 64)[0], encode(recs, gemma_like, 64)[0]
     assert [e.input_ids for e in paired.student] == [e.input_ids for e in s_ex]
     assert [e.input_ids for e in paired.teacher] == [e.input_ids for e in t_ex]
     for row, s, t in zip(paired.target_map, s_ex, t_ex):
@@ -130,6 +136,29 @@ def test_pair_records_templates_and_eos(bytelevel, spiece):
         assert all(b > a for a, b in zip(kept, kept[1:]))
     assert paired.target_map[0][0] == -1 and paired.target_map[1][0] == 0  # 'héllo' (four) / 'hello' (one)
     assert paired.stats["beyond_chain"] == 1
+
+
+def test_a_dummy_prefix_on_one_side_leaves_the_first_span_to_ce(bytelevel, spiece, gemma_like):
+    """A Llama 2 style SentencePiece tokenizer writes 'hello' alone as '▁hello', with a space the text does not have;
+    the other side writes 'hello'. The map goes by bytes, so it would credit the student's '▁hello' with the
+    teacher's ' hello' (not what it writes there), or the teacher's '▁hello' to the student's ' hello': the first
+    span trains on CE, the rest pairs as usual, on records and on-policy samples; with the prefix on both sides or
+    neither, the first span pairs."""
+    from stratos.distill.crosstok import SampledCrossSignal, adds_dummy_prefix
+
+    assert adds_dummy_prefix(spiece) and not adds_dummy_prefix(gemma_like) and not adds_dummy_prefix(bytelevel)
+    assert spiece.convert_ids_to_tokens(spiece("hello", add_special_tokens=False)["input_ids"]) == ["▁hello"]
+    recs = [{"prompt": "2+3=", "response": "hello world"}, {"prompt": "hi", "response": "the answer is 42"}]
+    for student, teacher in ((spiece, bytelevel), (bytelevel, spiece), (spiece, gemma_like)):
+        rows = pair_records(recs, student, teacher, max_length=64).target_map
+        assert all(r[0] == -1 and all(x >= 0 for x in r[1:]) for r in rows), (student, teacher, rows)
+        teacher_model = OnlineTeacher(tiny_llama(teacher, hidden_size=32, num_hidden_layers=1))
+        vmap = VocabMap.build(student, teacher, student_rows=len(student), teacher_rows=len(teacher))
+        sampled = SampledCrossSignal(teacher_model, recs, student, teacher, vmap, teacher_pad_id=teacher.pad_token_id)
+        ids = student("hello world", add_special_tokens=False)["input_ids"] + [student.eos_token_id]
+        assert sampled._pair_row(recs[0], ids)[1][0][0] == -1
+    for student, teacher in ((spiece, spiece), (bytelevel, gemma_like)):
+        assert all(r[0] >= 0 for r in pair_records(recs, student, teacher, max_length=64).target_map)
 
 
 def test_a_teacher_that_ends_its_turn_in_text_leaves_the_students_eos_to_ce(bytelevel):
@@ -344,15 +373,15 @@ def test_chained_mass_follows_the_teachers_tokens_level_by_level():
     assert torch.allclose(rest, torch.tensor([[0.5 - 0.3, 0.2, 0.2, 0.1]]))
 
 
-def test_longer_chains_train_end_to_end(bytelevel, spiece):
+def test_longer_chains_train_end_to_end(bytelevel, gemma_like):
     """With chains of four, 'héllo' (four teacher tokens) is distilled: its category exists only where a
     chain reaches it, the KD term is finite and its gradient reaches the student."""
-    teacher = tiny_llama(spiece, seed=5)
+    teacher = tiny_llama(gemma_like, seed=5)
     student = tiny_llama(bytelevel, seed=6)
     recs = [{"prompt": "say it", "response": "héllo 5"}, {"prompt": "2+3=", "response": "the answer is 5"}]
-    paired = pair_records(recs, bytelevel, spiece, 64, max_chain=4)
-    vm = VocabMap.build(bytelevel, spiece, student_rows=len(bytelevel), teacher_rows=len(spiece))
-    sig = CrossTokenizerSignal(OnlineTeacher(teacher), paired, vm, teacher_pad_id=spiece.pad_token_id)
+    paired = pair_records(recs, bytelevel, gemma_like, 64, max_chain=4)
+    vm = VocabMap.build(bytelevel, gemma_like, student_rows=len(bytelevel), teacher_rows=len(gemma_like))
+    sig = CrossTokenizerSignal(OnlineTeacher(teacher), paired, vm, teacher_pad_id=gemma_like.pad_token_id)
     assert sig.head.levels == 4 and bool(sig.head.chained_only.any())
     batch = collate(paired.student, [0, 1], bytelevel.pad_token_id)
     mask = sig.kd_mask(batch)
@@ -403,7 +432,7 @@ def test_distill_across_tokenizers_learns_the_teacher(tmp_path, bytelevel, spiec
     assert kd[-1] < 0.5 * kd[0], kd
 
 
-def test_sampled_rows_pair_as_the_same_text_paired_up_front(bytelevel, spiece):
+def test_sampled_rows_pair_as_the_same_text_paired_up_front(bytelevel, gemma_like):
     """gkd's and opd's samples exist only once drawn: SampledCrossSignal reads a row's response back from its
     tokens and pairs it when the batch comes. A row holding the student's tokens of a record's response
     gives the same teacher rows as pairing that record up front; a sample cut short (no EOS, inside a
@@ -411,14 +440,14 @@ def test_sampled_rows_pair_as_the_same_text_paired_up_front(bytelevel, spiece):
     from stratos.distill.crosstok import SampledCrossSignal
     from stratos.distill.data import Encoded
 
-    teacher = tiny_llama(spiece, seed=3)
+    teacher = tiny_llama(gemma_like, seed=3)
     online = OnlineTeacher(teacher)
-    vm = VocabMap.build(bytelevel, spiece, student_rows=len(bytelevel), teacher_rows=len(spiece))
+    vm = VocabMap.build(bytelevel, gemma_like, student_rows=len(bytelevel), teacher_rows=len(gemma_like))
     recs = [{"prompt": "what is 11 + 1?", "response": "the answer is 12"},
             {"prompt": "say hello", "response": "héllo wörld"}]
-    paired = pair_records(recs, bytelevel, spiece, 64, max_chain=3)
-    up_front = CrossTokenizerSignal(online, paired, vm, teacher_pad_id=spiece.pad_token_id)
-    sampled = SampledCrossSignal(online, recs, bytelevel, spiece, vm, teacher_pad_id=spiece.pad_token_id,
+    paired = pair_records(recs, bytelevel, gemma_like, 64, max_chain=3)
+    up_front = CrossTokenizerSignal(online, paired, vm, teacher_pad_id=gemma_like.pad_token_id)
+    sampled = SampledCrossSignal(online, recs, bytelevel, gemma_like, vm, teacher_pad_id=gemma_like.pad_token_id,
                                  max_chain=3)
     batch = collate(paired.student, [0, 1], bytelevel.pad_token_id)
     assert torch.equal(sampled.hidden(batch), up_front.hidden(batch))
@@ -539,25 +568,25 @@ def test_first_token_map_sends_a_whole_teacher_token_to_the_students_first_piece
 # ------------------------------------------------------------------------------------------ the plan
 
 
-def test_measure_mapping_and_the_matchs_two_branches(bytelevel, spiece):
+def test_measure_mapping_and_the_matchs_two_branches(bytelevel, gemma_like):
     """The planner measures how much of the teacher's mass maps; at or above ctkd.min_mapped_mass the
     pair distils logits across tokenizers, below it the teacher teaches through its text."""
     from stratos.distill.recipe import resolve
     from stratos.plan.costmodel import ModelShape
     from stratos.plan.matching import match
 
-    teacher = tiny_llama(spiece, seed=5)
+    teacher = tiny_llama(gemma_like, seed=5)
     recs = [{"prompt": f"{a}+1=", "response": f"the answer is {a + 1}"} for a in range(8)]
-    measured = measure_mapping(teacher, bytelevel, spiece, recs, max_length=64)
-    assert 0 < measured["unchained_mass"] <= measured["mapped_mass"] < 1
+    measured = measure_mapping(teacher, bytelevel, gemma_like, recs, max_length=64)
+    assert 0 < measured["unchained_mass"] <= measured["mapped_mass"] + 1e-6 and measured["mapped_mass"] < 1
     # By hand on one record: at each aligned target, the teacher's probability on tokens that map; plus,
     # where its span goes on past a first token a that maps nowhere, p(a) q(x | a) summed over the
     # student tokens spelt a + x (the chained mass, moved from "other" to those tokens).
-    one = measure_mapping(teacher, bytelevel, spiece, recs[:1], max_length=64, max_chain=2)
-    vm = VocabMap.build(bytelevel, spiece, student_rows=len(bytelevel), teacher_rows=len(spiece))
-    paired = pair_records(recs[:1], bytelevel, spiece, 64, max_chain=2)
+    one = measure_mapping(teacher, bytelevel, gemma_like, recs[:1], max_length=64, max_chain=2)
+    vm = VocabMap.build(bytelevel, gemma_like, student_rows=len(bytelevel), teacher_rows=len(gemma_like))
+    paired = pair_records(recs[:1], bytelevel, gemma_like, 64, max_chain=2)
     online = OnlineTeacher(teacher)
-    h = online.hidden(collate(paired.teacher, [0], spiece.pad_token_id))
+    h = online.hidden(collate(paired.teacher, [0], gemma_like.pad_token_id))
     first = chained = 0.0
     at = [(j, int(k[0]), int(a[0])) for j, k, a in zip(paired.target_map[0], paired.chain_targets[0],
                                                        paired.chain_tokens[0]) if j >= 0]
@@ -615,6 +644,26 @@ def test_measure_mapping_says_how_far_the_teacher_agrees_with_the_data(bytelevel
 
 
 # ------------------------------------------------------------------------------ an API teacher's top-k
+
+
+def test_api_topk_to_a_student_with_a_dummy_prefix_keeps_its_first_one_hot(spiece):
+    """An API teacher's tokens spell 'the answer is 12' as the text is; a Llama 2 style student writes '▁the'
+    first, with a space the teacher's 'the' has not: its first target keeps the one-hot (the byte-for-byte map
+    would send 'the' to the student's 'the', which it does not write there), the next span starts take the
+    teacher's top-k."""
+    from stratos.teachers.topk import TopKSignal, vocab_by_bytes
+
+    table = vocab_by_bytes(spiece)
+    tokens = ["the", " answer", " is", " 1", "2"]
+    rec = {"prompt": "what is 11 + 1?", "response": "the answer is 12",
+           "topk": {"tokens": tokens, "top": [[[t, -0.2], [" world", -1.9]] for t in tokens]}}
+    sig = TopKSignal.from_records([rec], spiece, 64)
+    assert sig.stats["aligned_by_bytes"] == 1 and sig.stats["misaligned"] == 0
+    s_ids = spiece("the answer is 12", add_special_tokens=False)["input_ids"]
+    assert spiece.convert_ids_to_tokens(s_ids[:3]) == ["▁the", "▁answer", "▁is"]
+    ids = sig.ids[0]
+    assert ids[0, 0].item() == s_ids[0] and (ids[0, 1:] == -1).all()
+    assert ids[1, :2].tolist() == [table[b" answer"], table[b" world"]] and ids[2, 0].item() == table[b" is"]
 
 
 def test_api_topk_of_another_tokenizer_aligns_by_bytes(bytelevel, tmp_path):

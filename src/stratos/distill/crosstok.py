@@ -560,8 +560,18 @@ def pairs_eos(teacher_tok: Any) -> bool:
     return not template_stops(teacher_tok)
 
 
+def adds_dummy_prefix(tokenizer: Any, pieces: Sequence[bytes | None] | None = None) -> bool:
+    """Whether the tokenizer puts a space before a text it encodes on its own: the dummy prefix of SentencePiece
+    tokenizers of the Llama 2 kind (``▁hello`` for ``hello``), which ``byte_offsets`` allows for."""
+    pieces = pieces if pieces is not None else token_bytes(tokenizer)
+    ids = tokenizer("a", add_special_tokens=False)["input_ids"]
+    first = pieces[ids[0]] if ids and ids[0] < len(pieces) else None
+    return first is not None and first.startswith(b" ")
+
+
 def _pair_targets(s_targets: Sequence[int], n_student: int, t_ex: Encoded, t_ids: Sequence[int],
-                  al: Alignment, max_chain: int, eos: bool = True) -> tuple[list[int], list[list[int]], list[list[int]], int]:
+                  al: Alignment, max_chain: int, eos: bool = True,
+                  first: bool = True) -> tuple[list[int], list[list[int]], list[list[int]], int]:
     """For each student target (its index among the response tokens; ``n_student``, one past the text,
     is the EOS): the teacher target starting the same span (-1: none); the chain's levels 1 ..
     ``max_chain`` - 1: the teacher targets at the span's next positions while the teacher's span goes on,
@@ -571,8 +581,13 @@ def _pair_targets(s_targets: Sequence[int], n_student: int, t_ex: Encoded, t_ids
     ' 9' for a ' 97' it must write), so KD there would pull away from the data: those positions train on
     CE, as positions inside a span do. The EOS each side appends after the text is one more span, pairing
     the two EOS tokens, unless ``eos`` is False (``pairs_eos``: the teacher ends its turn in text, not with
-    its EOS token): the student's EOS then trains on CE."""
+    its EOS token): the student's EOS then trains on CE. So does the first span where ``first`` is False (a dummy
+    prefix on one side, ``adds_dummy_prefix``: there one side writes ``▁hello`` where the other writes ``hello``, and the
+    map, which goes by bytes, would credit the student's token with the teacher's ``Ġhello``, or the teacher's
+    ``▁hello`` to the student's ``Ġhello``, a token neither writes at that point)."""
     partner = {**dict(al.pairs), n_student: len(t_ids)} if eos else dict(al.pairs)
+    if not first:
+        partner.pop(0, None)
     t_target = {tok: j for j, tok in enumerate(_target_tokens(t_ex))}
     row, chain_targets, chain_tokens, too_long = [], [], [], 0
     for k in s_targets:
@@ -642,6 +657,7 @@ def pair_records(records: Sequence[dict[str, Any]], student_tok: Any, teacher_to
 
     max_chain = MAX_CHAIN if max_chain is None else max_chain
     s_pieces, t_pieces = token_bytes(student_tok), token_bytes(teacher_tok)
+    first = adds_dummy_prefix(student_tok, s_pieces) == adds_dummy_prefix(teacher_tok, t_pieces)
     out_s, out_t, maps, chain_targets, chain_tokens = [], [], [], [], []
     spans = aligned = targets = beyond_chain = 0
     for i, rec in enumerate(records):
@@ -659,7 +675,7 @@ def pair_records(records: Sequence[dict[str, Any]], student_tok: Any, teacher_to
         al = align(byte_offsets(student_tok, text, s_ids, s_pieces), byte_offsets(teacher_tok, text, t_ids, t_pieces),
                    len(text.encode()))
         row, at, tokens, too_long = _pair_targets(_target_tokens(s_ex), len(s_ids), t_ex, t_ids, al, max_chain,
-                                                  pairs_eos(teacher_tok))
+                                                  pairs_eos(teacher_tok), first=first)
         beyond_chain += too_long
         out_s.append(s_ex)
         out_t.append(_read_up_to(t_ex, row, at))
@@ -752,6 +768,7 @@ class SampledCrossSignal(CrossTokenizerSignal):
                          method=method, uld_weight=uld_weight)
         self.prompts, self.teacher_tok = prompts, teacher_tok
         self.s_pieces, self.t_pieces = token_bytes(student_tok), token_bytes(teacher_tok)
+        self.first = adds_dummy_prefix(student_tok, self.s_pieces) == adds_dummy_prefix(teacher_tok, self.t_pieces)
         self._paired: tuple[torch.Tensor, PairedData] | None = None
         self.stats = {"rows": 0, "unpaired_rows": 0, "student_targets": 0, "aligned_targets": 0, "beyond_chain": 0}
 
@@ -817,7 +834,7 @@ class SampledCrossSignal(CrossTokenizerSignal):
         al = align(s_offsets, t_offsets, cut)
         # The special token that ended the text (index ``stop``) pairs with the teacher's EOS (``pairs_eos``).
         paired = _pair_targets(range(len(response)), stop, t_ex, t_ids, al, self.paired.max_chain,
-                               pairs_eos(self.teacher_tok))
+                               pairs_eos(self.teacher_tok), first=self.first)
         return _read_up_to(t_ex, paired[0], paired[1]), paired
 
 

@@ -18,12 +18,13 @@ _DEFAULT_CORPUS = [
 
 
 def build_tokenizer(corpus: Iterable[str] = (), vocab_size: int = 512, added_tokens: Iterable[str] = (),
-                    style: str = "bytelevel", chatml: bool = True) -> Any:
+                    style: str = "bytelevel", chatml: bool = True, dummy_prefix: bool = True) -> Any:
     """Train a small BPE tokenizer on ``corpus`` and wrap it for transformers.
 
     ``style`` is how it spells text: ``bytelevel`` (GPT-2's byte alphabet, as SmolLM2, Llama 3 and Qwen)
     or ``sentencepiece`` ('▁' for a space prepended to the text, characters outside the learnt alphabet
-    as ``<0xNN>`` byte-fallback tokens, as Llama 2 and Gemma). It has ChatML special tokens and
+    as ``<0xNN>`` byte-fallback tokens, as Llama 2 and Gemma; ``dummy_prefix=False``: no '▁' before the text, as
+    Gemma, where Llama 2 has one). It has ChatML special tokens and
     template, ``<|im_end|>`` as EOS and ``<pad>`` as pad, so it behaves like the instruct tokenizers
     users bring; with ``chatml=False`` it is a base model's instead: no ChatML tokens, ``</s>`` as EOS and no
     template (``prepare_tokenizer`` gives it our ChatML fallback, whose turns it then writes as text).
@@ -41,9 +42,9 @@ def build_tokenizer(corpus: Iterable[str] = (), vocab_size: int = 512, added_tok
         special, alphabet = specials, pre_tokenizers.ByteLevel.alphabet()
     elif style == "sentencepiece":
         tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
-        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
-        tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                         decoders.Strip(" ", 1, 0)])
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first" if dummy_prefix else "never")
+        strip = [decoders.Strip(" ", 1, 0)] if dummy_prefix else []  # the prefix's space, not the text's
+        tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), *strip])
         special = specials + [f"<0x{b:02X}>" for b in range(256)]
         alphabet = sorted({c for t in texts for c in t if ord(c) < 128} | {"▁"})
     else:

@@ -257,7 +257,8 @@ def _measure_mappings(spec, task, teachers, students, loaded, out: Path, device)
             except (OSError, ValueError):
                 continue
             # v4: the teacher side read whole (context distillation) and byte-fallback duplicates resolved;
-            # v5: no EOS pairing with a teacher that ends its turn in text (crosstok.pairs_eos)
+            # v5: no EOS pairing with a teacher that ends its turn in text (crosstok.pairs_eos), nor first-span
+            # pairing where one side has a dummy prefix (crosstok.adds_dummy_prefix)
             key = sha256_text("mapping-v5", model_identity(t_spec.model), tokenizer_identity(s_tok),
                               spec.task.model_dump(mode="json"), spec.synth.rationales, spec.distill.ctkd.map,
                               spec.distill.ctkd.max_chain)[:16]

@@ -161,8 +161,10 @@ def _by_bytes(rec: dict[str, Any], sig: dict[str, Any], tokenizer: Any, pieces: 
     """Student target index -> the teacher position starting the same span of the response's bytes, for
     the student targets that start one (the student's EOS pairs with a teacher token after the text, when
     the signal has one); None when the teacher's tokens do not spell the response (or are ids of another
-    vocabulary) or the student's targets are not its tokenisation of it."""
-    from stratos.distill.crosstok import _response_text, align, byte_offsets
+    vocabulary) or the student's targets are not its tokenisation of it. A student whose tokenizer puts a
+    dummy prefix before the text (``adds_dummy_prefix``) keeps its first target's one-hot: the teacher's tokens
+    there have no space, and a byte-for-byte map would send them to tokens it does not write at that point."""
+    from stratos.distill.crosstok import _response_text, adds_dummy_prefix, align, byte_offsets
 
     data = _response_text(rec).encode()
     t_offsets, pos = [], 0
@@ -183,6 +185,8 @@ def _by_bytes(rec: dict[str, Any], sig: dict[str, Any], tokenizer: Any, pieces: 
     except ValueError:
         return None
     partner = {k: j for k, j in align(s_offsets, t_offsets, len(data)).pairs if k < len(labels)}
+    if adds_dummy_prefix(tokenizer, pieces):  # the student writes '▁hello' where the teacher's tokens say 'hello'
+        partner.pop(0, None)
     if len(labels) > len(s_ids) and len(sig["tokens"]) > len(t_offsets):  # the EOS after the text, on both sides
         partner[len(s_ids)] = len(t_offsets)
     return partner
