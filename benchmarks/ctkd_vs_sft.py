@@ -2,9 +2,11 @@
 
 The task is "What is N + 1?" for N in 10..999 (SmolLM2-135M-Instruct, de-quantised from its Q4_1
 GGUF, answers it correctly about 60% of the time zero-shot; this script measures it on the eval
-questions), or with ``--task title`` a word written with a capital first letter (``questions``). The student is a small Llama trained from scratch with its own byte-level BPE tokenizer
-(not the teacher's 49,152-token one), on the same records (the oracle's answers, or with
-``--responses teacher`` the teacher's own greedy answers, right or wrong) and the same steps:
+questions), or with ``--task title`` a word written with a capital first letter (``questions``). The
+student is a small Llama trained from scratch with its own byte-level BPE tokenizer (not the teacher's
+49,152-token one), or with ``--student`` a pretrained model of another tokenizer, on the same records
+(the oracle's answers, or with ``--responses teacher`` the teacher's own greedy answers, right or wrong, or
+with ``--responses sampled`` its samples) and the same steps:
 
 - sft:  cross-entropy on the records;
 - ctkd: kd_ratio x cross-tokenizer KD to the teacher (hybrid: its distribution mapped into the
@@ -185,9 +187,11 @@ def main() -> None:
         raise SystemExit(f"--train-size {args.train_size}: give 1 to {len(train)}")
     train = train[:args.train_size]
     teacher, t_tok = load(args.teacher)
-    about = " (de-quantised Q4_1)" if args.teacher == "smollm2-135m-instruct" else ""
+    about = {"smollm2-135m-instruct": " (de-quantised Q4_1)", "gemma3-270m": " (base, de-quantised Q4_K_M)"}.get(
+        args.teacher, "")
     if args.tune_teacher:
-        teacher = tuned_teacher(teacher, t_tok, questions(task=args.task)[0], args.tune_teacher, args.out / "teacher-tuned")
+        teacher = tuned_teacher(teacher, t_tok, questions(task=args.task)[0], args.tune_teacher,
+                                args.out / "teacher-tuned")
         about += f", fine-tuned {args.tune_teacher} steps on the train questions' oracle answers"
     t0 = time.perf_counter()
     teacher_acc = accuracy(teacher, t_tok, held_out, max_new_tokens=16)
@@ -201,8 +205,9 @@ def main() -> None:
         print(f"responses: the teacher's greedy answers, {right:.1%} of the {len(train)} right "
               f"(e.g. {train[0]['response']!r})", flush=True)
     elif args.responses == "sampled":
+        saved = f"sampled-{args.task}-{args.teacher}-{len(train)}q-{args.shots}shots-{args.samples}x.jsonl"
         train = sampled(teacher, t_tok, train, held_out, questions(task=args.task)[2][:args.shots], args.samples,
-                        args.out / f"sampled-{args.task}-{args.teacher}-{len(train)}q-{args.shots}shots-{args.samples}x.jsonl")
+                        args.out / saved)
     if args.student:
         from stratos.models import load_tokenizer
 
@@ -264,8 +269,8 @@ def save(args, teacher_acc: float, mapping: dict, rows: list[dict], max_chain: i
 
 def sampled(teacher, t_tok, train: list[dict], held_out: list[dict], shots: list[dict], samples: int,
             saved: Path) -> list[dict]:
-    """``train``'s questions answered by the teacher with ``shots`` worked examples before each (the oracle's
-    answers to questions after the held-out ones: neither trained on nor scored), ``samples`` per question at
+    """``train``'s questions answered by the teacher with the records ``shots`` as worked examples before each
+    (the oracle's answers to questions after the held-out ones: neither trained on nor scored), ``samples`` per question at
     temperature 0.8, top_p 0.95; every distinct answer kept, right or wrong, each record carrying the chat the
     teacher answered (``teacher_messages``: KD reads the teacher with the examples in view). Prints the teacher's
     greedy accuracy on ``held_out`` with the examples and the share of samples that are right. Kept in
