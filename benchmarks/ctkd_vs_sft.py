@@ -181,6 +181,8 @@ def main() -> None:
     if args.pool:
         return pool(args.pool)
 
+    if args.student_layers and not args.student:
+        raise SystemExit("--student-layers: give --student too (it cuts a pretrained student)")
     max_chain = args.max_chain if args.max_chain is not None else crosstok.MAX_CHAIN
     train, held_out, _ = questions(task=args.task)
     if not 0 < args.train_size <= len(train):

@@ -569,6 +569,15 @@ def adds_dummy_prefix(tokenizer: Any, pieces: Sequence[bytes | None] | None = No
     return first is not None and first.startswith(b" ")
 
 
+def _boundaries(student_tok: Any, teacher_tok: Any, s_pieces: Sequence[bytes | None],
+                t_pieces: Sequence[bytes | None]) -> dict[str, bool]:
+    """Which of a response's boundary spans pair (``_pair_targets``' ``eos`` and ``first``), once per pair of
+    tokenizers: the EOS unless the teacher ends its turn in text (``pairs_eos``); the first span unless exactly
+    one side puts a dummy prefix before the text (``adds_dummy_prefix``)."""
+    return {"eos": pairs_eos(teacher_tok),
+            "first": adds_dummy_prefix(student_tok, s_pieces) == adds_dummy_prefix(teacher_tok, t_pieces)}
+
+
 def _pair_targets(s_targets: Sequence[int], n_student: int, t_ex: Encoded, t_ids: Sequence[int],
                   al: Alignment, max_chain: int, eos: bool = True,
                   first: bool = True) -> tuple[list[int], list[list[int]], list[list[int]], int]:
@@ -657,7 +666,7 @@ def pair_records(records: Sequence[dict[str, Any]], student_tok: Any, teacher_to
 
     max_chain = MAX_CHAIN if max_chain is None else max_chain
     s_pieces, t_pieces = token_bytes(student_tok), token_bytes(teacher_tok)
-    first = adds_dummy_prefix(student_tok, s_pieces) == adds_dummy_prefix(teacher_tok, t_pieces)
+    bounds = _boundaries(student_tok, teacher_tok, s_pieces, t_pieces)
     out_s, out_t, maps, chain_targets, chain_tokens = [], [], [], [], []
     spans = aligned = targets = beyond_chain = 0
     for i, rec in enumerate(records):
@@ -675,7 +684,7 @@ def pair_records(records: Sequence[dict[str, Any]], student_tok: Any, teacher_to
         al = align(byte_offsets(student_tok, text, s_ids, s_pieces), byte_offsets(teacher_tok, text, t_ids, t_pieces),
                    len(text.encode()))
         row, at, tokens, too_long = _pair_targets(_target_tokens(s_ex), len(s_ids), t_ex, t_ids, al, max_chain,
-                                                  pairs_eos(teacher_tok), first=first)
+                                                  **bounds)
         beyond_chain += too_long
         out_s.append(s_ex)
         out_t.append(_read_up_to(t_ex, row, at))
@@ -768,7 +777,7 @@ class SampledCrossSignal(CrossTokenizerSignal):
                          method=method, uld_weight=uld_weight)
         self.prompts, self.teacher_tok = prompts, teacher_tok
         self.s_pieces, self.t_pieces = token_bytes(student_tok), token_bytes(teacher_tok)
-        self.first = adds_dummy_prefix(student_tok, self.s_pieces) == adds_dummy_prefix(teacher_tok, self.t_pieces)
+        self.bounds = _boundaries(student_tok, teacher_tok, self.s_pieces, self.t_pieces)
         self._paired: tuple[torch.Tensor, PairedData] | None = None
         self.stats = {"rows": 0, "unpaired_rows": 0, "student_targets": 0, "aligned_targets": 0, "beyond_chain": 0}
 
@@ -833,8 +842,7 @@ class SampledCrossSignal(CrossTokenizerSignal):
             pos += len(p)
         al = align(s_offsets, t_offsets, cut)
         # The special token that ended the text (index ``stop``) pairs with the teacher's EOS (``pairs_eos``).
-        paired = _pair_targets(range(len(response)), stop, t_ex, t_ids, al, self.paired.max_chain,
-                               pairs_eos(self.teacher_tok), first=self.first)
+        paired = _pair_targets(range(len(response)), stop, t_ex, t_ids, al, self.paired.max_chain, **self.bounds)
         return _read_up_to(t_ex, paired[0], paired[1]), paired
 
 

@@ -33,9 +33,18 @@ def template_stops(tok: Any) -> tuple[str, ...]:
     fallback and that string is not one of its tokens. A base model prompted in ChatML (a GGUF without a
     template, such as Gemma 3 270M's) closes its turn by writing ``<|im_end|>`` as text, in several pieces,
     never its EOS token, and would otherwise run on to the length limit into an invented next turn."""
-    if getattr(tok, "chat_template", None) == DEFAULT_CHAT_TEMPLATE and CHATML_END not in tok.get_vocab():
+    if getattr(tok, "chat_template", None) == DEFAULT_CHAT_TEMPLATE and not has_token(tok, CHATML_END):
         return (CHATML_END,)
     return ()
+
+
+def has_token(tok: Any, piece: str) -> bool:
+    """Whether ``piece`` is one token of ``tok``'s vocabulary (added tokens included). A fast tokenizer answers
+    from its backend without building ``get_vocab()``, which for a 262,144-token vocabulary takes ~140 ms."""
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is not None:
+        return backend.token_to_id(piece) is not None
+    return piece in tok.get_vocab()
 
 
 log = logging.getLogger("stratos.models")
@@ -86,7 +95,7 @@ def load_tokenizer(name: str | os.PathLike, *, trust_remote_code: bool = False, 
         log.warning("%s: its tokenizer has no chat template, so its prompts are written in ChatML "
                     "(<|im_start|>user ... <|im_end|>); a base model that never saw ChatML may answer poorly "
                     "in it (a GGUF of a base model often carries no template)%s", local or name,
-                    "" if CHATML_END in tok.get_vocab() else
+                    "" if has_token(tok, CHATML_END) else
                     "; <|im_end|> is not one of its tokens, so generation also stops where it writes it as text")
     return prepare_tokenizer(tok, padding_side)
 

@@ -92,7 +92,7 @@ class TopKSignal:
         vocab = len(tokenizer)
         k = max((len(pos) for r in records if r.get("topk") for pos in r["topk"]["top"]), default=1)
         k = max(k, 1)
-        pieces = None  # the student's token bytes, read once a record needs aligning by bytes
+        pieces, prefixed = None, False  # the student's token bytes (and dummy prefix), read once a record needs aligning by bytes
         stats = {"examples": 0, "with_topk": 0, "aligned_by_bytes": 0, "misaligned": 0, "positions": 0,
                  "topk_positions": 0, "unmapped": 0}
         all_ids, all_logp = [], []
@@ -113,10 +113,11 @@ class TopKSignal:
                 partner: dict[int, int] | None = {p: p for p in range(m)}
                 if t_ids[:m] != labels[:m]:  # another tokenisation: align by bytes
                     if pieces is None:
-                        from stratos.distill.crosstok import token_bytes
+                        from stratos.distill.crosstok import adds_dummy_prefix, token_bytes
 
                         pieces = token_bytes(tokenizer)
-                    partner = _by_bytes(rec, sig, tokenizer, pieces, labels)
+                        prefixed = adds_dummy_prefix(tokenizer, pieces)
+                    partner = _by_bytes(rec, sig, tokenizer, pieces, labels, prefixed)
                 if partner is None:
                     stats["misaligned"] += 1
                 else:
@@ -157,14 +158,15 @@ def _fill(ids: torch.Tensor, logp: torch.Tensor, p: int, top: list, table: dict[
 
 
 def _by_bytes(rec: dict[str, Any], sig: dict[str, Any], tokenizer: Any, pieces: Sequence[bytes | None],
-              labels: Sequence[int]) -> dict[int, int] | None:
+              labels: Sequence[int], prefixed: bool) -> dict[int, int] | None:
     """Student target index -> the teacher position starting the same span of the response's bytes, for
     the student targets that start one (the student's EOS pairs with a teacher token after the text, when
     the signal has one); None when the teacher's tokens do not spell the response (or are ids of another
     vocabulary) or the student's targets are not its tokenisation of it. A student whose tokenizer puts a
-    dummy prefix before the text (``adds_dummy_prefix``) keeps its first target's one-hot: the teacher's tokens
-    there have no space, and a byte-for-byte map would send them to tokens it does not write at that point."""
-    from stratos.distill.crosstok import _response_text, adds_dummy_prefix, align, byte_offsets
+    dummy prefix before the text (``prefixed``: ``adds_dummy_prefix``) keeps its first target's one-hot: the
+    teacher's tokens there have no space, and a byte-for-byte map would send them to tokens it does not write
+    at that point."""
+    from stratos.distill.crosstok import _response_text, align, byte_offsets
 
     data = _response_text(rec).encode()
     t_offsets, pos = [], 0
@@ -185,7 +187,7 @@ def _by_bytes(rec: dict[str, Any], sig: dict[str, Any], tokenizer: Any, pieces: 
     except ValueError:
         return None
     partner = {k: j for k, j in align(s_offsets, t_offsets, len(data)).pairs if k < len(labels)}
-    if adds_dummy_prefix(tokenizer, pieces):  # the student writes '▁hello' where the teacher's tokens say 'hello'
+    if prefixed:  # the student writes '▁hello' where the teacher's tokens say 'hello'
         partner.pop(0, None)
     if len(labels) > len(s_ids) and len(sig["tokens"]) > len(t_offsets):  # the EOS after the text, on both sides
         partner[len(s_ids)] = len(t_offsets)
